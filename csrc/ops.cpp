@@ -1,0 +1,15 @@
+// Operator schemas of the pareto_lora library.
+// Backends register implementations with TORCH_LIBRARY_IMPL (cpu/ops_cpu.cpp, cuda/*.cu);
+// fake (meta) implementations for torch.compile live in python/pareto_lora/ops.py.
+#include <torch/library.h>
+
+TORCH_LIBRARY(pareto_lora, m) {
+  m.def("segment_stats(Tensor a, Tensor b, Tensor offsets) -> Tensor");
+  m.def(
+      "rule_coefficients(Tensor stats, str rule=\"pareto_lora\", float tau=0.5, Tensor? active=None, "
+      "float gamma=1.0, bool symmetric=False) -> (Tensor, Tensor)");
+  m.def("combine(Tensor a, Tensor b, Tensor offsets, Tensor coeffs, Tensor(a!) out) -> ()");
+  m.def(
+      "integrate(Tensor a, Tensor b, Tensor offsets, Tensor(a!) out, str rule=\"pareto_lora\", float tau=0.5, "
+      "Tensor? active=None, float gamma=1.0, bool symmetric=False) -> (Tensor, Tensor, Tensor)");
+}

@@ -1,0 +1,103 @@
+// Argument checks shared by every compiled backend. Each raises a Python ValueError naming the
+// argument and what was expected, and runs before any output is written.
+// The messages match python/pareto_lora/_checks.py (used by the reference and Triton backends).
+#pragma once
+
+#include <torch/types.h>
+
+#include <cmath>
+#include <cstring>
+#include <string>
+
+#include "rule.h"
+
+namespace pareto_lora {
+
+inline bool is_supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf || t == at::kDouble;
+}
+
+inline void check_buffers(const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK_VALUE(is_supported_float(a.scalar_type()),
+                    "a: expected dtype float32, bfloat16, float16 or float64, got ", a.scalar_type());
+  TORCH_CHECK_VALUE(is_supported_float(b.scalar_type()),
+                    "b: expected dtype float32, bfloat16, float16 or float64, got ", b.scalar_type());
+  TORCH_CHECK_VALUE(a.is_contiguous(), "a: expected a contiguous tensor (flat gradient buffer)");
+  TORCH_CHECK_VALUE(b.is_contiguous(), "b: expected a contiguous tensor (flat gradient buffer)");
+  TORCH_CHECK_VALUE(b.numel() == a.numel(), "b: expected numel ", a.numel(), " (same as a), got ", b.numel());
+  TORCH_CHECK_VALUE(b.scalar_type() == a.scalar_type(), "b: expected dtype ", a.scalar_type(),
+                    " (same as a), got ", b.scalar_type());
+  TORCH_CHECK_VALUE(b.device() == a.device(), "b: expected device ", a.device(), " (same as a), got ", b.device());
+}
+
+inline void check_out(const at::Tensor& out, const at::Tensor& a) {
+  TORCH_CHECK_VALUE(out.numel() == a.numel(), "out: expected numel ", a.numel(), " (same as a), got ", out.numel());
+  TORCH_CHECK_VALUE(out.scalar_type() == a.scalar_type(), "out: expected dtype ", a.scalar_type(),
+                    " (same as a), got ", out.scalar_type());
+  TORCH_CHECK_VALUE(out.device() == a.device(), "out: expected device ", a.device(), " (same as a), got ",
+                    out.device());
+  TORCH_CHECK_VALUE(out.is_contiguous(), "out: expected a contiguous tensor");
+}
+
+// Checks the values of a CPU int64 offsets tensor of length G+1 >= 1.
+inline void check_offset_values(const int64_t* o, int64_t len, int64_t numel) {
+  TORCH_CHECK_VALUE(o[0] == 0, "offsets: expected offsets[0] == 0, got ", o[0]);
+  TORCH_CHECK_VALUE(o[len - 1] == numel, "offsets: expected offsets[-1] == numel == ", numel, ", got ",
+                    o[len - 1]);
+  for (int64_t i = 1; i < len; ++i) {
+    TORCH_CHECK_VALUE(o[i] >= o[i - 1], "offsets: expected non-decreasing values, but offsets[", i,
+                      "] < offsets[", i - 1, "]");
+  }
+}
+
+// Checks the offsets' metadata; offsets may live on the CPU or on `device`. Returns G.
+inline int64_t check_offsets_meta(const at::Tensor& offsets, const at::Device& device) {
+  TORCH_CHECK_VALUE(offsets.scalar_type() == at::kLong, "offsets: expected dtype int64, got ",
+                    offsets.scalar_type());
+  TORCH_CHECK_VALUE(offsets.dim() == 1 && offsets.numel() >= 1,
+                    "offsets: expected a 1-D tensor of length G+1 >= 1, got shape ", offsets.sizes());
+  TORCH_CHECK_VALUE(offsets.device().is_cpu() || offsets.device() == device, "offsets: expected device cpu or ",
+                    device, ", got ", offsets.device());
+  return offsets.numel() - 1;
+}
+
+inline void check_active(const std::optional<at::Tensor>& active, int64_t num_segments) {
+  if (!active.has_value()) return;
+  const at::Tensor& t = *active;
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kBool, "active: expected dtype bool, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.numel() == num_segments, "active: expected shape [", num_segments,
+                    "] (one per segment), got ", t.sizes());
+}
+
+inline int64_t check_stats(const at::Tensor& stats) {
+  TORCH_CHECK_VALUE(stats.scalar_type() == at::kFloat || stats.scalar_type() == at::kDouble,
+                    "stats: expected dtype float32 or float64, got ", stats.scalar_type());
+  TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(1) == 3, "stats: expected shape [G, 3], got ", stats.sizes());
+  return stats.size(0);
+}
+
+inline void check_coeffs(const at::Tensor& coeffs, int64_t num_segments, const at::Device& device) {
+  TORCH_CHECK_VALUE(coeffs.scalar_type() == at::kFloat || coeffs.scalar_type() == at::kDouble,
+                    "coeffs: expected dtype float32, got ", coeffs.scalar_type());
+  TORCH_CHECK_VALUE(coeffs.dim() == 2 && coeffs.size(0) == num_segments && coeffs.size(1) == 2,
+                    "coeffs: expected shape [", num_segments, ", 2], got ", coeffs.sizes());
+  TORCH_CHECK_VALUE(coeffs.device() == device, "coeffs: expected device ", device, " (same as a), got ",
+                    coeffs.device());
+}
+
+inline RuleParams parse_rule_params(const std::string& rule, double tau, double gamma, bool symmetric) {
+  int32_t id = -1;
+  for (int32_t i = 0; i < static_cast<int32_t>(Rule::Count); ++i) {
+    if (rule == kRuleNames[i]) id = i;
+  }
+  if (id < 0) {
+    std::string names;
+    for (int32_t i = 0; i < static_cast<int32_t>(Rule::Count); ++i) names += (i ? ", " : "") + std::string(kRuleNames[i]);
+    TORCH_CHECK_VALUE(false, "rule: unknown rule '", rule, "'; expected one of ", names);
+  }
+  TORCH_CHECK_VALUE(std::isfinite(tau) && tau > 0, "tau: expected a finite number > 0, got ", tau);
+  TORCH_CHECK_VALUE(std::isfinite(gamma) && gamma > 0, "gamma: expected a finite number > 0, got ", gamma);
+  return RuleParams{static_cast<Rule>(id), tau, gamma, symmetric};
+}
+
+}  // namespace pareto_lora

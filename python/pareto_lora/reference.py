@@ -1,0 +1,161 @@
+"""Pure-torch reference of the integration op: the oracle every kernel is tested against.
+
+Everything is vectorised over segments (no Python loop over G) and accumulates in float64,
+so it doubles as the "vectorised pure-torch" baseline in the benchmarks. Pass float64 tensors
+to get float64 stats and coefficients; float32/bf16/fp16 inputs give float32 stats and
+coefficients, exactly like the compiled ops.
+
+The rule is written once here, in terms of the three per-segment statistics
+(||a||^2, ||b||^2, a.b); ``csrc/rule.h`` and the Triton kernel implement the same table.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _checks
+from .rules import RULES, Case
+
+__all__ = ["segment_stats", "rule_coefficients", "combine", "integrate", "segment_ids"]
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def segment_ids(offsets: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Segment index of every element of the flat buffer (int64, length offsets[-1])."""
+    lengths = (offsets[1:] - offsets[:-1]).to(device)
+    return torch.repeat_interleave(torch.arange(lengths.numel(), device=device), lengths)
+
+
+def segment_stats(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """[G, 3] with columns ||a||^2, ||b||^2, a.b per segment (accumulated in float64)."""
+    _checks.check_buffers(a, b)
+    g = _checks.check_offsets(offsets, a.numel(), a.device)
+    a64 = a.reshape(-1).to(torch.float64)
+    b64 = b.reshape(-1).to(torch.float64)
+    terms = torch.stack([a64 * a64, b64 * b64, a64 * b64], dim=1)
+    stats = torch.zeros(g, 3, dtype=torch.float64, device=a.device)
+    stats.index_add_(0, segment_ids(offsets, a.device), terms)
+    return stats.to(_acc_dtype(a.dtype))
+
+
+def rule_coefficients(
+    stats: torch.Tensor,
+    rule: str = "pareto_lora",
+    tau: float = 0.5,
+    active: torch.Tensor | None = None,
+    gamma: float = 1.0,
+    symmetric: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Closed-form rule: (coeffs [G, 2] = (alpha, beta), cases [G] int32) from the stats.
+
+    The arithmetic runs in float64 whatever the stats dtype; coefficients are returned in the
+    stats dtype (float32 stats -> float32 coefficients, as the compiled ops do).
+    """
+    g = _checks.check_stats(stats)
+    _checks.check_active(active, g)
+    from .rules import check_rule_params
+
+    check_rule_params(rule, tau, gamma)
+    dev = stats.device
+    s = stats.to(torch.float64)
+    aa, bb, ab = s[:, 0], s[:, 1], s[:, 2]
+    one = torch.ones(g, dtype=torch.float64, device=dev)
+    alpha, beta = one.clone(), one.clone()
+    case = torch.full((g,), int(Case.SUMMED), dtype=torch.int32, device=dev)
+
+    def put(mask, c, al, be):
+        nonlocal alpha, beta, case
+        alpha = torch.where(mask, al, alpha)
+        beta = torch.where(mask, be, beta)
+        case = torch.where(mask, torch.full_like(case, int(c)), case)
+
+    # MGDA min-norm weight on a: lambda = clip(((b-a).b) / ||a-b||^2, 0, 1); 0.5 if a == b.
+    diff2 = aa + bb - 2.0 * ab
+    lam = torch.where(diff2 > 0, ((bb - ab) / torch.where(diff2 > 0, diff2, one)).clamp(0.0, 1.0), 0.5 * one)
+    na, nb = aa.clamp_min(0).sqrt(), bb.clamp_min(0).sqrt()
+    degenerate = (aa == 0) | (bb == 0)
+    conflict = ab < 0  # cos < 0 <=> a.b < 0 when both norms are positive
+    if symmetric:
+        imbalanced = torch.maximum(na, nb) * tau > torch.minimum(na, nb)  # max(r, 1/r) > 1/tau
+    else:
+        imbalanced = na > tau * nb  # the paper's literal r = ||a||/||b|| > tau
+    # rescale the weaker of a, b to the stronger's norm
+    safe_na, safe_nb = torch.where(na > 0, na, one), torch.where(nb > 0, nb, one)
+    r_alpha = torch.where(na < nb, nb / safe_na, one)
+    r_beta = torch.where(nb < na, na / safe_nb, one)
+
+    live = ~degenerate
+    if rule == "mgda":
+        put(one.bool(), Case.PARETO, lam, 1.0 - lam)
+        put(degenerate, Case.DEGENERATE, lam, 1.0 - lam)
+    elif rule == "pareto_lora":
+        put(live & imbalanced, Case.RESCALED, r_alpha, r_beta)
+        put(live & conflict, Case.PARETO, lam, 1.0 - lam)
+    elif rule == "pareto_only":
+        put(live & conflict, Case.PARETO, lam, 1.0 - lam)
+    elif rule == "rescale_only":
+        put(live & imbalanced, Case.RESCALED, r_alpha, r_beta)
+    elif rule == "mmpareto":
+        h_a = torch.where(conflict, 2.0 * lam, one)
+        h_b = torch.where(conflict, 2.0 * (1.0 - lam), one)
+        h2 = h_a * h_a * aa + h_b * h_b * bb + 2.0 * h_a * h_b * ab
+        sum2 = (aa + bb + 2.0 * ab).clamp_min(0)
+        scale = gamma * sum2.sqrt() / torch.where(h2 > 0, h2, one).sqrt()
+        put(live, Case.SUMMED, scale * h_a, scale * h_b)
+        put(live & conflict, Case.PARETO, scale * h_a, scale * h_b)
+        zero = torch.zeros_like(one)
+        put(live & (h2 <= 0), Case.STATIONARY, zero, zero)
+    else:  # "sum"
+        assert rule in RULES
+    if rule != "sum" and rule != "mgda":
+        put(degenerate, Case.DEGENERATE, one, one)
+    if active is not None:
+        put(~active.to(dev), Case.INACTIVE, one, one)
+    finite = torch.isfinite(s).all(dim=1)
+    put(~finite, Case.NONFINITE, one, one)
+    coeffs = torch.stack([alpha, beta], dim=1).to(_acc_dtype(stats.dtype))
+    return coeffs, case
+
+
+def combine(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    offsets: torch.Tensor,
+    coeffs: torch.Tensor,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """out = alpha[s] * a + beta[s] * b on every segment s (computed in float64)."""
+    _checks.check_buffers(a, b)
+    g = _checks.check_offsets(offsets, a.numel(), a.device)
+    _checks.check_coeffs(coeffs, g, a.device)
+    if out is not None:
+        _checks.check_out(out, a)
+    seg = segment_ids(offsets, a.device)
+    c = coeffs.to(torch.float64)
+    res = c[seg, 0] * a.reshape(-1).to(torch.float64) + c[seg, 1] * b.reshape(-1).to(torch.float64)
+    if out is None:
+        return res.to(a.dtype).reshape(a.shape)
+    out.reshape(-1).copy_(res)
+    return out
+
+
+def integrate(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    offsets: torch.Tensor,
+    out: torch.Tensor | None = None,
+    rule: str = "pareto_lora",
+    tau: float = 0.5,
+    active: torch.Tensor | None = None,
+    gamma: float = 1.0,
+    symmetric: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """stats -> rule -> combine. Returns (out, stats, coeffs, cases)."""
+    _checks.check_integrate(a, b, offsets, out, rule, tau, active, gamma)
+    stats = segment_stats(a, b, offsets)
+    coeffs, cases = rule_coefficients(stats, rule, tau, active, gamma, symmetric)
+    out = combine(a, b, offsets, coeffs, out)
+    return out, stats, coeffs, cases

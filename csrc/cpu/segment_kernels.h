@@ -15,4 +15,33 @@ void segment_stats_cpu(const at::Tensor& a, const at::Tensor& b, const int64_t* 
 void combine_cpu(const at::Tensor& a, const at::Tensor& b, const int64_t* offsets, int64_t num_segments,
                  const double* coeffs, at::Tensor& out);
 
+// Kernels over one chunk (contiguous, inside one segment), type-erased so that one table per CPU
+// capability can be picked at run time.
+struct ChunkKernels {
+  struct Pair {
+    void (*stats)(const void* a, const void* b, int64_t n, double* out3);
+    void (*combine)(const void* a, const void* b, void* out, int64_t n, double alpha, double beta);
+  };
+  Pair by_dtype[4];  // float, double, bfloat16, half
+
+  const Pair& get(at::ScalarType t) const {
+    switch (t) {
+      case at::kFloat: return by_dtype[0];
+      case at::kDouble: return by_dtype[1];
+      case at::kBFloat16: return by_dtype[2];
+      case at::kHalf: return by_dtype[3];
+      default: TORCH_CHECK_VALUE(false, "a: expected dtype float32, bfloat16, float16 or float64, got ", t);
+    }
+  }
+};
+
+namespace base {
+extern const ChunkKernels kernels;
+}
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+namespace avx2 {
+extern const ChunkKernels kernels;
+}
+#endif
+
 }  // namespace pareto_lora

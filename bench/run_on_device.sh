@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# One-shot GPU check on a fresh CUDA machine (H100/H200; torch with CUDA, triton and nvcc
+# installed; no internet; this repository copied to the current directory):
+#   1. build the extension in place with its CUDA kernels (PARETO_LORA_CUDA=1),
+#   2. run the whole pytest suite, GPU tests included,
+#   3. run the GPU benchmark.
+# Everything lands under $OUT (default ./device_out): environment, build log, pytest log and
+# junit XML, benchmark CSV/Markdown/JSON. Each step has its own time limit so the whole run stays
+# under ~9 minutes; a step that fails or times out is recorded and the next step still runs.
+# Exit status: non-zero if the build or the tests failed.
+#
+#   OUT=/tmp/out bash bench/run_on_device.sh
+set -u -o pipefail
+
+OUT="${OUT:-$PWD/device_out}"
+mkdir -p "$OUT"
+export PARETO_LORA_CUDA=1
+export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
+export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+# Only the local GPU's architecture: a fraction of the all-arch build time.
+if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
+  TORCH_CUDA_ARCH_LIST="$(python -c 'import torch; m, n = torch.cuda.get_device_capability(); print(f"{m}.{n}")' 2>/dev/null || echo 9.0)"
+  export TORCH_CUDA_ARCH_LIST
+fi
+PY="${PYTHON:-python}"
+status=0
+SECONDS=0
+
+step() {  # step NAME LIMIT_S CMD...: run with a time limit, log to $OUT/NAME.log
+  local name="$1" limit="$2"
+  shift 2
+  echo "== $name (limit ${limit}s) at ${SECONDS}s: $*" | tee -a "$OUT/summary.txt"
+  timeout --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "== $name: exit $rc after ${SECONDS}s" | tee -a "$OUT/summary.txt"
+  tail -n 25 "$OUT/$name.log"
+  return $rc
+}
+
+{
+  date -u
+  nvidia-smi || true
+  nvcc --version || true
+  "$PY" -c 'import torch, sys; print(sys.version); print("torch", torch.__version__, "cuda", torch.version.cuda, "hip", torch.version.hip); print(torch.cuda.get_device_name(0), torch.cuda.get_device_properties(0))'
+  "$PY" -c 'import triton; print("triton", triton.__version__)' || true
+  echo "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS"
+} >"$OUT/env.txt" 2>&1
+
+if ! step build 240 "$PY" setup.py build_ext --inplace; then
+  echo "build failed: see $OUT/build.log" | tee -a "$OUT/summary.txt"
+  exit 1
+fi
+"$PY" -c 'import pareto_lora, torch; print("backends on cuda:", pareto_lora.available_backends("cuda"))' \
+  2>&1 | tee -a "$OUT/summary.txt"
+
+# The whole suite (tests/test_cuda.py and the GPU parametrisations of the generic tests included).
+step pytest 150 "$PY" -m pytest -q -rs tests --junitxml="$OUT/pytest.xml" -p no:cacheprovider || status=1
+
+# The benchmark runs implementation by implementation, so a timeout costs baselines, not the
+# fused kernel's rows; the CSV and Markdown table are rewritten after every row.
+export PARETO_LORA_BENCH_OUT="$OUT"
+step bench 150 "$PY" -m pytest -q bench/bench_gpu.py --benchmark-json="$OUT/bench_gpu.json" \
+  --benchmark-columns=median,min,max -p no:cacheprovider || true
+[ -f "$OUT/bench_gpu.md" ] && cat "$OUT/bench_gpu.md"
+
+echo "total ${SECONDS}s, status $status" | tee -a "$OUT/summary.txt"
+exit $status

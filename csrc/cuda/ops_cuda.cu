@@ -1,0 +1,341 @@
+// CUDA (and, hipified, ROCm) implementations of the pareto_lora ops.
+//
+// Host side of integrate_kernel.cuh: validation (same order and messages as csrc/cpu/ops_cpu.cpp),
+// the tile schedule built on the host from CPU offsets and sent with one non-blocking copy from
+// pinned memory, the per-stream workspace of self-resetting counters, and the launch.
+//
+// No host sync on the hot path: offsets are validated where they already are, on the CPU (the
+// training loop keeps them there); offsets passed on the GPU are accepted but cost one blocking
+// device->host copy per call. Details and the reasoning: docs/cuda.md.
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <map>
+#include <mutex>
+#include <string>
+#include <tuple>
+#include <utility>
+
+#include "../rule.h"
+#include "../validate.h"
+#include "integrate_kernel.cuh"
+#include "schedule.h"
+
+namespace pareto_lora {
+namespace {
+
+using cuda_kernel::kThreads;
+using cuda_kernel::Params;
+
+// ---- choice between the fused launch and reduce-then-apply (two launches) ----------------------
+// Both run the same tiles and produce bitwise-identical results; only the ticket order and the
+// launch count differ. The fused launch avoids a launch gap and lets apply tiles of early segments
+// overlap the reduction of later ones (and hit L2). The size threshold for switching to two
+// launches is to be measured (bench/bench_gpu.py); until then the fused launch is used at every
+// size. PARETO_LORA_CUDA_PATH=fused|two_pass forces one (benchmarks, debugging).
+constexpr int64_t kTwoPassMinNumel = std::numeric_limits<int64_t>::max();
+
+bool use_two_pass(int64_t numel) {
+  const char* env = std::getenv("PARETO_LORA_CUDA_PATH");
+  const std::string path = env ? env : "auto";
+  if (path == "fused") return false;
+  if (path == "two_pass") return true;
+  TORCH_CHECK_VALUE(path == "auto" || path.empty(),
+                    "PARETO_LORA_CUDA_PATH: expected 'fused', 'two_pass' or 'auto', got '", path, "'");
+  int64_t threshold = kTwoPassMinNumel;
+  if (const char* t = std::getenv("PARETO_LORA_CUDA_TWO_PASS_MIN_NUMEL")) threshold = std::atoll(t);
+  return numel >= threshold;
+}
+
+// ---- device facts, cached ----------------------------------------------------------------------
+template <typename scalar_t>
+int resident_blocks(int device) {
+  static std::mutex mu;
+  static std::map<int, int> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = cache.find(device);
+  if (it != cache.end()) return it->second;
+  int sms = 0, per_sm = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, cuda_kernel::integrate_kernel<scalar_t>,
+                                                               kThreads, 0));
+  const int blocks = std::max(1, sms) * std::max(1, per_sm);
+  cache.emplace(device, blocks);
+  return blocks;
+}
+
+// ---- workspace: counters that each launch leaves at zero ----------------------------------------
+// One per (device, stream): launches on one stream are ordered, so they can share counters;
+// launches on different streams may overlap, so they must not. Zeroed once when (re)allocated.
+constexpr int64_t kCounterHeader = 4;  // ticket (2 words), exited, padding
+
+at::Tensor workspace(const at::Device& device, const c10::cuda::CUDAStream& stream, int64_t num_segments) {
+  static std::mutex mu;
+  static std::map<std::pair<int, int64_t>, at::Tensor> cache;
+  const int64_t needed = std::max<int64_t>(num_segments, 1);
+  std::lock_guard<std::mutex> lock(mu);
+  at::Tensor& ws = cache[{device.index(), static_cast<int64_t>(stream.id())}];
+  const int64_t capacity = ws.defined() ? (ws.numel() - kCounterHeader) / 3 : 0;
+  if (capacity < needed) {
+    const int64_t grown = std::max(needed, 2 * capacity);
+    // at::zeros runs on the current stream (= `stream`), ahead of the launch that uses it.
+    ws = at::zeros({kCounterHeader + 3 * grown}, at::TensorOptions().dtype(at::kInt).device(device));
+  }
+  return ws;
+}
+
+cuda_kernel::Counters counters_of(const at::Tensor& ws) {
+  const int64_t capacity = (ws.numel() - kCounterHeader) / 3;
+  auto* words = reinterpret_cast<unsigned int*>(ws.data_ptr<int32_t>());
+  return cuda_kernel::Counters{reinterpret_cast<unsigned long long*>(words), words + 2, words + kCounterHeader,
+                               words + kCounterHeader + capacity, words + kCounterHeader + 2 * capacity};
+}
+
+// Host vector -> device, through pinned memory and a non-blocking copy: no host sync. The
+// caching host allocator keeps the pinned block until the copy has run.
+at::Tensor upload(const std::vector<int64_t>& words, const at::Device& device) {
+  at::Tensor host = at::empty({static_cast<int64_t>(words.size())},
+                              at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  std::memcpy(host.data_ptr<int64_t>(), words.data(), words.size() * sizeof(int64_t));
+  return host.to(device, /*non_blocking=*/true);
+}
+
+// ---- validation helpers (everything runs before the first write) --------------------------------
+at::Tensor checked_offsets(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets) {
+  check_buffers(a, b);
+  check_offsets_meta(offsets, a.device());
+  // GPU offsets: one blocking copy (a host sync); pass them on the CPU to avoid it.
+  at::Tensor cpu = offsets.is_cpu() ? offsets.contiguous() : offsets.to(at::kCPU).contiguous();
+  check_offset_values(cpu.const_data_ptr<int64_t>(), cpu.numel(), a.numel());
+  return cpu;
+}
+
+void check_active_device(const std::optional<at::Tensor>& active, const at::Device& device) {
+  if (!active.has_value()) return;
+  TORCH_CHECK_VALUE(active->is_cpu() || active->device() == device, "active: expected device cpu or ", device,
+                    ", got ", active->device());
+}
+
+// Reached only through the CUDA dispatch key; a CPU `a` here means another argument was on the GPU.
+void require_cuda(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.is_cuda(), name, ": expected a CUDA tensor (other arguments are on the GPU), got device ",
+                    t.device());
+}
+
+// ---- the launch ----------------------------------------------------------------------------------
+struct Job {
+  bool reduce = false;     // compute statistics (phase 1)
+  bool with_rule = false;  // ... and the rule
+  bool apply = false;      // write out (phase 2)
+  bool two_pass = false;
+  float* stats = nullptr;
+  float* coeffs_out = nullptr;
+  int32_t* cases = nullptr;
+  const float* coeff_f = nullptr;
+  const double* coeff_d = nullptr;
+  const bool* active_device = nullptr;  // active on the GPU ...
+  const bool* active_host = nullptr;    // ... or on the CPU: copied along with the schedule
+  RuleParams rule{Rule::Sum, 0.5, 1.0, false};
+};
+
+bool same_alignment(std::initializer_list<const void*> ptrs, size_t elem_size) {
+  const uint64_t first = reinterpret_cast<uint64_t>(*ptrs.begin());
+  if (first % elem_size != 0) return false;
+  for (const void* p : ptrs) {
+    if (reinterpret_cast<uint64_t>(p) % 16 != first % 16) return false;
+  }
+  return true;
+}
+
+template <typename scalar_t>
+void launch(const at::Tensor& a, const at::Tensor& b, scalar_t* out, const at::Tensor& offsets_cpu, const Job& job) {
+  namespace cs = cuda_schedule;
+  const at::Device device = a.device();
+  const auto stream = c10::cuda::getCurrentCUDAStream(device.index());
+  const int64_t num_segments = offsets_cpu.numel() - 1;
+  const int64_t tile = cuda_kernel::tile_elems<scalar_t>();
+  const int max_blocks = resident_blocks<scalar_t>(device.index());
+
+  // Fused: a segment's apply tiles trail its reduce tiles by about one wave of blocks.
+  const int64_t lag = job.two_pass ? std::numeric_limits<int64_t>::max() : max_blocks;
+  const int64_t active_words = job.active_host ? cs::ceil_div(num_segments, 8) : 0;
+  cs::HostSchedule h =
+      cs::build_schedule(offsets_cpu.const_data_ptr<int64_t>(), num_segments, tile, job.reduce, job.apply, lag,
+                         active_words);
+  if (job.active_host) {
+    std::memcpy(h.buffer.data() + h.extra_begin, job.active_host, static_cast<size_t>(num_segments));
+  }
+  if (h.num_tickets() == 0) return;  // G = 0, or an apply-only pass over empty segments
+  const at::Tensor sched = upload(h.buffer, device);
+  const int64_t* base = sched.const_data_ptr<int64_t>();
+  const at::Tensor ws = workspace(device, stream, num_segments);
+  const at::Tensor partials =
+      at::empty({3 * std::max<int64_t>(h.reduce_tickets, 1)}, a.options().dtype(at::kDouble));
+
+  Params<scalar_t> p;
+  p.a = a.const_data_ptr<scalar_t>();
+  p.b = b.const_data_ptr<scalar_t>();
+  p.out = out;
+  p.sched = h.view(base, tile);
+  p.partials = partials.data_ptr<double>();
+  p.ctr = counters_of(ws);
+  p.stats = job.stats;
+  p.coeffs_out = job.coeffs_out;
+  p.cases = job.cases;
+  p.coeff_f = job.coeff_f;
+  p.coeff_d = job.coeff_d;
+  p.active = job.active_host ? reinterpret_cast<const bool*>(base + h.extra_begin) : job.active_device;
+  p.rule = job.rule;
+  p.with_rule = job.with_rule;
+  p.fused = job.reduce && job.apply && !job.two_pass;
+  p.vec_ok = out ? same_alignment({p.a, p.b, out}, sizeof(scalar_t)) : same_alignment({p.a, p.b}, sizeof(scalar_t));
+
+  auto run = [&](int64_t begin, int64_t end) {
+    if (end <= begin) return;
+    p.ticket_begin = begin;
+    p.ticket_end = end;
+    const int64_t grid = std::min<int64_t>(end - begin, max_blocks);
+    cuda_kernel::integrate_kernel<scalar_t><<<static_cast<unsigned int>(grid), kThreads, 0, stream.stream()>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  if (job.reduce && job.apply && job.two_pass) {
+    run(0, h.reduce_tickets);  // build_schedule put every reduce tile first
+    run(h.reduce_tickets, h.num_tickets());
+  } else {
+    run(0, h.num_tickets());
+  }
+}
+
+void dispatch_launch(const at::Tensor& a, const at::Tensor& b, at::Tensor* out, const at::Tensor& offsets_cpu,
+                     const Job& job) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), "pareto_lora_cuda", [&] {
+    launch<scalar_t>(a, b, out ? out->mutable_data_ptr<scalar_t>() : nullptr, offsets_cpu, job);
+  });
+}
+
+// ---- the ops ---------------------------------------------------------------------------------------
+at::Tensor segment_stats_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets) {
+  const at::Tensor off = checked_offsets(a, b, offsets);
+  require_cuda(a, "a");
+  const c10::cuda::CUDAGuard guard(a.device());
+  const int64_t g = off.numel() - 1;
+  at::Tensor stats = at::empty({g, 3}, a.options().dtype(at::kFloat));
+  Job job;
+  job.reduce = true;
+  job.stats = stats.data_ptr<float>();
+  dispatch_launch(a, b, nullptr, off, job);
+  return stats;
+}
+
+std::tuple<at::Tensor, at::Tensor> rule_coefficients_cuda(const at::Tensor& stats, c10::string_view rule, double tau,
+                                                          const std::optional<at::Tensor>& active, double gamma,
+                                                          bool symmetric) {
+  const int64_t g = check_stats(stats);
+  check_active(active, g);
+  const RuleParams p = parse_rule_params(std::string(rule), tau, gamma, symmetric);
+  if (active.has_value()) {
+    // Dispatch picked CUDA because some argument is on the GPU; stats must be.
+    TORCH_CHECK_VALUE(stats.is_cuda(), "active: expected device cpu (same as stats), got ", active->device());
+    check_active_device(active, stats.device());
+  }
+  require_cuda(stats, "stats");
+  const c10::cuda::CUDAGuard guard(stats.device());
+  const at::Tensor s = stats.contiguous();
+  at::Tensor act;
+  if (active.has_value()) {
+    act = active->is_cpu() ? active->contiguous().pin_memory().to(stats.device(), /*non_blocking=*/true)
+                           : active->contiguous();
+  }
+  at::Tensor coeffs = at::empty({g, 2}, stats.options().dtype(at::kFloat));
+  at::Tensor cases = at::empty({g}, stats.options().dtype(at::kInt));
+  if (g == 0) return {coeffs, cases};
+  const auto stream = c10::cuda::getCurrentCUDAStream(stats.device().index());
+  const unsigned int grid = static_cast<unsigned int>(cuda_schedule::ceil_div(g, kThreads));
+  const bool* pa = act.defined() ? act.const_data_ptr<bool>() : nullptr;
+  if (s.scalar_type() == at::kDouble) {
+    cuda_kernel::rule_kernel<double><<<grid, kThreads, 0, stream.stream()>>>(
+        s.const_data_ptr<double>(), pa, g, p, coeffs.data_ptr<float>(), cases.data_ptr<int32_t>());
+  } else {
+    cuda_kernel::rule_kernel<float><<<grid, kThreads, 0, stream.stream()>>>(
+        s.const_data_ptr<float>(), pa, g, p, coeffs.data_ptr<float>(), cases.data_ptr<int32_t>());
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {coeffs, cases};
+}
+
+void combine_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets, const at::Tensor& coeffs,
+                  at::Tensor out) {
+  const at::Tensor off = checked_offsets(a, b, offsets);
+  const int64_t g = off.numel() - 1;
+  check_coeffs(coeffs, g, a.device());
+  check_out(out, a);
+  require_cuda(a, "a");
+  const c10::cuda::CUDAGuard guard(a.device());
+  const at::Tensor c = coeffs.contiguous();
+  Job job;
+  job.apply = true;
+  if (c.scalar_type() == at::kDouble) {
+    job.coeff_d = c.const_data_ptr<double>();
+  } else {
+    job.coeff_f = c.const_data_ptr<float>();
+  }
+  dispatch_launch(a, b, &out, off, job);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> integrate_cuda(const at::Tensor& a, const at::Tensor& b,
+                                                              const at::Tensor& offsets, at::Tensor out,
+                                                              c10::string_view rule, double tau,
+                                                              const std::optional<at::Tensor>& active, double gamma,
+                                                              bool symmetric) {
+  const at::Tensor off = checked_offsets(a, b, offsets);
+  const int64_t g = off.numel() - 1;
+  check_out(out, a);
+  check_active(active, g);
+  check_active_device(active, a.device());
+  const RuleParams p = parse_rule_params(std::string(rule), tau, gamma, symmetric);
+  require_cuda(a, "a");
+  const bool two_pass = use_two_pass(a.numel());
+  // Everything is checked: from here on writes may happen.
+  const c10::cuda::CUDAGuard guard(a.device());
+  at::Tensor stats = at::empty({g, 3}, a.options().dtype(at::kFloat));
+  at::Tensor coeffs = at::empty({g, 2}, a.options().dtype(at::kFloat));
+  at::Tensor cases = at::empty({g}, a.options().dtype(at::kInt));
+  at::Tensor act_host;
+  Job job;
+  job.reduce = job.with_rule = job.apply = true;
+  job.two_pass = two_pass;
+  job.stats = stats.data_ptr<float>();
+  job.coeffs_out = coeffs.data_ptr<float>();
+  job.cases = cases.data_ptr<int32_t>();
+  job.coeff_f = job.coeffs_out;
+  job.rule = p;
+  if (active.has_value()) {
+    if (active->is_cpu()) {
+      act_host = active->contiguous();
+      job.active_host = act_host.const_data_ptr<bool>();
+    } else {
+      act_host = active->contiguous();  // keeps a contiguous copy alive until the launch
+      job.active_device = act_host.const_data_ptr<bool>();
+    }
+  }
+  dispatch_launch(a, b, &out, off, job);
+  return {stats, coeffs, cases};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pareto_lora, CUDA, m) {
+  m.impl("segment_stats", &segment_stats_cuda);
+  m.impl("rule_coefficients", &rule_coefficients_cuda);
+  m.impl("combine", &combine_cuda);
+  m.impl("integrate", &integrate_cuda);
+}
+
+}  // namespace pareto_lora

@@ -33,6 +33,7 @@ import torch
 
 import pareto_lora
 from pareto_lora import reference as ref
+from baselines import per_segment_loop
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -150,24 +151,8 @@ def _compiled_ref(case: Case, i: int):
 
 
 def _naive_loop(case: Case, i: int):
-    """What research code does: per-segment norms with .item(), decisions in Python."""
     a, b, out = case.sets[i % case.num_sets]
-    off = case.offsets_list
-    for s in range(case.g):
-        lo, hi = off[s], off[s + 1]
-        ga, gb = a[lo:hi].float(), b[lo:hi].float()
-        na, nb, dot = ga.norm().item(), gb.norm().item(), torch.dot(ga, gb).item()
-        if na == 0 or nb == 0:
-            res = ga + gb
-        elif dot < 0:
-            diff2 = na * na + nb * nb - 2 * dot
-            lam = min(max((nb * nb - dot) / diff2, 0.0), 1.0) if diff2 > 0 else 0.5
-            res = lam * ga + (1 - lam) * gb
-        elif na > TAU * nb:
-            res = ga * (nb / na if na < nb else 1.0) + gb * (na / nb if nb < na else 1.0)
-        else:
-            res = ga + gb
-        out[lo:hi] = res.to(out.dtype)
+    per_segment_loop(a, b, case.offsets, out, TAU)
 
 
 IMPL_FNS = {

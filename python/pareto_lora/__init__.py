@@ -17,11 +17,20 @@ from .ops import (
     segment_stats,
 )
 from .rules import RULES, Case
+from . import diagnostics
+from .losses import modality_losses, modality_token_counts
+from .training import ParetoLoRA, StepReport
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Case",
+    "ParetoLoRA",
+    "ParetoLoRATrainer",
+    "StepReport",
+    "diagnostics",
+    "modality_losses",
+    "modality_token_counts",
     "RULES",
     "IntegrationResult",
     "available_backends",
@@ -32,3 +41,12 @@ __all__ = [
     "rules",
     "segment_stats",
 ]
+
+
+def __getattr__(name: str):
+    # The HF Trainer integration imports transformers: load it only when asked for.
+    if name == "ParetoLoRATrainer":
+        from .hf_trainer import ParetoLoRATrainer
+
+        return ParetoLoRATrainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,79 @@
+"""Diagnostics recorder (JSONL) and plots (valid PNG files)."""
+
+import math
+
+import matplotlib.image
+import pytest
+import torch
+
+import pareto_lora
+from pareto_lora import diagnostics
+
+import models
+
+
+@pytest.fixture(scope="module")
+def jsonl(tmp_path_factory):
+    model = models.lora_llama(num_layers=4)
+    pl = pareto_lora.ParetoLoRA(model, num_groups=2, modulate="lower")
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    path = tmp_path_factory.mktemp("diag") / "sub" / "diag.jsonl"
+    with diagnostics.Recorder(path) as rec:
+        for step in range(4):
+            batch = models.token_batch(seed=step, image_span=None if step == 2 else (6, 16))
+            out = model(**models.model_inputs(batch))
+            lt, li = pareto_lora.modality_losses(out.logits, batch["labels"], image_token_mask=batch["image_token_mask"])
+            rec.record(step, pl.backward(text=lt, image=li), lr=0.05)
+            opt.step()
+            opt.zero_grad()
+    return path
+
+
+def test_recorder_writes_one_json_line_per_step(jsonl):
+    recs = diagnostics.load(jsonl)
+    assert [r["step"] for r in recs] == [0, 1, 2, 3]
+    assert all(r["lr"] == 0.05 for r in recs)
+    assert list(recs[0]["groups"]) == ["group0", "group1"]
+    assert list(recs[0]["layers"]) == ["layer0", "layer1", "layer2", "layer3"]
+    assert recs[0]["active"] == [True, False]
+    # the text-only step: zero image gradient -> infinite ratio, degenerate case, kept in the file
+    assert math.isinf(recs[2]["groups"]["group0"]["ratio"])
+    assert recs[2]["groups"]["group0"]["case"] == int(pareto_lora.Case.DEGENERATE)
+    counts = diagnostics.case_counts(recs)
+    assert sum(counts["group0"].values()) == 4 and counts["group1"]["INACTIVE"] == 4
+
+
+def test_plots_are_valid_png_files(jsonl, tmp_path):
+    paths = diagnostics.plot_all(jsonl, tmp_path / "plots")
+    assert len(paths) == 4
+    for p in paths:
+        with open(p, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+        img = matplotlib.image.imread(p)
+        assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+
+
+def test_every_skips_steps(jsonl, tmp_path):
+    recs = diagnostics.load(jsonl)
+
+    class Fake:
+        def __init__(self, rec):
+            self.rec = rec
+
+        def to_record(self):
+            return self.rec
+
+    path = tmp_path / "every.jsonl"
+    with diagnostics.Recorder(path, every=2) as rec:
+        written = [rec.record(r["step"], Fake({k: v for k, v in r.items() if k != "step"})) for r in recs]
+    assert written == [True, False, True, False]
+    assert [r["step"] for r in diagnostics.load(path)] == [0, 2]
+
+
+def test_errors(jsonl, tmp_path):
+    with pytest.raises(ValueError, match="every"):
+        diagnostics.Recorder(tmp_path / "x.jsonl", every=0)
+    with pytest.raises(ValueError, match="level"):
+        diagnostics.plot_ratio_heatmap(jsonl, tmp_path / "x.png", level="rank")
+    with pytest.raises(ValueError, match="records: no records"):
+        diagnostics.plot_case_counts([], tmp_path / "x.png")

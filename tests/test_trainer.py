@@ -1,0 +1,106 @@
+"""ParetoLoRATrainer: a few real Trainer steps on CPU, logged diagnostics, accumulation, errors."""
+
+import math
+
+import pytest
+import torch
+
+import pareto_lora
+
+import models
+
+transformers = pytest.importorskip("transformers")
+
+
+class TokenDataset(torch.utils.data.Dataset):
+    def __init__(self, n=12, with_mask=True):
+        self.n, self.with_mask = n, with_mask
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        item = {k: v[0] for k, v in models.token_batch(batch=1, seed=i, image_span=(4 + i % 5, 16)).items()}
+        if not self.with_mask:
+            del item["image_token_mask"]
+        return item
+
+
+def make_args(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                max_steps=3, logging_steps=1, report_to=[], use_cpu=True, learning_rate=1e-2,
+                save_strategy="no", disable_tqdm=True, lr_scheduler_type="constant", max_grad_norm=0.0)
+    base.update(kw)
+    return transformers.TrainingArguments(**base)
+
+
+def test_trains_three_steps_and_logs_per_group_diagnostics(tmp_path):
+    model = models.lora_llama(num_layers=4)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    rec = pareto_lora.diagnostics.Recorder(tmp_path / "diag.jsonl")
+    trainer = pareto_lora.ParetoLoRATrainer(model=model, args=make_args(tmp_path), train_dataset=TokenDataset(),
+                                            num_groups=2, modulate="lower", recorder=rec, log_layers=True)
+    trainer.train()
+    rec.close()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["step"] for h in logs] == [1, 2, 3]
+    for h in logs:
+        for g in ("group0", "group1"):
+            for k in ("norm_text", "norm_image", "cosine", "ratio", "alpha", "beta", "case"):
+                assert math.isfinite(h[f"pareto/{g}/{k}"])
+        assert h["pareto/group1/case"] == float(pareto_lora.Case.INACTIVE)
+        assert "pareto/layer3/ratio" in h
+        # losses of a window are normalised by the window's token counts: their sum is the logged loss
+        assert h["loss"] == pytest.approx(h["pareto/loss_text"] + h["pareto/loss_image"], rel=1e-4)
+    assert [r["micro_batches"] for r in pareto_lora.diagnostics.load(tmp_path / "diag.jsonl")] == [2, 2, 2]
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_accumulated_window_equals_one_large_batch(tmp_path):
+    """Two micro-batches of 2 (GA=2) give the same .grad as ParetoLoRA on the 4 examples at once."""
+    model = models.lora_llama(num_layers=4)
+    ds = TokenDataset(n=4)
+    trainer = pareto_lora.ParetoLoRATrainer(model=model, args=make_args(tmp_path, max_steps=1, learning_rate=0.0),
+                                            train_dataset=ds, num_groups=2, modulate="all")
+    grads = {}
+    trainer.add_callback(_GradSnapshot(model, grads))
+    trainer.train()
+
+    whole = {k: torch.stack([ds[i][k] for i in range(4)]) for k in ds[0]}
+    pl = pareto_lora.ParetoLoRA(model, num_groups=2, modulate="all")
+    out = model(**models.model_inputs(whole))
+    pl.backward(*pareto_lora.modality_losses(out.logits, whole["labels"], image_token_mask=whole["image_token_mask"]))
+    names = dict(zip(pl.layout.params, pl.layout.names))
+    assert len(grads) == len(names)
+    for p in pl.layout.params:
+        torch.testing.assert_close(grads[names[p]], p.grad, rtol=1e-4, atol=1e-7)
+
+
+class _GradSnapshot(transformers.TrainerCallback):
+    def __init__(self, model, store):
+        self.model, self.store = model, store
+
+    def on_pre_optimizer_step(self, args, state, control, **kw):
+        for n, p in self.model.named_parameters():
+            if p.requires_grad:
+                self.store[n] = p.grad.detach().clone()
+
+
+def test_errors(tmp_path):
+    model = models.lora_llama(num_layers=2)
+    with pytest.raises(ValueError, match="modulate: unknown value"):
+        pareto_lora.ParetoLoRATrainer(model=model, args=make_args(tmp_path), train_dataset=TokenDataset(),
+                                      num_groups=2, modulate="top")
+    trainer = pareto_lora.ParetoLoRATrainer(model=model, args=make_args(tmp_path, max_steps=1),
+                                            train_dataset=TokenDataset(with_mask=False), num_groups=2)
+    with pytest.raises(ValueError, match="no 'image_token_mask' and no image_token_range"):
+        trainer.train()
+
+
+def test_image_token_range_instead_of_a_mask(tmp_path):
+    model = models.lora_llama(num_layers=2)
+    trainer = pareto_lora.ParetoLoRATrainer(model=model, args=make_args(tmp_path, max_steps=1),
+                                            train_dataset=TokenDataset(with_mask=False), num_groups=2,
+                                            image_token_range=models.IMAGE_RANGE)
+    trainer.train()
+    assert "pareto/group0/ratio" in trainer.state.log_history[0]

@@ -17,7 +17,7 @@ from .ops import (
     segment_stats,
 )
 from .rules import RULES, Case
-from . import diagnostics
+from . import diagnostics, distributed
 from .losses import modality_losses, modality_token_counts
 from .training import ParetoLoRA, StepReport
 
@@ -29,6 +29,7 @@ __all__ = [
     "ParetoLoRATrainer",
     "StepReport",
     "diagnostics",
+    "distributed",
     "modality_losses",
     "modality_token_counts",
     "RULES",

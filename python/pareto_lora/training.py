@@ -36,6 +36,12 @@ ParetoLoRA owns ``.grad`` of the model's trainable parameters: the first ``backw
 an ``integrate()`` starts a fresh accumulation from zero, whether or not ``zero_grad`` ran.
 Activation checkpointing must be the non-reentrant kind (``use_reentrant=False``), because the
 reentrant one does not support ``torch.autograd.grad``.
+
+Several processes: pass the ``DistributedDataParallel`` model (ParetoLoRA registers its own
+communication hook; keep DDP's default ``gradient_as_bucket_view=False``) or an FSDP2
+``fully_shard`` model; the calls are the same and every rank gets the integrated gradient of
+the global batch (see :mod:`pareto_lora.distributed`). With DDP, ``no_sync()`` accumulation
+works as usual: the last micro-batch must run outside ``no_sync()``.
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from . import ops
+from . import distributed, ops
 from .grouping import GradLayout, build_layout, is_lora_param
 from .rules import Case, check_rule_params
 
@@ -64,6 +70,12 @@ __all__ = [
 NONFINITE_MODES = ("auto", "raise", "skip")
 
 
+def _local_shape(p: torch.Tensor) -> torch.Size:
+    # A sharded (DTensor) parameter's gradient buffer holds only this rank's shard.
+    to_local = getattr(p, "to_local", None)
+    return to_local().shape if callable(to_local) else p.shape
+
+
 class FlatGrads:
     """One persistent flat gradient buffer per bucket (dtype) of `layout`, and per-parameter views."""
 
@@ -72,8 +84,8 @@ class FlatGrads:
         views: list[torch.Tensor | None] = [None] * len(layout.params)
         for flat, bucket in zip(self.flats, layout.buckets):
             for i, off in zip(bucket.param_index, bucket.param_offset):
-                p = layout.params[i]
-                views[i] = flat[off : off + p.numel()].view_as(p)
+                shape = _local_shape(layout.params[i])
+                views[i] = flat[off : off + shape.numel()].view(shape)
         self.views: list[torch.Tensor] = views  # type: ignore[assignment]
 
     def zero_(self) -> None:
@@ -139,16 +151,20 @@ def integrate_buffers(
     symmetric: bool = False,
     poison: torch.Tensor | None = None,
     backend: str = "auto",
+    stats_per_unit: torch.Tensor | None = None,
 ) -> IntegrationStep:
     """stats (per unit) -> rule (per group) -> combine, on the flat buffers of `layout`'s buckets.
 
-    ``out`` defaults to ``image`` (in place). ``poison`` is an optional 0-d bool device tensor:
+    ``out`` defaults to ``image`` (in place). ``stats_per_unit`` ([U, 3]) replaces the
+    statistics pass when the caller has them already (reduced across ranks). ``poison`` is an optional 0-d bool device tensor:
     when true the coefficients become NaN, so the whole output is NaN (a GradScaler then skips
     the step) and every case reads NONFINITE; it costs no host sync.
     """
     out = image if out is None else out
     pairs = [(a, b, bk.unit_offsets) for a, b, bk in zip(text, image, layout.buckets)]
-    step = group_rule(unit_stats(pairs, backend), layout.unit_group, layout.active, rule, tau, gamma, symmetric, backend)
+    if stats_per_unit is None:
+        stats_per_unit = unit_stats(pairs, backend)
+    step = group_rule(stats_per_unit, layout.unit_group, layout.active, rule, tau, gamma, symmetric, backend)
     unit_coeffs = step.coeffs[layout.unit_group]
     if poison is not None:
         unit_coeffs = unit_coeffs * torch.where(poison, math.nan, 1.0)
@@ -346,12 +362,18 @@ class ParetoLoRA:
         check_rule_params(rule, tau, gamma)
         if on_nonfinite not in NONFINITE_MODES:
             raise ValueError(f"on_nonfinite: expected one of {', '.join(NONFINITE_MODES)}, got {on_nonfinite!r}")
-        self.layout = build_layout(model, num_groups=num_groups, modulate=modulate, layers_path=layers_path)
+        self._sync = distributed.make_sync(model)
+        module = model if self._sync is None else self._sync.module
+        self.layout = build_layout(module, num_groups=num_groups, modulate=modulate, layers_path=layers_path)
+        if isinstance(self._sync, distributed.FSDPSync):
+            self.layout = distributed.local_layout(self.layout)
         ops.resolve_backend(backend, self.layout.device)
         self.rule, self.tau, self.gamma, self.symmetric = rule, float(tau), float(gamma), bool(symmetric)
         self.on_nonfinite, self.backend = on_nonfinite, backend
         self.text = FlatGrads(self.layout)
         self.image = FlatGrads(self.layout)
+        if self._sync is not None:
+            self._sync.bind(self.layout, self.text.views, backend)
         self._lora_ids = {id(p) for p, n in zip(self.layout.params, self.layout.names) if is_lora_param(n)}
         self._image_reach_checked = False
         self.last_report: StepReport | None = None
@@ -383,6 +405,12 @@ class ParetoLoRA:
                 "(optimizer.zero_grad() between accumulate() calls?); call it after integrate()"
             )
 
+    def _add_losses(self, text: torch.Tensor, image: torch.Tensor, scaler) -> None:
+        losses = torch.stack([text.detach(), image.detach()]).reshape(2).to(torch.float64)
+        self._losses += losses
+        self._bad |= ~torch.isfinite(losses)
+        self._scaled |= scaler is not None
+
     def accumulate(self, text: torch.Tensor, image: torch.Tensor, scaler=None) -> None:
         """Add one micro-batch's text and image gradients to their buffers (no integration)."""
         self.backward(text=text, image=image, step=False, scaler=scaler)
@@ -397,6 +425,13 @@ class ParetoLoRA:
         _check_loss("image", image)
         params = self.layout.params
         t_loss, i_loss = (scaler.scale(text), scaler.scale(image)) if scaler is not None else (text, image)
+        if isinstance(self._sync, distributed.FSDPSync):
+            # FSDP2 computes forward/backward with unsharded copies of the parameters, so
+            # autograd.grad cannot target them; both objectives take an ordinary backward.
+            self._sync.backward(t_loss, i_loss, self.text.views, self.image.views, first=self._micro == 0)
+            self._add_losses(text, image, scaler)
+            self._micro += 1
+            return self.integrate() if step else None
 
         grads = torch.autograd.grad(t_loss, params, retain_graph=True, allow_unused=True)
         if not any(g is not None and id(p) in self._lora_ids for p, g in zip(params, grads)):
@@ -419,12 +454,11 @@ class ParetoLoRA:
         else:
             torch._foreach_add_([v for v, _ in got], [g for _, g in got])
         del grads, got
+        # Added before the image backward: under DDP the hook carries the running totals across ranks.
+        self._add_losses(text, image, scaler)
+        if self._sync is not None:
+            self._sync.before_backward(self._losses)
         i_loss.backward()
-
-        losses = torch.stack([text.detach(), image.detach()]).reshape(2).to(torch.float64)
-        self._losses += losses
-        self._bad |= ~torch.isfinite(losses)
-        self._scaled |= scaler is not None
         self._micro += 1
         return self.integrate() if step else None
 
@@ -432,6 +466,11 @@ class ParetoLoRA:
         """Run the rule once on the accumulated gradients; the result is written into ``.grad``."""
         if self._micro == 0:
             raise RuntimeError("integrate: no gradients accumulated since the last step; call backward()/accumulate() first")
+        stats = None
+        if self._sync is not None:
+            # Global statistics and losses first, so that every rank takes the same branch below.
+            stats, self._losses = self._sync.global_stats(self.text.flats, self.image.flats, self._losses)
+            self._bad = self._bad | ~torch.isfinite(self._losses)
         mode = self.on_nonfinite
         if mode == "auto":
             mode = "skip" if self._scaled else "raise"
@@ -459,7 +498,10 @@ class ParetoLoRA:
             symmetric=self.symmetric,
             poison=poison,
             backend=self.backend,
+            stats_per_unit=stats,
         )
+        if isinstance(self._sync, distributed.FSDPSync):
+            self._sync.write_grads(self.image.views)
         report = StepReport(self.layout, step, self._losses, self._micro, self.rule)
         self.last_report = report
         self._reset()

@@ -86,8 +86,7 @@ def sharded_integrate(
             num_groups = active.numel()
         else:
             num_groups = int(segment_group.max()) + 1 if segment_group.numel() else 0
-        grouped = stats.new_zeros(num_groups, 3)
-        stats = grouped.index_add_(0, segment_group, stats)
+        stats = ops.sum_into_groups(stats, segment_group, num_groups)
     dist.all_reduce(stats, group=group)
     coeffs, cases = ops.rule_coefficients(stats, rule, tau, active, gamma, symmetric, backend=backend)
     seg_coeffs = coeffs if segment_group is None else coeffs[segment_group]

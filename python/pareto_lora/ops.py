@@ -31,6 +31,7 @@ __all__ = [
     "combine",
     "available_backends",
     "resolve_backend",
+    "sum_into_groups",
 ]
 
 BACKENDS = ("auto", "cpp", "triton", "reference")
@@ -216,3 +217,16 @@ def combine(
         out = torch.empty_like(a)
     impl.combine(a, b, offsets, coeffs, out)
     return out
+
+
+def sum_into_groups(stats: torch.Tensor, segment_group: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """[G, 3] statistics of groups made of several segments: row g sums the rows s of `stats` with
+    segment_group[s] == g (stats are additive).
+
+    Deterministic on every device: a masked sum over a fixed axis instead of ``index_add_``, whose
+    CUDA kernel adds with atomics in a varying order, which would let DDP ranks holding equal
+    data disagree in the last bit. The [G, S, 3] temporary is tiny (G, S are group/layer counts).
+    """
+    groups = torch.arange(num_groups, device=stats.device)
+    member = (segment_group.to(stats.device)[None, :] == groups[:, None])[:, :, None]
+    return torch.where(member, stats[None, :, :], 0).sum(dim=1)

@@ -133,9 +133,7 @@ def group_rule(
     backend: str = "auto",
 ) -> IntegrationStep:
     """Sum unit statistics into groups and run the rule on each group."""
-    num_groups = active.numel()
-    group_stats = torch.zeros(num_groups, 3, dtype=stats_per_unit.dtype, device=stats_per_unit.device)
-    group_stats.index_add_(0, unit_group, stats_per_unit)
+    group_stats = ops.sum_into_groups(stats_per_unit, unit_group, active.numel())
     coeffs, cases = ops.rule_coefficients(group_stats, rule, tau, active, gamma, symmetric, backend=backend)
     return IntegrationStep(stats_per_unit, group_stats, coeffs, cases)
 

@@ -1,0 +1,7 @@
+"""``python -m pareto_lora``: the same command line as the ``pareto-lora`` script."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

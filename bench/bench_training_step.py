@@ -29,6 +29,9 @@ LAYERS, HIDDEN, BATCH, SEQ, RANK = 8, 128, 4, 64, 16
 
 @pytest.fixture(scope="module")
 def setup():
+    # One intra-op thread: on a shared 2-core box, OpenMP threads spinning against another
+    # process's load made single steps 100x slower at random, swamping the differences measured.
+    torch.set_num_threads(1)
     model = models.lora_llama(num_layers=LAYERS, hidden=HIDDEN, r=RANK).train()
     batch = models.token_batch(batch=BATCH, seq=SEQ, image_span=(16, 48))
     inputs = models.model_inputs(batch)

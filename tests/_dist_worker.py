@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import os
 import sys
+import threading
 
 import torch
 import torch.distributed as dist
@@ -25,7 +26,7 @@ from pareto_lora.distributed import sharded_integrate  # noqa: E402
 
 NUM_LAYERS = 5
 NUM_GROUPS = 2
-BUCKET_MB = 0.004  # ~4 KB buckets: one layer's LoRA gradients (~9 KB) span several, so every group does
+BUCKET_MB = 0.0025  # ~2.6 KB buckets: one layer's LoRA gradients (8 KB) span 3-4, so every group does too
 RULES = ("pareto_lora", "mgda")
 
 
@@ -51,16 +52,33 @@ def ddp_model(**kw):
     return DDP(models.lora_llama(num_layers=NUM_LAYERS), bucket_cap_mb=BUCKET_MB, **kw)
 
 
-def pareto(model, rule: str = "pareto_lora"):
-    return pareto_lora.ParetoLoRA(model, rule=rule, tau=0.5, num_groups=NUM_GROUPS, modulate="all")
+def pareto(model, rule: str = "pareto_lora", **kw):
+    return pareto_lora.ParetoLoRA(model, rule=rule, tau=0.5, num_groups=NUM_GROUPS, modulate="all", **kw)
 
 
 def error_of(fn) -> str:
     try:
         fn()
-    except (ValueError, RuntimeError) as e:
+    except (ValueError, RuntimeError, FloatingPointError) as e:
         return f"{type(e).__name__}: {e}"
     return "no error"
+
+
+def reverse_arrivals(sync) -> None:
+    """Hold every bucket's completion callback and run them in reverse once all have arrived."""
+    held, lock, arrive = [], threading.Lock(), sync._arrive
+
+    def deferred(state, *args):
+        with lock:
+            held.append((state, args))
+            if state.num_buckets is None or len(held) < state.num_buckets:
+                return
+            calls = held[::-1]
+            held.clear()
+        for st, a in calls:
+            arrive(st, *a)
+
+    sync._arrive = deferred
 
 
 def ddp_scenarios(rank: int, out: dict) -> None:
@@ -104,11 +122,72 @@ def ddp_scenarios(rank: int, out: dict) -> None:
 
     ddp = ddp_model()
     pl = pareto(ddp)
+    for step in (0, 1):  # the combine already ran in the hook when the backward returns
+        pl.accumulate(*losses_of(ddp, batch_for(rank, 100 * step)))
+        before = grads_of(ddp.module)
+        out[f"hook/step{step}"] = before
+        out[f"hook/step{step}/trace"] = pl._sync.trace
+        pl.integrate()
+        out[f"hook/step{step}/unchanged"] = all(torch.equal(before[n], g) for n, g in grads_of(ddp.module).items())
+    keys = {id(p): i for i, p in enumerate(pl.layout.params)}
+    out["hook/bucket_keys"] = sorted(min(keys[i] for i in key) for key in pl._sync._plans)
+
+    # Rank 1 handles its reductions in the reverse order: the ranks must still agree bitwise.
+    ddp = ddp_model()
+    pl = pareto(ddp)
+    if rank == 1:
+        reverse_arrivals(pl._sync)
+    for step in (0, 1):
+        report = pl.backward(*losses_of(ddp, batch_for(rank, 100 * step)))
+        out[f"reversed/step{step}"] = grads_of(ddp.module)
+        out[f"reversed/step{step}/stats"] = report.step.unit_stats.clone()
+        out[f"reversed/step{step}/order"] = [k for k, _, _ in pl._sync.trace]
+
+        # Every micro-batch synchronised: each hook integrates, the next micro-batch undoes it.
+    ddp = ddp_model()
+    pl = pareto(ddp)
+    for base in (300, 400):
+        lt, li = losses_of(ddp, batch_for(rank, base))
+        pl.accumulate(lt / 2, li / 2)
+    pl.integrate()
+    out["accum_synced"] = grads_of(ddp.module)
+
+    # A non-finite loss on one rank only: every rank learns it from the reduced losses.
+    for mode in ("skip", "raise"):
+        ddp = ddp_model()
+        pl = pareto(ddp, on_nonfinite=mode)
+        lt, li = losses_of(ddp, batch_for(rank, 0))
+        if rank == 0:
+            li = li + float("inf")  # infinite value, finite gradient
+        if mode == "skip":
+            out["nonfinite/skip/cases"] = pl.backward(lt, li).cases
+        else:
+            out["nonfinite/raise"] = error_of(lambda: pl.backward(lt, li))
+        out[f"nonfinite/{mode}/all_nan"] = all(bool(g.isnan().all()) for g in grads_of(ddp.module).values())
+
+    ddp = ddp_model()
+    pl = pareto(ddp)
+
+    def broken_rule(stats):
+        raise ValueError("rule exploded")
+
+    rule_fn, pl._sync.rule_fn = pl._sync.rule_fn, broken_rule
+    out["err/hook_failure"] = error_of(lambda: pl.backward(*losses_of(ddp, batch_for(rank, 0))))
+    out["err/hook_failure/all_nan"] = all(bool(g.isnan().all()) for g in grads_of(ddp.module).values())
+    pl._sync.rule_fn = rule_fn  # DDP and ParetoLoRA are usable again
+    out["err/after_failure"] = error_of(lambda: pl.backward(*losses_of(ddp, batch_for(rank, 0))))
+
+    ddp = ddp_model()
+    pl = pareto(ddp)
     out["err/second_hook"] = error_of(lambda: pareto(ddp))
     with ddp.no_sync():
         pl.accumulate(*losses_of(ddp, batch_for(rank, 500)))
     out["err/unsynced"] = error_of(pl.integrate)
     out["err/bucket_view"] = error_of(lambda: pareto(ddp_model(gradient_as_bucket_view=True)))
+    module = models.lora_llama(num_layers=NUM_LAYERS)
+    lora = next(n for n, p in module.named_parameters() if p.requires_grad)
+    DDP._set_params_and_buffers_to_ignore_for_model(module, [lora])
+    out["err/ignored_param"] = error_of(lambda: pareto(DDP(module, bucket_cap_mb=BUCKET_MB)))
 
 
 def fsdp_scenarios(rank: int, world: int, out: dict) -> None:

@@ -171,12 +171,79 @@ def test_ddp_no_sync_accumulation(ranks, model, groups):
     assert_matches(ranks[0]["accum"], ref)
 
 
+@pytest.mark.parametrize("step", [0, 1], ids=["initial-buckets", "rebuilt-buckets"])
+def test_ddp_integrates_inside_hook(ranks, model, groups, step):
+    """.grad holds the integrated gradient as soon as the backward returns; integrate() only reports."""
+    key = f"hook/step{step}"
+    assert_bitwise_same(ranks, key)
+    batch = concat([W.batch_for(r, 100 * step) for r in range(WORLD)])
+    assert_matches(ranks[0][key], integrated(objective_grads(model, [batch], [1.0]), groups, "pareto_lora"))
+    num_groups = len(set(groups.values()))
+    for r in ranks:
+        assert r[f"{key}/unchanged"]
+        trace = r[f"{key}/trace"]
+        completed = [g for _, gs, _ in trace for g in gs]
+        assert sorted(completed) == list(range(num_groups))  # each group's rule ran exactly once
+        assert sum(n for _, _, n in trace) == len(trace)  # every bucket was integrated exactly once
+    assert {k for k, _, _ in ranks[0][f"{key}/trace"]} <= set(ranks[0]["hook/bucket_keys"])
+
+
+def test_ddp_hook_overlaps_backward(ranks):
+    """On the rebuilt (small) buckets a group finishes, and its buckets are integrated, while others
+    are still being reduced. (DDP's first step uses one bucket: it buckets by size only from step 2.)"""
+    for r in ranks:
+        trace = r["hook/step1/trace"]
+        assert len(trace) > 2, trace
+        first = next(i for i, (_, gs, _) in enumerate(trace) if gs)
+        assert first < len(trace) - 1, trace
+        assert any(n for _, _, n in trace[:-1]), trace
+
+
+@pytest.mark.parametrize("step", [0, 1], ids=["initial-buckets", "rebuilt-buckets"])
+def test_ddp_bucket_order_does_not_matter(ranks, model, groups, step):
+    """Rank 1 processes its reductions in reverse order: statistics and gradients stay bitwise equal."""
+    key = f"reversed/step{step}"
+    if step == 1:
+        order0, order1 = ranks[0][f"{key}/order"], ranks[1][f"{key}/order"]
+        assert sorted(order0) == sorted(order1) and order0 != order1
+    assert_bitwise_same(ranks, key)
+    assert torch.equal(ranks[0][f"{key}/stats"], ranks[1][f"{key}/stats"])
+    batch = concat([W.batch_for(r, 100 * step) for r in range(WORLD)])
+    assert_matches(ranks[0][key], integrated(objective_grads(model, [batch], [1.0]), groups, "pareto_lora"))
+
+
+def test_ddp_synchronised_accumulation(ranks, model, groups):
+    """Every micro-batch synchronised: the next micro-batch continues from the un-integrated averages."""
+    assert_bitwise_same(ranks, "accum_synced")
+    batches = [W.batch_for(r, base) for base in (300, 400) for r in range(WORLD)]
+    ref = integrated(objective_grads(model, batches, [1.0 / len(batches)] * len(batches)), groups, "pareto_lora")
+    assert_matches(ranks[0]["accum_synced"], ref)
+
+
+def test_ddp_nonfinite_loss_on_one_rank(ranks):
+    """The loss is known only after the hook integrated: .grad is poisoned after the fact, on every rank."""
+    for r in ranks:
+        assert set(r["nonfinite/skip/cases"]) == {Case.NONFINITE}
+        assert r["nonfinite/skip/all_nan"]
+        assert re.match(r"FloatingPointError: image loss is not finite", r["nonfinite/raise"]), r["nonfinite/raise"]
+        assert r["nonfinite/raise/all_nan"]
+
+
+def test_ddp_hook_failure_raises_instead_of_hanging(ranks):
+    for r in ranks:
+        assert re.match(r"RuntimeError: backward: .*hook failed: ValueError: rule exploded", r["err/hook_failure"]), \
+            r["err/hook_failure"]
+        assert r["err/hook_failure/all_nan"]
+        assert r["err/after_failure"] == "no error"
+
+
 @pytest.mark.parametrize(
     "key, expected",
     [
         ("err/second_hook", r"ValueError: model: .*already has a communication hook"),
         ("err/unsynced", r"RuntimeError: integrate: .*without DDP gradient synchronisation"),
         ("err/bucket_view", r"ValueError: model: .*gradient_as_bucket_view=True"),
+        ("err/ignored_param", r"ValueError: model: DDP ignores trainable parameters ParetoLoRA integrates"),
     ],
 )
 def test_ddp_refusals(ranks, key, expected):

@@ -41,7 +41,9 @@ Several processes: pass the ``DistributedDataParallel`` model (ParetoLoRA regist
 communication hook; keep DDP's default ``gradient_as_bucket_view=False``) or an FSDP2
 ``fully_shard`` model; the calls are the same and every rank gets the integrated gradient of
 the global batch (see :mod:`pareto_lora.distributed`). With DDP, ``no_sync()`` accumulation
-works as usual: the last micro-batch must run outside ``no_sync()``.
+works as usual: the last micro-batch must run outside ``no_sync()``. Under DDP the integration
+itself runs inside the communication hook, so ``.grad`` is integrated when that backward returns
+and ``integrate()`` only checks the global losses and builds the report.
 """
 
 from __future__ import annotations
@@ -371,11 +373,17 @@ class ParetoLoRA:
         self.text = FlatGrads(self.layout)
         self.image = FlatGrads(self.layout)
         if self._sync is not None:
-            self._sync.bind(self.layout, self.text.views, backend)
+            self._sync.bind(self.layout, self.text.views, self.image.views, backend, self._rule)
         self._lora_ids = {id(p) for p, n in zip(self.layout.params, self.layout.names) if is_lora_param(n)}
         self._image_reach_checked = False
         self.last_report: StepReport | None = None
         self._reset()
+
+    def _rule(self, group_stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(coeffs, cases) of every group under the current settings (called by the DDP hook)."""
+        return ops.rule_coefficients(
+            group_stats, self.rule, self.tau, self.layout.active, self.gamma, self.symmetric, backend=self.backend
+        )
 
     def _reset(self) -> None:
         dev = self.layout.device
@@ -441,6 +449,8 @@ class ParetoLoRA:
             self._image_reach_checked = True
 
         self._attach_image_views()
+        if self._micro and isinstance(self._sync, distributed.DDPSync):
+            self._sync.restore_reduced()
         views = self.text.views
         got = [(v, g) for v, g in zip(views, grads) if g is not None]
         if self._micro == 0:
@@ -457,53 +467,89 @@ class ParetoLoRA:
         if self._sync is not None:
             self._sync.before_backward(self._losses)
         i_loss.backward()
+        if isinstance(self._sync, distributed.DDPSync):
+            error = self._sync.failure()
+            if error is not None:
+                # DDP has finished the step with NaN buckets; the accumulation is lost.
+                for flat in self.image.flats:
+                    flat.fill_(math.nan)
+                self._reset()
+                raise error
         self._micro += 1
         return self.integrate() if step else None
 
     def integrate(self) -> StepReport:
-        """Run the rule once on the accumulated gradients; the result is written into ``.grad``."""
+        """Run the rule once on the accumulated gradients; the result is written into ``.grad``.
+
+        Under DDP the communication hook has done the integration during the last backward;
+        this only checks the (then globally known) losses and assembles the report.
+        """
         if self._micro == 0:
             raise RuntimeError("integrate: no gradients accumulated since the last step; call backward()/accumulate() first")
+        in_hook = isinstance(self._sync, distributed.DDPSync)
         stats = None
-        if self._sync is not None:
+        if in_hook:
+            step = IntegrationStep(*self._sync.finish())
+            # The losses rode in the last bucket: they are the global ones now.
+            self._bad = self._bad | ~torch.isfinite(self._losses)
+        elif self._sync is not None:
             # Global statistics and losses first, so that every rank takes the same branch below.
             stats, self._losses = self._sync.global_stats(self.text.flats, self.image.flats, self._losses)
             self._bad = self._bad | ~torch.isfinite(self._losses)
-        mode = self.on_nonfinite
-        if mode == "auto":
-            mode = "skip" if self._scaled else "raise"
-        poison = None
-        if mode == "raise":
-            bad = self._bad.tolist()
-            if any(bad):
-                losses = self._losses.tolist()
-                self._reset()
-                which = " and ".join(n for n, b in zip(("text", "image"), bad) if b)
-                raise FloatingPointError(
-                    f"{which} loss is not finite ({', '.join(f'{x}' for x in losses)}); refusing to step. "
-                    "(Masked image-token logits, e.g. Chameleon's -inf, give an infinite image loss.) "
-                    "Use on_nonfinite='skip' with a GradScaler to skip such steps instead."
-                )
+        poison = self._nonfinite_poison(integrated=in_hook)
+        if in_hook:
+            if poison is not None:
+                # After the fact (the hook could not know the global losses): one more pass over
+                # .grad, free of host syncs; NaN makes a GradScaler skip the step.
+                factor = torch.where(poison, math.nan, 1.0)
+                for flat in self.image.flats:
+                    flat.mul_(factor)
+                step.cases = torch.where(poison, torch.full_like(step.cases, int(Case.NONFINITE)), step.cases)
         else:
-            poison = self._bad.any()
-        step = integrate_buffers(
-            self.text.flats,
-            self.image.flats,
-            self.layout,
-            rule=self.rule,
-            tau=self.tau,
-            gamma=self.gamma,
-            symmetric=self.symmetric,
-            poison=poison,
-            backend=self.backend,
-            stats_per_unit=stats,
-        )
-        if isinstance(self._sync, distributed.FSDPSync):
-            self._sync.write_grads(self.image.views)
+            step = integrate_buffers(
+                self.text.flats,
+                self.image.flats,
+                self.layout,
+                rule=self.rule,
+                tau=self.tau,
+                gamma=self.gamma,
+                symmetric=self.symmetric,
+                poison=poison,
+                backend=self.backend,
+                stats_per_unit=stats,
+            )
+            if isinstance(self._sync, distributed.FSDPSync):
+                self._sync.write_grads(self.image.views)
         report = StepReport(self.layout, step, self._losses, self._micro, self.rule)
         self.last_report = report
         self._reset()
         return report
+
+    def _nonfinite_poison(self, integrated: bool) -> torch.Tensor | None:
+        """A 0-d device bool (poison the step) in "skip" mode; in "raise" mode raise on a non-finite loss.
+
+        ``integrated``: ``.grad`` already holds an integration (DDP hook); a refused step then
+        leaves it NaN, so that an optimizer step after a caught exception cannot apply it.
+        """
+        mode = self.on_nonfinite
+        if mode == "auto":
+            mode = "skip" if self._scaled else "raise"
+        if mode != "raise":
+            return self._bad.any()
+        bad = self._bad.tolist()
+        if any(bad):
+            losses = self._losses.tolist()
+            if integrated:
+                for flat in self.image.flats:
+                    flat.fill_(math.nan)
+            self._reset()
+            which = " and ".join(n for n, b in zip(("text", "image"), bad) if b)
+            raise FloatingPointError(
+                f"{which} loss is not finite ({', '.join(f'{x}' for x in losses)}); refusing to step. "
+                "(Masked image-token logits, e.g. Chameleon's -inf, give an infinite image loss.) "
+                "Use on_nonfinite='skip' with a GradScaler to skip such steps instead."
+            )
+        return None
 
     def describe(self) -> str:
         return self.layout.describe()

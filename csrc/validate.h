@@ -61,6 +61,17 @@ inline int64_t check_offsets_meta(const at::Tensor& offsets, const at::Device& d
   return offsets.numel() - 1;
 }
 
+// Validates a, b and offsets (metadata and values) and returns the offsets on the CPU, where
+// every backend reads them (CUDA builds its tile schedule there). Offsets on a GPU cost one
+// blocking copy (a host sync); callers that care pass them on the CPU.
+inline at::Tensor checked_offsets(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets) {
+  check_buffers(a, b);
+  check_offsets_meta(offsets, a.device());
+  at::Tensor cpu = offsets.is_cpu() ? offsets.contiguous() : offsets.to(at::kCPU).contiguous();
+  check_offset_values(cpu.const_data_ptr<int64_t>(), cpu.numel(), a.numel());
+  return cpu;
+}
+
 inline void check_active(const std::optional<at::Tensor>& active, int64_t num_segments) {
   if (!active.has_value()) return;
   const at::Tensor& t = *active;

@@ -12,15 +12,6 @@
 namespace pareto_lora {
 namespace {
 
-// Validates a, b and offsets (metadata and values) and returns the offsets on the CPU.
-at::Tensor checked_offsets(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets) {
-  check_buffers(a, b);
-  check_offsets_meta(offsets, a.device());
-  at::Tensor cpu = offsets.cpu().contiguous();
-  check_offset_values(cpu.const_data_ptr<int64_t>(), cpu.numel(), a.numel());
-  return cpu;
-}
-
 at::Tensor segment_stats(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets) {
   const at::Tensor off = checked_offsets(a, b, offsets);
   const int64_t g = off.numel() - 1;

@@ -108,15 +108,6 @@ at::Tensor upload(const std::vector<int64_t>& words, const at::Device& device) {
 }
 
 // ---- validation helpers (everything runs before the first write) --------------------------------
-at::Tensor checked_offsets(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets) {
-  check_buffers(a, b);
-  check_offsets_meta(offsets, a.device());
-  // GPU offsets: one blocking copy (a host sync); pass them on the CPU to avoid it.
-  at::Tensor cpu = offsets.is_cpu() ? offsets.contiguous() : offsets.to(at::kCPU).contiguous();
-  check_offset_values(cpu.const_data_ptr<int64_t>(), cpu.numel(), a.numel());
-  return cpu;
-}
-
 void check_active_device(const std::optional<at::Tensor>& active, const at::Device& device) {
   if (!active.has_value()) return;
   TORCH_CHECK_VALUE(active->is_cpu() || active->device() == device, "active: expected device cpu or ", device,

@@ -36,10 +36,7 @@ def per_segment_loop(a, b, offsets, out, tau=0.5):
 def vectorized_fp32(a, b, offsets, out, tau=0.5):
     """Same math, vectorised torch ops in float32 (several passes and temporaries)."""
     seg = reference.segment_ids(offsets, a.device)
-    x, y = a.float(), b.float()
-    g = offsets.numel() - 1
-    stats = torch.zeros(g, 3, device=a.device).index_add_(0, seg, torch.stack([x * x, y * y, x * y], 1))
+    stats = reference.stats_by_ids(a, b, seg, offsets.numel() - 1, dtype=torch.float32)
     coeffs, _ = reference.rule_coefficients(stats, "pareto_lora", tau)
-    c = coeffs[seg]
-    out.copy_(c[:, 0] * x + c[:, 1] * y)
+    out.copy_(reference.combine_by_ids(a, b, seg, coeffs, dtype=torch.float32))
     return out

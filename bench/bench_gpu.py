@@ -131,12 +131,9 @@ def _reference(case: Case, i: int):
 
 def _reference_math(a, b, seg, g: int):
     # The reference's arithmetic without its argument checks (those read offsets on the host).
-    a64, b64 = a.double(), b.double()
-    terms = torch.stack([a64 * a64, b64 * b64, a64 * b64], dim=1)
-    stats = torch.zeros(g, 3, dtype=torch.float64, device=a.device).index_add_(0, seg, terms).float()
+    stats = ref.stats_by_ids(a, b, seg, g).float()
     coeffs, cases = ref.rule_coefficients(stats, RULE, TAU)
-    c = coeffs.double()
-    return (c[seg, 0] * a64 + c[seg, 1] * b64).to(a.dtype), stats, coeffs, cases
+    return ref.combine_by_ids(a, b, seg, coeffs).to(a.dtype), stats, coeffs, cases
 
 
 _COMPILED = []

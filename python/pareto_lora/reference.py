@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch
 
 from . import _checks
-from .rules import RULES, Case
+from .rules import RULES, Case, check_rule_params
 
-__all__ = ["segment_stats", "rule_coefficients", "combine", "integrate", "segment_ids"]
+__all__ = ["segment_stats", "rule_coefficients", "combine", "integrate", "segment_ids", "stats_by_ids", "combine_by_ids"]
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -29,16 +29,30 @@ def segment_ids(offsets: torch.Tensor, device: torch.device) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(lengths.numel(), device=device), lengths)
 
 
+# The arithmetic without argument checks, on precomputed segment ids: the checks read the
+# offsets on the host, which torch.compile cannot trace (the benchmarks compile these).
+def stats_by_ids(
+    a: torch.Tensor, b: torch.Tensor, seg: torch.Tensor, num_segments: int, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
+    """[G, 3] ||a||^2, ||b||^2, a.b per segment, accumulated in `dtype`; seg = segment_ids(offsets)."""
+    x, y = a.reshape(-1).to(dtype), b.reshape(-1).to(dtype)
+    terms = torch.stack([x * x, y * y, x * y], dim=1)
+    return torch.zeros(num_segments, 3, dtype=dtype, device=a.device).index_add_(0, seg, terms)
+
+
+def combine_by_ids(
+    a: torch.Tensor, b: torch.Tensor, seg: torch.Tensor, coeffs: torch.Tensor, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
+    """Flat alpha[seg] * a + beta[seg] * b, computed in `dtype`."""
+    c = coeffs.to(dtype)
+    return c[seg, 0] * a.reshape(-1).to(dtype) + c[seg, 1] * b.reshape(-1).to(dtype)
+
+
 def segment_stats(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """[G, 3] with columns ||a||^2, ||b||^2, a.b per segment (accumulated in float64)."""
     _checks.check_buffers(a, b)
     g = _checks.check_offsets(offsets, a.numel(), a.device)
-    a64 = a.reshape(-1).to(torch.float64)
-    b64 = b.reshape(-1).to(torch.float64)
-    terms = torch.stack([a64 * a64, b64 * b64, a64 * b64], dim=1)
-    stats = torch.zeros(g, 3, dtype=torch.float64, device=a.device)
-    stats.index_add_(0, segment_ids(offsets, a.device), terms)
-    return stats.to(_acc_dtype(a.dtype))
+    return stats_by_ids(a, b, segment_ids(offsets, a.device), g).to(_acc_dtype(a.dtype))
 
 
 def rule_coefficients(
@@ -56,8 +70,6 @@ def rule_coefficients(
     """
     g = _checks.check_stats(stats)
     _checks.check_active(active, g)
-    from .rules import check_rule_params
-
     check_rule_params(rule, tau, gamma)
     dev = stats.device
     s = stats.to(torch.float64)
@@ -133,9 +145,7 @@ def combine(
     _checks.check_coeffs(coeffs, g, a.device)
     if out is not None:
         _checks.check_out(out, a)
-    seg = segment_ids(offsets, a.device)
-    c = coeffs.to(torch.float64)
-    res = c[seg, 0] * a.reshape(-1).to(torch.float64) + c[seg, 1] * b.reshape(-1).to(torch.float64)
+    res = combine_by_ids(a, b, segment_ids(offsets, a.device), coeffs)
     if out is None:
         return res.to(a.dtype).reshape(a.shape)
     out.reshape(-1).copy_(res)

@@ -31,6 +31,7 @@ __all__ = [
     "combine",
     "available_backends",
     "resolve_backend",
+    "stats_metrics",
     "sum_into_groups",
 ]
 
@@ -125,6 +126,17 @@ def resolve_backend(backend: str, device: torch.device):
 
 
 # ---- result -----------------------------------------------------------------------------------
+def stats_metrics(stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(||a||, ||b||, cos(a, b), ||a||/||b||) per row of [G, 3] statistics, in their dtype.
+
+    cos is 0 where a norm is zero; the ratio is inf where ||b|| = 0 < ||a|| and nan where both are 0.
+    """
+    na, nb = stats[:, 0].clamp_min(0).sqrt(), stats[:, 1].clamp_min(0).sqrt()
+    denom = na * nb
+    cos = torch.where(denom > 0, stats[:, 2] / torch.where(denom > 0, denom, 1.0), 0.0)
+    return na, nb, cos, na / nb
+
+
 @dataclasses.dataclass
 class IntegrationResult:
     """What :func:`integrate` returns. Tensors stay on the device (no host sync)."""
@@ -136,22 +148,21 @@ class IntegrationResult:
 
     @property
     def norm_a(self) -> torch.Tensor:
-        return self.stats[:, 0].clamp_min(0).sqrt()
+        return stats_metrics(self.stats)[0]
 
     @property
     def norm_b(self) -> torch.Tensor:
-        return self.stats[:, 1].clamp_min(0).sqrt()
+        return stats_metrics(self.stats)[1]
 
     @property
     def cosine(self) -> torch.Tensor:
         """cos(a, b) per segment; 0 where a norm is zero."""
-        denom = self.norm_a * self.norm_b
-        return torch.where(denom > 0, self.stats[:, 2] / torch.where(denom > 0, denom, 1.0), 0.0)
+        return stats_metrics(self.stats)[2]
 
     @property
     def ratio(self) -> torch.Tensor:
         """||a|| / ||b|| per segment (inf where ||b|| = 0 < ||a||, nan where both are 0)."""
-        return self.norm_a / self.norm_b
+        return stats_metrics(self.stats)[3]
 
     @property
     def nonfinite(self) -> torch.Tensor:

@@ -176,11 +176,8 @@ def integrate_buffers(
 
 # ---- report -------------------------------------------------------------------------------------
 def _metrics(stats: torch.Tensor) -> dict[str, list[float]]:
-    sq = stats.to(torch.float64)
-    nt, ni = sq[:, 0].clamp_min(0).sqrt(), sq[:, 1].clamp_min(0).sqrt()
-    denom = nt * ni
-    cos = torch.where(denom > 0, sq[:, 2] / torch.where(denom > 0, denom, 1.0), 0.0)
-    return {"norm_text": nt.tolist(), "norm_image": ni.tolist(), "cosine": cos.tolist(), "ratio": (nt / ni).tolist()}
+    nt, ni, cos, ratio = ops.stats_metrics(stats.to(torch.float64))
+    return {"norm_text": nt.tolist(), "norm_image": ni.tolist(), "cosine": cos.tolist(), "ratio": ratio.tolist()}
 
 
 class StepReport:

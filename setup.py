@@ -63,6 +63,6 @@ setup(
         "triton": ["triton>=3.0"],
         "test": ["pytest>=8", "pytest-benchmark>=4", "transformers>=4.45", "peft>=0.13", "accelerate>=1.0", "triton>=3.0"],
     },
-    entry_points={"console_scripts": ["pareto-lora=pareto_lora.cli:main"]},
+    entry_points={"console_scripts": ["pareto-lora=pareto_lora.app.cli:main"]},
     zip_safe=False,
 )

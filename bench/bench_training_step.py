@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 import models  # noqa: E402
 
 import pareto_lora  # noqa: E402
-from pareto_lora.training import integrate_buffers  # noqa: E402
+from pareto_lora.flat import flat_step  # noqa: E402
 
 LAYERS, HIDDEN, BATCH, SEQ, RANK = 8, 128, 4, 64, 16
 
@@ -83,4 +83,4 @@ def test_integrate_only(benchmark, setup):
     pl.backward(*losses())
     out = [torch.empty_like(f) for f in pl.image.flats]
     benchmark.extra_info["lora_numel"] = sum(f.numel() for f in out)
-    benchmark(lambda: integrate_buffers(pl.text.flats, pl.image.flats, pl.layout, out=out, rule="pareto_lora"))
+    benchmark(lambda: flat_step(pl.text.flats, pl.image.flats, pl.layout, pl._rule, out=out))

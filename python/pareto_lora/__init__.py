@@ -4,39 +4,45 @@
     res = pareto_lora.integrate(g_text, g_image, offsets, rule="pareto_lora", tau=0.5)
     res.out, res.cases, res.cosine, res.ratio
 
-See README.md for the training-loop integration (ParetoLoRA) and the op reference.
+The package in layers; each imports only the layers below it (tests/test_architecture.py):
+
+    app/          the pareto-lora command, the demo, benchmarks, install facts
+    training/     ParetoLoRA, StepReport, modality losses, diagnostics, the HF Trainer
+    distributed/  the sync contract: single process, DDP hook, FSDP2, sharded_integrate
+    flat/         parameters -> layout (units, groups, buckets), flat buffers, the flat-buffer step
+    ops.py        the public op functions (integrate, segment_stats, rule_coefficients, combine)
+    backends/     the registry: cpp (compiled C++/CUDA), triton, reference
+    reference.py  the float64 oracle
+    checks.py     argument validation of tensors
+    result.py, rules.py   IntegrationResult; Case, the rule table, RuleSpec
+
+This file only re-exports. See README.md for the training-loop integration and the op reference.
 """
 
-from . import reference, rules
-from .ops import (
-    IntegrationResult,
-    available_backends,
-    combine,
-    integrate,
-    rule_coefficients,
-    segment_stats,
-)
-from .rules import RULES, Case
-from . import diagnostics, distributed
-from .losses import modality_losses, modality_token_counts
-from .training import ParetoLoRA, StepReport
+from . import distributed, reference, rules
+from .backends import available_backends
+from .ops import combine, integrate, rule_coefficients, segment_stats
+from .result import IntegrationResult
+from .rules import RULES, Case, RuleSpec
+from .training import ParetoLoRA, StepReport, diagnostics, modality_losses, modality_token_counts
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Case",
+    "IntegrationResult",
     "ParetoLoRA",
     "ParetoLoRATrainer",
-    "StepReport",
-    "diagnostics",
-    "distributed",
-    "modality_losses",
-    "modality_token_counts",
     "RULES",
-    "IntegrationResult",
+    "RuleSpec",
+    "StepReport",
     "available_backends",
     "combine",
+    "diagnostics",
+    "distributed",
     "integrate",
+    "modality_losses",
+    "modality_token_counts",
     "reference",
     "rule_coefficients",
     "rules",
@@ -47,7 +53,7 @@ __all__ = [
 def __getattr__(name: str):
     # The HF Trainer integration imports transformers: load it only when asked for.
     if name == "ParetoLoRATrainer":
-        from .hf_trainer import ParetoLoRATrainer
+        from .training.hf_trainer import ParetoLoRATrainer
 
         return ParetoLoRATrainer
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,7 +1,9 @@
-"""``python -m pareto_lora``: the same command line as the ``pareto-lora`` script."""
+"""``python -m pareto_lora``: the same command line as the ``pareto-lora`` script.
+May import: :mod:`pareto_lora.app.cli`.
+"""
 
 import sys
 
-from .cli import main
+from .app.cli import main
 
 sys.exit(main())

@@ -7,16 +7,34 @@ coefficients, exactly like the compiled ops.
 
 The rule is written once here, in terms of the three per-segment statistics
 (||a||^2, ||b||^2, a.b); ``csrc/rule.h`` and the Triton kernel implement the same table.
+It is also the ``backend="reference"`` entry of the registry: the same four functions, signatures
+and return types as every other backend (``rule`` may be a name or a :class:`RuleSpec`).
+May import: :mod:`pareto_lora.checks`, :mod:`pareto_lora.result`, :mod:`pareto_lora.rules`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import _checks
-from .rules import RULES, Case, check_rule_params
+from . import checks as _checks
+from .result import IntegrationResult
+from .rules import Case, RuleSpec, as_spec
 
-__all__ = ["segment_stats", "rule_coefficients", "combine", "integrate", "segment_ids", "stats_by_ids", "combine_by_ids"]
+__all__ = [
+    "segment_stats",
+    "rule_coefficients",
+    "combine",
+    "integrate",
+    "is_available",
+    "segment_ids",
+    "stats_by_ids",
+    "combine_by_ids",
+]
+
+
+def is_available(device_type: str) -> bool:
+    """The reference runs wherever torch does."""
+    return True
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -57,21 +75,26 @@ def segment_stats(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> to
 
 def rule_coefficients(
     stats: torch.Tensor,
-    rule: str = "pareto_lora",
-    tau: float = 0.5,
+    rule: str | RuleSpec = "pareto_lora",
+    tau: float | None = None,
     active: torch.Tensor | None = None,
-    gamma: float = 1.0,
-    symmetric: bool = False,
+    gamma: float | None = None,
+    symmetric: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Closed-form rule: (coeffs [G, 2] = (alpha, beta), cases [G] int32) from the stats.
 
     The arithmetic runs in float64 whatever the stats dtype; coefficients are returned in the
     stats dtype (float32 stats -> float32 coefficients, as the compiled ops do).
     """
+    spec = as_spec(rule, tau, gamma, symmetric)
     g = _checks.check_stats(stats)
     _checks.check_active(active, g)
-    check_rule_params(rule, tau, gamma)
-    dev = stats.device
+    return _rule(stats, spec, active)
+
+
+def _rule(stats: torch.Tensor, spec: RuleSpec, active: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    g, dev = stats.shape[0], stats.device
+    rule, tau, gamma = spec.name, spec.tau, spec.gamma
     s = stats.to(torch.float64)
     aa, bb, ab = s[:, 0], s[:, 1], s[:, 2]
     one = torch.ones(g, dtype=torch.float64, device=dev)
@@ -90,7 +113,7 @@ def rule_coefficients(
     na, nb = aa.clamp_min(0).sqrt(), bb.clamp_min(0).sqrt()
     degenerate = (aa == 0) | (bb == 0)
     conflict = ab < 0  # cos < 0 <=> a.b < 0 when both norms are positive
-    if symmetric:
+    if spec.symmetric:
         imbalanced = torch.maximum(na, nb) * tau > torch.minimum(na, nb)  # max(r, 1/r) > 1/tau
     else:
         imbalanced = na > tau * nb  # the paper's literal r = ||a||/||b|| > tau
@@ -120,8 +143,7 @@ def rule_coefficients(
         put(live & conflict, Case.PARETO, scale * h_a, scale * h_b)
         zero = torch.zeros_like(one)
         put(live & (h2 <= 0), Case.STATIONARY, zero, zero)
-    else:  # "sum"
-        assert rule in RULES
+    # "sum": alpha = beta = 1
     if rule != "sum" and rule != "mgda":
         put(degenerate, Case.DEGENERATE, one, one)
     if active is not None:
@@ -140,11 +162,7 @@ def combine(
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """out = alpha[s] * a + beta[s] * b on every segment s (computed in float64)."""
-    _checks.check_buffers(a, b)
-    g = _checks.check_offsets(offsets, a.numel(), a.device)
-    _checks.check_coeffs(coeffs, g, a.device)
-    if out is not None:
-        _checks.check_out(out, a)
+    _checks.check_combine(a, b, offsets, coeffs, out)
     res = combine_by_ids(a, b, segment_ids(offsets, a.device), coeffs)
     if out is None:
         return res.to(a.dtype).reshape(a.shape)
@@ -157,15 +175,16 @@ def integrate(
     b: torch.Tensor,
     offsets: torch.Tensor,
     out: torch.Tensor | None = None,
-    rule: str = "pareto_lora",
-    tau: float = 0.5,
+    rule: str | RuleSpec = "pareto_lora",
+    tau: float | None = None,
     active: torch.Tensor | None = None,
-    gamma: float = 1.0,
-    symmetric: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """stats -> rule -> combine. Returns (out, stats, coeffs, cases)."""
-    _checks.check_integrate(a, b, offsets, out, rule, tau, active, gamma)
+    gamma: float | None = None,
+    symmetric: bool | None = None,
+) -> IntegrationResult:
+    """stats -> rule -> combine. Returns ``IntegrationResult(out, stats, coeffs, cases)``."""
+    spec = as_spec(rule, tau, gamma, symmetric)
+    _checks.check_integrate(a, b, offsets, out, active)
     stats = segment_stats(a, b, offsets)
-    coeffs, cases = rule_coefficients(stats, rule, tau, active, gamma, symmetric)
+    coeffs, cases = _rule(stats, spec, active)
     out = combine(a, b, offsets, coeffs, out)
-    return out, stats, coeffs, cases
+    return IntegrationResult(out, stats, coeffs, cases)

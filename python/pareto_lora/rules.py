@@ -1,15 +1,19 @@
-"""Names and codes shared by every backend: the rule table, the case codes, parameter checks.
+"""The rule table, the case codes and :class:`RuleSpec`: the one definition of the rules.
 
-The compiled ops receive the rule as a string (it is part of the op schema); the C++ side
-parses the same names (csrc/rule.h). ``tests/test_errors.py`` checks the two tables agree.
+Every backend derives its constants from here: the C++ side parses the same names in the same
+order (csrc/rule.h; ``tests/backends/test_errors.py`` checks that the tables agree), and the
+Triton kernels take their rule ids and case codes from :data:`RULE_IDS` and :class:`Case`.
+May import: nothing from the package (this is the bottom layer).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
+import numbers
 
-__all__ = ["Case", "RULES", "RULE_DOCS", "check_rule_params"]
+__all__ = ["Case", "RULES", "RULE_DOCS", "RULE_IDS", "RuleSpec", "as_spec"]
 
 
 class Case(enum.IntEnum):
@@ -34,13 +38,63 @@ RULE_DOCS: dict[str, str] = {
     "mmpareto": "h = a + b (cos >= 0) or 2*lambda*a + 2*(1-lambda)*b; out = gamma*||a+b|| h/||h||",
 }
 RULES: tuple[str, ...] = tuple(RULE_DOCS)
+RULE_IDS: dict[str, int] = {name: i for i, name in enumerate(RULES)}
 
 
-def check_rule_params(rule: str, tau: float, gamma: float) -> None:
-    """Raise ValueError for an unknown rule or a non-positive tau/gamma (same checks as C++)."""
-    if not isinstance(rule, str) or rule not in RULE_DOCS:
-        raise ValueError(f"rule: unknown rule {rule!r}; expected one of {', '.join(RULES)}")
-    if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
-        raise ValueError(f"tau: expected a finite number > 0, got {tau!r}")
-    if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma > 0):
-        raise ValueError(f"gamma: expected a finite number > 0, got {gamma!r}")
+def _positive_finite(name: str, value) -> float:
+    # bool is an int; float(10**400) raises OverflowError: both must read as the argument's error.
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    try:
+        x = float(value) if ok else math.nan
+    except OverflowError:
+        x = math.inf
+    if not (ok and math.isfinite(x) and x > 0):
+        raise ValueError(f"{name}: expected a finite number > 0, got {value!r}")
+    return x
+
+
+@dataclasses.dataclass(frozen=True)
+class RuleSpec:
+    """One integration rule with its parameters, validated once when it is made.
+
+    ``name``: one of :data:`RULES`; ``tau``: imbalance threshold on ||a||/||b|| (the paper's
+    literal ``r > tau``, or ``max(r, 1/r) > 1/tau`` with ``symmetric``); ``gamma``: the
+    ``mmpareto`` magnitude factor. The compiled and Triton ops receive the fields unpacked.
+    """
+
+    name: str = "pareto_lora"
+    tau: float = 0.5
+    gamma: float = 1.0
+    symmetric: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or self.name not in RULE_IDS:
+            raise ValueError(f"rule: unknown rule {self.name!r}; expected one of {', '.join(RULES)}")
+        object.__setattr__(self, "tau", _positive_finite("tau", self.tau))
+        object.__setattr__(self, "gamma", _positive_finite("gamma", self.gamma))
+        object.__setattr__(self, "symmetric", bool(self.symmetric))
+
+    @property
+    def id(self) -> int:
+        """The rule's index in :data:`RULES` (what the kernels switch on)."""
+        return RULE_IDS[self.name]
+
+
+def as_spec(rule: str | RuleSpec = "pareto_lora", tau=None, gamma=None, symmetric=None) -> RuleSpec:
+    """The :class:`RuleSpec` of the public functions' ``rule, tau, gamma, symmetric`` arguments.
+
+    ``rule`` is a rule name (then ``None`` parameters take the defaults 0.5, 1.0, False) or a
+    ``RuleSpec`` (then the loose parameters must stay ``None``: one object carries the rule).
+    """
+    if isinstance(rule, RuleSpec):
+        for name, value in (("tau", tau), ("gamma", gamma), ("symmetric", symmetric)):
+            if value is not None:
+                raise ValueError(f"{name}: expected None when rule is a RuleSpec (it carries tau, gamma and symmetric)")
+        return rule
+    return RuleSpec(
+        rule,
+        0.5 if tau is None else tau,
+        1.0 if gamma is None else gamma,
+        False if symmetric is None else symmetric,
+    )
+

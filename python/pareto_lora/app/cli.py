@@ -1,0 +1,250 @@
+"""The ``pareto-lora`` command (also ``python -m pareto_lora``): demo, bench, info.
+
+May import: :mod:`pareto_lora.app` modules and everything below them (subcommands import their
+heavy dependencies, the demo and the benchmarks, only when they run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import platform
+import sys
+import time
+
+__all__ = ["main", "build_parser"]
+
+# ---- argument types: argparse turns their ValueError/ArgumentTypeError into a usage error ------
+def _rules(text: str) -> tuple[str, ...]:
+    from ..rules import RULES
+
+    names = tuple(r.strip() for r in text.split(",") if r.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of rules from: {', '.join(RULES)}")
+    bad = [r for r in names if r not in RULES]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown rule(s) {', '.join(map(repr, bad))}; expected names from: {', '.join(RULES)}")
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"rule listed twice in {text!r}")
+    return names
+
+
+def _seeds(text: str) -> tuple[int, ...]:
+    """'3' -> seeds 0, 1, 2; '4,7' -> seeds 4 and 7."""
+    try:
+        parts = [int(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a seed count (3) or a comma-separated seed list (4,7), got {text!r}") from None
+    if "," not in text:
+        if len(parts) != 1 or parts[0] < 1:
+            raise argparse.ArgumentTypeError(f"expected a seed count >= 1, got {text!r}")
+        return tuple(range(parts[0]))
+    if not parts or len(set(parts)) != len(parts) or min(parts) < 0:
+        raise argparse.ArgumentTypeError(f"expected distinct non-negative seeds, got {text!r}")
+    return tuple(parts)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(float(p)) for p in text.split(",") if p.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _dtypes(text: str) -> tuple[str, ...]:
+    from .benchmarking import DTYPES
+
+    names = tuple(p.strip() for p in text.split(",") if p.strip())
+    bad = [n for n in names if n not in DTYPES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown dtype(s) {', '.join(map(repr, bad))}; expected names from: {', '.join(DTYPES)}")
+    return names
+
+
+def _device(parser: argparse.ArgumentParser, name: str) -> str:
+    import torch
+
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        parser.error(f"--device: unknown device {name!r}; expected cpu or cuda")
+    if dev.type not in ("cpu", "cuda"):
+        parser.error(f"--device: expected cpu or cuda, got {name!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device: cuda requested but torch.cuda.is_available() is False on this machine")
+    return str(dev)
+
+
+# ---- subcommands --------------------------------------------------------------------------------
+def _cmd_demo(args, parser) -> int:
+    from .demo import QUICK, DemoConfig
+    from .demo import run_demo
+
+    device = _device(parser, args.device)
+    cfg = DemoConfig(**QUICK) if args.quick else DemoConfig()
+    overrides = {k: v for k, v in {
+        "steps": args.steps, "seeds": args.seeds, "rules": args.rules, "tau": args.tau, "lr": args.lr,
+        "modulate": args.modulate, "num_groups": args.num_groups, "pretrain_steps": args.pretrain_steps,
+        "threads": args.threads,
+    }.items() if v is not None}
+    cfg = dataclasses.replace(cfg, device=device, **overrides)
+    if cfg.eval_every > cfg.steps:
+        cfg = dataclasses.replace(cfg, eval_every=cfg.steps)
+    try:
+        cfg.check()
+    except ValueError as e:
+        parser.error(str(e))
+    out = args.out or os.path.join("pareto_lora_out", time.strftime("demo-%Y%m%d-%H%M%S"))
+    run_demo(cfg, os.path.abspath(out), progress=not args.no_progress)
+    return 0
+
+
+def _cmd_bench(args, parser) -> int:
+    import torch
+    from tqdm.auto import tqdm
+
+    from ..backends import available_backends
+    from .benchmarking import DTYPES, format_rows, run_suite
+
+    device = _device(parser, args.device)
+    available = available_backends(device)
+    if args.backends:
+        bad = [b for b in args.backends if b not in available]
+        if bad:
+            parser.error(f"--backends: {', '.join(bad)} not available on {device}; available: {', '.join(available)}")
+    dtypes = [DTYPES[d] for d in args.dtypes]
+    sizes = args.sizes or ((1 << 20, 1 << 24, 1 << 26) if device.startswith("cuda") else (1 << 16, 1 << 20))
+    print(f"integrate(rule={args.rule!r}) on {device} "
+          f"({torch.cuda.get_device_name() if device.startswith('cuda') else platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} threads); backends: {', '.join(args.backends or available)}; "
+          f"GB/s = 5 x numel x itemsize / time (see pareto_lora.app.benchmarking)")
+    with tqdm(total=len(sizes) * len(dtypes), desc="bench", leave=False, disable=args.no_progress) as bar:
+        rows = run_suite(device, sizes, dtypes, segments=args.segments, rule=args.rule,
+                         backends=args.backends, progress=bar, repeat=args.repeat)
+    print(format_rows(rows))
+    return 0
+
+
+def _cmd_info(args, parser) -> int:
+    import torch
+
+    import pareto_lora
+
+    from .env import backend_availability, package_versions
+
+    print(f"pareto-lora {pareto_lora.__version__} ({os.path.dirname(pareto_lora.__file__)})")
+    print(f"python {platform.python_version()} on {platform.platform()}")
+    gpu = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) or "none"
+    accel = f"CUDA {torch.version.cuda}" if torch.version.cuda else (f"HIP {torch.version.hip}" if torch.version.hip else "CPU-only build")
+    print(f"torch build: {accel}; GPUs: {gpu}; CPU threads: {torch.get_num_threads()}")
+    print("")
+    print(f"{'backend':<12} {'built':<6} {'usable':<7} note")
+    for name, built, usable, note in backend_availability():
+        print(f"{name:<12} {'yes' if built else 'no':<6} {'yes' if usable else 'no':<7} {note}")
+    print("")
+    print(f"available_backends('cpu'): {', '.join(pareto_lora.available_backends('cpu'))}")
+    if torch.cuda.is_available():
+        print(f"available_backends('cuda'): {', '.join(pareto_lora.available_backends('cuda'))}")
+    print("")
+    for name, version in package_versions().items():
+        print(f"{name:<13} {version or 'not installed'}")
+    print(f"rules: {', '.join(pareto_lora.RULES)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ..rules import RULES
+
+    parser = argparse.ArgumentParser(
+        prog="pareto-lora",
+        description="Modality-balanced gradient integration for LoRA fine-tuning of multimodal models.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="{demo,bench,info}")
+    sub.required = True
+
+    demo = sub.add_parser("demo", help="run the modality-imbalance experiment (all rules, several seeds)",
+                          description="Pre-train a tiny Llama over text + image tokens, LoRA-fine-tune it once per "
+                                      "rule and seed, print a table and a verdict, write results.json and PNG plots.")
+    demo.add_argument("--quick", action="store_true", help="tiny smoke-test configuration (< 30 s on 2 CPU cores)")
+    demo.add_argument("--steps", type=_positive_int, help="fine-tuning steps per run (default 80; quick 12)")
+    demo.add_argument("--seeds", type=_seeds, help="seed count (3 -> 0,1,2) or comma list (4,7); default 3")
+    demo.add_argument("--rules", type=_rules, help=f"comma-separated rules (default all: {','.join(RULES)})")
+    demo.add_argument("--out", help="output folder (default ./pareto_lora_out/demo-<timestamp>)")
+    demo.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    demo.add_argument("--tau", type=_positive_float, help="imbalance threshold on ||g_text||/||g_image|| (default 0.5)")
+    demo.add_argument("--lr", type=_positive_float, help="LoRA learning rate (default 1e-3)")
+    demo.add_argument("--modulate", choices=("lower", "middle", "upper", "all"),
+                      help="layer groups that get the rule (default lower, as in the paper)")
+    demo.add_argument("--num-groups", type=_positive_int, help="consecutive layer groups (default 3)")
+    demo.add_argument("--pretrain-steps", type=int, help="base-model pre-training steps (default 150)")
+    demo.add_argument("--threads", type=_positive_int,
+                      help="torch CPU threads (default 1: robust on shared machines; 2 is ~1.4x faster on idle cores)")
+    demo.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    demo.set_defaults(func=_cmd_demo)
+
+    bench = sub.add_parser("bench", help="microbenchmark integrate on every available backend vs the reference")
+    bench.add_argument("--device", default="cuda" if _cuda_available() else "cpu",
+                       help="cpu or cuda (default: cuda when present)")
+    bench.add_argument("--sizes", type=_int_list,
+                       help="comma-separated element counts (default: 65536,1048576 on cpu; "
+                            "1048576,16777216,67108864 on cuda)")
+    bench.add_argument("--dtypes", type=_dtypes, default=("float32", "bfloat16"), help="comma-separated (default float32,bfloat16)")
+    bench.add_argument("--segments", type=_positive_int, default=64, help="segments (layer groups) per buffer (default 64)")
+    bench.add_argument("--rule", choices=RULES, default="pareto_lora", help="rule (default pareto_lora)")
+    bench.add_argument("--backends", type=lambda s: tuple(p for p in s.split(",") if p),
+                       help="comma-separated subset of the available backends (the reference is always timed)")
+    bench.add_argument("--repeat", type=_positive_int, default=20, help="timed calls per row (median; default 20)")
+    bench.add_argument("--no-progress", action="store_true", help="no progress bar")
+    bench.set_defaults(func=_cmd_bench)
+
+    info = sub.add_parser("info", help="built and usable backends, package versions")
+    info.set_defaults(func=_cmd_info)
+    return parser
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return args.func(args, _subparser(parser, args.command))
+
+
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    """The subcommand's own parser, so that its errors print its usage line."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[name]
+    return parser
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""The demo's PNG figures (matplotlib, Agg backend): losses, gradient-ratio heatmaps, cases.
+May import: :mod:`pareto_lora.training.diagnostics`, :mod:`pareto_lora.rules`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+
+from ...training.diagnostics import case_counts
+from ...rules import Case
+
+__all__ = ["plot_losses", "plot_ratio_heatmaps", "plot_cases", "plot_summary", "write_all"]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # the demo runs headless (CI, ssh)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _colors(rules) -> dict[str, tuple]:
+    cmap = _pyplot().get_cmap("tab10")
+    return {r: cmap(i % 10) for i, r in enumerate(rules)}
+
+
+def _by_rule(runs) -> dict[str, list]:
+    out: dict[str, list] = {}
+    for r in runs:
+        out.setdefault(r.rule, []).append(r)
+    return out
+
+
+def _loss_panel(ax, runs, key: str, title: str) -> None:
+    groups = _by_rule(runs)
+    colors = _colors(groups)
+    for rule, rs in groups.items():
+        steps = rs[0].eval_steps
+        ys = np.array([getattr(r, key) for r in rs], dtype=float)
+        mean = ys.mean(axis=0)
+        ax.plot(steps, mean, label=rule, color=colors[rule], lw=2 if rule in ("sum", "pareto_lora") else 1.2)
+        if len(rs) > 1:
+            std = ys.std(axis=0, ddof=1)
+            ax.fill_between(steps, mean - std, mean + std, color=colors[rule], alpha=0.15, lw=0)
+    ax.set_title(title)
+    ax.set_xlabel("fine-tuning step")
+    ax.set_ylabel("held-out cross-entropy")
+    ax.grid(alpha=0.3)
+
+
+def plot_losses(runs, path: str) -> str:
+    """Held-out text and image loss over fine-tuning, one line per rule (mean ± std over seeds)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    _loss_panel(axes[0], runs, "eval_text", "text tokens")
+    _loss_panel(axes[1], runs, "eval_image", "image tokens")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _log_ratio_grid(run) -> tuple[np.ndarray, list[str]]:
+    """[layers, steps] log10 ||g_text||/||g_image|| (NaN where a norm is zero or missing)."""
+    names = [n for n in run.records[0]["layers"] if n.startswith("layer")]
+
+    def lg(x):
+        return math.log10(x) if isinstance(x, (int, float)) and math.isfinite(x) and x > 0 else math.nan
+
+    grid = np.array([[lg(rec["layers"][n]["ratio"]) for rec in run.records] for n in names], dtype=float)
+    return grid, names
+
+
+def _heatmap(ax, run, lim: float):
+    grid, names = _log_ratio_grid(run)
+    im = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", origin="lower", cmap="coolwarm",
+                   vmin=-lim, vmax=lim, interpolation="nearest",
+                   extent=(0.5, len(run.records) + 0.5, -0.5, len(names) - 0.5))
+    ax.set_yticks(range(len(names)), [n.replace("layer", "L") for n in names], fontsize=7)
+    ax.set_xlabel("step")
+    ax.set_title(f"{run.rule} (seed {run.seed})", fontsize=9)
+    return im
+
+
+def _shared_limit(runs) -> float:
+    vals = np.concatenate([_log_ratio_grid(r)[0].ravel() for r in runs])
+    vals = vals[np.isfinite(vals)]
+    return max(0.1, float(np.abs(vals).max())) if vals.size else 1.0
+
+
+def plot_ratio_heatmaps(runs, path: str) -> str:
+    """Per-layer log10 ||g_text||/||g_image|| over steps (the paper's Figs. 4/6), one panel per rule.
+
+    The ratio is measured on the raw per-modality gradients, before integration, on each rule's
+    own trajectory (first seed).
+    """
+    firsts = [rs[0] for rs in _by_rule(runs).values()]
+    lim = _shared_limit(firsts)
+    plt = _pyplot()
+    cols = min(3, len(firsts))
+    rows = math.ceil(len(firsts) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.8 * rows), squeeze=False, layout="constrained")
+    for ax, run in zip(axes.flat, firsts):
+        im = _heatmap(ax, run, lim)
+    for ax in list(axes.flat)[len(firsts):]:
+        ax.axis("off")
+    fig.colorbar(im, ax=axes.ravel().tolist(), label="log10 ||g_text|| / ||g_image||  (>0: text dominates)")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_cases(runs, path: str) -> str:
+    """For each rule: fraction of steps in each integration case, per layer group (all seeds)."""
+    groups = _by_rule(runs)
+    plt = _pyplot()
+    cols = min(3, len(groups))
+    rows = math.ceil(len(groups) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.8 * rows), squeeze=False)
+    case_colors = {c.name: plt.get_cmap("Set2")(i) for i, c in enumerate(Case)}
+    used: set[str] = set()
+    for ax, (rule, rs) in zip(axes.flat, groups.items()):
+        counts = case_counts(rec for r in rs for rec in r.records)
+        names = list(counts)
+        bottom = np.zeros(len(names))
+        for case in Case:
+            frac = np.array([counts[g][case.name] / max(sum(counts[g].values()), 1) for g in names])
+            if frac.any():
+                ax.bar(names, frac, bottom=bottom, color=case_colors[case.name], label=case.name.lower())
+                bottom += frac
+                used.add(case.name)
+        active = rs[0].records[0]["active"]
+        ax.set_xticks(range(len(names)), [f"{n}{'*' if a else ''}" for n, a in zip(names, active)], fontsize=7)
+        ax.set_ylim(0, 1)
+        ax.set_title(rule, fontsize=9)
+    for ax in list(axes.flat)[len(groups):]:
+        ax.axis("off")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=case_colors[c.name]) for c in Case if c.name in used]
+    fig.legend(handles, [c.name.lower() for c in Case if c.name in used], loc="lower center", ncol=len(handles), fontsize=8)
+    fig.suptitle("integration case per layer group (fraction of steps; * = modulated group)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_summary(runs, path: str) -> str:
+    """One small figure for the README: both held-out losses and vanilla LoRA's ratio heatmap."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    _loss_panel(axes[0], runs, "eval_text", "held-out text loss")
+    _loss_panel(axes[1], runs, "eval_image", "held-out image loss")
+    axes[1].legend(fontsize=7)
+    vanilla = next((r for r in runs if r.rule == "sum"), runs[0])
+    im = _heatmap(axes[2], vanilla, _shared_limit([vanilla]))
+    axes[2].set_title(f"log10 ||g_text||/||g_image||, {vanilla.rule}", fontsize=9)
+    fig.colorbar(im, ax=axes[2])
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def write_all(runs, out_dir: str) -> dict[str, str]:
+    """All figures into `out_dir`; returns name -> path."""
+    j = os.path.join
+    return {
+        "losses": plot_losses(runs, j(out_dir, "losses.png")),
+        "ratio_heatmaps": plot_ratio_heatmaps(runs, j(out_dir, "ratio_heatmaps.png")),
+        "cases": plot_cases(runs, j(out_dir, "cases.png")),
+        "summary": plot_summary(runs, j(out_dir, "summary.png")),
+    }

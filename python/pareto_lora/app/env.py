@@ -1,0 +1,57 @@
+"""What this install is: package versions and which backends are built and usable here.
+
+Used by ``pareto-lora info`` and recorded with every demo and benchmark result.
+May import: :mod:`pareto_lora.backends`.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+
+import torch
+
+from ..backends import available_backends, cpp
+
+__all__ = ["package_versions", "backend_availability"]
+
+_PACKAGES = ("torch", "triton", "peft", "transformers", "numpy", "matplotlib", "tqdm")
+
+
+def package_versions() -> dict[str, str | None]:
+    """Installed versions of the packages the library and the demo use (None when missing)."""
+    out: dict[str, str | None] = {"pareto_lora": None}
+    for name in ("pareto-lora", *_PACKAGES):
+        try:
+            out[name.replace("-", "_")] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name.replace("-", "_")] = None
+    return out
+
+
+def backend_availability() -> list[tuple[str, bool, bool, str]]:
+    """(backend, built/installed, usable here, note) for the C++ CPU, CUDA/HIP and Triton kernels."""
+    gpu = torch.cuda.is_available()
+    gpu_kind = "HIP" if torch.version.hip else "CUDA"
+    cuda_built = cpp.is_available("cuda")
+    try:
+        triton_version = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        triton_version = None
+    triton_cpu = "triton" in available_backends("cpu")
+    triton_gpu = gpu and "triton" in available_backends("cuda")
+    if triton_version is None:
+        triton_note = "triton is not installed"
+    elif triton_gpu:
+        triton_note = f"triton {triton_version} on {torch.cuda.get_device_name()}"
+    elif triton_cpu:
+        triton_note = "CPU tensors through the Triton interpreter (TRITON_INTERPRET=1; slow, for testing)"
+    else:
+        triton_note = "needs a GPU (or TRITON_INTERPRET=1 for the interpreter on CPU)"
+    gpu_note = (torch.cuda.get_device_name() if gpu else "no GPU visible to torch") if cuda_built else (
+        f"extension built without {gpu_kind} (torch {torch.__version__})")
+    return [
+        ("cpp (CPU)", True, True, "compiled extension pareto_lora._C"),
+        (f"cpp ({gpu_kind})", cuda_built, cuda_built and gpu, gpu_note),
+        ("triton", triton_version is not None, triton_cpu or triton_gpu, triton_note),
+        ("reference", True, True, "pure torch, float64 accumulation (the test oracle)"),
+    ]

@@ -1,0 +1,57 @@
+"""The backend registry: ``backend="auto" | "cpp" | "triton" | "reference"`` resolves here, once.
+
+Every backend is a module with the same four functions, signatures and return types
+(``segment_stats``, ``rule_coefficients``, ``combine``, ``integrate`` -> IntegrationResult) and
+an ``is_available(device_type)`` probe; there are no adapter objects. A backend's module is
+imported only when it is asked for, so a missing triton costs nothing until it is used.
+May import: :mod:`pareto_lora.backends` modules, :mod:`pareto_lora.reference`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+import torch
+
+__all__ = ["BACKENDS", "available_backends", "resolve_backend"]
+
+# name -> module implementing it, in the order available_backends() lists them.
+_MODULES = {
+    "cpp": "pareto_lora.backends.cpp",
+    "reference": "pareto_lora.reference",
+    "triton": "pareto_lora.backends.triton.ops",
+}
+BACKENDS = ("auto", *_MODULES)
+
+
+def _load(name: str) -> ModuleType:
+    try:
+        return importlib.import_module(_MODULES[name])
+    except ImportError as e:  # e.g. triton missing, or not importable here
+        raise RuntimeError(f"backend={name!r} is not available: {e}") from e
+
+
+def _usable(name: str, device_type: str) -> bool:
+    try:
+        return _load(name).is_available(device_type)
+    except RuntimeError:
+        return False
+
+
+def available_backends(device: str | torch.device = "cpu") -> list[str]:
+    """Backends that can run on tensors of `device`."""
+    dev = torch.device(device).type
+    return [name for name in _MODULES if _usable(name, dev)]
+
+
+def resolve_backend(backend: str, device: torch.device) -> ModuleType:
+    """The module of `backend` for tensors on `device` ("auto": cpp if it has a kernel there, else triton)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        backend = "cpp" if _usable("cpp", device.type) else "triton"
+    module = _load(backend)
+    if backend == "cpp" and not module.is_available(device.type):
+        raise RuntimeError(f"backend='cpp': the compiled extension has no kernel for device {device.type!r}")
+    return module

@@ -1,0 +1,103 @@
+"""The compiled backend: loads ``pareto_lora._C`` (which registers ``torch.ops.pareto_lora.*``,
+schemas in csrc/ops.cpp), registers their fake kernels, and calls them with the op signatures.
+
+This is the one place where a :class:`RuleSpec` is unpacked into the ops' scalar arguments.
+The ops validate their tensor arguments in C++ (csrc/validate.h).
+May import: :mod:`pareto_lora._C`, :mod:`pareto_lora.result`, :mod:`pareto_lora.rules`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _C  # noqa: F401  (loads the shared library: registers torch.ops.pareto_lora.*)
+from ..result import IntegrationResult
+from ..rules import RuleSpec, as_spec
+
+__all__ = ["is_available", "segment_stats", "rule_coefficients", "combine", "integrate"]
+
+
+# ---- fake (meta) kernels: shapes and dtypes only, for torch.compile / FakeTensor -------------
+def _num_segments(offsets: torch.Tensor) -> int:
+    return offsets.shape[0] - 1
+
+
+@torch.library.register_fake("pareto_lora::segment_stats")
+def _segment_stats_fake(a, b, offsets):
+    return a.new_empty((_num_segments(offsets), 3), dtype=torch.float32)
+
+
+@torch.library.register_fake("pareto_lora::rule_coefficients")
+def _rule_coefficients_fake(stats, rule="pareto_lora", tau=0.5, active=None, gamma=1.0, symmetric=False):
+    g = stats.shape[0]
+    return stats.new_empty((g, 2), dtype=torch.float32), stats.new_empty((g,), dtype=torch.int32)
+
+
+@torch.library.register_fake("pareto_lora::combine")
+def _combine_fake(a, b, offsets, coeffs, out):
+    return None
+
+
+@torch.library.register_fake("pareto_lora::integrate")
+def _integrate_fake(a, b, offsets, out, rule="pareto_lora", tau=0.5, active=None, gamma=1.0, symmetric=False):
+    g = _num_segments(offsets)
+    return (
+        a.new_empty((g, 3), dtype=torch.float32),
+        a.new_empty((g, 2), dtype=torch.float32),
+        a.new_empty((g,), dtype=torch.int32),
+    )
+
+
+# ---- the kernel probe ---------------------------------------------------------------------------
+def is_available(device_type: str) -> bool:
+    """Whether the extension has kernels for `device_type` ("cuda" also covers ROCm builds)."""
+    if device_type == "cpu":
+        return True
+    return device_type == "cuda" and torch._C._dispatch_has_kernel_for_dispatch_key("pareto_lora::integrate", "CUDA")
+
+
+# ---- the op signatures ------------------------------------------------------------------------
+def _like(a, out):
+    # A non-tensor `a` reaches the op, whose own check names it.
+    return torch.empty_like(a) if out is None and isinstance(a, torch.Tensor) else out
+
+
+def segment_stats(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    return torch.ops.pareto_lora.segment_stats(a, b, offsets)
+
+
+def rule_coefficients(
+    stats: torch.Tensor,
+    rule: str | RuleSpec = "pareto_lora",
+    tau: float | None = None,
+    active: torch.Tensor | None = None,
+    gamma: float | None = None,
+    symmetric: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    spec = as_spec(rule, tau, gamma, symmetric)
+    return torch.ops.pareto_lora.rule_coefficients(stats, spec.name, spec.tau, active, spec.gamma, spec.symmetric)
+
+
+def combine(a, b, offsets, coeffs, out: torch.Tensor | None = None) -> torch.Tensor:
+    out = _like(a, out)
+    torch.ops.pareto_lora.combine(a, b, offsets, coeffs, out)
+    return out
+
+
+def integrate(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    offsets: torch.Tensor,
+    out: torch.Tensor | None = None,
+    rule: str | RuleSpec = "pareto_lora",
+    tau: float | None = None,
+    active: torch.Tensor | None = None,
+    gamma: float | None = None,
+    symmetric: bool | None = None,
+) -> IntegrationResult:
+    spec = as_spec(rule, tau, gamma, symmetric)
+    out = _like(a, out)
+    stats, coeffs, cases = torch.ops.pareto_lora.integrate(
+        a, b, offsets, out, spec.name, spec.tau, active, spec.gamma, spec.symmetric
+    )
+    return IntegrationResult(out, stats, coeffs, cases)

@@ -1,0 +1,234 @@
+"""Triton kernels of the integration op (launched from :mod:`pareto_lora.backends.triton.ops`).
+
+Work layout: the host cuts the flat buffer into tiles of at most BLOCK elements that never cross a
+segment boundary; ``tiles`` is int64 [3, T] with rows (segment, start, end), ``seg_tiles`` is
+int64 [G + 1] with segment s owning tiles seg_tiles[s] .. seg_tiles[s + 1]. One program per tile
+writes its sums into its own slot of ``partial`` [3, T]; a second kernel adds a segment's slots in
+tile order. Nothing is accumulated with atomics, so equal inputs give bitwise equal results.
+
+Within a tile the arithmetic runs in float32 (float64 for float64 inputs): the interpreter and
+bf16/fp16 need the widening anyway. Partials are added across tiles in float64. The rule runs in
+float64 on the float32-rounded stats, following csrc/rule.h case by case.
+May import: :mod:`pareto_lora.rules` (the constants below are derived from it, never copied).
+"""
+
+import triton
+import triton.language as tl
+
+from ...rules import RULE_IDS, Case
+
+# Case codes and rule ids, derived from pareto_lora.rules (which csrc/rule.h mirrors).
+SUMMED: tl.constexpr = tl.constexpr(int(Case.SUMMED))
+RESCALED: tl.constexpr = tl.constexpr(int(Case.RESCALED))
+PARETO: tl.constexpr = tl.constexpr(int(Case.PARETO))
+INACTIVE: tl.constexpr = tl.constexpr(int(Case.INACTIVE))
+DEGENERATE: tl.constexpr = tl.constexpr(int(Case.DEGENERATE))
+NONFINITE: tl.constexpr = tl.constexpr(int(Case.NONFINITE))
+STATIONARY: tl.constexpr = tl.constexpr(int(Case.STATIONARY))
+
+RULE_SUM: tl.constexpr = tl.constexpr(RULE_IDS["sum"])
+RULE_PARETO_LORA: tl.constexpr = tl.constexpr(RULE_IDS["pareto_lora"])
+RULE_PARETO_ONLY: tl.constexpr = tl.constexpr(RULE_IDS["pareto_only"])
+RULE_RESCALE_ONLY: tl.constexpr = tl.constexpr(RULE_IDS["rescale_only"])
+RULE_MGDA: tl.constexpr = tl.constexpr(RULE_IDS["mgda"])
+RULE_MMPARETO: tl.constexpr = tl.constexpr(RULE_IDS["mmpareto"])
+
+
+@triton.jit
+def _widen(x, F64: tl.constexpr):
+    if F64:
+        return x.to(tl.float64)
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
+def _load_tile(tiles_ptr, num_tiles, t):
+    seg = tl.load(tiles_ptr + t)
+    start = tl.load(tiles_ptr + num_tiles + t)
+    end = tl.load(tiles_ptr + 2 * num_tiles + t)
+    return seg, start, end
+
+
+@triton.jit
+def tile_stats_kernel(a_ptr, b_ptr, tiles_ptr, partial_ptr, num_tiles, BLOCK: tl.constexpr, F64: tl.constexpr):
+    """partial[:, t] = (sum a^2, sum b^2, sum a*b) over tile t."""
+    t = tl.program_id(0)
+    _, start, end = _load_tile(tiles_ptr, num_tiles, t)
+    idx = start + tl.arange(0, BLOCK)
+    m = idx < end
+    x = _widen(tl.load(a_ptr + idx, mask=m, other=0.0), F64)
+    y = _widen(tl.load(b_ptr + idx, mask=m, other=0.0), F64)
+    tl.store(partial_ptr + t, tl.sum(x * x, axis=0).to(tl.float64))
+    tl.store(partial_ptr + num_tiles + t, tl.sum(y * y, axis=0).to(tl.float64))
+    tl.store(partial_ptr + 2 * num_tiles + t, tl.sum(x * y, axis=0).to(tl.float64))
+
+
+# C's fmax/fmin (rule.h uses them): a NaN operand yields the other one. tl.maximum's NaN
+# behaviour differs between the GPU and the interpreter, so it is spelled out.
+@triton.jit
+def _fmax(x, y):
+    return tl.where((x >= y) | (y != y), x, y)
+
+
+@triton.jit
+def _fmin(x, y):
+    return tl.where((x <= y) | (y != y), x, y)
+
+
+@triton.jit
+def _rule(aa, bb, ab, act, tau, gamma, RULE: tl.constexpr, SYMMETRIC: tl.constexpr):
+    """(alpha, beta, case) of csrc/rule.h compute_rule, elementwise over float64 blocks.
+
+    rule.h returns early in priority order (non-finite, inactive, sum, mgda, degenerate, rule);
+    here each later-priority result is computed first and overridden by the earlier ones.
+    """
+    one = tl.full(aa.shape, 1.0, tl.float64)
+    alpha = one
+    beta = one
+    code = tl.full(aa.shape, SUMMED, tl.int32)
+
+    diff2 = aa + bb - 2.0 * ab
+    has_diff = diff2 > 0.0
+    lam = tl.where(has_diff, _fmin(_fmax((bb - ab) / tl.where(has_diff, diff2, one), 0.0), 1.0), 0.5)
+    degenerate = (aa == 0.0) | (bb == 0.0)
+    conflict = ab < 0.0
+    na = tl.sqrt(aa)
+    nb = tl.sqrt(bb)
+    if SYMMETRIC:
+        imbalanced = _fmax(na, nb) * tau > _fmin(na, nb)
+    else:
+        imbalanced = na > tau * nb
+    # The safe divisors only differ from na/nb where the segment is degenerate (overridden below).
+    ra = tl.where(na < nb, nb / tl.where(na > 0.0, na, one), one)
+    rb = tl.where(nb < na, na / tl.where(nb > 0.0, nb, one), one)
+
+    if RULE == RULE_MGDA:
+        alpha = lam
+        beta = 1.0 - lam
+        code = tl.where(degenerate, DEGENERATE, PARETO)
+    elif RULE != RULE_SUM:
+        if RULE == RULE_PARETO_LORA:
+            alpha = tl.where(conflict, lam, tl.where(imbalanced, ra, one))
+            beta = tl.where(conflict, 1.0 - lam, tl.where(imbalanced, rb, one))
+            code = tl.where(conflict, PARETO, tl.where(imbalanced, RESCALED, SUMMED))
+        elif RULE == RULE_PARETO_ONLY:
+            alpha = tl.where(conflict, lam, one)
+            beta = tl.where(conflict, 1.0 - lam, one)
+            code = tl.where(conflict, PARETO, SUMMED)
+        elif RULE == RULE_RESCALE_ONLY:
+            alpha = tl.where(imbalanced, ra, one)
+            beta = tl.where(imbalanced, rb, one)
+            code = tl.where(imbalanced, RESCALED, SUMMED)
+        else:  # RULE_MMPARETO
+            ha = tl.where(conflict, 2.0 * lam, one)
+            hb = tl.where(conflict, 2.0 * (1.0 - lam), one)
+            h2 = ha * ha * aa + hb * hb * bb + 2.0 * ha * hb * ab
+            moving = h2 > 0.0
+            scale = gamma * tl.sqrt(_fmax(aa + bb + 2.0 * ab, 0.0)) / tl.sqrt(tl.where(moving, h2, one))
+            alpha = tl.where(moving, scale * ha, 0.0)
+            beta = tl.where(moving, scale * hb, 0.0)
+            code = tl.where(moving, tl.where(conflict, PARETO, SUMMED), STATIONARY)
+        alpha = tl.where(degenerate, one, alpha)
+        beta = tl.where(degenerate, one, beta)
+        code = tl.where(degenerate, DEGENERATE, code)
+
+    alpha = tl.where(act, alpha, one)
+    beta = tl.where(act, beta, one)
+    code = tl.where(act, code, INACTIVE)
+    # x - x is 0 for finite x and NaN otherwise (rule.h's is_finite).
+    finite = ((aa - aa) == 0.0) & ((bb - bb) == 0.0) & ((ab - ab) == 0.0)
+    alpha = tl.where(finite, alpha, one)
+    beta = tl.where(finite, beta, one)
+    code = tl.where(finite, code, NONFINITE)
+    return alpha, beta, code
+
+
+@triton.jit
+def _rule_store(
+    aa, bb, ab, segs, mask, active_ptr, coeffs_ptr, cases_ptr, tau_bits, gamma_bits,
+    HAS_ACTIVE: tl.constexpr, RULE: tl.constexpr, SYMMETRIC: tl.constexpr,
+):
+    # tau and gamma arrive as their float64 bit patterns: a Python float kernel argument would be
+    # narrowed to float32, and the rule must see the same double as the C++ kernels.
+    tau = tau_bits.to(tl.int64).to(tl.float64, bitcast=True)
+    gamma = gamma_bits.to(tl.int64).to(tl.float64, bitcast=True)
+    if HAS_ACTIVE:
+        act = tl.load(active_ptr + segs, mask=mask, other=1) != 0
+    else:
+        act = tl.full(aa.shape, 1, tl.int1)
+    alpha, beta, code = _rule(aa, bb, ab, act, tau, gamma, RULE, SYMMETRIC)
+    tl.store(coeffs_ptr + 2 * segs, alpha.to(tl.float32), mask=mask)
+    tl.store(coeffs_ptr + 2 * segs + 1, beta.to(tl.float32), mask=mask)
+    tl.store(cases_ptr + segs, code, mask=mask)
+
+
+@triton.jit(do_not_specialize=["tau_bits", "gamma_bits"])
+def segment_reduce_kernel(
+    partial_ptr, seg_tiles_ptr, stats_ptr, num_tiles, num_segments,
+    active_ptr, coeffs_ptr, cases_ptr, tau_bits, gamma_bits,
+    SEGS: tl.constexpr, LANES: tl.constexpr,
+    APPLY_RULE: tl.constexpr, HAS_ACTIVE: tl.constexpr, RULE: tl.constexpr, SYMMETRIC: tl.constexpr,
+):
+    """stats[s] = sum of partial[:, seg_tiles[s]:seg_tiles[s+1]] for SEGS segments per program.
+
+    Each segment's tiles are spread over LANES float64 accumulators (lane = tile index mod LANES)
+    and the lanes are then reduced by tl.sum: a fixed order, whatever the launch. With APPLY_RULE
+    the rule runs on the float32-rounded stats (what segment_stats + rule_coefficients would see).
+    """
+    segs = tl.program_id(0) * SEGS + tl.arange(0, SEGS)
+    smask = segs < num_segments
+    lo = tl.load(seg_tiles_ptr + segs, mask=smask, other=0)
+    hi = tl.load(seg_tiles_ptr + segs + 1, mask=smask, other=0)
+    longest = tl.max(hi - lo, axis=0)
+    lanes = tl.arange(0, LANES)
+    acc_aa = tl.zeros([SEGS, LANES], tl.float64)
+    acc_bb = tl.zeros([SEGS, LANES], tl.float64)
+    acc_ab = tl.zeros([SEGS, LANES], tl.float64)
+    for k in range(0, longest, LANES):
+        j = lo[:, None] + k + lanes[None, :]
+        m = j < hi[:, None]
+        acc_aa += tl.load(partial_ptr + j, mask=m, other=0.0)
+        acc_bb += tl.load(partial_ptr + num_tiles + j, mask=m, other=0.0)
+        acc_ab += tl.load(partial_ptr + 2 * num_tiles + j, mask=m, other=0.0)
+    aa = tl.sum(acc_aa, axis=1).to(tl.float32)
+    bb = tl.sum(acc_bb, axis=1).to(tl.float32)
+    ab = tl.sum(acc_ab, axis=1).to(tl.float32)
+    tl.store(stats_ptr + 3 * segs, aa, mask=smask)
+    tl.store(stats_ptr + 3 * segs + 1, bb, mask=smask)
+    tl.store(stats_ptr + 3 * segs + 2, ab, mask=smask)
+    if APPLY_RULE:
+        _rule_store(
+            aa.to(tl.float64), bb.to(tl.float64), ab.to(tl.float64), segs, smask, active_ptr, coeffs_ptr,
+            cases_ptr, tau_bits, gamma_bits, HAS_ACTIVE, RULE, SYMMETRIC,
+        )
+
+
+@triton.jit(do_not_specialize=["tau_bits", "gamma_bits"])
+def rule_kernel(
+    stats_ptr, num_segments, active_ptr, coeffs_ptr, cases_ptr, tau_bits, gamma_bits,
+    SEGS: tl.constexpr, HAS_ACTIVE: tl.constexpr, RULE: tl.constexpr, SYMMETRIC: tl.constexpr,
+):
+    """(coeffs, cases) from stats of any source (float32 or float64, [G, 3] contiguous)."""
+    segs = tl.program_id(0) * SEGS + tl.arange(0, SEGS)
+    smask = segs < num_segments
+    aa = tl.load(stats_ptr + 3 * segs, mask=smask, other=0.0).to(tl.float64)
+    bb = tl.load(stats_ptr + 3 * segs + 1, mask=smask, other=0.0).to(tl.float64)
+    ab = tl.load(stats_ptr + 3 * segs + 2, mask=smask, other=0.0).to(tl.float64)
+    _rule_store(aa, bb, ab, segs, smask, active_ptr, coeffs_ptr, cases_ptr, tau_bits, gamma_bits,
+                HAS_ACTIVE, RULE, SYMMETRIC)
+
+
+@triton.jit
+def combine_kernel(a_ptr, b_ptr, out_ptr, tiles_ptr, coeffs_ptr, num_tiles, BLOCK: tl.constexpr, F64: tl.constexpr):
+    """out = alpha[seg] * a + beta[seg] * b over tile t (coeffs [G, 2], float32 or float64)."""
+    t = tl.program_id(0)
+    seg, start, end = _load_tile(tiles_ptr, num_tiles, t)
+    alpha = _widen(tl.load(coeffs_ptr + 2 * seg), F64)
+    beta = _widen(tl.load(coeffs_ptr + 2 * seg + 1), F64)
+    idx = start + tl.arange(0, BLOCK)
+    m = idx < end
+    x = _widen(tl.load(a_ptr + idx, mask=m, other=0.0), F64)
+    y = _widen(tl.load(b_ptr + idx, mask=m, other=0.0), F64)
+    # Every element is read before it is written by the same program: out may alias a or b.
+    tl.store(out_ptr + idx, (alpha * x + beta * y).to(out_ptr.dtype.element_ty), mask=m)

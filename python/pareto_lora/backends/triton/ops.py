@@ -1,0 +1,282 @@
+"""Triton backend of the integration op (``backend="triton"``).
+
+Same four functions, signatures and semantics as the other backends (csrc/cpu/ops_cpu.cpp):
+stats float32 [G, 3], coeffs float32 [G, 2], cases int32 [G]. The module-level functions
+validate every argument with :mod:`pareto_lora.checks` (same messages as C++), build the tile
+table on the host and only then call the ``torch.ops.pareto_lora_triton.*`` ops, which launch
+the kernels of :mod:`pareto_lora.backends.triton.kernels` and never read tensor values on the host.
+
+The ops are registered with :func:`torch.library.triton_op`, so torch.compile traces into them
+and sees the kernels. The offset checks and the tile table need the offsets' values, so they
+stay outside the ops: a compiled region should call the ops with a table from
+:func:`tile_table` built outside it::
+
+    tiles, seg_tiles = tile_table(offsets, a.device)            # eager, cached per layout
+    step = torch.compile(lambda a, b, out: torch.ops.pareto_lora_triton.integrate(
+        a, b, tiles, seg_tiles, out, "pareto_lora", 0.5, None, 1.0, False), fullgraph=True)
+
+Without a GPU, Triton's interpreter runs the same kernels on CPU tensors when
+``TRITON_INTERPRET=1`` is set before triton is first imported.
+May import: :mod:`.kernels`, :mod:`pareto_lora.checks`, :mod:`pareto_lora.result`, :mod:`pareto_lora.rules`.
+"""
+
+import collections
+import os
+import struct
+import threading
+from typing import Optional
+
+import torch
+import triton  # noqa: F401  (ImportError here tells pareto_lora.ops that the backend is absent)
+from torch.library import triton_op, wrap_triton
+from triton.runtime.interpreter import InterpretedFunction
+
+from ... import checks as _checks
+from ...result import IntegrationResult
+from ...rules import RULE_IDS, RuleSpec, as_spec
+from . import kernels as K
+
+__all__ = ["is_available", "tile_table", "segment_stats", "rule_coefficients", "combine", "integrate"]
+
+# Elements per tile (one program of the stats and combine kernels). Large enough to keep the
+# GPU's memory pipes busy and the interpreter fast (each program is simulated in numpy).
+BLOCK = 4096
+NUM_WARPS = 8
+# Segments per program of the reduce/rule kernels, and float64 lanes per segment in the reduce.
+SEGS = 16
+LANES = 64
+RULE_SEGS = 128
+
+
+def is_available(device_type: str) -> bool:
+    """Whether these kernels can run on tensors of `device_type` ("cuda" also covers ROCm)."""
+    if device_type == "cuda":
+        return torch.cuda.is_available()
+    if device_type == "cpu":
+        return _interpreting()
+    return False
+
+
+# triton.jit reads TRITON_INTERPRET when the kernels are defined: setting it later does not turn
+# compiled kernels into interpreted ones, so both must hold for CPU tensors.
+_KERNELS_INTERPRETED = isinstance(K.tile_stats_kernel, InterpretedFunction)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1" and _KERNELS_INTERPRETED
+
+
+def _check_device(device: torch.device) -> None:
+    if not is_available(device.type):
+        hint = " (set TRITON_INTERPRET=1 before triton is first imported to run on CPU)" if device.type == "cpu" else ""
+        raise RuntimeError(f"backend='triton': no Triton kernels for device {device.type!r}{hint}")
+
+
+# ---- tile table -------------------------------------------------------------------------------
+_TABLE_CACHE_SIZE = 64
+_table_cache: "collections.OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]]" = collections.OrderedDict()
+_table_lock = threading.Lock()
+
+
+def _build_tile_table(offsets: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Host table of tiles of <= `block` elements that never cross a segment boundary.
+
+    Returns ``tiles`` int64 [3, T] (rows: segment, start, end) and ``seg_tiles`` int64 [G + 1]
+    (segment s owns tiles seg_tiles[s]..seg_tiles[s+1]; an empty segment owns none).
+    """
+    lens = offsets[1:] - offsets[:-1]
+    per_seg = (lens + (block - 1)) // block
+    seg_tiles = torch.cat([offsets.new_zeros(1), per_seg.cumsum(0)])
+    seg = torch.repeat_interleave(torch.arange(lens.numel(), dtype=torch.int64), per_seg)
+    within = torch.arange(seg.numel(), dtype=torch.int64) - seg_tiles[seg]
+    start = offsets[seg] + within * block
+    end = torch.minimum(start + block, offsets[seg + 1])
+    return torch.stack([seg, start, end]), seg_tiles
+
+
+def tile_table(offsets: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tiles, seg_tiles) on `device` for validated `offsets`, cached per offsets content.
+
+    A training loop integrates the same layout every step, so after the first call this costs a
+    hash of the offsets (which the validation has already copied to the host) and no transfer.
+    """
+    host = offsets.detach().cpu().contiguous()
+    device = torch.device(device)
+    key = (host.numpy().tobytes(), str(device), BLOCK)
+    with _table_lock:
+        hit = _table_cache.get(key)
+        if hit is not None:
+            _table_cache.move_to_end(key)
+            return hit
+    tiles, seg_tiles = _build_tile_table(host, BLOCK)
+    table = (tiles.to(device), seg_tiles.to(device))
+    with _table_lock:
+        _table_cache[key] = table
+        while len(_table_cache) > _TABLE_CACHE_SIZE:
+            _table_cache.popitem(last=False)
+    return table
+
+
+# ---- ops (no validation, no host reads: traceable by torch.compile) ----------------------------
+def _f64_bits(x: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
+
+
+def _rule_launch_args(rule: str, tau: float, gamma: float, symmetric: bool, active: Optional[torch.Tensor], device):
+    """Kernel arguments shared by the two kernels that apply the rule (the op's unpacked RuleSpec)."""
+    has_active = active is not None
+    # Unused pointers are passed as None (a constexpr to Triton) rather than as a stand-in
+    # tensor, so no buffer is handed to a kernel twice (torch.compile's mutation analysis).
+    act = active.to(device).view(torch.uint8) if has_active else None
+    return (
+        dict(tau_bits=_f64_bits(tau), gamma_bits=_f64_bits(gamma)),
+        act,
+        dict(HAS_ACTIVE=has_active, RULE=RULE_IDS[rule], SYMMETRIC=bool(symmetric)),
+    )
+
+
+def _tile_partials(a: torch.Tensor, b: torch.Tensor, tiles: torch.Tensor) -> torch.Tensor:
+    num_tiles = tiles.shape[1]
+    partial = torch.empty((3, num_tiles), dtype=torch.float64, device=a.device)
+    if num_tiles > 0:
+        wrap_triton(K.tile_stats_kernel)[(num_tiles,)](
+            a, b, tiles, partial, num_tiles, BLOCK=BLOCK, F64=a.dtype == torch.float64, num_warps=NUM_WARPS
+        )
+    return partial
+
+
+def _reduce(partial, seg_tiles, stats, coeffs, cases, rule_args, apply_rule: bool) -> None:
+    num_segments = stats.shape[0]
+    if num_segments == 0:
+        return
+    scalars, act, flags = rule_args
+    wrap_triton(K.segment_reduce_kernel)[(triton.cdiv(num_segments, SEGS),)](
+        partial, seg_tiles, stats, partial.shape[1], num_segments, act, coeffs, cases,
+        SEGS=SEGS, LANES=LANES, APPLY_RULE=apply_rule, **scalars, **flags,
+    )
+
+
+def _combine_tiles(a, b, tiles, coeffs, out) -> None:
+    num_tiles = tiles.shape[1]
+    if num_tiles > 0:
+        wrap_triton(K.combine_kernel)[(num_tiles,)](
+            a, b, out, tiles, coeffs, num_tiles, BLOCK=BLOCK, F64=a.dtype == torch.float64, num_warps=NUM_WARPS
+        )
+
+
+@triton_op("pareto_lora_triton::segment_stats", mutates_args=())
+def _segment_stats_op(a: torch.Tensor, b: torch.Tensor, tiles: torch.Tensor, seg_tiles: torch.Tensor) -> torch.Tensor:
+    num_segments = seg_tiles.shape[0] - 1
+    stats = torch.empty((num_segments, 3), dtype=torch.float32, device=a.device)
+    partial = _tile_partials(a, b, tiles)
+    no_rule = _rule_launch_args("sum", 1.0, 1.0, False, None, a.device)  # flags unused without the rule
+    _reduce(partial, seg_tiles, stats, None, None, no_rule, apply_rule=False)
+    return stats
+
+
+@triton_op("pareto_lora_triton::rule_coefficients", mutates_args=())
+def _rule_coefficients_op(
+    stats: torch.Tensor, rule: str, tau: float, active: Optional[torch.Tensor], gamma: float, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    num_segments = stats.shape[0]
+    stats = stats.contiguous()
+    coeffs = torch.empty((num_segments, 2), dtype=torch.float32, device=stats.device)
+    cases = torch.empty((num_segments,), dtype=torch.int32, device=stats.device)
+    if num_segments > 0:
+        scalars, act, flags = _rule_launch_args(rule, tau, gamma, symmetric, active, stats.device)
+        wrap_triton(K.rule_kernel)[(triton.cdiv(num_segments, RULE_SEGS),)](
+            stats, num_segments, act, coeffs, cases, SEGS=RULE_SEGS, **scalars, **flags
+        )
+    return coeffs, cases
+
+
+@triton_op("pareto_lora_triton::combine", mutates_args={"out"})
+def _combine_op(
+    a: torch.Tensor, b: torch.Tensor, tiles: torch.Tensor, coeffs: torch.Tensor, out: torch.Tensor
+) -> None:
+    _combine_tiles(a, b, tiles, coeffs.contiguous(), out)
+
+
+@triton_op("pareto_lora_triton::integrate", mutates_args={"out"})
+def _integrate_op(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    tiles: torch.Tensor,
+    seg_tiles: torch.Tensor,
+    out: torch.Tensor,
+    rule: str,
+    tau: float,
+    active: Optional[torch.Tensor],
+    gamma: float,
+    symmetric: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    num_segments = seg_tiles.shape[0] - 1
+    stats = torch.empty((num_segments, 3), dtype=torch.float32, device=a.device)
+    coeffs = torch.empty((num_segments, 2), dtype=torch.float32, device=a.device)
+    cases = torch.empty((num_segments,), dtype=torch.int32, device=a.device)
+    partial = _tile_partials(a, b, tiles)
+    rule_args = _rule_launch_args(rule, tau, gamma, symmetric, active, a.device)
+    _reduce(partial, seg_tiles, stats, coeffs, cases, rule_args, apply_rule=True)
+    _combine_tiles(a, b, tiles, coeffs, out)
+    return stats, coeffs, cases
+
+
+# ---- validated entry points (the registry's functions for backend="triton") ---------------------
+def segment_stats(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """[G, 3] float32 per-segment ||a||^2, ||b||^2, a.b."""
+    _checks.check_buffers(a, b)
+    _checks.check_offsets(offsets, a.numel(), a.device)
+    _check_device(a.device)
+    tiles, seg_tiles = tile_table(offsets, a.device)
+    return torch.ops.pareto_lora_triton.segment_stats(a, b, tiles, seg_tiles)
+
+
+def rule_coefficients(
+    stats: torch.Tensor,
+    rule: "str | RuleSpec" = "pareto_lora",
+    tau: Optional[float] = None,
+    active: Optional[torch.Tensor] = None,
+    gamma: Optional[float] = None,
+    symmetric: Optional[bool] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(coeffs [G, 2] float32, cases [G] int32) of `rule` on stats of any source."""
+    spec = as_spec(rule, tau, gamma, symmetric)
+    g = _checks.check_stats(stats)
+    _checks.check_active(active, g)
+    _check_device(stats.device)
+    return torch.ops.pareto_lora_triton.rule_coefficients(stats, spec.name, spec.tau, active, spec.gamma, spec.symmetric)
+
+
+def combine(
+    a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, coeffs: torch.Tensor, out: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """out_s = alpha_s * a_s + beta_s * b_s; `out` may be `a` or `b` (a new tensor when None)."""
+    _checks.check_combine(a, b, offsets, coeffs, out)
+    _check_device(a.device)
+    out = torch.empty_like(a) if out is None else out
+    tiles, _ = tile_table(offsets, a.device)
+    torch.ops.pareto_lora_triton.combine(a, b, tiles, coeffs, out)
+    return out
+
+
+def integrate(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    offsets: torch.Tensor,
+    out: Optional[torch.Tensor] = None,
+    rule: "str | RuleSpec" = "pareto_lora",
+    tau: Optional[float] = None,
+    active: Optional[torch.Tensor] = None,
+    gamma: Optional[float] = None,
+    symmetric: Optional[bool] = None,
+) -> IntegrationResult:
+    """stats -> rule -> combine on the device (three launches, no host sync)."""
+    spec = as_spec(rule, tau, gamma, symmetric)
+    _checks.check_integrate(a, b, offsets, out, active)
+    _check_device(a.device)
+    out = torch.empty_like(a) if out is None else out
+    tiles, seg_tiles = tile_table(offsets, a.device)
+    stats, coeffs, cases = torch.ops.pareto_lora_triton.integrate(
+        a, b, tiles, seg_tiles, out, spec.name, spec.tau, active, spec.gamma, spec.symmetric
+    )
+    return IntegrationResult(out, stats, coeffs, cases)

@@ -1,0 +1,133 @@
+"""FSDP2 (``fully_shard``): two reduce-scattered backwards into local shard buffers, then one
+all-reduce of the small statistics table, and the rule and combine run locally on the shards.
+
+The statistics are sums, so the per-rank statistics of the shards add up to the global ones;
+zero padding adds nothing. The text backward runs with ``reshard_after_backward`` off, so the
+image backward reuses the unsharded parameters instead of all-gathering them again.
+May import: :mod:`pareto_lora.distributed.sync`, :mod:`pareto_lora.flat`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..flat import FlatGrads, FlatStep, GradLayout, flat_step, local_layout, unit_stats
+from ..flat.step import RuleFn
+from .sync import Settle
+
+__all__ = ["FSDPSync", "is_fsdp2"]
+
+
+def is_fsdp2(model: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        return False
+    return isinstance(model, FSDPModule)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    to_local = getattr(t, "to_local", None)  # DTensor
+    return to_local() if callable(to_local) else t
+
+
+def _shard_group(params: Sequence[torch.Tensor]):
+    from torch.distributed.tensor import DTensor, Shard
+
+    meshes = {id(p.device_mesh): p for p in params if isinstance(p, DTensor)}
+    if len(meshes) != 1:
+        raise ValueError("model: expected every trainable parameter to be a DTensor on one device mesh (fully_shard)")
+    p = next(iter(meshes.values()))
+    dims = [d for d, pl in enumerate(p.placements) if isinstance(pl, Shard)]
+    if len(dims) != 1:
+        raise ValueError(f"model: expected parameters sharded over one mesh dimension, got placements {p.placements}")
+    return p.device_mesh.get_group(dims[0])
+
+
+class FSDPSync:
+    """The sync contract for an FSDP2 model (see the module docstring)."""
+
+    def __init__(self, model: nn.Module):
+        from torch.distributed.fsdp import FSDPModule
+
+        self.module = model
+        self.fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+    def layout_for(self, layout: GradLayout) -> GradLayout:
+        return local_layout(layout)
+
+    def bind(self, layout: GradLayout, text: FlatGrads, image: FlatGrads, rule_fn: RuleFn, backend: str) -> None:
+        self.layout, self.text, self.image, self.rule_fn, self.backend = layout, text, image, rule_fn, backend
+        self.group = _shard_group(layout.params)
+        self.world = dist.get_world_size(self.group)
+
+    def _reshard_flags(self) -> list[bool]:
+        # No public getter; the default (True) is assumed where the private field is missing.
+        flags = []
+        for m in self.fsdp_modules:
+            pg = getattr(m._get_fsdp_state(), "_fsdp_param_group", None)
+            flags.append(getattr(pg, "reshard_after_backward", True))
+        return flags
+
+    def backward(self, text_loss: torch.Tensor, image_loss: torch.Tensor, first: bool, losses: torch.Tensor) -> None:
+        # FSDP2 computes forward/backward with unsharded copies of the parameters, so
+        # autograd.grad cannot target them; both objectives take an ordinary backward.
+        params = self.layout.params
+        for p in params:
+            p.grad = None
+        flags = self._reshard_flags()
+        for m in self.fsdp_modules:
+            m.set_reshard_after_backward(False, recurse=False)
+        try:
+            text_loss.backward(retain_graph=True)
+        finally:
+            for m, f in zip(self.fsdp_modules, flags):
+                m.set_reshard_after_backward(f, recurse=False)
+        self._collect(self.text, first, "text")
+        for p in params:
+            p.grad = None
+        image_loss.backward()
+        self._collect(self.image, first, "image")
+
+    def _collect(self, buffers: FlatGrads, first: bool, which: str) -> None:
+        grads = [None if p.grad is None else _local(p.grad) for p in self.layout.params]
+        if all(g is None for g in grads):
+            raise RuntimeError(
+                f"backward: the {which} loss produced no sharded gradient: FSDP gradient sync is off "
+                "(set_requires_gradient_sync(False)) or the loss does not depend on the trainable parameters. "
+                "For accumulation use pl.accumulate() with gradient sync left on: the two objectives must be "
+                "reduced separately"
+            )
+        buffers.accumulate(grads, first)
+
+    def _global_stats(self, losses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Local per-unit stats of the shards, all-reduced together with the losses (one collective).
+
+        Per unit rather than per group (U x 3 instead of G x 3 floats, a few hundred bytes) so
+        that the per-layer diagnostics are global too.
+        """
+        pairs = [(a, b, bk.unit_offsets) for a, b, bk in zip(self.text.flats, self.image.flats, self.layout.buckets)]
+        local = unit_stats(pairs, self.backend)
+        packed = torch.cat([local.reshape(-1).to(torch.float64), losses.to(torch.float64)])
+        dist.all_reduce(packed, group=self.group)
+        stats = packed[: local.numel()].view_as(local).to(local.dtype)
+        return stats, packed[local.numel() :] / self.world
+
+    def finish(self, losses: torch.Tensor, settle: Settle) -> FlatStep:
+        # Global statistics and losses first, so that every rank takes the same branch in settle.
+        stats, global_losses = self._global_stats(losses)
+        poison = settle(global_losses, False)
+        step = flat_step(
+            self.text.flats, self.image.flats, self.layout, self.rule_fn,
+            poison=poison, backend=self.backend, stats_per_unit=stats,
+        )
+        with torch.no_grad():
+            for p, v in zip(self.layout.params, self.image.views):
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                _local(p.grad).copy_(v)
+        return step

@@ -1,0 +1,24 @@
+"""Which sync a model needs: DDP, FSDP2 or a single process.
+
+May import: :mod:`.ddp`, :mod:`.fsdp`, :mod:`.sync`.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .ddp import DDPSync
+from .fsdp import FSDPSync, is_fsdp2
+from .sync import GradSync, LocalSync
+
+__all__ = ["make_sync"]
+
+
+def make_sync(model: nn.Module) -> GradSync:
+    """The :class:`GradSync` for `model`: :class:`DDPSync` for a ``DistributedDataParallel``,
+    :class:`FSDPSync` for an FSDP2 ``fully_shard`` model, else :class:`LocalSync`."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return DDPSync(model)
+    if is_fsdp2(model):
+        return FSDPSync(model)
+    return LocalSync(model)

@@ -1,0 +1,27 @@
+"""The flat-buffer layer: where a LoRA model's gradients live and the step that integrates them.
+
+:mod:`.params` (LoRA parameters and their layers), :mod:`.layout` (units, groups, buckets),
+:mod:`.buffers` (persistent flat buffers and ``.grad`` views), :mod:`.step` (stats -> rule ->
+combine over a layout). Shared by :mod:`pareto_lora.distributed` and :mod:`pareto_lora.training`.
+May import: :mod:`pareto_lora.ops` and below.
+"""
+
+from .buffers import FlatGrads
+from .layout import GradLayout, build_layout, group_of_names, local_layout
+from .params import find_layer_stack, is_lora_param
+from .step import FlatStep, flat_step, group_rule, sum_into_groups, unit_stats
+
+__all__ = [
+    "FlatGrads",
+    "FlatStep",
+    "GradLayout",
+    "build_layout",
+    "find_layer_stack",
+    "flat_step",
+    "group_of_names",
+    "group_rule",
+    "is_lora_param",
+    "local_layout",
+    "sum_into_groups",
+    "unit_stats",
+]

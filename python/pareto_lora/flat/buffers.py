@@ -1,0 +1,74 @@
+"""Persistent flat gradient buffers of a :class:`GradLayout` and the views that parameters use.
+
+One :class:`FlatGrads` per objective holds every trainable parameter's gradient in one flat
+buffer per dtype; ``views[i]`` is parameter i's part of it, shaped like the parameter (its local
+shard under FSDP2). Nothing gradient-sized is allocated after construction.
+May import: :mod:`pareto_lora.flat.layout`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .layout import GradLayout
+
+__all__ = ["FlatGrads"]
+
+
+def _local_shape(p: torch.Tensor) -> torch.Size:
+    # A sharded (DTensor) parameter's gradient buffer holds only this rank's shard.
+    to_local = getattr(p, "to_local", None)
+    return to_local().shape if callable(to_local) else p.shape
+
+
+class FlatGrads:
+    """One persistent flat gradient buffer per bucket (dtype) of `layout`, and per-parameter views."""
+
+    def __init__(self, layout: GradLayout):
+        self.flats = [torch.zeros(b.numel, dtype=b.dtype, device=layout.device) for b in layout.buckets]
+        views: list[torch.Tensor | None] = [None] * len(layout.params)
+        for flat, bucket in zip(self.flats, layout.buckets):
+            for i, off in zip(bucket.param_index, bucket.param_offset):
+                shape = _local_shape(layout.params[i])
+                views[i] = flat[off : off + shape.numel()].view(shape)
+        self.views: list[torch.Tensor] = views  # type: ignore[assignment]
+
+    def zero_(self) -> None:
+        for f in self.flats:
+            f.zero_()
+
+    def fill_(self, value: float) -> None:
+        for f in self.flats:
+            f.fill_(value)
+
+    def accumulate(self, grads: Sequence[torch.Tensor | None], first: bool) -> None:
+        """Copy (``first``) or add one backward's gradients into the views; None means zero."""
+        got = [(v, g) for v, g in zip(self.views, grads) if g is not None]
+        with torch.no_grad():
+            if first:
+                if len(got) < len(self.views):
+                    self.zero_()
+                torch._foreach_copy_([v for v, _ in got], [g for _, g in got])
+            else:
+                torch._foreach_add_([v for v, _ in got], [g for _, g in got])
+
+    def attach_as_grad(self, params: Sequence[torch.Tensor], first: bool) -> None:
+        """Make every ``param.grad`` a view of these buffers, so that ``.backward()`` accumulates here.
+
+        ``first``: a new accumulation starts from zero (whatever ``.grad`` held). Later in the same
+        accumulation the views must still be in place: a ``zero_grad()`` in between would silently
+        lose the micro-batches so far, so it raises instead.
+        """
+        if first:
+            self.zero_()
+            for p, v in zip(params, self.views):
+                if p.grad is not v:
+                    p.grad = v
+            return
+        if any(p.grad is not v for p, v in zip(params, self.views)):
+            raise RuntimeError(
+                "backward: the gradients were reset or replaced during gradient accumulation "
+                "(optimizer.zero_grad() between accumulate() calls?); call it after integrate()"
+            )

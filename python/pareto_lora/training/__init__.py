@@ -1,0 +1,13 @@
+"""The training layer: :class:`ParetoLoRA` (:mod:`.two_objective`), :class:`StepReport`
+(:mod:`.report`), the per-modality losses (:mod:`.losses`), diagnostics (:mod:`.diagnostics`)
+and the Hugging Face Trainer (:mod:`.hf_trainer`, imported on demand: it needs transformers).
+
+May import: :mod:`pareto_lora.distributed` and below.
+"""
+
+from . import diagnostics
+from .losses import modality_losses, modality_token_counts
+from .report import StepReport
+from .two_objective import ParetoLoRA
+
+__all__ = ["ParetoLoRA", "StepReport", "diagnostics", "modality_losses", "modality_token_counts"]

@@ -1,0 +1,146 @@
+"""ParetoLoRATrainer: transformers.Trainer with the two-objective Pareto LoRA step.
+
+    trainer = pareto_lora.ParetoLoRATrainer(
+        model=peft_model, args=TrainingArguments(..., gradient_accumulation_steps=4, bf16=True),
+        train_dataset=ds,                       # items carry input_ids, labels, image_token_mask
+        rule="pareto_lora", tau=0.5, num_groups=5, modulate="lower")
+    trainer.train()
+
+Each micro-batch: one forward, text and image cross-entropy (:func:`modality_losses`), both
+backpropagated into their own buffers (:class:`ParetoLoRA`); on the micro-batch that ends an
+accumulation window (``accelerator.sync_gradients``) the rule runs once, and the Trainer's own
+clipping / optimizer step / scheduler follow unchanged. Both losses of a window are normalised
+by the window's total text and image target counts (computed in ``get_batch_samples``), so k
+micro-batches equal one batch of k times the size. With ``fp16`` the accelerator's GradScaler
+scales both objectives, and a non-finite loss or gradient makes it skip the step; ``bf16``
+autocast needs no scaler. Every training log (``logging_steps``) gets the last step's
+``report.as_dict()`` (``pareto/group0/ratio``, ...) so TensorBoard/W&B show them.
+
+Single process only for now (no DataParallel / DDP / DeepSpeed).
+May import: :mod:`.losses`, :mod:`.report`, :mod:`.two_objective` (and transformers).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import Trainer
+
+from .losses import modality_losses, modality_token_counts
+from .report import StepReport
+from .two_objective import ParetoLoRA
+
+__all__ = ["ParetoLoRATrainer"]
+
+
+class ParetoLoRATrainer(Trainer):
+    """transformers.Trainer whose training step integrates a text and an image objective.
+
+    Extra keyword arguments (all optional):
+        rule, tau, num_groups, modulate: as in :class:`pareto_lora.ParetoLoRA`.
+        pareto_kwargs: further ParetoLoRA keyword arguments (gamma, symmetric, layers_path, ...).
+        image_token_key: batch key of the bool image-token mask aligned with ``labels``
+            (default "image_token_mask"); it is removed before the model's forward.
+        image_token_range: ``(first_id, end_id)`` of discrete image tokens, instead of a mask.
+        log_layers: also log per-layer numbers (``pareto/layer{i}/...``).
+        recorder: a :class:`pareto_lora.diagnostics.Recorder` that gets every step's report
+            (one host sync per step).
+    """
+
+    def __init__(
+        self,
+        *args,
+        rule: str = "pareto_lora",
+        tau: float = 0.5,
+        num_groups: int | str = 5,
+        modulate="lower",
+        pareto_kwargs: dict | None = None,
+        image_token_key: str = "image_token_mask",
+        image_token_range: tuple[int, int] | None = None,
+        log_layers: bool = False,
+        recorder=None,
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        if self.args.n_gpu > 1:
+            raise ValueError("args: ParetoLoRATrainer does not support torch.nn.DataParallel (n_gpu > 1); use one device")
+        if self.args.world_size > 1:
+            raise ValueError("args: ParetoLoRATrainer runs in a single process for now (world_size > 1)")
+        self.image_token_key = image_token_key
+        self.image_token_range = image_token_range
+        self.log_layers = log_layers
+        self.recorder = recorder
+        # Built now so that configuration errors surface before training starts.
+        self.pareto = ParetoLoRA(self.model, rule=rule, tau=tau, num_groups=num_groups, modulate=modulate,
+                                 **(pareto_kwargs or {}))
+        self.pareto_report: StepReport | None = None
+        self._modality_counts: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # The image-token mask is not a forward argument: keep the column-removal logic from dropping it.
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        if self.image_token_key not in self._signature_columns:
+            self._signature_columns.append(self.image_token_key)
+
+    def _image_tokens(self, batch: dict) -> dict:
+        """modality_losses keyword for this batch: its mask, else the trainer's token range."""
+        if "labels" not in batch:
+            raise ValueError("inputs: ParetoLoRATrainer needs 'labels' in every batch")
+        mask = batch.get(self.image_token_key)
+        if mask is None and self.image_token_range is None:
+            raise ValueError(
+                f"inputs: batch has no {self.image_token_key!r} and no image_token_range was given to the trainer"
+            )
+        return {"image_token_mask": mask} if mask is not None else {"image_token_range": self.image_token_range}
+
+    def _split_inputs(self, inputs: dict) -> tuple[dict, torch.Tensor, dict]:
+        image_tokens = self._image_tokens(inputs)
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        inputs.pop(self.image_token_key, None)
+        return inputs, labels, image_tokens
+
+    def _losses(self, model, inputs: dict, num_items=None):
+        model_inputs, labels, image_tokens = self._split_inputs(inputs)
+        outputs = model(**model_inputs)
+        loss_text, loss_image = modality_losses(outputs.logits, labels, num_items=num_items, **image_tokens)
+        return loss_text, loss_image, outputs
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        # Per-modality target counts of the whole accumulation window: dividing each
+        # micro-batch's summed loss by them makes k micro-batches equal one large batch.
+        n_text = n_image = 0
+        for batch in batch_samples:
+            t, i = modality_token_counts(batch["labels"], **self._image_tokens(batch))
+            n_text, n_image = n_text + t, n_image + i
+        self._modality_counts = (torch.as_tensor(n_text, device=device), torch.as_tensor(n_image, device=device))
+        return batch_samples, num_items_in_batch
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        model.train()
+        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+            self.optimizer.train()
+        inputs = self._prepare_inputs(inputs)
+        with self.compute_loss_context_manager():
+            loss_text, loss_image, _ = self._losses(model, inputs, num_items=self._modality_counts)
+        if self._modality_counts is None:  # called outside the training loop: plain mean per micro-batch
+            loss_text = loss_text / self.current_gradient_accumulation_steps
+            loss_image = loss_image / self.current_gradient_accumulation_steps
+        self.pareto.accumulate(text=loss_text, image=loss_image, scaler=self.accelerator.scaler)
+        if self.accelerator.sync_gradients:
+            self.pareto_report = self.pareto.integrate_accumulated()
+            if self.recorder is not None:
+                self.recorder.record(self.state.global_step + 1, self.pareto_report)
+        return (loss_text + loss_image).detach()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Text + image loss (used by evaluation; training goes through ``training_step``)."""
+        loss_text, loss_image, outputs = self._losses(model, inputs)
+        loss = loss_text + loss_image
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self.pareto_report is not None:
+            # Reading the report is the step's one host sync; it happens only on logging steps.
+            logs.update(self.pareto_report.as_dict(layers=self.log_layers))
+        super().log(logs, start_time)

@@ -1,0 +1,133 @@
+"""StepReport: what one integration did, per group and per layer, fetched with one host sync.
+
+May import: :mod:`pareto_lora.flat`, :mod:`pareto_lora.result`, :mod:`pareto_lora.rules`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..flat import FlatStep, GradLayout
+from ..result import stats_metrics
+from ..rules import Case
+
+__all__ = ["StepReport"]
+
+
+def _metrics(stats: torch.Tensor) -> dict[str, list[float]]:
+    nt, ni, cos, ratio = stats_metrics(stats.to(torch.float64))
+    return {"norm_text": nt.tolist(), "norm_image": ni.tolist(), "cosine": cos.tolist(), "ratio": ratio.tolist()}
+
+
+class StepReport:
+    """What one integration did, per group and per layer.
+
+    Holds device tensors; the first access to a host value (``groups``, ``layers``,
+    ``as_dict()``, ...) makes the one host sync of the step. Ratios are
+    ||g_text|| / ||g_image|| (inf when the image gradient is zero, nan when both are).
+    """
+
+    def __init__(self, layout: GradLayout, step: FlatStep, losses: torch.Tensor, micro_batches: int, rule: str):
+        self.group_names = layout.group_names
+        self.unit_names = layout.unit_names
+        self.active = layout.active
+        self.step = step
+        self._losses = losses
+        self.micro_batches = micro_batches
+        self.rule = rule
+        self._host: dict | None = None
+
+    def _fetch(self) -> dict:
+        if self._host is None:
+            s = self.step
+            g, u = s.group_stats.shape[0], s.unit_stats.shape[0]
+            packed = torch.cat(
+                [
+                    s.unit_stats.reshape(-1).double(),
+                    s.group_stats.reshape(-1).double(),
+                    s.coeffs.reshape(-1).double(),
+                    s.cases.double(),
+                    self._losses.double(),
+                ]
+            ).cpu()
+            parts = torch.split(packed, [3 * u, 3 * g, 2 * g, g, 2])
+            self._host = {
+                "unit_stats": parts[0].reshape(u, 3),
+                "group_stats": parts[1].reshape(g, 3),
+                "coeffs": parts[2].reshape(g, 2).tolist(),
+                "cases": [int(c) for c in parts[3].tolist()],
+                "losses": parts[4].tolist(),
+            }
+        return self._host
+
+    @property
+    def loss_text(self) -> float:
+        """Sum over the accumulated micro-batches of the (unscaled) text loss."""
+        return self._fetch()["losses"][0]
+
+    @property
+    def loss_image(self) -> float:
+        return self._fetch()["losses"][1]
+
+    @property
+    def cases(self) -> list[int]:
+        return self._fetch()["cases"]
+
+    @property
+    def nonfinite(self) -> bool:
+        """Some group's gradient (or a loss) was not finite: the step must be skipped."""
+        return int(Case.NONFINITE) in self.cases
+
+    @property
+    def groups(self) -> dict[str, dict[str, float]]:
+        """group name -> norm_text, norm_image, cosine, ratio, alpha, beta, case."""
+        h = self._fetch()
+        m = _metrics(h["group_stats"])
+        out = {}
+        for i, name in enumerate(self.group_names):
+            row = {k: v[i] for k, v in m.items()}
+            row.update(alpha=h["coeffs"][i][0], beta=h["coeffs"][i][1], case=h["cases"][i])
+            out[name] = row
+        return out
+
+    @property
+    def layers(self) -> dict[str, dict[str, float]]:
+        """unit name (layer0.., projector, other) -> norm_text, norm_image, cosine, ratio."""
+        m = _metrics(self._fetch()["unit_stats"])
+        return {name: {k: v[i] for k, v in m.items()} for i, name in enumerate(self.unit_names)}
+
+    def as_dict(self, prefix: str = "pareto", layers: bool = False) -> dict[str, float]:
+        """Flat ``{"pareto/group0/ratio": ..., "pareto/loss_text": ...}`` for loggers.
+
+        ``layers=True`` adds ``pareto/layer{i}/{norm_text,norm_image,cosine,ratio}``.
+        """
+        flat = {f"{prefix}/loss_text": self.loss_text, f"{prefix}/loss_image": self.loss_image}
+        for name, row in self.groups.items():
+            for k, v in row.items():
+                flat[f"{prefix}/{name}/{k}"] = float(v)
+        if layers:
+            for name, row in self.layers.items():
+                for k, v in row.items():
+                    flat[f"{prefix}/{name}/{k}"] = float(v)
+        return flat
+
+    def to_record(self) -> dict:
+        """JSON-serialisable form (used by :mod:`pareto_lora.diagnostics`)."""
+        return {
+            "rule": self.rule,
+            "micro_batches": self.micro_batches,
+            "loss_text": self.loss_text,
+            "loss_image": self.loss_image,
+            "active": self.active.tolist(),
+            "groups": self.groups,
+            "layers": self.layers,
+        }
+
+    def __repr__(self) -> str:
+        rows = [f"StepReport(rule={self.rule!r}, micro_batches={self.micro_batches})"]
+        for name, r in self.groups.items():
+            rows.append(
+                f"  {name:>10}: ratio={r['ratio']:.3g} cos={r['cosine']:+.3f} "
+                f"alpha={r['alpha']:.3g} beta={r['beta']:.3g} case={Case(r['case']).name}"
+            )
+        return "\n".join(rows)

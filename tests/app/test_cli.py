@@ -1,0 +1,116 @@
+"""The `pareto-lora` command line: help, info, bench, and clear errors for bad flags.
+
+The demo's end-to-end run lives in test_demo.py. Commands run in a subprocess through
+`python -m pareto_lora` (what the console script calls) so that exit codes and stderr are real.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import pareto_lora
+from pareto_lora.app import cli, env
+
+
+def run_cli(*args, timeout=120):
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    return subprocess.run([sys.executable, "-m", "pareto_lora", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+@pytest.mark.parametrize("args", [["--help"], ["demo", "--help"], ["bench", "--help"], ["info", "--help"]])
+def test_help_exits_zero_and_names_the_subcommands(args):
+    res = run_cli(*args)
+    assert res.returncode == 0, res.stderr
+    assert "usage: pareto-lora" in res.stdout
+    if args == ["--help"]:
+        for sub in ("demo", "bench", "info"):
+            assert sub in res.stdout
+
+
+def test_info_lists_backends_and_versions():
+    res = run_cli("info")
+    assert res.returncode == 0, res.stderr
+    for needle in ("cpp (CPU)", "triton", "reference", "torch", "transformers", "peft"):
+        assert needle in res.stdout
+    assert f"available_backends('cpu'): {', '.join(pareto_lora.available_backends('cpu'))}" in res.stdout
+
+
+def test_backend_availability_agrees_with_available_backends():
+    rows = {name: (built, usable) for name, built, usable, _ in env.backend_availability()}
+    assert rows["cpp (CPU)"] == (True, True)
+    assert rows["triton"][1] == ("triton" in pareto_lora.available_backends("cpu")
+                                 or ("triton" in pareto_lora.available_backends("cuda")))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["demo", "--rules", "sum,nope"], "unknown rule(s) 'nope'; expected names from: " + ", ".join(pareto_lora.RULES)),
+        (["demo", "--steps", "0"], "--steps: expected an integer >= 1"),
+        (["demo", "--steps", "ten"], "--steps: expected an integer"),
+        (["demo", "--seeds", "1,1"], "--seeds: expected distinct non-negative seeds"),
+        (["demo", "--seeds", "0"], "--seeds: expected a seed count >= 1"),
+        (["demo", "--tau", "-1"], "--tau: expected a finite number > 0"),
+        (["demo", "--device", "tpu"], "--device"),
+        (["demo", "--modulate", "sideways"], "--modulate: invalid choice"),
+        (["demo", "--num-groups", "99", "--quick"], "num_groups: expected 1..4"),
+        (["demo", "--frobnicate"], "unrecognized arguments: --frobnicate"),
+        (["bench", "--dtypes", "float8"], "unknown dtype(s) 'float8'"),
+        (["bench", "--rule", "nope"], "--rule: invalid choice"),
+        (["bench", "--backends", "nope"], "--backends: nope not available"),
+        (["explode"], "invalid choice: 'explode'"),
+        ([], "the following arguments are required"),
+    ],
+)
+def test_bad_flags_exit_nonzero_with_a_clear_message(args, message):
+    res = run_cli(*args)
+    assert res.returncode == 2, (res.stdout, res.stderr)
+    assert message in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_cuda_device_without_gpu_is_a_usage_error():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: --device cuda is valid here")  # the error path needs no GPU
+    res = run_cli("demo", "--device", "cuda", "--quick")
+    assert res.returncode == 2
+    assert "torch.cuda.is_available() is False" in res.stderr
+
+
+def test_seed_argument_forms():
+    assert cli._seeds("3") == (0, 1, 2)
+    assert cli._seeds("4,7") == (4, 7)
+    assert cli._seeds("5,") == (5,)
+
+
+def test_bench_prints_a_row_per_backend(tmp_path):
+    res = run_cli("bench", "--device", "cpu", "--sizes", "4096", "--dtypes", "float32", "--segments", "8",
+                  "--repeat", "3", "--no-progress")
+    assert res.returncode == 0, res.stderr
+    rows = [line.split() for line in res.stdout.splitlines() if line.split() and line.split()[0] in pareto_lora.available_backends("cpu")]
+    assert sorted(r[0] for r in rows) == sorted(pareto_lora.available_backends("cpu"))
+    for r in rows:
+        assert r[1] == "cpu" and r[2] == "float32" and r[3] == "4,096"
+        assert float(r[5]) > 0 and float(r[6]) > 0
+
+
+def test_console_script_is_declared():
+    eps = [e for e in __import__("importlib.metadata").metadata.entry_points(group="console_scripts") if e.name == "pareto-lora"]
+    assert eps and eps[0].value == "pareto_lora.app.cli:main"
+
+
+def test_main_returns_zero_for_info(capsys):
+    assert cli.main(["info"]) == 0
+    assert "rules: " + ", ".join(pareto_lora.RULES) in capsys.readouterr().out
+
+
+def test_package_versions_are_strings_or_none():
+    versions = env.package_versions()
+    assert versions["torch"] and versions["pareto_lora"] == pareto_lora.__version__
+    json.dumps(versions)

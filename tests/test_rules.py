@@ -1,0 +1,65 @@
+"""RuleSpec: the one object that carries a rule, validated once; the loose arguments map onto it."""
+
+import dataclasses
+
+import pytest
+import torch
+
+import pareto_lora
+from pareto_lora import RULES, RuleSpec
+from pareto_lora.rules import RULE_IDS, as_spec
+
+
+def test_defaults_and_ids_follow_the_rule_table():
+    assert RuleSpec() == RuleSpec("pareto_lora", 0.5, 1.0, False)
+    assert [RuleSpec(name).id for name in RULES] == list(range(len(RULES))) == [RULE_IDS[n] for n in RULES]
+
+
+def test_spec_is_frozen_and_normalised():
+    spec = RuleSpec("mmpareto", tau=1, gamma=2, symmetric=1)
+    assert (spec.tau, spec.gamma, spec.symmetric) == (1.0, 2.0, True)
+    assert isinstance(spec.tau, float) and isinstance(spec.symmetric, bool)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.tau = 0.3
+
+
+@pytest.mark.parametrize(
+    "kwargs, arg",
+    [
+        (dict(name="paretoo"), "rule"),
+        (dict(name=None), "rule"),
+        (dict(tau=0.0), "tau"),
+        (dict(tau=-1.0), "tau"),
+        (dict(tau=float("nan")), "tau"),
+        (dict(tau=float("inf")), "tau"),
+        (dict(tau=10**400), "tau"),
+        (dict(tau=True), "tau"),
+        (dict(tau="0.5"), "tau"),
+        (dict(gamma=0), "gamma"),
+        (dict(gamma=float("inf")), "gamma"),
+    ],
+)
+def test_bad_parameters_name_the_argument(kwargs, arg):
+    with pytest.raises(ValueError, match=rf"^{arg}: "):
+        RuleSpec(**kwargs)
+
+
+def test_as_spec_takes_a_name_with_loose_parameters_or_one_spec():
+    assert as_spec("mgda", 0.3, 2.0, True) == RuleSpec("mgda", 0.3, 2.0, True)
+    assert as_spec("mgda") == RuleSpec("mgda")
+    spec = RuleSpec("mmpareto", gamma=1.5)
+    assert as_spec(spec) is spec
+    with pytest.raises(ValueError, match=r"^tau: expected None when rule is a RuleSpec"):
+        as_spec(spec, tau=0.5)
+
+
+def test_public_functions_accept_a_spec_and_give_the_same_result():
+    gen = torch.Generator().manual_seed(3)
+    a, b = torch.randn(64, generator=gen), torch.randn(64, generator=gen)
+    offsets = torch.tensor([0, 20, 64])
+    loose = pareto_lora.integrate(a, b, offsets, rule="mmpareto", tau=0.3, gamma=1.5, symmetric=True)
+    spec = pareto_lora.integrate(a, b, offsets, rule=RuleSpec("mmpareto", 0.3, 1.5, True))
+    torch.testing.assert_close(loose.out, spec.out, rtol=0, atol=0)
+    assert torch.equal(loose.cases, spec.cases)
+    with pytest.raises(ValueError, match=r"^gamma: expected None"):
+        pareto_lora.rule_coefficients(loose.stats, RuleSpec("mgda"), gamma=2.0)

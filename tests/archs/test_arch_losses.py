@@ -94,6 +94,11 @@ def test_janus_image_loss_is_the_generation_head_cross_entropy(lora_model):
     torch.testing.assert_close(image, _ce(base.model.generation_head(hidden), codes, is_code))
     torch.testing.assert_close(text, _ce(base.lm_head(hidden), batch["labels"], ~is_code))
     assert archs.modality_token_counts_for(model, batch) == (2 * 7, 2 * 8)  # 15 targets - 8 codes; 8 codes
+    # the generation head's LoRA is trained by the image loss only
+    head = [p for n, p in model.named_parameters() if ".generation_head." in n and "lora_" in n]
+    assert len(head) == 4
+    assert all(g.abs().sum() > 0 for g in torch.autograd.grad(image, head, retain_graph=True))
+    assert all(g is None for g in torch.autograd.grad(text, head, allow_unused=True))
 
 
 def test_janus_understanding_image_and_generated_codes_in_one_batch(lora_model):

@@ -63,8 +63,9 @@ def _target_masks(model, batch, spec: ArchSpec, ignore_index: int):
 def image_token_mask(model: nn.Module, batch, spec: ArchSpec | None = None, ignore_index: int = -100) -> torch.Tensor:
     """Bool [batch, seq], aligned with labels: True where the target is an image target.
 
-    Derived from the model's own config (vocabulary map, Janus ``image_codes``), never from
-    user-supplied ids; pass ``spec`` to reuse a detected/overridden :class:`ArchSpec`.
+    Derived from the model's own config (vocabulary map; Janus: ``batch["image_codes"]``;
+    LLaVA: the ``<image>`` placeholders) unless ``batch["image_token_mask"]`` gives the split
+    explicitly. Pass ``spec`` to reuse a detected/overridden :class:`ArchSpec`.
     """
     spec = detect_arch(model) if spec is None else spec
     labels = _labels(batch, ignore_index)

@@ -1,0 +1,32 @@
+"""Real unified multimodal models: architecture detection and per-architecture losses.
+
+Three lines for any supported model (Chameleon/Anole, Emu3, Janus, LLaVA)::
+
+    spec = pareto_lora.archs.detect_arch(peft_model)
+    pl = pareto_lora.ParetoLoRA(peft_model, num_groups=4, modulate="lower", layers_path=spec.layers_path)
+    pl.backward(*pareto_lora.archs.modality_losses_for(peft_model, batch, spec))
+
+* :mod:`.spec`: :class:`ArchSpec` (what the library needs to know) and :class:`ArchOverrides`
+  (what a user can set for an unknown model).
+* :mod:`.vocab`: image-token ids from the model's vocabulary map.
+* :mod:`.detect`: :func:`detect_arch`.
+* :mod:`.forward`: the backbone forward (hidden states; Janus' image-code embeddings).
+* :mod:`.losses`: :func:`modality_losses_for`, :func:`image_token_mask`.
+
+This subpackage depends on torch, transformers (through the model objects only) and peft
+conventions; it imports no other pareto_lora module, so it can be used or moved on its own.
+"""
+
+from .detect import SUPPORTED, detect_arch
+from .losses import image_token_mask, modality_losses_for, modality_token_counts_for
+from .spec import ArchOverrides, ArchSpec
+
+__all__ = [
+    "ArchOverrides",
+    "ArchSpec",
+    "SUPPORTED",
+    "detect_arch",
+    "image_token_mask",
+    "modality_losses_for",
+    "modality_token_counts_for",
+]

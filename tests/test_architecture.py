@@ -18,6 +18,7 @@ LAYERS = {
     "result": 1,
     "checks": 1,
     "reference": 2,
+    "archs": 2,  # model architectures: imports nothing from the package
     "backends": 3,
     "ops": 4,
     "flat": 5,

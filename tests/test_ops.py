@@ -18,7 +18,7 @@ import torch
 
 import pareto_lora
 from pareto_lora import Case, reference
-from conftest import make_pair, random_offsets, random_sizes
+from _inputs import make_pair, random_offsets, random_sizes
 
 RULES = pareto_lora.RULES
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

@@ -102,7 +102,7 @@ def test_llava_projector_group_is_the_spec_projector(lora_model):
 
 def _layout_groups(model, spec):
     pl = pareto_lora.ParetoLoRA(model, num_groups=NUM_GROUPS, layers_path=spec.layers_path)
-    return pareto_lora.grouping.group_of_names(pl.layout)
+    return pareto_lora.flat.group_of_names(pl.layout)
 
 
 @pytest.mark.xfail(strict=True, reason=(

@@ -30,7 +30,7 @@ pytest.importorskip("triton", reason="the Triton backend needs the optional 'tri
 import pareto_lora  # noqa: E402
 from pareto_lora import Case, reference  # noqa: E402
 from pareto_lora.backends.triton import ops as T  # noqa: E402
-from conftest import make_pair, random_offsets, random_sizes  # noqa: E402
+from _inputs import make_pair, random_offsets, random_sizes  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 RULES = pareto_lora.RULES

@@ -68,6 +68,7 @@ def combine_by_ids(
 
 def segment_stats(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """[G, 3] with columns ||a||^2, ||b||^2, a.b per segment (accumulated in float64)."""
+    offsets = _checks.as_offsets(offsets)
     _checks.check_buffers(a, b)
     g = _checks.check_offsets(offsets, a.numel(), a.device)
     return stats_by_ids(a, b, segment_ids(offsets, a.device), g).to(_acc_dtype(a.dtype))
@@ -87,8 +88,8 @@ def rule_coefficients(
     stats dtype (float32 stats -> float32 coefficients, as the compiled ops do).
     """
     spec = as_spec(rule, tau, gamma, symmetric)
-    g = _checks.check_stats(stats)
-    _checks.check_active(active, g)
+    active = _checks.as_active(active)
+    _checks.check_rule_args(stats, active)
     return _rule(stats, spec, active)
 
 
@@ -162,6 +163,7 @@ def combine(
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """out = alpha[s] * a + beta[s] * b on every segment s (computed in float64)."""
+    offsets = _checks.as_offsets(offsets)
     _checks.check_combine(a, b, offsets, coeffs, out)
     res = combine_by_ids(a, b, segment_ids(offsets, a.device), coeffs)
     if out is None:
@@ -183,6 +185,7 @@ def integrate(
 ) -> IntegrationResult:
     """stats -> rule -> combine. Returns ``IntegrationResult(out, stats, coeffs, cases)``."""
     spec = as_spec(rule, tau, gamma, symmetric)
+    offsets, active = _checks.as_offsets(offsets), _checks.as_active(active)
     _checks.check_integrate(a, b, offsets, out, active)
     stats = segment_stats(a, b, offsets)
     coeffs, cases = _rule(stats, spec, active)

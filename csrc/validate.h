@@ -52,8 +52,12 @@ inline void check_offset_values(const int64_t* o, int64_t len, int64_t numel) {
 
 // t (offsets, active) may live on the CPU, where the host reads it, or on `device`.
 inline void check_host_or(const at::Tensor& t, const char* name, const at::Device& device) {
-  TORCH_CHECK_VALUE(t.device().is_cpu() || t.device() == device, name, ": expected device cpu or ", device, ", got ",
-                    t.device());
+  if (device.is_cpu()) {
+    TORCH_CHECK_VALUE(t.device().is_cpu(), name, ": expected device cpu, got ", t.device());
+  } else {
+    TORCH_CHECK_VALUE(t.device().is_cpu() || t.device() == device, name, ": expected device cpu or ", device,
+                      ", got ", t.device());
+  }
 }
 
 // Checks the offsets' metadata; offsets may live on the CPU or on `device`. Returns G.

@@ -50,22 +50,30 @@ inline void check_offset_values(const int64_t* o, int64_t len, int64_t numel) {
   }
 }
 
+// t (offsets, active) may live on the CPU, where the host reads it, or on `device`.
+inline void check_host_or(const at::Tensor& t, const char* name, const at::Device& device) {
+  if (device.is_cpu()) {
+    TORCH_CHECK_VALUE(t.device().is_cpu(), name, ": expected device cpu, got ", t.device());
+  } else {
+    TORCH_CHECK_VALUE(t.device().is_cpu() || t.device() == device, name, ": expected device cpu or ", device,
+                      ", got ", t.device());
+  }
+}
+
 // Checks the offsets' metadata; offsets may live on the CPU or on `device`. Returns G.
 inline int64_t check_offsets_meta(const at::Tensor& offsets, const at::Device& device) {
   TORCH_CHECK_VALUE(offsets.scalar_type() == at::kLong, "offsets: expected dtype int64, got ",
                     offsets.scalar_type());
   TORCH_CHECK_VALUE(offsets.dim() == 1 && offsets.numel() >= 1,
                     "offsets: expected a 1-D tensor of length G+1 >= 1, got shape ", offsets.sizes());
-  TORCH_CHECK_VALUE(offsets.device().is_cpu() || offsets.device() == device, "offsets: expected device cpu or ",
-                    device, ", got ", offsets.device());
+  check_host_or(offsets, "offsets", device);
   return offsets.numel() - 1;
 }
 
-// Validates a, b and offsets (metadata and values) and returns the offsets on the CPU, where
-// every backend reads them (CUDA builds its tile schedule there). Offsets on a GPU cost one
+// Validates the offsets (metadata and values) against a checked `a` and returns them on the CPU,
+// where every backend reads them (CUDA builds its tile schedule there). Offsets on a GPU cost one
 // blocking copy (a host sync); callers that care pass them on the CPU.
-inline at::Tensor checked_offsets(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets) {
-  check_buffers(a, b);
+inline at::Tensor checked_offsets(const at::Tensor& a, const at::Tensor& offsets) {
   check_offsets_meta(offsets, a.device());
   at::Tensor cpu = offsets.is_cpu() ? offsets.contiguous() : offsets.to(at::kCPU).contiguous();
   check_offset_values(cpu.const_data_ptr<int64_t>(), cpu.numel(), a.numel());

@@ -41,8 +41,9 @@ constexpr int kMinBlocksPerSm = 2;
 // Vectors per thread and operand in one tile: tiles are big enough that the per-tile ticket,
 // lookup and block reduction are small next to the 2 x 32 KiB a tile reads.
 constexpr int kVecsPerThread = 8;
-// Shared scratch is sized for the smallest warp (32 lanes): on 64-lane wavefronts half is unused.
-constexpr int kMaxWarps = kThreads / 32;
+// Shared scratch is sized for the narrowest warp of the target (C10_WARP_SIZE_LOWER_BOUND: 32 on
+// NVIDIA, 64 on CDNA wavefronts, 32 where the width is only known at run time).
+constexpr int kMaxWarps = kThreads / C10_WARP_SIZE_LOWER_BOUND;
 
 // Elements per tile.
 template <typename scalar_t>
@@ -89,6 +90,10 @@ struct Params {
 // x, y, z summed over the block; the totals are valid in thread 0. Fixed shuffle tree.
 template <typename T>
 __device__ __forceinline__ void block_sum3(T& x, T& y, T& z) {
+  // The shuffle tree and the scratch rows assume whole warps that fit the scratch. Evaluated per
+  // target at compile time: nvcc (32 lanes) and tools/compile_hip.py (64-lane gfx90a wavefronts).
+  static_assert(kThreads % C10_WARP_SIZE == 0 && kThreads / C10_WARP_SIZE <= kMaxWarps,
+                "kThreads must be whole warps that fit the scratch");
   __shared__ T scratch[kMaxWarps][3];
   const int warp_size = C10_WARP_SIZE;
   const int lane = threadIdx.x % warp_size, warp = threadIdx.x / warp_size;

@@ -14,8 +14,8 @@ namespace {
 
 at::Tensor segment_stats(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets) {
   const SegmentArgs args = checked_stats_args(a, b, offsets, kCpuOp);
-  at::Tensor stats = at::empty({args.num_segments, 3}, a.options().dtype(at::kFloat));
-  segment_stats_cpu(a, b, args.offsets_ptr(), args.num_segments, stats.mutable_data_ptr<float>());
+  at::Tensor stats = at::empty({args.num_segments, 3}, a.options().dtype(at::kDouble));
+  segment_stats_cpu(a, b, args.offsets_ptr(), args.num_segments, stats.mutable_data_ptr<double>());
   return stats;
 }
 
@@ -61,8 +61,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> integrate(const at::Tensor& a, co
   const IntegrateArgs args = checked_integrate(a, b, offsets, out, rule, tau, active, gamma, symmetric, kCpuOp);
   // Everything is checked: from here on writes may happen.
   const int64_t g = args.num_segments;
-  at::Tensor stats = at::empty({g, 3}, a.options().dtype(at::kFloat));
-  segment_stats_cpu(a, b, args.offsets_ptr(), g, stats.mutable_data_ptr<float>());
+  at::Tensor stats = at::empty({g, 3}, a.options().dtype(at::kDouble));
+  segment_stats_cpu(a, b, args.offsets_ptr(), g, stats.mutable_data_ptr<double>());
   auto [coeffs, cases] = rules_host(stats, args.active, args.rule);
   const at::Tensor c = coeffs.to(at::kDouble);
   combine_cpu(a, b, args.offsets_ptr(), g, c.const_data_ptr<double>(), out);

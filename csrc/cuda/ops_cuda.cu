@@ -113,7 +113,7 @@ struct Job {
   bool with_rule = false;  // ... and the rule
   bool apply = false;      // write out (phase 2)
   bool two_pass = false;
-  float* stats = nullptr;
+  double* stats = nullptr;
   float* coeffs_out = nullptr;
   int32_t* cases = nullptr;
   const float* coeff_f = nullptr;
@@ -202,10 +202,10 @@ void dispatch_launch(const at::Tensor& a, const at::Tensor& b, at::Tensor* out, 
 at::Tensor segment_stats_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets) {
   const SegmentArgs args = checked_stats_args(a, b, offsets, kCudaOp);
   const c10::cuda::CUDAGuard guard(a.device());
-  at::Tensor stats = at::empty({args.num_segments, 3}, a.options().dtype(at::kFloat));
+  at::Tensor stats = at::empty({args.num_segments, 3}, a.options().dtype(at::kDouble));
   Job job;
   job.reduce = true;
-  job.stats = stats.data_ptr<float>();
+  job.stats = stats.data_ptr<double>();
   dispatch_launch(a, b, nullptr, args.offsets, job);
   return stats;
 }
@@ -261,13 +261,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> integrate_cuda(const at::Tensor& 
   // Everything is checked: from here on writes may happen.
   const c10::cuda::CUDAGuard guard(a.device());
   const int64_t g = args.num_segments;
-  at::Tensor stats = at::empty({g, 3}, a.options().dtype(at::kFloat));
+  at::Tensor stats = at::empty({g, 3}, a.options().dtype(at::kDouble));
   at::Tensor coeffs = at::empty({g, 2}, a.options().dtype(at::kFloat));
   at::Tensor cases = at::empty({g}, a.options().dtype(at::kInt));
   Job job;
   job.reduce = job.with_rule = job.apply = true;
   job.two_pass = two_pass;
-  job.stats = stats.data_ptr<float>();
+  job.stats = stats.data_ptr<double>();
   job.coeffs_out = coeffs.data_ptr<float>();
   job.cases = cases.data_ptr<int32_t>();
   job.coeff_f = job.coeffs_out;

@@ -25,7 +25,7 @@ def _num_segments(offsets: torch.Tensor) -> int:
 
 @torch.library.register_fake("pareto_lora::segment_stats")
 def _segment_stats_fake(a, b, offsets):
-    return a.new_empty((_num_segments(offsets), 3), dtype=torch.float32)
+    return a.new_empty((_num_segments(offsets), 3), dtype=torch.float64)
 
 
 @torch.library.register_fake("pareto_lora::rule_coefficients")
@@ -43,7 +43,7 @@ def _combine_fake(a, b, offsets, coeffs, out):
 def _integrate_fake(a, b, offsets, out, rule="pareto_lora", tau=0.5, active=None, gamma=1.0, symmetric=False):
     g = _num_segments(offsets)
     return (
-        a.new_empty((g, 3), dtype=torch.float32),
+        a.new_empty((g, 3), dtype=torch.float64),
         a.new_empty((g, 2), dtype=torch.float32),
         a.new_empty((g,), dtype=torch.int32),
     )

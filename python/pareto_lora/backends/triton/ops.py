@@ -1,7 +1,7 @@
 """Triton backend of the integration op (``backend="triton"``).
 
 Same four functions, signatures and semantics as the other backends (csrc/cpu/ops_cpu.cpp):
-stats float32 [G, 3], coeffs float32 [G, 2], cases int32 [G]. The module-level functions
+stats float64 [G, 3], coeffs float32 [G, 2], cases int32 [G]. The module-level functions
 validate every argument with :mod:`pareto_lora.checks` (same messages as C++), build the tile
 table on the host and only then call the ``torch.ops.pareto_lora_triton.*`` ops, which launch
 the kernels of :mod:`pareto_lora.backends.triton.kernels` and never read tensor values on the host.
@@ -168,7 +168,7 @@ def _combine_tiles(a, b, tiles, coeffs, out) -> None:
 @triton_op("pareto_lora_triton::segment_stats", mutates_args=())
 def _segment_stats_op(a: torch.Tensor, b: torch.Tensor, tiles: torch.Tensor, seg_tiles: torch.Tensor) -> torch.Tensor:
     num_segments = seg_tiles.shape[0] - 1
-    stats = torch.empty((num_segments, 3), dtype=torch.float32, device=a.device)
+    stats = torch.empty((num_segments, 3), dtype=torch.float64, device=a.device)
     partial = _tile_partials(a, b, tiles)
     no_rule = _rule_launch_args("sum", 1.0, 1.0, False, None, a.device)  # flags unused without the rule
     _reduce(partial, seg_tiles, stats, None, None, no_rule, apply_rule=False)
@@ -212,7 +212,7 @@ def _integrate_op(
     symmetric: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     num_segments = seg_tiles.shape[0] - 1
-    stats = torch.empty((num_segments, 3), dtype=torch.float32, device=a.device)
+    stats = torch.empty((num_segments, 3), dtype=torch.float64, device=a.device)
     coeffs = torch.empty((num_segments, 2), dtype=torch.float32, device=a.device)
     cases = torch.empty((num_segments,), dtype=torch.int32, device=a.device)
     partial = _tile_partials(a, b, tiles)
@@ -224,7 +224,7 @@ def _integrate_op(
 
 # ---- validated entry points (the registry's functions for backend="triton") ---------------------
 def segment_stats(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """[G, 3] float32 per-segment ||a||^2, ||b||^2, a.b."""
+    """[G, 3] float64 per-segment ||a||^2, ||b||^2, a.b."""
     offsets = _checks.as_offsets(offsets)
     _checks.check_buffers(a, b)
     _checks.check_offsets(offsets, a.numel(), a.device)

@@ -22,6 +22,8 @@ May import: :mod:`.losses`, :mod:`.report`, :mod:`.two_objective` (and transform
 
 from __future__ import annotations
 
+import os
+
 import torch
 from transformers import Trainer
 
@@ -144,3 +146,17 @@ class ParetoLoRATrainer(Trainer):
             # Reading the report is the step's one host sync; it happens only on logging steps.
             logs.update(self.pareto_report.as_dict(layers=self.log_layers))
         super().log(logs, start_time)
+
+    # ---- checkpoints: ParetoLoRA's state travels with the optimizer's ------------------------------
+    STATE_FILE = "pareto_lora.pt"
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.args.should_save:
+            torch.save(self.pareto.state_dict(), os.path.join(output_dir, self.STATE_FILE))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        path = os.path.join(checkpoint, self.STATE_FILE) if checkpoint is not None else None
+        if path is not None and os.path.isfile(path):
+            self.pareto.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))

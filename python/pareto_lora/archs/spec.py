@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 
 from torch import nn
 
-__all__ = ["ArchSpec", "ArchOverrides", "unwrap", "qualified_name"]
+__all__ = ["ArchSpec", "ArchOverrides", "inner_module", "unwrap", "qualified_name"]
 
 # How the image objective is scored (ArchSpec.image_objective):
 #   "vocab_tokens": image tokens are ids of the shared text vocabulary, scored by the LM head
@@ -119,8 +119,18 @@ class ArchOverrides:
     extra_groups: Mapping[str, Sequence[str]] | None = None
 
 
+def inner_module(model: nn.Module) -> nn.Module:
+    """The module inside a ``DistributedDataParallel`` wrapper (or `model` itself).
+
+    Spec paths are names in this module, so one spec serves the DDP wrapper, the model inside it
+    and ``ParetoLoRA`` (which lays out the parameters of the inner module).
+    """
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
 def unwrap(model: nn.Module) -> nn.Module:
-    """The transformers model inside a PEFT wrapper (or the model itself)."""
+    """The transformers model inside a PEFT wrapper and any DDP wrapper (or the model itself)."""
+    model = inner_module(model)
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
 

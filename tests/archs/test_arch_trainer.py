@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 
 
 class ArchDataset(torch.utils.data.Dataset):
-    """Single examples cut from the architecture's test batches (row i % 2 of batch seed i)."""
+    """Single examples cut from the architecture's test batches (arch_models.example)."""
 
     def __init__(self, name: str, n: int = 8):
         self.name, self.n = name, n
@@ -26,7 +26,7 @@ class ArchDataset(torch.utils.data.Dataset):
         return self.n
 
     def __getitem__(self, i):
-        return {k: v[i % 2] for k, v in am.BATCHES[self.name](seed=100 + i).items()}
+        return am.example(self.name, i)
 
 
 def make_args(tmp_path, **kw):

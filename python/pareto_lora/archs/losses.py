@@ -136,9 +136,9 @@ def modality_losses_for(
 
     Usage::
 
-        spec = pareto_lora.archs.detect_arch(model)
-        pl = pareto_lora.ParetoLoRA(model, num_groups=4, modulate="lower", layers_path=spec.layers_path)
-        pl.backward(*pareto_lora.archs.modality_losses_for(model, batch, spec))
+        pl = pareto_lora.ParetoLoRA(model, arch="auto", num_groups=4, modulate="lower")
+        text, image = pareto_lora.archs.modality_losses_for(model, batch, pl.arch)
+        pl.backward(text=text, image=image)
     """
     spec = detect_arch(model) if spec is None else spec
     if num_items is not None and len(num_items) != 2:

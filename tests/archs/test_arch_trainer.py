@@ -92,3 +92,9 @@ def test_trainer_with_arch_refuses_emu3_all_linear(tmp_path):
     with pytest.raises(ValueError, match="exclude_modules"):
         pareto_lora.ParetoLoRATrainer(model=model, args=make_args(tmp_path), train_dataset=ArchDataset("emu3"),
                                       arch="auto", num_groups=2)
+
+
+def test_trainer_arch_given_twice_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="pareto_kwargs: expected none of"):
+        pareto_lora.ParetoLoRATrainer(model=am.lora(am.tiny_chameleon()), args=make_args(tmp_path),
+                                      train_dataset=ArchDataset("chameleon"), arch="auto", pareto_kwargs={"arch": None})

@@ -79,6 +79,8 @@ class ParetoLoRATrainer(Trainer):
         recorder=None,
         **kwargs,
     ):
+        if pareto_kwargs and {"rule", "tau", "num_groups", "modulate", "arch"} & pareto_kwargs.keys():
+            raise ValueError("pareto_kwargs: expected none of rule, tau, num_groups, modulate, arch (pass them directly)")
         super().__init__(*args, **kwargs)
         if self.args.n_gpu > 1:
             raise ValueError("args: ParetoLoRATrainer does not support torch.nn.DataParallel (n_gpu > 1); use one device")

@@ -95,11 +95,17 @@ class ParetoLoRA:
         tau: imbalance threshold on ||g_text|| / ||g_image|| (default 0.5).
         num_groups: consecutive layer groups of the layer stack (``numpy.array_split`` sizes), or
             ``"per_layer"``.
-        modulate: groups that get the rule: "lower", "middle", "upper", "all", "projector",
-            "none", a group index (the projector group is index ``num_groups``) or a list of
-            them. Other groups, and non-LoRA trainable parameters, get g_text + g_image.
+        modulate: groups that get the rule: "lower", "middle", "upper", "all", "none", the name
+            of a group outside the layer stack ("projector"; with ``arch`` also e.g.
+            "generation"), a group index (those groups follow the ``num_groups`` layer groups:
+            the projector group is index ``num_groups``) or a list of them. Other groups, and
+            non-LoRA trainable parameters, get g_text + g_image.
         gamma, symmetric: rule parameters (see ``pareto_lora.integrate``; default 1.0, False).
         layers_path: name of the decoder-layer ModuleList when auto-detection cannot tell.
+        arch: None (default: the stack is searched for; LoRA outside it is one "projector"
+            group), "auto" (``pareto_lora.archs.detect_arch(model)``) or a
+            :class:`pareto_lora.archs.ArchSpec`: the stack and the named groups outside it come
+            from the architecture (Janus: "generation" and "projector"). ``self.arch`` holds it.
         on_nonfinite: what a non-finite loss does at ``integrate_accumulated()``: "raise"
             (FloatingPointError), "skip" (NaN gradients, for a GradScaler to skip the step) or
             "auto" (skip when a scaler was passed to ``backward``, else raise).
@@ -117,6 +123,7 @@ class ParetoLoRA:
         gamma: float | None = None,
         symmetric: bool | None = None,
         layers_path: str | None = None,
+        arch=None,
         on_nonfinite: str = "auto",
         backend: str = "auto",
     ):
@@ -124,8 +131,10 @@ class ParetoLoRA:
         if on_nonfinite not in NONFINITE_MODES:
             raise ValueError(f"on_nonfinite: expected one of {', '.join(NONFINITE_MODES)}, got {on_nonfinite!r}")
         self._sync = make_sync(model)
-        layout = build_layout(self._sync.module, num_groups=num_groups, modulate=modulate, layers_path=layers_path)
+        layout = build_layout(self._sync.module, num_groups=num_groups, modulate=modulate, layers_path=layers_path,
+                              arch=arch)
         self.layout = self._sync.layout_for(layout)
+        self.arch = layout.arch  # the ArchSpec (paths in the model inside any DDP wrapper), or None
         resolve_backend(backend, self.layout.device)
         self.on_nonfinite, self.backend = on_nonfinite, backend
         self.text = FlatGrads(self.layout)

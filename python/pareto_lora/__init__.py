@@ -13,13 +13,14 @@ The package in layers; each imports only the layers below it (tests/test_archite
     ops.py        the public op functions (integrate, segment_stats, rule_coefficients, combine)
     backends/     the registry: cpp (compiled C++/CUDA), triton, reference
     reference.py  the float64 oracle
+    archs/        model architectures (Chameleon, Emu3, Janus, LLaVA): layers, image tokens, losses
     checks.py     argument validation of tensors
     result.py, rules.py   IntegrationResult; Case, the rule table, RuleSpec
 
 This file only re-exports. See README.md for the training-loop integration and the op reference.
 """
 
-from . import distributed, reference, rules
+from . import archs, distributed, reference, rules
 from .backends import available_backends
 from .ops import combine, integrate, rule_coefficients, segment_stats
 from .result import IntegrationResult
@@ -30,6 +31,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Case",
+    "archs",
     "IntegrationResult",
     "ParetoLoRA",
     "ParetoLoRATrainer",

@@ -48,7 +48,7 @@ from .. import ops
 from ..flat import FlatGrads, FlatStep, GradLayout, sum_into_groups
 from ..flat.step import RuleFn, poison_cases
 from .ddp_state import Arrival, BackwardState, BucketPlan, plan_bucket, record_event, wait_event
-from .sync import LocalSync, Settle, SyncFailure
+from .sync import LocalSync, Settle, SyncFailure, window_lost
 
 __all__ = ["DDPSync"]
 
@@ -255,17 +255,20 @@ class DDPSync(LocalSync):
         # and the hook packs the text buffer with each bucket: the text is accumulated first.
         text = self.text_grads(text_loss, image_loss, first)
         params = self.layout.params
-        if first:
-            self.image.zero_()
-        self.image.attach_as_grad(params)
-        if not first:
-            self.restore_reduced()
-        self.text.accumulate(text, first)
-        del text
-        # The running loss totals ride in the last bucket: the hook makes them global in place.
-        self._cur = None
-        self._losses = losses
-        image_loss.backward()
+        try:
+            if first:
+                self.image.zero_()
+            self.image.attach_as_grad(params)
+            if not first:
+                self.restore_reduced()
+            self.text.accumulate(text, first)
+            del text
+            # The running loss totals ride in the last bucket: the hook makes them global in place.
+            self._cur = None
+            self._losses = losses
+            image_loss.backward()
+        except BaseException as e:  # noqa: BLE001 - the buffers are half-written: the window is lost
+            raise window_lost(e) from e
         error = self.failure()
         if error is not None:
             # DDP has finished the step with NaN buckets; the accumulation is lost.

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..flat import FlatGrads, FlatStep, GradLayout, flat_step, local_layout, unit_stats
 from ..flat.step import RuleFn
-from .sync import Settle
+from .sync import Settle, window_lost
 
 __all__ = ["FSDPSync", "is_fsdp2"]
 
@@ -90,10 +90,13 @@ class FSDPSync:
             for m, f in zip(self.fsdp_modules, flags):
                 m.set_reshard_after_backward(f, recurse=False)
         self._collect(self.text, first, "text")
-        for p in params:
-            p.grad = None
-        image_loss.backward()
-        self._collect(self.image, first, "image")
+        try:
+            for p in params:
+                p.grad = None
+            image_loss.backward()
+            self._collect(self.image, first, "image")
+        except BaseException as e:  # noqa: BLE001 - the text buffer already holds this micro-batch
+            raise window_lost(e) from e
 
     def _collect(self, buffers: FlatGrads, first: bool, which: str) -> None:
         grads = [None if p.grad is None else _local(p.grad) for p in self.layout.params]

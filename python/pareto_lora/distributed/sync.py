@@ -32,6 +32,17 @@ class SyncFailure(RuntimeError):
     """The synchronisation itself failed during a backward; the step's accumulation is lost."""
 
 
+def window_lost(error: BaseException) -> SyncFailure:
+    """A failure after a sync had started changing its buffers (a freed graph, a kernel error):
+    the window cannot be restored, so the owner must start a new one. The cause is chained."""
+    lost = SyncFailure(
+        f"backward: failed after the gradient buffers were modified ({type(error).__name__}: {error}); "
+        "the gradients accumulated in this step are lost, start the step again"
+    )
+    lost.__cause__ = error
+    return lost
+
+
 class GradSync(Protocol):
     """What the training step needs from single-process, DDP and FSDP2 training alike."""
 

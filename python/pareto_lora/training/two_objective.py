@@ -63,7 +63,8 @@ from .. import ops
 from ..backends import resolve_backend
 from ..distributed import SyncFailure, make_sync
 from ..flat import FlatGrads, build_layout
-from ..rules import RuleSpec, as_spec
+from ..rules import RuleSpec
+from .balancers import Balancer, resolve_rule
 from .report import StepReport
 
 __all__ = ["ParetoLoRA"]
@@ -90,7 +91,9 @@ class ParetoLoRA:
         model: a PEFT model (``peft.get_peft_model``) or any module with PEFT LoRA layers, or
             such a model wrapped by ``DistributedDataParallel`` or FSDP2 ``fully_shard``.
         rule: integration rule (``pareto_lora.RULES``) for the modulated groups, or a
-            :class:`pareto_lora.RuleSpec` (then leave tau, gamma, symmetric unset).
+            :class:`pareto_lora.RuleSpec` (then leave tau, gamma, symmetric unset), or a
+            loss-weighting balancer: ``"mimo"``, ``"gradnorm"`` or a
+            :mod:`pareto_lora.training.balancers` object such as ``MIMO(lam=20)`` (``self.balancer``).
         tau: imbalance threshold on ||g_text|| / ||g_image|| (default 0.5).
         num_groups: consecutive layer groups of the layer stack (``numpy.array_split`` sizes), or
             ``"per_layer"``.
@@ -108,7 +111,7 @@ class ParetoLoRA:
     def __init__(
         self,
         model: nn.Module,
-        rule: str | RuleSpec = "pareto_lora",
+        rule: str | RuleSpec | Balancer = "pareto_lora",
         tau: float | None = None,
         num_groups: int | str = 5,
         modulate="lower",
@@ -119,10 +122,13 @@ class ParetoLoRA:
         on_nonfinite: str = "auto",
         backend: str = "auto",
     ):
-        self.spec = as_spec(rule, tau, gamma, symmetric)
+        # A balancer (MIMO, GradNorm) wraps the sync; the kernel rule underneath is then "sum".
+        self.balancer, self.spec = resolve_rule(rule, tau, gamma, symmetric)
         if on_nonfinite not in NONFINITE_MODES:
             raise ValueError(f"on_nonfinite: expected one of {', '.join(NONFINITE_MODES)}, got {on_nonfinite!r}")
         self._sync = make_sync(model)
+        if self.balancer is not None:
+            self._sync = self.balancer.wrap_sync(self._sync)
         layout = build_layout(self._sync.module, num_groups=num_groups, modulate=modulate, layers_path=layers_path)
         self.layout = self._sync.layout_for(layout)
         resolve_backend(backend, self.layout.device)
@@ -136,7 +142,7 @@ class ParetoLoRA:
     # The rule's parameters, read from the one RuleSpec (assign ``spec`` to change them).
     @property
     def rule(self) -> str:
-        return self.spec.name
+        return self.balancer.name if self.balancer is not None else self.spec.name
 
     @property
     def tau(self) -> float:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from ...rules import RULES, RuleSpec, as_spec
 from .base import Balancer, BalancedSync, weighted_coefficients
+from .gradnorm import GradNorm, gradnorm_update
 from .mimo import MIMO, mimo_weights, stable_softmax
 
 __all__ = [
@@ -23,7 +24,9 @@ __all__ = [
     "METHODS",
     "Balancer",
     "BalancedSync",
+    "GradNorm",
     "MIMO",
+    "gradnorm_update",
     "make",
     "mimo_weights",
     "resolve_rule",
@@ -32,7 +35,7 @@ __all__ = [
 ]
 
 #: balancer name -> class (``ParetoLoRA(model, rule=<name>)`` builds one with default parameters)
-BALANCERS: dict[str, type[Balancer]] = {"mimo": MIMO}
+BALANCERS: dict[str, type[Balancer]] = {"mimo": MIMO, "gradnorm": GradNorm}
 #: every method name: the kernel rules, the balancers, and "commit" (a learning-rate scheduler)
 METHODS: tuple[str, ...] = (*RULES, *BALANCERS)
 

@@ -104,3 +104,27 @@ def test_image_token_range_instead_of_a_mask(tmp_path):
                                             image_token_range=models.IMAGE_RANGE)
     trainer.train()
     assert "pareto/group0/ratio" in trainer.state.log_history[0]
+
+
+@pytest.mark.parametrize("rule", ["mimo", "gradnorm"])
+def test_balancers_by_name_with_commit_rates(tmp_path, rule):
+    from pareto_lora.training.balancers import CoMMIT
+
+    model = models.lora_llama(num_layers=4)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    upper = [p for n, p in named if not any(f".layers.{i}." in n for i in (0, 1))]
+    lower = [p for n, p in named if any(f".layers.{i}." in n for i in (0, 1))]  # the "feature" side here
+    opt = torch.optim.AdamW([{"params": upper}, {"params": lower}], lr=1e-2)
+    commit = CoMMIT(every=2)
+    trainer = pareto_lora.ParetoLoRATrainer(model=model, args=make_args(tmp_path, max_steps=4), train_dataset=TokenDataset(),
+                                            optimizers=(opt, None), rule=rule, num_groups=2, modulate="all",
+                                            commit=commit)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    key = {"mimo": "pareto/mimo/sigma_text", "gradnorm": "pareto/gradnorm/w_text"}[rule]
+    assert all(math.isfinite(h[key]) for h in logs)
+    assert commit.steps == 4 and len(commit.history) == 2  # measured at steps 0 and 2
+    assert all(0 < k < math.inf for k in commit.history)
+    assert logs[-1]["pareto/commit/kappa_avg"] == pytest.approx(commit.kappa_avg)
+    # the Trainer's own (constant) schedule is restored after each step
+    assert [g["lr"] for g in opt.param_groups] == [1e-2, 1e-2]

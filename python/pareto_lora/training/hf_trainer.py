@@ -17,7 +17,7 @@ autocast needs no scaler. Every training log (``logging_steps``) gets the last s
 ``report.as_dict()`` (``pareto/group0/ratio``, ...) so TensorBoard/W&B show them.
 
 Single process only for now (no DataParallel / DDP / DeepSpeed).
-May import: :mod:`.losses`, :mod:`.report`, :mod:`.two_objective` (and transformers).
+May import: :mod:`.losses`, :mod:`.report`, :mod:`.two_objective`, :mod:`.balancers` (and transformers).
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ class ParetoLoRATrainer(Trainer):
     """transformers.Trainer whose training step integrates a text and an image objective.
 
     Extra keyword arguments (all optional):
-        rule, tau, num_groups, modulate: as in :class:`pareto_lora.ParetoLoRA`.
+        rule, tau, num_groups, modulate: as in :class:`pareto_lora.ParetoLoRA` (rule may be a
+            balancer: "mimo", "gradnorm" or an object from :mod:`pareto_lora.training.balancers`).
         pareto_kwargs: further ParetoLoRA keyword arguments (gamma, symmetric, layers_path, ...).
         image_token_key: batch key of the bool image-token mask aligned with ``labels``
             (default "image_token_mask"); it is removed before the model's forward.
@@ -44,13 +45,17 @@ class ParetoLoRATrainer(Trainer):
         log_layers: also log per-layer numbers (``pareto/layer{i}/...``).
         recorder: a :class:`pareto_lora.diagnostics.Recorder` that gets every step's report
             (one host sync per step).
+        commit: a :class:`pareto_lora.training.balancers.CoMMIT` (coordinated learning rates of
+            two optimizer parameter groups; pass the optimizer with ``optimizers=(opt, None)``).
+            kappa is measured on each window's last micro-batch; its numbers are logged as
+            ``pareto/commit/...``.
     """
 
     def __init__(
         self,
         *args,
         rule: str = "pareto_lora",
-        tau: float = 0.5,
+        tau: float | None = None,
         num_groups: int | str = 5,
         modulate="lower",
         pareto_kwargs: dict | None = None,
@@ -58,6 +63,7 @@ class ParetoLoRATrainer(Trainer):
         image_token_range: tuple[int, int] | None = None,
         log_layers: bool = False,
         recorder=None,
+        commit=None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -73,6 +79,13 @@ class ParetoLoRATrainer(Trainer):
         self.pareto = ParetoLoRA(self.model, rule=rule, tau=tau, num_groups=num_groups, modulate=modulate,
                                  **(pareto_kwargs or {}))
         self.pareto_report: StepReport | None = None
+        self.commit = commit
+        self._commit_batch: tuple | None = None
+        if commit is not None:
+            from .balancers.hf_commit import CoMMITCallback
+
+            self.add_callback(CoMMITCallback(commit, self._commit_forward, lambda: self._commit_batch[1],
+                                             lambda: self._commit_batch[2]))
         self._modality_counts: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # The image-token mask is not a forward argument: keep the column-removal logic from dropping it.
@@ -122,7 +135,12 @@ class ParetoLoRATrainer(Trainer):
             self.optimizer.train()
         inputs = self._prepare_inputs(inputs)
         with self.compute_loss_context_manager():
-            loss_text, loss_image, _ = self._losses(model, inputs, num_items=self._modality_counts)
+            loss_text, loss_image, outputs = self._losses(model, inputs, num_items=self._modality_counts)
+        if self.commit is not None and self.accelerator.sync_gradients:  # CoMMIT measures on this batch
+            model_inputs, labels, _ = self._split_inputs(inputs)
+            mask = torch.zeros_like(labels, dtype=torch.bool)  # logits[:, t] predicts labels[:, t + 1]
+            mask[:, :-1] = labels[:, 1:] != -100
+            self._commit_batch = (model_inputs, outputs.logits.detach(), mask)
         if self._modality_counts is None:  # called outside the training loop: plain mean per micro-batch
             loss_text = loss_text / self.current_gradient_accumulation_steps
             loss_image = loss_image / self.current_gradient_accumulation_steps
@@ -132,6 +150,10 @@ class ParetoLoRATrainer(Trainer):
             if self.recorder is not None:
                 self.recorder.record(self.state.global_step + 1, self.pareto_report)
         return (loss_text + loss_image).detach()
+
+    def _commit_forward(self):
+        with self.compute_loss_context_manager():
+            return self.model(**self._commit_batch[0]).logits
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Text + image loss (used by evaluation; training goes through ``training_step``)."""
@@ -143,4 +165,6 @@ class ParetoLoRATrainer(Trainer):
         if "loss" in logs and self.pareto_report is not None:
             # Reading the report is the step's one host sync; it happens only on logging steps.
             logs.update(self.pareto_report.as_dict(layers=self.log_layers))
+        if "loss" in logs and self.commit is not None:
+            logs.update({f"pareto/{k}": v for k, v in self.commit.metrics().items()})
         super().log(logs, start_time)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from ...rules import RULES, RuleSpec, as_spec
 from .base import Balancer, BalancedSync, weighted_coefficients
+from .commit import CoMMIT, kl_drift
 from .gradnorm import GradNorm, gradnorm_update
 from .mimo import MIMO, mimo_weights, stable_softmax
 
@@ -24,9 +25,11 @@ __all__ = [
     "METHODS",
     "Balancer",
     "BalancedSync",
+    "CoMMIT",
     "GradNorm",
     "MIMO",
     "gradnorm_update",
+    "kl_drift",
     "make",
     "mimo_weights",
     "resolve_rule",
@@ -37,7 +40,7 @@ __all__ = [
 #: balancer name -> class (``ParetoLoRA(model, rule=<name>)`` builds one with default parameters)
 BALANCERS: dict[str, type[Balancer]] = {"mimo": MIMO, "gradnorm": GradNorm}
 #: every method name: the kernel rules, the balancers, and "commit" (a learning-rate scheduler)
-METHODS: tuple[str, ...] = (*RULES, *BALANCERS)
+METHODS: tuple[str, ...] = (*RULES, *BALANCERS, "commit")
 
 
 def make(name: str, **params) -> Balancer:

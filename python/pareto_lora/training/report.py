@@ -74,6 +74,11 @@ class StepReport:
         """A balancer's quantities this step (``{"mimo/sigma_text": ..}``); empty for kernel rules."""
         return self._fetch()["balancer"]
 
+    def add_metrics(self, metrics: dict[str, float]) -> None:
+        """Merge host numbers of another method into :attr:`balancer` (e.g. ``CoMMIT.metrics()``),
+        so that ``as_dict()``, ``to_record()`` and the diagnostics carry them too."""
+        self._fetch()["balancer"].update({k: float(v) for k, v in metrics.items()})
+
     @property
     def loss_text(self) -> float:
         """Sum over the accumulated micro-batches of the (unscaled) text loss."""

@@ -109,9 +109,10 @@ def test_nearly_frozen_side_gives_kappa_far_from_one():
     assert _step(model, CoMMIT(opt), x, y) < 1e-4
 
 
-def test_swapping_the_sides_inverts_kappa():
-    x, y = _data(3)
-    a = Stacked(seed=4)
+@pytest.mark.parametrize("seed", range(6))
+def test_swapping_the_sides_inverts_kappa(seed):
+    x, y = _data(seed)
+    a = Stacked(seed=seed)
     b = copy.deepcopy(a)
     k_ab = _step(a, _sched(a, ("llm", "feature")), x, y)
     k_ba = _step(b, _sched(b, ("feature", "llm")), x, y)

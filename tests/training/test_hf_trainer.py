@@ -115,6 +115,13 @@ def test_balancers_by_name_with_commit_rates(tmp_path, rule):
     upper = [p for n, p in named if not any(f".layers.{i}." in n for i in (0, 1))]
     lower = [p for n, p in named if any(f".layers.{i}." in n for i in (0, 1))]  # the "feature" side here
     opt = torch.optim.AdamW([{"params": upper}, {"params": lower}], lr=1e-2)
+    seen, step = [], opt.step
+
+    def recording_step(*a, **kw):  # the rates in force while the optimizer steps
+        seen.append([g["lr"] for g in opt.param_groups])
+        return step(*a, **kw)
+
+    opt.step = recording_step
     commit = CoMMIT(every=2)
     trainer = pareto_lora.ParetoLoRATrainer(model=model, args=make_args(tmp_path, max_steps=4), train_dataset=TokenDataset(),
                                             optimizers=(opt, None), rule=rule, num_groups=2, modulate="all",
@@ -126,5 +133,8 @@ def test_balancers_by_name_with_commit_rates(tmp_path, rule):
     assert commit.steps == 4 and len(commit.history) == 2  # measured at steps 0 and 2
     assert all(0 < k < math.inf for k in commit.history)
     assert logs[-1]["pareto/commit/kappa_avg"] == pytest.approx(commit.kappa_avg)
-    # the Trainer's own (constant) schedule is restored after each step
+    # the Trainer's own (constant) schedule is restored after each step; during a step CoMMIT's rates hold
     assert [g["lr"] for g in opt.param_groups] == [1e-2, 1e-2]
+    assert len(seen) == 4 and seen[0] == [1e-2, 1e-2]
+    k = commit.history[0]  # measured at step 0, in force from step 1
+    assert seen[1] == pytest.approx([2e-2 / (k + 1), 2e-2 / (1 / k + 1)])

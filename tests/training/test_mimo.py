@@ -196,3 +196,20 @@ def test_state_dict_round_trip():
     pl = pareto_lora.ParetoLoRA(model, rule="mimo", num_groups=2)
     pl.backward(*_losses(model, models.token_batch()))
     assert pl.balancer.state_dict()["steps"] == 1 and torch.isfinite(pl.balancer.state_dict()["floors"]).all()
+
+
+def test_skip_mode_poisons_the_one_backward_step():
+    model = models.lora_llama(num_layers=2)
+    pl = pareto_lora.ParetoLoRA(model, rule="mimo", num_groups=2, on_nonfinite="skip")
+    lt, li = _losses(model, models.token_batch())
+    report = pl.backward(text=lt, image=li * math.inf)
+    assert report.nonfinite and set(report.cases) == {int(Case.NONFINITE)}
+    assert all(torch.isnan(p.grad).all() for _, p in _named(model))
+
+
+def test_several_processes_are_refused(monkeypatch):
+    model = models.lora_llama(num_layers=2)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    with pytest.raises(ValueError, match="single process"):
+        pareto_lora.ParetoLoRA(model, rule="mimo", num_groups=2)

@@ -8,12 +8,14 @@ Install with build isolation off, so the extension compiles against the torch yo
 
 CUDA/ROCm sources (csrc/cuda/*.cu) join the build when the installed torch is a CUDA or ROCm
 build (torch.version.cuda / torch.version.hip), whether or not a GPU is present on the build
-machine. PARETO_LORA_CUDA=0 forces a CPU-only build; PARETO_LORA_CUDA=1 demands the CUDA build
-and fails if the installed torch cannot do it.
+machine, provided torch finds the toolkit (CUDA_HOME / ROCM_HOME); without one the CPU extension
+is built and one line says CUDA kernels were skipped. PARETO_LORA_CUDA=0 forces a CPU-only build;
+PARETO_LORA_CUDA=1 demands the CUDA build and fails if it cannot be made.
 """
 
 import glob
 import os
+import sys
 
 import torch
 from setuptools import find_packages, setup
@@ -22,16 +24,44 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtensio
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def want_cuda() -> bool:
-    has_gpu_torch = torch.version.cuda is not None or torch.version.hip is not None
-    switch = os.environ.get("PARETO_LORA_CUDA", "auto").lower()
+def cuda_decision(switch: str, torch_gpu: str | None, toolkit: str | None) -> tuple[bool, str | None]:
+    """(build the CUDA/HIP sources?, a line to print) from PARETO_LORA_CUDA, the installed torch's
+    GPU flavour ("cuda"/"hip"/None) and the toolkit root torch found (CUDA_HOME/ROCM_HOME or None).
+
+    The default `pip install torch` on Linux is a CUDA build, usually without a CUDA toolkit on the
+    machine: then the CPU extension is built and one line says why CUDA kernels were skipped.
+    """
+    switch = switch.lower()
     if switch in ("0", "false", "no", "off"):
-        return False
-    if switch in ("1", "true", "yes", "on"):
-        if not has_gpu_torch:
+        return False, None
+    forced = switch in ("1", "true", "yes", "on")
+    if not forced and switch not in ("auto", ""):
+        raise RuntimeError(f"PARETO_LORA_CUDA: expected 0, 1 or auto, got {switch!r}")
+    if torch_gpu is None:
+        if forced:
             raise RuntimeError("PARETO_LORA_CUDA=1 but the installed torch has neither CUDA nor ROCm")
-        return True
-    return has_gpu_torch
+        return False, None
+    if toolkit is None:
+        kit = "ROCm (ROCM_HOME)" if torch_gpu == "hip" else "CUDA toolkit with nvcc (CUDA_HOME)"
+        if forced:
+            raise RuntimeError(f"PARETO_LORA_CUDA=1 but no {kit} was found for this {torch_gpu} build of torch")
+        return False, (
+            f"pareto-lora: {torch_gpu.upper()} kernels skipped (torch is a {torch_gpu} build, but no {kit} was found); "
+            f"building the CPU extension. For GPU kernels install the toolkit matching torch, set "
+            f"{'ROCM_HOME' if torch_gpu == 'hip' else 'CUDA_HOME'} and reinstall (PARETO_LORA_CUDA=1 makes this an error)."
+        )
+    return True, None
+
+
+def want_cuda() -> bool:
+    from torch.utils import cpp_extension
+
+    torch_gpu = "cuda" if torch.version.cuda is not None else ("hip" if torch.version.hip is not None else None)
+    toolkit = cpp_extension.ROCM_HOME if torch_gpu == "hip" else cpp_extension.CUDA_HOME
+    build, note = cuda_decision(os.environ.get("PARETO_LORA_CUDA", "auto"), torch_gpu, toolkit)
+    if note:
+        print(note, file=sys.stderr)
+    return build
 
 
 def extension():
@@ -48,21 +78,26 @@ def extension():
     return CppExtension("pareto_lora._C", sources, extra_compile_args={"cxx": cxx})
 
 
-setup(
-    name="pareto-lora",
-    version="0.1.0",
-    description="Modality-balanced gradient integration (Pareto LoRA, MGDA, MMPareto) for LoRA fine-tuning of multimodal models",
-    package_dir={"": "python"},
-    packages=find_packages("python"),
-    ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtension},
-    python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy", "tqdm", "matplotlib"],
-    extras_require={
-        "hf": ["transformers>=4.45", "peft>=0.13", "accelerate>=1.0"],
-        "triton": ["triton>=3.0"],
-        "test": ["pytest>=8", "pytest-benchmark>=4", "transformers>=4.45", "peft>=0.13", "accelerate>=1.0", "triton>=3.0"],
-    },
-    entry_points={"console_scripts": ["pareto-lora=pareto_lora.app.cli:main"]},
-    zip_safe=False,
-)
+# setuptools runs this file as __main__; tests import it for cuda_decision without building.
+if __name__ == "__main__":
+    setup(
+        name="pareto-lora",
+        version="0.1.0",
+        description="Modality-balanced gradient integration (Pareto LoRA, MGDA, MMPareto) for LoRA fine-tuning of multimodal models",
+        package_dir={"": "python"},
+        packages=find_packages("python"),
+        ext_modules=[extension()],
+        cmdclass={"build_ext": BuildExtension},
+        python_requires=">=3.10",
+        install_requires=["torch>=2.4", "numpy", "tqdm", "matplotlib"],
+        extras_require={
+            "hf": ["transformers>=4.45", "peft>=0.13", "accelerate>=1.0"],
+            "triton": ["triton>=3.0"],
+            "test": [
+                "pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "transformers>=4.45", "peft>=0.13", "accelerate>=1.0",
+                "triton>=3.0",
+            ],
+        },
+        entry_points={"console_scripts": ["pareto-lora=pareto_lora.app.cli:main"]},
+        zip_safe=False,
+    )

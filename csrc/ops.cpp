@@ -1,6 +1,6 @@
 // Operator schemas of the pareto_lora library.
 // Backends register implementations with TORCH_LIBRARY_IMPL (cpu/ops_cpu.cpp, cuda/*.cu);
-// fake (meta) implementations for torch.compile live in python/pareto_lora/ops.py.
+// fake (meta) implementations for torch.compile live in python/pareto_lora/backends/cpp.py.
 #include <torch/library.h>
 
 TORCH_LIBRARY(pareto_lora, m) {

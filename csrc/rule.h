@@ -46,12 +46,40 @@ struct Coefficients {
 // and NaN for +-inf and NaN.
 PL_HOST_DEVICE inline bool is_finite(double x) { return x - x == 0.0; }
 
+// Bound on the relative error of the statistics the rule is given: the kernels sum exact
+// products in double (error ~ n * 2^-53), and statistics summed elsewhere in float32 carry 2^-24
+// per rounding; 2^-20 covers both with room. python/pareto_lora/rules.py holds the same numbers.
+constexpr double kStatsRelErr = 0x1p-20;
+// a.b may exceed ||a|| ||b|| by rounding only: beyond this factor the statistics are not valid.
+constexpr double kCauchySchwarzSlack = 4.0 * kStatsRelErr;
+// mmpareto: ||h||^2 <= kStationaryRel * (h_a ||a|| + h_b ||b||)^2 counts as Pareto-stationary.
+// Above it, the statistics' error moves ||h||^2 by at most 1/16 of its value, so the output
+// norm gamma ||a + b|| ||h_true|| / ||h_est|| is within sqrt(1 + 1/16) < 1.031 of gamma ||a + b||.
+constexpr double kStationaryRel = 16.0 * kStatsRelErr;
+// Coefficients are stored as float32: a larger one would be written as inf.
+constexpr double kMaxCoefficient = 3.4028234663852886e38;
+
 // All arithmetic in double: the stats are float32 but the rule divides and takes square
 // roots of them, and G is small, so the wider type costs nothing and keeps every backend's
 // coefficients equal to the reference's to float32 rounding.
+PL_HOST_DEVICE inline Coefficients rule_of_valid(double aa, double bb, double ab, const RuleParams& p);
+
+// Precedence: statistics that are not finite or not valid (a negative squared norm, |a.b| above
+// ||a|| ||b|| beyond rounding), then inactive, then the rule; a coefficient too large for float32
+// is reported as NONFINITE too (plain sum) rather than written as inf.
 PL_HOST_DEVICE inline Coefficients compute_rule(double aa, double bb, double ab, bool active, const RuleParams& p) {
   if (!(is_finite(aa) && is_finite(bb) && is_finite(ab))) return {1.0, 1.0, kNonFinite};
+  if (aa < 0.0 || bb < 0.0) return {1.0, 1.0, kNonFinite};
+  const double bound = sqrt(aa) * sqrt(bb);
+  if (fabs(ab) > bound * (1.0 + kCauchySchwarzSlack)) return {1.0, 1.0, kNonFinite};
+  ab = fmin(fmax(ab, -bound), bound);  // within rounding: the nearest valid value
   if (!active) return {1.0, 1.0, kInactive};
+  const Coefficients c = rule_of_valid(aa, bb, ab, p);
+  if (!(fabs(c.alpha) <= kMaxCoefficient && fabs(c.beta) <= kMaxCoefficient)) return {1.0, 1.0, kNonFinite};
+  return c;
+}
+
+PL_HOST_DEVICE inline Coefficients rule_of_valid(double aa, double bb, double ab, const RuleParams& p) {
   if (p.rule == Rule::Sum) return {1.0, 1.0, kSummed};
 
   // MGDA: lambda minimises ||lambda a + (1 - lambda) b||^2 on [0, 1]. The paper's Eq. 4
@@ -87,7 +115,8 @@ PL_HOST_DEVICE inline Coefficients compute_rule(double aa, double bb, double ab,
       const double ha = conflict ? 2.0 * lam : 1.0;
       const double hb = conflict ? 2.0 * (1.0 - lam) : 1.0;
       const double h2 = ha * ha * aa + hb * hb * bb + 2.0 * ha * hb * ab;
-      if (!(h2 > 0.0)) return {0.0, 0.0, kStationary};
+      const double reach = ha * na + hb * nb;  // ||h|| <= reach; errors in h2 scale with reach^2
+      if (!(h2 > kStationaryRel * reach * reach)) return {0.0, 0.0, kStationary};
       const double scale = p.gamma * sqrt(fmax(aa + bb + 2.0 * ab, 0.0)) / sqrt(h2);
       return {scale * ha, scale * hb, conflict ? kPareto : kSummed};
     }

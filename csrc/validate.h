@@ -1,6 +1,6 @@
 // Argument checks shared by every compiled backend. Each raises a Python ValueError naming the
 // argument and what was expected, and runs before any output is written.
-// The messages match python/pareto_lora/_checks.py (used by the reference and Triton backends).
+// The messages match python/pareto_lora/checks.py (used by every backend's Python entry point).
 #pragma once
 
 #include <torch/types.h>
@@ -13,27 +13,44 @@
 
 namespace pareto_lora {
 
+// The dtype as every message spells it, here and in Python ("float32", "int64"), not c10's "Float".
+inline std::string dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "float32";
+    case at::kDouble: return "float64";
+    case at::kHalf: return "float16";
+    case at::kBFloat16: return "bfloat16";
+    case at::kLong: return "int64";
+    case at::kInt: return "int32";
+    case at::kShort: return "int16";
+    case at::kChar: return "int8";
+    case at::kByte: return "uint8";
+    case at::kBool: return "bool";
+    default: return c10::toString(t);
+  }
+}
+
 inline bool is_supported_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf || t == at::kDouble;
 }
 
 inline void check_buffers(const at::Tensor& a, const at::Tensor& b) {
   TORCH_CHECK_VALUE(is_supported_float(a.scalar_type()),
-                    "a: expected dtype float32, bfloat16, float16 or float64, got ", a.scalar_type());
+                    "a: expected dtype float32, bfloat16, float16 or float64, got ", dtype_name(a.scalar_type()));
   TORCH_CHECK_VALUE(is_supported_float(b.scalar_type()),
-                    "b: expected dtype float32, bfloat16, float16 or float64, got ", b.scalar_type());
+                    "b: expected dtype float32, bfloat16, float16 or float64, got ", dtype_name(b.scalar_type()));
   TORCH_CHECK_VALUE(a.is_contiguous(), "a: expected a contiguous tensor (flat gradient buffer)");
   TORCH_CHECK_VALUE(b.is_contiguous(), "b: expected a contiguous tensor (flat gradient buffer)");
   TORCH_CHECK_VALUE(b.numel() == a.numel(), "b: expected numel ", a.numel(), " (same as a), got ", b.numel());
-  TORCH_CHECK_VALUE(b.scalar_type() == a.scalar_type(), "b: expected dtype ", a.scalar_type(),
-                    " (same as a), got ", b.scalar_type());
+  TORCH_CHECK_VALUE(b.scalar_type() == a.scalar_type(), "b: expected dtype ", dtype_name(a.scalar_type()),
+                    " (same as a), got ", dtype_name(b.scalar_type()));
   TORCH_CHECK_VALUE(b.device() == a.device(), "b: expected device ", a.device(), " (same as a), got ", b.device());
 }
 
 inline void check_out(const at::Tensor& out, const at::Tensor& a) {
   TORCH_CHECK_VALUE(out.numel() == a.numel(), "out: expected numel ", a.numel(), " (same as a), got ", out.numel());
-  TORCH_CHECK_VALUE(out.scalar_type() == a.scalar_type(), "out: expected dtype ", a.scalar_type(),
-                    " (same as a), got ", out.scalar_type());
+  TORCH_CHECK_VALUE(out.scalar_type() == a.scalar_type(), "out: expected dtype ", dtype_name(a.scalar_type()),
+                    " (same as a), got ", dtype_name(out.scalar_type()));
   TORCH_CHECK_VALUE(out.device() == a.device(), "out: expected device ", a.device(), " (same as a), got ",
                     out.device());
   TORCH_CHECK_VALUE(out.is_contiguous(), "out: expected a contiguous tensor");
@@ -50,22 +67,30 @@ inline void check_offset_values(const int64_t* o, int64_t len, int64_t numel) {
   }
 }
 
+// t (offsets, active) may live on the CPU, where the host reads it, or on `device`.
+inline void check_host_or(const at::Tensor& t, const char* name, const at::Device& device) {
+  if (device.is_cpu()) {
+    TORCH_CHECK_VALUE(t.device().is_cpu(), name, ": expected device cpu, got ", t.device());
+  } else {
+    TORCH_CHECK_VALUE(t.device().is_cpu() || t.device() == device, name, ": expected device cpu or ", device,
+                      ", got ", t.device());
+  }
+}
+
 // Checks the offsets' metadata; offsets may live on the CPU or on `device`. Returns G.
 inline int64_t check_offsets_meta(const at::Tensor& offsets, const at::Device& device) {
   TORCH_CHECK_VALUE(offsets.scalar_type() == at::kLong, "offsets: expected dtype int64, got ",
-                    offsets.scalar_type());
+                    dtype_name(offsets.scalar_type()));
   TORCH_CHECK_VALUE(offsets.dim() == 1 && offsets.numel() >= 1,
                     "offsets: expected a 1-D tensor of length G+1 >= 1, got shape ", offsets.sizes());
-  TORCH_CHECK_VALUE(offsets.device().is_cpu() || offsets.device() == device, "offsets: expected device cpu or ",
-                    device, ", got ", offsets.device());
+  check_host_or(offsets, "offsets", device);
   return offsets.numel() - 1;
 }
 
-// Validates a, b and offsets (metadata and values) and returns the offsets on the CPU, where
-// every backend reads them (CUDA builds its tile schedule there). Offsets on a GPU cost one
+// Validates the offsets (metadata and values) against a checked `a` and returns them on the CPU,
+// where every backend reads them (CUDA builds its tile schedule there). Offsets on a GPU cost one
 // blocking copy (a host sync); callers that care pass them on the CPU.
-inline at::Tensor checked_offsets(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets) {
-  check_buffers(a, b);
+inline at::Tensor checked_offsets(const at::Tensor& a, const at::Tensor& offsets) {
   check_offsets_meta(offsets, a.device());
   at::Tensor cpu = offsets.is_cpu() ? offsets.contiguous() : offsets.to(at::kCPU).contiguous();
   check_offset_values(cpu.const_data_ptr<int64_t>(), cpu.numel(), a.numel());
@@ -75,21 +100,21 @@ inline at::Tensor checked_offsets(const at::Tensor& a, const at::Tensor& b, cons
 inline void check_active(const std::optional<at::Tensor>& active, int64_t num_segments) {
   if (!active.has_value()) return;
   const at::Tensor& t = *active;
-  TORCH_CHECK_VALUE(t.scalar_type() == at::kBool, "active: expected dtype bool, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kBool, "active: expected dtype bool, got ", dtype_name(t.scalar_type()));
   TORCH_CHECK_VALUE(t.dim() == 1 && t.numel() == num_segments, "active: expected shape [", num_segments,
                     "] (one per segment), got ", t.sizes());
 }
 
 inline int64_t check_stats(const at::Tensor& stats) {
   TORCH_CHECK_VALUE(stats.scalar_type() == at::kFloat || stats.scalar_type() == at::kDouble,
-                    "stats: expected dtype float32 or float64, got ", stats.scalar_type());
+                    "stats: expected dtype float32 or float64, got ", dtype_name(stats.scalar_type()));
   TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(1) == 3, "stats: expected shape [G, 3], got ", stats.sizes());
   return stats.size(0);
 }
 
 inline void check_coeffs(const at::Tensor& coeffs, int64_t num_segments, const at::Device& device) {
   TORCH_CHECK_VALUE(coeffs.scalar_type() == at::kFloat || coeffs.scalar_type() == at::kDouble,
-                    "coeffs: expected dtype float32, got ", coeffs.scalar_type());
+                    "coeffs: expected dtype float32 or float64, got ", dtype_name(coeffs.scalar_type()));
   TORCH_CHECK_VALUE(coeffs.dim() == 2 && coeffs.size(0) == num_segments && coeffs.size(1) == 2,
                     "coeffs: expected shape [", num_segments, ", 2], got ", coeffs.sizes());
   TORCH_CHECK_VALUE(coeffs.device() == device, "coeffs: expected device ", device, " (same as a), got ",

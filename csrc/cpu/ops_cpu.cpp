@@ -1,35 +1,33 @@
-// CPU implementations of the pareto_lora ops: validate everything, then stats -> rule -> combine.
+// CPU implementations of the pareto_lora ops: validate everything (op_args.h), then stats -> rule -> combine.
 #include <torch/library.h>
 #include <torch/types.h>
 
 #include <tuple>
 #include <vector>
 
+#include "../op_args.h"
 #include "../rule.h"
-#include "../validate.h"
 #include "segment_kernels.h"
 
 namespace pareto_lora {
 namespace {
 
 at::Tensor segment_stats(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets) {
-  const at::Tensor off = checked_offsets(a, b, offsets);
-  const int64_t g = off.numel() - 1;
-  at::Tensor stats = at::empty({g, 3}, a.options().dtype(at::kFloat));
-  segment_stats_cpu(a, b, off.const_data_ptr<int64_t>(), g, stats.mutable_data_ptr<float>());
+  const SegmentArgs args = checked_stats_args(a, b, offsets, kCpuOp);
+  at::Tensor stats = at::empty({args.num_segments, 3}, a.options().dtype(at::kDouble));
+  segment_stats_cpu(a, b, args.offsets_ptr(), args.num_segments, stats.mutable_data_ptr<double>());
   return stats;
 }
 
-// The rule over G segments on the host (G is small: a loop is the right tool).
-std::tuple<at::Tensor, at::Tensor> rules_host(const at::Tensor& stats, const std::optional<at::Tensor>& active,
-                                              const RuleParams& p) {
+// The rule over G segments on the host (G is small: a loop is the right tool). `active` is
+// contiguous or undefined.
+std::tuple<at::Tensor, at::Tensor> rules_host(const at::Tensor& stats, const at::Tensor& active, const RuleParams& p) {
   const int64_t g = stats.size(0);
   const at::Tensor s = stats.to(at::kDouble).contiguous();
-  const at::Tensor act = active.has_value() ? active->contiguous() : at::Tensor();
   at::Tensor coeffs = at::empty({g, 2}, stats.options().dtype(at::kFloat));
   at::Tensor cases = at::empty({g}, stats.options().dtype(at::kInt));
   const double* ps = s.const_data_ptr<double>();
-  const bool* pa = act.defined() ? act.const_data_ptr<bool>() : nullptr;
+  const bool* pa = active.defined() ? active.const_data_ptr<bool>() : nullptr;
   float* pc = coeffs.mutable_data_ptr<float>();
   int32_t* pk = cases.mutable_data_ptr<int32_t>();
   for (int64_t i = 0; i < g; ++i) {
@@ -44,20 +42,15 @@ std::tuple<at::Tensor, at::Tensor> rules_host(const at::Tensor& stats, const std
 std::tuple<at::Tensor, at::Tensor> rule_coefficients(const at::Tensor& stats, c10::string_view rule, double tau,
                                                      const std::optional<at::Tensor>& active, double gamma,
                                                      bool symmetric) {
-  const int64_t g = check_stats(stats);
-  check_active(active, g);
-  const RuleParams p = parse_rule_params(std::string(rule), tau, gamma, symmetric);
-  return rules_host(stats, active.has_value() ? std::optional<at::Tensor>(active->cpu()) : std::nullopt, p);
+  const RuleArgs args = checked_rule_args(stats, rule, tau, active, gamma, symmetric, kCpuOp);
+  return rules_host(stats, args.active, args.rule);
 }
 
 void combine(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets, const at::Tensor& coeffs,
              at::Tensor out) {
-  const at::Tensor off = checked_offsets(a, b, offsets);
-  const int64_t g = off.numel() - 1;
-  check_coeffs(coeffs, g, a.device());
-  check_out(out, a);
+  const SegmentArgs args = checked_combine(a, b, offsets, coeffs, out, kCpuOp);
   const at::Tensor c = coeffs.to(at::kDouble).contiguous();
-  combine_cpu(a, b, off.const_data_ptr<int64_t>(), g, c.const_data_ptr<double>(), out);
+  combine_cpu(a, b, args.offsets_ptr(), args.num_segments, c.const_data_ptr<double>(), out);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> integrate(const at::Tensor& a, const at::Tensor& b,
@@ -65,17 +58,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> integrate(const at::Tensor& a, co
                                                          c10::string_view rule, double tau,
                                                          const std::optional<at::Tensor>& active, double gamma,
                                                          bool symmetric) {
-  const at::Tensor off = checked_offsets(a, b, offsets);
-  const int64_t g = off.numel() - 1;
-  check_out(out, a);
-  check_active(active, g);
-  const RuleParams p = parse_rule_params(std::string(rule), tau, gamma, symmetric);
+  const IntegrateArgs args = checked_integrate(a, b, offsets, out, rule, tau, active, gamma, symmetric, kCpuOp);
   // Everything is checked: from here on writes may happen.
-  at::Tensor stats = at::empty({g, 3}, a.options().dtype(at::kFloat));
-  segment_stats_cpu(a, b, off.const_data_ptr<int64_t>(), g, stats.mutable_data_ptr<float>());
-  auto [coeffs, cases] = rules_host(stats, active.has_value() ? std::optional<at::Tensor>(active->cpu()) : std::nullopt, p);
+  const int64_t g = args.num_segments;
+  at::Tensor stats = at::empty({g, 3}, a.options().dtype(at::kDouble));
+  segment_stats_cpu(a, b, args.offsets_ptr(), g, stats.mutable_data_ptr<double>());
+  auto [coeffs, cases] = rules_host(stats, args.active, args.rule);
   const at::Tensor c = coeffs.to(at::kDouble);
-  combine_cpu(a, b, off.const_data_ptr<int64_t>(), g, c.const_data_ptr<double>(), out);
+  combine_cpu(a, b, args.offsets_ptr(), g, c.const_data_ptr<double>(), out);
   return {stats, coeffs, cases};
 }
 

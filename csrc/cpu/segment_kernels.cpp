@@ -3,8 +3,8 @@
 // Work is cut into fixed-size chunks that never cross a segment boundary. Each chunk writes
 // its partial sums into its own slot, and a segment's slots are added in chunk order, so the
 // result does not depend on the thread count or on scheduling (bitwise reproducible).
-// Within a chunk the sums run in the input's opmath type (float32 for fp32/bf16/fp16, double
-// for double) over several vector lanes; across chunks they run in double.
+// The sums run in double (vector lanes within a chunk, then across chunks), and the statistics
+// are returned in double: accurate over the whole float32 range (see segment_kernels.inc).
 // The chunk kernels (segment_kernels.inc) exist once per CPU capability; the best one this CPU
 // supports is chosen once.
 #include "segment_kernels.h"
@@ -47,7 +47,7 @@ const ChunkKernels& best_kernels() {
 }  // namespace
 
 void segment_stats_cpu(const at::Tensor& a, const at::Tensor& b, const int64_t* offsets, int64_t num_segments,
-                       float* stats) {
+                       double* stats) {
   const std::vector<Chunk> chunks = make_chunks(offsets, num_segments);
   std::vector<double> partial(3 * chunks.size());
   const auto kernel = best_kernels().get(a.scalar_type()).stats;
@@ -64,7 +64,7 @@ void segment_stats_cpu(const at::Tensor& a, const at::Tensor& b, const int64_t* 
   for (size_t c = 0; c < chunks.size(); ++c) {
     for (int k = 0; k < 3; ++k) total[3 * chunks[c].seg + k] += partial[3 * c + k];
   }
-  for (int64_t i = 0; i < 3 * num_segments; ++i) stats[i] = static_cast<float>(total[i]);
+  std::copy(total.begin(), total.end(), stats);
 }
 
 void combine_cpu(const at::Tensor& a, const at::Tensor& b, const int64_t* offsets, int64_t num_segments,

@@ -41,8 +41,9 @@ constexpr int kMinBlocksPerSm = 2;
 // Vectors per thread and operand in one tile: tiles are big enough that the per-tile ticket,
 // lookup and block reduction are small next to the 2 x 32 KiB a tile reads.
 constexpr int kVecsPerThread = 8;
-// Shared scratch is sized for the smallest warp (32 lanes): on 64-lane wavefronts half is unused.
-constexpr int kMaxWarps = kThreads / 32;
+// Shared scratch is sized for the narrowest warp of the target (C10_WARP_SIZE_LOWER_BOUND: 32 on
+// NVIDIA, 64 on CDNA wavefronts, 32 where the width is only known at run time).
+constexpr int kMaxWarps = kThreads / C10_WARP_SIZE_LOWER_BOUND;
 
 // Elements per tile.
 template <typename scalar_t>
@@ -74,7 +75,7 @@ struct Params {
   int64_t ticket_begin, ticket_end;  // this launch runs tickets [ticket_begin, ticket_end)
   double* partials;                  // 3 per reduce tile
   Counters ctr;
-  float* stats;            // [G, 3], written by finalizers
+  double* stats;           // [G, 3], written by finalizers
   float* coeffs_out;       // [G, 2], written by finalizers when with_rule
   int32_t* cases;          // [G]
   const float* coeff_f;    // coefficients read by apply tiles: float ...
@@ -89,6 +90,10 @@ struct Params {
 // x, y, z summed over the block; the totals are valid in thread 0. Fixed shuffle tree.
 template <typename T>
 __device__ __forceinline__ void block_sum3(T& x, T& y, T& z) {
+  // The shuffle tree and the scratch rows assume whole warps that fit the scratch. Evaluated per
+  // target at compile time: nvcc (32 lanes) and tools/compile_hip.py (64-lane gfx90a wavefronts).
+  static_assert(kThreads % C10_WARP_SIZE == 0 && kThreads / C10_WARP_SIZE <= kMaxWarps,
+                "kThreads must be whole warps that fit the scratch");
   __shared__ T scratch[kMaxWarps][3];
   const int warp_size = C10_WARP_SIZE;
   const int lane = threadIdx.x % warp_size, warp = threadIdx.x / warp_size;
@@ -169,14 +174,13 @@ __device__ __noinline__ void finalize_segment(const Params<scalar_t>& p, const c
   }
   block_sum3(x, y, z);
   if (threadIdx.x == 0) {
-    // The rule sees the float32 statistics, exactly as on the CPU and in the reference.
-    const float fa = static_cast<float>(x), fb = static_cast<float>(y), fab = static_cast<float>(z);
-    p.stats[3 * t.seg] = fa;
-    p.stats[3 * t.seg + 1] = fb;
-    p.stats[3 * t.seg + 2] = fab;
+    // The rule sees the float64 statistics it returns, exactly as on the CPU and in the reference.
+    p.stats[3 * t.seg] = x;
+    p.stats[3 * t.seg + 1] = y;
+    p.stats[3 * t.seg + 2] = z;
     if (p.with_rule) {
       const bool on = p.active == nullptr || p.active[t.seg];
-      const Coefficients c = compute_rule(fa, fb, fab, on, p.rule);
+      const Coefficients c = compute_rule(x, y, z, on, p.rule);
       p.coeffs_out[2 * t.seg] = static_cast<float>(c.alpha);
       p.coeffs_out[2 * t.seg + 1] = static_cast<float>(c.beta);
       p.cases[t.seg] = c.code;
@@ -191,7 +195,9 @@ __device__ __noinline__ void finalize_segment(const Params<scalar_t>& p, const c
 
 template <typename scalar_t>
 __device__ void reduce_tile(const Params<scalar_t>& p, const cuda_schedule::Tile& t) {
-  using acc_t = at::opmath_type<scalar_t>;
+  // Products and sums in double: a float32 product is exact in double, so squares of tiny
+  // (|x| ~ 1e-23) and huge (|x| ~ 1e20) gradients survive. The tile loop stays memory-bound.
+  using acc_t = double;
   constexpr int kVec = 16 / sizeof(scalar_t);
   const int64_t n = t.end - t.begin;
   const scalar_t* a = p.a + t.begin;

@@ -1,6 +1,6 @@
 // CUDA (and, hipified, ROCm) implementations of the pareto_lora ops.
 //
-// Host side of integrate_kernel.cuh: validation (same order and messages as csrc/cpu/ops_cpu.cpp),
+// Host side of integrate_kernel.cuh: validation (op_args.h, shared with csrc/cpu/ops_cpu.cpp),
 // the tile schedule built on the host from CPU offsets and sent with one non-blocking copy from
 // pinned memory, the per-stream workspace of self-resetting counters, and the launch.
 //
@@ -23,8 +23,8 @@
 #include <tuple>
 #include <utility>
 
+#include "../op_args.h"
 #include "../rule.h"
-#include "../validate.h"
 #include "integrate_kernel.cuh"
 #include "schedule.h"
 
@@ -107,26 +107,13 @@ at::Tensor upload(const std::vector<int64_t>& words, const at::Device& device) {
   return host.to(device, /*non_blocking=*/true);
 }
 
-// ---- validation helpers (everything runs before the first write) --------------------------------
-void check_active_device(const std::optional<at::Tensor>& active, const at::Device& device) {
-  if (!active.has_value()) return;
-  TORCH_CHECK_VALUE(active->is_cpu() || active->device() == device, "active: expected device cpu or ", device,
-                    ", got ", active->device());
-}
-
-// Reached only through the CUDA dispatch key; a CPU `a` here means another argument was on the GPU.
-void require_cuda(const at::Tensor& t, const char* name) {
-  TORCH_CHECK_VALUE(t.is_cuda(), name, ": expected a CUDA tensor (other arguments are on the GPU), got device ",
-                    t.device());
-}
-
 // ---- the launch ----------------------------------------------------------------------------------
 struct Job {
   bool reduce = false;     // compute statistics (phase 1)
   bool with_rule = false;  // ... and the rule
   bool apply = false;      // write out (phase 2)
   bool two_pass = false;
-  float* stats = nullptr;
+  double* stats = nullptr;
   float* coeffs_out = nullptr;
   int32_t* cases = nullptr;
   const float* coeff_f = nullptr;
@@ -213,37 +200,25 @@ void dispatch_launch(const at::Tensor& a, const at::Tensor& b, at::Tensor* out, 
 
 // ---- the ops ---------------------------------------------------------------------------------------
 at::Tensor segment_stats_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets) {
-  const at::Tensor off = checked_offsets(a, b, offsets);
-  require_cuda(a, "a");
+  const SegmentArgs args = checked_stats_args(a, b, offsets, kCudaOp);
   const c10::cuda::CUDAGuard guard(a.device());
-  const int64_t g = off.numel() - 1;
-  at::Tensor stats = at::empty({g, 3}, a.options().dtype(at::kFloat));
+  at::Tensor stats = at::empty({args.num_segments, 3}, a.options().dtype(at::kDouble));
   Job job;
   job.reduce = true;
-  job.stats = stats.data_ptr<float>();
-  dispatch_launch(a, b, nullptr, off, job);
+  job.stats = stats.data_ptr<double>();
+  dispatch_launch(a, b, nullptr, args.offsets, job);
   return stats;
 }
 
 std::tuple<at::Tensor, at::Tensor> rule_coefficients_cuda(const at::Tensor& stats, c10::string_view rule, double tau,
                                                           const std::optional<at::Tensor>& active, double gamma,
                                                           bool symmetric) {
-  const int64_t g = check_stats(stats);
-  check_active(active, g);
-  const RuleParams p = parse_rule_params(std::string(rule), tau, gamma, symmetric);
-  if (active.has_value()) {
-    // Dispatch picked CUDA because some argument is on the GPU; stats must be.
-    TORCH_CHECK_VALUE(stats.is_cuda(), "active: expected device cpu (same as stats), got ", active->device());
-    check_active_device(active, stats.device());
-  }
-  require_cuda(stats, "stats");
+  const RuleArgs args = checked_rule_args(stats, rule, tau, active, gamma, symmetric, kCudaOp);
+  const int64_t g = args.num_segments;
   const c10::cuda::CUDAGuard guard(stats.device());
   const at::Tensor s = stats.contiguous();
-  at::Tensor act;
-  if (active.has_value()) {
-    act = active->is_cpu() ? active->contiguous().pin_memory().to(stats.device(), /*non_blocking=*/true)
-                           : active->contiguous();
-  }
+  at::Tensor act = args.active;
+  if (act.defined() && act.is_cpu()) act = act.pin_memory().to(stats.device(), /*non_blocking=*/true);
   at::Tensor coeffs = at::empty({g, 2}, stats.options().dtype(at::kFloat));
   at::Tensor cases = at::empty({g}, stats.options().dtype(at::kInt));
   if (g == 0) return {coeffs, cases};
@@ -252,10 +227,10 @@ std::tuple<at::Tensor, at::Tensor> rule_coefficients_cuda(const at::Tensor& stat
   const bool* pa = act.defined() ? act.const_data_ptr<bool>() : nullptr;
   if (s.scalar_type() == at::kDouble) {
     cuda_kernel::rule_kernel<double><<<grid, kThreads, 0, stream.stream()>>>(
-        s.const_data_ptr<double>(), pa, g, p, coeffs.data_ptr<float>(), cases.data_ptr<int32_t>());
+        s.const_data_ptr<double>(), pa, g, args.rule, coeffs.data_ptr<float>(), cases.data_ptr<int32_t>());
   } else {
     cuda_kernel::rule_kernel<float><<<grid, kThreads, 0, stream.stream()>>>(
-        s.const_data_ptr<float>(), pa, g, p, coeffs.data_ptr<float>(), cases.data_ptr<int32_t>());
+        s.const_data_ptr<float>(), pa, g, args.rule, coeffs.data_ptr<float>(), cases.data_ptr<int32_t>());
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {coeffs, cases};
@@ -263,11 +238,7 @@ std::tuple<at::Tensor, at::Tensor> rule_coefficients_cuda(const at::Tensor& stat
 
 void combine_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets, const at::Tensor& coeffs,
                   at::Tensor out) {
-  const at::Tensor off = checked_offsets(a, b, offsets);
-  const int64_t g = off.numel() - 1;
-  check_coeffs(coeffs, g, a.device());
-  check_out(out, a);
-  require_cuda(a, "a");
+  const SegmentArgs args = checked_combine(a, b, offsets, coeffs, out, kCudaOp);
   const c10::cuda::CUDAGuard guard(a.device());
   const at::Tensor c = coeffs.contiguous();
   Job job;
@@ -277,7 +248,7 @@ void combine_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor& of
   } else {
     job.coeff_f = c.const_data_ptr<float>();
   }
-  dispatch_launch(a, b, &out, off, job);
+  dispatch_launch(a, b, &out, args.offsets, job);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> integrate_cuda(const at::Tensor& a, const at::Tensor& b,
@@ -285,38 +256,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> integrate_cuda(const at::Tensor& 
                                                               c10::string_view rule, double tau,
                                                               const std::optional<at::Tensor>& active, double gamma,
                                                               bool symmetric) {
-  const at::Tensor off = checked_offsets(a, b, offsets);
-  const int64_t g = off.numel() - 1;
-  check_out(out, a);
-  check_active(active, g);
-  check_active_device(active, a.device());
-  const RuleParams p = parse_rule_params(std::string(rule), tau, gamma, symmetric);
-  require_cuda(a, "a");
+  const IntegrateArgs args = checked_integrate(a, b, offsets, out, rule, tau, active, gamma, symmetric, kCudaOp);
   const bool two_pass = use_two_pass(a.numel());
   // Everything is checked: from here on writes may happen.
   const c10::cuda::CUDAGuard guard(a.device());
-  at::Tensor stats = at::empty({g, 3}, a.options().dtype(at::kFloat));
+  const int64_t g = args.num_segments;
+  at::Tensor stats = at::empty({g, 3}, a.options().dtype(at::kDouble));
   at::Tensor coeffs = at::empty({g, 2}, a.options().dtype(at::kFloat));
   at::Tensor cases = at::empty({g}, a.options().dtype(at::kInt));
-  at::Tensor act_host;
   Job job;
   job.reduce = job.with_rule = job.apply = true;
   job.two_pass = two_pass;
-  job.stats = stats.data_ptr<float>();
+  job.stats = stats.data_ptr<double>();
   job.coeffs_out = coeffs.data_ptr<float>();
   job.cases = cases.data_ptr<int32_t>();
   job.coeff_f = job.coeffs_out;
-  job.rule = p;
-  if (active.has_value()) {
-    if (active->is_cpu()) {
-      act_host = active->contiguous();
-      job.active_host = act_host.const_data_ptr<bool>();
-    } else {
-      act_host = active->contiguous();  // keeps a contiguous copy alive until the launch
-      job.active_device = act_host.const_data_ptr<bool>();
-    }
+  job.rule = args.rule;
+  // args.active (contiguous) outlives the launch, which reads it or copies it with the schedule.
+  if (args.active.defined()) {
+    (args.active.is_cpu() ? job.active_host : job.active_device) = args.active.const_data_ptr<bool>();
   }
-  dispatch_launch(a, b, &out, off, job);
+  dispatch_launch(a, b, &out, args.offsets, job);
   return {stats, coeffs, cases};
 }
 

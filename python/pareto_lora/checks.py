@@ -1,12 +1,15 @@
-"""Argument validation of the tensor arguments for the Python-side backends (reference, Triton).
+"""Argument validation of the tensor arguments, shared by every backend's Python entry point.
 
-The compiled ops validate in C++ (csrc/validate.h) with the same messages; both are exercised
-by the same parametrised tests. Every check runs before anything is written. The rule's own
-parameters are validated once, by :class:`pareto_lora.rules.RuleSpec`.
+The compiled ops validate again in C++ (csrc/validate.h) with the same messages; both are
+exercised by the same parametrised tests. Every check runs before anything is written. The
+rule's own parameters are validated once, by :class:`pareto_lora.rules.RuleSpec`. Dtypes are
+named the same way everywhere ("float32", "int64", never "torch.float32" or "Float").
 May import: nothing from the package (tensors in, ValueError out).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
@@ -17,88 +20,158 @@ def _fail(arg: str, msg: str) -> None:
     raise ValueError(f"{arg}: {msg}")
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """"float32" for torch.float32: the spelling every message uses (C++ included)."""
+    return str(dtype).removeprefix("torch.")
+
+
+def _tensor(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        _fail(name, f"expected a Tensor, got {type(t).__name__}")
+    if t.device.type == "meta":
+        # A meta tensor has no data to read or write: only the fake kernels take it.
+        _fail(name, "expected a tensor with data, got one on the meta device")
+
+
+def _on(name: str, t: torch.Tensor, device: torch.device, host_ok: bool, what: str = "") -> None:
+    """`t` must live on `device` (or on the CPU when `host_ok`: small tables read by the host)."""
+    if t.device == device or (host_ok and t.device.type == "cpu"):
+        return
+    where = f"cpu or {device}" if host_ok and device.type != "cpu" else str(device)
+    _fail(name, f"expected device {where}{what}, got {t.device}")
+
+
+def as_offsets(offsets):
+    """Offsets as given, or a list/tuple of ints made an int64 tensor (a natural way to write them)."""
+    if isinstance(offsets, Sequence) and not isinstance(offsets, (str, bytes)):
+        if not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets):
+            _fail("offsets", "expected an int64 Tensor or a sequence of ints")
+        return torch.tensor(list(offsets), dtype=torch.int64)
+    return offsets
+
+
+def as_active(active):
+    """Active as given, or a list/tuple of bools made a bool tensor."""
+    if isinstance(active, Sequence) and not isinstance(active, (str, bytes)):
+        if not all(isinstance(x, bool) for x in active):
+            _fail("active", "expected a bool Tensor, a sequence of bools or None")
+        return torch.tensor(list(active), dtype=torch.bool)
+    return active
+
+
 def check_buffers(a: torch.Tensor, b: torch.Tensor) -> None:
     for name, t in (("a", a), ("b", b)):
-        if not isinstance(t, torch.Tensor):
-            _fail(name, f"expected a Tensor, got {type(t).__name__}")
+        _tensor(name, t)
         if t.dtype not in FLOAT_DTYPES:
-            _fail(name, f"expected dtype float32, bfloat16, float16 or float64, got {t.dtype}")
+            _fail(name, f"expected dtype float32, bfloat16, float16 or float64, got {dtype_name(t.dtype)}")
         if not t.is_contiguous():
             _fail(name, "expected a contiguous tensor (flat gradient buffer)")
     if b.numel() != a.numel():
         _fail("b", f"expected numel {a.numel()} (same as a), got {b.numel()}")
     if b.dtype != a.dtype:
-        _fail("b", f"expected dtype {a.dtype} (same as a), got {b.dtype}")
-    if b.device != a.device:
-        _fail("b", f"expected device {a.device} (same as a), got {b.device}")
+        _fail("b", f"expected dtype {dtype_name(a.dtype)} (same as a), got {dtype_name(b.dtype)}")
+    _on("b", b, a.device, host_ok=False, what=" (same as a)")
 
 
-def check_out(out: torch.Tensor, a: torch.Tensor) -> None:
-    if not isinstance(out, torch.Tensor):
-        _fail("out", f"expected a Tensor, got {type(out).__name__}")
+def _byte_range(t: torch.Tensor) -> tuple[int, int]:
+    start = t.data_ptr()
+    return start, start + t.numel() * t.element_size()
+
+
+def _check_overlap(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None) -> None:
+    """`out` may be `a` or `b` exactly (same memory) or disjoint from both, nothing in between:
+    a shifted view would read elements the same call has already overwritten."""
+    lo, hi = _byte_range(out)
+    for name, t in (("a", a), ("b", b)):
+        if t is None or t.numel() == 0 or out.numel() == 0:
+            continue
+        if t.untyped_storage().data_ptr() != out.untyped_storage().data_ptr():
+            continue
+        t_lo, t_hi = _byte_range(t)
+        if (t_lo, t_hi) != (lo, hi) and t_lo < hi and lo < t_hi:
+            _fail("out", f"expected a, b or memory disjoint from both; it partially overlaps {name}")
+
+
+def check_out(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None = None) -> None:
+    _tensor("out", out)
     if out.numel() != a.numel():
         _fail("out", f"expected numel {a.numel()} (same as a), got {out.numel()}")
     if out.dtype != a.dtype:
-        _fail("out", f"expected dtype {a.dtype} (same as a), got {out.dtype}")
-    if out.device != a.device:
-        _fail("out", f"expected device {a.device} (same as a), got {out.device}")
+        _fail("out", f"expected dtype {dtype_name(a.dtype)} (same as a), got {dtype_name(out.dtype)}")
+    _on("out", out, a.device, host_ok=False, what=" (same as a)")
     if not out.is_contiguous():
         _fail("out", "expected a contiguous tensor")
+    _check_overlap(out, a, b)
 
 
 def check_offsets(offsets: torch.Tensor, numel: int, device: torch.device) -> int:
-    """Validate segment offsets; returns the number of segments G."""
-    if not isinstance(offsets, torch.Tensor):
-        _fail("offsets", f"expected a Tensor, got {type(offsets).__name__}")
+    """Validate segment offsets (on the CPU or `device`); returns the number of segments G."""
+    _tensor("offsets", offsets)
     if offsets.dtype != torch.int64:
-        _fail("offsets", f"expected dtype int64, got {offsets.dtype}")
+        _fail("offsets", f"expected dtype int64, got {dtype_name(offsets.dtype)}")
     if offsets.dim() != 1 or offsets.numel() < 1:
         _fail("offsets", f"expected a 1-D tensor of length G+1 >= 1, got shape {tuple(offsets.shape)}")
-    if offsets.device.type != "cpu" and offsets.device != device:
-        _fail("offsets", f"expected device cpu or {device}, got {offsets.device}")
+    _on("offsets", offsets, device, host_ok=True)
     vals = offsets.cpu()
     if int(vals[0]) != 0:
         _fail("offsets", f"expected offsets[0] == 0, got {int(vals[0])}")
     if int(vals[-1]) != numel:
         _fail("offsets", f"expected offsets[-1] == numel == {numel}, got {int(vals[-1])}")
     if vals.numel() > 1:
-        steps = vals[1:] - vals[:-1]
-        if bool((steps < 0).any()):
-            i = int(torch.nonzero(steps < 0)[0])
+        # Compared, not subtracted: differences of arbitrary int64 values can overflow.
+        down = vals[1:] < vals[:-1]
+        if bool(down.any()):
+            i = int(torch.nonzero(down)[0])
             _fail("offsets", f"expected non-decreasing values, but offsets[{i + 1}] < offsets[{i}]")
     return offsets.numel() - 1
 
 
 def check_stats(stats: torch.Tensor) -> int:
-    if not isinstance(stats, torch.Tensor):
-        _fail("stats", f"expected a Tensor, got {type(stats).__name__}")
+    _tensor("stats", stats)
     if stats.dtype not in (torch.float32, torch.float64):
-        _fail("stats", f"expected dtype float32 or float64, got {stats.dtype}")
+        _fail("stats", f"expected dtype float32 or float64, got {dtype_name(stats.dtype)}")
     if stats.dim() != 2 or stats.shape[1] != 3:
         _fail("stats", f"expected shape [G, 3], got {tuple(stats.shape)}")
     return stats.shape[0]
 
 
-def check_active(active: torch.Tensor | None, num_segments: int) -> None:
+def check_active(active: torch.Tensor | None, num_segments: int, device: torch.device) -> None:
+    """A bool per segment (any stride), on the CPU or the op's `device`; None means all active."""
     if active is None:
         return
     if not isinstance(active, torch.Tensor):
         _fail("active", f"expected a bool Tensor or None, got {type(active).__name__}")
+    _tensor("active", active)
     if active.dtype != torch.bool:
-        _fail("active", f"expected dtype bool, got {active.dtype}")
+        _fail("active", f"expected dtype bool, got {dtype_name(active.dtype)}")
     if active.dim() != 1 or active.numel() != num_segments:
         _fail("active", f"expected shape [{num_segments}] (one per segment), got {tuple(active.shape)}")
+    _on("active", active, device, host_ok=True)
 
 
 def check_coeffs(coeffs: torch.Tensor, num_segments: int, device: torch.device) -> None:
-    if not isinstance(coeffs, torch.Tensor):
-        _fail("coeffs", f"expected a Tensor, got {type(coeffs).__name__}")
+    _tensor("coeffs", coeffs)
     if coeffs.dtype not in (torch.float32, torch.float64):
-        _fail("coeffs", f"expected dtype float32, got {coeffs.dtype}")
+        _fail("coeffs", f"expected dtype float32 or float64, got {dtype_name(coeffs.dtype)}")
     if tuple(coeffs.shape) != (num_segments, 2):
         _fail("coeffs", f"expected shape [{num_segments}, 2], got {tuple(coeffs.shape)}")
-    if coeffs.device != device:
-        _fail("coeffs", f"expected device {device} (same as a), got {coeffs.device}")
+    _on("coeffs", coeffs, device, host_ok=False, what=" (same as a)")
+
+
+def check_types(**tensors) -> None:
+    """Every named argument is a tensor with data (None allowed for ``out`` and ``active``): what
+    the compiled ops need before dispatch, which otherwise fails with a generic RuntimeError."""
+    for name, t in tensors.items():
+        if t is None and name in ("out", "active"):
+            continue
+        _tensor(name, t)
+
+
+def check_rule_args(stats: torch.Tensor, active: torch.Tensor | None) -> int:
+    """All tensor checks of the rule op; returns G."""
+    g = check_stats(stats)
+    check_active(active, g, stats.device)
+    return g
 
 
 def check_combine(a, b, offsets, coeffs, out) -> int:
@@ -107,7 +180,7 @@ def check_combine(a, b, offsets, coeffs, out) -> int:
     g = check_offsets(offsets, a.numel(), a.device)
     check_coeffs(coeffs, g, a.device)
     if out is not None:
-        check_out(out, a)
+        check_out(out, a, b)
     return g
 
 
@@ -116,6 +189,6 @@ def check_integrate(a, b, offsets, out, active) -> int:
     check_buffers(a, b)
     g = check_offsets(offsets, a.numel(), a.device)
     if out is not None:
-        check_out(out, a)
-    check_active(active, g)
+        check_out(out, a, b)
+    check_active(active, g, a.device)
     return g

@@ -56,7 +56,7 @@ def integrate(
 
 
 def segment_stats(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """[G, 3] float32 per-segment ||a||^2, ||b||^2, a.b."""
+    """[G, 3] float64 per-segment ||a||^2, ||b||^2, a.b."""
     return resolve_backend(backend, _device_of(a)).segment_stats(a, b, offsets)
 
 

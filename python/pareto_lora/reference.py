@@ -1,9 +1,8 @@
 """Pure-torch reference of the integration op: the oracle every kernel is tested against.
 
-Everything is vectorised over segments (no Python loop over G) and accumulates in float64,
-so it doubles as the "vectorised pure-torch" baseline in the benchmarks. Pass float64 tensors
-to get float64 stats and coefficients; float32/bf16/fp16 inputs give float32 stats and
-coefficients, exactly like the compiled ops.
+Everything is vectorised over segments (no Python loop over G) and accumulates in float64.
+Statistics are float64 and coefficients float32, exactly like the compiled ops; float64 inputs
+get float64 coefficients from :func:`integrate` (the oracle of float64 training).
 
 The rule is written once here, in terms of the three per-segment statistics
 (||a||^2, ||b||^2, a.b); ``csrc/rule.h`` and the Triton kernel implement the same table.
@@ -18,7 +17,7 @@ import torch
 
 from . import checks as _checks
 from .result import IntegrationResult
-from .rules import Case, RuleSpec, as_spec
+from .rules import CAUCHY_SCHWARZ_SLACK, MAX_COEFFICIENT, STATIONARY_REL, Case, RuleSpec, as_spec
 
 __all__ = [
     "segment_stats",
@@ -35,10 +34,6 @@ __all__ = [
 def is_available(device_type: str) -> bool:
     """The reference runs wherever torch does."""
     return True
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def segment_ids(offsets: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -67,10 +62,11 @@ def combine_by_ids(
 
 
 def segment_stats(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """[G, 3] with columns ||a||^2, ||b||^2, a.b per segment (accumulated in float64)."""
+    """[G, 3] float64 with columns ||a||^2, ||b||^2, a.b per segment (accumulated in float64)."""
+    offsets = _checks.as_offsets(offsets)
     _checks.check_buffers(a, b)
     g = _checks.check_offsets(offsets, a.numel(), a.device)
-    return stats_by_ids(a, b, segment_ids(offsets, a.device), g).to(_acc_dtype(a.dtype))
+    return stats_by_ids(a, b, segment_ids(offsets, a.device), g)
 
 
 def rule_coefficients(
@@ -83,21 +79,28 @@ def rule_coefficients(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Closed-form rule: (coeffs [G, 2] = (alpha, beta), cases [G] int32) from the stats.
 
-    The arithmetic runs in float64 whatever the stats dtype; coefficients are returned in the
-    stats dtype (float32 stats -> float32 coefficients, as the compiled ops do).
+    The arithmetic runs in float64 whatever the stats dtype; coefficients are float32, as on
+    every backend (only :func:`integrate` on float64 inputs keeps them in float64).
     """
     spec = as_spec(rule, tau, gamma, symmetric)
-    g = _checks.check_stats(stats)
-    _checks.check_active(active, g)
+    active = _checks.as_active(active)
+    _checks.check_rule_args(stats, active)
     return _rule(stats, spec, active)
 
 
-def _rule(stats: torch.Tensor, spec: RuleSpec, active: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _rule(
+    stats: torch.Tensor, spec: RuleSpec, active: torch.Tensor | None, coeff_dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
     g, dev = stats.shape[0], stats.device
     rule, tau, gamma = spec.name, spec.tau, spec.gamma
     s = stats.to(torch.float64)
     aa, bb, ab = s[:, 0], s[:, 1], s[:, 2]
     one = torch.ones(g, dtype=torch.float64, device=dev)
+    # Statistics that are not valid (negative squared norm, |a.b| > ||a|| ||b|| beyond rounding)
+    # are NONFINITE; within rounding a.b is clamped to the nearest valid value (csrc/rule.h).
+    bound = aa.clamp_min(0).sqrt() * bb.clamp_min(0).sqrt()
+    invalid = (aa < 0) | (bb < 0) | (ab.abs() > bound * (1.0 + CAUCHY_SCHWARZ_SLACK))
+    ab = torch.minimum(torch.maximum(ab, -bound), bound)
     alpha, beta = one.clone(), one.clone()
     case = torch.full((g,), int(Case.SUMMED), dtype=torch.int32, device=dev)
 
@@ -137,20 +140,24 @@ def _rule(stats: torch.Tensor, spec: RuleSpec, active: torch.Tensor | None) -> t
         h_a = torch.where(conflict, 2.0 * lam, one)
         h_b = torch.where(conflict, 2.0 * (1.0 - lam), one)
         h2 = h_a * h_a * aa + h_b * h_b * bb + 2.0 * h_a * h_b * ab
+        reach = h_a * na + h_b * nb  # ||h|| <= reach; the statistics' error in h2 scales with reach^2
+        moving = h2 > STATIONARY_REL * reach * reach
         sum2 = (aa + bb + 2.0 * ab).clamp_min(0)
-        scale = gamma * sum2.sqrt() / torch.where(h2 > 0, h2, one).sqrt()
+        scale = gamma * sum2.sqrt() / torch.where(moving, h2, one).sqrt()
         put(live, Case.SUMMED, scale * h_a, scale * h_b)
         put(live & conflict, Case.PARETO, scale * h_a, scale * h_b)
         zero = torch.zeros_like(one)
-        put(live & (h2 <= 0), Case.STATIONARY, zero, zero)
+        put(live & ~moving, Case.STATIONARY, zero, zero)
     # "sum": alpha = beta = 1
     if rule != "sum" and rule != "mgda":
         put(degenerate, Case.DEGENERATE, one, one)
+    # A coefficient float32 cannot hold is never written as inf: plain sum, NONFINITE.
+    put(~((alpha.abs() <= MAX_COEFFICIENT) & (beta.abs() <= MAX_COEFFICIENT)), Case.NONFINITE, one, one)
     if active is not None:
         put(~active.to(dev), Case.INACTIVE, one, one)
     finite = torch.isfinite(s).all(dim=1)
-    put(~finite, Case.NONFINITE, one, one)
-    coeffs = torch.stack([alpha, beta], dim=1).to(_acc_dtype(stats.dtype))
+    put(~finite | invalid, Case.NONFINITE, one, one)
+    coeffs = torch.stack([alpha, beta], dim=1).to(coeff_dtype)
     return coeffs, case
 
 
@@ -162,6 +169,7 @@ def combine(
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """out = alpha[s] * a + beta[s] * b on every segment s (computed in float64)."""
+    offsets = _checks.as_offsets(offsets)
     _checks.check_combine(a, b, offsets, coeffs, out)
     res = combine_by_ids(a, b, segment_ids(offsets, a.device), coeffs)
     if out is None:
@@ -183,8 +191,10 @@ def integrate(
 ) -> IntegrationResult:
     """stats -> rule -> combine. Returns ``IntegrationResult(out, stats, coeffs, cases)``."""
     spec = as_spec(rule, tau, gamma, symmetric)
+    offsets, active = _checks.as_offsets(offsets), _checks.as_active(active)
     _checks.check_integrate(a, b, offsets, out, active)
     stats = segment_stats(a, b, offsets)
-    coeffs, cases = _rule(stats, spec, active)
+    # float64 inputs get float64 coefficients: the oracle of float64 training stays exact.
+    coeffs, cases = _rule(stats, spec, active, torch.float64 if a.dtype == torch.float64 else torch.float32)
     out = combine(a, b, offsets, coeffs, out)
     return IntegrationResult(out, stats, coeffs, cases)

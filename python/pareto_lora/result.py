@@ -33,8 +33,8 @@ class IntegrationResult(NamedTuple):
     """
 
     out: torch.Tensor  #: the integrated gradient
-    stats: torch.Tensor  #: [G, 3] float32 (float64 for float64 inputs): ||a||^2, ||b||^2, a.b
-    coeffs: torch.Tensor  #: [G, 2]: (alpha, beta), out_s = alpha*a_s + beta*b_s
+    stats: torch.Tensor  #: [G, 3] float64: ||a||^2, ||b||^2, a.b (exact products summed in float64)
+    coeffs: torch.Tensor  #: [G, 2] float32 (float64 from the reference on float64 inputs): (alpha, beta)
     cases: torch.Tensor  #: [G] int32 case codes (see :class:`pareto_lora.Case`)
 
     @property

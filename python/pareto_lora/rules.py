@@ -13,7 +13,18 @@ import enum
 import math
 import numbers
 
-__all__ = ["Case", "RULES", "RULE_DOCS", "RULE_IDS", "RuleSpec", "as_spec"]
+__all__ = [
+    "Case",
+    "RULES",
+    "RULE_DOCS",
+    "RULE_IDS",
+    "RuleSpec",
+    "as_spec",
+    "STATS_REL_ERR",
+    "CAUCHY_SCHWARZ_SLACK",
+    "STATIONARY_REL",
+    "MAX_COEFFICIENT",
+]
 
 
 class Case(enum.IntEnum):
@@ -39,6 +50,19 @@ RULE_DOCS: dict[str, str] = {
 }
 RULES: tuple[str, ...] = tuple(RULE_DOCS)
 RULE_IDS: dict[str, int] = {name: i for i, name in enumerate(RULES)}
+
+# The numbers behind the rules' guarantees (csrc/rule.h holds the same; a test compares them).
+#: Bound on the relative error of the statistics a rule is given: the kernels add exact products
+#: in float64 (error ~ n 2^-53); statistics summed elsewhere in float32 carry 2^-24 per rounding.
+STATS_REL_ERR = 2.0**-20
+#: a.b may exceed ||a|| ||b|| by this factor from rounding; beyond it the statistics are not valid
+#: (case NONFINITE); within it a.b is clamped to +-||a|| ||b||.
+CAUCHY_SCHWARZ_SLACK = 4 * STATS_REL_ERR
+#: mmpareto: ||h||^2 <= STATIONARY_REL (h_a ||a|| + h_b ||b||)^2 is Pareto-stationary (zero output).
+#: Above it the statistics' error moves ||h||^2 by at most 1/16, so ||out|| <= 1.031 gamma ||a + b||.
+STATIONARY_REL = 16 * STATS_REL_ERR
+#: Coefficients are stored in float32; a larger one is not written: the segment is NONFINITE.
+MAX_COEFFICIENT = 3.4028234663852886e38
 
 
 def _positive_finite(name: str, value) -> float:

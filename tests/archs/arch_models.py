@@ -198,3 +198,8 @@ def llava_batch(seed: int = 0, with_image: bool = True):
 MODELS = {"chameleon": tiny_chameleon, "emu3": tiny_emu3, "janus": tiny_janus, "llava": tiny_llava}
 ARCHS = tuple(MODELS)
 BATCHES = {"chameleon": chameleon_batch, "emu3": emu3_batch, "janus": janus_batch, "llava": llava_batch}
+
+
+def example(name: str, i: int) -> dict:
+    """One training example (a dataset item): row i % 2 of the architecture's batch with seed 100 + i."""
+    return {k: v[i % 2] for k, v in BATCHES[name](seed=100 + i).items()}

@@ -166,9 +166,18 @@ def test_num_items_divides_the_sums(lora_model, name):
     torch.testing.assert_close((t2, i2), (text / 2, image / 4))
 
 
-def test_ddp_wrapper_is_refused(lora_model):
+def _fake_ddp(module):
+    # An unconstructed DistributedDataParallel holding `module`: enough for isinstance and .module
+    # (a real one needs a process group; tests/distributed runs real ones).
+    ddp = torch.nn.parallel.DistributedDataParallel.__new__(torch.nn.parallel.DistributedDataParallel)
+    torch.nn.Module.__init__(ddp)
+    ddp.module = module
+    return ddp
+
+
+def test_a_ddp_wrapper_gets_the_spec_of_the_model_inside_it(lora_model):
+    # One spec serves the wrapper, the model inside and ParetoLoRA (which lays out ddp.module).
     model = lora_model("chameleon")
-    fake = torch.nn.parallel.DistributedDataParallel.__new__(torch.nn.parallel.DistributedDataParallel)
-    spec = archs.detect_arch(model)
-    with pytest.raises(ValueError, match="not the DistributedDataParallel wrapper"):
-        archs.modality_losses_for(fake, am.chameleon_batch(), spec)
+    assert archs.detect_arch(_fake_ddp(model)) == archs.detect_arch(model)
+    with pytest.raises(ValueError, match="bypasses DistributedDataParallel.forward"):
+        archs.forward.backbone_hidden_states(_fake_ddp(model), am.chameleon_batch(), archs.detect_arch(model))

@@ -2,8 +2,8 @@
 
 The expected groups come from the ArchSpec alone (layer index under ``spec.layers_path``, split
 like ``numpy.array_split``; ``spec.extra_groups`` outside the stack), independently of
-ParetoLoRA's own grouping. Where ParetoLoRA's grouping differs from the spec, the assertion is
-an ``xfail(strict=True)`` that names the gap.
+ParetoLoRA's own grouping. ``ParetoLoRA(model, arch="auto")`` groups exactly like that (the
+"three lines"); without ``arch`` LoRA outside the stack is one "projector" group.
 """
 
 import numpy as np
@@ -11,47 +11,17 @@ import pytest
 import torch
 
 import arch_models as am
+import arch_reference
 import pareto_lora
 from arch_models import ARCHS
-from pareto_lora import archs, reference
+from arch_reference import oracle, plain_grads
+from pareto_lora import archs
 
 NUM_GROUPS = 2
 
 
 def spec_group(spec, name: str) -> str:
-    layer = spec.layer_of(name)
-    if layer is not None:
-        split = np.array_split(np.arange(spec.num_layers), NUM_GROUPS)
-        return f"group{next(g for g, layers in enumerate(split) if layer in layers)}"
-    return spec.group_of(name) or "outside"
-
-
-def plain_grads(model, batch, spec):
-    """name -> (g_text, g_image) by ordinary autograd (zeros for parameters a loss does not reach)."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    params = [p for _, p in named]
-    text, image = archs.modality_losses_for(model, batch, spec)
-    gt = torch.autograd.grad(text, params, retain_graph=True, allow_unused=True)
-    gi = torch.autograd.grad(image, params, allow_unused=True)
-    zero = torch.zeros_like
-    return {n: (zero(p) if a is None else a, zero(p) if b is None else b) for (n, p), a, b in zip(named, gt, gi)}
-
-
-def oracle(grads, groups, active, rule, tau):
-    """reference.integrate on each group's flattened gradients; inactive groups get the plain sum."""
-    out = {}
-    for g in sorted(set(groups.values())):
-        names = [n for n in grads if groups[n] == g]
-        a = torch.cat([grads[n][0].reshape(-1) for n in names]).double()
-        b = torch.cat([grads[n][1].reshape(-1) for n in names]).double()
-        res, _, _, _ = reference.integrate(a, b, torch.tensor([0, a.numel()]), rule=rule, tau=tau,
-                                           active=torch.tensor([g in active]))
-        pos = 0
-        for n in names:
-            k = grads[n][0].numel()
-            out[n] = res[pos : pos + k].view_as(grads[n][0])
-            pos += k
-    return out
+    return arch_reference.spec_group(spec, name, NUM_GROUPS)
 
 
 @pytest.mark.parametrize("name", ARCHS)
@@ -100,36 +70,117 @@ def test_llava_projector_group_is_the_spec_projector(lora_model):
             torch.testing.assert_close(p.grad.double(), expected[n], rtol=2e-5, atol=1e-7, msg=n)
 
 
+@pytest.mark.parametrize("name", ARCHS)
+def test_three_lines_match_reference_per_group(lora_model, name):
+    # README "Supported models": ParetoLoRA(arch="auto") + modality_losses_for + backward.
+    model = lora_model(name, exclude_frozen=True)
+    spec = archs.detect_arch(model)
+    batch = am.BATCHES[name](seed=7)
+    expected_grads = plain_grads(model, batch, spec)
+
+    pl = pareto_lora.ParetoLoRA(model, arch="auto", num_groups=NUM_GROUPS, modulate="lower")
+    text, image = pareto_lora.archs.modality_losses_for(model, batch)
+    report = pl.backward(text=text, image=image)
+
+    assert pl.arch == spec
+    groups = {n: spec_group(spec, n) for n in expected_grads}
+    assert "outside" not in groups.values()
+    assert pareto_lora.flat.group_of_names(pl.layout) == groups  # the layout's grouping is the spec's
+    expected = oracle(expected_grads, groups, {"group0"}, "pareto_lora", 0.5)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad.double(), expected[n], rtol=2e-5, atol=1e-7, msg=n)
+    assert report.groups["group0"]["norm_image"] > 0 and report.groups["group0"]["norm_text"] > 0
+
+
+def test_janus_generation_group_is_modulated_by_name(lora_model):
+    model = lora_model("janus")
+    spec = archs.detect_arch(model)
+    batch = am.janus_batch(seed=8)
+    expected_grads = plain_grads(model, batch, spec)
+    pl = pareto_lora.ParetoLoRA(model, rule="mgda", arch=spec, num_groups=NUM_GROUPS, modulate=["generation", "upper"])
+    # named groups follow the layer groups, in the spec's order
+    assert pl.layout.group_names == ("group0", "group1", "generation", "projector")
+    assert pl.layout.active.tolist() == [False, True, True, False]
+    report = pl.backward(*archs.modality_losses_for(model, batch, spec))
+    groups = {n: spec_group(spec, n) for n in expected_grads}
+    expected = oracle(expected_grads, groups, {"generation", "group1"}, "mgda", 0.5)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad.double(), expected[n], rtol=2e-5, atol=1e-7, msg=n)
+    # the aligner feeds the LLM (text targets after the image depend on it); the head only the image loss
+    assert report.groups["generation"]["norm_text"] > 0 and report.groups["generation"]["norm_image"] > 0
+    assert report.cases[2] == pareto_lora.Case.PARETO and report.cases[3] == pareto_lora.Case.INACTIVE
+    assert "pareto/generation/ratio" in report.as_dict()
+
+
+DEPTH = {"lower": 0, "middle": lambda k: k // 2, "upper": -1}
+
+
+@pytest.mark.parametrize("num_groups", [1, 2, 3, 4])
+def test_lower_middle_upper_are_the_same_layers_on_every_architecture(lora_model, num_groups):
+    import models  # tests/models.py: the Llama the rest of the suite uses (no arch)
+
+    split = [tuple(r.tolist()) for r in np.array_split(np.arange(am.NUM_LAYERS), num_groups)]
+    candidates = [(models.lora_llama(num_layers=am.NUM_LAYERS), None)]
+    candidates += [(lora_model(n, exclude_frozen=True), "auto") for n in ARCHS]
+    for which, pick in (("lower", 0), ("middle", num_groups // 2), ("upper", num_groups - 1)):
+        for model, arch in candidates:
+            layout = pareto_lora.flat.build_layout(model, num_groups=num_groups, modulate=which, arch=arch)
+            chosen = [g for g, on in enumerate(layout.active.tolist()) if on]
+            assert chosen == [pick] and layout.group_layers[pick] == split[pick], (which, layout.stack_path)
+
+
+def test_arch_argument_errors(lora_model):
+    model = lora_model("llava")
+    with pytest.raises(ValueError, match="arch: expected an ArchSpec, 'auto' or None"):
+        pareto_lora.ParetoLoRA(model, num_groups=NUM_GROUPS, arch="janus")
+    with pytest.raises(ValueError, match="arch: expected the spec's layers_path"):
+        pareto_lora.ParetoLoRA(model, num_groups=NUM_GROUPS, arch=archs.detect_arch(lora_model("chameleon")))
+    with pytest.raises(ValueError, match="layers_path: expected none or the spec's"):
+        pareto_lora.ParetoLoRA(model, num_groups=NUM_GROUPS, arch="auto", layers_path="base_model.model.model.vision_tower.vision_model.encoder.layers")
+    bad = archs.detect_arch(model, archs.ArchOverrides(extra_groups={"upper": ["model.multi_modal_projector"]}))
+    with pytest.raises(ValueError, match="arch: expected extra group names other than"):
+        pareto_lora.ParetoLoRA(model, num_groups=NUM_GROUPS, arch=bad)
+    with pytest.raises(ValueError, match="modulate: unknown value 'vision'.*generation"):
+        pareto_lora.ParetoLoRA(lora_model("janus"), num_groups=NUM_GROUPS, arch="auto", modulate="vision")
+    with pytest.raises(ValueError, match="modulate: 'projector' requested"):
+        pareto_lora.ParetoLoRA(lora_model("chameleon"), num_groups=NUM_GROUPS, arch="auto", modulate="projector")
+
+
 def _layout_groups(model, spec):
-    pl = pareto_lora.ParetoLoRA(model, num_groups=NUM_GROUPS, layers_path=spec.layers_path)
+    pl = pareto_lora.ParetoLoRA(model, num_groups=NUM_GROUPS, arch=spec)
     return pareto_lora.flat.group_of_names(pl.layout)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "grouping.build_layout puts every LoRA parameter outside the layer stack into ONE 'projector' group, "
-    "so Janus' image-generation modules (generation_aligner, generation_head) share a group with the "
-    "understanding-side vision_model + aligner; needs ArchSpec.extra_groups wired into build_layout"))
 def test_janus_generation_modules_form_their_own_paretolora_group(lora_model):
     model = lora_model("janus")
     spec = archs.detect_arch(model)
     layout = _layout_groups(model, spec)
     gen = {layout[n] for n in layout if spec.group_of(n) == "generation"}
     vision = {layout[n] for n in layout if spec.group_of(n) == "projector"}
-    assert gen and vision and gen.isdisjoint(vision)
+    assert gen == {"generation"} and vision == {"projector"}
+    # without arch (the default) they share the one out-of-stack group, as before
+    plain = pareto_lora.flat.group_of_names(pareto_lora.flat.build_layout(model, num_groups=NUM_GROUPS))
+    assert {plain[n] for n in plain if spec.group_of(n)} == {"projector"}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "with target_modules='all-linear', Emu3's frozen VQ tokenizer (model.vqmodel attention) gets LoRA that is "
-    "never on the training forward path; grouping.build_layout makes it a 'projector' group whose gradients are "
-    "always zero (modulate='projector' would silently target it); needs spec.frozen_prefixes wired in (drop/'other') "
-    "or LoraConfig(exclude_modules=spec.lora_exclude_modules)"))
-def test_emu3_frozen_vq_lora_is_not_a_paretolora_group(lora_model):
+def test_emu3_frozen_vq_lora_is_refused_with_the_fix(lora_model):
+    # all-linear wraps the VQ tokenizer's attention, which is never on the training path: with an
+    # arch this is an error that names the fix, not a group of zero gradients.
     model = lora_model("emu3")
     spec = archs.detect_arch(model)
-    layout = _layout_groups(model, spec)
-    frozen = [n for n in layout if any(n.startswith(p + ".") for p in spec.frozen_prefixes)]
+    frozen = [n for n, p in model.named_parameters() if p.requires_grad and n.startswith(spec.frozen_prefixes[0] + ".")]
     assert frozen  # the gap exists: all-linear wrapped the tokenizer
-    assert "projector" not in {layout[n] for n in frozen}
+    with pytest.raises(ValueError, match=r"frozen image tokenizer .*exclude_modules=.*lora_exclude_modules"):
+        pareto_lora.ParetoLoRA(model, num_groups=NUM_GROUPS, arch="auto")
+    for p in (p for n, p in model.named_parameters() if n in frozen):  # freezing them is the other way out
+        p.requires_grad_(False)
+    try:
+        assert set(_layout_groups(model, spec).values()) == {"group0", "group1"}
+    finally:
+        for p in (p for n, p in model.named_parameters() if n in frozen):
+            p.requires_grad_(True)
 
 
 def test_emu3_with_the_vq_tokenizer_excluded_has_no_projector_group():

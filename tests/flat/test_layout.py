@@ -141,3 +141,23 @@ def test_errors(llama, llava):
         resolve_modulate(True, 5, False)
     with pytest.raises(ValueError, match="layers_path"):
         build_layout(llava, layers_path="base_model.model.model.multi_modal_projector")
+
+
+def test_resolve_modulate_with_named_groups():
+    # Without names the projector is index num_groups (has_projector), as before.
+    assert resolve_modulate("projector", 3, True) == {3}
+    assert resolve_modulate("all", 3, True) == {0, 1, 2, 3}
+    # Named groups (an architecture's extra groups) follow the layer groups in their order.
+    named = ("generation", "projector")
+    assert resolve_modulate("generation", 3, extra_groups=named) == {3}
+    assert resolve_modulate(["projector", "lower"], 3, extra_groups=named) == {4, 0}
+    assert resolve_modulate("all", 3, extra_groups=named) == {0, 1, 2, 3, 4}
+    assert resolve_modulate(4, 3, extra_groups=named) == {4}
+    # the depth names never move: they index the layer groups only
+    assert [resolve_modulate(m, 3, extra_groups=named) for m in ("lower", "middle", "upper")] == [{0}, {1}, {2}]
+    with pytest.raises(ValueError, match="modulate: group index 5 out of range"):
+        resolve_modulate(5, 3, extra_groups=named)
+    with pytest.raises(ValueError, match="modulate: unknown value 'vision'; expected one of .*generation"):
+        resolve_modulate("vision", 3, extra_groups=named)
+    with pytest.raises(ValueError, match="modulate: 'projector' requested but"):
+        resolve_modulate("projector", 3, extra_groups=("generation",))

@@ -138,3 +138,26 @@ def test_balancers_by_name_with_commit_rates(tmp_path, rule):
     assert len(seen) == 4 and seen[0] == [1e-2, 1e-2]
     k = commit.history[0]  # measured at step 0, in force from step 1
     assert seen[1] == pytest.approx([2e-2 / (k + 1), 2e-2 / (1 / k + 1)])
+
+
+def test_resume_from_a_checkpoint_equals_an_uninterrupted_run(tmp_path):
+    """Like the plain Trainer: 4 steps in one go == 2 steps, checkpoint, resume for 2 more."""
+    kw = dict(max_steps=4, save_strategy="steps", save_steps=2, seed=7, data_seed=7)
+    torch.manual_seed(0)
+    straight = models.lora_llama(num_layers=4)
+    init = {n: p.detach().clone() for n, p in straight.state_dict().items()}
+    t1 = pareto_lora.ParetoLoRATrainer(model=straight, args=make_args(tmp_path / "a", **kw), train_dataset=TokenDataset(),
+                                       rule="mmpareto", num_groups=2, modulate="all")
+    t1.train()
+    ckpt = tmp_path / "a" / "checkpoint-2"
+    assert (ckpt / pareto_lora.ParetoLoRATrainer.STATE_FILE).is_file()
+
+    resumed = models.lora_llama(num_layers=4)
+    resumed.load_state_dict(init)
+    t2 = pareto_lora.ParetoLoRATrainer(model=resumed, args=make_args(tmp_path / "b", **kw), train_dataset=TokenDataset(),
+                                       rule="sum", num_groups=2, modulate="all")  # the checkpoint's rule wins
+    t2.train(resume_from_checkpoint=str(ckpt))
+    assert t2.pareto.rule == "mmpareto"
+    for (n, p), q in zip(straight.named_parameters(), resumed.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=n)

@@ -213,3 +213,51 @@ def test_several_processes_are_refused(monkeypatch):
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
     with pytest.raises(ValueError, match="single process"):
         pareto_lora.ParetoLoRA(model, rule="mimo", num_groups=2)
+
+
+def test_a_failing_backward_changes_no_mimo_state():
+    model = models.lora_llama(num_layers=2)
+    pl = pareto_lora.ParetoLoRA(model, rule="mimo", num_groups=2)
+    pl.backward(*_losses(model, models.token_batch(seed=0)))
+    floors = pl.balancer.floors.clone()
+    lt, li = _losses(model, models.token_batch(seed=1))
+    (lt + li).backward()  # frees the graph: the next backward fails
+    model.zero_grad()
+    with pytest.raises(RuntimeError):
+        pl.backward(text=lt * 0.5, image=li * 0.5)
+    assert torch.equal(pl.balancer.floors, floors) and pl.micro_batches == 0
+
+
+@pytest.mark.parametrize("rule", ["mimo", "gradnorm"])
+def test_paretolora_state_dict_carries_the_balancer_mid_window(rule):
+    def run(split: bool):
+        torch.manual_seed(0)
+        model = models.lora_llama(num_layers=2)
+        pl = pareto_lora.ParetoLoRA(model, rule=rule, num_groups=2, modulate="all")
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        for step in range(2):
+            for micro in range(2):
+                if split and step == 1 and micro == 1:  # checkpoint mid-window, resume in a fresh object
+                    state = pl.state_dict()
+                    pl = pareto_lora.ParetoLoRA(model, rule=rule, num_groups=2, modulate="all")
+                    pl.load_state_dict(state)
+                pl.accumulate(*_losses(model, models.token_batch(seed=10 * step + micro)))
+            report = pl.integrate_accumulated()
+            opt.step()
+            opt.zero_grad()
+        return report.balancer, [p.detach().clone() for p in model.parameters() if p.requires_grad]
+
+    (b1, p1), (b2, p2) = run(False), run(True)
+    assert b1 == pytest.approx(b2, rel=1e-12, nan_ok=True)
+    for a, b in zip(p1, p2):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_checkpoint_of_another_method_is_refused():
+    model = models.lora_llama(num_layers=2)
+    state = pareto_lora.ParetoLoRA(model, rule="gradnorm", num_groups=2).state_dict()
+    with pytest.raises(ValueError, match="balancer 'gradnorm'.*'mimo'"):
+        pareto_lora.ParetoLoRA(model, rule="mimo", num_groups=2).load_state_dict(state)
+    with pytest.raises(ValueError, match="balancer None"):
+        pareto_lora.ParetoLoRA(model, rule="mimo", num_groups=2).load_state_dict(
+            pareto_lora.ParetoLoRA(model, rule="sum", num_groups=2).state_dict())

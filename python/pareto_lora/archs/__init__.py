@@ -1,10 +1,14 @@
 """Real unified multimodal models: architecture detection and per-architecture losses.
 
-Three lines for any supported model (Chameleon/Anole, Emu3, Janus, LLaVA)::
+Three lines for any supported model (Chameleon/Anole, Emu3, Janus, LLaVA), the PEFT model or its
+``DistributedDataParallel`` wrapper::
 
-    spec = pareto_lora.archs.detect_arch(peft_model)
-    pl = pareto_lora.ParetoLoRA(peft_model, num_groups=4, modulate="lower", layers_path=spec.layers_path)
-    pl.backward(*pareto_lora.archs.modality_losses_for(peft_model, batch, spec))
+    pl = pareto_lora.ParetoLoRA(model, arch="auto", num_groups=4, modulate="lower")
+    text, image = pareto_lora.archs.modality_losses_for(model, batch)
+    pl.backward(text=text, image=image)
+
+``ParetoLoRA(arch=...)`` groups by the :class:`ArchSpec` (:mod:`pareto_lora.flat.units`); the
+spec is ``pl.arch`` (pass it to ``modality_losses_for`` to skip detecting it again).
 
 * :mod:`.spec`: :class:`ArchSpec` (what the library needs to know) and :class:`ArchOverrides`
   (what a user can set for an unknown model).

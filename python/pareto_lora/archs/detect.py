@@ -15,7 +15,7 @@ from collections.abc import Callable
 from torch import nn
 
 from . import vocab
-from .spec import ArchOverrides, ArchSpec, prefix_in, qualified_name, unwrap
+from .spec import ArchOverrides, ArchSpec, inner_module, prefix_in, qualified_name, unwrap
 
 __all__ = ["detect_arch", "SUPPORTED"]
 
@@ -167,10 +167,12 @@ SUPPORTED = tuple(_BUILDERS)
 def detect_arch(model: nn.Module, overrides: ArchOverrides | None = None) -> ArchSpec:
     """The :class:`ArchSpec` of `model` (PEFT-wrapped or not), with `overrides` applied.
 
-    Paths in the result are names in ``model.named_modules()`` of *this* model object. Known
-    architectures: Chameleon/Anole, Emu3, Janus (the ``*ForConditionalGeneration`` classes) and
-    LLaVA; anything else is a generic causal LM.
+    Paths in the result are names in ``model.named_modules()`` of *this* model object (of the
+    module inside it for a ``DistributedDataParallel`` wrapper). Known architectures:
+    Chameleon/Anole, Emu3, Janus (the ``*ForConditionalGeneration`` classes) and LLaVA; anything
+    else is a generic causal LM.
     """
+    model = inner_module(model)
     base = unwrap(model)
     q = _Paths(model, base)
     model_type = getattr(getattr(base, "config", None), "model_type", None)

@@ -10,16 +10,31 @@ themselves, only at the positions that have a target of that head.
 
 The backbone is called on the transformers model that sits inside the PEFT wrapper: LoRA layers
 are injected into it in place, so this is the same computation as ``peft_model(**batch)``.
+
+**Under DDP** the backbone cannot be called directly: ``DistributedDataParallel.forward`` is what
+prepares the reducer for the backward (without it the gradients are silently not averaged). So
+:func:`forward_losses` runs the wrapper's own forward, ``ddp(**inputs, logits_to_keep=1)``,
+and takes what it needs from inside it with two forward hooks, removed afterwards: one on the
+same backbone module the single-process path calls (its output is the final, normed hidden
+state that the heads read: the same tensor, not a copy from ``output_hidden_states``), and one on
+the module DDP wraps, which replaces that module's output by the (text, image) losses computed
+from those hidden states. So the losses are the output of the DDP forward: with
+``find_unused_parameters=True`` (the Trainer's default for PEFT models) DDP searches the graph
+from them and finds every parameter they use, Janus' generation head included, which a head
+applied after the forward would not be. ``logits_to_keep=1`` makes the model's own LM head score
+one position only instead of the whole sequence (its logits are discarded).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
-from .spec import ArchSpec, unwrap
+from .spec import ArchSpec, inner_module, unwrap
 
-__all__ = ["backbone_hidden_states", "module_at", "MODEL_INPUT_KEYS"]
+__all__ = ["backbone_hidden_states", "forward_losses", "module_at", "MODEL_INPUT_KEYS"]
 
 # Batch keys that are model inputs; everything else (labels, image_token_mask, image_codes)
 # belongs to the losses. image_sizes: Emu3's per-image (height, width).
@@ -34,27 +49,49 @@ def module_at(model: nn.Module, name: str) -> nn.Module:
         raise ValueError(f"model: no submodule {name!r}; was the ArchSpec built from this model object?") from None
 
 
-def _check_not_ddp(model: nn.Module) -> None:
-    # DDP's reducer is armed by DistributedDataParallel.forward, which calling the backbone
-    # directly would skip: the gradients would silently not be averaged across ranks.
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        raise ValueError(
-            "model: pass the PEFT model (ddp_model.module), not the DistributedDataParallel wrapper; "
-            "modality_losses_for runs the backbone directly and does not support DDP yet"
-        )
-
-
-def backbone_hidden_states(model: nn.Module, batch, spec: ArchSpec, ignore_index: int = -100) -> torch.Tensor:
-    """Final hidden states [batch, seq, hidden] of the language model for `batch`."""
-    _check_not_ddp(model)
-    base = unwrap(model)
+def _model_inputs(base: nn.Module, batch, spec: ArchSpec, ignore_index: int) -> dict:
     inputs = {k: batch[k] for k in MODEL_INPUT_KEYS if k in batch and batch[k] is not None}
     if spec.image_objective == "gen_head":
         inputs = _janus_inputs(base, batch, inputs, ignore_index)
+    return inputs
+
+
+def _last_hidden(out) -> torch.Tensor:
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def backbone_hidden_states(model: nn.Module, batch, spec: ArchSpec, ignore_index: int = -100) -> torch.Tensor:
+    """Final hidden states [batch, seq, hidden] of the language model for `batch` (not under DDP)."""
+    if model is not inner_module(model):
+        raise ValueError("model: backbone_hidden_states bypasses DistributedDataParallel.forward; use forward_losses")
+    base = unwrap(model)
     # use_cache=False: training forward, no KV cache to allocate.
-    out = base.base_model(**inputs, use_cache=False)
-    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    return hidden
+    return _last_hidden(base.base_model(**_model_inputs(base, batch, spec, ignore_index), use_cache=False))
+
+
+def forward_losses(model: nn.Module, batch, spec: ArchSpec, losses_of: Callable, ignore_index: int = -100):
+    """``losses_of(final hidden states)`` for `batch`, through the DDP forward when `model` is a DDP wrapper."""
+    inner = inner_module(model)
+    if model is inner:
+        return losses_of(backbone_hidden_states(model, batch, spec, ignore_index))
+    base = unwrap(inner)
+    inputs = _model_inputs(base, batch, spec, ignore_index)
+    hidden: list[torch.Tensor] = []
+
+    def keep_hidden(_module, _args, output):
+        hidden.append(_last_hidden(output))
+
+    def losses_instead(_module, _args, _output):
+        if len(hidden) != 1:
+            raise RuntimeError(f"model: expected one backbone forward inside the DDP forward, saw {len(hidden)}")
+        return losses_of(hidden[0])
+
+    handles = [base.base_model.register_forward_hook(keep_hidden), inner.register_forward_hook(losses_instead)]
+    try:
+        return model(**inputs, use_cache=False, logits_to_keep=1)
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _janus_inputs(base: nn.Module, batch, inputs: dict, ignore_index: int) -> dict:

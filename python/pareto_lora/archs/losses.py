@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .detect import detect_arch
-from .forward import backbone_hidden_states, module_at
-from .spec import ArchSpec
+from .forward import forward_losses, module_at
+from .spec import ArchSpec, inner_module
 
 __all__ = ["modality_losses_for", "modality_token_counts_for", "image_token_mask"]
 
@@ -124,7 +124,9 @@ def modality_losses_for(
     """(text loss, image loss) of `model` on `batch`, with the forward its architecture needs.
 
     Args:
-        model: the PEFT model (or plain transformers model); not a DDP wrapper.
+        model: the PEFT model (or plain transformers model), or a ``DistributedDataParallel``
+            wrapper of it: then the forward runs through the wrapper (see
+            :mod:`pareto_lora.archs.forward`), so DDP averages the gradients of the backward.
         batch: dict with ``input_ids`` and optionally ``labels``, ``attention_mask``,
             ``pixel_values`` (+ ``image_sizes`` for Emu3), ``image_token_mask`` (user split),
             ``image_codes`` (Janus generated-image VQ codes).
@@ -134,21 +136,26 @@ def modality_losses_for(
 
     Usage::
 
-        spec = pareto_lora.archs.detect_arch(model)
-        pl = pareto_lora.ParetoLoRA(model, num_groups=4, modulate="lower", layers_path=spec.layers_path)
-        pl.backward(*pareto_lora.archs.modality_losses_for(model, batch, spec))
+        pl = pareto_lora.ParetoLoRA(model, arch="auto", num_groups=4, modulate="lower")
+        text, image = pareto_lora.archs.modality_losses_for(model, batch, pl.arch)
+        pl.backward(text=text, image=image)
     """
     spec = detect_arch(model) if spec is None else spec
     if num_items is not None and len(num_items) != 2:
         raise ValueError(f"num_items: expected (n_text, n_image), got {num_items!r}")
     n_text, n_image = num_items if num_items is not None else (None, None)
     labels, is_text, is_image = _target_masks(model, batch, spec, ignore_index)
-    hidden = backbone_hidden_states(model, batch, spec, ignore_index)[:, :-1]
-    text_head = module_at(model, spec.text_head)
-    text = _mean_ce(hidden, labels[:, 1:], is_text[:, 1:], text_head, n_text)
     image_targets = batch["image_codes"] if spec.image_objective == "gen_head" else labels
-    image_head = module_at(model, spec.image_head)
-    image = _mean_ce(hidden, image_targets[:, 1:], is_image[:, 1:], image_head, n_image)
+    inner = inner_module(model)
+    text_head, image_head = module_at(inner, spec.text_head), module_at(inner, spec.image_head)
+
+    def losses_of(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = hidden[:, :-1]
+        text = _mean_ce(hidden, labels[:, 1:], is_text[:, 1:], text_head, n_text)
+        image = _mean_ce(hidden, image_targets[:, 1:], is_image[:, 1:], image_head, n_image)
+        return text, image
+
+    text, image = forward_losses(model, batch, spec, losses_of, ignore_index)
     return text, image
 
 

@@ -3,7 +3,8 @@
 A spec is *derived from a model instance* (see :mod:`pareto_lora.archs.detect`), so every
 module path in it is a name exactly as it appears in ``model.named_modules()`` of the model
 that was passed in (a PEFT wrapper adds ``base_model.model.``). That is what makes
-``ParetoLoRA(model, layers_path=spec.layers_path)`` work without the user spelling any path.
+``ParetoLoRA(model, arch=spec)`` work without the user spelling any path. For a
+``DistributedDataParallel`` wrapper the names are those of the module inside it.
 
 :class:`ArchOverrides` is the small user-facing dataclass for architectures the library does not
 know (or to change a known one): image-token ids, the image head, the layer stack, extra groups.
@@ -17,7 +18,7 @@ from collections.abc import Mapping, Sequence
 
 from torch import nn
 
-__all__ = ["ArchSpec", "ArchOverrides", "unwrap", "qualified_name"]
+__all__ = ["ArchSpec", "ArchOverrides", "inner_module", "unwrap", "qualified_name"]
 
 # How the image objective is scored (ArchSpec.image_objective):
 #   "vocab_tokens": image tokens are ids of the shared text vocabulary, scored by the LM head
@@ -34,14 +35,15 @@ class ArchSpec:
 
     Attributes:
         name: architecture name ("chameleon", "emu3", "janus", "llava", "causal_lm").
-        layers_path: the decoder-layer ModuleList, as in ``model.named_modules()``; pass it as
-            ``ParetoLoRA(model, layers_path=spec.layers_path)``.
+        layers_path: the decoder-layer ModuleList, as in ``model.named_modules()``
+            (``ParetoLoRA(model, arch=spec)`` groups its layers).
         num_layers: length of that ModuleList.
         extra_groups: group name -> module prefixes outside the layer stack whose LoRA
             parameters form that group (Janus ``generation``, vision-side ``projector``).
         frozen_prefixes: modules that are not on the training forward path (VQ image
             tokenizers). LoRA there never gets a gradient; exclude them from the LoRA config
-            (``LoraConfig(exclude_modules=spec.lora_exclude_modules)``).
+            (``LoraConfig(exclude_modules=spec.lora_exclude_modules)``): ``ParetoLoRA(arch=...)``
+            refuses trainable parameters there.
         image_objective: one of "vocab_tokens", "gen_head", "user_split" (see module source).
         image_token_ids: vocabulary ids whose *targets* count as image tokens (vocab_tokens).
         image_head: module producing image-target logits (LM head, or Janus' generation head).
@@ -119,8 +121,18 @@ class ArchOverrides:
     extra_groups: Mapping[str, Sequence[str]] | None = None
 
 
+def inner_module(model: nn.Module) -> nn.Module:
+    """The module inside a ``DistributedDataParallel`` wrapper (or `model` itself).
+
+    Spec paths are names in this module, so one spec serves the DDP wrapper, the model inside it
+    and ``ParetoLoRA`` (which lays out the parameters of the inner module).
+    """
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
 def unwrap(model: nn.Module) -> nn.Module:
-    """The transformers model inside a PEFT wrapper (or the model itself)."""
+    """The transformers model inside a PEFT wrapper and any DDP wrapper (or the model itself)."""
+    model = inner_module(model)
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
 

@@ -3,7 +3,7 @@ schemas in csrc/ops.cpp), registers their fake kernels, and calls them with the 
 
 This is the one place where a :class:`RuleSpec` is unpacked into the ops' scalar arguments.
 The ops validate their tensor arguments in C++ (csrc/validate.h).
-May import: :mod:`pareto_lora._C`, :mod:`pareto_lora.result`, :mod:`pareto_lora.rules`.
+May import: :mod:`pareto_lora._C`, :mod:`pareto_lora.checks`, :mod:`pareto_lora.result`, :mod:`pareto_lora.rules`.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from .. import _C  # noqa: F401  (loads the shared library: registers torch.ops.pareto_lora.*)
+from .. import checks
 from ..result import IntegrationResult
 from ..rules import RuleSpec, as_spec
 
@@ -24,7 +25,7 @@ def _num_segments(offsets: torch.Tensor) -> int:
 
 @torch.library.register_fake("pareto_lora::segment_stats")
 def _segment_stats_fake(a, b, offsets):
-    return a.new_empty((_num_segments(offsets), 3), dtype=torch.float32)
+    return a.new_empty((_num_segments(offsets), 3), dtype=torch.float64)
 
 
 @torch.library.register_fake("pareto_lora::rule_coefficients")
@@ -42,7 +43,7 @@ def _combine_fake(a, b, offsets, coeffs, out):
 def _integrate_fake(a, b, offsets, out, rule="pareto_lora", tau=0.5, active=None, gamma=1.0, symmetric=False):
     g = _num_segments(offsets)
     return (
-        a.new_empty((g, 3), dtype=torch.float32),
+        a.new_empty((g, 3), dtype=torch.float64),
         a.new_empty((g, 2), dtype=torch.float32),
         a.new_empty((g,), dtype=torch.int32),
     )
@@ -57,12 +58,11 @@ def is_available(device_type: str) -> bool:
 
 
 # ---- the op signatures ------------------------------------------------------------------------
-def _like(a, out):
-    # A non-tensor `a` reaches the op, whose own check names it.
-    return torch.empty_like(a) if out is None and isinstance(a, torch.Tensor) else out
-
-
+# The ops check tensors in C++; these Python pre-checks turn what the dispatcher would reject
+# with a generic RuntimeError (a list, None, a meta tensor) into the same ValueError as elsewhere.
 def segment_stats(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    offsets = checks.as_offsets(offsets)
+    checks.check_types(a=a, b=b, offsets=offsets)
     return torch.ops.pareto_lora.segment_stats(a, b, offsets)
 
 
@@ -75,11 +75,15 @@ def rule_coefficients(
     symmetric: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     spec = as_spec(rule, tau, gamma, symmetric)
+    active = checks.as_active(active)
+    checks.check_types(stats=stats, active=active)
     return torch.ops.pareto_lora.rule_coefficients(stats, spec.name, spec.tau, active, spec.gamma, spec.symmetric)
 
 
 def combine(a, b, offsets, coeffs, out: torch.Tensor | None = None) -> torch.Tensor:
-    out = _like(a, out)
+    offsets = checks.as_offsets(offsets)
+    checks.check_types(a=a, b=b, offsets=offsets, coeffs=coeffs, out=out)
+    out = torch.empty_like(a) if out is None else out
     torch.ops.pareto_lora.combine(a, b, offsets, coeffs, out)
     return out
 
@@ -96,7 +100,9 @@ def integrate(
     symmetric: bool | None = None,
 ) -> IntegrationResult:
     spec = as_spec(rule, tau, gamma, symmetric)
-    out = _like(a, out)
+    offsets, active = checks.as_offsets(offsets), checks.as_active(active)
+    checks.check_types(a=a, b=b, offsets=offsets, out=out, active=active)
+    out = torch.empty_like(a) if out is None else out
     stats, coeffs, cases = torch.ops.pareto_lora.integrate(
         a, b, offsets, out, spec.name, spec.tau, active, spec.gamma, spec.symmetric
     )

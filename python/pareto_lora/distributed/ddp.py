@@ -67,6 +67,8 @@ class DDPSync(LocalSync):
     smallest layout position of the bucket's parameters.
     """
 
+    saves_mid_window = False  # the reduced averages of a window live in the hook's state
+
     def __init__(self, ddp: nn.Module):
         if getattr(ddp, "gradient_as_bucket_view", False):
             raise ValueError(
@@ -248,11 +250,18 @@ class DDPSync(LocalSync):
         return ready
 
     # -- ParetoLoRA's side ------------------------------------------------------------------
-    def _before_text(self, first: bool) -> None:
+    def backward(self, text_loss: torch.Tensor, image_loss: torch.Tensor, first: bool, losses: torch.Tensor) -> None:
+        # The image objective must go through an ordinary backward (DDP's hook runs only there),
+        # and the hook packs the text buffer with each bucket: the text is accumulated first.
+        text = self.text_grads(text_loss, image_loss, first)
+        params = self.layout.params
+        if first:
+            self.image.zero_()
+        self.image.attach_as_grad(params)
         if not first:
             self.restore_reduced()
-
-    def _image_backward(self, image_loss: torch.Tensor, losses: torch.Tensor) -> None:
+        self.text.accumulate(text, first)
+        del text
         # The running loss totals ride in the last bucket: the hook makes them global in place.
         self._cur = None
         self._losses = losses

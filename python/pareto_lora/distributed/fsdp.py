@@ -51,6 +51,8 @@ def _shard_group(params: Sequence[torch.Tensor]):
 class FSDPSync:
     """The sync contract for an FSDP2 model (see the module docstring)."""
 
+    saves_mid_window = True  # each rank's shard buffers hold its whole window
+
     def __init__(self, model: nn.Module):
         from torch.distributed.fsdp import FSDPModule
 

@@ -37,6 +37,9 @@ class GradSync(Protocol):
 
     #: the module whose trainable parameters are laid out (the model inside any wrapper)
     module: nn.Module
+    #: whether the accumulated buffers between backward() calls are the whole state of a window
+    #: (a checkpoint may then be taken mid-accumulation)
+    saves_mid_window: bool
 
     def layout_for(self, layout: GradLayout) -> GradLayout:
         """The layout of this process's buffers (FSDP2: local shards)."""
@@ -72,9 +75,12 @@ def _reaches(loss: torch.Tensor, targets: set[int]) -> bool:
 
 
 class LocalSync:
-    """One process. The text gradient is taken with ``torch.autograd.grad`` into the text buffer;
-    the image gradient by an ordinary ``.backward()`` into ``.grad``, which views the image buffer
-    (a DDP hook sees only that second backward: :class:`pareto_lora.distributed.ddp.DDPSync`)."""
+    """One process. Both gradients are taken with ``torch.autograd.grad`` and added into their
+    persistent buffers only once both exist; ``.grad`` views the image buffer, into which the
+    integration writes. (:class:`pareto_lora.distributed.ddp.DDPSync` takes the image gradient
+    with an ordinary ``.backward()`` instead: DDP's hook sees only such a backward.)"""
+
+    saves_mid_window = True
 
     def __init__(self, model: nn.Module):
         self.module = model
@@ -87,8 +93,12 @@ class LocalSync:
         self._lora_ids = {id(p) for p, n in zip(layout.params, layout.names) if is_lora_param(n)}
         self._image_reach_checked = False
 
-    def backward(self, text_loss: torch.Tensor, image_loss: torch.Tensor, first: bool, losses: torch.Tensor) -> None:
+    def text_grads(self, text_loss: torch.Tensor, image_loss: torch.Tensor, first: bool) -> tuple:
+        """The text gradient (``autograd.grad``, graph kept for the image), after the checks that
+        must pass before anything changes: both losses reach a LoRA parameter, ``.grad`` intact."""
         params = self.layout.params
+        if not first:
+            self.image.check_attached(params)
         grads = torch.autograd.grad(text_loss, params, retain_graph=True, allow_unused=True)
         if not any(g is not None and id(p) in self._lora_ids for p, g in zip(params, grads)):
             raise ValueError("text: the loss does not depend on any trainable LoRA parameter")
@@ -97,18 +107,19 @@ class LocalSync:
             if not _reaches(image_loss, self._lora_ids):
                 raise ValueError("image: the loss does not depend on any trainable LoRA parameter")
             self._image_reach_checked = True
-        self.image.attach_as_grad(params, first)
-        self._before_text(first)
-        self.text.accumulate(grads, first)
-        del grads
-        self._image_backward(image_loss, losses)
+        return grads
 
-    def _before_text(self, first: bool) -> None:
-        """Hook for subclasses, after ``.grad`` is attached and before the text buffer changes."""
-
-    def _image_backward(self, image_loss: torch.Tensor, losses: torch.Tensor) -> None:
-        image_loss.backward()
+    def backward(self, text_loss: torch.Tensor, image_loss: torch.Tensor, first: bool, losses: torch.Tensor) -> None:
+        # Both gradients are taken before anything changes, so a backward that fails (a freed
+        # graph, an error in the model) leaves .grad and the accumulation exactly as they were.
+        text = self.text_grads(text_loss, image_loss, first)
+        image = torch.autograd.grad(image_loss, self.layout.params, allow_unused=True)
+        self.text.accumulate(text, first)
+        self.image.accumulate(image, first)
+        self.image.attach_as_grad(self.layout.params)
 
     def finish(self, losses: torch.Tensor, settle: Settle) -> FlatStep:
         poison = settle(losses, False)
-        return flat_step(self.text.flats, self.image.flats, self.layout, self.rule_fn, poison=poison, backend=self.backend)
+        step = flat_step(self.text.flats, self.image.flats, self.layout, self.rule_fn, poison=poison, backend=self.backend)
+        self.image.attach_as_grad(self.layout.params)  # even if a zero_grad() detached them
+        return step

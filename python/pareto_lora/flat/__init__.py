@@ -1,9 +1,10 @@
 """The flat-buffer layer: where a LoRA model's gradients live and the step that integrates them.
 
-:mod:`.params` (LoRA parameters and their layers), :mod:`.layout` (units, groups, buckets),
+:mod:`.params` (LoRA parameters and their layers), :mod:`.units` (which unit each parameter is
+in, by layer or by an architecture's :class:`~pareto_lora.archs.ArchSpec`), :mod:`.layout` (units, groups, buckets),
 :mod:`.buffers` (persistent flat buffers and ``.grad`` views), :mod:`.step` (stats -> rule ->
 combine over a layout). Shared by :mod:`pareto_lora.distributed` and :mod:`pareto_lora.training`.
-May import: :mod:`pareto_lora.ops` and below.
+May import: :mod:`pareto_lora.ops` and below (:mod:`pareto_lora.archs` included).
 """
 
 from .buffers import FlatGrads

@@ -54,21 +54,19 @@ class FlatGrads:
             else:
                 torch._foreach_add_([v for v, _ in got], [g for _, g in got])
 
-    def attach_as_grad(self, params: Sequence[torch.Tensor], first: bool) -> None:
-        """Make every ``param.grad`` a view of these buffers, so that ``.backward()`` accumulates here.
+    def attach_as_grad(self, params: Sequence[torch.Tensor]) -> None:
+        """Make every ``param.grad`` a view of these buffers (what the optimizer reads, and where
+        an ordinary ``.backward()`` accumulates)."""
+        for p, v in zip(params, self.views):
+            if p.grad is not v:
+                p.grad = v
 
-        ``first``: a new accumulation starts from zero (whatever ``.grad`` held). Later in the same
-        accumulation the views must still be in place: a ``zero_grad()`` in between would silently
-        lose the micro-batches so far, so it raises instead.
-        """
-        if first:
-            self.zero_()
-            for p, v in zip(params, self.views):
-                if p.grad is not v:
-                    p.grad = v
-            return
+    def check_attached(self, params: Sequence[torch.Tensor]) -> None:
+        """Raise if a ``zero_grad()`` (or anything else) replaced ``.grad`` during an accumulation:
+        that usually means a loop that expects the micro-batches so far to be dropped. Nothing is
+        changed by the check; the accumulated buffers are intact."""
         if any(p.grad is not v for p, v in zip(params, self.views)):
             raise RuntimeError(
                 "backward: the gradients were reset or replaced during gradient accumulation "
-                "(optimizer.zero_grad() between accumulate() calls?); call it after integrate()"
+                "(optimizer.zero_grad() between accumulate() calls?); call it after integrate_accumulated()"
             )

@@ -2,21 +2,24 @@
 
 Three levels, from fine to coarse:
 
-* **unit**: one transformer layer of the layer stack (``layer0`` ... ``layer{L-1}``), plus
-  ``projector`` (every LoRA parameter outside the stack: a multimodal projector, LoRA on a
-  vision tower, ...) and ``other`` (trainable parameters that are not LoRA, e.g. PEFT
-  ``modules_to_save`` copies). Statistics are computed per unit, so per-layer diagnostics cost
-  nothing extra.
+* **unit**: one transformer layer of the layer stack (``layer0`` ... ``layer{L-1}``), plus the
+  named units outside it (:mod:`.units`): without an architecture ``projector`` (every LoRA
+  parameter outside the stack: a multimodal projector, LoRA on a vision tower, ...); with an
+  :class:`~pareto_lora.archs.ArchSpec` its ``extra_groups`` (e.g. Janus ``generation`` and
+  ``projector``) and ``outside``; and ``other`` (trainable parameters that are not LoRA, e.g.
+  PEFT ``modules_to_save`` copies). Statistics are computed per unit, so per-layer diagnostics
+  cost nothing extra.
 * **group**: what the rule runs on. The stack's L layers are split into ``num_groups``
   consecutive groups exactly like ``numpy.array_split`` (the first ``L % num_groups`` groups
-  get one layer more); ``projector`` and ``other`` are groups of their own. ``other`` always
-  gets the plain sum.
+  get one layer more), so "lower", "middle" and "upper" are the same depth ranges on every
+  architecture; each named unit is a group of its own, after the layer groups, in the order
+  above. ``other`` always gets the plain sum.
 * **bucket**: one persistent flat buffer per parameter dtype. A bucket stores its parameters
   ordered by unit, so each unit is one contiguous segment of it (``unit_offsets``).
 
 :class:`GradLayout` is the only thing the flat-buffer step needs to know about the model; the
 buffers themselves are :class:`pareto_lora.flat.buffers.FlatGrads`.
-May import: :mod:`pareto_lora.flat.params`.
+May import: :mod:`pareto_lora.archs`, :mod:`pareto_lora.flat.params`, :mod:`pareto_lora.flat.units`.
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from .params import find_layer_stack, is_lora_param, layer_of
+from ..archs import ArchSpec
+from .params import find_layer_stack, is_lora_param
+from .units import OTHER, PROJECTOR, assign_units, resolve_arch
 
 __all__ = [
     "GradLayout",
@@ -41,8 +46,6 @@ __all__ = [
 ]
 
 MODULATE_CHOICES = ("lower", "middle", "upper", "all", "projector", "none")
-PROJECTOR = "projector"
-OTHER = "other"
 
 
 def local_numel(p: torch.Tensor) -> int:
@@ -64,15 +67,17 @@ def split_layers(num_layers: int, num_groups: int) -> list[range]:
     return ranges
 
 
-def resolve_modulate(modulate, num_groups: int, has_projector: bool) -> set[int]:
+def resolve_modulate(modulate, num_groups: int, has_projector: bool = False, *, extra_groups: Sequence[str] | None = None) -> set[int]:
     """Indices of the groups that get the rule.
 
     ``modulate``: "lower" (group 0), "middle" (num_groups // 2), "upper" (num_groups - 1),
-    "all" (every LoRA group, projector included), "projector" (the out-of-stack group, index
-    num_groups), "none", a group index, or an iterable mixing names and indices.
+    "all" (every LoRA group, the named ones included), "none", the name of a LoRA group outside
+    the stack, a group index, or an iterable mixing names and indices. The named groups follow
+    the layer groups: ``extra_groups`` (e.g. ``("generation", "projector")``), or without it
+    ``("projector",)`` when ``has_projector`` (so "projector" is index num_groups).
     """
-    projector_index = num_groups if has_projector else None
-    lora_groups = num_groups + (1 if has_projector else 0)
+    extra = tuple(extra_groups) if extra_groups is not None else ((PROJECTOR,) if has_projector else ())
+    lora_groups = num_groups + len(extra)
 
     def one(item) -> set[int]:
         if isinstance(item, bool):  # bool is an int: refuse True/False explicitly
@@ -91,11 +96,12 @@ def resolve_modulate(modulate, num_groups: int, has_projector: bool) -> set[int]
             return set(range(lora_groups))
         if item == "none":
             return set()
+        if isinstance(item, str) and item in extra:
+            return {num_groups + extra.index(item)}
         if item == PROJECTOR:
-            if projector_index is None:
-                raise ValueError("modulate: 'projector' requested but the model has no LoRA parameters outside the layer stack")
-            return {projector_index}
-        raise ValueError(f"modulate: unknown value {item!r}; expected one of {', '.join(MODULATE_CHOICES)}, a group index or a list of them")
+            raise ValueError("modulate: 'projector' requested but the model has no LoRA parameters outside the layer stack")
+        names = ", ".join(dict.fromkeys((*MODULATE_CHOICES, *extra)))
+        raise ValueError(f"modulate: unknown value {item!r}; expected one of {names}, a group index or a list of them")
 
     if isinstance(modulate, (str, int)):
         return one(modulate)
@@ -133,6 +139,7 @@ class GradLayout:
     buckets: tuple[Bucket, ...]
     stack_path: str
     device: torch.device
+    arch: ArchSpec | None = None  #: the architecture the groups come from (None: found by search)
 
     @property
     def num_units(self) -> int:
@@ -183,12 +190,16 @@ def build_layout(
     num_groups: int | str = 5,
     modulate="lower",
     layers_path: str | None = None,
+    arch: ArchSpec | str | None = None,
 ) -> GradLayout:
     """Discover the trainable parameters of `model` and lay out their gradient buffers.
 
     ``num_groups``: number of consecutive layer groups, or ``"per_layer"`` (one per layer).
+    ``arch``: None (the stack is searched for, LoRA outside it is one ``projector`` group),
+    ``"auto"`` (:func:`pareto_lora.archs.detect_arch`) or an :class:`ArchSpec` of `model`: the
+    stack and the named groups come from the spec (:mod:`.units`).
     Raises ValueError when the model has no trainable LoRA parameters, for a bad
-    ``num_groups`` or an unknown ``modulate``.
+    ``num_groups``, ``arch`` or an unknown ``modulate``.
     """
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not any(is_lora_param(n) for n, _ in trainable):
@@ -196,38 +207,29 @@ def build_layout(
             "model: no trainable LoRA parameters found (expected PEFT lora_A/lora_B names); "
             "wrap the model with peft.get_peft_model(model, LoraConfig(...)) first"
         )
-    stack_path, num_layers = find_layer_stack(model, layers_path)
+    spec = resolve_arch(model, arch, layers_path)
+    stack_path, num_layers = (spec.layers_path, spec.num_layers) if spec is not None else find_layer_stack(model, layers_path)
     if num_groups == "per_layer":
         num_groups = num_layers
     if isinstance(num_groups, bool) or not isinstance(num_groups, int):
         raise ValueError(f"num_groups: expected an int or 'per_layer', got {num_groups!r}")
     layer_ranges = split_layers(num_layers, num_groups)
 
-    stack_prefix = stack_path + "."
     unit_names = [f"layer{i}" for i in range(num_layers)]
-    layer_group = [g for g, r in enumerate(layer_ranges) for _ in r]
-    unit_group = list(layer_group)
+    unit_group = [g for g, r in enumerate(layer_ranges) for _ in r]
     group_names = [f"group{g}" for g in range(num_groups)]
     group_layers = [tuple(r) for r in layer_ranges]
 
-    param_unit: list[int | str] = []
-    for name, _ in trainable:
-        layer = layer_of(name, stack_prefix) if is_lora_param(name) else None
-        if layer is not None and layer < num_layers:
-            param_unit.append(layer)
-        else:
-            param_unit.append(PROJECTOR if is_lora_param(name) else OTHER)
-    has_projector = PROJECTOR in param_unit
-    for extra in (PROJECTOR, OTHER):
-        if extra in param_unit:
-            unit_names.append(extra)
-            unit_group.append(len(group_names))
-            group_names.append(extra)
-            group_layers.append(())
+    param_unit, named = assign_units([n for n, _ in trainable], stack_path, num_layers, spec)
+    for extra in (*named, *((OTHER,) if OTHER in param_unit else ())):
+        unit_names.append(extra)
+        unit_group.append(len(group_names))
+        group_names.append(extra)
+        group_layers.append(())
     unit_of = {n: i for i, n in enumerate(unit_names)}
     param_unit_idx = [u if isinstance(u, int) else unit_of[u] for u in param_unit]
 
-    modulated = resolve_modulate(modulate, num_groups, has_projector)
+    modulated = resolve_modulate(modulate, num_groups, extra_groups=named)
     active = [g in modulated for g in range(len(group_names))]
 
     devices = {p.device for _, p in trainable}
@@ -253,6 +255,7 @@ def build_layout(
         buckets=tuple(buckets),
         stack_path=stack_path,
         device=device,
+        arch=spec,
     )
 
 

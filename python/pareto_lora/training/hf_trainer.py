@@ -6,7 +6,9 @@
         rule="pareto_lora", tau=0.5, num_groups=5, modulate="lower")
     trainer.train()
 
-Each micro-batch: one forward, text and image cross-entropy (:func:`modality_losses`), both
+Each micro-batch: one forward, text and image cross-entropy (:func:`modality_losses` from the
+batch's ``labels`` and ``image_token_mask``; with ``arch=`` :func:`pareto_lora.archs.modality_losses_for`,
+the forward each unified multimodal architecture needs), both
 backpropagated into their own buffers (:class:`ParetoLoRA`); on the micro-batch that ends an
 accumulation window (``accelerator.sync_gradients``) the rule runs once, and the Trainer's own
 clipping / optimizer step / scheduler follow unchanged. Both losses of a window are normalised
@@ -16,15 +18,29 @@ scales both objectives, and a non-finite loss or gradient makes it skip the step
 autocast needs no scaler. Every training log (``logging_steps``) gets the last step's
 ``report.as_dict()`` (``pareto/group0/ratio``, ...) so TensorBoard/W&B show them.
 
-Single process only for now (no DataParallel / DDP / DeepSpeed).
-May import: :mod:`.losses`, :mod:`.report`, :mod:`.two_objective`, :mod:`.balancers` (and transformers).
+Several processes (``torchrun`` / ``accelerate launch``): the Trainer wraps the model in DDP
+itself, inside ``train()`` (``accelerator.prepare``), after this trainer was built. The
+ParetoLoRA built in ``__init__`` (on the bare model, so that configuration errors surface at
+once) is therefore rebuilt once on that wrapper at the first ``training_step``, the first point
+where the wrapper exists and nothing has been accumulated yet; its communication hook is then
+the one DDP runs. The Trainer's ``no_sync`` on all but the last micro-batch of a window is what
+ParetoLoRA's DDP accumulation expects. The window's token counts are summed over the ranks and
+each rank's losses are multiplied by the world size, so DDP's average of the ranks' gradients
+is the gradient of the global-batch token means. DataParallel (n_gpu > 1), DeepSpeed and FSDP
+through the Trainer are refused.
+May import: :mod:`pareto_lora.archs`, :mod:`.losses`, :mod:`.report`, :mod:`.two_objective`,
+:mod:`.balancers` (and transformers).
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from transformers import Trainer
 
+from ..archs import modality_losses_for, modality_token_counts_for
 from .losses import modality_losses, modality_token_counts
 from .report import StepReport
 from .two_objective import ParetoLoRA
@@ -36,8 +52,13 @@ class ParetoLoRATrainer(Trainer):
     """transformers.Trainer whose training step integrates a text and an image objective.
 
     Extra keyword arguments (all optional):
-        rule, tau, num_groups, modulate: as in :class:`pareto_lora.ParetoLoRA` (rule may be a
-            balancer: "mimo", "gradnorm" or an object from :mod:`pareto_lora.training.balancers`).
+        rule, tau, num_groups, modulate, arch: as in :class:`pareto_lora.ParetoLoRA`. With an
+            ``arch`` ("auto" or an ArchSpec) the losses come from
+            :func:`pareto_lora.archs.modality_losses_for` (batches as it documents: ``labels``
+            optional, Janus ``image_codes``, optional ``image_token_mask``); without one each
+            batch needs ``labels`` and ``image_token_mask`` (or ``image_token_range``).
+            ``rule`` may also be a balancer: "mimo", "gradnorm" or an object from
+            :mod:`pareto_lora.training.balancers`.
         pareto_kwargs: further ParetoLoRA keyword arguments (gamma, symmetric, layers_path, ...).
         image_token_key: batch key of the bool image-token mask aligned with ``labels``
             (default "image_token_mask"); it is removed before the model's forward.
@@ -58,6 +79,7 @@ class ParetoLoRATrainer(Trainer):
         tau: float | None = None,
         num_groups: int | str = 5,
         modulate="lower",
+        arch=None,
         pareto_kwargs: dict | None = None,
         image_token_key: str = "image_token_mask",
         image_token_range: tuple[int, int] | None = None,
@@ -66,33 +88,52 @@ class ParetoLoRATrainer(Trainer):
         commit=None,
         **kwargs,
     ):
+        if pareto_kwargs and {"rule", "tau", "num_groups", "modulate", "arch"} & pareto_kwargs.keys():
+            raise ValueError("pareto_kwargs: expected none of rule, tau, num_groups, modulate, arch (pass them directly)")
         super().__init__(*args, **kwargs)
         if self.args.n_gpu > 1:
             raise ValueError("args: ParetoLoRATrainer does not support torch.nn.DataParallel (n_gpu > 1); use one device")
-        if self.args.world_size > 1:
-            raise ValueError("args: ParetoLoRATrainer runs in a single process for now (world_size > 1)")
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            raise ValueError("args: expected one process or DDP; ParetoLoRATrainer does not support DeepSpeed or FSDP yet")
         self.image_token_key = image_token_key
         self.image_token_range = image_token_range
         self.log_layers = log_layers
         self.recorder = recorder
-        # Built now so that configuration errors surface before training starts.
-        self.pareto = ParetoLoRA(self.model, rule=rule, tau=tau, num_groups=num_groups, modulate=modulate,
-                                 **(pareto_kwargs or {}))
+        # Built now so that configuration errors surface before training starts; rebuilt on the
+        # DDP wrapper at the first training_step when there is one (_bind).
+        self._pareto_kwargs = dict(rule=rule, tau=tau, num_groups=num_groups, modulate=modulate, arch=arch,
+                                   **(pareto_kwargs or {}))
+        self.pareto = ParetoLoRA(self.model, **self._pareto_kwargs)
+        self._pareto_kwargs["arch"] = self.arch = self.pareto.arch  # detect once; None: labels + mask
+        self._pareto_bound_to = self.model
         self.pareto_report: StepReport | None = None
         self.commit = commit
         self._commit_batch: tuple | None = None
         if commit is not None:
+            if self.arch is not None:
+                raise ValueError("commit: CoMMIT in the Trainer needs the labels + image_token_mask batches (arch=None) for now")
             from .balancers.hf_commit import CoMMITCallback
 
             self.add_callback(CoMMITCallback(commit, self._commit_forward, lambda: self._commit_batch[1],
                                              lambda: self._commit_batch[2]))
         self._modality_counts: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    # The image-token mask is not a forward argument: keep the column-removal logic from dropping it.
+    # The image-token mask and Janus' image codes are not forward arguments: keep the
+    # column-removal logic from dropping them.
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
-        if self.image_token_key not in self._signature_columns:
-            self._signature_columns.append(self.image_token_key)
+        for key in (self.image_token_key, "image_codes"):
+            if key not in self._signature_columns:
+                self._signature_columns.append(key)
+
+    def _bind(self, model) -> None:
+        """Rebuild ParetoLoRA on the DDP wrapper the training loop runs (see the module docstring)."""
+        if model is self._pareto_bound_to or not isinstance(model, DistributedDataParallel):
+            return
+        if self.pareto.micro_batches:
+            raise RuntimeError("training_step: the model was wrapped in DDP in the middle of an accumulation window")
+        self.pareto = ParetoLoRA(model, **self._pareto_kwargs)
+        self._pareto_bound_to = model
 
     def _image_tokens(self, batch: dict) -> dict:
         """modality_losses keyword for this batch: its mask, else the trainer's token range."""
@@ -113,6 +154,9 @@ class ParetoLoRATrainer(Trainer):
         return inputs, labels, image_tokens
 
     def _losses(self, model, inputs: dict, num_items=None):
+        if self.arch is not None:
+            text, image = modality_losses_for(model, inputs, self.arch, num_items=num_items)
+            return text, image, {"loss_text": text.detach(), "loss_image": image.detach()}
         model_inputs, labels, image_tokens = self._split_inputs(inputs)
         outputs = model(**model_inputs)
         loss_text, loss_image = modality_losses(outputs.logits, labels, num_items=num_items, **image_tokens)
@@ -122,17 +166,24 @@ class ParetoLoRATrainer(Trainer):
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
         # Per-modality target counts of the whole accumulation window: dividing each
         # micro-batch's summed loss by them makes k micro-batches equal one large batch.
-        n_text = n_image = 0
+        counts = torch.zeros(2, dtype=torch.float64, device=device)
         for batch in batch_samples:
-            t, i = modality_token_counts(batch["labels"], **self._image_tokens(batch))
-            n_text, n_image = n_text + t, n_image + i
-        self._modality_counts = (torch.as_tensor(n_text, device=device), torch.as_tensor(n_image, device=device))
+            if self.arch is not None:
+                t, i = modality_token_counts_for(self.model, batch, self.arch)
+            else:
+                t, i = modality_token_counts(batch["labels"], **self._image_tokens(batch))
+            counts += torch.stack([torch.as_tensor(t), torch.as_tensor(i)]).to(device=device, dtype=torch.float64)
+        if self.accelerator.num_processes > 1:
+            # The global window's counts: training_step scales each rank's losses by the world size.
+            counts = self.accelerator.reduce(counts, reduction="sum")
+        self._modality_counts = (counts[0], counts[1])
         return batch_samples, num_items_in_batch
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         model.train()
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
+        self._bind(model)
         inputs = self._prepare_inputs(inputs)
         with self.compute_loss_context_manager():
             loss_text, loss_image, outputs = self._losses(model, inputs, num_items=self._modality_counts)
@@ -144,6 +195,11 @@ class ParetoLoRATrainer(Trainer):
         if self._modality_counts is None:  # called outside the training loop: plain mean per micro-batch
             loss_text = loss_text / self.current_gradient_accumulation_steps
             loss_image = loss_image / self.current_gradient_accumulation_steps
+        elif self.accelerator.num_processes > 1:
+            # Global counts: DDP's average of the ranks' gradients of world * (rank sum / global count)
+            # is the gradient of the global token mean (and the logged mean over ranks is that loss).
+            loss_text = loss_text * self.accelerator.num_processes
+            loss_image = loss_image * self.accelerator.num_processes
         self.pareto.accumulate(text=loss_text, image=loss_image, scaler=self.accelerator.scaler)
         if self.accelerator.sync_gradients:
             self.pareto_report = self.pareto.integrate_accumulated()
@@ -168,3 +224,17 @@ class ParetoLoRATrainer(Trainer):
         if "loss" in logs and self.commit is not None:
             logs.update({f"pareto/{k}": v for k, v in self.commit.metrics().items()})
         super().log(logs, start_time)
+
+    # ---- checkpoints: ParetoLoRA's state travels with the optimizer's ------------------------------
+    STATE_FILE = "pareto_lora.pt"
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.args.should_save:
+            torch.save(self.pareto.state_dict(), os.path.join(output_dir, self.STATE_FILE))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        path = os.path.join(checkpoint, self.STATE_FILE) if checkpoint is not None else None
+        if path is not None and os.path.isfile(path):
+            self.pareto.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))

@@ -53,6 +53,7 @@ May import: :mod:`pareto_lora.distributed`, :mod:`pareto_lora.flat`, :mod:`paret
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 
@@ -65,6 +66,7 @@ from ..distributed import SyncFailure, make_sync
 from ..flat import FlatGrads, build_layout
 from ..rules import RuleSpec
 from .balancers import Balancer, resolve_rule
+from .balancers.base import balancer_state, check_balancer_state, load_balancer_state
 from .report import StepReport
 
 __all__ = ["ParetoLoRA"]
@@ -97,11 +99,17 @@ class ParetoLoRA:
         tau: imbalance threshold on ||g_text|| / ||g_image|| (default 0.5).
         num_groups: consecutive layer groups of the layer stack (``numpy.array_split`` sizes), or
             ``"per_layer"``.
-        modulate: groups that get the rule: "lower", "middle", "upper", "all", "projector",
-            "none", a group index (the projector group is index ``num_groups``) or a list of
-            them. Other groups, and non-LoRA trainable parameters, get g_text + g_image.
+        modulate: groups that get the rule: "lower", "middle", "upper", "all", "none", the name
+            of a group outside the layer stack ("projector"; with ``arch`` also e.g.
+            "generation"), a group index (those groups follow the ``num_groups`` layer groups:
+            the projector group is index ``num_groups``) or a list of them. Other groups, and
+            non-LoRA trainable parameters, get g_text + g_image.
         gamma, symmetric: rule parameters (see ``pareto_lora.integrate``; default 1.0, False).
         layers_path: name of the decoder-layer ModuleList when auto-detection cannot tell.
+        arch: None (default: the stack is searched for; LoRA outside it is one "projector"
+            group), "auto" (``pareto_lora.archs.detect_arch(model)``) or a
+            :class:`pareto_lora.archs.ArchSpec`: the stack and the named groups outside it come
+            from the architecture (Janus: "generation" and "projector"). ``self.arch`` holds it.
         on_nonfinite: what a non-finite loss does at ``integrate_accumulated()``: "raise"
             (FloatingPointError), "skip" (NaN gradients, for a GradScaler to skip the step) or
             "auto" (skip when a scaler was passed to ``backward``, else raise).
@@ -119,6 +127,7 @@ class ParetoLoRA:
         gamma: float | None = None,
         symmetric: bool | None = None,
         layers_path: str | None = None,
+        arch=None,
         on_nonfinite: str = "auto",
         backend: str = "auto",
     ):
@@ -129,8 +138,10 @@ class ParetoLoRA:
         self._sync = make_sync(model)
         if self.balancer is not None:
             self._sync = self.balancer.wrap_sync(self._sync)
-        layout = build_layout(self._sync.module, num_groups=num_groups, modulate=modulate, layers_path=layers_path)
+        layout = build_layout(self._sync.module, num_groups=num_groups, modulate=modulate, layers_path=layers_path,
+                              arch=arch)
         self.layout = self._sync.layout_for(layout)
+        self.arch = layout.arch  # the ArchSpec (paths in the model inside any DDP wrapper), or None
         resolve_backend(backend, self.layout.device)
         self.on_nonfinite, self.backend = on_nonfinite, backend
         self.text = FlatGrads(self.layout)
@@ -184,6 +195,7 @@ class ParetoLoRA:
         """
         _check_loss("text", text)
         _check_loss("image", image)
+        self._check_trainable()
         t_loss, i_loss = (scaler.scale(text), scaler.scale(image)) if scaler is not None else (text, image)
         batch = torch.stack([text.detach(), image.detach()]).reshape(2).to(torch.float64)
         # The running totals including this micro-batch; under DDP the hook carries them across
@@ -199,6 +211,75 @@ class ParetoLoRA:
         self._scaled |= scaler is not None
         self._micro += 1
         return self.integrate_accumulated() if step else None
+
+    def _check_trainable(self) -> None:
+        """The parameters that require grad must still be the ones laid out when this was built:
+        a newly unfrozen weight would get g_image only, a newly frozen one no gradient at all."""
+        module, layout = self._sync.module, self.layout
+        count = sum(1 for p in module.parameters() if p.requires_grad)
+        if count == len(layout.params) and all(p.requires_grad for p in layout.params):
+            return
+        known = {id(p) for p in layout.params}
+        unfrozen = [n for n, p in module.named_parameters() if p.requires_grad and id(p) not in known]
+        frozen = [n for p, n in zip(layout.params, layout.names) if not p.requires_grad]
+        raise ValueError(
+            "model: the trainable parameters changed since ParetoLoRA was built (newly trainable: "
+            f"{', '.join(unfrozen[:3]) or 'none'}; newly frozen: {', '.join(frozen[:3]) or 'none'}); "
+            "build a new ParetoLoRA for the new set (and a new optimizer)"
+        )
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The rule and, mid-accumulation, the micro-batches accumulated so far (both objectives'
+        buffers, the running losses): a checkpoint taken between accumulate() calls resumes exactly."""
+        if self._micro and not self._sync.saves_mid_window:
+            raise RuntimeError(
+                "state_dict: under DDP the accumulated gradients live in the communication hook; save between "
+                "steps (after integrate_accumulated()), as the Trainer does"
+            )
+        window = self._micro > 0
+        return {
+            "version": 1,
+            "rule": dataclasses.asdict(self.spec),
+            "micro_batches": self._micro,
+            "losses": self._losses.detach().cpu().clone(),
+            "nonfinite": self._bad.detach().cpu().clone(),
+            "scaled": self._scaled,
+            "text": [f.detach().cpu().clone() for f in self.text.flats] if window else [],
+            "image": [f.detach().cpu().clone() for f in self.image.flats] if window else [],
+            "balancer": balancer_state(self.balancer),  # MIMO's floors, GradNorm's weights (None: a kernel rule)
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`; everything is checked before anything changes."""
+        if not isinstance(state, dict) or state.get("version") != 1:
+            raise ValueError("state: expected a ParetoLoRA.state_dict() (version 1)")
+        spec = RuleSpec(**state["rule"])
+        check_balancer_state(self.balancer, state.get("balancer"))
+        micro = int(state["micro_batches"])
+        if micro < 0:
+            raise ValueError(f"state: expected micro_batches >= 0, got {micro}")
+        if micro and not self._sync.saves_mid_window:
+            raise ValueError("state: a mid-accumulation checkpoint cannot be loaded under DDP; save between steps")
+        flats = list(zip(state["text"], state["image"])) if micro else []
+        if micro:
+            if len(state["text"]) != len(self.text.flats) or len(state["image"]) != len(self.image.flats):
+                raise ValueError("state: the checkpoint's gradient buffers do not match this model's layout")
+            for (t, i), mine in zip(flats, self.text.flats):
+                if t.shape != mine.shape or i.shape != mine.shape or t.dtype != mine.dtype or i.dtype != mine.dtype:
+                    raise ValueError("state: the checkpoint's gradient buffers do not match this model's layout")
+        self.spec = spec
+        self._reset()
+        load_balancer_state(self.balancer, state.get("balancer"))
+        if micro:
+            for (t, i), tf, imf in zip(flats, self.text.flats, self.image.flats):
+                tf.copy_(t)
+                imf.copy_(i)
+            self.image.attach_as_grad(self.layout.params)
+            self._micro = micro
+            self._losses = state["losses"].to(self._losses)
+            self._bad = state["nonfinite"].to(self._bad)
+            self._scaled = bool(state["scaled"])
 
     def integrate_accumulated(self) -> StepReport:
         """Run the rule once on the accumulated gradients; the result is written into ``.grad``.

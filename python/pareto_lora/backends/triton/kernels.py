@@ -6,16 +6,17 @@ int64 [G + 1] with segment s owning tiles seg_tiles[s] .. seg_tiles[s + 1]. One 
 writes its sums into its own slot of ``partial`` [3, T]; a second kernel adds a segment's slots in
 tile order. Nothing is accumulated with atomics, so equal inputs give bitwise equal results.
 
-Within a tile the arithmetic runs in float32 (float64 for float64 inputs): the interpreter and
-bf16/fp16 need the widening anyway. Partials are added across tiles in float64. The rule runs in
-float64 on the float32-rounded stats, following csrc/rule.h case by case.
+The statistics are sums of products computed in float64 (exact for float32 inputs), so they are
+accurate over the whole float32 range, and they are returned in float64; the rule runs in
+float64 on them, following csrc/rule.h case by case. The combine computes in float32 (float64
+for float64 inputs) and rounds bf16 results to nearest even, like torch.
 May import: :mod:`pareto_lora.rules` (the constants below are derived from it, never copied).
 """
 
 import triton
 import triton.language as tl
 
-from ...rules import RULE_IDS, Case
+from ...rules import CAUCHY_SCHWARZ_SLACK, MAX_COEFFICIENT, RULE_IDS, STATIONARY_REL, Case
 
 # Case codes and rule ids, derived from pareto_lora.rules (which csrc/rule.h mirrors).
 SUMMED: tl.constexpr = tl.constexpr(int(Case.SUMMED))
@@ -32,6 +33,10 @@ RULE_PARETO_ONLY: tl.constexpr = tl.constexpr(RULE_IDS["pareto_only"])
 RULE_RESCALE_ONLY: tl.constexpr = tl.constexpr(RULE_IDS["rescale_only"])
 RULE_MGDA: tl.constexpr = tl.constexpr(RULE_IDS["mgda"])
 RULE_MMPARETO: tl.constexpr = tl.constexpr(RULE_IDS["mmpareto"])
+
+CS_SLACK: tl.constexpr = tl.constexpr(CAUCHY_SCHWARZ_SLACK)
+STATIONARY_RELATIVE: tl.constexpr = tl.constexpr(STATIONARY_REL)
+MAX_COEF: tl.constexpr = tl.constexpr(MAX_COEFFICIENT)
 
 
 @triton.jit
@@ -52,16 +57,18 @@ def _load_tile(tiles_ptr, num_tiles, t):
 
 @triton.jit
 def tile_stats_kernel(a_ptr, b_ptr, tiles_ptr, partial_ptr, num_tiles, BLOCK: tl.constexpr, F64: tl.constexpr):
-    """partial[:, t] = (sum a^2, sum b^2, sum a*b) over tile t."""
+    """partial[:, t] = (sum a^2, sum b^2, sum a*b) over tile t, in float64."""
     t = tl.program_id(0)
     _, start, end = _load_tile(tiles_ptr, num_tiles, t)
     idx = start + tl.arange(0, BLOCK)
     m = idx < end
-    x = _widen(tl.load(a_ptr + idx, mask=m, other=0.0), F64)
-    y = _widen(tl.load(b_ptr + idx, mask=m, other=0.0), F64)
-    tl.store(partial_ptr + t, tl.sum(x * x, axis=0).to(tl.float64))
-    tl.store(partial_ptr + num_tiles + t, tl.sum(y * y, axis=0).to(tl.float64))
-    tl.store(partial_ptr + 2 * num_tiles + t, tl.sum(x * y, axis=0).to(tl.float64))
+    # bf16/fp16 -> float32 -> float64 are exact; a float32 product is exact in float64, so tiny
+    # (|x| ~ 1e-23) and huge (|x| ~ 1e20) values keep their squares.
+    x = _widen(tl.load(a_ptr + idx, mask=m, other=0.0), F64).to(tl.float64)
+    y = _widen(tl.load(b_ptr + idx, mask=m, other=0.0), F64).to(tl.float64)
+    tl.store(partial_ptr + t, tl.sum(x * x, axis=0))
+    tl.store(partial_ptr + num_tiles + t, tl.sum(y * y, axis=0))
+    tl.store(partial_ptr + 2 * num_tiles + t, tl.sum(x * y, axis=0))
 
 
 # C's fmax/fmin (rule.h uses them): a NaN operand yields the other one. tl.maximum's NaN
@@ -87,6 +94,14 @@ def _rule(aa, bb, ab, act, tau, gamma, RULE: tl.constexpr, SYMMETRIC: tl.constex
     alpha = one
     beta = one
     code = tl.full(aa.shape, SUMMED, tl.int32)
+    # Not valid: a negative squared norm or |a.b| > ||a|| ||b|| beyond rounding (NONFINITE below);
+    # within rounding a.b is clamped to the nearest valid value.
+    # x - x is 0 for finite x and NaN otherwise (rule.h's is_finite); taken before the clamp,
+    # which would replace a NaN a.b (fmax/fmin return the other operand).
+    finite = ((aa - aa) == 0.0) & ((bb - bb) == 0.0) & ((ab - ab) == 0.0)
+    bound = tl.sqrt(_fmax(aa, 0.0)) * tl.sqrt(_fmax(bb, 0.0))
+    invalid = (aa < 0.0) | (bb < 0.0) | (tl.abs(ab) > bound * (1.0 + CS_SLACK))
+    ab = _fmin(_fmax(ab, -bound), bound)
 
     diff2 = aa + bb - 2.0 * ab
     has_diff = diff2 > 0.0
@@ -124,7 +139,8 @@ def _rule(aa, bb, ab, act, tau, gamma, RULE: tl.constexpr, SYMMETRIC: tl.constex
             ha = tl.where(conflict, 2.0 * lam, one)
             hb = tl.where(conflict, 2.0 * (1.0 - lam), one)
             h2 = ha * ha * aa + hb * hb * bb + 2.0 * ha * hb * ab
-            moving = h2 > 0.0
+            reach = ha * na + hb * nb
+            moving = h2 > STATIONARY_RELATIVE * reach * reach
             scale = gamma * tl.sqrt(_fmax(aa + bb + 2.0 * ab, 0.0)) / tl.sqrt(tl.where(moving, h2, one))
             alpha = tl.where(moving, scale * ha, 0.0)
             beta = tl.where(moving, scale * hb, 0.0)
@@ -133,11 +149,15 @@ def _rule(aa, bb, ab, act, tau, gamma, RULE: tl.constexpr, SYMMETRIC: tl.constex
         beta = tl.where(degenerate, one, beta)
         code = tl.where(degenerate, DEGENERATE, code)
 
+    # A coefficient float32 cannot hold is never written as inf: plain sum, NONFINITE.
+    fits = (tl.abs(alpha) <= MAX_COEF) & (tl.abs(beta) <= MAX_COEF)
+    alpha = tl.where(fits, alpha, one)
+    beta = tl.where(fits, beta, one)
+    code = tl.where(fits, code, NONFINITE)
     alpha = tl.where(act, alpha, one)
     beta = tl.where(act, beta, one)
     code = tl.where(act, code, INACTIVE)
-    # x - x is 0 for finite x and NaN otherwise (rule.h's is_finite).
-    finite = ((aa - aa) == 0.0) & ((bb - bb) == 0.0) & ((ab - ab) == 0.0)
+    finite = finite & ~invalid
     alpha = tl.where(finite, alpha, one)
     beta = tl.where(finite, beta, one)
     code = tl.where(finite, code, NONFINITE)
@@ -191,16 +211,15 @@ def segment_reduce_kernel(
         acc_aa += tl.load(partial_ptr + j, mask=m, other=0.0)
         acc_bb += tl.load(partial_ptr + num_tiles + j, mask=m, other=0.0)
         acc_ab += tl.load(partial_ptr + 2 * num_tiles + j, mask=m, other=0.0)
-    aa = tl.sum(acc_aa, axis=1).to(tl.float32)
-    bb = tl.sum(acc_bb, axis=1).to(tl.float32)
-    ab = tl.sum(acc_ab, axis=1).to(tl.float32)
+    aa = tl.sum(acc_aa, axis=1)
+    bb = tl.sum(acc_bb, axis=1)
+    ab = tl.sum(acc_ab, axis=1)
     tl.store(stats_ptr + 3 * segs, aa, mask=smask)
     tl.store(stats_ptr + 3 * segs + 1, bb, mask=smask)
     tl.store(stats_ptr + 3 * segs + 2, ab, mask=smask)
     if APPLY_RULE:
         _rule_store(
-            aa.to(tl.float64), bb.to(tl.float64), ab.to(tl.float64), segs, smask, active_ptr, coeffs_ptr,
-            cases_ptr, tau_bits, gamma_bits, HAS_ACTIVE, RULE, SYMMETRIC,
+            aa, bb, ab, segs, smask, active_ptr, coeffs_ptr, cases_ptr, tau_bits, gamma_bits, HAS_ACTIVE, RULE, SYMMETRIC,
         )
 
 
@@ -231,4 +250,19 @@ def combine_kernel(a_ptr, b_ptr, out_ptr, tiles_ptr, coeffs_ptr, num_tiles, BLOC
     x = _widen(tl.load(a_ptr + idx, mask=m, other=0.0), F64)
     y = _widen(tl.load(b_ptr + idx, mask=m, other=0.0), F64)
     # Every element is read before it is written by the same program: out may alias a or b.
-    tl.store(out_ptr + idx, (alpha * x + beta * y).to(out_ptr.dtype.element_ty), mask=m)
+    tl.store(out_ptr + idx, _to_out(alpha * x + beta * y, out_ptr), mask=m)
+
+
+@triton.jit
+def _to_out(v, out_ptr):
+    """`v` in the output's dtype, rounded to nearest even (as torch and the C++ kernels round)."""
+    ty: tl.constexpr = out_ptr.dtype.element_ty
+    if ty == tl.bfloat16:
+        # By hand: the interpreter's float32 -> bfloat16 cast truncates. Adding 0x7FFF plus the
+        # lowest kept bit, then dropping 16 bits, rounds half to even; NaN stays NaN.
+        bits = v.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        rounded = tl.where(v != v, 0x7FC0, rounded)
+        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return v.to(ty)

@@ -1,7 +1,7 @@
 """Triton backend of the integration op (``backend="triton"``).
 
 Same four functions, signatures and semantics as the other backends (csrc/cpu/ops_cpu.cpp):
-stats float32 [G, 3], coeffs float32 [G, 2], cases int32 [G]. The module-level functions
+stats float64 [G, 3], coeffs float32 [G, 2], cases int32 [G]. The module-level functions
 validate every argument with :mod:`pareto_lora.checks` (same messages as C++), build the tile
 table on the host and only then call the ``torch.ops.pareto_lora_triton.*`` ops, which launch
 the kernels of :mod:`pareto_lora.backends.triton.kernels` and never read tensor values on the host.
@@ -127,7 +127,8 @@ def _rule_launch_args(rule: str, tau: float, gamma: float, symmetric: bool, acti
     has_active = active is not None
     # Unused pointers are passed as None (a constexpr to Triton) rather than as a stand-in
     # tensor, so no buffer is handed to a kernel twice (torch.compile's mutation analysis).
-    act = active.to(device).view(torch.uint8) if has_active else None
+    # The kernels read one byte per segment at unit stride: a strided mask is made contiguous.
+    act = active.to(device).contiguous().view(torch.uint8) if has_active else None
     return (
         dict(tau_bits=_f64_bits(tau), gamma_bits=_f64_bits(gamma)),
         act,
@@ -167,7 +168,7 @@ def _combine_tiles(a, b, tiles, coeffs, out) -> None:
 @triton_op("pareto_lora_triton::segment_stats", mutates_args=())
 def _segment_stats_op(a: torch.Tensor, b: torch.Tensor, tiles: torch.Tensor, seg_tiles: torch.Tensor) -> torch.Tensor:
     num_segments = seg_tiles.shape[0] - 1
-    stats = torch.empty((num_segments, 3), dtype=torch.float32, device=a.device)
+    stats = torch.empty((num_segments, 3), dtype=torch.float64, device=a.device)
     partial = _tile_partials(a, b, tiles)
     no_rule = _rule_launch_args("sum", 1.0, 1.0, False, None, a.device)  # flags unused without the rule
     _reduce(partial, seg_tiles, stats, None, None, no_rule, apply_rule=False)
@@ -211,7 +212,7 @@ def _integrate_op(
     symmetric: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     num_segments = seg_tiles.shape[0] - 1
-    stats = torch.empty((num_segments, 3), dtype=torch.float32, device=a.device)
+    stats = torch.empty((num_segments, 3), dtype=torch.float64, device=a.device)
     coeffs = torch.empty((num_segments, 2), dtype=torch.float32, device=a.device)
     cases = torch.empty((num_segments,), dtype=torch.int32, device=a.device)
     partial = _tile_partials(a, b, tiles)
@@ -223,7 +224,8 @@ def _integrate_op(
 
 # ---- validated entry points (the registry's functions for backend="triton") ---------------------
 def segment_stats(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """[G, 3] float32 per-segment ||a||^2, ||b||^2, a.b."""
+    """[G, 3] float64 per-segment ||a||^2, ||b||^2, a.b."""
+    offsets = _checks.as_offsets(offsets)
     _checks.check_buffers(a, b)
     _checks.check_offsets(offsets, a.numel(), a.device)
     _check_device(a.device)
@@ -241,8 +243,8 @@ def rule_coefficients(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(coeffs [G, 2] float32, cases [G] int32) of `rule` on stats of any source."""
     spec = as_spec(rule, tau, gamma, symmetric)
-    g = _checks.check_stats(stats)
-    _checks.check_active(active, g)
+    active = _checks.as_active(active)
+    _checks.check_rule_args(stats, active)
     _check_device(stats.device)
     return torch.ops.pareto_lora_triton.rule_coefficients(stats, spec.name, spec.tau, active, spec.gamma, spec.symmetric)
 
@@ -251,6 +253,7 @@ def combine(
     a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, coeffs: torch.Tensor, out: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
     """out_s = alpha_s * a_s + beta_s * b_s; `out` may be `a` or `b` (a new tensor when None)."""
+    offsets = _checks.as_offsets(offsets)
     _checks.check_combine(a, b, offsets, coeffs, out)
     _check_device(a.device)
     out = torch.empty_like(a) if out is None else out
@@ -272,6 +275,7 @@ def integrate(
 ) -> IntegrationResult:
     """stats -> rule -> combine on the device (three launches, no host sync)."""
     spec = as_spec(rule, tau, gamma, symmetric)
+    offsets, active = _checks.as_offsets(offsets), _checks.as_active(active)
     _checks.check_integrate(a, b, offsets, out, active)
     _check_device(a.device)
     out = torch.empty_like(a) if out is None else out

@@ -28,7 +28,8 @@ from ...flat import FlatStep
 from ...flat.step import poison_cases
 from ...rules import Case, RuleSpec
 
-__all__ = ["Balancer", "BalancedSync", "weighted_coefficients", "single_process_only"]
+__all__ = ["Balancer", "BalancedSync", "weighted_coefficients", "single_process_only", "balancer_state",
+           "check_balancer_state", "load_balancer_state"]
 
 _SUM = RuleSpec("sum")
 
@@ -69,6 +70,7 @@ class Balancer:
     def bind(self, device: torch.device) -> None:
         """Called once by ParetoLoRA with the device of the gradients (creates the state there)."""
         self.device = device
+        self.window_losses = torch.zeros(2, dtype=torch.float64, device=device)
 
     def loss_weights(self, losses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(alpha, beta) 0-d tensors for one backward, from this micro-batch's (text, image) losses."""
@@ -94,6 +96,13 @@ class Balancer:
     def load_state_dict(self, state: dict) -> None:
         pass
 
+    def snapshot(self):
+        """The state :meth:`loss_weights` changes, to :meth:`restore` if the backward fails (no host sync)."""
+        return None
+
+    def restore(self, snap) -> None:
+        pass
+
     def wrap_sync(self, sync):
         """The sync ParetoLoRA uses with this balancer (one process only, for now)."""
         single_process_only(self.name)
@@ -101,11 +110,17 @@ class Balancer:
 
 
 class BalancedSync:
-    """A :class:`~pareto_lora.distributed.GradSync` that runs `balancer` around the `inner` sync."""
+    """A :class:`~pareto_lora.distributed.GradSync` that runs `balancer` around the `inner` sync
+    (anything else of the contract, e.g. ``saves_mid_window``, is the inner sync's)."""
 
     def __init__(self, inner, balancer: Balancer):
         self.inner, self.balancer = inner, balancer
         self.module = inner.module
+
+    def __getattr__(self, name: str):
+        if name == "inner":  # not set yet (copy/unpickle): no recursion
+            raise AttributeError(name)
+        return getattr(self.inner, name)
 
     def layout_for(self, layout):
         return self.inner.layout_for(layout)
@@ -113,7 +128,6 @@ class BalancedSync:
     def bind(self, layout, text, image, rule_fn, backend: str) -> None:
         self.layout, self.image, self.backend = layout, image, backend
         self.balancer.bind(layout.device)
-        self._prev = torch.zeros(2, dtype=torch.float64, device=layout.device)
         self._weights = (torch.ones((), dtype=torch.float64, device=layout.device),) * 2
         self.inner.bind(layout, text, image, self._rule, backend)
 
@@ -124,11 +138,22 @@ class BalancedSync:
         if not self.balancer.one_backward:
             self.inner.backward(text_loss, image_loss, first, losses)
             return
-        batch = losses - (0 if first else self._prev)  # this micro-batch's unscaled losses
-        alpha, beta = self.balancer.loss_weights(batch)
-        self.image.attach_as_grad(self.layout.params, first)
-        (alpha.to(text_loss.dtype) * text_loss + beta.to(image_loss.dtype) * image_loss).backward()
-        self._prev, self._weights = losses, (alpha, beta)
+        # this micro-batch's unscaled losses: the running totals minus those before it
+        params, bal = self.layout.params, self.balancer
+        if not first:
+            self.image.check_attached(params)
+        batch = losses - (0 if first else bal.window_losses)
+        saved = bal.snapshot()
+        alpha, beta = bal.loss_weights(batch)
+        try:  # like the two-gradient path: nothing changes unless the backward succeeds
+            grads = torch.autograd.grad(alpha.to(text_loss.dtype) * text_loss + beta.to(image_loss.dtype) * image_loss,
+                                        params, allow_unused=True)
+        except BaseException:
+            bal.restore(saved)
+            raise
+        self.image.accumulate(grads, first)
+        self.image.attach_as_grad(params)
+        bal.window_losses, self._weights = losses, (alpha, beta)
 
     def finish(self, losses: torch.Tensor, settle) -> FlatStep:
         if self.balancer.one_backward:
@@ -154,3 +179,28 @@ class BalancedSync:
             cases = poison_cases(cases, poison)
         nan = lambda n: torch.full((n, 3), math.nan, dtype=torch.float32, device=dev)  # noqa: E731
         return FlatStep(nan(lay.num_units), nan(g), coeffs, cases)
+
+
+def balancer_state(balancer: Balancer | None) -> dict | None:
+    """The ``"balancer"`` entry of ``ParetoLoRA.state_dict()``: name, state and the window's losses."""
+    if balancer is None:
+        return None
+    window = getattr(balancer, "window_losses", None)
+    return {"name": balancer.name, "state": balancer.state_dict(),
+            "window_losses": None if window is None else window.detach().cpu().clone()}
+
+
+def check_balancer_state(balancer: Balancer | None, entry: dict | None) -> None:
+    """ValueError unless a checkpoint's ``"balancer"`` entry fits this ParetoLoRA's balancer."""
+    mine = None if balancer is None else balancer.name
+    theirs = None if entry is None else entry.get("name")
+    if mine != theirs:
+        raise ValueError(f"state: the checkpoint was saved with balancer {theirs!r}, this ParetoLoRA has {mine!r}")
+
+
+def load_balancer_state(balancer: Balancer | None, entry: dict | None) -> None:
+    if balancer is None or entry is None:
+        return
+    balancer.load_state_dict(entry["state"])
+    if entry.get("window_losses") is not None:
+        balancer.window_losses = torch.as_tensor(entry["window_losses"], dtype=torch.float64).to(balancer.device)

@@ -150,6 +150,12 @@ class MIMO(Balancer):
         return {"mimo/sigma_text": s[0], "mimo/sigma_image": s[1], "mimo/gap_text": g[0], "mimo/gap_image": g[1],
                 "mimo/floor_text": f[0], "mimo/floor_image": f[1], "mimo/alpha": c[0], "mimo/beta": c[1]}
 
+    def snapshot(self):
+        return self.floors, dict(self._last)
+
+    def restore(self, snap) -> None:
+        self.floors, self._last = snap[0], dict(snap[1])
+
     def state_dict(self) -> dict:
         return {"floors": self.floors.detach().cpu().clone(), "steps": int(self.steps)}
 

@@ -1,0 +1,145 @@
+// The whole "validate" half of each op, shared by the CPU and CUDA backends: one call per op
+// checks every argument (validate.h, in a fixed order) and returns what the launch needs, so a
+// device file only launches and the two backends cannot drift apart in what they accept.
+// Every check raises ValueError("<argument>: expected ...") before anything is written.
+#pragma once
+
+#include <torch/types.h>
+
+#include <optional>
+#include <string>
+
+#include "rule.h"
+#include "validate.h"
+
+namespace pareto_lora {
+
+// The device type an op's kernels run on (its dispatch key). The dispatcher picks a kernel by the
+// highest-priority device among all tensor arguments, so a kernel can still be handed tensors
+// that live elsewhere: mixed devices, or a direct redispatch with meta tensors, whose data
+// pointers must never be read.
+struct OpDevice {
+  at::DeviceType type;
+
+  void require(const at::Tensor& t, const char* name) const {
+    if (type == at::kCPU) {
+      TORCH_CHECK_VALUE(t.is_cpu(), name, ": expected device cpu, got ", t.device());
+    } else {
+      TORCH_CHECK_VALUE(t.device().type() == type, name,
+                        ": expected a CUDA tensor (other arguments are on the GPU), got device ", t.device());
+    }
+  }
+
+  // Before any data is read: refuses devices whose data the op cannot read (meta, ...). A CPU
+  // tensor that reaches a GPU op is left to require() at the end of the checks, so that the
+  // co-location checks in between first name the argument that is on the GPU.
+  void require_readable(const at::Tensor& t, const char* name) const {
+    if (!t.is_cpu()) require(t, name);
+  }
+};
+
+inline constexpr OpDevice kCpuOp{at::kCPU};
+inline constexpr OpDevice kCudaOp{at::kCUDA};
+
+// out may be a or b exactly (in place: every element is read before it is written), or memory
+// disjoint from both; with a partial overlap a tile would read elements that another tile has
+// already overwritten. out, a and b are contiguous with one numel and dtype here, so the same
+// storage and the same start means the same elements (a reshaped view of a included), and
+// otherwise intersecting byte ranges are a partial overlap.
+inline bool partially_overlaps(const at::Tensor& out, const at::Tensor& x) {
+  if (out.numel() == 0 || !out.storage().is_alias_of(x.storage())) return false;
+  const char* ob = static_cast<const char*>(out.const_data_ptr());
+  const char* xb = static_cast<const char*>(x.const_data_ptr());
+  return ob != xb && ob < xb + x.nbytes() && xb < ob + out.nbytes();
+}
+
+inline void check_out_overlap(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK_VALUE(!partially_overlaps(out, a),
+                    "out: expected a, b or memory disjoint from both; it partially overlaps a");
+  TORCH_CHECK_VALUE(!partially_overlaps(out, b),
+                    "out: expected a, b or memory disjoint from both; it partially overlaps b");
+}
+
+// `active` as the kernels read it: contiguous (any stride is accepted), on the CPU or next to
+// `device`; undefined when absent. Called after every check: the copy allocates.
+inline at::Tensor contiguous_active(const std::optional<at::Tensor>& active) {
+  return active.has_value() ? active->contiguous() : at::Tensor();
+}
+
+struct SegmentArgs {
+  at::Tensor offsets;  // CPU, contiguous, validated against a.numel()
+  int64_t num_segments;
+  const int64_t* offsets_ptr() const { return offsets.const_data_ptr<int64_t>(); }
+};
+
+struct IntegrateArgs : SegmentArgs {
+  RuleParams rule;
+  at::Tensor active;  // see contiguous_active
+};
+
+struct RuleArgs {
+  int64_t num_segments;
+  RuleParams rule;
+  at::Tensor active;  // see contiguous_active
+};
+
+// a, b and offsets.
+inline SegmentArgs checked_segments(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets,
+                                    OpDevice dev) {
+  check_buffers(a, b);
+  dev.require_readable(a, "a");  // b is on a's device; the offsets' values are read next
+  at::Tensor off = checked_offsets(a, offsets);
+  const int64_t g = off.numel() - 1;
+  return SegmentArgs{std::move(off), g};
+}
+
+inline SegmentArgs checked_stats_args(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets,
+                                      OpDevice dev) {
+  SegmentArgs args = checked_segments(a, b, offsets, dev);
+  dev.require(a, "a");
+  return args;
+}
+
+inline SegmentArgs checked_combine(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets,
+                                   const at::Tensor& coeffs, const at::Tensor& out, OpDevice dev) {
+  SegmentArgs args = checked_segments(a, b, offsets, dev);
+  check_coeffs(coeffs, args.num_segments, a.device());
+  check_out(out, a);
+  check_out_overlap(out, a, b);
+  dev.require(a, "a");
+  return args;
+}
+
+inline IntegrateArgs checked_integrate(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets,
+                                       const at::Tensor& out, c10::string_view rule, double tau,
+                                       const std::optional<at::Tensor>& active, double gamma, bool symmetric,
+                                       OpDevice dev) {
+  SegmentArgs seg = checked_segments(a, b, offsets, dev);
+  check_out(out, a);
+  check_out_overlap(out, a, b);
+  check_active(active, seg.num_segments);
+  if (active.has_value()) check_host_or(*active, "active", a.device());
+  const RuleParams p = parse_rule_params(std::string(rule), tau, gamma, symmetric);
+  dev.require(a, "a");
+  return IntegrateArgs{std::move(seg), p, contiguous_active(active)};
+}
+
+inline RuleArgs checked_rule_args(const at::Tensor& stats, c10::string_view rule, double tau,
+                                  const std::optional<at::Tensor>& active, double gamma, bool symmetric,
+                                  OpDevice dev) {
+  const int64_t g = check_stats(stats);
+  check_active(active, g);
+  const RuleParams p = parse_rule_params(std::string(rule), tau, gamma, symmetric);
+  dev.require_readable(stats, "stats");
+  if (active.has_value()) {
+    if (stats.is_cpu()) {  // e.g. the GPU op, picked for a GPU `active`
+      TORCH_CHECK_VALUE(active->is_cpu(), "active: expected device cpu (same as stats), got ", active->device());
+    } else {
+      check_host_or(*active, "active", stats.device());
+    }
+  }
+  dev.require(stats, "stats");
+  return RuleArgs{g, p, contiguous_active(active)};
+}
+
+}  // namespace pareto_lora

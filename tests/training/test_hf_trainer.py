@@ -161,3 +161,28 @@ def test_resume_from_a_checkpoint_equals_an_uninterrupted_run(tmp_path):
     for (n, p), q in zip(straight.named_parameters(), resumed.parameters()):
         if p.requires_grad:
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_commit_state_travels_with_the_checkpoint(tmp_path):
+    from pareto_lora.training.balancers import CoMMIT
+
+    def trainer(model, out, commit):
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        lower = [p for n, p in named if ".layers.0." in n]
+        opt = torch.optim.AdamW([{"params": [p for n, p in named if ".layers.0." not in n]}, {"params": lower}], lr=1e-2)
+        args = make_args(out, max_steps=4, save_strategy="steps", save_steps=2, seed=7, data_seed=7)
+        return pareto_lora.ParetoLoRATrainer(model=model, args=args, train_dataset=TokenDataset(), optimizers=(opt, None),
+                                             rule="mimo", num_groups=2, commit=commit)
+
+    first = CoMMIT()
+    trainer(models.lora_llama(num_layers=4), tmp_path / "a", first).train()
+    ckpt = tmp_path / "a" / "checkpoint-2"
+    assert (ckpt / pareto_lora.ParetoLoRATrainer.COMMIT_FILE).is_file()
+    saved = torch.load(ckpt / pareto_lora.ParetoLoRATrainer.COMMIT_FILE, weights_only=True)
+    assert saved["steps"] == 2 and len(saved["history"]) == 2
+    state = torch.load(ckpt / pareto_lora.ParetoLoRATrainer.STATE_FILE, weights_only=True)
+    assert state["balancer"]["name"] == "mimo"
+    resumed = CoMMIT()
+    trainer(models.lora_llama(num_layers=4), tmp_path / "b", resumed).train(resume_from_checkpoint=str(ckpt))
+    assert resumed.steps == 4 and len(resumed.history) == 4
+    assert list(resumed.history)[:2] == saved["history"]

@@ -227,14 +227,20 @@ class ParetoLoRATrainer(Trainer):
 
     # ---- checkpoints: ParetoLoRA's state travels with the optimizer's ------------------------------
     STATE_FILE = "pareto_lora.pt"
+    COMMIT_FILE = "pareto_lora_commit.pt"  # CoMMIT's kappa history and step count, when commit= is set
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
         if self.args.should_save:
             torch.save(self.pareto.state_dict(), os.path.join(output_dir, self.STATE_FILE))
+            if self.commit is not None:
+                torch.save(self.commit.state_dict(), os.path.join(output_dir, self.COMMIT_FILE))
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
         path = os.path.join(checkpoint, self.STATE_FILE) if checkpoint is not None else None
         if path is not None and os.path.isfile(path):
             self.pareto.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        commit_path = os.path.join(checkpoint, self.COMMIT_FILE) if checkpoint is not None else None
+        if self.commit is not None and commit_path is not None and os.path.isfile(commit_path):
+            self.commit.load_state_dict(torch.load(commit_path, map_location="cpu", weights_only=True))

@@ -177,7 +177,8 @@ class BalancedSync:
             for flat in self.image.flats:
                 flat.mul_(factor.to(flat.dtype))
             cases = poison_cases(cases, poison)
-        nan = lambda n: torch.full((n, 3), math.nan, dtype=torch.float32, device=dev)  # noqa: E731
+        self.image.attach_as_grad(lay.params)  # even if a zero_grad() detached them
+        nan = lambda n: torch.full((n, 3), math.nan, dtype=torch.float64, device=dev)  # noqa: E731
         return FlatStep(nan(lay.num_units), nan(g), coeffs, cases)
 
 

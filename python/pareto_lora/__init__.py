@@ -7,7 +7,7 @@
 The package in layers; each imports only the layers below it (tests/test_architecture.py):
 
     app/          the pareto-lora command, the demo, benchmarks, install facts
-    training/     ParetoLoRA, StepReport, modality losses, diagnostics, the HF Trainer
+    training/     ParetoLoRA, StepReport, modality losses, diagnostics, the HF Trainer, balancers (MIMO, GradNorm, CoMMIT)
     distributed/  the sync contract: single process, DDP hook, FSDP2, sharded_integrate
     flat/         parameters -> layout (units, groups, buckets), flat buffers, the flat-buffer step
     ops.py        the public op functions (integrate, segment_stats, rule_coefficients, combine)
@@ -25,7 +25,7 @@ from .backends import available_backends
 from .ops import combine, integrate, rule_coefficients, segment_stats
 from .result import IntegrationResult
 from .rules import RULES, Case, RuleSpec
-from .training import ParetoLoRA, StepReport, diagnostics, modality_losses, modality_token_counts
+from .training import ParetoLoRA, StepReport, balancers, diagnostics, modality_losses, modality_token_counts
 
 __version__ = "0.1.0"
 
@@ -39,6 +39,7 @@ __all__ = [
     "RuleSpec",
     "StepReport",
     "available_backends",
+    "balancers",
     "combine",
     "diagnostics",
     "distributed",

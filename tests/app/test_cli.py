@@ -49,7 +49,7 @@ def test_backend_availability_agrees_with_available_backends():
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["demo", "--rules", "sum,nope"], "unknown rule(s) 'nope'; expected names from: " + ", ".join(pareto_lora.RULES)),
+        (["demo", "--rules", "sum,nope"], "unknown rule(s) 'nope'; expected names from: " + ", ".join(pareto_lora.training.balancers.METHODS)),
         (["demo", "--steps", "0"], "--steps: expected an integer >= 1"),
         (["demo", "--steps", "ten"], "--steps: expected an integer"),
         (["demo", "--seeds", "1,1"], "--seeds: expected distinct non-negative seeds"),

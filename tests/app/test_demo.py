@@ -161,7 +161,7 @@ def test_quick_demo_writes_json_and_plots(quick_demo):
     res, out, seconds = quick_demo
     assert res.returncode == 0, res.stderr[-3000:]
     print(f"demo --quick took {seconds:.1f}s")
-    for name in ("results.json", "losses.png", "ratio_heatmaps.png", "cases.png", "summary.png"):
+    for name in ("results.json", "losses.png", "ratio_heatmaps.png", "cases.png", "summary.png", "balancers.png"):
         path = out / name
         assert path.is_file() and path.stat().st_size > 1000, name
     for name in ("losses.png", "ratio_heatmaps.png", "cases.png", "summary.png"):
@@ -173,7 +173,7 @@ def test_quick_demo_numbers(quick_demo):
     res, out, _ = quick_demo
     doc = json.loads((out / "results.json").read_text())
     rules = set(doc["config"]["rules"])
-    assert rules == set(pareto_lora.RULES)
+    assert rules == set(pareto_lora.RULES) | {"mimo", "gradnorm", "commit"}
     assert set(doc["summary"]) == rules
     seeds = doc["config"]["seeds"]
     assert len(doc["runs"]) == len(rules) * len(seeds)
@@ -192,5 +192,12 @@ def test_quick_demo_numbers(quick_demo):
     assert doc["verdict"] and any("Pareto LoRA" in v for v in doc["verdict"])
     for v in doc["verdict"]:
         assert v in res.stdout
+    for other in ("mimo", "gradnorm", "commit", "mmpareto"):
+        assert any(v.startswith(f"{other} vs vanilla:") for v in doc["verdict"])
+    # each balancer's quantities are in its records
+    first = {r["rule"]: r for r in doc["runs"]}
+    assert "mimo/sigma_text" in first["mimo"]["records"][0]["balancer"]
+    assert "gradnorm/w_image" in first["gradnorm"]["records"][0]["balancer"]
+    assert first["commit"]["records"][0]["balancer"]["commit/kappa"] > 0
     assert all(math.isfinite(x) for x in _finite_numbers(doc["summary"]))
 

@@ -77,3 +77,35 @@ def test_errors(jsonl, tmp_path):
         diagnostics.plot_ratio_heatmap(jsonl, tmp_path / "x.png", level="rank")
     with pytest.raises(ValueError, match="records: no records"):
         diagnostics.plot_case_counts([], tmp_path / "x.png")
+
+
+def test_balancer_quantities_are_recorded_and_plotted(tmp_path):
+    from pareto_lora.training.balancers import CoMMIT
+
+    model = models.lora_llama(num_layers=4)
+    pl = pareto_lora.ParetoLoRA(model, rule="mimo", num_groups=2)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    lower = [p for n, p in named if ".layers.0." in n]
+    rest = [p for n, p in named if ".layers.0." not in n]
+    opt = torch.optim.SGD([{"params": rest}, {"params": lower}], lr=0.05)
+    sched = CoMMIT(opt)
+    path = tmp_path / "diag.jsonl"
+    with diagnostics.Recorder(path) as rec:
+        for step in range(3):
+            batch = models.token_batch(seed=step)
+            out = model(**models.model_inputs(batch))
+            lt, li = pareto_lora.modality_losses(out.logits, batch["labels"], image_token_mask=batch["image_token_mask"])
+            report = pl.backward(text=lt, image=li)
+            sched.step(forward=lambda: model(**models.model_inputs(batch)).logits, logits=out.logits)
+            opt.zero_grad()
+            report.add_metrics(sched.metrics())
+            assert "pareto/commit/kappa" in report.as_dict() and "pareto/mimo/sigma_text" in report.as_dict()
+            rec.record(step, report)
+    series = diagnostics.balancer_series(diagnostics.load(path))
+    assert set(series) == {"mimo", "commit"}
+    assert len(series["mimo"]["sigma_text"]) == 3
+    assert all(s + t == pytest.approx(1.0) for s, t in zip(series["mimo"]["sigma_text"], series["mimo"]["sigma_image"]))
+    assert all(k > 0 for k in series["commit"]["kappa"])
+    paths = diagnostics.plot_all(path, tmp_path / "plots")
+    assert paths[-1].endswith("balancer.png") and len(paths) == 5
+    assert matplotlib.image.imread(paths[-1]).shape[1] > 500

@@ -106,6 +106,40 @@ def test_image_token_range_instead_of_a_mask(tmp_path):
     assert "pareto/group0/ratio" in trainer.state.log_history[0]
 
 
+@pytest.mark.parametrize("rule", ["mimo", "gradnorm"])
+def test_balancers_by_name_with_commit_rates(tmp_path, rule):
+    from pareto_lora.training.balancers import CoMMIT
+
+    model = models.lora_llama(num_layers=4)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    upper = [p for n, p in named if not any(f".layers.{i}." in n for i in (0, 1))]
+    lower = [p for n, p in named if any(f".layers.{i}." in n for i in (0, 1))]  # the "feature" side here
+    opt = torch.optim.AdamW([{"params": upper}, {"params": lower}], lr=1e-2)
+    seen, step = [], opt.step
+
+    def recording_step(*a, **kw):  # the rates in force while the optimizer steps
+        seen.append([g["lr"] for g in opt.param_groups])
+        return step(*a, **kw)
+
+    opt.step = recording_step
+    commit = CoMMIT(every=2)
+    trainer = pareto_lora.ParetoLoRATrainer(model=model, args=make_args(tmp_path, max_steps=4), train_dataset=TokenDataset(),
+                                            optimizers=(opt, None), rule=rule, num_groups=2, modulate="all",
+                                            commit=commit)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    key = {"mimo": "pareto/mimo/sigma_text", "gradnorm": "pareto/gradnorm/w_text"}[rule]
+    assert all(math.isfinite(h[key]) for h in logs)
+    assert commit.steps == 4 and len(commit.history) == 2  # measured at steps 0 and 2
+    assert all(0 < k < math.inf for k in commit.history)
+    assert logs[-1]["pareto/commit/kappa_avg"] == pytest.approx(commit.kappa_avg)
+    # the Trainer's own (constant) schedule is restored after each step; during a step CoMMIT's rates hold
+    assert [g["lr"] for g in opt.param_groups] == [1e-2, 1e-2]
+    assert len(seen) == 4 and seen[0] == [1e-2, 1e-2]
+    k = commit.history[0]  # measured at step 0, in force from step 1
+    assert seen[1] == pytest.approx([2e-2 / (k + 1), 2e-2 / (1 / k + 1)])
+
+
 def test_resume_from_a_checkpoint_equals_an_uninterrupted_run(tmp_path):
     """Like the plain Trainer: 4 steps in one go == 2 steps, checkpoint, resume for 2 more."""
     kw = dict(max_steps=4, save_strategy="steps", save_steps=2, seed=7, data_seed=7)
@@ -127,3 +161,28 @@ def test_resume_from_a_checkpoint_equals_an_uninterrupted_run(tmp_path):
     for (n, p), q in zip(straight.named_parameters(), resumed.parameters()):
         if p.requires_grad:
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_commit_state_travels_with_the_checkpoint(tmp_path):
+    from pareto_lora.training.balancers import CoMMIT
+
+    def trainer(model, out, commit):
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        lower = [p for n, p in named if ".layers.0." in n]
+        opt = torch.optim.AdamW([{"params": [p for n, p in named if ".layers.0." not in n]}, {"params": lower}], lr=1e-2)
+        args = make_args(out, max_steps=4, save_strategy="steps", save_steps=2, seed=7, data_seed=7)
+        return pareto_lora.ParetoLoRATrainer(model=model, args=args, train_dataset=TokenDataset(), optimizers=(opt, None),
+                                             rule="mimo", num_groups=2, commit=commit)
+
+    first = CoMMIT()
+    trainer(models.lora_llama(num_layers=4), tmp_path / "a", first).train()
+    ckpt = tmp_path / "a" / "checkpoint-2"
+    assert (ckpt / pareto_lora.ParetoLoRATrainer.COMMIT_FILE).is_file()
+    saved = torch.load(ckpt / pareto_lora.ParetoLoRATrainer.COMMIT_FILE, weights_only=True)
+    assert saved["steps"] == 2 and len(saved["history"]) == 2
+    state = torch.load(ckpt / pareto_lora.ParetoLoRATrainer.STATE_FILE, weights_only=True)
+    assert state["balancer"]["name"] == "mimo"
+    resumed = CoMMIT()
+    trainer(models.lora_llama(num_layers=4), tmp_path / "b", resumed).train(resume_from_checkpoint=str(ckpt))
+    assert resumed.steps == 4 and len(resumed.history) == 4
+    assert list(resumed.history)[:2] == saved["history"]

@@ -17,7 +17,7 @@ __all__ = ["main", "build_parser"]
 
 # ---- argument types: argparse turns their ValueError/ArgumentTypeError into a usage error ------
 def _rules(text: str) -> tuple[str, ...]:
-    from ..rules import RULES
+    from ..training.balancers import METHODS as RULES  # kernel rules + mimo, gradnorm, commit
 
     names = tuple(r.strip() for r in text.split(",") if r.strip())
     if not names:
@@ -178,6 +178,7 @@ def _cmd_info(args, parser) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from ..rules import RULES
+    from ..training.balancers import METHODS
 
     parser = argparse.ArgumentParser(
         prog="pareto-lora",
@@ -192,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="tiny smoke-test configuration (< 30 s on 2 CPU cores)")
     demo.add_argument("--steps", type=_positive_int, help="fine-tuning steps per run (default 80; quick 12)")
     demo.add_argument("--seeds", type=_seeds, help="seed count (3 -> 0,1,2) or comma list (4,7); default 3")
-    demo.add_argument("--rules", type=_rules, help=f"comma-separated rules (default all: {','.join(RULES)})")
+    demo.add_argument("--rules", type=_rules, help=f"comma-separated rules (default all: {','.join(METHODS)})")
     demo.add_argument("--out", help="output folder (default ./pareto_lora_out/demo-<timestamp>)")
     demo.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     demo.add_argument("--tau", type=_positive_float, help="imbalance threshold on ||g_text||/||g_image|| (default 0.5)")

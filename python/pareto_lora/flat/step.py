@@ -32,6 +32,8 @@ class FlatStep:
     group_stats: torch.Tensor  #: [G, 3]
     coeffs: torch.Tensor  #: [G, 2]: (alpha, beta), out = alpha*g_text + beta*g_image
     cases: torch.Tensor  #: [G] int32 (pareto_lora.Case)
+    #: a balancer's quantities of this step, ``{"mimo/sigma_text": 0-d tensor, ...}`` (empty for kernel rules)
+    extra: dict = dataclasses.field(default_factory=dict)
 
 
 def sum_into_groups(stats: torch.Tensor, segment_group: torch.Tensor, num_groups: int) -> torch.Tensor:

@@ -8,8 +8,9 @@
     pareto_lora.diagnostics.plot_all("runs/diag.jsonl", "runs/plots")
 
 Plots: the ratio ||g_text|| / ||g_image|| per layer over training as a heatmap (log10 colour
-scale; the paper's Figures 4 and 6), the same per group (Figure 3 style lines), and how
-often each case fired per group.
+scale; the paper's Figures 4 and 6), the same per group (Figure 3 style lines), how
+often each case fired per group, and a balancer's quantities over training (MIMO's sigma,
+gaps and floors, GradNorm's weights, CoMMIT's kappa: ``report.balancer``).
 May import: :mod:`pareto_lora.rules`.
 """
 
@@ -22,7 +23,8 @@ from collections.abc import Iterable
 
 from ..rules import Case
 
-__all__ = ["Recorder", "load", "case_counts", "plot_ratio_heatmap", "plot_group_ratios", "plot_case_counts", "plot_all"]
+__all__ = ["Recorder", "load", "case_counts", "plot_ratio_heatmap", "plot_group_ratios", "plot_case_counts",
+           "balancer_series", "plot_balancer", "plot_all"]
 
 
 class Recorder:
@@ -170,15 +172,53 @@ def plot_case_counts(records: str | os.PathLike | Iterable[dict], path: str | os
     return os.fspath(path)
 
 
+def balancer_series(records: Iterable[dict]) -> dict[str, dict[str, list[float]]]:
+    """method -> quantity -> values over the records (``{"mimo": {"sigma_text": [...]}}``)."""
+    out: dict[str, dict[str, list[float]]] = {}
+    recs = list(records)
+    keys = sorted({k for r in recs for k in (r.get("balancer") or {})})
+    for key in keys:
+        method, _, name = key.partition("/")
+        vals = [(r.get("balancer") or {}).get(key) for r in recs]
+        out.setdefault(method, {})[name] = [math.nan if v is None else float(v) for v in vals]
+    return out
+
+
+def plot_balancer(records: str | os.PathLike | Iterable[dict], path: str | os.PathLike) -> str | None:
+    """One panel per method: its quantities (sigma, w, kappa, ...) over steps; None when there are none."""
+    recs = _records(records)
+    series = balancer_series(recs)
+    if not series:
+        return None
+    steps = [r["step"] for r in recs]
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(series), figsize=(5.5 * len(series), 3.5), squeeze=False)
+    for ax, (method, quantities) in zip(axes.flat, series.items()):
+        for name, ys in quantities.items():
+            if name == "overhead_s":
+                continue
+            ax.plot(steps, ys, label=name)
+        ax.set_title(method)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return os.fspath(path)
+
+
 def plot_all(records: str | os.PathLike | Iterable[dict], out_dir: str | os.PathLike) -> list[str]:
-    """All plots into `out_dir`: ratio_layers.png, ratio_groups_heatmap.png, ratio_groups.png, cases.png."""
+    """All plots into `out_dir`: ratio_layers.png, ratio_groups_heatmap.png, ratio_groups.png, cases.png,
+    and balancer.png when the records carry a balancer's quantities."""
     recs = _records(records)
     os.makedirs(out_dir, exist_ok=True)
     j = os.path.join
-    return [
+    files = [
         plot_ratio_heatmap(recs, j(out_dir, "ratio_layers.png"), level="layer"),
         plot_ratio_heatmap(recs, j(out_dir, "ratio_groups_heatmap.png"), level="group"),
         plot_group_ratios(recs, j(out_dir, "ratio_groups.png")),
         plot_case_counts(recs, j(out_dir, "cases.png")),
     ]
+    balancer = plot_balancer(recs, j(out_dir, "balancer.png"))
+    return files + ([balancer] if balancer else [])
 

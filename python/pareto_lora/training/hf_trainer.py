@@ -28,8 +28,8 @@ ParetoLoRA's DDP accumulation expects. The window's token counts are summed over
 each rank's losses are multiplied by the world size, so DDP's average of the ranks' gradients
 is the gradient of the global-batch token means. DataParallel (n_gpu > 1), DeepSpeed and FSDP
 through the Trainer are refused.
-May import: :mod:`pareto_lora.archs`, :mod:`.losses`, :mod:`.report`, :mod:`.two_objective`
-(and transformers).
+May import: :mod:`pareto_lora.archs`, :mod:`.losses`, :mod:`.report`, :mod:`.two_objective`,
+:mod:`.balancers` (and transformers).
 """
 
 from __future__ import annotations
@@ -57,6 +57,8 @@ class ParetoLoRATrainer(Trainer):
             :func:`pareto_lora.archs.modality_losses_for` (batches as it documents: ``labels``
             optional, Janus ``image_codes``, optional ``image_token_mask``); without one each
             batch needs ``labels`` and ``image_token_mask`` (or ``image_token_range``).
+            ``rule`` may also be a balancer: "mimo", "gradnorm" or an object from
+            :mod:`pareto_lora.training.balancers`.
         pareto_kwargs: further ParetoLoRA keyword arguments (gamma, symmetric, layers_path, ...).
         image_token_key: batch key of the bool image-token mask aligned with ``labels``
             (default "image_token_mask"); it is removed before the model's forward.
@@ -64,13 +66,17 @@ class ParetoLoRATrainer(Trainer):
         log_layers: also log per-layer numbers (``pareto/layer{i}/...``).
         recorder: a :class:`pareto_lora.diagnostics.Recorder` that gets every step's report
             (one host sync per step).
+        commit: a :class:`pareto_lora.training.balancers.CoMMIT` (coordinated learning rates of
+            two optimizer parameter groups; pass the optimizer with ``optimizers=(opt, None)``).
+            kappa is measured on each window's last micro-batch; its numbers are logged as
+            ``pareto/commit/...``.
     """
 
     def __init__(
         self,
         *args,
         rule: str = "pareto_lora",
-        tau: float = 0.5,
+        tau: float | None = None,
         num_groups: int | str = 5,
         modulate="lower",
         arch=None,
@@ -79,6 +85,7 @@ class ParetoLoRATrainer(Trainer):
         image_token_range: tuple[int, int] | None = None,
         log_layers: bool = False,
         recorder=None,
+        commit=None,
         **kwargs,
     ):
         if pareto_kwargs and {"rule", "tau", "num_groups", "modulate", "arch"} & pareto_kwargs.keys():
@@ -100,6 +107,15 @@ class ParetoLoRATrainer(Trainer):
         self._pareto_kwargs["arch"] = self.arch = self.pareto.arch  # detect once; None: labels + mask
         self._pareto_bound_to = self.model
         self.pareto_report: StepReport | None = None
+        self.commit = commit
+        self._commit_batch: tuple | None = None
+        if commit is not None:
+            if self.arch is not None:
+                raise ValueError("commit: CoMMIT in the Trainer needs the labels + image_token_mask batches (arch=None) for now")
+            from .balancers.hf_commit import CoMMITCallback
+
+            self.add_callback(CoMMITCallback(commit, self._commit_forward, lambda: self._commit_batch[1],
+                                             lambda: self._commit_batch[2]))
         self._modality_counts: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # The image-token mask and Janus' image codes are not forward arguments: keep the
@@ -170,7 +186,12 @@ class ParetoLoRATrainer(Trainer):
         self._bind(model)
         inputs = self._prepare_inputs(inputs)
         with self.compute_loss_context_manager():
-            loss_text, loss_image, _ = self._losses(model, inputs, num_items=self._modality_counts)
+            loss_text, loss_image, outputs = self._losses(model, inputs, num_items=self._modality_counts)
+        if self.commit is not None and self.accelerator.sync_gradients:  # CoMMIT measures on this batch
+            model_inputs, labels, _ = self._split_inputs(inputs)
+            mask = torch.zeros_like(labels, dtype=torch.bool)  # logits[:, t] predicts labels[:, t + 1]
+            mask[:, :-1] = labels[:, 1:] != -100
+            self._commit_batch = (model_inputs, outputs.logits.detach(), mask)
         if self._modality_counts is None:  # called outside the training loop: plain mean per micro-batch
             loss_text = loss_text / self.current_gradient_accumulation_steps
             loss_image = loss_image / self.current_gradient_accumulation_steps
@@ -186,6 +207,10 @@ class ParetoLoRATrainer(Trainer):
                 self.recorder.record(self.state.global_step + 1, self.pareto_report)
         return (loss_text + loss_image).detach()
 
+    def _commit_forward(self):
+        with self.compute_loss_context_manager():
+            return self.model(**self._commit_batch[0]).logits
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Text + image loss (used by evaluation; training goes through ``training_step``)."""
         loss_text, loss_image, outputs = self._losses(model, inputs)
@@ -196,18 +221,26 @@ class ParetoLoRATrainer(Trainer):
         if "loss" in logs and self.pareto_report is not None:
             # Reading the report is the step's one host sync; it happens only on logging steps.
             logs.update(self.pareto_report.as_dict(layers=self.log_layers))
+        if "loss" in logs and self.commit is not None:
+            logs.update({f"pareto/{k}": v for k, v in self.commit.metrics().items()})
         super().log(logs, start_time)
 
     # ---- checkpoints: ParetoLoRA's state travels with the optimizer's ------------------------------
     STATE_FILE = "pareto_lora.pt"
+    COMMIT_FILE = "pareto_lora_commit.pt"  # CoMMIT's kappa history and step count, when commit= is set
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
         if self.args.should_save:
             torch.save(self.pareto.state_dict(), os.path.join(output_dir, self.STATE_FILE))
+            if self.commit is not None:
+                torch.save(self.commit.state_dict(), os.path.join(output_dir, self.COMMIT_FILE))
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
         path = os.path.join(checkpoint, self.STATE_FILE) if checkpoint is not None else None
         if path is not None and os.path.isfile(path):
             self.pareto.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        commit_path = os.path.join(checkpoint, self.COMMIT_FILE) if checkpoint is not None else None
+        if self.commit is not None and commit_path is not None and os.path.isfile(commit_path):
+            self.commit.load_state_dict(torch.load(commit_path, map_location="cpu", weights_only=True))

@@ -19,6 +19,12 @@ def _metrics(stats: torch.Tensor) -> dict[str, list[float]]:
     return {"norm_text": nt.tolist(), "norm_image": ni.tolist(), "cosine": cos.tolist(), "ratio": ratio.tolist()}
 
 
+def _extra_values(step: FlatStep) -> dict[str, torch.Tensor]:
+    """A balancer's 0-d quantities of the step as 1-element float64 tensors (FlatStep.extra)."""
+    extra = getattr(step, "extra", None) or {}
+    return {k: torch.as_tensor(v, dtype=torch.float64).reshape(1) for k, v in extra.items()}
+
+
 class StepReport:
     """What one integration did, per group and per layer.
 
@@ -41,6 +47,7 @@ class StepReport:
         if self._host is None:
             s = self.step
             g, u = s.group_stats.shape[0], s.unit_stats.shape[0]
+            extra = _extra_values(s)
             packed = torch.cat(
                 [
                     s.unit_stats.reshape(-1).double(),
@@ -48,17 +55,29 @@ class StepReport:
                     s.coeffs.reshape(-1).double(),
                     s.cases.double(),
                     self._losses.double(),
+                    *(v.to(s.cases.device) for v in extra.values()),
                 ]
             ).cpu()
-            parts = torch.split(packed, [3 * u, 3 * g, 2 * g, g, 2])
+            parts = torch.split(packed, [3 * u, 3 * g, 2 * g, g, 2, len(extra)])
             self._host = {
                 "unit_stats": parts[0].reshape(u, 3),
                 "group_stats": parts[1].reshape(g, 3),
                 "coeffs": parts[2].reshape(g, 2).tolist(),
                 "cases": [int(c) for c in parts[3].tolist()],
                 "losses": parts[4].tolist(),
+                "balancer": dict(zip(extra, parts[5].tolist())),
             }
         return self._host
+
+    @property
+    def balancer(self) -> dict[str, float]:
+        """A balancer's quantities this step (``{"mimo/sigma_text": ..}``); empty for kernel rules."""
+        return self._fetch()["balancer"]
+
+    def add_metrics(self, metrics: dict[str, float]) -> None:
+        """Merge host numbers of another method into :attr:`balancer` (e.g. ``CoMMIT.metrics()``),
+        so that ``as_dict()``, ``to_record()`` and the diagnostics carry them too."""
+        self._fetch()["balancer"].update({k: float(v) for k, v in metrics.items()})
 
     @property
     def loss_text(self) -> float:
@@ -99,9 +118,11 @@ class StepReport:
     def as_dict(self, prefix: str = "pareto", layers: bool = False) -> dict[str, float]:
         """Flat ``{"pareto/group0/ratio": ..., "pareto/loss_text": ...}`` for loggers.
 
-        ``layers=True`` adds ``pareto/layer{i}/{norm_text,norm_image,cosine,ratio}``.
+        ``layers=True`` adds ``pareto/layer{i}/{norm_text,norm_image,cosine,ratio}``; a balancer
+        adds its quantities (``pareto/mimo/sigma_text``, ``pareto/gradnorm/w_image``, ...).
         """
         flat = {f"{prefix}/loss_text": self.loss_text, f"{prefix}/loss_image": self.loss_image}
+        flat.update({f"{prefix}/{k}": float(v) for k, v in self.balancer.items()})
         for name, row in self.groups.items():
             for k, v in row.items():
                 flat[f"{prefix}/{name}/{k}"] = float(v)
@@ -121,6 +142,7 @@ class StepReport:
             "active": self.active.tolist(),
             "groups": self.groups,
             "layers": self.layers,
+            "balancer": self.balancer,
         }
 
     def __repr__(self) -> str:

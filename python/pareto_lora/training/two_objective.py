@@ -64,7 +64,9 @@ from .. import ops
 from ..backends import resolve_backend
 from ..distributed import SyncFailure, make_sync
 from ..flat import FlatGrads, build_layout
-from ..rules import RuleSpec, as_spec
+from ..rules import RuleSpec
+from .balancers import Balancer, resolve_rule
+from .balancers.base import balancer_state, check_balancer_state, load_balancer_state
 from .report import StepReport
 
 __all__ = ["ParetoLoRA"]
@@ -91,7 +93,9 @@ class ParetoLoRA:
         model: a PEFT model (``peft.get_peft_model``) or any module with PEFT LoRA layers, or
             such a model wrapped by ``DistributedDataParallel`` or FSDP2 ``fully_shard``.
         rule: integration rule (``pareto_lora.RULES``) for the modulated groups, or a
-            :class:`pareto_lora.RuleSpec` (then leave tau, gamma, symmetric unset).
+            :class:`pareto_lora.RuleSpec` (then leave tau, gamma, symmetric unset), or a
+            loss-weighting balancer: ``"mimo"``, ``"gradnorm"`` or a
+            :mod:`pareto_lora.training.balancers` object such as ``MIMO(lam=20)`` (``self.balancer``).
         tau: imbalance threshold on ||g_text|| / ||g_image|| (default 0.5).
         num_groups: consecutive layer groups of the layer stack (``numpy.array_split`` sizes), or
             ``"per_layer"``.
@@ -115,7 +119,7 @@ class ParetoLoRA:
     def __init__(
         self,
         model: nn.Module,
-        rule: str | RuleSpec = "pareto_lora",
+        rule: str | RuleSpec | Balancer = "pareto_lora",
         tau: float | None = None,
         num_groups: int | str = 5,
         modulate="lower",
@@ -127,10 +131,13 @@ class ParetoLoRA:
         on_nonfinite: str = "auto",
         backend: str = "auto",
     ):
-        self.spec = as_spec(rule, tau, gamma, symmetric)
+        # A balancer (MIMO, GradNorm) wraps the sync; the kernel rule underneath is then "sum".
+        self.balancer, self.spec = resolve_rule(rule, tau, gamma, symmetric)
         if on_nonfinite not in NONFINITE_MODES:
             raise ValueError(f"on_nonfinite: expected one of {', '.join(NONFINITE_MODES)}, got {on_nonfinite!r}")
         self._sync = make_sync(model)
+        if self.balancer is not None:
+            self._sync = self.balancer.wrap_sync(self._sync)
         layout = build_layout(self._sync.module, num_groups=num_groups, modulate=modulate, layers_path=layers_path,
                               arch=arch)
         self.layout = self._sync.layout_for(layout)
@@ -146,7 +153,7 @@ class ParetoLoRA:
     # The rule's parameters, read from the one RuleSpec (assign ``spec`` to change them).
     @property
     def rule(self) -> str:
-        return self.spec.name
+        return self.balancer.name if self.balancer is not None else self.spec.name
 
     @property
     def tau(self) -> float:
@@ -240,6 +247,7 @@ class ParetoLoRA:
             "scaled": self._scaled,
             "text": [f.detach().cpu().clone() for f in self.text.flats] if window else [],
             "image": [f.detach().cpu().clone() for f in self.image.flats] if window else [],
+            "balancer": balancer_state(self.balancer),  # MIMO's floors, GradNorm's weights (None: a kernel rule)
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -247,6 +255,7 @@ class ParetoLoRA:
         if not isinstance(state, dict) or state.get("version") != 1:
             raise ValueError("state: expected a ParetoLoRA.state_dict() (version 1)")
         spec = RuleSpec(**state["rule"])
+        check_balancer_state(self.balancer, state.get("balancer"))
         micro = int(state["micro_batches"])
         if micro < 0:
             raise ValueError(f"state: expected micro_batches >= 0, got {micro}")
@@ -261,6 +270,7 @@ class ParetoLoRA:
                     raise ValueError("state: the checkpoint's gradient buffers do not match this model's layout")
         self.spec = spec
         self._reset()
+        load_balancer_state(self.balancer, state.get("balancer"))
         if micro:
             for (t, i), tf, imf in zip(flats, self.text.flats, self.image.flats):
                 tf.copy_(t)

@@ -2,7 +2,7 @@
 
 A tiny LlamaForCausalLM over a shared text + discrete-image-token vocabulary is pre-trained for
 a few seconds on one synthetic interleaved world, then LoRA-fine-tuned on another world once per
-rule (``pareto_lora.RULES``) and seed, and evaluated on held-out sequences. See data.py for the
+method (the kernel rules ``pareto_lora.RULES`` and MIMO, GradNorm, CoMMIT: methods.py) and seed, and evaluated on held-out sequences. See data.py for the
 task, model.py for the model and pre-training, experiment.py for the runs, report.py for the
 numbers and the verdict, plots.py for the figures.
 May import: its own modules and :mod:`pareto_lora.app.env`.
@@ -15,6 +15,7 @@ import platform
 import time
 
 from .experiment import DemoConfig, run_experiment
+from .methods import describe_methods
 from .model import ModelConfig
 
 __all__ = ["DemoConfig", "ModelConfig", "QUICK", "run_demo", "describe_setup"]
@@ -39,6 +40,7 @@ def describe_setup(cfg: DemoConfig) -> str:
         f"vanilla LoRA ('sum') steps on g_text + g_image.",
         f"Integration: ParetoLoRA(rule, tau={cfg.tau}, num_groups={cfg.num_groups}, modulate={cfg.modulate!r}); "
         f"rules {', '.join(cfg.rules)}; seeds {', '.join(map(str, cfg.seeds))} (same data and LoRA init per seed).",
+        *([f"Other balancers: {d}."] if (d := describe_methods(cfg.rules)) else []),
     ])
 
 

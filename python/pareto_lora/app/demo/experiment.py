@@ -17,6 +17,7 @@ import torch
 import pareto_lora
 
 from .data import Vocab, World, fixed_batches, make_world, sample_batch
+from .methods import METHODS, build_method
 from .model import ModelConfig, attach_lora, build_base_model, pretrain
 
 __all__ = ["DemoConfig", "RunResult", "evaluate", "finetune", "run_experiment"]
@@ -24,7 +25,7 @@ __all__ = ["DemoConfig", "RunResult", "evaluate", "finetune", "run_experiment"]
 
 @dataclasses.dataclass(frozen=True)
 class DemoConfig:
-    rules: tuple[str, ...] = pareto_lora.RULES
+    rules: tuple[str, ...] = METHODS  # the kernel rules, then mimo, gradnorm, commit (methods.py)
     seeds: tuple[int, ...] = (0, 1, 2)
     steps: int = 80
     batch_size: int = 32
@@ -50,10 +51,10 @@ class DemoConfig:
 
     def check(self) -> None:
         """ValueError naming the field for values the experiment cannot run with."""
-        bad = [r for r in self.rules if r not in pareto_lora.RULES]
+        bad = [r for r in self.rules if r not in METHODS]
         if bad or not self.rules:
             raise ValueError(f"rules: unknown rule(s) {', '.join(map(repr, bad)) or '(none given)'}; "
-                             f"expected names from {', '.join(pareto_lora.RULES)}")
+                             f"expected names from {', '.join(METHODS)}")
         if not self.seeds:
             raise ValueError("seeds: expected at least one seed")
         if len(set(self.seeds)) != len(self.seeds):
@@ -115,8 +116,8 @@ def finetune(base, cfg: DemoConfig, rule: str, seed: int, world: World, eval_set
     start = time.perf_counter()
     device = torch.device(cfg.device)
     model = attach_lora(base, cfg.model, seed).to(device)
-    pl = pareto_lora.ParetoLoRA(model, rule=rule, tau=cfg.tau, num_groups=cfg.num_groups, modulate=cfg.modulate)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
+    method = build_method(model, rule, cfg)
+    pl = method.pl
     gen = torch.Generator().manual_seed(10_000 + seed)  # same batches for every rule of this seed
     text0, image0 = evaluate(model, eval_set, device)
     eval_steps, ev_text, ev_image, records = [0], [text0], [image0], []
@@ -126,8 +127,10 @@ def finetune(base, cfg: DemoConfig, rule: str, seed: int, world: World, eval_set
         logits = model(**batch.model_inputs()).logits
         loss_text, loss_image = pareto_lora.modality_losses(logits, batch.labels, image_token_mask=batch.image_token_mask)
         report = pl.backward(text=loss_text, image=loss_image)
-        opt.step()
-        opt.zero_grad()
+        method.step(lambda: model(**batch.model_inputs()).logits, logits, None)  # CoMMIT: drift over all positions
+        method.optimizer.zero_grad()
+        if method.commit is not None:
+            report.add_metrics(method.commit.metrics())
         records.append({"step": step, **report.to_record()})
         if step % cfg.eval_every == 0 or step == cfg.steps:
             t, i = evaluate(model, eval_set, device)

@@ -9,10 +9,10 @@ import os
 
 import numpy as np
 
-from ...training.diagnostics import case_counts
+from ...training.diagnostics import case_counts, plot_balancer
 from ...rules import Case
 
-__all__ = ["plot_losses", "plot_ratio_heatmaps", "plot_cases", "plot_summary", "write_all"]
+__all__ = ["plot_losses", "plot_ratio_heatmaps", "plot_cases", "plot_summary", "plot_balancers", "write_all"]
 
 
 def _pyplot():
@@ -167,12 +167,26 @@ def plot_summary(runs, path: str) -> str:
     return path
 
 
+def plot_balancers(runs, path: str) -> str | None:
+    """MIMO's sigma, GradNorm's weights, CoMMIT's kappa ... over the steps (first seed); None if no run has them."""
+    firsts = [rs[0] for rs in _by_rule(runs).values() if rs[0].records and rs[0].records[0].get("balancer")]
+    if not firsts:
+        return None
+    merged = [{"step": rec["step"], "balancer": {k: v for r in firsts for k, v in r.records[i]["balancer"].items()}}
+              for i, rec in enumerate(firsts[0].records)]
+    return plot_balancer(merged, path)
+
+
 def write_all(runs, out_dir: str) -> dict[str, str]:
     """All figures into `out_dir`; returns name -> path."""
     j = os.path.join
-    return {
+    files = {
         "losses": plot_losses(runs, j(out_dir, "losses.png")),
         "ratio_heatmaps": plot_ratio_heatmaps(runs, j(out_dir, "ratio_heatmaps.png")),
         "cases": plot_cases(runs, j(out_dir, "cases.png")),
         "summary": plot_summary(runs, j(out_dir, "summary.png")),
     }
+    balancers = plot_balancers(runs, j(out_dir, "balancers.png"))
+    if balancers:
+        files["balancers"] = balancers
+    return files

@@ -14,6 +14,8 @@ from ...training.diagnostics import case_counts
 __all__ = ["summarize", "verdict", "format_table", "results_document", "write_json"]
 
 BASELINE, METHOD = "sum", "pareto_lora"
+#: the other balancing methods of the field, each compared with vanilla in the verdict
+OTHERS = ("mmpareto", "mimo", "gradnorm", "commit")
 
 
 def _mean_std(xs: list[float]) -> tuple[float, float]:
@@ -68,7 +70,7 @@ def verdict(summary: dict) -> list[str]:
                      f"in the first 10 steps, {r_all:.2g} over the run: {kind}.")
     if BASELINE not in summary or METHOD not in summary:
         lines.append(f"No Pareto LoRA vs vanilla verdict: it needs both '{METHOD}' and '{BASELINE}' in --rules.")
-        return lines
+        return lines + _others(summary)
     d_img, d_txt = _paired(summary, METHOD, "image"), _paired(summary, METHOD, "text")
     n, wins = len(d_img), sum(d < 0 for d in d_img)
     m_img, m_txt = statistics.fmean(d_img), statistics.fmean(d_txt)
@@ -86,8 +88,24 @@ def verdict(summary: dict) -> list[str]:
     txt = f"{summary[METHOD]['text']['mean']:.4f} vs {summary[BASELINE]['text']['mean']:.4f}"
     lines.append(f"Held-out text loss, Pareto LoRA vs vanilla: {txt} ({m_txt:+.4f}: "
                  f"{'worse' if m_txt > 0 else 'better or equal'} text).")
+    lines += _others(summary)
     best = min(summary, key=lambda r: summary[r]["image"]["mean"])
     lines.append(f"Lowest mean held-out image loss: {best} ({summary[best]['image']['mean']:.4f}).")
+    return lines
+
+
+def _others(summary: dict) -> list[str]:
+    """One line per other balancing method: its paired image and text change against vanilla."""
+    if BASELINE not in summary:
+        return []
+    lines = []
+    for rule in (r for r in OTHERS if r in summary):
+        d_img, d_txt = _paired(summary, rule, "image"), _paired(summary, rule, "text")
+        n, wins = len(d_img), sum(d < 0 for d in d_img)
+        m_img = statistics.fmean(d_img)
+        word = "better" if m_img < 0 and wins == n else ("mixed" if m_img < 0 else "not better")
+        lines.append(f"{rule} vs vanilla: image {summary[rule]['image']['mean']:.4f} ({m_img:+.4f}, lower in "
+                     f"{wins}/{n} seeds: {word}); text {statistics.fmean(d_txt):+.4f}.")
     return lines
 
 

@@ -1,0 +1,76 @@
+"""How the demo runs each method: the kernel rules, MIMO, GradNorm and CoMMIT, built for one fine-tuning run.
+
+* kernel rules (``pareto_lora.RULES``): ``ParetoLoRA(rule, tau, num_groups, modulate)``;
+* ``mimo``: MIMO's one-backward mode (every LoRA parameter weighted by 1 + lam*sigma_k; lam 10, mu 0.1,
+  running-minimum floors): the paper's global form, at a vanilla step's cost;
+* ``gradnorm``: GradNorm weights on every group (``modulate="all"``), the norms balanced over the
+  whole layer stack (alpha 1.5, weight lr 0.025);
+* ``commit``: vanilla gradients (``sum``) and CoMMIT's coordinated learning rates. The demo model has
+  no separate vision encoder, so the LoRA of the lowest layer group (the layers that first read the
+  image codes) plays the feature side and the rest of the stack the LLM side; kappa is measured
+  every ``COMMIT_EVERY`` steps on the training batch (two extra forwards each).
+May import: the public package (:mod:`pareto_lora`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+import pareto_lora
+from pareto_lora.training.balancers import BALANCERS, METHODS, CoMMIT, GradNorm, MIMO
+
+__all__ = ["METHODS", "Method", "build_method", "describe_methods"]
+
+COMMIT_EVERY = 2
+
+
+@dataclasses.dataclass
+class Method:
+    """What one run steps with: the ParetoLoRA object, the optimizer, and CoMMIT (or None)."""
+
+    pl: pareto_lora.ParetoLoRA
+    optimizer: torch.optim.Optimizer
+    commit: CoMMIT | None = None
+
+    def step(self, forward, logits, mask) -> None:
+        """``optimizer.step()``, through CoMMIT when the method has it."""
+        if self.commit is None:
+            self.optimizer.step()
+        else:
+            self.commit.step(forward=forward, logits=logits, mask=mask)
+
+
+def build_method(model, name: str, cfg) -> Method:
+    """The ParetoLoRA and optimizer (and CoMMIT) of method `name` for `model` under the demo config."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if name in BALANCERS:
+        balancer = MIMO(lam=10.0, mu=0.1) if name == "mimo" else GradNorm(alpha=1.5, lr=0.025)
+        modulate = cfg.modulate if name == "mimo" else "all"  # MIMO's one-backward mode weights every parameter
+        pl = pareto_lora.ParetoLoRA(model, rule=balancer, num_groups=cfg.num_groups, modulate=modulate)
+    else:
+        rule = "sum" if name == "commit" else name
+        pl = pareto_lora.ParetoLoRA(model, rule=rule, tau=cfg.tau, num_groups=cfg.num_groups, modulate=cfg.modulate)
+    if name != "commit":
+        opt = torch.optim.AdamW([p for _, p in trainable], lr=cfg.lr, weight_decay=0.0)
+        return Method(pl, opt)
+    lower = set(pl.layout.group_layers[0])
+    layer = {n: next((i for i in lower if f".layers.{i}." in n), None) for n, _ in trainable}
+    feature = [p for n, p in trainable if layer[n] is not None]
+    llm = [p for n, p in trainable if layer[n] is None]
+    opt = torch.optim.AdamW([{"params": llm}, {"params": feature}], lr=cfg.lr, weight_decay=0.0)
+    return Method(pl, opt, CoMMIT(opt, llm_group=0, feature_group=1, every=COMMIT_EVERY, window=10))
+
+
+def describe_methods(names) -> str:
+    """One line on the non-kernel methods among `names` (for the demo's setup text)."""
+    parts = []
+    if "mimo" in names:
+        parts.append("mimo = MIMO one-backward (lam 10, mu 0.1, running-min floors)")
+    if "gradnorm" in names:
+        parts.append("gradnorm = GradNorm on all groups (alpha 1.5)")
+    if "commit" in names:
+        parts.append(f"commit = vanilla gradients + CoMMIT rates (feature side = LoRA of layer group 0, "
+                     f"kappa every {COMMIT_EVERY} steps)")
+    return "; ".join(parts)

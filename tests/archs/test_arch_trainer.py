@@ -98,3 +98,35 @@ def test_trainer_arch_given_twice_is_refused(tmp_path):
     with pytest.raises(ValueError, match="pareto_kwargs: expected none of"):
         pareto_lora.ParetoLoRATrainer(model=am.lora(am.tiny_chameleon()), args=make_args(tmp_path),
                                       train_dataset=ArchDataset("chameleon"), arch="auto", pareto_kwargs={"arch": None})
+
+
+class LlavaDataset(torch.utils.data.Dataset):
+    """Examples that each carry their image (the test batch's sample 0 and its pixel_values)."""
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        batch = am.llava_batch(seed=100 + i)
+        return {k: v[0] for k, v in batch.items()}
+
+
+@pytest.mark.parametrize("name", ["emu3", "llava"])
+def test_trainer_steps_on_emu3_and_llava(tmp_path, name):
+    """Every supported architecture trains through the Trainer: Emu3 with its frozen VQ tokenizer
+    left out of LoRA (the fix its refusal names), LLaVA with the projector + vision tower group."""
+    model = am.MODELS[name]()
+    spec = archs.detect_arch(model)
+    model = am.lora(model, exclude_modules=spec.lora_exclude_modules)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    dataset = ArchDataset(name) if name != "llava" else LlavaDataset()
+    trainer = pareto_lora.ParetoLoRATrainer(model=model, args=make_args(tmp_path), train_dataset=dataset,
+                                            arch="auto", num_groups=2, modulate="all")
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["step"] for h in logs] == [1, 2]
+    for h in logs:
+        assert math.isfinite(h["pareto/loss_text"]) and math.isfinite(h["pareto/loss_image"])
+        assert h["pareto/loss_image"] > 0 and math.isfinite(h["pareto/group0/ratio"])
+        assert h["loss"] == pytest.approx(h["pareto/loss_text"] + h["pareto/loss_image"], rel=1e-4)
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)

@@ -36,7 +36,8 @@ void integrate_cpu(const at::Tensor& a, const at::Tensor& b, const int64_t* offs
 struct ChunkKernels {
   struct Pair {
     void (*stats)(const void* a, const void* b, int64_t n, double* out3);
-    void (*combine)(const void* a, const void* b, void* out, int64_t n, double alpha, double beta);
+    // stream: write out with non-temporal stores where the CPU build has them
+    void (*combine)(const void* a, const void* b, void* out, int64_t n, double alpha, double beta, bool stream);
   };
   Pair by_dtype[4];  // float, double, bfloat16, half
 

@@ -37,8 +37,10 @@ constexpr int64_t kChunk = 16384;
 
 // A segment whose a and b together take at most this many bytes is done in one pass over
 // memory (stats, rule, combine while it is still in this core's L2; see integrate_cpu). Measured
-// on a 2-vCPU Sapphire Rapids VM (2 MiB L2 per core, bench/RESULTS.md "one pass vs two"): one
-// pass wins below ~2 MiB of a+b and loses above it, once a and b no longer fit L2.
+// on a 2-vCPU Sapphire Rapids VM with 2 MiB of L2 per core (bench/threshold_cpu.py, float32, N =
+// 16M): one pass takes 0.72-0.77x the two-pass time up to 1 MiB of a+b, 0.87x at 2 MiB and
+// 1.04-1.10x from 4 MiB. Set at 1 MiB rather than 2: out's lines share the L2, and many server
+// CPUs have 1-1.25 MiB of L2 per core.
 constexpr int64_t kOnePassMaxBytes = 1 << 20;
 
 struct Chunk {

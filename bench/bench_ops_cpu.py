@@ -1,40 +1,77 @@
-"""CPU: the fused C++ op vs the float64 reference, a float32 vectorised torch version and a
-per-segment Python loop. N = 16M elements, G = 64 segments, fp32 and bf16.
+"""CPU benchmark of the fused op against the plain-torch baselines and the memory floors.
 
-    python -m pytest bench/bench_ops_cpu.py --benchmark-only -q
+    python bench/bench_ops_cpu.py                      # the whole grid, ~5 minutes
+    python bench/bench_ops_cpu.py --numels 16M --threads 2 --segments 1024 --rounds 30
+
+Grid: N in {1M, 16M, 64M} x {float32, bfloat16} x G in {1, 64, 1024 random sizes} x {1, 2}
+threads. Contenders (pareto_lora.app.baselines, shared with `pareto-lora bench`): the compiled op
+(`cpp`), torch:strong, torch:compiled, torch:naive_loop, plus a copy_ of the same footprint that
+gives the floors; all interleaved round-robin in this process, min and median over rounds
+(pareto_lora.app.benchmarking). Prints the environment (command, date, CPU, torch, threads,
+`uptime` before and after: this machine is shared) and one Markdown table per thread count.
+Numbers only: nothing here asserts a time.
 """
 
-import pytest
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import subprocess
+import sys
+
 import torch
 
-import pareto_lora
-from baselines import per_segment_loop, vectorized_fp32
-from conftest import copy_bandwidth
-
-N, G = 16 * 2**20, 64
+from pareto_lora.app.benchmarking import format_rows, run_suite
 
 
-def _inputs(dtype):
-    gen = torch.Generator().manual_seed(0)
-    a = torch.randn(N, generator=gen).to(dtype)
-    b = (-0.3 * a.float() + 0.2 * torch.randn(N, generator=gen)).to(dtype)
-    cuts = torch.linspace(0, N, G + 1).long()
-    return a, b, cuts
+def _size(text: str) -> int:
+    text = text.strip().upper()
+    mult = {"K": 1 << 10, "M": 1 << 20}.get(text[-1], 1)
+    return int(text[:-1] if text[-1] in "KM" else text) * mult
 
 
-IMPLS = {
-    "cpp_fused": lambda a, b, o, out: pareto_lora.integrate(a, b, o, out=out, backend="cpp"),
-    "reference_f64": lambda a, b, o, out: pareto_lora.reference.integrate(a, b, o, out=out),
-    "torch_vectorized_f32": vectorized_fp32,
-    "per_segment_loop": per_segment_loop,
-}
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("impl", list(IMPLS))
-def test_integrate_cpu(benchmark, impl, dtype):
-    a, b, offsets = _inputs(dtype)
-    out = torch.empty_like(a)
-    copy_bandwidth("cpu")
-    benchmark.extra_info.update(group=f"cpu N=16M G=64 {str(dtype)[6:]}", impl=impl, bytes=3 * N * a.element_size())
-    benchmark.pedantic(IMPLS[impl], args=(a, b, offsets, out), rounds=5, iterations=1, warmup_rounds=1)
+def _uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--numels", default="1M,16M,64M")
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--segments", default="1,64,1024")
+    p.add_argument("--threads", default="1,2")
+    p.add_argument("--baselines", default="strong,compiled,naive_loop")
+    p.add_argument("--rounds", type=int, default=15, help="rounds per case (64M cases: a third, at least 4)")
+    args = p.parse_args(argv)
+    dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
+    segments = [int(g) for g in args.segments.split(",")]
+    base = [b for b in args.baselines.split(",") if b]
+    print(f"command: {' '.join([os.path.basename(sys.executable)] + sys.argv)}")
+    print(f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; CPU: {_cpu_model()} "
+          f"({os.cpu_count()} logical CPUs); torch {torch.__version__}")
+    print(f"uptime before: {_uptime()}")
+    for threads in [int(t) for t in args.threads.split(",")]:
+        torch.set_num_threads(threads)
+        rows = []
+        for numel in [_size(n) for n in args.numels.split(",")]:
+            rounds = args.rounds if numel < (32 << 20) else max(4, args.rounds // 3)
+            rows += run_suite("cpu", [numel], dtypes, segments, backends=["cpp"], baselines=base, rounds=rounds)
+            print(f"  ... {numel >> 20}M done ({threads} threads), {_uptime()}", file=sys.stderr, flush=True)
+        print(f"\n### {threads} thread{'s' if threads > 1 else ''}\n")
+        print(format_rows(rows, markdown=True))
+    print(f"\nuptime after: {_uptime()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

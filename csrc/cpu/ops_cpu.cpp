@@ -3,6 +3,7 @@
 #include <torch/types.h>
 
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "../op_args.h"
@@ -62,10 +63,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> integrate(const at::Tensor& a, co
   // Everything is checked: from here on writes may happen.
   const int64_t g = args.num_segments;
   at::Tensor stats = at::empty({g, 3}, a.options().dtype(at::kDouble));
-  segment_stats_cpu(a, b, args.offsets_ptr(), g, stats.mutable_data_ptr<double>());
-  auto [coeffs, cases] = rules_host(stats, args.active, args.rule);
-  const at::Tensor c = coeffs.to(at::kDouble);
-  combine_cpu(a, b, args.offsets_ptr(), g, c.const_data_ptr<double>(), out);
+  at::Tensor coeffs = at::empty({g, 2}, a.options().dtype(at::kFloat));
+  at::Tensor cases = at::empty({g}, a.options().dtype(at::kInt));
+  const bool* pa = args.active.defined() ? args.active.const_data_ptr<bool>() : nullptr;
+  float* pc = coeffs.mutable_data_ptr<float>();
+  int32_t* pk = cases.mutable_data_ptr<int32_t>();
+  // The same arithmetic as rules_host, one segment at a time (integrate_cpu calls it as soon as
+  // a segment's statistics are complete): the combine uses the float32 coefficients, widened.
+  const SegmentRule segment_rule = [&](int64_t s, const double* st) {
+    const Coefficients c = compute_rule(st[0], st[1], st[2], pa ? pa[s] : true, args.rule);
+    pc[2 * s] = static_cast<float>(c.alpha);
+    pc[2 * s + 1] = static_cast<float>(c.beta);
+    pk[s] = c.code;
+    return std::pair<double, double>(pc[2 * s], pc[2 * s + 1]);
+  };
+  integrate_cpu(a, b, args.offsets_ptr(), g, stats.mutable_data_ptr<double>(), segment_rule, out);
   return {stats, coeffs, cases};
 }
 

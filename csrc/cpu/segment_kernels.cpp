@@ -1,37 +1,59 @@
-// CPU drivers: per-segment statistics and the per-segment linear combination.
+// CPU drivers: per-segment statistics, the per-segment linear combination, and the fused
+// integrate that chooses, segment by segment, between one and two passes over memory.
 //
-// Work is cut into fixed-size chunks that never cross a segment boundary. Each chunk writes
-// its partial sums into its own slot, and a segment's slots are added in chunk order, so the
-// result does not depend on the thread count or on scheduling (bitwise reproducible).
+// Work is cut into fixed-size chunks that never cross a segment boundary. Each chunk's partial
+// sums are added into its segment's total in chunk order, whichever thread computed them, so the
+// result does not depend on the thread count, on scheduling or on the path (bitwise reproducible).
 // The sums run in double (vector lanes within a chunk, then across chunks), and the statistics
 // are returned in double: accurate over the whole float32 range (see segment_kernels.inc).
 // The chunk kernels (segment_kernels.inc) exist once per CPU capability; the best one this CPU
 // supports is chosen once.
+//
+// Scheduling: threads claim work items from a shared atomic counter (dynamic scheduling), not
+// a static half each: on a shared machine a thread is regularly descheduled for milliseconds, and
+// with a static split the whole call waits for it; one-pass segments of random sizes also balance
+// better. Which thread runs an item never changes the result (see above). Two threads are not
+// faster than one on the 2-vCPU development VM because its DRAM bandwidth is not either (a 128 MiB
+// copy_: 13.7 GB/s on 1 thread, 15.9 on 2): what made 2 threads look bad was a slow single core
+// (statistics at ~1 cycle per element, no prefetch, read-for-ownership on out), now fixed in
+// segment_kernels.inc.
 #include "segment_kernels.h"
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
 #include <vector>
 
 namespace pareto_lora {
 namespace {
 
 // Elements per chunk: large enough that the per-chunk bookkeeping is noise, small enough that
-// 1000s of segments of a few K elements still spread over the threads.
+// 1000s of segments of a few K elements still spread over the threads. Changing it changes the
+// summation order, hence the bits of the statistics.
 constexpr int64_t kChunk = 16384;
+
+// A segment whose a and b together take at most this many bytes is done in one pass over
+// memory (stats, rule, combine while it is still in this core's L2; see integrate_cpu). Measured
+// on a 2-vCPU Sapphire Rapids VM with 2 MiB of L2 per core (bench/threshold_cpu.py, float32, N =
+// 16M): one pass takes 0.72-0.77x the two-pass time up to 1 MiB of a+b, 0.87x at 2 MiB and
+// 1.04-1.10x from 4 MiB. Set at 1 MiB rather than 2: out's lines share the L2, and many server
+// CPUs have 1-1.25 MiB of L2 per core.
+constexpr int64_t kOnePassMaxBytes = 1 << 20;
 
 struct Chunk {
   int64_t seg, begin, end;
 };
 
+void add_chunks(std::vector<Chunk>& chunks, int64_t s, int64_t lo, int64_t hi) {
+  for (int64_t i = lo; i < hi; i += kChunk) chunks.push_back({s, i, std::min(i + kChunk, hi)});
+}
+
 std::vector<Chunk> make_chunks(const int64_t* offsets, int64_t num_segments) {
   std::vector<Chunk> chunks;
-  for (int64_t s = 0; s < num_segments; ++s) {
-    for (int64_t i = offsets[s]; i < offsets[s + 1]; i += kChunk) {
-      chunks.push_back({s, i, std::min(i + kChunk, offsets[s + 1])});
-    }
-  }
+  for (int64_t s = 0; s < num_segments; ++s) add_chunks(chunks, s, offsets[s], offsets[s + 1]);
   return chunks;
 }
 
@@ -44,43 +66,153 @@ const ChunkKernels& best_kernels() {
   return base::kernels;
 }
 
+// Runs fn(i) for i in [0, n) on the intra-op threads, each thread claiming the next item when it
+// is done with its last (see "Scheduling" above).
+template <typename F>
+void dynamic_for(int64_t n, const F& fn) {
+  if (n <= 0) return;
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
+  if (threads <= 1 || at::in_parallel_region()) {
+    for (int64_t i = 0; i < n; ++i) fn(i);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < n;
+           i = next.fetch_add(1, std::memory_order_relaxed)) {
+        fn(i);
+      }
+    }
+  });
+}
+
+struct Buffers {
+  const char* a;
+  const char* b;
+  char* out;
+  int64_t item;
+  ChunkKernels::Pair kernel;
+
+  Buffers(const at::Tensor& ta, const at::Tensor& tb, char* po)
+      : a(static_cast<const char*>(ta.const_data_ptr())),
+        b(static_cast<const char*>(tb.const_data_ptr())),
+        out(po),
+        item(ta.element_size()),
+        kernel(best_kernels().get(ta.scalar_type())) {}
+
+  void stats(const Chunk& c, double* out3) const {
+    kernel.stats(a + c.begin * item, b + c.begin * item, c.end - c.begin, out3);
+  }
+  void combine(const Chunk& c, double alpha, double beta, bool stream) const {
+    kernel.combine(a + c.begin * item, b + c.begin * item, out + c.begin * item, c.end - c.begin, alpha, beta, stream);
+  }
+};
+
+// Statistics of the chunks, then their sums per segment in chunk order into stats[3*seg + k]
+// (which must be zero for the segments the chunks cover).
+void chunk_stats_into(const Buffers& buf, const std::vector<Chunk>& chunks, double* stats) {
+  std::vector<double> partial(3 * chunks.size());
+  dynamic_for(static_cast<int64_t>(chunks.size()), [&](int64_t c) { buf.stats(chunks[c], &partial[3 * c]); });
+  for (size_t c = 0; c < chunks.size(); ++c) {
+    for (int k = 0; k < 3; ++k) stats[3 * chunks[c].seg + k] += partial[3 * c + k];
+  }
+}
+
+// Outputs at least this large are written with streaming stores (segment_kernels.inc): far
+// bigger than the cores' L2, they would be evicted before anyone reads them back, and plain
+// stores would read every line before writing it. Measured at 16M float32, G = 1024, 1 thread:
+// 17.3 -> 11.9 ms (one pass), 21.6 -> 16.7 ms (two passes); bf16 is compute-bound, unchanged.
+constexpr int64_t kStreamMinBytes = 16 << 20;
+
+bool stream_output(int64_t bytes) { return bytes >= kStreamMinBytes; }
+
+CpuPath path_from_env() {
+  const char* env = std::getenv("PARETO_LORA_CPU_PATH");
+  if (env == nullptr || *env == '\0' || std::strcmp(env, "auto") == 0) return CpuPath::kAuto;
+  if (std::strcmp(env, "one_pass") == 0) return CpuPath::kOnePass;
+  if (std::strcmp(env, "two_pass") == 0) return CpuPath::kTwoPass;
+  TORCH_CHECK_VALUE(false, "PARETO_LORA_CPU_PATH: expected 'one_pass', 'two_pass' or 'auto', got '", env, "'");
+}
+
 }  // namespace
 
 void segment_stats_cpu(const at::Tensor& a, const at::Tensor& b, const int64_t* offsets, int64_t num_segments,
                        double* stats) {
-  const std::vector<Chunk> chunks = make_chunks(offsets, num_segments);
-  std::vector<double> partial(3 * chunks.size());
-  const auto kernel = best_kernels().get(a.scalar_type()).stats;
-  const char* pa = static_cast<const char*>(a.const_data_ptr());
-  const char* pb = static_cast<const char*>(b.const_data_ptr());
-  const int64_t item = a.element_size();
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      const Chunk& ch = chunks[c];
-      kernel(pa + ch.begin * item, pb + ch.begin * item, ch.end - ch.begin, &partial[3 * c]);
-    }
-  });
-  std::vector<double> total(3 * num_segments, 0.0);
-  for (size_t c = 0; c < chunks.size(); ++c) {
-    for (int k = 0; k < 3; ++k) total[3 * chunks[c].seg + k] += partial[3 * c + k];
-  }
-  std::copy(total.begin(), total.end(), stats);
+  const Buffers buf(a, b, nullptr);
+  std::fill(stats, stats + 3 * num_segments, 0.0);
+  chunk_stats_into(buf, make_chunks(offsets, num_segments), stats);
 }
 
 void combine_cpu(const at::Tensor& a, const at::Tensor& b, const int64_t* offsets, int64_t num_segments,
                  const double* coeffs, at::Tensor& out) {
   const std::vector<Chunk> chunks = make_chunks(offsets, num_segments);
-  const auto kernel = best_kernels().get(a.scalar_type()).combine;
-  const char* pa = static_cast<const char*>(a.const_data_ptr());
-  const char* pb = static_cast<const char*>(b.const_data_ptr());
-  char* po = static_cast<char*>(out.mutable_data_ptr());
-  const int64_t item = a.element_size();
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      const Chunk& ch = chunks[c];
-      kernel(pa + ch.begin * item, pb + ch.begin * item, po + ch.begin * item, ch.end - ch.begin,
-             coeffs[2 * ch.seg], coeffs[2 * ch.seg + 1]);
+  const Buffers buf(a, b, static_cast<char*>(out.mutable_data_ptr()));
+  dynamic_for(static_cast<int64_t>(chunks.size()), [&](int64_t c) {
+    const Chunk& ch = chunks[c];
+    buf.combine(ch, coeffs[2 * ch.seg], coeffs[2 * ch.seg + 1], stream_output(out.numel() * buf.item));
+  });
+}
+
+// One pass for small segments: a thread takes a whole segment, sums its chunks' statistics in
+// chunk order (the same additions as the two-pass path), decides the rule, and combines the same
+// chunks while a and b are still in its L2: a and b cross the memory bus once (3N bytes instead
+// of 5N). Segments too large for L2 (or too few to keep the threads busy) take two passes, their
+// chunks spread over all threads. Both kinds run in the same parallel regions.
+void integrate_cpu(const at::Tensor& a, const at::Tensor& b, const int64_t* offsets, int64_t num_segments,
+                   double* stats, const SegmentRule& rule, at::Tensor& out, CpuPath path) {
+  if (path == CpuPath::kAuto) path = path_from_env();
+  const Buffers buf(a, b, static_cast<char*>(out.mutable_data_ptr()));
+  const bool stream = stream_output(out.numel() * buf.item);
+  std::fill(stats, stats + 3 * num_segments, 0.0);
+  std::vector<int64_t> small;
+  std::vector<Chunk> large;
+  for (int64_t s = 0; s < num_segments; ++s) {
+    const int64_t bytes = 2 * (offsets[s + 1] - offsets[s]) * buf.item;
+    const bool one = path == CpuPath::kOnePass || (path == CpuPath::kAuto && bytes <= kOnePassMaxBytes);
+    if (one) {
+      small.push_back(s);
+    } else {
+      add_chunks(large, s, offsets[s], offsets[s + 1]);
     }
+  }
+  std::vector<double> partial(3 * large.size());
+  std::vector<double> coeffs(2 * num_segments);
+  // Large segments' statistics chunks and small segments' whole one-pass work, in one region;
+  // small segments first: they are the longer items, claimed early they balance better.
+  const int64_t n_small = static_cast<int64_t>(small.size());
+  dynamic_for(n_small + static_cast<int64_t>(large.size()), [&](int64_t i) {
+    if (i >= n_small) {
+      buf.stats(large[i - n_small], &partial[3 * (i - n_small)]);
+      return;
+    }
+    const int64_t s = small[i];
+    double* st = stats + 3 * s;
+    for (int64_t lo = offsets[s]; lo < offsets[s + 1]; lo += kChunk) {
+      double p[3];
+      buf.stats({s, lo, std::min(lo + kChunk, offsets[s + 1])}, p);
+      for (int k = 0; k < 3; ++k) st[k] += p[k];
+    }
+    const auto [alpha, beta] = rule(s, st);
+    for (int64_t lo = offsets[s]; lo < offsets[s + 1]; lo += kChunk) {
+      buf.combine({s, lo, std::min(lo + kChunk, offsets[s + 1])}, alpha, beta, stream);
+    }
+  });
+  if (large.empty()) return;
+  for (size_t c = 0; c < large.size(); ++c) {
+    for (int k = 0; k < 3; ++k) stats[3 * large[c].seg + k] += partial[3 * c + k];
+  }
+  for (size_t c = 0; c < large.size(); ++c) {
+    const int64_t s = large[c].seg;
+    if (c == 0 || large[c - 1].seg != s) {
+      const auto [alpha, beta] = rule(s, stats + 3 * s);
+      coeffs[2 * s] = alpha;
+      coeffs[2 * s + 1] = beta;
+    }
+  }
+  dynamic_for(static_cast<int64_t>(large.size()), [&](int64_t c) {
+    const Chunk& ch = large[c];
+    buf.combine(ch, coeffs[2 * ch.seg], coeffs[2 * ch.seg + 1], stream);
   });
 }
 

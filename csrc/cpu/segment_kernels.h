@@ -4,6 +4,8 @@
 #include <torch/types.h>
 
 #include <cstdint>
+#include <functional>
+#include <utility>
 
 namespace pareto_lora {
 
@@ -16,12 +18,26 @@ void segment_stats_cpu(const at::Tensor& a, const at::Tensor& b, const int64_t* 
 void combine_cpu(const at::Tensor& a, const at::Tensor& b, const int64_t* offsets, int64_t num_segments,
                  const double* coeffs, at::Tensor& out);
 
+// The rule of one segment: (alpha, beta) from its statistics stats3[0..2]. Called once per
+// segment, from any thread (integrate_cpu), so it may write per-segment outputs but nothing shared.
+using SegmentRule = std::function<std::pair<double, double>(int64_t seg, const double* stats3)>;
+
+// kAuto: one pass for segments whose a and b fit in L2, two passes for the others;
+// PARETO_LORA_CPU_PATH=one_pass|two_pass|auto overrides it (benchmarks, tests). Every path gives
+// bitwise the same statistics, coefficients and output.
+enum class CpuPath { kAuto, kOnePass, kTwoPass };
+
+// stats -> rule -> combine: fills stats [G, 3] and out; calls rule once per segment.
+void integrate_cpu(const at::Tensor& a, const at::Tensor& b, const int64_t* offsets, int64_t num_segments,
+                   double* stats, const SegmentRule& rule, at::Tensor& out, CpuPath path = CpuPath::kAuto);
+
 // Kernels over one chunk (contiguous, inside one segment), type-erased so that one table per CPU
 // capability can be picked at run time.
 struct ChunkKernels {
   struct Pair {
     void (*stats)(const void* a, const void* b, int64_t n, double* out3);
-    void (*combine)(const void* a, const void* b, void* out, int64_t n, double alpha, double beta);
+    // stream: write out with non-temporal stores where the CPU build has them
+    void (*combine)(const void* a, const void* b, void* out, int64_t n, double alpha, double beta, bool stream);
   };
   Pair by_dtype[4];  // float, double, bfloat16, half
 

@@ -43,6 +43,11 @@ constexpr int kMinBlocksPerSm = 2;
 constexpr int kVecsPerThread = 8;
 // Shared scratch is sized for the narrowest warp of the target (C10_WARP_SIZE_LOWER_BOUND: 32 on
 // NVIDIA, 64 on CDNA wavefronts, 32 where the width is only known at run time).
+// torch < 2.12 has no such macro: 32 is a lower bound of every warp/wavefront width, so the
+// scratch is then merely sized for the most warps possible.
+#ifndef C10_WARP_SIZE_LOWER_BOUND
+#define C10_WARP_SIZE_LOWER_BOUND 32
+#endif
 constexpr int kMaxWarps = kThreads / C10_WARP_SIZE_LOWER_BOUND;
 
 // Elements per tile.

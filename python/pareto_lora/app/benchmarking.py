@@ -1,14 +1,23 @@
-"""Reusable microbenchmark pieces: input builders, a timer, traffic model, the table.
+"""Reusable microbenchmark pieces: inputs, an interleaved timer, the physical floors, the table.
 
-Used by ``pareto-lora bench`` and by the pytest-benchmark suites in bench/. Timings are the
-median of repeated calls after warm-up, with a device synchronise around each call on GPUs.
+Used by ``pareto-lora bench`` and by the benchmark scripts in bench/ (same contenders, same
+columns). Method, chosen for a shared, noisy machine:
 
-Bandwidth is *modelled* traffic divided by time: the fused op reads both gradients in its
-statistics pass, reads them again in the combine pass and writes the output once, i.e.
-``5 * numel * itemsize`` bytes (the [G, 3] statistics are negligible). A kernel that keeps data
-in cache can exceed the memory bandwidth by that measure; the reference, which upcasts to
-float64 and materialises temporaries, moves far more than it is credited with.
-May import: :mod:`pareto_lora.ops`, :mod:`pareto_lora.reference`.
+- every contender of one case (the compiled backends, the plain-torch baselines of
+  :mod:`.baselines`, and a ``copy_`` of the same footprint) runs once per round, round-robin, in
+  one process, so that load changes hit all of them alike; each gets min and median over rounds
+  (minima are the trustworthy figure when other processes steal cycles);
+- traffic: the op must read ``a`` and ``b`` and write ``out`` once: 3N elements
+  (``one_pass_bytes``). A stats-then-combine implementation whose data does not stay in cache
+  moves 5N (``two_pass_bytes``). The **floors** are those byte counts at the copy bandwidth
+  measured in the same rounds, with a copy of the same footprint (1.5N elements read, 1.5N
+  written: same cache level as the op) at the same thread count;
+- each row: min and median ms, effective GB/s over 3N bytes, time / two-pass floor, time /
+  one-pass floor, and the speed-up over each baseline (baseline min / row min).
+
+The float64 reference is a correctness oracle, never a speed baseline: it is timed only when
+asked for as a backend, and no speed-up is computed against it.
+May import: :mod:`pareto_lora.ops`, :mod:`pareto_lora.reference`, :mod:`.baselines`.
 """
 
 from __future__ import annotations
@@ -21,10 +30,13 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .. import ops, reference
+from .baselines import BASELINES
 
-__all__ = ["BenchCase", "make_inputs", "time_call", "modelled_bytes", "bench_integrate", "run_suite", "format_rows"]
+__all__ = ["BenchCase", "make_inputs", "interleaved", "one_pass_bytes", "two_pass_bytes", "contenders",
+           "bench_case", "run_suite", "format_rows", "COLUMNS"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+COPY = "copy"  # the pseudo-contender that measures the bandwidth of the case's footprint
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,13 +46,14 @@ class BenchCase:
     dtype: torch.dtype
     device: str
     rule: str = "pareto_lora"
+    tau: float = 0.5
 
 
 def make_inputs(case: BenchCase, seed: int = 0):
-    """(a, b, offsets): two correlated gradients of unequal norm over `case.segments` uneven segments.
+    """(a, b, offsets): two correlated gradients of unequal norm over `case.segments` random-size segments.
 
-    The image-like gradient `b` is a tenth of the text-like `a` plus noise with a negative
-    component, so all rule branches (rescale, Pareto, sum) occur across segments.
+    Segment sizes are uniform in [0.5, 1.5] x N/G. The image-like gradient `b` is a tenth of the
+    text-like `a` plus noise with a negative component, so all rule branches occur.
     """
     if case.numel < case.segments:
         raise ValueError(f"numel: expected at least one element per segment ({case.segments}), got {case.numel}")
@@ -60,77 +73,132 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_call(fn: Callable[[], object], device: str | torch.device = "cpu", warmup: int = 3, repeat: int = 20,
-              max_seconds: float = 2.0) -> float:
-    """Median wall time of `fn()` in seconds (stops repeating after `max_seconds` of timed calls)."""
+def interleaved(fns: dict[str, Callable[[], object]], device: str | torch.device = "cpu", rounds: int = 10,
+                warmup: int = 2, max_seconds: float | None = None) -> dict[str, dict]:
+    """Round-robin timing: {name: {"min": s, "median": s, "rounds": n}}.
+
+    All contenders run once per round in the given order (rotated each round so none always
+    follows the same neighbour). Stops early after `max_seconds` once 3 rounds are done.
+    """
     dev = torch.device(device)
+    names = list(fns)
     for _ in range(warmup):
-        fn()
+        for n in names:
+            fns[n]()
     _sync(dev)
-    times: list[float] = []
-    budget_end = time.perf_counter() + max_seconds
-    while len(times) < repeat and (len(times) < 3 or time.perf_counter() < budget_end):
-        _sync(dev)
-        t0 = time.perf_counter()
-        fn()
-        _sync(dev)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    end = None if max_seconds is None else time.perf_counter() + max_seconds
+    for r in range(rounds):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            _sync(dev)
+            t0 = time.perf_counter()
+            fns[n]()
+            _sync(dev)
+            times[n].append(time.perf_counter() - t0)
+        if end is not None and r >= 2 and time.perf_counter() > end:
+            break
+    return {n: {"min": min(t), "median": statistics.median(t), "rounds": len(t)} for n, t in times.items()}
 
 
-def modelled_bytes(numel: int, dtype: torch.dtype) -> int:
-    """Bytes the fused integrate must move at least: 2 passes over a and b, one output write."""
-    return 5 * numel * torch.empty((), dtype=dtype).element_size()
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
 
 
-def bench_integrate(case: BenchCase, backend: str, **timer) -> dict:
-    """One table row: median time of ``integrate`` (or the reference) on `case`."""
+def one_pass_bytes(numel: int, dtype: torch.dtype) -> int:
+    """Bytes the op must move at least: read a and b once, write out once."""
+    return 3 * numel * _itemsize(dtype)
+
+
+def two_pass_bytes(numel: int, dtype: torch.dtype) -> int:
+    """Bytes of stats-then-combine when nothing stays cached: a and b read twice, out written once."""
+    return 5 * numel * _itemsize(dtype)
+
+
+def contenders(case: BenchCase, a, b, offsets, out, backends: Sequence[str], baselines: Sequence[str]):
+    """{name: zero-argument callable} for the backends (named as they are), the baselines
+    (``torch:<name>``) and the footprint copy."""
+    fns: dict[str, Callable[[], object]] = {}
+    for be in backends:
+        if be == "reference":
+            fns[be] = lambda: reference.integrate(a, b, offsets, out, case.rule, case.tau)
+        else:
+            fns[be] = lambda be=be: ops.integrate(a, b, offsets, out, rule=case.rule, tau=case.tau, backend=be)
+    for name in baselines:
+        fn = BASELINES[name][0]
+        fns[f"torch:{name}"] = lambda fn=fn: fn(a, b, offsets, out, case.rule, case.tau)
+    half = (3 * case.numel) // 2
+    src = torch.empty(half, dtype=case.dtype, device=case.device).uniform_()
+    dst = torch.empty_like(src)
+    fns[COPY] = lambda: dst.copy_(src)
+    return fns
+
+
+def bench_case(case: BenchCase, backends: Sequence[str], baselines: Sequence[str], rounds: int = 10,
+               max_seconds: float | None = None) -> list[dict]:
+    """Rows for one case: every backend and baseline, timed round-robin with the footprint copy."""
     a, b, offsets = make_inputs(case)
     out = torch.empty_like(a)
-    if backend == "reference":
-        fn = lambda: reference.integrate(a, b, offsets, out, case.rule)  # noqa: E731
-    else:
-        fn = lambda: ops.integrate(a, b, offsets, out, rule=case.rule, backend=backend)  # noqa: E731
-    seconds = time_call(fn, case.device, **timer)
-    return {
-        "backend": backend,
-        "device": case.device,
-        "dtype": str(case.dtype).replace("torch.", ""),
-        "numel": case.numel,
-        "segments": case.segments,
-        "rule": case.rule,
-        "ms": seconds * 1e3,
-        "GB/s": modelled_bytes(case.numel, case.dtype) / seconds / 1e9,
-    }
-
-
-def run_suite(device: str, sizes: Sequence[int], dtypes: Sequence[torch.dtype], segments: int = 64,
-              rule: str = "pareto_lora", backends: Sequence[str] | None = None, progress=None, **timer) -> list[dict]:
-    """Rows for every (size, dtype, backend); `backends` defaults to what runs on `device`.
-
-    Each row gets ``speedup`` = reference time / its time for the same size and dtype.
-    """
-    names = list(backends) if backends is not None else ops.available_backends(device)
-    if "reference" not in names:
-        names.append("reference")
+    fns = contenders(case, a, b, offsets, out, backends, baselines)
+    timed = interleaved(fns, case.device, rounds=rounds, max_seconds=max_seconds)
+    copy_s = timed.pop(COPY)["min"]
+    copy_gbps = 2 * ((3 * case.numel) // 2) * _itemsize(case.dtype) / copy_s / 1e9
+    one, two = one_pass_bytes(case.numel, case.dtype), two_pass_bytes(case.numel, case.dtype)
+    base_min = {n: t["min"] for n, t in timed.items() if n.startswith("torch:")}
     rows = []
-    for numel in sizes:
-        for dtype in dtypes:
-            case = BenchCase(int(numel), segments, dtype, device, rule)
-            group = [bench_integrate(case, be, **timer) for be in names]
-            ref_ms = next(r["ms"] for r in group if r["backend"] == "reference")
-            for r in group:
-                r["speedup"] = ref_ms / r["ms"]
-            rows.extend(group)
-            if progress is not None:
-                progress.update(1)
+    for name, t in timed.items():
+        rows.append({
+            "impl": name, "device": case.device, "dtype": str(case.dtype).replace("torch.", ""),
+            "numel": case.numel, "segments": case.segments, "rule": case.rule,
+            "threads": torch.get_num_threads() if case.device == "cpu" else None,
+            "min_ms": t["min"] * 1e3, "median_ms": t["median"] * 1e3, "rounds": t["rounds"],
+            "GB/s": one / t["min"] / 1e9, "copy_GB/s": copy_gbps,
+            "x_floor2": t["min"] / (two / (copy_gbps * 1e9)), "x_floor1": t["min"] / (one / (copy_gbps * 1e9)),
+            # reference rows get no speed-ups and are not speed-ups' denominators: it is the oracle
+            "speedup": {} if name == "reference" else {n.split(":", 1)[1]: s / t["min"] for n, s in base_min.items()},
+        })
     return rows
 
 
-def format_rows(rows: list[dict]) -> str:
-    head = f"{'backend':<10} {'device':<6} {'dtype':<9} {'numel':>10} {'segs':>5} {'ms':>10} {'GB/s':>8} {'x ref':>7}"
-    lines = [head, "-" * len(head)]
+def default_baselines(device: str) -> list[str]:
+    kind = torch.device(device).type
+    return [n for n, (_, kinds) in BASELINES.items() if kind in kinds]
+
+
+def run_suite(device: str, sizes: Sequence[int], dtypes: Sequence[torch.dtype], segments: Sequence[int] | int = 64,
+              rule: str = "pareto_lora", backends: Sequence[str] | None = None,
+              baselines: Sequence[str] | None = None, progress=None, rounds: int = 10,
+              max_seconds: float | None = None) -> list[dict]:
+    """Rows for every (size, dtype, segments) case; `backends` defaults to the compiled ones on
+    `device` (the reference only when named), `baselines` to every baseline meant for it."""
+    names = list(backends) if backends is not None else [b for b in ops.available_backends(device) if b != "reference"]
+    base = list(baselines) if baselines is not None else default_baselines(device)
+    rows = []
+    for numel in sizes:
+        for dtype in dtypes:
+            for g in ([segments] if isinstance(segments, int) else segments):
+                rows.extend(bench_case(BenchCase(int(numel), int(g), dtype, device, rule), names, base, rounds,
+                                       max_seconds))
+                if progress is not None:
+                    progress.update(1)
+    return rows
+
+
+COLUMNS = ("impl", "device", "dtype", "numel", "segs", "min ms", "med ms", "GB/s(3N)", "/2-pass", "/1-pass")
+
+
+def format_rows(rows: list[dict], markdown: bool = False) -> str:
+    """The table: one row per contender; `/2-pass`, `/1-pass` are time over the floors (1.0 = at
+    the floor); `x <baseline>` is that baseline's min time over the row's."""
+    bases = list(dict.fromkeys(k for r in rows for k in r["speedup"]))
+    head = list(COLUMNS) + [f"x {b}" for b in bases]
+    body = []
     for r in rows:
-        lines.append(f"{r['backend']:<10} {r['device']:<6} {r['dtype']:<9} {r['numel']:>10,} {r['segments']:>5} "
-                     f"{r['ms']:>10.4g} {r['GB/s']:>8.3g} {r['speedup']:>7.1f}")
-    return "\n".join(lines)
+        body.append([r["impl"], r["device"], r["dtype"], f"{r['numel']:,}", str(r["segments"]), f"{r['min_ms']:.4g}",
+                     f"{r['median_ms']:.4g}", f"{r['GB/s']:.3g}", f"{r['x_floor2']:.2f}", f"{r['x_floor1']:.2f}"]
+                    + [f"{r['speedup'][b]:.2f}" if b in r["speedup"] else "-" for b in bases])
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        return "\n".join(lines + ["| " + " | ".join(c) + " |" for c in body])
+    widths = [max(len(h), *(len(c[i]) for c in body)) if body else len(h) for i, h in enumerate(head)]
+    fmt = lambda cells: " ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    return "\n".join([fmt(head), "-" * (sum(widths) + len(widths) - 1)] + [fmt(c) for c in body])

@@ -136,15 +136,25 @@ def _cmd_bench(args, parser) -> int:
         bad = [b for b in args.backends if b not in available]
         if bad:
             parser.error(f"--backends: {', '.join(bad)} not available on {device}; available: {', '.join(available)}")
+    from .benchmarking import default_baselines
+
     dtypes = [DTYPES[d] for d in args.dtypes]
     sizes = args.sizes or ((1 << 20, 1 << 24, 1 << 26) if device.startswith("cuda") else (1 << 16, 1 << 20))
+    baselines = list(args.baselines) if args.baselines is not None else default_baselines(device)
+    bad = [b for b in baselines if b not in default_baselines(device)]
+    if bad:
+        parser.error(f"--baselines: {', '.join(bad)} not meant for {device}; expected names from: "
+                     f"{', '.join(default_baselines(device))}")
     print(f"integrate(rule={args.rule!r}) on {device} "
           f"({torch.cuda.get_device_name() if device.startswith('cuda') else platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads); backends: {', '.join(args.backends or available)}; "
-          f"GB/s = 5 x numel x itemsize / time (see pareto_lora.app.benchmarking)")
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}); backends: {', '.join(args.backends or available)}; "
+          f"baselines: {', '.join(baselines) or 'none'}; {args.repeat} interleaved rounds, min and median.\n"
+          f"GB/s = 3 x numel x itemsize / min time; /2-pass and /1-pass = min time over 5N and 3N bytes at the "
+          f"bandwidth of a same-footprint copy_ timed in the same rounds; x <baseline> = its min time / the row's. "
+          f"'reference' is the float64 correctness oracle, not a baseline.")
     with tqdm(total=len(sizes) * len(dtypes), desc="bench", leave=False, disable=args.no_progress) as bar:
         rows = run_suite(device, sizes, dtypes, segments=args.segments, rule=args.rule,
-                         backends=args.backends, progress=bar, repeat=args.repeat)
+                         backends=args.backends or available, baselines=baselines, progress=bar, rounds=args.repeat)
     print(format_rows(rows))
     return 0
 
@@ -207,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     demo.set_defaults(func=_cmd_demo)
 
-    bench = sub.add_parser("bench", help="microbenchmark integrate on every available backend vs the reference")
+    bench = sub.add_parser("bench", help="microbenchmark integrate on every available backend vs plain-torch baselines and the memory floors")
     bench.add_argument("--device", default="cuda" if _cuda_available() else "cpu",
                        help="cpu or cuda (default: cuda when present)")
     bench.add_argument("--sizes", type=_int_list,
@@ -218,7 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--rule", choices=RULES, default="pareto_lora", help="rule (default pareto_lora)")
     bench.add_argument("--backends", type=lambda s: tuple(p for p in s.split(",") if p),
                        help="comma-separated subset of the available backends (the reference is always timed)")
-    bench.add_argument("--repeat", type=_positive_int, default=20, help="timed calls per row (median; default 20)")
+    bench.add_argument("--baselines", type=lambda s: tuple(p for p in s.split(",") if p),
+                       help="comma-separated plain-torch baselines (default: all meant for the device: "
+                            "strong,compiled,naive_loop on cpu; also foreach on cuda)")
+    bench.add_argument("--repeat", type=_positive_int, default=20,
+                       help="interleaved rounds per case (min and median; default 20)")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     bench.set_defaults(func=_cmd_bench)
 

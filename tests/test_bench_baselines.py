@@ -1,0 +1,73 @@
+"""The benchmarks' plain-torch baselines compute what the op computes (results only, never times).
+
+Every baseline of pareto_lora.app.baselines is compared with the float64 reference on the
+benchmark's own inputs; the benchmark table code and the bench/ scripts are exercised on tiny
+cases so that a GPU-only script at least imports and its host-side pieces work.
+"""
+
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+import pareto_lora
+from pareto_lora.app import baselines, benchmarking
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("g", [1, 7, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", list(baselines.BASELINES))
+def test_baseline_matches_reference(name, dtype, g, device):
+    case = benchmarking.BenchCase(20_000, g, dtype, device)
+    a, b, offsets = benchmarking.make_inputs(case, seed=g)
+    expected = pareto_lora.reference.integrate(a, b, offsets, rule="pareto_lora", tau=0.5).out
+    out = torch.full_like(a, float("nan"))
+    fn = baselines.BASELINES[name][0]
+    assert fn(a, b, offsets, out, "pareto_lora", 0.5) is out
+    # float32 statistics (the baselines) vs float64 ones (the oracle) move the coefficients by a
+    # few float32 ulps; a bf16 output computed in float32 may round to the neighbouring bf16.
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    scale = float(expected.float().abs().max())
+    torch.testing.assert_close(out.float(), expected.float(), rtol=tol, atol=tol * scale)
+
+
+def test_naive_loop_refuses_other_rules():
+    a, b, offsets = benchmarking.make_inputs(benchmarking.BenchCase(64, 2, torch.float32, "cpu"))
+    with pytest.raises(ValueError, match="pareto_lora"):
+        baselines.naive_loop(a, b, offsets, torch.empty_like(a), "mgda", 0.5)
+
+
+def test_segment_views_are_views():
+    t = torch.arange(10.0)
+    views = baselines.segment_views(t, torch.tensor([0, 3, 10]))
+    assert [v.numel() for v in views] == [3, 7]
+    assert all(v.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() for v in views)
+
+
+def test_bench_case_rows_have_every_column():
+    case = benchmarking.BenchCase(4096, 4, torch.float32, "cpu")
+    rows = benchmarking.bench_case(case, ["cpp", "reference"], ["strong", "naive_loop"], rounds=2)
+    assert [r["impl"] for r in rows] == ["cpp", "reference", "torch:strong", "torch:naive_loop"]
+    for r in rows:
+        assert r["min_ms"] > 0 and r["median_ms"] >= r["min_ms"] and r["x_floor2"] > 0 and r["x_floor1"] > r["x_floor2"]
+    assert rows[1]["speedup"] == {}  # the oracle is no speed baseline
+    assert set(rows[0]["speedup"]) == {"strong", "naive_loop"}
+    text = benchmarking.format_rows(rows)
+    assert "/2-pass" in text and "x strong" in text
+    assert benchmarking.format_rows(rows, markdown=True).startswith("| impl |")
+
+
+@pytest.mark.parametrize("module", ["bench_gpu", "bench_ops_cpu", "bench_training_step"])
+def test_bench_scripts_import(module, monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
+    mod = importlib.import_module(module)
+    if module == "bench_gpu":
+        off = mod.lora_like_offsets(1000, 7)
+        assert off[0] == 0 and off[-1] == 1000 and off.numel() == 8
+        assert set(mod.IMPL_FNS) >= {"cuda_fused", "torch_strong", "torch_foreach", "compiled_ref", "naive_loop"}

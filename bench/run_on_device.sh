@@ -2,8 +2,9 @@
 # One-shot GPU check on a fresh CUDA machine (H100/H200; torch with CUDA, triton and nvcc
 # installed; no internet; this repository copied to the current directory):
 #   1. build the extension in place with its CUDA kernels (PARETO_LORA_CUDA=1),
-#   2. run the whole pytest suite, GPU tests included,
-#   3. run the GPU benchmark.
+#   2. run the GPU-relevant tests (the rest of the suite is CPU-only and runs in CI),
+#   3. one-process NCCL DDP and FSDP2 steps (tools/device_nccl_smoke.py),
+#   4. run the GPU benchmark.
 # Everything lands under $OUT (default ./device_out): environment, build log, pytest log and
 # junit XML, benchmark CSV/Markdown/JSON. Each step has its own time limit so the whole run stays
 # under ~9 minutes; a step that fails or times out is recorded and the next step still runs.
@@ -46,20 +47,26 @@ step() {  # step NAME LIMIT_S CMD...: run with a time limit, log to $OUT/NAME.lo
   echo "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS"
 } >"$OUT/env.txt" 2>&1
 
-if ! step build 240 "$PY" setup.py build_ext --inplace; then
+if ! step build 200 "$PY" setup.py build_ext --inplace; then
   echo "build failed: see $OUT/build.log" | tee -a "$OUT/summary.txt"
   exit 1
 fi
 "$PY" -c 'import pareto_lora, torch; print("backends on cuda:", pareto_lora.available_backends("cuda"))' \
   2>&1 | tee -a "$OUT/summary.txt"
 
-# The whole suite (tests/test_cuda.py and the GPU parametrisations of the generic tests included).
-step pytest 150 "$PY" -m pytest -q -rs tests --junitxml="$OUT/pytest.xml" -p no:cacheprovider || status=1
+# The GPU-relevant tests first (CUDA and Triton backends, the shared op suites, the reliability and
+# property suites); the rest of the suite is CPU-only and runs in CI.
+step pytest 150 "$PY" -m pytest -q -rs tests/backends tests/test_ops.py tests/test_errors.py \
+  tests/test_reliability.py tests/test_properties.py tests/test_hypothesis.py \
+  --junitxml="$OUT/pytest.xml" -p no:cacheprovider || status=1
+
+# One-process NCCL DDP and FSDP2 steps with ParetoLoRA on a small bf16 model.
+step nccl 60 "$PY" tools/device_nccl_smoke.py || status=1
 
 # The benchmark runs implementation by implementation, so a timeout costs baselines, not the
 # fused kernel's rows; the CSV and Markdown table are rewritten after every row.
 export PARETO_LORA_BENCH_OUT="$OUT"
-step bench 150 "$PY" -m pytest -q bench/bench_gpu.py --benchmark-json="$OUT/bench_gpu.json" \
+step bench 120 "$PY" -m pytest -q bench/bench_gpu.py --benchmark-json="$OUT/bench_gpu.json" \
   --benchmark-columns=median,min,max -p no:cacheprovider || true
 [ -f "$OUT/bench_gpu.md" ] && cat "$OUT/bench_gpu.md"
 

@@ -16,6 +16,10 @@ set -u -o pipefail
 OUT="${OUT:-$PWD/device_out}"
 mkdir -p "$OUT"
 export PARETO_LORA_CUDA=1
+# The H200 image builds with /opt/gcc/bin/g++ by default, but torch was built with the system GCC:
+# C++ exceptions thrown from an extension built with the other one crash (seen 2026-11-28).
+# To be confirmed on the next run: build with the system GCC (torch 2.11 reports GCC 13.3 = /usr/bin/g++).
+[ -x /usr/bin/g++ ] && export CC=/usr/bin/gcc CXX=/usr/bin/g++
 export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 # Only the local GPU's architecture: a fraction of the all-arch build time.

@@ -49,3 +49,15 @@ def test_unknown_backend_and_auto():
     assert BACKENDS[0] == "auto"
     assert resolve_backend("auto", torch.device("cpu")) is resolve_backend("cpp", torch.device("cpu"))
     assert resolve_backend("reference", torch.device("cpu")) is pareto_lora.reference
+
+
+def test_the_torch_ops_exist_right_after_import():
+    # A fresh interpreter: no backend resolved yet (found on a GPU machine, where a script calling
+    # torch.ops.pareto_lora.integrate after `import pareto_lora` got "no attribute 'integrate'").
+    import subprocess
+    import sys
+
+    code = "import torch, pareto_lora; print(all(hasattr(torch.ops.pareto_lora, n) for n in " \
+           "('segment_stats', 'rule_coefficients', 'combine', 'integrate')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "True"

@@ -2,8 +2,9 @@
 
 Every backend is a module with the same four functions, signatures and return types
 (``segment_stats``, ``rule_coefficients``, ``combine``, ``integrate`` -> IntegrationResult) and
-an ``is_available(device_type)`` probe; there are no adapter objects. A backend's module is
-imported only when it is asked for, so a missing triton costs nothing until it is used.
+an ``is_available(device_type)`` probe; there are no adapter objects. The compiled backend loads
+with the package (it registers the torch ops); Triton's module is imported only when it is asked
+for, so a missing triton costs nothing until it is used.
 May import: :mod:`pareto_lora.backends` modules, :mod:`pareto_lora.reference`.
 """
 
@@ -13,6 +14,10 @@ import importlib
 from types import ModuleType
 
 import torch
+
+# The compiled backend is always installed: load it with the package, so that
+# torch.ops.pareto_lora.* and their fake kernels exist right after `import pareto_lora`.
+from . import cpp as _cpp  # noqa: F401
 
 __all__ = ["BACKENDS", "available_backends", "resolve_backend"]
 

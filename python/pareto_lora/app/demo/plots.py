@@ -49,16 +49,16 @@ def _loss_panel(ax, runs, key: str, title: str) -> None:
             ax.fill_between(steps, mean - std, mean + std, color=colors[rule], alpha=0.15, lw=0)
     ax.set_title(title)
     ax.set_xlabel("fine-tuning step")
-    ax.set_ylabel("held-out cross-entropy")
+    ax.set_ylabel("held-out excess loss (nats)")
     ax.grid(alpha=0.3)
 
 
 def plot_losses(runs, path: str) -> str:
-    """Held-out text and image loss over fine-tuning, one line per rule (mean ± std over seeds)."""
+    """Held-out text and image excess loss over fine-tuning, one line per rule (mean ± std over seeds)."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    _loss_panel(axes[0], runs, "eval_text", "text tokens")
-    _loss_panel(axes[1], runs, "eval_image", "image tokens")
+    _loss_panel(axes[0], runs, "eval_text_excess", "text tokens: loss - exact floor")
+    _loss_panel(axes[1], runs, "eval_image_excess", "image tokens: loss - exact floor")
     axes[1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -154,8 +154,8 @@ def plot_summary(runs, path: str) -> str:
     """One small figure for the README: both held-out losses and vanilla LoRA's ratio heatmap."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
-    _loss_panel(axes[0], runs, "eval_text", "held-out text loss")
-    _loss_panel(axes[1], runs, "eval_image", "held-out image loss")
+    _loss_panel(axes[0], runs, "eval_text_excess", "held-out text excess")
+    _loss_panel(axes[1], runs, "eval_image_excess", "held-out image excess")
     axes[1].legend(fontsize=7)
     vanilla = next((r for r in runs if r.rule == "sum"), runs[0])
     im = _heatmap(axes[2], vanilla, _shared_limit([vanilla]))

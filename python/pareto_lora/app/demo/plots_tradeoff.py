@@ -1,0 +1,88 @@
+"""The study's two main figures: the trade-off plane and the paired distances per seed.
+May import: :mod:`.methods`, :mod:`.stats`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .methods import frontier_weight
+from .stats import paired_interval
+
+__all__ = ["plot_tradeoff", "plot_paired", "write_all"]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless (CI, ssh)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _ci(values) -> float:
+    iv = paired_interval(values)
+    return 0.0 if iv.n < 2 else (iv.high - iv.low) / 2
+
+
+def plot_tradeoff(summary: dict, comparison: dict, path: str) -> str:
+    """(text excess, image excess) plane: the reweighting curve (w = 1, 2, ...) and every other
+    method as a point with 95% t-interval error bars over seeds; lower-left is better."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 5))
+    curve = sorted((w, r) for r in summary if (w := frontier_weight(r)) is not None)
+    if curve:
+        xs = [summary[r]["mean"]["text_excess"] for _, r in curve]
+        ys = [summary[r]["mean"]["image_excess"] for _, r in curve]
+        ax.plot(xs, ys, "-o", color="black", lw=1.5, ms=4, label="L_text + w·L_image")
+        for (w, _), x, y in zip(curve, xs, ys):
+            ax.annotate(f"w={w:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    cmap = plt.get_cmap("tab20")
+    others = [r for r in summary if frontier_weight(r) is None]
+    for i, rule in enumerate(others):
+        s = summary[rule]
+        tx, iy = list(s["per_seed"]["text_excess"].values()), list(s["per_seed"]["image_excess"].values())
+        place = comparison.get(rule, {}).get("frontier", {}).get("place")
+        marker = {"below": "v", "above": "^"}.get(place, "s" if rule.endswith("_only") else "o")
+        ax.errorbar(np.mean(tx), np.mean(iy), xerr=_ci(tx), yerr=_ci(iy), fmt=marker, color=cmap(i % 20),
+                    ms=6, capsize=2, label=rule + (f" ({place})" if place else ""))
+    ax.set_xlabel("held-out text excess loss (nats/token over the exact floor)")
+    ax.set_ylabel("held-out image excess loss")
+    ax.set_title("trade-off plane (mean over seeds, bars = 95% t-interval)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best", ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_paired(comparison: dict, path: str) -> str:
+    """Per seed: image-excess distance of each method from the reweighting curve at equal text
+    excess (dots), with the mean and 95% interval (bar); < 0 = below the curve = better."""
+    plt = _pyplot()
+    rows = [(r, c["frontier"]) for r, c in comparison.items() if "frontier" in c]
+    fig, ax = plt.subplots(figsize=(7, 0.45 * max(len(rows), 2) + 1.2))
+    for i, (rule, f) in enumerate(rows):
+        ax.scatter(f["per_seed"], [i] * len(f["per_seed"]), s=12, color="gray", zorder=3)
+        if f["n"] > 1:
+            ax.plot([f["low"], f["high"]], [i, i], color="black", lw=2)
+        ax.plot([f["mean"]], [i], "|", color="red", ms=12, mew=2)
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_yticks(range(len(rows)), [r for r, _ in rows], fontsize=8)
+    ax.set_xlabel("image excess minus the reweighting curve at equal text excess (< 0: better)")
+    ax.set_title("paired distance to the reweighting curve per seed (bar: 95% t-interval)", fontsize=9)
+    ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_all(summary: dict, comparison: dict, out_dir: str) -> dict[str, str]:
+    """Both figures into `out_dir`; returns name -> path."""
+    import os
+
+    return {"tradeoff": plot_tradeoff(summary, comparison, os.path.join(out_dir, "tradeoff.png")),
+            "paired": plot_paired(comparison, os.path.join(out_dir, "paired.png"))}

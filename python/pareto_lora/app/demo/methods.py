@@ -8,6 +8,7 @@
 * controls and the reweighting frontier (``CONTROLS``): vanilla gradients of ``a*L_text + b*L_image``
   -- ``text_only`` (1, 0) and ``image_only`` (0, 1) bracket what fine-tuning can move, ``w2`` ..
   ``w6`` (1, w) trace the trade-off a practitioner gets by tuning one loss weight (``sum`` is w = 1);
+* ``pareto_lora_all`` (``VARIANTS``): the paper's rule on every layer group (``modulate="all"``);
 * ``commit``: vanilla gradients (``sum``) and CoMMIT's coordinated learning rates. The demo model has
   no separate vision encoder, so the LoRA of the lowest layer group (the layers that first read the
   image codes) plays the feature side and the rest of the stack the LLM side; kappa is measured
@@ -24,7 +25,7 @@ import torch
 import pareto_lora
 from pareto_lora.training.balancers import BALANCERS, METHODS, CoMMIT, GradNorm, MIMO
 
-__all__ = ["METHODS", "CONTROLS", "ALL_METHODS", "Method", "build_method", "describe_methods", "loss_weights", "frontier_weight"]
+__all__ = ["METHODS", "CONTROLS", "VARIANTS", "ALL_METHODS", "Method", "build_method", "describe_methods", "loss_weights", "frontier_weight"]
 
 COMMIT_EVERY = 2
 #: name -> (text weight, image weight) of the plain-sum runs that are not rules
@@ -32,7 +33,9 @@ CONTROLS: dict[str, tuple[float, float]] = {
     "text_only": (1.0, 0.0), "image_only": (0.0, 1.0),
     **{f"w{w:g}": (1.0, float(w)) for w in (1.5, 2, 3, 4, 6, 8)},
 }
-ALL_METHODS: tuple[str, ...] = (*METHODS, *CONTROLS)
+#: name -> (kernel rule, modulate): a rule on other layer groups than the config's
+VARIANTS: dict[str, tuple[str, str]] = {"pareto_lora_all": ("pareto_lora", "all")}
+ALL_METHODS: tuple[str, ...] = (*METHODS, *VARIANTS, *CONTROLS)
 
 
 def loss_weights(name: str) -> tuple[float, float]:
@@ -71,8 +74,8 @@ def build_method(model, name: str, cfg) -> Method:
         modulate = cfg.modulate if name == "mimo" else "all"  # MIMO's one-backward mode weights every parameter
         pl = pareto_lora.ParetoLoRA(model, rule=balancer, num_groups=cfg.num_groups, modulate=modulate)
     else:
-        rule = "sum" if name == "commit" or name in CONTROLS else name
-        pl = pareto_lora.ParetoLoRA(model, rule=rule, tau=cfg.tau, num_groups=cfg.num_groups, modulate=cfg.modulate)
+        rule, modulate = VARIANTS.get(name, ("sum" if name == "commit" or name in CONTROLS else name, cfg.modulate))
+        pl = pareto_lora.ParetoLoRA(model, rule=rule, tau=cfg.tau, num_groups=cfg.num_groups, modulate=modulate)
     if name != "commit":
         opt = torch.optim.AdamW([p for _, p in trainable], lr=cfg.lr, weight_decay=0.0)
         return Method(pl, opt)

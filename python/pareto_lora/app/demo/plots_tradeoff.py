@@ -47,9 +47,11 @@ def plot_tradeoff(summary: dict, comparison: dict, path: str) -> str:
         marker = {"below": "v", "above": "^"}.get(place, "s" if rule.endswith("_only") else "o")
         ax.errorbar(np.mean(tx), np.mean(iy), xerr=_ci(tx), yerr=_ci(iy), fmt=marker, color=cmap(i % 20),
                     ms=6, capsize=2, label=rule + (f" ({place})" if place else ""))
-    ax.set_xlabel("held-out text excess loss (nats/token over the exact floor)")
-    ax.set_ylabel("held-out image excess loss")
-    ax.set_title("trade-off plane (mean over seeds, bars = 95% t-interval)", fontsize=10)
+    ax.set_xscale("log")  # the brackets sit far out (text-only's image, image-only's text): log keeps the curve readable
+    ax.set_yscale("log")
+    ax.set_xlabel("held-out text excess loss (nats/token over the exact floor, log)")
+    ax.set_ylabel("held-out image excess loss (log)")
+    ax.set_title("trade-off plane (mean over seeds, bars = 95% t-interval; lower-left is better)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best", ncol=2)
     fig.tight_layout()

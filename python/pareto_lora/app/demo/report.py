@@ -18,9 +18,10 @@ from .frontier import distance_to_curve
 from .methods import frontier_weight
 from .stats import paired_interval, word
 
-__all__ = ["summarize", "compare", "format_table", "results_document", "write_json", "BASELINE", "METRICS"]
+__all__ = ["summarize", "compare", "format_table", "results_document", "write_json", "BASELINE", "BRACKETS", "METRICS"]
 
 BASELINE = "sum"
+BRACKETS = ("text_only", "image_only")  # the controls: compared with each other, not with the curve
 METRICS = ("text_excess", "image_excess", "cell_acc", "text", "image")
 
 
@@ -79,7 +80,7 @@ def compare(summary: dict) -> dict[str, dict]:
                 if seeds:
                     iv = paired_interval([s["per_seed"][m][k] - base[m][k] for k in seeds])
                     row[f"vs_sum_{m}"] = {**dataclasses.asdict(iv), "word": word(iv, lower_is_better=m != "cell_acc")}
-        if len(weights) >= 2 and frontier_weight(rule) is None:
+        if len(weights) >= 2 and frontier_weight(rule) is None and rule not in BRACKETS:
             dists, inside = [], []
             for k in s["seeds"]:
                 pts = _frontier_points(summary, k)
@@ -113,7 +114,8 @@ def format_table(summary: dict, comparison: dict) -> str:
     for rule, s in summary.items():
         c = comparison.get(rule, {})
         fr = c.get("frontier")
-        where = f"{_iv(fr)} {fr['place']}" if fr else ("(curve point)" if frontier_weight(rule) is not None else "-")
+        where = f"{_iv(fr)} {fr['place']}" if fr else ("(curve point)" if frontier_weight(rule) is not None
+                                                       else "(bracket)" if rule in BRACKETS else "-")
         lines.append(f"{rule:<12} {s['mean']['text_excess']:>8.3f} {s['mean']['image_excess']:>9.3f} "
                      f"{s['mean']['cell_acc']:>8.1%}  {_iv(c.get('vs_sum_image_excess')):<28} {where:<34}")
     return "\n".join(lines)

@@ -10,22 +10,24 @@ May import: :mod:`.report`, :mod:`.stats`, :mod:`.methods`.
 from __future__ import annotations
 
 from .methods import frontier_weight
-from .report import BASELINE
+from .report import BASELINE, BRACKETS
 from .stats import paired_interval, word
 
 __all__ = ["verdict", "brackets_apart"]
 
 
-def brackets_apart(summary: dict) -> bool | None:
-    """Whether image-only fine-tuning ends at a clearly lower image excess AND text-only at a
-    clearly lower text excess (paired 95% intervals); None when the brackets were not run."""
+def brackets_apart(summary: dict):
+    """(apart, d_image, d_text): whether image-only fine-tuning ends at a clearly lower image
+    excess than text-only (d_image = image_only - text_only < 0) AND text-only at a clearly lower
+    text excess (d_text = text_only - image_only < 0), from paired 95% intervals; None when the
+    brackets were not run."""
     if "text_only" not in summary or "image_only" not in summary:
         return None
     t, i = summary["text_only"]["per_seed"], summary["image_only"]["per_seed"]
     seeds = [k for k in t["text_excess"] if k in i["text_excess"]]
     d_img = paired_interval([i["image_excess"][k] - t["image_excess"][k] for k in seeds])
     d_txt = paired_interval([t["text_excess"][k] - i["text_excess"][k] for k in seeds])
-    return word(d_img) == "better" and word(d_txt) == "better"
+    return word(d_img) == "better" and word(d_txt) == "better", d_img, d_txt
 
 
 def _fmt(d: dict) -> str:
@@ -42,15 +44,18 @@ def verdict(result: dict, summary: dict, comparison: dict) -> list[str]:
         lines.append(f"Base model ({base['steps']} pre-training steps): on its own world image excess {own['image_excess']:.3f}, "
                      f"cell accuracy {own['cell_acc']:.1%}; on the fine-tuning world before LoRA: text excess "
                      f"{ft['text_excess']:.3f}, image excess {ft['image_excess']:.3f}, cell accuracy {ft['cell_acc']:.1%}.")
-    apart = brackets_apart(summary)
-    if apart is None:
+    br = brackets_apart(summary)
+    if br is None:
         lines.append("No brackets (text_only / image_only not run): the experiment's sensitivity is unknown.")
-    elif apart:
-        lines.append("Brackets: image-only and text-only fine-tuning end clearly apart in both modalities "
-                     "(paired 95% intervals exclude 0), so the setting can show a change in the trade-off.")
     else:
-        lines.append("Brackets: image-only and text-only fine-tuning are NOT clearly apart, so this run cannot "
-                     "detect a change in the text/image trade-off; the comparisons below are inconclusive by design.")
+        apart, d_img, d_txt = br
+        nums = f"image excess image-only minus text-only {d_img.format()}, text excess text-only minus image-only {d_txt.format()}"
+        if apart:
+            lines.append(f"Brackets: image-only and text-only fine-tuning end clearly apart in both modalities ({nums}; "
+                         "paired 95% intervals exclude 0), so the setting can show a change in the trade-off.")
+        else:
+            lines.append(f"Brackets: image-only and text-only fine-tuning are NOT clearly apart ({nums}), so this run "
+                         "cannot detect a change in the text/image trade-off; the comparisons below are inconclusive.")
     if BASELINE in summary:
         r0, r_all = summary[BASELINE]["ratio_median_first10"], summary[BASELINE]["ratio_median_all"]
         lines.append(f"Gradient balance under vanilla LoRA: median ||g_text||/||g_image|| over groups = {r0:.2g} in the "
@@ -59,7 +64,7 @@ def verdict(result: dict, summary: dict, comparison: dict) -> list[str]:
     if n_w < 2:
         lines.append("No reweighting curve (needs 'sum' and at least one w<k> run): rules are compared with vanilla only.")
     for rule, c in comparison.items():
-        if frontier_weight(rule) is not None or rule in ("text_only", "image_only"):
+        if frontier_weight(rule) is not None or rule in BRACKETS:
             continue
         parts = []
         if "vs_sum_image_excess" in c:

@@ -98,6 +98,7 @@ class RunResult:
     eval_text_excess: list[float] = dataclasses.field(default_factory=list)  # loss - exact floor
     eval_image_excess: list[float] = dataclasses.field(default_factory=list)
     eval_acc: list[float] = dataclasses.field(default_factory=list)  # image cell accuracy
+    group_layers: list[list[int]] = dataclasses.field(default_factory=list)  # layers of each layer group
 
     @property
     def final(self) -> dict[str, float]:
@@ -122,7 +123,7 @@ def finetune(base, cfg: DemoConfig, rule: str, seed: int, world: World, eval_set
     pl = method.pl
     w_text, w_image = loss_weights(rule)
     gen = torch.Generator().manual_seed(10_000 + seed)  # same batches for every rule of this seed
-    run = RunResult(rule, seed, [], [], [], [], 0.0)
+    run = RunResult(rule, seed, [], [], [], [], 0.0, group_layers=[list(g) for g in pl.layout.group_layers])
 
     def record_eval(step: int) -> None:
         ev = evaluate(model, eval_set, device, world, floors)

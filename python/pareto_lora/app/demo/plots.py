@@ -24,6 +24,12 @@ def _pyplot():
     return plt
 
 
+def case_colors_by_name() -> dict[str, tuple]:
+    """One colour per integration case, the same in every demo figure (Set2 in Case order)."""
+    cmap = _pyplot().get_cmap("Set2")
+    return {c.name: cmap(i) for i, c in enumerate(Case)}
+
+
 def _colors(rules) -> dict[str, tuple]:
     cmap = _pyplot().get_cmap("tab10")
     return {r: cmap(i % 10) for i, r in enumerate(rules)}
@@ -123,7 +129,7 @@ def plot_cases(runs, path: str) -> str:
     cols = min(3, len(groups))
     rows = math.ceil(len(groups) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.8 * rows), squeeze=False)
-    case_colors = {c.name: plt.get_cmap("Set2")(i) for i, c in enumerate(Case)}
+    case_colors = case_colors_by_name()
     used: set[str] = set()
     for ax, (rule, rs) in zip(axes.flat, groups.items()):
         counts = case_counts(rec for r in rs for rec in r.records)
@@ -136,14 +142,16 @@ def plot_cases(runs, path: str) -> str:
                 bottom += frac
                 used.add(case.name)
         active = rs[0].records[0]["active"]
-        ax.set_xticks(range(len(names)), [f"{n}{'*' if a else ''}" for n, a in zip(names, active)], fontsize=7)
+        layers = rs[0].group_layers or [None] * len(names)  # runs saved before group_layers existed: names only
+        ax.set_xticks(range(len(names)), [f"{n}{'*' if a else ''}" + (f"\nL{min(ls)}-{max(ls)}" if ls else "")
+                                          for n, a, ls in zip(names, active, layers)], fontsize=7)
         ax.set_ylim(0, 1)
         ax.set_title(rule, fontsize=9)
     for ax in list(axes.flat)[len(groups):]:
         ax.axis("off")
     handles = [plt.Rectangle((0, 0), 1, 1, color=case_colors[c.name]) for c in Case if c.name in used]
     fig.legend(handles, [c.name.lower() for c in Case if c.name in used], loc="lower center", ncol=len(handles), fontsize=8)
-    fig.suptitle("integration case per layer group (fraction of steps; * = modulated group)", fontsize=10)
+    fig.suptitle("integration case per layer group (fraction of steps; * = modulated group; L = its layers)", fontsize=10)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)

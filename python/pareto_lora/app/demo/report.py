@@ -90,7 +90,8 @@ def compare(summary: dict) -> dict[str, dict]:
                     inside.append(ok)
             if dists:
                 iv = paired_interval(dists)
-                place = {"better": "below", "worse": "above"}.get(word(iv), "on")
+                # beyond the curve's text range in every seed the distance is pure extrapolation: no verdict
+                place = "outside" if not any(inside) else {"better": "below", "worse": "above"}.get(word(iv), "on")
                 row["frontier"] = {**dataclasses.asdict(iv), "place": place, "per_seed": dists,
                                    "inside_fraction": sum(inside) / len(inside)}
         out[rule] = row

@@ -70,7 +70,10 @@ def verdict(result: dict, summary: dict, comparison: dict) -> list[str]:
         if "vs_sum_image_excess" in c:
             parts.append(f"vs vanilla: image excess {_fmt(c['vs_sum_image_excess'])} ({c['vs_sum_image_excess']['word']}), "
                          f"text excess {_fmt(c['vs_sum_text_excess'])} ({c['vs_sum_text_excess']['word']})")
-        if "frontier" in c:
+        if "frontier" in c and c["frontier"]["place"] == "outside":
+            parts.append("vs reweighting curve: OUTSIDE the curve's text-excess range in every seed, so there is no "
+                         "comparison at equal text excess")
+        elif "frontier" in c:
             f = c["frontier"]
             extra = "" if f["inside_fraction"] == 1 else f"; outside the curve's range in {1 - f['inside_fraction']:.0%} of seeds"
             parts.append(f"vs reweighting curve at equal text excess: {_fmt(f)} -> {f['place'].upper()} the curve "

@@ -226,7 +226,7 @@ def test_quick_demo_numbers(quick_demo):
     for rule, s in doc["summary"].items():
         for key in ("text_excess", "image_excess", "cell_acc"):
             assert math.isfinite(s["mean"][key])
-        assert f"{rule:<12}" in res.stdout
+        assert f"{rule:<16}" in res.stdout
     # every non-curve method is placed against the curve (sum and w3) with an interval over 2 seeds
     for rule in rules - {"sum", "w3", "text_only", "image_only"}:
         f = doc["comparison"][rule]["frontier"]

@@ -94,5 +94,6 @@ def run_demo(cfg: DemoConfig, out_dir: str, progress: bool = True, echo=print, r
     echo("")
     echo(f"Wrote {len(files)} files to {out_dir}: " + ", ".join(os.path.basename(p) for p in files.values()))
     echo(f"Time: {result['timings']['total_s']:.1f}s (pre-training {result['timings']['pretrain_s']:.1f}s"
-         f"{', base from cache' if result['base'].get('cached') else ''}, fine-tuning {result['timings']['finetune_s']:.1f}s)")
+         f"{', base from cache' if result['base'].get('cached') else ''}, fine-tuning {result['timings']['finetune_s']:.1f}s"
+         f"{f'; {n} runs loaded from {out_dir}/runs' if (n := result['timings']['runs_loaded']) else ''})")
     return doc

@@ -197,7 +197,7 @@ def run_experiment(cfg: DemoConfig, progress: bool = True, runs_dir: str | None 
     ft_world = make_world(cfg.finetune_world_seed, vocab, noise=cfg.image_noise, num_templates=cfg.num_templates)
     floors = entropy_floors(ft_world)
     seq_len = sample_batch(ft_world, 1, torch.Generator().manual_seed(0)).input_ids.shape[1]
-    timings = {"pretrain_s": 0.0, "finetune_s": 0.0}
+    timings = {"pretrain_s": 0.0, "finetune_s": 0.0, "runs_loaded": 0}  # finetune_s: runs made by this call
     from tqdm.auto import tqdm
 
     spec = BaseSpec(cfg.model, vocab.size, seq_len, cfg.base_seed, cfg.pretrain_steps, cfg.pretrain_lr,
@@ -226,8 +226,10 @@ def run_experiment(cfg: DemoConfig, progress: bool = True, runs_dir: str | None 
                     run = finetune(base, cfg, rule, seed, ft_world, eval_set, floors, bar)
                 if path:
                     _save_run(run, path)
+                timings["finetune_s"] += run.seconds
+            else:
+                timings["runs_loaded"] += 1
             runs.append(run)
-            timings["finetune_s"] += run.seconds
             if progress:
                 f = run.final
                 tqdm.write(f"  seed {seed} {rule:>12}: excess text {f['text_excess']:.3f} image {f['image_excess']:.3f}"

@@ -109,7 +109,7 @@ def _iv(d: dict | None) -> str:
 def format_table(summary: dict, comparison: dict) -> str:
     """Final excess losses and cell accuracy per method (mean over seeds), the paired image-excess
     change vs vanilla and the distance to the reweighting curve, with 95% intervals."""
-    head = (f"{'method':<12} {'text exc':>8} {'image exc':>9} {'cell acc':>8}  {'d image exc vs sum [95% CI]':<28} "
+    head = (f"{'method':<16} {'text exc':>8} {'image exc':>9} {'cell acc':>8}  {'d image exc vs sum [95% CI]':<28} "
             f"{'vs reweighting curve [95% CI]':<34}")
     lines = [head, "-" * len(head)]
     for rule, s in summary.items():
@@ -117,7 +117,7 @@ def format_table(summary: dict, comparison: dict) -> str:
         fr = c.get("frontier")
         where = f"{_iv(fr)} {fr['place']}" if fr else ("(curve point)" if frontier_weight(rule) is not None
                                                        else "(bracket)" if rule in BRACKETS else "-")
-        lines.append(f"{rule:<12} {s['mean']['text_excess']:>8.3f} {s['mean']['image_excess']:>9.3f} "
+        lines.append(f"{rule:<16} {s['mean']['text_excess']:>8.3f} {s['mean']['image_excess']:>9.3f} "
                      f"{s['mean']['cell_acc']:>8.1%}  {_iv(c.get('vs_sum_image_excess')):<28} {where:<34}")
     return "\n".join(lines)
 

@@ -86,7 +86,9 @@ def plot_paired(comparison: dict, path: str) -> str:
     """Per seed: image-excess distance of each method from the reweighting curve at equal text
     excess (dots), with the mean and 95% interval (bar); < 0 = below the curve = better."""
     plt = _pyplot()
-    rows = [(r, c["frontier"]) for r, c in comparison.items() if "frontier" in c]
+    rows = [(r, c["frontier"]) for r, c in comparison.items() if "frontier" in c and c["frontier"]["place"] != "outside"]
+    # beyond the curve's text range in every seed the distance is extrapolation (and would set the scale)
+    omitted = [r for r, c in comparison.items() if c.get("frontier", {}).get("place") == "outside"]
     fig, ax = plt.subplots(figsize=(7, 0.45 * max(len(rows), 2) + 1.2))
     for i, (rule, f) in enumerate(rows):
         ax.scatter(f["per_seed"], [i] * len(f["per_seed"]), s=12, color="gray", zorder=3)
@@ -96,7 +98,8 @@ def plot_paired(comparison: dict, path: str) -> str:
     ax.axvline(0, color="black", lw=0.8)
     ax.set_yticks(range(len(rows)), [r for r, _ in rows], fontsize=8)
     ax.set_xlabel("image excess minus the reweighting curve at equal text excess (< 0: better)")
-    ax.set_title("paired distance to the reweighting curve per seed (bar: 95% t-interval)", fontsize=9)
+    ax.set_title("paired distance to the reweighting curve per seed (bar: 95% t-interval)"
+                 + (f"\nomitted, outside the curve's text range: {', '.join(omitted)}" if omitted else ""), fontsize=9)
     ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

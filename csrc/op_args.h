@@ -113,23 +113,23 @@ inline SegmentArgs checked_combine(const at::Tensor& a, const at::Tensor& b, con
 inline IntegrateArgs checked_integrate(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets,
                                        const at::Tensor& out, c10::string_view rule, double tau,
                                        const std::optional<at::Tensor>& active, double gamma, bool symmetric,
-                                       OpDevice dev) {
+                                       double margin, OpDevice dev) {
   SegmentArgs seg = checked_segments(a, b, offsets, dev);
   check_out(out, a);
   check_out_overlap(out, a, b);
   check_active(active, seg.num_segments);
   if (active.has_value()) check_host_or(*active, "active", a.device());
-  const RuleParams p = parse_rule_params(std::string(rule), tau, gamma, symmetric);
+  const RuleParams p = parse_rule_params(std::string(rule), tau, gamma, symmetric, margin);
   dev.require(a, "a");
   return IntegrateArgs{std::move(seg), p, contiguous_active(active)};
 }
 
 inline RuleArgs checked_rule_args(const at::Tensor& stats, c10::string_view rule, double tau,
                                   const std::optional<at::Tensor>& active, double gamma, bool symmetric,
-                                  OpDevice dev) {
+                                  double margin, OpDevice dev) {
   const int64_t g = check_stats(stats);
   check_active(active, g);
-  const RuleParams p = parse_rule_params(std::string(rule), tau, gamma, symmetric);
+  const RuleParams p = parse_rule_params(std::string(rule), tau, gamma, symmetric, margin);
   dev.require_readable(stats, "stats");
   if (active.has_value()) {
     if (stats.is_cpu()) {  // e.g. the GPU op, picked for a GPU `active`

@@ -7,9 +7,9 @@ TORCH_LIBRARY(pareto_lora, m) {
   m.def("segment_stats(Tensor a, Tensor b, Tensor offsets) -> Tensor");
   m.def(
       "rule_coefficients(Tensor stats, str rule=\"pareto_lora\", float tau=0.5, Tensor? active=None, "
-      "float gamma=1.0, bool symmetric=False) -> (Tensor, Tensor)");
+      "float gamma=1.0, bool symmetric=False, float margin=0.0) -> (Tensor, Tensor)");
   m.def("combine(Tensor a, Tensor b, Tensor offsets, Tensor coeffs, Tensor(a!) out) -> ()");
   m.def(
       "integrate(Tensor a, Tensor b, Tensor offsets, Tensor(a!) out, str rule=\"pareto_lora\", float tau=0.5, "
-      "Tensor? active=None, float gamma=1.0, bool symmetric=False) -> (Tensor, Tensor, Tensor)");
+      "Tensor? active=None, float gamma=1.0, bool symmetric=False, float margin=0.0) -> (Tensor, Tensor, Tensor)");
 }

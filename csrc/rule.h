@@ -34,6 +34,9 @@ struct RuleParams {
   double tau;
   double gamma;
   bool symmetric;
+  // Conflict only when cos < -margin (0 = the paper's cos < 0). Text and image gradients are
+  // nearly orthogonal, so cos < 0 fires on noise about half the time; a margin ignores that.
+  double margin;
 };
 
 struct Coefficients {
@@ -93,8 +96,10 @@ PL_HOST_DEVICE inline Coefficients rule_of_valid(double aa, double bb, double ab
   // Nothing is rescaled by, or normalised with, a zero norm.
   if (degenerate) return {1.0, 1.0, kDegenerate};
 
-  const bool conflict = ab < 0.0;  // cos < 0 with both norms positive
   const double na = sqrt(aa), nb = sqrt(bb);
+  // cos < -margin with both norms positive. margin 0 keeps the plain ab < 0 (bitwise today's
+  // behaviour, also where na * nb overflows to inf and 0 * inf would be NaN).
+  const bool conflict = p.margin > 0.0 ? ab < -p.margin * (na * nb) : ab < 0.0;
   // Literal reading of the paper: r = ||a||/||b|| > tau. symmetric: max(r, 1/r) > 1/tau.
   const bool imbalanced = p.symmetric ? fmax(na, nb) * p.tau > fmin(na, nb) : na > p.tau * nb;
   const double ra = na < nb ? nb / na : 1.0;  // rescale the weaker to the stronger's norm

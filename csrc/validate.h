@@ -121,7 +121,8 @@ inline void check_coeffs(const at::Tensor& coeffs, int64_t num_segments, const a
                     coeffs.device());
 }
 
-inline RuleParams parse_rule_params(const std::string& rule, double tau, double gamma, bool symmetric) {
+inline RuleParams parse_rule_params(const std::string& rule, double tau, double gamma, bool symmetric,
+                                    double margin) {
   int32_t id = -1;
   for (int32_t i = 0; i < static_cast<int32_t>(Rule::Count); ++i) {
     if (rule == kRuleNames[i]) id = i;
@@ -133,7 +134,8 @@ inline RuleParams parse_rule_params(const std::string& rule, double tau, double 
   }
   TORCH_CHECK_VALUE(std::isfinite(tau) && tau > 0, "tau: expected a finite number > 0, got ", tau);
   TORCH_CHECK_VALUE(std::isfinite(gamma) && gamma > 0, "gamma: expected a finite number > 0, got ", gamma);
-  return RuleParams{static_cast<Rule>(id), tau, gamma, symmetric};
+  TORCH_CHECK_VALUE(margin >= 0.0 && margin <= 1.0, "margin: expected a number in [0, 1], got ", margin);
+  return RuleParams{static_cast<Rule>(id), tau, gamma, symmetric, margin};
 }
 
 }  // namespace pareto_lora

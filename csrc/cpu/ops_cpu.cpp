@@ -42,8 +42,8 @@ std::tuple<at::Tensor, at::Tensor> rules_host(const at::Tensor& stats, const at:
 
 std::tuple<at::Tensor, at::Tensor> rule_coefficients(const at::Tensor& stats, c10::string_view rule, double tau,
                                                      const std::optional<at::Tensor>& active, double gamma,
-                                                     bool symmetric) {
-  const RuleArgs args = checked_rule_args(stats, rule, tau, active, gamma, symmetric, kCpuOp);
+                                                     bool symmetric, double margin) {
+  const RuleArgs args = checked_rule_args(stats, rule, tau, active, gamma, symmetric, margin, kCpuOp);
   return rules_host(stats, args.active, args.rule);
 }
 
@@ -58,8 +58,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> integrate(const at::Tensor& a, co
                                                          const at::Tensor& offsets, at::Tensor out,
                                                          c10::string_view rule, double tau,
                                                          const std::optional<at::Tensor>& active, double gamma,
-                                                         bool symmetric) {
-  const IntegrateArgs args = checked_integrate(a, b, offsets, out, rule, tau, active, gamma, symmetric, kCpuOp);
+                                                         bool symmetric, double margin) {
+  const IntegrateArgs args = checked_integrate(a, b, offsets, out, rule, tau, active, gamma, symmetric, margin, kCpuOp);
   // Everything is checked: from here on writes may happen.
   const int64_t g = args.num_segments;
   at::Tensor stats = at::empty({g, 3}, a.options().dtype(at::kDouble));

@@ -212,8 +212,8 @@ at::Tensor segment_stats_cuda(const at::Tensor& a, const at::Tensor& b, const at
 
 std::tuple<at::Tensor, at::Tensor> rule_coefficients_cuda(const at::Tensor& stats, c10::string_view rule, double tau,
                                                           const std::optional<at::Tensor>& active, double gamma,
-                                                          bool symmetric) {
-  const RuleArgs args = checked_rule_args(stats, rule, tau, active, gamma, symmetric, kCudaOp);
+                                                          bool symmetric, double margin) {
+  const RuleArgs args = checked_rule_args(stats, rule, tau, active, gamma, symmetric, margin, kCudaOp);
   const int64_t g = args.num_segments;
   const c10::cuda::CUDAGuard guard(stats.device());
   const at::Tensor s = stats.contiguous();
@@ -255,8 +255,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> integrate_cuda(const at::Tensor& 
                                                               const at::Tensor& offsets, at::Tensor out,
                                                               c10::string_view rule, double tau,
                                                               const std::optional<at::Tensor>& active, double gamma,
-                                                              bool symmetric) {
-  const IntegrateArgs args = checked_integrate(a, b, offsets, out, rule, tau, active, gamma, symmetric, kCudaOp);
+                                                              bool symmetric, double margin) {
+  const IntegrateArgs args = checked_integrate(a, b, offsets, out, rule, tau, active, gamma, symmetric, margin, kCudaOp);
   const bool two_pass = use_two_pass(a.numel());
   // Everything is checked: from here on writes may happen.
   const c10::cuda::CUDAGuard guard(a.device());

@@ -44,15 +44,17 @@ def integrate(
     gamma: float | None = None,
     symmetric: bool | None = None,
     backend: str = "auto",
+    margin: float | None = None,
 ) -> IntegrationResult:
     """Fused stats -> rule -> combine over the segments of two flat gradient buffers.
 
     ``a`` is the text gradient, ``b`` the image gradient; ``offsets`` (int64, G+1) marks the
     segments. ``out`` may be ``a`` or ``b`` (in place) or None (a new tensor). ``tau``,
-    ``gamma``, ``symmetric`` default to 0.5, 1.0, False (or come from a ``RuleSpec`` ``rule``).
+    ``gamma``, ``symmetric``, ``margin`` default to 0.5, 1.0, False, 0.0 (or come from a ``RuleSpec``
+    ``rule``); ``margin`` > 0 makes the conflict test ``cos < -margin`` (rules.RuleSpec).
     """
     impl = resolve_backend(backend, _device_of(a))
-    return impl.integrate(a, b, offsets, out, as_spec(rule, tau, gamma, symmetric), active=active)
+    return impl.integrate(a, b, offsets, out, as_spec(rule, tau, gamma, symmetric, margin), active=active)
 
 
 def segment_stats(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, backend: str = "auto") -> torch.Tensor:
@@ -68,10 +70,11 @@ def rule_coefficients(
     gamma: float | None = None,
     symmetric: bool | None = None,
     backend: str = "auto",
+    margin: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(coeffs [G, 2] float32, cases [G] int32) from per-segment stats of any source."""
     impl = resolve_backend(backend, _device_of(stats))
-    return impl.rule_coefficients(stats, as_spec(rule, tau, gamma, symmetric), active=active)
+    return impl.rule_coefficients(stats, as_spec(rule, tau, gamma, symmetric, margin), active=active)
 
 
 def combine(

@@ -76,13 +76,14 @@ def rule_coefficients(
     active: torch.Tensor | None = None,
     gamma: float | None = None,
     symmetric: bool | None = None,
+    margin: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Closed-form rule: (coeffs [G, 2] = (alpha, beta), cases [G] int32) from the stats.
 
     The arithmetic runs in float64 whatever the stats dtype; coefficients are float32, as on
     every backend (only :func:`integrate` on float64 inputs keeps them in float64).
     """
-    spec = as_spec(rule, tau, gamma, symmetric)
+    spec = as_spec(rule, tau, gamma, symmetric, margin)
     active = _checks.as_active(active)
     _checks.check_rule_args(stats, active)
     return _rule(stats, spec, active)
@@ -115,7 +116,8 @@ def _rule(
     lam = torch.where(diff2 > 0, ((bb - ab) / torch.where(diff2 > 0, diff2, one)).clamp(0.0, 1.0), 0.5 * one)
     na, nb = aa.clamp_min(0).sqrt(), bb.clamp_min(0).sqrt()
     degenerate = (aa == 0) | (bb == 0)
-    conflict = ab < 0  # cos < 0 <=> a.b < 0 when both norms are positive
+    # cos < -margin <=> a.b < -margin ||a|| ||b|| when both norms are positive (margin 0: a.b < 0)
+    conflict = ab < -spec.margin * (na * nb) if spec.margin > 0 else ab < 0  # margin 0: csrc/rule.h's plain test
     if spec.symmetric:
         imbalanced = torch.maximum(na, nb) * tau > torch.minimum(na, nb)  # max(r, 1/r) > 1/tau
     else:
@@ -188,9 +190,10 @@ def integrate(
     active: torch.Tensor | None = None,
     gamma: float | None = None,
     symmetric: bool | None = None,
+    margin: float | None = None,
 ) -> IntegrationResult:
     """stats -> rule -> combine. Returns ``IntegrationResult(out, stats, coeffs, cases)``."""
-    spec = as_spec(rule, tau, gamma, symmetric)
+    spec = as_spec(rule, tau, gamma, symmetric, margin)
     offsets, active = _checks.as_offsets(offsets), _checks.as_active(active)
     _checks.check_integrate(a, b, offsets, out, active)
     stats = segment_stats(a, b, offsets)

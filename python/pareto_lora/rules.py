@@ -77,19 +77,31 @@ def _positive_finite(name: str, value) -> float:
     return x
 
 
+def _unit_interval(name: str, value) -> float:
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    x = float(value) if ok else math.nan
+    if not (ok and 0.0 <= x <= 1.0):
+        raise ValueError(f"{name}: expected a number in [0, 1], got {value!r}")
+    return x + 0.0  # -0.0 -> 0.0: the kernels' test ab < -margin*|a||b| is then exactly ab < 0
+
+
 @dataclasses.dataclass(frozen=True)
 class RuleSpec:
     """One integration rule with its parameters, validated once when it is made.
 
     ``name``: one of :data:`RULES`; ``tau``: imbalance threshold on ||a||/||b|| (the paper's
     literal ``r > tau``, or ``max(r, 1/r) > 1/tau`` with ``symmetric``); ``gamma``: the
-    ``mmpareto`` magnitude factor. The compiled and Triton ops receive the fields unpacked.
+    ``mmpareto`` magnitude factor; ``margin``: the conflict test of ``pareto_lora``,
+    ``pareto_only`` and ``mmpareto`` is ``cos < -margin`` (0, the default, is the paper's
+    ``cos < 0``; text and image gradients are nearly orthogonal, so at 0 the test fires on noise).
+    The compiled and Triton ops receive the fields unpacked.
     """
 
     name: str = "pareto_lora"
     tau: float = 0.5
     gamma: float = 1.0
     symmetric: bool = False
+    margin: float = 0.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or self.name not in RULE_IDS:
@@ -97,6 +109,7 @@ class RuleSpec:
         object.__setattr__(self, "tau", _positive_finite("tau", self.tau))
         object.__setattr__(self, "gamma", _positive_finite("gamma", self.gamma))
         object.__setattr__(self, "symmetric", bool(self.symmetric))
+        object.__setattr__(self, "margin", _unit_interval("margin", self.margin))
 
     @property
     def id(self) -> int:
@@ -104,21 +117,22 @@ class RuleSpec:
         return RULE_IDS[self.name]
 
 
-def as_spec(rule: str | RuleSpec = "pareto_lora", tau=None, gamma=None, symmetric=None) -> RuleSpec:
-    """The :class:`RuleSpec` of the public functions' ``rule, tau, gamma, symmetric`` arguments.
+def as_spec(rule: str | RuleSpec = "pareto_lora", tau=None, gamma=None, symmetric=None, margin=None) -> RuleSpec:
+    """The :class:`RuleSpec` of the public functions' ``rule, tau, gamma, symmetric, margin`` arguments.
 
-    ``rule`` is a rule name (then ``None`` parameters take the defaults 0.5, 1.0, False) or a
+    ``rule`` is a rule name (then ``None`` parameters take the defaults 0.5, 1.0, False, 0.0) or a
     ``RuleSpec`` (then the loose parameters must stay ``None``: one object carries the rule).
     """
     if isinstance(rule, RuleSpec):
-        for name, value in (("tau", tau), ("gamma", gamma), ("symmetric", symmetric)):
+        for name, value in (("tau", tau), ("gamma", gamma), ("symmetric", symmetric), ("margin", margin)):
             if value is not None:
-                raise ValueError(f"{name}: expected None when rule is a RuleSpec (it carries tau, gamma and symmetric)")
+                raise ValueError(f"{name}: expected None when rule is a RuleSpec (it carries tau, gamma, symmetric, margin)")
         return rule
     return RuleSpec(
         rule,
         0.5 if tau is None else tau,
         1.0 if gamma is None else gamma,
         False if symmetric is None else symmetric,
+        0.0 if margin is None else margin,
     )
 

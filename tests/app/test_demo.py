@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import pareto_lora
-from pareto_lora.app.demo import data, report
+from pareto_lora.app.demo import data, report, verdict
 from pareto_lora.app.demo.experiment import DemoConfig, RunResult
 
 
@@ -91,43 +91,79 @@ def test_config_check_names_the_field(field, value, match):
 
 
 # ---- numbers -> verdict --------------------------------------------------------------------------
-def _fake_run(rule, seed, text, image, ratio=5.0):
-    rec = {"step": 1, "active": [True, False], "loss_text": text, "loss_image": image,
+def _fake_run(rule, seed, text_excess, image_excess, ratio=5.0):
+    rec = {"step": 1, "active": [True, False], "loss_text": 1.0, "loss_image": 3.0,
            "groups": {"group0": {"ratio": ratio, "case": 1}, "group1": {"ratio": ratio, "case": 0}}, "layers": {}}
-    return RunResult(rule, seed, [0, 1], [text + 1, text], [image + 1, image], [rec], 0.1)
+    return RunResult(rule, seed, [0, 1], [2.0, 1.0], [4.0, 3.0], [rec], 0.1,
+                     eval_text_excess=[2.0, text_excess], eval_image_excess=[3.0, image_excess], eval_acc=[0.2, 0.5])
 
 
-def _summary(image_method, image_base=(2.0, 2.1, 2.2), ratio=5.0):
-    runs = [_fake_run("sum", s, 1.0, x, ratio) for s, x in enumerate(image_base)]
-    runs += [_fake_run("pareto_lora", s, 1.05, x, ratio) for s, x in enumerate(image_method)]
-    return report.summarize(runs)
+# per seed: the curve w=1 (text 0.10, image 1.00) -> w=4 (text 0.30, image 0.60); brackets far apart
+CURVE = {"sum": (0.10, 1.00), "w4": (0.30, 0.60), "text_only": (0.05, 2.0), "image_only": (3.0, 0.3)}
+_RESULT = {"floors": {"text": 0.57, "image": 3.03},
+           "base": {"steps": 300, "own_world": {"image_excess": 0.05, "cell_acc": 0.97},
+                    "finetune_world_before": {"text_excess": 5.0, "image_excess": 2.0, "cell_acc": 0.3}}}
 
 
-def test_verdict_says_beats_only_when_every_seed_improves():
-    lines = report.verdict(_summary((1.9, 2.0, 2.1)))
-    assert any(line.startswith("Pareto LoRA BEATS vanilla LoRA") and "3/3 seeds" in line for line in lines)
-    assert any("text-dominant" in line for line in lines)
+def _study(rule_points):
+    """3 seeds of the curve and brackets (tiny seed jitter) plus `rule_points` [(text, image)] per seed."""
+    runs = []
+    for seed in range(3):
+        jitter = 0.001 * seed
+        runs += [_fake_run(r, seed, t + jitter, i + jitter) for r, (t, i) in CURVE.items()]
+        runs.append(_fake_run("pareto_lora", seed, *rule_points[seed]))
+    summary = report.summarize(runs)
+    comparison = report.compare(summary)
+    return summary, comparison, verdict.verdict(_RESULT, summary, comparison)
 
 
-def test_verdict_says_not_consistent_for_mixed_seeds():
-    lines = report.verdict(_summary((1.7, 2.2, 2.3)))
-    assert any("NOT consistently better" in line and "1/3 seeds" in line for line in lines)
+def test_rule_clearly_below_the_curve_is_better():
+    # at text 0.2 the curve is at image 0.8; the rule sits ~0.1 below in every seed
+    s, c, lines = _study([(0.2, 0.70), (0.2, 0.71), (0.2, 0.69)])
+    f = c["pareto_lora"]["frontier"]
+    assert f["place"] == "below" and f["mean"] == pytest.approx(-0.1, abs=0.01) and f["high"] < 0
+    assert any(line.startswith("pareto_lora:") and "BELOW the curve" in line for line in lines)
+    assert any("clearly apart" in line for line in lines)
+    assert any("floors" in line and "0.570" in line for line in lines)
 
 
-def test_verdict_says_does_not_beat_when_worse():
-    lines = report.verdict(_summary((2.1, 2.2, 2.3), ratio=0.2))
-    assert any("does NOT beat" in line for line in lines)
-    assert any("NOT text-dominant" in line for line in lines)
-    assert any("worse" in line for line in lines)  # text loss 1.05 vs 1.0
+def test_noisy_rule_is_no_detectable_difference_even_with_a_better_mean():
+    s, c, lines = _study([(0.2, 0.60), (0.2, 0.95), (0.2, 0.70)])  # mean distance -0.05, straddles 0
+    f = c["pareto_lora"]["frontier"]
+    assert f["mean"] < 0 and f["place"] == "on"
+    assert any("no detectable difference from loss reweighting" in line for line in lines)
 
 
-def test_summary_statistics_and_table():
-    s = _summary((1.9, 2.0, 2.1))
-    assert s["sum"]["image"]["mean"] == pytest.approx(2.1)
-    assert s["sum"]["image"]["std"] == pytest.approx(0.1)
+def test_rule_above_the_curve_is_worse_and_vs_sum_is_paired():
+    s, c, lines = _study([(0.2, 0.95), (0.2, 0.96), (0.2, 0.97)])
+    assert c["pareto_lora"]["frontier"]["place"] == "above"
+    vs = c["pareto_lora"]["vs_sum_text_excess"]
+    assert vs["mean"] == pytest.approx(0.2 - 0.101) and vs["word"] == "worse"  # sum: 0.10 + seed jitter
+
+
+def test_rule_beyond_the_curve_in_every_seed_gets_no_verdict():
+    s, c, lines = _study([(0.9, 0.30), (0.9, 0.31), (0.9, 0.29)])  # text excess far right of w4's 0.30
+    assert c["pareto_lora"]["frontier"]["place"] == "outside"
+    assert any(line.startswith("pareto_lora:") and "OUTSIDE" in line for line in lines)
+
+
+def test_brackets_not_apart_make_the_study_inconclusive():
+    global CURVE
+    saved = CURVE
+    CURVE = {**saved, "image_only": (0.05, 2.0)}  # image-only ends where text-only does
+    try:
+        _, _, lines = _study([(0.2, 0.7)] * 3)
+    finally:
+        CURVE = saved
+    assert any("NOT clearly apart" in line for line in lines)
+
+
+def test_summary_and_table():
+    s, c, _ = _study([(0.2, 0.70), (0.2, 0.71), (0.2, 0.69)])
+    assert s["sum"]["mean"]["text_excess"] == pytest.approx(0.101)
     assert s["pareto_lora"]["case_fractions"]["group0"] == {"RESCALED": 1.0}
-    table = report.format_table(s)
-    assert "pareto_lora" in table and "-0.1000" in table
+    table = report.format_table(s, c)
+    assert "pareto_lora" in table and "below" in table and "(curve point)" in table
 
 
 def test_json_has_no_nan_or_inf():
@@ -161,7 +197,8 @@ def test_quick_demo_writes_json_and_plots(quick_demo):
     res, out, seconds = quick_demo
     assert res.returncode == 0, res.stderr[-3000:]
     print(f"demo --quick took {seconds:.1f}s")
-    for name in ("results.json", "losses.png", "ratio_heatmaps.png", "cases.png", "summary.png", "balancers.png"):
+    for name in ("results.json", "losses.png", "ratio_heatmaps.png", "cases.png", "summary.png", "balancers.png",
+                 "tradeoff.png", "paired.png"):
         path = out / name
         assert path.is_file() and path.stat().st_size > 1000, name
     for name in ("losses.png", "ratio_heatmaps.png", "cases.png", "summary.png"):
@@ -173,31 +210,34 @@ def test_quick_demo_numbers(quick_demo):
     res, out, _ = quick_demo
     doc = json.loads((out / "results.json").read_text())
     rules = set(doc["config"]["rules"])
-    assert rules == set(pareto_lora.RULES) | {"mimo", "gradnorm", "commit"}
+    assert {"text_only", "image_only", "sum", "w3", "pareto_lora", "mimo", "gradnorm", "commit", "mmpareto"} <= rules
     assert set(doc["summary"]) == rules
     seeds = doc["config"]["seeds"]
     assert len(doc["runs"]) == len(rules) * len(seeds)
+    assert len(list((out / "runs").glob("*.json"))) == len(doc["runs"])  # one resumable file per run
+    assert 0.5 < doc["floors"]["text"] < 0.65 and 2.9 < doc["floors"]["image"] < 3.15
     for run in doc["runs"]:
         assert len(run["records"]) == doc["config"]["steps"]
         finals = (run["eval_text"][-1], run["eval_image"][-1])
         assert all(isinstance(x, float) and math.isfinite(x) and x > 0 for x in finals)
+        assert run["eval_image_excess"][-1] == pytest.approx(run["eval_image"][-1] - doc["floors"]["image"])
+        assert 0.0 <= run["eval_acc"][-1] <= 1.0
         assert {int(g["case"]) for r in run["records"] for g in r["groups"].values()} <= {int(c) for c in pareto_lora.Case}
     for rule, s in doc["summary"].items():
-        for key in ("text", "image"):
-            assert math.isfinite(s[key]["mean"]) and math.isfinite(s[key]["std"])
-        assert f"{rule:<13}" in res.stdout
-    # vanilla never modulates; the paper's rule rescales or runs MGDA in its modulated group somewhere
+        for key in ("text_excess", "image_excess", "cell_acc"):
+            assert math.isfinite(s["mean"][key])
+        assert f"{rule:<16}" in res.stdout
+    # every non-curve method is placed against the curve (sum and w3) with an interval over 2 seeds
+    for rule in rules - {"sum", "w3", "text_only", "image_only"}:
+        f = doc["comparison"][rule]["frontier"]
+        assert f["n"] == 2 and f["place"] in ("below", "on", "above", "outside")
     sum_cases = {c for g in doc["summary"]["sum"]["case_fractions"].values() for c in g}
     assert sum_cases <= {"SUMMED", "INACTIVE", "DEGENERATE"}
-    assert doc["verdict"] and any("Pareto LoRA" in v for v in doc["verdict"])
+    assert doc["verdict"] and any(v.startswith("pareto_lora:") for v in doc["verdict"])
+    assert any(v.startswith("Brackets:") for v in doc["verdict"])
     for v in doc["verdict"]:
         assert v in res.stdout
-    for other in ("mimo", "gradnorm", "commit", "mmpareto"):
-        assert any(v.startswith(f"{other} vs vanilla:") for v in doc["verdict"])
-    # each balancer's quantities are in its records
     first = {r["rule"]: r for r in doc["runs"]}
     assert "mimo/sigma_text" in first["mimo"]["records"][0]["balancer"]
     assert "gradnorm/w_image" in first["gradnorm"]["records"][0]["balancer"]
     assert first["commit"]["records"][0]["balancer"]["commit/kappa"] > 0
-    assert all(math.isfinite(x) for x in _finite_numbers(doc["summary"]))
-

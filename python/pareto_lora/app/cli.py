@@ -17,7 +17,7 @@ __all__ = ["main", "build_parser"]
 
 # ---- argument types: argparse turns their ValueError/ArgumentTypeError into a usage error ------
 def _rules(text: str) -> tuple[str, ...]:
-    from ..training.balancers import METHODS as RULES  # kernel rules + mimo, gradnorm, commit
+    from .demo.methods import ALL_METHODS as RULES  # kernel rules, balancers, controls, loss weights
 
     names = tuple(r.strip() for r in text.split(",") if r.strip())
     if not names:
@@ -101,16 +101,20 @@ def _device(parser: argparse.ArgumentParser, name: str) -> str:
 
 # ---- subcommands --------------------------------------------------------------------------------
 def _cmd_demo(args, parser) -> int:
-    from .demo import QUICK, DemoConfig
+    from .demo import DEFAULT, FULL, QUICK, DemoConfig
     from .demo import run_demo
 
     device = _device(parser, args.device)
-    cfg = DemoConfig(**QUICK) if args.quick else DemoConfig()
+    if args.quick and args.full:
+        parser.error("--quick and --full: expected at most one of them")
+    cfg = DemoConfig(**(QUICK if args.quick else FULL if args.full else DEFAULT))
     overrides = {k: v for k, v in {
         "steps": args.steps, "seeds": args.seeds, "rules": args.rules, "tau": args.tau, "lr": args.lr,
         "modulate": args.modulate, "num_groups": args.num_groups, "pretrain_steps": args.pretrain_steps,
-        "threads": args.threads,
+        "threads": args.threads, "cache_dir": args.cache_dir,
     }.items() if v is not None}
+    if args.no_cache:
+        overrides["cache_dir"] = None
     cfg = dataclasses.replace(cfg, device=device, **overrides)
     if cfg.eval_every > cfg.steps:
         cfg = dataclasses.replace(cfg, eval_every=cfg.steps)
@@ -118,7 +122,7 @@ def _cmd_demo(args, parser) -> int:
         cfg.check()
     except ValueError as e:
         parser.error(str(e))
-    out = args.out or os.path.join("pareto_lora_out", time.strftime("demo-%Y%m%d-%H%M%S"))
+    out = args.out or os.path.join("pareto_lora_out", time.strftime(f"{'study' if args.full else 'demo'}-%Y%m%d-%H%M%S"))
     run_demo(cfg, os.path.abspath(out), progress=not args.no_progress)
     return 0
 
@@ -201,17 +205,26 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Pre-train a tiny Llama over text + image tokens, LoRA-fine-tune it once per "
                                       "rule and seed, print a table and a verdict, write results.json and PNG plots.")
     demo.add_argument("--quick", action="store_true", help="tiny smoke-test configuration (< 30 s on 2 CPU cores)")
+    demo.add_argument("--full", action="store_true",
+                      help="the whole study: 5 paired seeds, the full reweighting curve, every rule and balancer "
+                           "(resumable: rerun with the same --out to continue)")
     demo.add_argument("--steps", type=_positive_int, help="fine-tuning steps per run (default 80; quick 12)")
-    demo.add_argument("--seeds", type=_seeds, help="seed count (3 -> 0,1,2) or comma list (4,7); default 3")
-    demo.add_argument("--rules", type=_rules, help=f"comma-separated rules (default all: {','.join(METHODS)})")
+    demo.add_argument("--seeds", type=_seeds, help="seed count (3 -> 0,1,2) or comma list (4,7); default 3, --full 5")
+    demo.add_argument("--rules", type=_rules,
+                      help="comma-separated methods: rules, balancers, text_only, image_only, w<k> loss weights "
+                           "(default: a reduced set; --full: all)")
     demo.add_argument("--out", help="output folder (default ./pareto_lora_out/demo-<timestamp>)")
     demo.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     demo.add_argument("--tau", type=_positive_float, help="imbalance threshold on ||g_text||/||g_image|| (default 0.5)")
-    demo.add_argument("--lr", type=_positive_float, help="LoRA learning rate (default 1e-3)")
+    demo.add_argument("--lr", type=_positive_float, help="LoRA learning rate (default 1e-2, tuned once for vanilla)")
     demo.add_argument("--modulate", choices=("lower", "middle", "upper", "all"),
                       help="layer groups that get the rule (default lower, as in the paper)")
     demo.add_argument("--num-groups", type=_positive_int, help="consecutive layer groups (default 3)")
-    demo.add_argument("--pretrain-steps", type=int, help="base-model pre-training steps (default 150)")
+    demo.add_argument("--pretrain-steps", type=int,
+                      help="at most this many base pre-training steps (default 600; stops when the base solves its images)")
+    demo.add_argument("--cache-dir", help="where pre-trained bases are cached (default $PARETO_LORA_CACHE or "
+                                          "~/.cache/pareto_lora/bases)")
+    demo.add_argument("--no-cache", action="store_true", help="always pre-train the base, store nothing")
     demo.add_argument("--threads", type=_positive_int,
                       help="torch CPU threads (default 1: robust on shared machines; 2 is ~1.4x faster on idle cores)")
     demo.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")

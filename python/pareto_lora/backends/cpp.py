@@ -29,7 +29,7 @@ def _segment_stats_fake(a, b, offsets):
 
 
 @torch.library.register_fake("pareto_lora::rule_coefficients")
-def _rule_coefficients_fake(stats, rule="pareto_lora", tau=0.5, active=None, gamma=1.0, symmetric=False):
+def _rule_coefficients_fake(stats, rule="pareto_lora", tau=0.5, active=None, gamma=1.0, symmetric=False, margin=0.0):
     g = stats.shape[0]
     return stats.new_empty((g, 2), dtype=torch.float32), stats.new_empty((g,), dtype=torch.int32)
 
@@ -40,7 +40,8 @@ def _combine_fake(a, b, offsets, coeffs, out):
 
 
 @torch.library.register_fake("pareto_lora::integrate")
-def _integrate_fake(a, b, offsets, out, rule="pareto_lora", tau=0.5, active=None, gamma=1.0, symmetric=False):
+def _integrate_fake(a, b, offsets, out, rule="pareto_lora", tau=0.5, active=None, gamma=1.0, symmetric=False,
+                    margin=0.0):
     g = _num_segments(offsets)
     return (
         a.new_empty((g, 3), dtype=torch.float64),
@@ -73,11 +74,14 @@ def rule_coefficients(
     active: torch.Tensor | None = None,
     gamma: float | None = None,
     symmetric: bool | None = None,
+    margin: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    spec = as_spec(rule, tau, gamma, symmetric)
+    spec = as_spec(rule, tau, gamma, symmetric, margin)
     active = checks.as_active(active)
     checks.check_types(stats=stats, active=active)
-    return torch.ops.pareto_lora.rule_coefficients(stats, spec.name, spec.tau, active, spec.gamma, spec.symmetric)
+    return torch.ops.pareto_lora.rule_coefficients(
+        stats, spec.name, spec.tau, active, spec.gamma, spec.symmetric, spec.margin
+    )
 
 
 def combine(a, b, offsets, coeffs, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -98,12 +102,13 @@ def integrate(
     active: torch.Tensor | None = None,
     gamma: float | None = None,
     symmetric: bool | None = None,
+    margin: float | None = None,
 ) -> IntegrationResult:
-    spec = as_spec(rule, tau, gamma, symmetric)
+    spec = as_spec(rule, tau, gamma, symmetric, margin)
     offsets, active = checks.as_offsets(offsets), checks.as_active(active)
     checks.check_types(a=a, b=b, offsets=offsets, out=out, active=active)
     out = torch.empty_like(a) if out is None else out
     stats, coeffs, cases = torch.ops.pareto_lora.integrate(
-        a, b, offsets, out, spec.name, spec.tau, active, spec.gamma, spec.symmetric
+        a, b, offsets, out, spec.name, spec.tau, active, spec.gamma, spec.symmetric, spec.margin
     )
     return IntegrationResult(out, stats, coeffs, cases)

@@ -1,10 +1,13 @@
-"""`pareto-lora demo`: modality imbalance and what each integration rule does about it.
+"""`pareto-lora demo` / `pareto-lora demo --full`: does Pareto LoRA move the text/image trade-off
+beyond what plain loss reweighting does?
 
-A tiny LlamaForCausalLM over a shared text + discrete-image-token vocabulary is pre-trained for
-a few seconds on one synthetic interleaved world, then LoRA-fine-tuned on another world once per
-method (the kernel rules ``pareto_lora.RULES`` and MIMO, GradNorm, CoMMIT: methods.py) and seed, and evaluated on held-out sequences. See data.py for the
-task, model.py for the model and pre-training, experiment.py for the runs, report.py for the
-numbers and the verdict, plots.py for the figures.
+A tiny LlamaForCausalLM over a shared text + discrete-image-token vocabulary is pre-trained on
+one synthetic interleaved world until it solves that world's images (cached on disk: base.py),
+then LoRA-fine-tuned on another world once per method and seed: the brackets text-only and
+image-only, the reweighting curve ``L_text + w*L_image``, the kernel rules and MIMO, GradNorm,
+CoMMIT (methods.py). Held-out losses are reported as excess over the world's exact entropy floors
+(floors.py) with image cell accuracy; each method is placed against the reweighting curve at
+equal text excess with paired 95% intervals (report.py, verdict.py, stats.py, frontier.py).
 May import: its own modules and :mod:`pareto_lora.app.env`.
 """
 
@@ -18,11 +21,18 @@ from .experiment import DemoConfig, run_experiment
 from .methods import describe_methods
 from .model import ModelConfig
 
-__all__ = ["DemoConfig", "ModelConfig", "QUICK", "run_demo", "describe_setup"]
+__all__ = ["DemoConfig", "ModelConfig", "QUICK", "DEFAULT", "FULL", "run_demo", "describe_setup"]
 
+_RULES = ("pareto_lora", "pareto_lora_all", "pareto_lora_m0.1", "rescale_only", "pareto_only", "mgda", "mmpareto", "mimo", "gradnorm", "commit")
 #: ``--quick``: the CI smoke test (well under 30 s on 2 CPU cores): tiny, but every code path.
 QUICK = dict(seeds=(0, 1), steps=12, pretrain_steps=40, eval_every=6, eval_batches=1, batch_size=16,
-             model=ModelConfig(num_layers=4, lora_rank=4))
+             eval_batch_size=32, model=ModelConfig(num_layers=4, lora_rank=4), cache_dir=None,
+             rules=("text_only", "image_only", "sum", "w3", *(r for r in _RULES if r not in ("pareto_lora_all", "pareto_lora_m0.1"))))
+#: the default ``pareto-lora demo``: a reduced study sized for <= 6 minutes on a fresh 2-core CPU
+#: (pre-training included): fewer seeds and weights than FULL, the paper's rule and vanilla only.
+DEFAULT = dict(seeds=(0, 1, 2), rules=("text_only", "image_only", "sum", "w2", "w4", "pareto_lora"))
+#: ``--full``: the whole study (>= 5 paired seeds, the full curve, every rule and balancer).
+FULL = dict(seeds=(0, 1, 2, 3, 4), rules=("text_only", "image_only", "sum", "w2", "w3", "w4", "w6", "w8", *_RULES))
 
 
 def describe_setup(cfg: DemoConfig) -> str:
@@ -31,15 +41,17 @@ def describe_setup(cfg: DemoConfig) -> str:
     return "\n".join([
         f"Model: LlamaForCausalLM, random init (nothing downloaded): {m.num_layers} layers, hidden {m.hidden_size}, "
         f"{m.num_heads} heads; one vocabulary of special + text-word + discrete image-code tokens.",
-        f"Base model: pre-trained in-process for {cfg.pretrain_steps} full-parameter steps on a synthetic "
-        f"pre-training world (world seed {cfg.pretrain_world_seed}), then frozen.",
+        f"Base model: pre-trained in-process (full parameters, at most {cfg.pretrain_steps} steps) on a synthetic "
+        f"pre-training world (world seed {cfg.pretrain_world_seed}) until its image cell accuracy there reaches "
+        f"{cfg.pretrain_target_acc:.0%}, then frozen and cached on disk (one base for all seeds).",
         f"Fine-tuning: peft LoRA r={m.lora_rank} on all linear layers, AdamW lr {cfg.lr}, {cfg.steps} steps x "
         f"batch {cfg.batch_size}, on a different world (seed {cfg.finetune_world_seed}): new caption templates, "
         f"shape masks and colour palettes; image-token noise {cfg.image_noise:.0%}.",
         f"Objectives: text loss and image loss = mean next-token cross-entropy over text / image targets; "
         f"vanilla LoRA ('sum') steps on g_text + g_image.",
         f"Integration: ParetoLoRA(rule, tau={cfg.tau}, num_groups={cfg.num_groups}, modulate={cfg.modulate!r}); "
-        f"rules {', '.join(cfg.rules)}; seeds {', '.join(map(str, cfg.seeds))} (same data and LoRA init per seed).",
+        f"methods {', '.join(cfg.rules)}; seeds {', '.join(map(str, cfg.seeds))} (same data and LoRA init per seed). "
+        f"text_only/image_only = brackets, w<k> = L_text + k*L_image (sum = w1): the reweighting curve.",
         *([f"Other balancers: {d}."] if (d := describe_methods(cfg.rules)) else []),
     ])
 
@@ -53,32 +65,35 @@ def _environment(cfg: DemoConfig) -> dict:
             "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), **package_versions()}
 
 
-def run_demo(cfg: DemoConfig, out_dir: str, progress: bool = True, echo=print) -> dict:
-    """Runs the experiment, writes results.json and the PNGs into `out_dir`, prints the findings."""
-    from . import plots, report
+def run_demo(cfg: DemoConfig, out_dir: str, progress: bool = True, echo=print, resume: bool = True) -> dict:
+    """Runs the experiment, writes results.json, runs/*.json and the PNGs into `out_dir`, prints the findings."""
+    from . import plots, plots_tradeoff, report
+    from .verdict import verdict
 
     cfg.check()
     os.makedirs(out_dir, exist_ok=True)
     echo(describe_setup(cfg))
     echo(f"Output folder: {out_dir}")
     t0 = time.perf_counter()
-    result = run_experiment(cfg, progress=progress)
+    result = run_experiment(cfg, progress=progress, runs_dir=os.path.join(out_dir, "runs") if resume else None)
     summary = report.summarize(result["runs"])
-    verdict = report.verdict(summary)
-    files = plots.write_all(result["runs"], out_dir)
+    comparison = report.compare(summary)
+    lines = verdict(result, summary, comparison)
+    files = {**plots.write_all(result["runs"], out_dir), **plots_tradeoff.write_all(summary, comparison, out_dir)}
     files["results"] = os.path.join(out_dir, "results.json")
     result["timings"]["total_s"] = time.perf_counter() - t0
-    doc = report.results_document(result, summary, verdict, _environment(cfg), files)
+    doc = report.results_document(result, summary, comparison, lines, _environment(cfg), files)
     report.write_json(doc, files["results"])
     echo("")
-    echo("Final held-out loss per rule (mean ± std over seeds; d = paired change vs vanilla 'sum', < 0 is better):")
-    echo(report.format_table(summary))
+    echo("Final held-out excess loss (nats/token over the exact floor, mean over seeds) and image cell accuracy;")
+    echo("paired differences with 95% t-intervals (< 0 is better):")
+    echo(report.format_table(summary, comparison))
     echo("")
-    for line in verdict:
+    for line in lines:
         echo(line)
     echo("")
     echo(f"Wrote {len(files)} files to {out_dir}: " + ", ".join(os.path.basename(p) for p in files.values()))
-    echo(f"Time: {result['timings']['total_s']:.1f}s (pre-training {result['timings']['pretrain_s']:.1f}s, "
-         f"fine-tuning {result['timings']['finetune_s']:.1f}s)")
+    echo(f"Time: {result['timings']['total_s']:.1f}s (pre-training {result['timings']['pretrain_s']:.1f}s"
+         f"{', base from cache' if result['base'].get('cached') else ''}, fine-tuning {result['timings']['finetune_s']:.1f}s"
+         f"{f'; {n} runs loaded from {out_dir}/runs' if (n := result['timings']['runs_loaded']) else ''})")
     return doc
-

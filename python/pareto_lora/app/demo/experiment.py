@@ -10,28 +10,37 @@ May import: the public package (:mod:`pareto_lora`) and its sibling modules.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import os
 import time
 
 import torch
 
 import pareto_lora
 
+from .base import BaseSpec, default_cache_dir, pretrained_base
 from .data import Vocab, World, fixed_batches, make_world, sample_batch
-from .methods import METHODS, build_method
-from .model import ModelConfig, attach_lora, build_base_model, pretrain
+from .evaluation import evaluate
+from .floors import entropy_floors
+from .methods import ALL_METHODS, build_method, loss_weights
+from .model import ModelConfig, attach_lora
 
 __all__ = ["DemoConfig", "RunResult", "evaluate", "finetune", "run_experiment"]
 
 
 @dataclasses.dataclass(frozen=True)
 class DemoConfig:
-    rules: tuple[str, ...] = METHODS  # the kernel rules, then mimo, gradnorm, commit (methods.py)
+    rules: tuple[str, ...] = ALL_METHODS  # rules, balancers, controls and loss weights (methods.py)
     seeds: tuple[int, ...] = (0, 1, 2)
     steps: int = 80
     batch_size: int = 32
-    lr: float = 1e-3
-    pretrain_steps: int = 150
+    lr: float = 1e-2  # tuned once for vanilla (sum, seed 0, 80 steps) over 1e-3, 3e-3, 1e-2, 3e-2
+    pretrain_steps: int = 600  # at most; stops once the base solves its own world's images
     pretrain_lr: float = 3e-3
+    pretrain_target_acc: float = 0.95
+    base_seed: int = 0  # one base for every fine-tuning seed, as a practitioner fine-tunes one base
+    cache_dir: str | None = "default"  # "default" = base.default_cache_dir(); None = no cache
     eval_every: int = 20
     eval_batches: int = 2
     eval_batch_size: int = 64
@@ -51,10 +60,10 @@ class DemoConfig:
 
     def check(self) -> None:
         """ValueError naming the field for values the experiment cannot run with."""
-        bad = [r for r in self.rules if r not in METHODS]
+        bad = [r for r in self.rules if r not in ALL_METHODS]
         if bad or not self.rules:
             raise ValueError(f"rules: unknown rule(s) {', '.join(map(repr, bad)) or '(none given)'}; "
-                             f"expected names from {', '.join(METHODS)}")
+                             f"expected names from {', '.join(ALL_METHODS)}")
         if not self.seeds:
             raise ValueError("seeds: expected at least one seed")
         if len(set(self.seeds)) != len(self.seeds):
@@ -69,6 +78,8 @@ class DemoConfig:
         for name in ("lr", "pretrain_lr", "tau"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: expected a number > 0, got {getattr(self, name)}")
+        if not 0 < self.pretrain_target_acc <= 1:
+            raise ValueError(f"pretrain_target_acc: expected a fraction in (0, 1], got {self.pretrain_target_acc}")
         if not 1 <= self.num_groups <= self.model.num_layers:
             raise ValueError(f"num_groups: expected 1..{self.model.num_layers} (the model's layers), got {self.num_groups}")
 
@@ -84,6 +95,15 @@ class RunResult:
     eval_image: list[float]
     records: list[dict]  # one StepReport.to_record() per training step (plus "step")
     seconds: float
+    eval_text_excess: list[float] = dataclasses.field(default_factory=list)  # loss - exact floor
+    eval_image_excess: list[float] = dataclasses.field(default_factory=list)
+    eval_acc: list[float] = dataclasses.field(default_factory=list)  # image cell accuracy
+    group_layers: list[list[int]] = dataclasses.field(default_factory=list)  # layers of each layer group
+
+    @property
+    def final(self) -> dict[str, float]:
+        return {"text_excess": self.eval_text_excess[-1], "image_excess": self.eval_image_excess[-1],
+                "cell_acc": self.eval_acc[-1], "text": self.eval_text[-1], "image": self.eval_image[-1]}
 
     @property
     def final_text(self) -> float:
@@ -94,53 +114,67 @@ class RunResult:
         return self.eval_image[-1]
 
 
-@torch.no_grad()
-def evaluate(model, batches, device) -> tuple[float, float]:
-    """Held-out (text, image) next-token cross-entropy, token-weighted over `batches`."""
-    model.eval()
-    sums, counts = [0.0, 0.0], [0, 0]
-    for batch in batches:
-        batch = batch.to(device)
-        logits = model(**batch.model_inputs()).logits
-        losses = pareto_lora.modality_losses(logits, batch.labels, image_token_mask=batch.image_token_mask)
-        n = pareto_lora.modality_token_counts(batch.labels, image_token_mask=batch.image_token_mask)
-        for i in range(2):
-            sums[i] += float(losses[i]) * int(n[i])
-            counts[i] += int(n[i])
-    model.train()
-    return sums[0] / max(counts[0], 1), sums[1] / max(counts[1], 1)
-
-
-def finetune(base, cfg: DemoConfig, rule: str, seed: int, world: World, eval_set, progress=None) -> RunResult:
+def finetune(base, cfg: DemoConfig, rule: str, seed: int, world: World, eval_set, floors, progress=None) -> RunResult:
     """LoRA fine-tuning of a copy of `base` on `world` with gradient integration `rule`."""
     start = time.perf_counter()
     device = torch.device(cfg.device)
     model = attach_lora(base, cfg.model, seed).to(device)
     method = build_method(model, rule, cfg)
     pl = method.pl
+    w_text, w_image = loss_weights(rule)
     gen = torch.Generator().manual_seed(10_000 + seed)  # same batches for every rule of this seed
-    text0, image0 = evaluate(model, eval_set, device)
-    eval_steps, ev_text, ev_image, records = [0], [text0], [image0], []
+    run = RunResult(rule, seed, [], [], [], [], 0.0, group_layers=[list(g) for g in pl.layout.group_layers])
+
+    def record_eval(step: int) -> None:
+        ev = evaluate(model, eval_set, device, world, floors)
+        run.eval_steps.append(step)
+        for name, key in (("eval_text", "text"), ("eval_image", "image"), ("eval_text_excess", "text_excess"),
+                          ("eval_image_excess", "image_excess"), ("eval_acc", "cell_acc")):
+            getattr(run, name).append(ev[key])
+
+    record_eval(0)
     model.train()
     for step in range(1, cfg.steps + 1):
         batch = sample_batch(world, cfg.batch_size, gen).to(device)
         logits = model(**batch.model_inputs()).logits
         loss_text, loss_image = pareto_lora.modality_losses(logits, batch.labels, image_token_mask=batch.image_token_mask)
-        report = pl.backward(text=loss_text, image=loss_image)
+        # controls and loss weights scale the objectives; every rule sees them unscaled (1, 1)
+        report = pl.backward(text=w_text * loss_text, image=w_image * loss_image)
         method.step(lambda: model(**batch.model_inputs()).logits, logits, None)  # CoMMIT: drift over all positions
         method.optimizer.zero_grad()
         if method.commit is not None:
             report.add_metrics(method.commit.metrics())
-        records.append({"step": step, **report.to_record()})
+        run.records.append({"step": step, **report.to_record()})
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            t, i = evaluate(model, eval_set, device)
-            eval_steps.append(step)
-            ev_text.append(t)
-            ev_image.append(i)
+            record_eval(step)
         if progress is not None:
             progress.update(1)
-            progress.set_postfix(text=f"{records[-1]['loss_text']:.2f}", image=f"{records[-1]['loss_image']:.2f}")
-    return RunResult(rule, seed, eval_steps, ev_text, ev_image, records, time.perf_counter() - start)
+            progress.set_postfix(text=f"{float(loss_text.detach()):.2f}", image=f"{float(loss_image.detach()):.2f}")
+    run.seconds = time.perf_counter() - start
+    return run
+
+
+def config_key(cfg: DemoConfig) -> str:
+    """Hash of everything a run's numbers depend on except the rule and seed (names run files)."""
+    d = dataclasses.asdict(cfg)
+    for k in ("rules", "seeds", "threads", "cache_dir"):
+        d.pop(k)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _load_run(path: str) -> RunResult | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return RunResult(**json.load(f))
+    except (OSError, ValueError, TypeError):
+        return None  # missing or from an older layout: run it again
+
+
+def _save_run(run: RunResult, path: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(dataclasses.asdict(run), f, default=lambda x: None)
+    os.replace(tmp, path)
 
 
 def _bar(total: int, desc: str, enabled: bool):
@@ -149,36 +183,56 @@ def _bar(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, leave=False, disable=not enabled, dynamic_ncols=True)
 
 
-def run_experiment(cfg: DemoConfig, progress: bool = True) -> dict:
-    """Every (seed, rule) run of `cfg`; returns the raw results and timings (see report.py)."""
+def run_experiment(cfg: DemoConfig, progress: bool = True, runs_dir: str | None = None) -> dict:
+    """Every (seed, rule) run of `cfg`; returns the raw results and timings (see report.py).
+
+    `runs_dir`: one JSON file per finished run; a run whose file exists (same config) is loaded,
+    not rerun, so an interrupted study resumes where it stopped.
+    """
     cfg.check()
     if cfg.threads is not None and torch.device(cfg.device).type == "cpu":
         torch.set_num_threads(cfg.threads)
-    vocab = cfg.vocab
+    vocab, device = cfg.vocab, torch.device(cfg.device)
     pre_world = make_world(cfg.pretrain_world_seed, vocab, noise=cfg.image_noise, num_templates=cfg.num_templates)
     ft_world = make_world(cfg.finetune_world_seed, vocab, noise=cfg.image_noise, num_templates=cfg.num_templates)
+    floors = entropy_floors(ft_world)
     seq_len = sample_batch(ft_world, 1, torch.Generator().manual_seed(0)).input_ids.shape[1]
-    runs: list[RunResult] = []
-    base_eval: dict[int, dict[str, float]] = {}
-    timings = {"pretrain_s": 0.0, "finetune_s": 0.0}
+    timings = {"pretrain_s": 0.0, "finetune_s": 0.0, "runs_loaded": 0}  # finetune_s: runs made by this call
     from tqdm.auto import tqdm
 
+    spec = BaseSpec(cfg.model, vocab.size, seq_len, cfg.base_seed, cfg.pretrain_steps, cfg.pretrain_lr,
+                    cfg.batch_size, cfg.pretrain_target_acc)
+    cache = default_cache_dir() if cfg.cache_dir == "default" else cfg.cache_dir
+    with _bar(cfg.pretrain_steps, f"base (seed {cfg.base_seed}) pre-train until it solves its images", progress) as bar:
+        base, base_info = pretrained_base(spec, pre_world, device, cache, bar)
+    timings["pretrain_s"] = base_info["seconds"]
+    base_info["finetune_world_before"] = evaluate(base, fixed_batches(ft_world, cfg.eval_batches, cfg.eval_batch_size, 29_999),
+                                                  device, ft_world, floors)
+    if progress:
+        own = base_info["own_world"]
+        tqdm.write(f"base: {base_info['steps']} pre-training steps{' (cached)' if base_info['cached'] else ''}; on its own world "
+                   f"image excess {own['image_excess']:.3f} nats, cell accuracy {own['cell_acc']:.1%}")
+    key = config_key(cfg)
+    if runs_dir:
+        os.makedirs(runs_dir, exist_ok=True)
+    runs: list[RunResult] = []
     for seed in cfg.seeds:
-        t0 = time.perf_counter()
-        base = build_base_model(cfg.model, vocab.size, seq_len, seed)
-        with _bar(cfg.pretrain_steps, f"seed {seed} pre-train (full model)", progress) as bar:
-            pretrain(base, pre_world, cfg.pretrain_steps, cfg.batch_size, cfg.pretrain_lr, seed, cfg.device, bar)
-        timings["pretrain_s"] += time.perf_counter() - t0
         eval_set = fixed_batches(ft_world, cfg.eval_batches, cfg.eval_batch_size, seed=20_000 + seed)
-        pre_eval = fixed_batches(pre_world, cfg.eval_batches, cfg.eval_batch_size, seed=30_000 + seed)
-        pt, pi = evaluate(base, pre_eval, torch.device(cfg.device))
-        base_eval[seed] = {"pretrain_world_text": pt, "pretrain_world_image": pi}
         for rule in cfg.rules:
-            with _bar(cfg.steps, f"seed {seed} {rule:>12}", progress) as bar:
-                run = finetune(base, cfg, rule, seed, ft_world, eval_set, bar)
+            path = os.path.join(runs_dir, f"{key}-{rule}-seed{seed}.json") if runs_dir else None
+            run = _load_run(path) if path and os.path.isfile(path) else None
+            if run is None:
+                with _bar(cfg.steps, f"seed {seed} {rule:>12}", progress) as bar:
+                    run = finetune(base, cfg, rule, seed, ft_world, eval_set, floors, bar)
+                if path:
+                    _save_run(run, path)
+                timings["finetune_s"] += run.seconds
+            else:
+                timings["runs_loaded"] += 1
             runs.append(run)
-            timings["finetune_s"] += run.seconds
             if progress:
-                tqdm.write(f"  seed {seed} {rule:>12}: held-out text {run.final_text:.3f}  image {run.final_image:.3f}"
-                           f"  ({run.seconds:.1f}s)")
-    return {"config": cfg, "vocab": vocab, "seq_len": seq_len, "runs": runs, "base_eval": base_eval, "timings": timings}
+                f = run.final
+                tqdm.write(f"  seed {seed} {rule:>12}: excess text {f['text_excess']:.3f} image {f['image_excess']:.3f}"
+                           f"  cell acc {f['cell_acc']:.1%}  ({run.seconds:.1f}s)")
+    return {"config": cfg, "vocab": vocab, "seq_len": seq_len, "runs": runs, "floors": dataclasses.asdict(floors),
+            "base": base_info, "timings": timings}

@@ -5,6 +5,12 @@
   running-minimum floors): the paper's global form, at a vanilla step's cost;
 * ``gradnorm``: GradNorm weights on every group (``modulate="all"``), the norms balanced over the
   whole layer stack (alpha 1.5, weight lr 0.025);
+* controls and the reweighting frontier (``CONTROLS``): vanilla gradients of ``a*L_text + b*L_image``
+  -- ``text_only`` (1, 0) and ``image_only`` (0, 1) bracket what fine-tuning can move, ``w2`` ..
+  ``w6`` (1, w) trace the trade-off a practitioner gets by tuning one loss weight (``sum`` is w = 1);
+* ``VARIANTS``: ``pareto_lora_all``, the paper's rule on every layer group (``modulate="all"``), and
+  ``pareto_lora_m0.1``, its conflict branch only on cos < -0.1 (``RuleSpec.margin``: text and image
+  gradients are nearly orthogonal, so cos < 0 alone fires on noise);
 * ``commit``: vanilla gradients (``sum``) and CoMMIT's coordinated learning rates. The demo model has
   no separate vision encoder, so the LoRA of the lowest layer group (the layers that first read the
   image codes) plays the feature side and the rest of the stack the LLM side; kappa is measured
@@ -21,9 +27,32 @@ import torch
 import pareto_lora
 from pareto_lora.training.balancers import BALANCERS, METHODS, CoMMIT, GradNorm, MIMO
 
-__all__ = ["METHODS", "Method", "build_method", "describe_methods"]
+__all__ = ["METHODS", "CONTROLS", "VARIANTS", "ALL_METHODS", "Method", "build_method", "describe_methods", "loss_weights", "frontier_weight"]
 
 COMMIT_EVERY = 2
+#: name -> (text weight, image weight) of the plain-sum runs that are not rules
+CONTROLS: dict[str, tuple[float, float]] = {
+    "text_only": (1.0, 0.0), "image_only": (0.0, 1.0),
+    **{f"w{w:g}": (1.0, float(w)) for w in (1.5, 2, 3, 4, 6, 8)},
+}
+#: name -> (kernel rule, modulate or None = the config's, conflict margin): variants of a kernel rule
+VARIANTS: dict[str, tuple[str, str | None, float]] = {
+    "pareto_lora_all": ("pareto_lora", "all", 0.0),
+    "pareto_lora_m0.1": ("pareto_lora", None, 0.1),
+}
+ALL_METHODS: tuple[str, ...] = (*METHODS, *VARIANTS, *CONTROLS)
+
+
+def loss_weights(name: str) -> tuple[float, float]:
+    """(text, image) loss weights of method `name`: (1, 1) for every rule (the rule does the weighting)."""
+    return CONTROLS.get(name, (1.0, 1.0))
+
+
+def frontier_weight(name: str) -> float | None:
+    """The image weight w of a point of the reweighting curve (``sum`` is w = 1), else None."""
+    if name == "sum":
+        return 1.0
+    return CONTROLS[name][1] if name.startswith("w") and name in CONTROLS else None
 
 
 @dataclasses.dataclass
@@ -50,8 +79,9 @@ def build_method(model, name: str, cfg) -> Method:
         modulate = cfg.modulate if name == "mimo" else "all"  # MIMO's one-backward mode weights every parameter
         pl = pareto_lora.ParetoLoRA(model, rule=balancer, num_groups=cfg.num_groups, modulate=modulate)
     else:
-        rule = "sum" if name == "commit" else name
-        pl = pareto_lora.ParetoLoRA(model, rule=rule, tau=cfg.tau, num_groups=cfg.num_groups, modulate=cfg.modulate)
+        rule, modulate, margin = VARIANTS.get(name, ("sum" if name == "commit" or name in CONTROLS else name, None, 0.0))
+        spec = pareto_lora.RuleSpec(rule, tau=cfg.tau, margin=margin)
+        pl = pareto_lora.ParetoLoRA(model, rule=spec, num_groups=cfg.num_groups, modulate=modulate or cfg.modulate)
     if name != "commit":
         opt = torch.optim.AdamW([p for _, p in trainable], lr=cfg.lr, weight_decay=0.0)
         return Method(pl, opt)

@@ -1,10 +1,9 @@
 """The demo's model: a small random-init LlamaForCausalLM over the shared text+image vocabulary.
 
-Nothing is downloaded. The base model is pre-trained for a few hundred full-parameter steps on
-the *pre-training* world (so it knows the token layout, the story format and a first
-text-to-image binding), then frozen and wrapped with peft LoRA for fine-tuning on a different
-world. The pre-trained weights are kept in memory and every rule starts from the same copy.
-May import: :mod:`.data`.
+Nothing is downloaded. base.py pre-trains the base on the *pre-training* world until it solves
+that world's images (token layout, story format, text-to-image binding) and caches it; here it is
+built and, per run, wrapped with peft LoRA for fine-tuning on a different world.
+May import: nothing from the package.
 """
 
 from __future__ import annotations
@@ -14,9 +13,8 @@ import dataclasses
 
 import torch
 
-from .data import World, sample_batch
 
-__all__ = ["ModelConfig", "build_base_model", "pretrain", "attach_lora", "token_losses"]
+__all__ = ["ModelConfig", "build_base_model", "attach_lora", "token_losses"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,25 +56,6 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100, reduction="none"
     )
     return loss.view(shift_labels.shape)
-
-
-def pretrain(model, world: World, steps: int, batch_size: int, lr: float, seed: int, device, progress=None):
-    """Full-parameter next-token training on `world` (both modalities, one summed loss)."""
-    model.to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        batch = sample_batch(world, batch_size, gen).to(device)
-        logits = model(**batch.model_inputs()).logits
-        per_tok = token_losses(logits, batch.labels)
-        loss = per_tok.sum() / (batch.labels[:, 1:] != -100).sum()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if progress is not None:
-            progress.update(1)
-    model.eval()
-    return model
 
 
 def attach_lora(base_model, cfg: ModelConfig, seed: int):

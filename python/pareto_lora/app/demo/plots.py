@@ -24,6 +24,12 @@ def _pyplot():
     return plt
 
 
+def case_colors_by_name() -> dict[str, tuple]:
+    """One colour per integration case, the same in every demo figure (Set2 in Case order)."""
+    cmap = _pyplot().get_cmap("Set2")
+    return {c.name: cmap(i) for i, c in enumerate(Case)}
+
+
 def _colors(rules) -> dict[str, tuple]:
     cmap = _pyplot().get_cmap("tab10")
     return {r: cmap(i % 10) for i, r in enumerate(rules)}
@@ -49,16 +55,16 @@ def _loss_panel(ax, runs, key: str, title: str) -> None:
             ax.fill_between(steps, mean - std, mean + std, color=colors[rule], alpha=0.15, lw=0)
     ax.set_title(title)
     ax.set_xlabel("fine-tuning step")
-    ax.set_ylabel("held-out cross-entropy")
+    ax.set_ylabel("held-out excess loss (nats)")
     ax.grid(alpha=0.3)
 
 
 def plot_losses(runs, path: str) -> str:
-    """Held-out text and image loss over fine-tuning, one line per rule (mean ± std over seeds)."""
+    """Held-out text and image excess loss over fine-tuning, one line per rule (mean ± std over seeds)."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    _loss_panel(axes[0], runs, "eval_text", "text tokens")
-    _loss_panel(axes[1], runs, "eval_image", "image tokens")
+    _loss_panel(axes[0], runs, "eval_text_excess", "text tokens: loss - exact floor")
+    _loss_panel(axes[1], runs, "eval_image_excess", "image tokens: loss - exact floor")
     axes[1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -123,7 +129,7 @@ def plot_cases(runs, path: str) -> str:
     cols = min(3, len(groups))
     rows = math.ceil(len(groups) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.8 * rows), squeeze=False)
-    case_colors = {c.name: plt.get_cmap("Set2")(i) for i, c in enumerate(Case)}
+    case_colors = case_colors_by_name()
     used: set[str] = set()
     for ax, (rule, rs) in zip(axes.flat, groups.items()):
         counts = case_counts(rec for r in rs for rec in r.records)
@@ -136,14 +142,16 @@ def plot_cases(runs, path: str) -> str:
                 bottom += frac
                 used.add(case.name)
         active = rs[0].records[0]["active"]
-        ax.set_xticks(range(len(names)), [f"{n}{'*' if a else ''}" for n, a in zip(names, active)], fontsize=7)
+        layers = rs[0].group_layers or [None] * len(names)  # runs saved before group_layers existed: names only
+        ax.set_xticks(range(len(names)), [f"{n}{'*' if a else ''}" + (f"\nL{min(ls)}-{max(ls)}" if ls else "")
+                                          for n, a, ls in zip(names, active, layers)], fontsize=7)
         ax.set_ylim(0, 1)
         ax.set_title(rule, fontsize=9)
     for ax in list(axes.flat)[len(groups):]:
         ax.axis("off")
     handles = [plt.Rectangle((0, 0), 1, 1, color=case_colors[c.name]) for c in Case if c.name in used]
     fig.legend(handles, [c.name.lower() for c in Case if c.name in used], loc="lower center", ncol=len(handles), fontsize=8)
-    fig.suptitle("integration case per layer group (fraction of steps; * = modulated group)", fontsize=10)
+    fig.suptitle("integration case per layer group (fraction of steps; * = modulated group; L = its layers)", fontsize=10)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -154,8 +162,8 @@ def plot_summary(runs, path: str) -> str:
     """One small figure for the README: both held-out losses and vanilla LoRA's ratio heatmap."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
-    _loss_panel(axes[0], runs, "eval_text", "held-out text loss")
-    _loss_panel(axes[1], runs, "eval_image", "held-out image loss")
+    _loss_panel(axes[0], runs, "eval_text_excess", "held-out text excess")
+    _loss_panel(axes[1], runs, "eval_image_excess", "held-out image excess")
     axes[1].legend(fontsize=7)
     vanilla = next((r for r in runs if r.rule == "sum"), runs[0])
     im = _heatmap(axes[2], vanilla, _shared_limit([vanilla]))

@@ -1,5 +1,9 @@
-"""Numbers out of the demo's runs: the per-rule summary, the verdict, the table and the JSON file.
-May import: :mod:`pareto_lora.training.diagnostics`.
+"""Numbers out of the demo's runs: the per-method summary, the paired comparisons, the table, the JSON.
+
+Everything is in *excess* loss (held-out loss minus the exact floor of floors.py, 0 = learned)
+and image cell accuracy; raw losses are kept in the JSON. Comparisons are paired by seed (same
+data and LoRA init) and carry 95% t-intervals (stats.py).
+May import: :mod:`pareto_lora.training.diagnostics`, :mod:`.frontier`, :mod:`.methods`, :mod:`.stats`.
 """
 
 from __future__ import annotations
@@ -10,16 +14,15 @@ import math
 import statistics
 
 from ...training.diagnostics import case_counts
+from .frontier import distance_to_curve
+from .methods import frontier_weight
+from .stats import paired_interval, word
 
-__all__ = ["summarize", "verdict", "format_table", "results_document", "write_json"]
+__all__ = ["summarize", "compare", "format_table", "results_document", "write_json", "BASELINE", "BRACKETS", "METRICS"]
 
-BASELINE, METHOD = "sum", "pareto_lora"
-#: the other balancing methods of the field, each compared with vanilla in the verdict
-OTHERS = ("mmpareto", "mimo", "gradnorm", "commit")
-
-
-def _mean_std(xs: list[float]) -> tuple[float, float]:
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+BASELINE = "sum"
+BRACKETS = ("text_only", "image_only")  # the controls: compared with each other, not with the curve
+METRICS = ("text_excess", "image_excess", "cell_acc", "text", "image")
 
 
 def _ratio_median(records: list[dict], upto: int) -> float:
@@ -30,23 +33,23 @@ def _ratio_median(records: list[dict], upto: int) -> float:
 
 
 def summarize(runs) -> dict[str, dict]:
-    """rule -> final held-out losses (mean, std, per seed), curves, ratios and case fractions."""
+    """method -> per-seed final metrics, their means, curves, gradient ratios and case fractions."""
     by_rule: dict[str, list] = {}
     for run in runs:
         by_rule.setdefault(run.rule, []).append(run)
     out = {}
     for rule, rs in by_rule.items():
         rs = sorted(rs, key=lambda r: r.seed)
-        text, image = [r.final_text for r in rs], [r.final_image for r in rs]
         counts = case_counts(rec for r in rs for rec in r.records)
         fractions = {g: {c: n / max(sum(row.values()), 1) for c, n in row.items() if n} for g, row in counts.items()}
+        per_seed = {m: {r.seed: r.final[m] for r in rs} for m in METRICS}
         out[rule] = {
             "seeds": [r.seed for r in rs],
-            "text": dict(zip(("mean", "std"), _mean_std(text)), per_seed=text),
-            "image": dict(zip(("mean", "std"), _mean_std(image)), per_seed=image),
+            "per_seed": per_seed,
+            "mean": {m: statistics.fmean(v.values()) for m, v in per_seed.items()},
             "eval_steps": rs[0].eval_steps,
-            "eval_text_mean": [statistics.fmean(c) for c in zip(*(r.eval_text for r in rs))],
-            "eval_image_mean": [statistics.fmean(c) for c in zip(*(r.eval_image for r in rs))],
+            "eval_text_excess_mean": [statistics.fmean(c) for c in zip(*(r.eval_text_excess for r in rs))],
+            "eval_image_excess_mean": [statistics.fmean(c) for c in zip(*(r.eval_image_excess for r in rs))],
             "ratio_median_first10": statistics.fmean(_ratio_median(r.records, 10) for r in rs),
             "ratio_median_all": statistics.fmean(_ratio_median(r.records, len(r.records)) for r in rs),
             "case_fractions": fractions,
@@ -55,70 +58,67 @@ def summarize(runs) -> dict[str, dict]:
     return out
 
 
-def _paired(summary: dict, rule: str, key: str) -> list[float]:
-    """Per-seed difference rule - baseline of the final held-out `key` loss (same seeds)."""
-    return [a - b for a, b in zip(summary[rule][key]["per_seed"], summary[BASELINE][key]["per_seed"])]
+def _frontier_points(summary: dict, seed: int) -> list[tuple[float, float]]:
+    pts = []
+    for rule, s in summary.items():
+        if frontier_weight(rule) is not None and seed in s["per_seed"]["text_excess"]:
+            pts.append((s["per_seed"]["text_excess"][seed], s["per_seed"]["image_excess"][seed]))
+    return pts
 
 
-def verdict(summary: dict) -> list[str]:
-    """Plain-language findings computed from the numbers (nothing here is fixed in advance)."""
-    lines = []
-    if BASELINE in summary:
-        r0, r_all = summary[BASELINE]["ratio_median_first10"], summary[BASELINE]["ratio_median_all"]
-        kind = "text-dominant" if r_all > 1 else "NOT text-dominant (image gradients are the larger ones)"
-        lines.append(f"Gradient balance under vanilla LoRA: median ||g_text||/||g_image|| over groups = {r0:.2g} "
-                     f"in the first 10 steps, {r_all:.2g} over the run: {kind}.")
-    if BASELINE not in summary or METHOD not in summary:
-        lines.append(f"No Pareto LoRA vs vanilla verdict: it needs both '{METHOD}' and '{BASELINE}' in --rules.")
-        return lines + _others(summary)
-    d_img, d_txt = _paired(summary, METHOD, "image"), _paired(summary, METHOD, "text")
-    n, wins = len(d_img), sum(d < 0 for d in d_img)
-    m_img, m_txt = statistics.fmean(d_img), statistics.fmean(d_txt)
-    img = f"{summary[METHOD]['image']['mean']:.4f} vs {summary[BASELINE]['image']['mean']:.4f}"
-    spread = f"lower in {wins}/{n} seed{'s' if n > 1 else ''}"
-    if m_img < 0 and wins == n:
-        head = f"Pareto LoRA BEATS vanilla LoRA on held-out image loss: {img} ({m_img:+.4f}, {spread})"
-        if n == 1:
-            head += "; one seed only, so no spread estimate"
-    elif m_img < 0:
-        head = f"Pareto LoRA is NOT consistently better than vanilla LoRA on held-out image loss: {img} ({m_img:+.4f}, {spread})"
-    else:
-        head = f"Pareto LoRA does NOT beat vanilla LoRA on held-out image loss in this setting: {img} ({m_img:+.4f}, {spread})"
-    lines.append(head + ".")
-    txt = f"{summary[METHOD]['text']['mean']:.4f} vs {summary[BASELINE]['text']['mean']:.4f}"
-    lines.append(f"Held-out text loss, Pareto LoRA vs vanilla: {txt} ({m_txt:+.4f}: "
-                 f"{'worse' if m_txt > 0 else 'better or equal'} text).")
-    lines += _others(summary)
-    best = min(summary, key=lambda r: summary[r]["image"]["mean"])
-    lines.append(f"Lowest mean held-out image loss: {best} ({summary[best]['image']['mean']:.4f}).")
-    return lines
+def compare(summary: dict) -> dict[str, dict]:
+    """method -> paired comparisons: vs vanilla ('sum') per metric, and the distance to the
+    reweighting curve at equal text excess (per seed, then a t-interval; below = better)."""
+    out = {}
+    weights = sorted(w for r in summary if (w := frontier_weight(r)) is not None)
+    for rule, s in summary.items():
+        row: dict = {}
+        if BASELINE in summary and rule != BASELINE:
+            base = summary[BASELINE]["per_seed"]
+            seeds = [k for k in s["seeds"] if k in base["text_excess"]]
+            for m in ("text_excess", "image_excess", "cell_acc"):
+                if seeds:
+                    iv = paired_interval([s["per_seed"][m][k] - base[m][k] for k in seeds])
+                    row[f"vs_sum_{m}"] = {**dataclasses.asdict(iv), "word": word(iv, lower_is_better=m != "cell_acc")}
+        if len(weights) >= 2 and frontier_weight(rule) is None and rule not in BRACKETS:
+            dists, inside = [], []
+            for k in s["seeds"]:
+                pts = _frontier_points(summary, k)
+                if len({p[0] for p in pts}) >= 2:
+                    d, ok = distance_to_curve(pts, (s["per_seed"]["text_excess"][k], s["per_seed"]["image_excess"][k]))
+                    dists.append(d)
+                    inside.append(ok)
+            if dists:
+                iv = paired_interval(dists)
+                # beyond the curve's text range in every seed the distance is pure extrapolation: no verdict
+                place = "outside" if not any(inside) else {"better": "below", "worse": "above"}.get(word(iv), "on")
+                row["frontier"] = {**dataclasses.asdict(iv), "place": place, "per_seed": dists,
+                                   "inside_fraction": sum(inside) / len(inside)}
+        out[rule] = row
+    return out
 
 
-def _others(summary: dict) -> list[str]:
-    """One line per other balancing method: its paired image and text change against vanilla."""
-    if BASELINE not in summary:
-        return []
-    lines = []
-    for rule in (r for r in OTHERS if r in summary):
-        d_img, d_txt = _paired(summary, rule, "image"), _paired(summary, rule, "text")
-        n, wins = len(d_img), sum(d < 0 for d in d_img)
-        m_img = statistics.fmean(d_img)
-        word = "better" if m_img < 0 and wins == n else ("mixed" if m_img < 0 else "not better")
-        lines.append(f"{rule} vs vanilla: image {summary[rule]['image']['mean']:.4f} ({m_img:+.4f}, lower in "
-                     f"{wins}/{n} seeds: {word}); text {statistics.fmean(d_txt):+.4f}.")
-    return lines
+def _iv(d: dict | None) -> str:
+    if not d:
+        return "-"
+    if d["n"] < 2:
+        return f"{d['mean']:+.3f} (n=1)"
+    return f"{d['mean']:+.3f} [{d['low']:+.3f},{d['high']:+.3f}]"
 
 
-def format_table(summary: dict) -> str:
-    """Final held-out losses per rule, mean +- std over seeds, and the paired change vs vanilla."""
-    has_base = BASELINE in summary
-    head = f"{'rule':<13} {'text loss':>17} {'image loss':>17}" + (f" {'d image vs sum':>15} {'d text vs sum':>14}" if has_base else "")
+def format_table(summary: dict, comparison: dict) -> str:
+    """Final excess losses and cell accuracy per method (mean over seeds), the paired image-excess
+    change vs vanilla and the distance to the reweighting curve, with 95% intervals."""
+    head = (f"{'method':<16} {'text exc':>8} {'image exc':>9} {'cell acc':>8}  {'d image exc vs sum [95% CI]':<28} "
+            f"{'vs reweighting curve [95% CI]':<34}")
     lines = [head, "-" * len(head)]
     for rule, s in summary.items():
-        row = f"{rule:<13} {s['text']['mean']:>8.4f} ± {s['text']['std']:<6.4f} {s['image']['mean']:>8.4f} ± {s['image']['std']:<6.4f}"
-        if has_base:
-            row += f" {statistics.fmean(_paired(summary, rule, 'image')):>+15.4f} {statistics.fmean(_paired(summary, rule, 'text')):>+14.4f}"
-        lines.append(row)
+        c = comparison.get(rule, {})
+        fr = c.get("frontier")
+        where = f"{_iv(fr)} {fr['place']}" if fr else ("(curve point)" if frontier_weight(rule) is not None
+                                                       else "(bracket)" if rule in BRACKETS else "-")
+        lines.append(f"{rule:<16} {s['mean']['text_excess']:>8.3f} {s['mean']['image_excess']:>9.3f} "
+                     f"{s['mean']['cell_acc']:>8.1%}  {_iv(c.get('vs_sum_image_excess')):<28} {where:<34}")
     return "\n".join(lines)
 
 
@@ -133,7 +133,8 @@ def _finite(x):
     return x
 
 
-def results_document(result: dict, summary: dict, verdict_lines: list[str], environment: dict, files: dict) -> dict:
+def results_document(result: dict, summary: dict, comparison: dict, verdict_lines: list[str], environment: dict,
+                     files: dict) -> dict:
     """Everything the demo measured, as one JSON-ready dict."""
     cfg = result["config"]
     return _finite({
@@ -141,9 +142,11 @@ def results_document(result: dict, summary: dict, verdict_lines: list[str], envi
         "environment": environment,
         "task": {"vocab": dataclasses.asdict(result["vocab"]), "vocab_size": result["vocab"].size,
                  "sequence_length": result["seq_len"]},
-        "base_model_eval": result["base_eval"],
+        "floors": result["floors"],
+        "base": result["base"],
         "timings": result["timings"],
         "summary": summary,
+        "comparison": comparison,
         "verdict": verdict_lines,
         "files": files,
         "runs": [dataclasses.asdict(r) for r in result["runs"]],

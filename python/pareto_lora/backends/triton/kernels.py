@@ -84,7 +84,7 @@ def _fmin(x, y):
 
 
 @triton.jit
-def _rule(aa, bb, ab, act, tau, gamma, RULE: tl.constexpr, SYMMETRIC: tl.constexpr):
+def _rule(aa, bb, ab, act, tau, gamma, margin, RULE: tl.constexpr, SYMMETRIC: tl.constexpr):
     """(alpha, beta, case) of csrc/rule.h compute_rule, elementwise over float64 blocks.
 
     rule.h returns early in priority order (non-finite, inactive, sum, mgda, degenerate, rule);
@@ -107,9 +107,10 @@ def _rule(aa, bb, ab, act, tau, gamma, RULE: tl.constexpr, SYMMETRIC: tl.constex
     has_diff = diff2 > 0.0
     lam = tl.where(has_diff, _fmin(_fmax((bb - ab) / tl.where(has_diff, diff2, one), 0.0), 1.0), 0.5)
     degenerate = (aa == 0.0) | (bb == 0.0)
-    conflict = ab < 0.0
     na = tl.sqrt(aa)
     nb = tl.sqrt(bb)
+    # cos < -margin (rule.h); margin 0 keeps the plain ab < 0
+    conflict = tl.where(margin > 0.0, ab < -margin * (na * nb), ab < 0.0)
     if SYMMETRIC:
         imbalanced = _fmax(na, nb) * tau > _fmin(na, nb)
     else:
@@ -166,27 +167,28 @@ def _rule(aa, bb, ab, act, tau, gamma, RULE: tl.constexpr, SYMMETRIC: tl.constex
 
 @triton.jit
 def _rule_store(
-    aa, bb, ab, segs, mask, active_ptr, coeffs_ptr, cases_ptr, tau_bits, gamma_bits,
+    aa, bb, ab, segs, mask, active_ptr, coeffs_ptr, cases_ptr, tau_bits, gamma_bits, margin_bits,
     HAS_ACTIVE: tl.constexpr, RULE: tl.constexpr, SYMMETRIC: tl.constexpr,
 ):
     # tau and gamma arrive as their float64 bit patterns: a Python float kernel argument would be
     # narrowed to float32, and the rule must see the same double as the C++ kernels.
     tau = tau_bits.to(tl.int64).to(tl.float64, bitcast=True)
     gamma = gamma_bits.to(tl.int64).to(tl.float64, bitcast=True)
+    margin = margin_bits.to(tl.int64).to(tl.float64, bitcast=True)
     if HAS_ACTIVE:
         act = tl.load(active_ptr + segs, mask=mask, other=1) != 0
     else:
         act = tl.full(aa.shape, 1, tl.int1)
-    alpha, beta, code = _rule(aa, bb, ab, act, tau, gamma, RULE, SYMMETRIC)
+    alpha, beta, code = _rule(aa, bb, ab, act, tau, gamma, margin, RULE, SYMMETRIC)
     tl.store(coeffs_ptr + 2 * segs, alpha.to(tl.float32), mask=mask)
     tl.store(coeffs_ptr + 2 * segs + 1, beta.to(tl.float32), mask=mask)
     tl.store(cases_ptr + segs, code, mask=mask)
 
 
-@triton.jit(do_not_specialize=["tau_bits", "gamma_bits"])
+@triton.jit(do_not_specialize=["tau_bits", "gamma_bits", "margin_bits"])
 def segment_reduce_kernel(
     partial_ptr, seg_tiles_ptr, stats_ptr, num_tiles, num_segments,
-    active_ptr, coeffs_ptr, cases_ptr, tau_bits, gamma_bits,
+    active_ptr, coeffs_ptr, cases_ptr, tau_bits, gamma_bits, margin_bits,
     SEGS: tl.constexpr, LANES: tl.constexpr,
     APPLY_RULE: tl.constexpr, HAS_ACTIVE: tl.constexpr, RULE: tl.constexpr, SYMMETRIC: tl.constexpr,
 ):
@@ -219,13 +221,14 @@ def segment_reduce_kernel(
     tl.store(stats_ptr + 3 * segs + 2, ab, mask=smask)
     if APPLY_RULE:
         _rule_store(
-            aa, bb, ab, segs, smask, active_ptr, coeffs_ptr, cases_ptr, tau_bits, gamma_bits, HAS_ACTIVE, RULE, SYMMETRIC,
+            aa, bb, ab, segs, smask, active_ptr, coeffs_ptr, cases_ptr, tau_bits, gamma_bits, margin_bits,
+            HAS_ACTIVE, RULE, SYMMETRIC,
         )
 
 
-@triton.jit(do_not_specialize=["tau_bits", "gamma_bits"])
+@triton.jit(do_not_specialize=["tau_bits", "gamma_bits", "margin_bits"])
 def rule_kernel(
-    stats_ptr, num_segments, active_ptr, coeffs_ptr, cases_ptr, tau_bits, gamma_bits,
+    stats_ptr, num_segments, active_ptr, coeffs_ptr, cases_ptr, tau_bits, gamma_bits, margin_bits,
     SEGS: tl.constexpr, HAS_ACTIVE: tl.constexpr, RULE: tl.constexpr, SYMMETRIC: tl.constexpr,
 ):
     """(coeffs, cases) from stats of any source (float32 or float64, [G, 3] contiguous)."""
@@ -234,7 +237,7 @@ def rule_kernel(
     aa = tl.load(stats_ptr + 3 * segs, mask=smask, other=0.0).to(tl.float64)
     bb = tl.load(stats_ptr + 3 * segs + 1, mask=smask, other=0.0).to(tl.float64)
     ab = tl.load(stats_ptr + 3 * segs + 2, mask=smask, other=0.0).to(tl.float64)
-    _rule_store(aa, bb, ab, segs, smask, active_ptr, coeffs_ptr, cases_ptr, tau_bits, gamma_bits,
+    _rule_store(aa, bb, ab, segs, smask, active_ptr, coeffs_ptr, cases_ptr, tau_bits, gamma_bits, margin_bits,
                 HAS_ACTIVE, RULE, SYMMETRIC)
 
 

@@ -122,7 +122,8 @@ def _f64_bits(x: float) -> int:
     return struct.unpack("<q", struct.pack("<d", float(x)))[0]
 
 
-def _rule_launch_args(rule: str, tau: float, gamma: float, symmetric: bool, active: Optional[torch.Tensor], device):
+def _rule_launch_args(rule: str, tau: float, gamma: float, symmetric: bool, active: Optional[torch.Tensor], device,
+                      margin: float = 0.0):
     """Kernel arguments shared by the two kernels that apply the rule (the op's unpacked RuleSpec)."""
     has_active = active is not None
     # Unused pointers are passed as None (a constexpr to Triton) rather than as a stand-in
@@ -130,7 +131,7 @@ def _rule_launch_args(rule: str, tau: float, gamma: float, symmetric: bool, acti
     # The kernels read one byte per segment at unit stride: a strided mask is made contiguous.
     act = active.to(device).contiguous().view(torch.uint8) if has_active else None
     return (
-        dict(tau_bits=_f64_bits(tau), gamma_bits=_f64_bits(gamma)),
+        dict(tau_bits=_f64_bits(tau), gamma_bits=_f64_bits(gamma), margin_bits=_f64_bits(margin)),
         act,
         dict(HAS_ACTIVE=has_active, RULE=RULE_IDS[rule], SYMMETRIC=bool(symmetric)),
     )
@@ -177,14 +178,15 @@ def _segment_stats_op(a: torch.Tensor, b: torch.Tensor, tiles: torch.Tensor, seg
 
 @triton_op("pareto_lora_triton::rule_coefficients", mutates_args=())
 def _rule_coefficients_op(
-    stats: torch.Tensor, rule: str, tau: float, active: Optional[torch.Tensor], gamma: float, symmetric: bool
+    stats: torch.Tensor, rule: str, tau: float, active: Optional[torch.Tensor], gamma: float, symmetric: bool,
+    margin: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     num_segments = stats.shape[0]
     stats = stats.contiguous()
     coeffs = torch.empty((num_segments, 2), dtype=torch.float32, device=stats.device)
     cases = torch.empty((num_segments,), dtype=torch.int32, device=stats.device)
     if num_segments > 0:
-        scalars, act, flags = _rule_launch_args(rule, tau, gamma, symmetric, active, stats.device)
+        scalars, act, flags = _rule_launch_args(rule, tau, gamma, symmetric, active, stats.device, margin)
         wrap_triton(K.rule_kernel)[(triton.cdiv(num_segments, RULE_SEGS),)](
             stats, num_segments, act, coeffs, cases, SEGS=RULE_SEGS, **scalars, **flags
         )
@@ -210,13 +212,14 @@ def _integrate_op(
     active: Optional[torch.Tensor],
     gamma: float,
     symmetric: bool,
+    margin: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     num_segments = seg_tiles.shape[0] - 1
     stats = torch.empty((num_segments, 3), dtype=torch.float64, device=a.device)
     coeffs = torch.empty((num_segments, 2), dtype=torch.float32, device=a.device)
     cases = torch.empty((num_segments,), dtype=torch.int32, device=a.device)
     partial = _tile_partials(a, b, tiles)
-    rule_args = _rule_launch_args(rule, tau, gamma, symmetric, active, a.device)
+    rule_args = _rule_launch_args(rule, tau, gamma, symmetric, active, a.device, margin)
     _reduce(partial, seg_tiles, stats, coeffs, cases, rule_args, apply_rule=True)
     _combine_tiles(a, b, tiles, coeffs, out)
     return stats, coeffs, cases
@@ -240,13 +243,16 @@ def rule_coefficients(
     active: Optional[torch.Tensor] = None,
     gamma: Optional[float] = None,
     symmetric: Optional[bool] = None,
+    margin: Optional[float] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(coeffs [G, 2] float32, cases [G] int32) of `rule` on stats of any source."""
-    spec = as_spec(rule, tau, gamma, symmetric)
+    spec = as_spec(rule, tau, gamma, symmetric, margin)
     active = _checks.as_active(active)
     _checks.check_rule_args(stats, active)
     _check_device(stats.device)
-    return torch.ops.pareto_lora_triton.rule_coefficients(stats, spec.name, spec.tau, active, spec.gamma, spec.symmetric)
+    return torch.ops.pareto_lora_triton.rule_coefficients(
+        stats, spec.name, spec.tau, active, spec.gamma, spec.symmetric, spec.margin
+    )
 
 
 def combine(
@@ -272,15 +278,16 @@ def integrate(
     active: Optional[torch.Tensor] = None,
     gamma: Optional[float] = None,
     symmetric: Optional[bool] = None,
+    margin: Optional[float] = None,
 ) -> IntegrationResult:
     """stats -> rule -> combine on the device (three launches, no host sync)."""
-    spec = as_spec(rule, tau, gamma, symmetric)
+    spec = as_spec(rule, tau, gamma, symmetric, margin)
     offsets, active = _checks.as_offsets(offsets), _checks.as_active(active)
     _checks.check_integrate(a, b, offsets, out, active)
     _check_device(a.device)
     out = torch.empty_like(a) if out is None else out
     tiles, seg_tiles = tile_table(offsets, a.device)
     stats, coeffs, cases = torch.ops.pareto_lora_triton.integrate(
-        a, b, tiles, seg_tiles, out, spec.name, spec.tau, active, spec.gamma, spec.symmetric
+        a, b, tiles, seg_tiles, out, spec.name, spec.tau, active, spec.gamma, spec.symmetric, spec.margin
     )
     return IntegrationResult(out, stats, coeffs, cases)

@@ -1,0 +1,84 @@
+"""The demo's findings in words, computed from the paired intervals (nothing fixed in advance).
+
+Order: floors, what the base knows, whether the text-only / image-only brackets are apart (if
+not, nothing else is detectable), then each rule against vanilla and against the reweighting
+curve. Words are "better" / "worse" / "no detectable difference" (stats.word), never a ranking
+of point estimates.
+May import: :mod:`.report`, :mod:`.stats`, :mod:`.methods`.
+"""
+
+from __future__ import annotations
+
+from .methods import frontier_weight
+from .report import BASELINE, BRACKETS
+from .stats import paired_interval, word
+
+__all__ = ["verdict", "brackets_apart"]
+
+
+def brackets_apart(summary: dict):
+    """(apart, d_image, d_text): whether image-only fine-tuning ends at a clearly lower image
+    excess than text-only (d_image = image_only - text_only < 0) AND text-only at a clearly lower
+    text excess (d_text = text_only - image_only < 0), from paired 95% intervals; None when the
+    brackets were not run."""
+    if "text_only" not in summary or "image_only" not in summary:
+        return None
+    t, i = summary["text_only"]["per_seed"], summary["image_only"]["per_seed"]
+    seeds = [k for k in t["text_excess"] if k in i["text_excess"]]
+    d_img = paired_interval([i["image_excess"][k] - t["image_excess"][k] for k in seeds])
+    d_txt = paired_interval([t["text_excess"][k] - i["text_excess"][k] for k in seeds])
+    return word(d_img) == "better" and word(d_txt) == "better", d_img, d_txt
+
+
+def _fmt(d: dict) -> str:
+    return f"{d['mean']:+.3f}" + (f" [{d['low']:+.3f}, {d['high']:+.3f}]" if d["n"] > 1 else " (one seed: no interval)")
+
+
+def verdict(result: dict, summary: dict, comparison: dict) -> list[str]:
+    """Plain-language findings from the floors, the base's evaluation and the paired intervals."""
+    fl, base = result["floors"], result["base"]
+    lines = [f"Exact floors of the fine-tuning world (enumerated): text {fl['text']:.3f}, image {fl['image']:.3f} "
+             f"nats/token; all numbers below are excess over them (0 = Bayes-optimal)."]
+    own, ft = base.get("own_world"), base.get("finetune_world_before")
+    if own:
+        lines.append(f"Base model ({base['steps']} pre-training steps): on its own world image excess {own['image_excess']:.3f}, "
+                     f"cell accuracy {own['cell_acc']:.1%}; on the fine-tuning world before LoRA: text excess "
+                     f"{ft['text_excess']:.3f}, image excess {ft['image_excess']:.3f}, cell accuracy {ft['cell_acc']:.1%}.")
+    br = brackets_apart(summary)
+    if br is None:
+        lines.append("No brackets (text_only / image_only not run): the experiment's sensitivity is unknown.")
+    else:
+        apart, d_img, d_txt = br
+        nums = f"image excess image-only minus text-only {d_img.format()}, text excess text-only minus image-only {d_txt.format()}"
+        if apart:
+            lines.append(f"Brackets: image-only and text-only fine-tuning end clearly apart in both modalities ({nums}; "
+                         "paired 95% intervals exclude 0), so the setting can show a change in the trade-off.")
+        else:
+            lines.append(f"Brackets: image-only and text-only fine-tuning are NOT clearly apart ({nums}), so this run "
+                         "cannot detect a change in the text/image trade-off; the comparisons below are inconclusive.")
+    if BASELINE in summary:
+        r0, r_all = summary[BASELINE]["ratio_median_first10"], summary[BASELINE]["ratio_median_all"]
+        lines.append(f"Gradient balance under vanilla LoRA: median ||g_text||/||g_image|| over groups = {r0:.2g} in the "
+                     f"first 10 steps, {r_all:.2g} over the run.")
+    n_w = sum(frontier_weight(r) is not None for r in summary)
+    if n_w < 2:
+        lines.append("No reweighting curve (needs 'sum' and at least one w<k> run): rules are compared with vanilla only.")
+    for rule, c in comparison.items():
+        if frontier_weight(rule) is not None or rule in BRACKETS:
+            continue
+        parts = []
+        if "vs_sum_image_excess" in c:
+            parts.append(f"vs vanilla: image excess {_fmt(c['vs_sum_image_excess'])} ({c['vs_sum_image_excess']['word']}), "
+                         f"text excess {_fmt(c['vs_sum_text_excess'])} ({c['vs_sum_text_excess']['word']})")
+        if "frontier" in c and c["frontier"]["place"] == "outside":
+            parts.append("vs reweighting curve: OUTSIDE the curve's text-excess range in every seed, so there is no "
+                         "comparison at equal text excess")
+        elif "frontier" in c:
+            f = c["frontier"]
+            extra = "" if f["inside_fraction"] == 1 else f"; outside the curve's range in {1 - f['inside_fraction']:.0%} of seeds"
+            parts.append(f"vs reweighting curve at equal text excess: {_fmt(f)} -> {f['place'].upper()} the curve "
+                         f"({'better than' if f['place'] == 'below' else 'worse than' if f['place'] == 'above' else 'no detectable difference from'}"
+                         f" loss reweighting{extra})")
+        if parts:
+            lines.append(f"{rule}: " + "; ".join(parts) + ".")
+    return lines

@@ -68,6 +68,7 @@ class DDPSync(LocalSync):
     """
 
     saves_mid_window = False  # the reduced averages of a window live in the hook's state
+    calls_rule_once = False  # the rule runs each time a set of groups completes
 
     def __init__(self, ddp: nn.Module):
         if getattr(ddp, "gradient_as_bucket_view", False):

@@ -52,6 +52,7 @@ class FSDPSync:
     """The sync contract for an FSDP2 model (see the module docstring)."""
 
     saves_mid_window = True  # each rank's shard buffers hold its whole window
+    calls_rule_once = True
 
     def __init__(self, model: nn.Module):
         from torch.distributed.fsdp import FSDPModule

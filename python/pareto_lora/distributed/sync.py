@@ -51,6 +51,9 @@ class GradSync(Protocol):
     #: whether the accumulated buffers between backward() calls are the whole state of a window
     #: (a checkpoint may then be taken mid-accumulation)
     saves_mid_window: bool
+    #: whether the rule function runs once per step on all groups (a step-to-step state, such as an
+    #: average of the statistics, is then updated once per step)
+    calls_rule_once: bool
 
     def layout_for(self, layout: GradLayout) -> GradLayout:
         """The layout of this process's buffers (FSDP2: local shards)."""
@@ -92,6 +95,7 @@ class LocalSync:
     with an ordinary ``.backward()`` instead: DDP's hook sees only such a backward.)"""
 
     saves_mid_window = True
+    calls_rule_once = True
 
     def __init__(self, model: nn.Module):
         self.module = model

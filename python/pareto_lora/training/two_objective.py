@@ -68,6 +68,7 @@ from ..rules import RuleSpec
 from .balancers import Balancer, resolve_rule
 from .balancers.base import balancer_state, check_balancer_state, load_balancer_state
 from .report import StepReport
+from .rule_options import RuleOptions, check_optimizer
 
 __all__ = ["ParetoLoRA"]
 
@@ -128,6 +129,8 @@ class ParetoLoRA:
         symmetric: bool | None = None,
         layers_path: str | None = None,
         arch=None,
+        stats_ema: float | None = None,
+        preserve_norm: bool = False,
         on_nonfinite: str = "auto",
         backend: str = "auto",
     ):
@@ -135,7 +138,12 @@ class ParetoLoRA:
         self.balancer, self.spec = resolve_rule(rule, tau, gamma, symmetric)
         if on_nonfinite not in NONFINITE_MODES:
             raise ValueError(f"on_nonfinite: expected one of {', '.join(NONFINITE_MODES)}, got {on_nonfinite!r}")
+        self.options = RuleOptions(stats_ema, preserve_norm)
+        if self.options.enabled and self.balancer is not None:
+            raise ValueError("stats_ema, preserve_norm: expected a kernel rule; they do not apply to a balancer")
         self._sync = make_sync(model)
+        if self.options.stats_ema and not getattr(self._sync, "calls_rule_once", True):
+            raise ValueError("stats_ema: not supported under DDP yet (the hook runs the rule group by group)")
         if self.balancer is not None:
             self._sync = self.balancer.wrap_sync(self._sync)
         layout = build_layout(self._sync.module, num_groups=num_groups, modulate=modulate, layers_path=layers_path,
@@ -171,7 +179,14 @@ class ParetoLoRA:
 
     def _rule(self, group_stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(coeffs, cases) of every group under the current settings (called by the sync)."""
+        return self.options.apply(group_stats, self._kernel_rule)
+
+    def _kernel_rule(self, group_stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return ops.rule_coefficients(group_stats, self.spec, active=self.layout.active, backend=self.backend)
+
+    def check_optimizer(self, optimizer: torch.optim.Optimizer) -> str | None:
+        """Warn when this rule can lengthen the gradient and `optimizer` (SGD) steps in proportion."""
+        return check_optimizer(optimizer, self.spec, self.options.preserve_norm) if self.balancer is None else None
 
     def _reset(self) -> None:
         dev = self.layout.device
@@ -250,6 +265,7 @@ class ParetoLoRA:
             "text": [f.detach().cpu().clone() for f in self.text.flats] if window else [],
             "image": [f.detach().cpu().clone() for f in self.image.flats] if window else [],
             "balancer": balancer_state(self.balancer),  # MIMO's floors, GradNorm's weights (None: a kernel rule)
+            "options": self.options.state_dict(),  # the statistics' running average, if any
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -273,6 +289,8 @@ class ParetoLoRA:
         self.spec = spec
         self._reset()
         load_balancer_state(self.balancer, state.get("balancer"))
+        if state.get("options") is not None:
+            self.options.load_state_dict(state["options"])
         if micro:
             for (t, i), tf, imf in zip(flats, self.text.flats, self.image.flats):
                 tf.copy_(t)

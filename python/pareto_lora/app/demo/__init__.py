@@ -23,11 +23,13 @@ from .model import ModelConfig
 
 __all__ = ["DemoConfig", "ModelConfig", "QUICK", "DEFAULT", "FULL", "run_demo", "describe_setup"]
 
-_RULES = ("pareto_lora", "pareto_lora_all", "pareto_lora_m0.1", "rescale_only", "pareto_only", "mgda", "mmpareto", "mimo", "gradnorm", "commit")
+_RULES = ("pareto_lora", "pareto_lora_all", "pareto_lora_m0.1", "pareto_lora_ema0.9", "pareto_lora_norm", "rescale_only",
+          "pareto_only", "mgda", "mmpareto", "mimo", "gradnorm", "commit")
+_VARIANTS = ("pareto_lora_all", "pareto_lora_m0.1", "pareto_lora_ema0.9", "pareto_lora_norm")
 #: ``--quick``: the CI smoke test (well under 30 s on 2 CPU cores): tiny, but every code path.
 QUICK = dict(seeds=(0, 1), steps=12, pretrain_steps=40, eval_every=6, eval_batches=1, batch_size=16,
              eval_batch_size=32, model=ModelConfig(num_layers=4, lora_rank=4), cache_dir=None,
-             rules=("text_only", "image_only", "sum", "w3", *(r for r in _RULES if r not in ("pareto_lora_all", "pareto_lora_m0.1"))))
+             rules=("text_only", "image_only", "sum", "w3", *(r for r in _RULES if r not in _VARIANTS)))
 #: the default ``pareto-lora demo``: a reduced study sized for <= 6 minutes on a fresh 2-core CPU
 #: (pre-training included): fewer seeds and weights than FULL, the paper's rule and vanilla only.
 DEFAULT = dict(seeds=(0, 1, 2), rules=("text_only", "image_only", "sum", "w2", "w4", "pareto_lora"))

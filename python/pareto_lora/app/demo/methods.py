@@ -8,9 +8,10 @@
 * controls and the reweighting frontier (``CONTROLS``): vanilla gradients of ``a*L_text + b*L_image``
   -- ``text_only`` (1, 0) and ``image_only`` (0, 1) bracket what fine-tuning can move, ``w2`` ..
   ``w6`` (1, w) trace the trade-off a practitioner gets by tuning one loss weight (``sum`` is w = 1);
-* ``VARIANTS``: ``pareto_lora_all``, the paper's rule on every layer group (``modulate="all"``), and
+* ``VARIANTS``: ``pareto_lora_all``, the paper's rule on every layer group (``modulate="all"``),
   ``pareto_lora_m0.1``, its conflict branch only on cos < -0.1 (``RuleSpec.margin``: text and image
-  gradients are nearly orthogonal, so cos < 0 alone fires on noise);
+  gradients are nearly orthogonal, so cos < 0 alone fires on noise), ``pareto_lora_ema0.9`` (the
+  rule on statistics averaged over steps) and ``pareto_lora_norm`` (``preserve_norm=True``);
 * ``commit``: vanilla gradients (``sum``) and CoMMIT's coordinated learning rates. The demo model has
   no separate vision encoder, so the LoRA of the lowest layer group (the layers that first read the
   image codes) plays the feature side and the rest of the stack the LLM side; kappa is measured
@@ -35,10 +36,13 @@ CONTROLS: dict[str, tuple[float, float]] = {
     "text_only": (1.0, 0.0), "image_only": (0.0, 1.0),
     **{f"w{w:g}": (1.0, float(w)) for w in (1.5, 2, 3, 4, 6, 8)},
 }
-#: name -> (kernel rule, modulate or None = the config's, conflict margin): variants of a kernel rule
-VARIANTS: dict[str, tuple[str, str | None, float]] = {
-    "pareto_lora_all": ("pareto_lora", "all", 0.0),
-    "pareto_lora_m0.1": ("pareto_lora", None, 0.1),
+#: name -> (kernel rule, modulate or None = the config's, conflict margin, ParetoLoRA options):
+#: variants of a kernel rule
+VARIANTS: dict[str, tuple[str, str | None, float, dict]] = {
+    "pareto_lora_all": ("pareto_lora", "all", 0.0, {}),
+    "pareto_lora_m0.1": ("pareto_lora", None, 0.1, {}),
+    "pareto_lora_ema0.9": ("pareto_lora", None, 0.0, {"stats_ema": 0.9}),
+    "pareto_lora_norm": ("pareto_lora", None, 0.0, {"preserve_norm": True}),
 }
 ALL_METHODS: tuple[str, ...] = (*METHODS, *VARIANTS, *CONTROLS)
 
@@ -79,9 +83,11 @@ def build_method(model, name: str, cfg) -> Method:
         modulate = cfg.modulate if name == "mimo" else "all"  # MIMO's one-backward mode weights every parameter
         pl = pareto_lora.ParetoLoRA(model, rule=balancer, num_groups=cfg.num_groups, modulate=modulate)
     else:
-        rule, modulate, margin = VARIANTS.get(name, ("sum" if name == "commit" or name in CONTROLS else name, None, 0.0))
+        plain = ("sum" if name == "commit" or name in CONTROLS else name, None, 0.0, {})
+        rule, modulate, margin, options = VARIANTS.get(name, plain)
         spec = pareto_lora.RuleSpec(rule, tau=cfg.tau, margin=margin)
-        pl = pareto_lora.ParetoLoRA(model, rule=spec, num_groups=cfg.num_groups, modulate=modulate or cfg.modulate)
+        pl = pareto_lora.ParetoLoRA(model, rule=spec, num_groups=cfg.num_groups, modulate=modulate or cfg.modulate,
+                                    **options)
     if name != "commit":
         opt = torch.optim.AdamW([p for _, p in trainable], lr=cfg.lr, weight_decay=0.0)
         return Method(pl, opt)

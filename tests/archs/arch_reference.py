@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pareto_lora import archs, reference
+from _oracle import oracle  # noqa: F401  (the grouped float64 oracle, re-exported for these tests)
+from pareto_lora import archs
 
 
 def spec_group(spec, name: str, num_groups: int) -> str:
@@ -30,20 +31,3 @@ def plain_grads(model, batch, spec):
     gi = torch.autograd.grad(image, params, allow_unused=True)
     zero = torch.zeros_like
     return {n: (zero(p) if a is None else a, zero(p) if b is None else b) for (n, p), a, b in zip(named, gt, gi)}
-
-
-def oracle(grads, groups, active, rule, tau=0.5):
-    """reference.integrate on each group's flattened gradients; inactive groups get the plain sum."""
-    out = {}
-    for g in sorted(set(groups.values())):
-        names = [n for n in grads if groups[n] == g]
-        a = torch.cat([grads[n][0].reshape(-1) for n in names]).double()
-        b = torch.cat([grads[n][1].reshape(-1) for n in names]).double()
-        res, _, _, _ = reference.integrate(a, b, torch.tensor([0, a.numel()]), rule=rule, tau=tau,
-                                           active=torch.tensor([g in active]))
-        pos = 0
-        for n in names:
-            k = grads[n][0].numel()
-            out[n] = res[pos : pos + k].view_as(grads[n][0])
-            pos += k
-    return out

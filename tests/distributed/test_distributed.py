@@ -12,9 +12,6 @@ rank's mean halved), so that test uses the average of per-rank losses explicitly
 
 import os
 import re
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -24,41 +21,21 @@ from pareto_lora import Case, reference
 from pareto_lora.flat import build_layout, group_of_names
 
 import _dist_worker as W
+from _launch import free_port, run_ranks
 import models
 
 WORLD = 2
 TIMEOUT_S = 240
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("dist")
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1")
     worker = os.path.join(os.path.dirname(__file__), "_dist_worker.py")
-    procs = [
-        subprocess.Popen([sys.executable, worker, str(r), str(WORLD), str(port), str(out_dir)], env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for r in range(WORLD)
-    ]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=TIMEOUT_S)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for r, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {r} failed (rc={p.returncode}):\n{log[-6000:]}"
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return run_ranks(worker, WORLD, out_dir, TIMEOUT_S, lambda r: [str(r), str(WORLD), str(port), str(out_dir)],
+                     lambda r: env)
 
 
 # ---- single-process references ----------------------------------------------------------------

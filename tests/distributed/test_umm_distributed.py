@@ -15,8 +15,6 @@ each other.
 """
 
 import os
-import socket
-import subprocess
 import sys
 
 import pytest
@@ -33,40 +31,22 @@ from pareto_lora import Case, archs  # noqa: E402
 from pareto_lora.flat import build_layout, group_of_names  # noqa: E402
 
 import _umm_worker as W  # noqa: E402
+from _launch import free_port, run_ranks  # noqa: E402
 
 WORLD = 2
 TIMEOUT_S = 300
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("umm")
-    port = str(_free_port())
+    port = str(free_port())
     worker = os.path.join(HERE, "_umm_worker.py")
-    procs = []
-    for r in range(WORLD):
-        env = dict(os.environ, OMP_NUM_THREADS="1", RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(WORLD),
-                   LOCAL_WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        procs.append(subprocess.Popen([sys.executable, worker, str(out_dir)], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=TIMEOUT_S)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for r, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {r} failed (rc={p.returncode}):\n{log[-6000:]}"
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return run_ranks(  # torchrun's environment, nothing else
+        worker, WORLD, out_dir, TIMEOUT_S, lambda r: [str(out_dir)],
+        lambda r: dict(os.environ, OMP_NUM_THREADS="1", RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(WORLD),
+                       LOCAL_WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
+    )
 
 
 @pytest.fixture(scope="module", autouse=True)

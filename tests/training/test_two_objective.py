@@ -7,10 +7,11 @@ import pytest
 import torch
 
 import pareto_lora
-from pareto_lora import Case, reference
+from pareto_lora import Case
 from pareto_lora.training import ParetoLoRA
 
 import models
+from _oracle import oracle as oracle_grads
 
 
 @pytest.fixture(scope="module")
@@ -44,23 +45,6 @@ def oracle_group(name: str, num_layers: int, num_groups: int) -> int:
         return num_groups
     split = np.array_split(np.arange(num_layers), num_groups)
     return next(g for g, layers in enumerate(split) if int(m.group(1)) in layers)
-
-
-def oracle_grads(grads, groups, active, rule, tau):
-    """Apply reference.integrate group by group on flattened plain-autograd gradients."""
-    out = {}
-    for g in sorted(set(groups.values())):
-        names = [n for n in grads if groups[n] == g]
-        a = torch.cat([grads[n][0].reshape(-1) for n in names]).double()
-        b = torch.cat([grads[n][1].reshape(-1) for n in names]).double()
-        res, _, _, _ = reference.integrate(a, b, torch.tensor([0, a.numel()]), rule=rule, tau=tau,
-                                           active=torch.tensor([g in active]))
-        pos = 0
-        for n in names:
-            k = grads[n][0].numel()
-            out[n] = res[pos : pos + k].view_as(grads[n][0])
-            pos += k
-    return out
 
 
 @pytest.mark.parametrize("rule", pareto_lora.RULES)

@@ -1,0 +1,35 @@
+"""Launch `world` worker processes on loopback and collect what each saved (shared by the gloo tests)."""
+
+import socket
+import subprocess
+import sys
+
+import torch
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(worker: str, world: int, out_dir, timeout_s: float, args_of, env_of) -> list:
+    """Start ``python worker *args_of(rank)`` with ``env_of(rank)`` for every rank, wait (killing
+    stragglers), fail with the rank's log tail if one failed, and load ``out_dir/rank{r}.pt``."""
+    procs = [
+        subprocess.Popen([sys.executable, worker, *args_of(r)], env=env_of(r), stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+        for r in range(world)
+    ]
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=timeout_s)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for r, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode == 0, f"rank {r} failed (rc={p.returncode}):\n{log[-6000:]}"
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]

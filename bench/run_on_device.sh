@@ -4,17 +4,21 @@
 #   1. build the extension in place with its CUDA kernels (PARETO_LORA_CUDA=1),
 #   2. run the GPU-relevant tests (the rest of the suite is CPU-only and runs in CI),
 #   3. one-process NCCL DDP and FSDP2 steps (tools/device_nccl_smoke.py),
-#   4. run the GPU benchmark.
+#   4. run the GPU benchmark,
+#   5. sweep the CUDA launch plans against Triton over sizes and segment counts (sweep_gpu_paths.py).
+# PARETO_LORA_DEVICE_STEPS (default "pytest,nccl,bench,sweep") picks the steps after the build.
 # Everything lands under $OUT (default ./device_out): environment, build log, pytest log and
 # junit XML, benchmark CSV/Markdown/JSON. Each step has its own time limit so the whole run stays
 # under ~9 minutes; a step that fails or times out is recorded and the next step still runs.
-# Exit status: non-zero if the build or the tests failed.
+# Exit status: non-zero if the build or the tests failed. At most 8 files come back from a lent
+# machine: junit XML only with PARETO_LORA_JUNIT=1.
 #
 #   OUT=/tmp/out bash bench/run_on_device.sh
 set -u -o pipefail
 
 OUT="${OUT:-$PWD/device_out}"
 mkdir -p "$OUT"
+export OUT
 export PARETO_LORA_CUDA=1
 # The H200 image builds with /opt/gcc/bin/g++ by default, but torch was built with the system GCC:
 # C++ exceptions thrown from an extension built with the other one crash (seen 2026-11-28).
@@ -48,7 +52,9 @@ step() {  # step NAME LIMIT_S CMD...: run with a time limit, log to $OUT/NAME.lo
   nvcc --version || true
   "$PY" -c 'import torch, sys; print(sys.version); print("torch", torch.__version__, "cuda", torch.version.cuda, "hip", torch.version.hip); print(torch.cuda.get_device_name(0), torch.cuda.get_device_properties(0))'
   "$PY" -c 'import triton; print("triton", triton.__version__)' || true
-  echo "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS"
+  echo "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS CC=${CC:-} CXX=${CXX:-}"
+  ${CXX:-c++} --version | head -1
+  "$PY" -c 'import torch; print(torch.__config__.show())' | grep -i -m2 "compiler\|gcc"
 } >"$OUT/env.txt" 2>&1
 
 if ! step build 200 "$PY" setup.py build_ext --inplace; then
@@ -60,19 +66,28 @@ fi
 
 # The GPU-relevant tests first (CUDA and Triton backends, the shared op suites, the reliability and
 # property suites); the rest of the suite is CPU-only and runs in CI.
-step pytest 150 "$PY" -m pytest -q -rs tests/backends tests/test_ops.py tests/test_errors.py \
-  tests/test_reliability.py tests/test_properties.py tests/test_hypothesis.py \
-  --junitxml="$OUT/pytest.xml" -p no:cacheprovider || status=1
+STEPS="${PARETO_LORA_DEVICE_STEPS:-pytest,nccl,bench,sweep}"
+want() { case ",$STEPS," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
+JUNIT=()
+[ "${PARETO_LORA_JUNIT:-0}" = 1 ] && JUNIT=(--junitxml="$OUT/pytest.xml")
+if want pytest; then
+  step pytest "${PARETO_LORA_PYTEST_LIMIT:-150}" "$PY" -m pytest -q -rs tests/backends tests/test_ops.py \
+    tests/test_errors.py tests/test_reliability.py tests/test_properties.py tests/test_hypothesis.py \
+    tests/test_margin.py tests/test_bench_baselines.py "${JUNIT[@]}" -p no:cacheprovider || status=1
+fi
 
 # One-process NCCL DDP and FSDP2 steps with ParetoLoRA on a small bf16 model.
-step nccl 60 "$PY" tools/device_nccl_smoke.py || status=1
+want nccl && { step nccl 60 "$PY" tools/device_nccl_smoke.py || status=1; }
 
 # The benchmark runs implementation by implementation, so a timeout costs baselines, not the
 # fused kernel's rows; the CSV and Markdown table are rewritten after every row.
 export PARETO_LORA_BENCH_OUT="$OUT"
-step bench 120 "$PY" -m pytest -q bench/bench_gpu.py --benchmark-json="$OUT/bench_gpu.json" \
-  --benchmark-columns=median,min,max -p no:cacheprovider || true
-[ -f "$OUT/bench_gpu.md" ] && cat "$OUT/bench_gpu.md"
+if want bench; then
+  step bench 120 "$PY" -m pytest -q bench/bench_gpu.py --benchmark-json="$OUT/bench_gpu.json" \
+    --benchmark-columns=median,min,max -p no:cacheprovider || true
+  [ -f "$OUT/bench_gpu.md" ] && cat "$OUT/bench_gpu.md"
+fi
+want sweep && { step sweep "${PARETO_LORA_SWEEP_LIMIT:-150}" "$PY" bench/sweep_gpu_paths.py || true; }
 
 echo "total ${SECONDS}s, status $status" | tee -a "$OUT/summary.txt"
 exit $status

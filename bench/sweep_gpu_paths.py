@@ -1,0 +1,136 @@
+#!/usr/bin/env python
+"""Where should the CUDA op switch between its launch plans?  (numbers, not assertions)
+
+    OUT=/tmp/out python bench/sweep_gpu_paths.py          # needs a CUDA device
+
+Times the compiled op's launch plans (PARETO_LORA_CUDA_PATH = each of PLANS) and the Triton
+backend over a grid of sizes and segment counts, contenders interleaved round-robin in one
+process (minimum over rounds of per-round medians), and, for each compiled plan, the device time
+of its kernels alone from the profiler (so host overhead -- schedule, upload, dispatch -- and
+kernel time are told apart). Writes $OUT/sweep_gpu.csv and prints a table with each time over the
+two-pass (5N bytes) floor at the copy bandwidth measured in the same run.
+
+PARETO_LORA_SWEEP_NUMELS / _GS / _PLANS override the grid (comma lists).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_gpu import Case, _parse_numel  # noqa: E402
+
+import pareto_lora  # noqa: E402
+
+RULE, TAU = "pareto_lora", 0.5
+NUMELS = [_parse_numel(t) for t in os.environ.get("PARETO_LORA_SWEEP_NUMELS", "1M,4M,16M,64M,128M").split(",")]
+GS = [int(t) for t in os.environ.get("PARETO_LORA_SWEEP_GS", "1,8,64,256,1024,4096").split(",")]
+PLANS = [t for t in os.environ.get("PARETO_LORA_SWEEP_PLANS", "fused,two_pass").split(",") if t]
+DTYPES = [torch.float32, torch.bfloat16]
+ROUNDS = 3
+
+
+def run_plan(plan):
+    def fn(case, i):
+        a, b, out = case.sets[i % case.num_sets]
+        if plan == "triton":
+            pareto_lora.integrate(a, b, case.offsets, out=out, rule=RULE, tau=TAU, backend="triton")
+        else:
+            os.environ["PARETO_LORA_CUDA_PATH"] = plan
+            pareto_lora.integrate(a, b, case.offsets, out=out, rule=RULE, tau=TAU, backend="cpp")
+
+    return fn
+
+
+def median_ms(fn, case, iters):
+    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+    for i, (s, e) in enumerate(ev):
+        s.record()
+        fn(case, i)
+        e.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in ev)
+
+
+def kernel_ms(fn, case, iters=5):
+    """Mean device time per call of the CUDA kernels the call launched (profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(iters):
+            fn(case, i)
+        torch.cuda.synchronize()
+    total_us = 0.0
+    for ev in prof.key_averages():
+        if "integrate" in ev.key or "rule_kernel" in ev.key:
+            total_us += getattr(ev, "device_time_total", getattr(ev, "cuda_time_total", 0.0))
+    return total_us / 1e3 / iters
+
+
+def copy_gbps():
+    n = 1 << 28
+    src = torch.empty(n, dtype=torch.float32, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(13):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        dst.copy_(src)
+        e.record()
+        torch.cuda.synchronize()
+        if i >= 3:
+            times.append(s.elapsed_time(e))
+    return 2 * n * 4 / (statistics.median(times) * 1e-3) / 1e9
+
+
+def main():
+    out_dir = os.environ.get("OUT", ".")
+    contenders = PLANS + (["triton"] if "triton" in pareto_lora.available_backends("cuda") else [])
+    bw = copy_gbps()
+    print(f"{torch.cuda.get_device_name(0)}  copy {bw:.0f} GB/s  torch {torch.__version__}", flush=True)
+    path = os.path.join(out_dir, "sweep_gpu.csv")
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["numel", "dtype", "G", "impl", "min_median_ms", "kernel_ms", "over_5N_floor", "copy_GBps"])
+        t_start = time.perf_counter()
+        for numel in NUMELS:
+            for dtype in DTYPES:
+                for g in GS:
+                    case = Case(numel, dtype, g)
+                    floor_ms = 5 * numel * case.sets[0][0].element_size() / (bw * 1e9) * 1e3
+                    fns = {c: run_plan(c) for c in contenders}
+                    for c in contenders:  # warm-up (Triton compiles, caches fill)
+                        for i in range(3):
+                            fns[c](case, i)
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    fns[contenders[0]](case, 0)
+                    torch.cuda.synchronize()
+                    iters = int(min(100, max(5, 0.03 / max(time.perf_counter() - t0, 1e-6))))
+                    best = {c: float("inf") for c in contenders}
+                    for _ in range(ROUNDS):
+                        for c in contenders:
+                            best[c] = min(best[c], median_ms(fns[c], case, iters))
+                    line = [f"{numel >> 20}M {str(dtype)[6:]:8s} G={g:5d}"]
+                    for c in contenders:
+                        kms = kernel_ms(fns[c], case) if c != "triton" else float("nan")
+                        w.writerow([numel, str(dtype)[6:], g, c, f"{best[c]:.5f}", f"{kms:.5f}",
+                                    f"{best[c] / floor_ms:.3f}", f"{bw:.0f}"])
+                        line.append(f"{c} {best[c]:.4f} ({best[c] / floor_ms:.2f}x, kern {kms:.4f})")
+                    f.flush()
+                    print("  ".join(line), flush=True)
+                    del case
+                    torch.cuda.empty_cache()
+        os.environ.pop("PARETO_LORA_CUDA_PATH", None)
+        print(f"sweep done in {time.perf_counter() - t_start:.0f}s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -6,7 +6,8 @@
 #   3. one-process NCCL DDP and FSDP2 steps (tools/device_nccl_smoke.py),
 #   4. run the GPU benchmark,
 #   5. sweep the CUDA launch plans against Triton over sizes and segment counts (sweep_gpu_paths.py).
-# PARETO_LORA_DEVICE_STEPS (default "pytest,nccl,bench,sweep") picks the steps after the build.
+# PARETO_LORA_DEVICE_STEPS (default "pytest,pytest_shared,nccl,bench,sweep") picks the steps after
+# the build.
 # Everything lands under $OUT (default ./device_out): environment, build log, pytest log and
 # junit XML, benchmark CSV/Markdown/JSON. Each step has its own time limit so the whole run stays
 # under ~9 minutes; a step that fails or times out is recorded and the next step still runs.
@@ -66,14 +67,20 @@ fi
 
 # The GPU-relevant tests first (CUDA and Triton backends, the shared op suites, the reliability and
 # property suites); the rest of the suite is CPU-only and runs in CI.
-STEPS="${PARETO_LORA_DEVICE_STEPS:-pytest,nccl,bench,sweep}"
+STEPS="${PARETO_LORA_DEVICE_STEPS:-pytest,pytest_shared,nccl,bench,sweep}"
 want() { case ",$STEPS," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 JUNIT=()
 [ "${PARETO_LORA_JUNIT:-0}" = 1 ] && JUNIT=(--junitxml="$OUT/pytest.xml")
+# -v: one line per test as it finishes, so a time limit still leaves the names of failures.
 if want pytest; then
-  step pytest "${PARETO_LORA_PYTEST_LIMIT:-150}" "$PY" -m pytest -q -rs tests/backends tests/test_ops.py \
-    tests/test_errors.py tests/test_reliability.py tests/test_properties.py tests/test_hypothesis.py \
-    tests/test_margin.py tests/test_bench_baselines.py "${JUNIT[@]}" -p no:cacheprovider || status=1
+  step pytest "${PARETO_LORA_PYTEST_LIMIT:-150}" "$PY" -m pytest -v --tb=short -rfEs tests/backends \
+    "${JUNIT[@]}" -p no:cacheprovider || status=1
+fi
+# The shared suites: their CPU parametrisations run in CI, here only the CUDA ones.
+if want pytest_shared; then
+  step pytest_shared "${PARETO_LORA_PYTEST_SHARED_LIMIT:-120}" "$PY" -m pytest -v --tb=short -rfE -k cuda \
+    tests/test_ops.py tests/test_errors.py tests/test_reliability.py tests/test_properties.py \
+    tests/test_hypothesis.py tests/test_margin.py tests/test_bench_baselines.py -p no:cacheprovider || status=1
 fi
 
 # One-process NCCL DDP and FSDP2 steps with ParetoLoRA on a small bf16 model.

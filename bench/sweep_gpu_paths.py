@@ -3,12 +3,15 @@
 
     OUT=/tmp/out python bench/sweep_gpu_paths.py          # needs a CUDA device
 
-Times the compiled op's launch plans (PARETO_LORA_CUDA_PATH = each of PLANS) and the Triton
-backend over a grid of sizes and segment counts, contenders interleaved round-robin in one
-process (minimum over rounds of per-round medians), and, for each compiled plan, the device time
-of its kernels alone from the profiler (so host overhead -- schedule, upload, dispatch -- and
-kernel time are told apart). Writes $OUT/sweep_gpu.csv and prints a table with each time over the
-two-pass (5N bytes) floor at the copy bandwidth measured in the same run.
+Times the compiled op's launch plans (PARETO_LORA_CUDA_PATH = each of PLANS; "plan:0" also sets
+PARETO_LORA_CUDA_ONE_PASS=0) and the Triton backend over a grid of sizes and segment counts,
+contenders interleaved round-robin in one process (minimum over rounds of per-round medians), and,
+for each compiled plan, the device time of its kernels alone from the profiler (so host overhead
+-- schedule, upload, dispatch -- and kernel time are told apart) and the host time per call when
+calls are queued back to back without a sync ("host_us": the rate the CPU can issue them). The
+strong torch baselines (pareto_lora.app.baselines: torch_foreach, torch_strong) join at the
+issue's target rows (16M and 128M elements, G = 64 and 1024). Writes $OUT/sweep_gpu.csv and
+prints each time over the two-pass (5N bytes) floor at the copy bandwidth measured in the same run.
 
 PARETO_LORA_SWEEP_NUMELS / _GS / _PLANS override the grid (comma lists).
 """
@@ -27,25 +30,49 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_gpu import Case, _parse_numel  # noqa: E402
 
 import pareto_lora  # noqa: E402
+from pareto_lora.app import baselines  # noqa: E402
 
 RULE, TAU = "pareto_lora", 0.5
 NUMELS = [_parse_numel(t) for t in os.environ.get("PARETO_LORA_SWEEP_NUMELS", "1M,4M,16M,64M,128M").split(",")]
 GS = [int(t) for t in os.environ.get("PARETO_LORA_SWEEP_GS", "1,8,64,256,1024,4096").split(",")]
-PLANS = [t for t in os.environ.get("PARETO_LORA_SWEEP_PLANS", "fused,two_pass").split(",") if t]
+PLANS = [t for t in os.environ.get("PARETO_LORA_SWEEP_PLANS", "fused,two_pass,fused:0,two_pass:0").split(",") if t]
+BASELINE_ROWS = {(16 << 20, 64), (16 << 20, 1024), (128 << 20, 64), (128 << 20, 1024)}
 DTYPES = [torch.float32, torch.bfloat16]
 ROUNDS = 3
 
 
 def run_plan(plan):
+    if plan in ("torch_foreach", "torch_strong"):
+        base = baselines.BASELINES[plan.split("_")[1]][0]
+
+        def fn(case, i):
+            a, b, out = case.sets[i % case.num_sets]
+            base(a, b, case.offsets, out, RULE, TAU)
+
+        return fn
+    path, _, one_pass = plan.partition(":")
+
     def fn(case, i):
         a, b, out = case.sets[i % case.num_sets]
         if plan == "triton":
             pareto_lora.integrate(a, b, case.offsets, out=out, rule=RULE, tau=TAU, backend="triton")
         else:
-            os.environ["PARETO_LORA_CUDA_PATH"] = plan
+            os.environ["PARETO_LORA_CUDA_PATH"] = path
+            os.environ["PARETO_LORA_CUDA_ONE_PASS"] = one_pass or "1"
             pareto_lora.integrate(a, b, case.offsets, out=out, rule=RULE, tau=TAU, backend="cpp")
 
     return fn
+
+
+def host_us(fn, case, calls=50):
+    """Host time per call with calls queued back to back (no sync in between)."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for i in range(calls):
+        fn(case, i)
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / calls * 1e6
 
 
 def median_ms(fn, case, iters):
@@ -98,15 +125,17 @@ def main():
     path = os.path.join(out_dir, "sweep_gpu.csv")
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["numel", "dtype", "G", "impl", "min_median_ms", "kernel_ms", "over_5N_floor", "copy_GBps"])
+        w.writerow(["numel", "dtype", "G", "impl", "min_median_ms", "kernel_ms", "host_us", "over_5N_floor",
+                    "copy_GBps"])
         t_start = time.perf_counter()
         for numel in NUMELS:
             for dtype in DTYPES:
                 for g in GS:
                     case = Case(numel, dtype, g)
                     floor_ms = 5 * numel * case.sets[0][0].element_size() / (bw * 1e9) * 1e3
-                    fns = {c: run_plan(c) for c in contenders}
-                    for c in contenders:  # warm-up (Triton compiles, caches fill)
+                    here = contenders + (["torch_foreach", "torch_strong"] if (numel, g) in BASELINE_ROWS else [])
+                    fns = {c: run_plan(c) for c in here}
+                    for c in here:  # warm-up (Triton compiles, caches fill)
                         for i in range(3):
                             fns[c](case, i)
                     torch.cuda.synchronize()
@@ -114,21 +143,24 @@ def main():
                     fns[contenders[0]](case, 0)
                     torch.cuda.synchronize()
                     iters = int(min(100, max(5, 0.03 / max(time.perf_counter() - t0, 1e-6))))
-                    best = {c: float("inf") for c in contenders}
+                    best = {c: float("inf") for c in here}
                     for _ in range(ROUNDS):
-                        for c in contenders:
-                            best[c] = min(best[c], median_ms(fns[c], case, iters))
+                        for c in here:
+                            best[c] = min(best[c], median_ms(fns[c], case, iters if c in contenders else 5))
                     line = [f"{numel >> 20}M {str(dtype)[6:]:8s} G={g:5d}"]
-                    for c in contenders:
-                        kms = kernel_ms(fns[c], case) if c != "triton" else float("nan")
-                        w.writerow([numel, str(dtype)[6:], g, c, f"{best[c]:.5f}", f"{kms:.5f}",
+                    for c in here:
+                        compiled = c in PLANS
+                        kms = kernel_ms(fns[c], case) if compiled else float("nan")
+                        hus = host_us(fns[c], case) if compiled and numel <= (16 << 20) else float("nan")
+                        w.writerow([numel, str(dtype)[6:], g, c, f"{best[c]:.5f}", f"{kms:.5f}", f"{hus:.1f}",
                                     f"{best[c] / floor_ms:.3f}", f"{bw:.0f}"])
-                        line.append(f"{c} {best[c]:.4f} ({best[c] / floor_ms:.2f}x, kern {kms:.4f})")
+                        line.append(f"{c} {best[c]:.4f} ({best[c] / floor_ms:.2f}x k{kms:.4f} h{hus:.0f})")
                     f.flush()
                     print("  ".join(line), flush=True)
                     del case
                     torch.cuda.empty_cache()
         os.environ.pop("PARETO_LORA_CUDA_PATH", None)
+        os.environ.pop("PARETO_LORA_CUDA_ONE_PASS", None)
         print(f"sweep done in {time.perf_counter() - t_start:.0f}s", flush=True)
 
 

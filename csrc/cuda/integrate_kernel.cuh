@@ -1,5 +1,10 @@
-// The one CUDA/HIP kernel behind all four ops: a persistent, ticket-driven loop over the tiles
-// of schedule.h.
+// The one CUDA/HIP kernel behind all four ops, over the tiles of schedule.h. Two launch plans:
+//   persistent (the fused plan): a grid of co-resident blocks draws tickets from a counter; apply
+//     tiles wait for their segment's rule, so one launch does reduce, rule and apply;
+//   one block per tile (the two-launch plan and the single-phase ops): nothing waits, the
+//     hardware schedules the blocks, and many resident blocks hide each tile's set-up latency.
+// Segments of one tile are one-pass tiles in both plans (statistics, rule and combine by one
+// block; the second read comes from L1/L2).
 //
 // Why this mechanism ("last block finalizes" + per-segment ready flags, not a cooperative grid
 // barrier): a grid barrier makes every block wait for the slowest segment before any output is
@@ -87,9 +92,10 @@ struct Params {
   const double* coeff_d;   // ... or double (combine with float64 coeffs)
   const bool* active;      // [G] or null
   RuleParams rule;
-  bool with_rule;  // finalizers compute the rule
-  bool fused;      // finalizers raise `ready`, apply tiles wait for it
-  bool vec_ok;     // a, b, out share their alignment mod 16 bytes
+  bool with_rule;   // finalizers compute the rule
+  bool fused;       // finalizers raise `ready`, apply tiles wait for it
+  bool persistent;  // blocks draw tickets (fused); else block i runs ticket ticket_begin + i
+  bool vec_ok;      // a, b, out share their alignment mod 16 bytes
 };
 
 // x, y, z summed over the block; the totals are valid in thread 0. Fixed shuffle tree.
@@ -164,9 +170,34 @@ __device__ __forceinline__ void for_tile(const scalar_t* a, const scalar_t* b, c
   for (int64_t i = sp.tail_begin + threadIdx.x; i < n; i += kThreads) on_scalar(i, a[i], b[i]);
 }
 
-// The last reduce tile of a segment: sum its slots in a fixed order, then the rule. Out of line:
-// it runs once per segment, and its double-precision rule must not take registers from the
-// streaming loops.
+// Thread 0 only: a segment's statistics, and its rule when asked; returns the coefficients as
+// apply tiles read them (rounded to float). `raise_flag`: release the segment's apply tiles
+// (fused plan). Out of line: it runs once per segment, and its double-precision rule must not
+// take registers from the streaming loops.
+template <typename scalar_t>
+__device__ __noinline__ float2 write_segment(const Params<scalar_t>& p, int64_t seg, double x, double y, double z,
+                                             bool raise_flag) {
+  // The rule sees the float64 statistics it returns, exactly as on the CPU and in the reference.
+  p.stats[3 * seg] = x;
+  p.stats[3 * seg + 1] = y;
+  p.stats[3 * seg + 2] = z;
+  float2 c2 = make_float2(0.f, 0.f);
+  if (p.with_rule) {
+    const bool on = p.active == nullptr || p.active[seg];
+    const Coefficients c = compute_rule(x, y, z, on, p.rule);
+    c2 = make_float2(static_cast<float>(c.alpha), static_cast<float>(c.beta));
+    p.coeffs_out[2 * seg] = c2.x;
+    p.coeffs_out[2 * seg + 1] = c2.y;
+    p.cases[seg] = c.code;
+    if (raise_flag) {
+      __threadfence();  // coefficients visible before the flag
+      atomicExch(&p.ctr.ready[seg], 1u);
+    }
+  }
+  return c2;
+}
+
+// The last reduce tile of a segment: sum its slots in a fixed order, then the rule.
 template <typename scalar_t>
 __device__ __noinline__ void finalize_segment(const Params<scalar_t>& p, const cuda_schedule::Tile& t) {
   double x = 0, y = 0, z = 0;
@@ -178,28 +209,14 @@ __device__ __noinline__ void finalize_segment(const Params<scalar_t>& p, const c
     z += s[2];
   }
   block_sum3(x, y, z);
-  if (threadIdx.x == 0) {
-    // The rule sees the float64 statistics it returns, exactly as on the CPU and in the reference.
-    p.stats[3 * t.seg] = x;
-    p.stats[3 * t.seg + 1] = y;
-    p.stats[3 * t.seg + 2] = z;
-    if (p.with_rule) {
-      const bool on = p.active == nullptr || p.active[t.seg];
-      const Coefficients c = compute_rule(x, y, z, on, p.rule);
-      p.coeffs_out[2 * t.seg] = static_cast<float>(c.alpha);
-      p.coeffs_out[2 * t.seg + 1] = static_cast<float>(c.beta);
-      p.cases[t.seg] = c.code;
-      // Only segments with apply tiles have someone to consume (and reset) the flag.
-      if (p.fused && p.sched.offsets[t.seg + 1] > p.sched.offsets[t.seg]) {
-        __threadfence();  // coefficients visible before the flag
-        atomicExch(&p.ctr.ready[t.seg], 1u);
-      }
-    }
-  }
+  // Only segments with apply tiles have someone to consume (and reset) the flag.
+  if (threadIdx.x == 0) write_segment(p, t.seg, x, y, z, p.fused && !t.seg_empty);
 }
 
+// ||a||^2, ||b||^2, a.b of one tile, summed over the block (valid in thread 0).
 template <typename scalar_t>
-__device__ void reduce_tile(const Params<scalar_t>& p, const cuda_schedule::Tile& t) {
+__device__ __forceinline__ void tile_stats(const Params<scalar_t>& p, const cuda_schedule::Tile& t, double& aa,
+                                           double& bb, double& ab) {
   // Products and sums in double: a float32 product is exact in double, so squares of tiny
   // (|x| ~ 1e-23) and huge (|x| ~ 1e20) gradients survive. The tile loop stays memory-bound.
   using acc_t = double;
@@ -209,7 +226,7 @@ __device__ void reduce_tile(const Params<scalar_t>& p, const cuda_schedule::Tile
   const scalar_t* b = p.b + t.begin;
   const cuda_schedule::Split sp =
       cuda_schedule::split_tile(reinterpret_cast<uint64_t>(a), n, sizeof(scalar_t), p.vec_ok);
-  acc_t aa = 0, bb = 0, ab = 0;
+  aa = 0, bb = 0, ab = 0;
   for_tile<scalar_t>(
       a, b, sp, n,
       [&](int64_t, const Vec16<scalar_t>& x, const Vec16<scalar_t>& y) {
@@ -228,13 +245,19 @@ __device__ void reduce_tile(const Params<scalar_t>& p, const cuda_schedule::Tile
         ab += u * w;
       });
   block_sum3(aa, bb, ab);
+}
 
+// A reduce tile's partial sums into its slot; the block that brings a segment's last one in
+// finalizes the segment.
+template <typename scalar_t>
+__device__ __forceinline__ void arrive(const Params<scalar_t>& p, const cuda_schedule::Tile& t, double aa, double bb,
+                                       double ab) {
   __shared__ bool last;
   if (threadIdx.x == 0) {
     double* slot = p.partials + 3 * t.slot;
-    slot[0] = static_cast<double>(aa);
-    slot[1] = static_cast<double>(bb);
-    slot[2] = static_cast<double>(ab);
+    slot[0] = aa;
+    slot[1] = bb;
+    slot[2] = ab;
     // Release: the partial sums must be visible device-wide before the arrival is counted;
     // without this fence the finalizer could read a stale slot.
     __threadfence();
@@ -245,40 +268,43 @@ __device__ void reduce_tile(const Params<scalar_t>& p, const cuda_schedule::Tile
   __syncthreads();
   if (!last) return;
   __threadfence();  // acquire side of the fence above
-
   finalize_segment(p, t);
 }
 
+// Thread 0 of an apply tile: wait for the segment's rule (fused plan) and read its coefficients.
 template <typename scalar_t>
-__device__ void apply_tile(const Params<scalar_t>& p, const cuda_schedule::Tile& t) {
+__device__ __forceinline__ void read_coefficients(const Params<scalar_t>& p, const cuda_schedule::Tile& t,
+                                                  at::opmath_type<scalar_t>* coef) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int kVec = 16 / sizeof(scalar_t);
-  __shared__ acc_t coef[2];
-  if (threadIdx.x == 0) {
-    if (p.fused) {
-      while (atomicAdd(&p.ctr.ready[t.seg], 0u) == 0u) spin_pause();
-      __threadfence();
-    }
-    if (p.coeff_f != nullptr) {
-      const volatile float* c = p.coeff_f + 2 * t.seg;
-      coef[0] = static_cast<acc_t>(c[0]);
-      coef[1] = static_cast<acc_t>(c[1]);
-    } else {
-      const volatile double* c = p.coeff_d + 2 * t.seg;
-      coef[0] = static_cast<acc_t>(c[0]);
-      coef[1] = static_cast<acc_t>(c[1]);
-    }
-    if (p.fused) {
-      // Each apply tile passed the flag before counting itself, so the last one may clear it.
-      const unsigned int before = atomicAdd(&p.ctr.applied[t.seg], 1u);
-      if (before + 1 == static_cast<unsigned int>(t.run_tiles)) {
-        p.ctr.applied[t.seg] = 0;
-        p.ctr.ready[t.seg] = 0;
-      }
+  if (p.fused) {
+    while (atomicAdd(&p.ctr.ready[t.seg], 0u) == 0u) spin_pause();
+    __threadfence();
+  }
+  if (p.coeff_f != nullptr) {
+    const volatile float* c = p.coeff_f + 2 * t.seg;
+    coef[0] = static_cast<acc_t>(c[0]);
+    coef[1] = static_cast<acc_t>(c[1]);
+  } else {
+    const volatile double* c = p.coeff_d + 2 * t.seg;
+    coef[0] = static_cast<acc_t>(c[0]);
+    coef[1] = static_cast<acc_t>(c[1]);
+  }
+  if (p.fused) {
+    // Each apply tile passed the flag before counting itself, so the last one may clear it.
+    const unsigned int before = atomicAdd(&p.ctr.applied[t.seg], 1u);
+    if (before + 1 == static_cast<unsigned int>(t.run_tiles)) {
+      p.ctr.applied[t.seg] = 0;
+      p.ctr.ready[t.seg] = 0;
     }
   }
-  __syncthreads();
-  const acc_t alpha = coef[0], beta = coef[1];
+}
+
+// out = alpha*a + beta*b over one tile.
+template <typename scalar_t>
+__device__ __forceinline__ void apply_range(const Params<scalar_t>& p, const cuda_schedule::Tile& t,
+                                            at::opmath_type<scalar_t> alpha, at::opmath_type<scalar_t> beta) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int kVec = 16 / sizeof(scalar_t);
   const int64_t n = t.end - t.begin;
   const scalar_t* a = p.a + t.begin;
   const scalar_t* b = p.b + t.begin;
@@ -301,26 +327,69 @@ __device__ void apply_tile(const Params<scalar_t>& p, const cuda_schedule::Tile&
       [&](int64_t i, scalar_t x, scalar_t y) {
         out[i] = static_cast<scalar_t>(alpha * static_cast<acc_t>(x) + beta * static_cast<acc_t>(y));
       });
-  __syncthreads();  // coef is rewritten by the next apply tile of this block
+}
+
+// One ticket. The statistics loop and the combine loop each appear once (the kernel's register
+// budget is set by one copy of each, as in the two-phase design), shared by the three kinds:
+//   reduce:   statistics -> slot (-> finalize the segment if last);
+//   apply:    coefficients of the segment -> combine;
+//   one-pass: statistics -> rule (thread 0) -> combine. Bitwise what reduce + apply tiles give:
+//             their finalizer adds the segment's one slot to zero, and apply tiles read the
+//             coefficients rounded to float.
+template <typename scalar_t>
+__device__ __forceinline__ void run_tile(const Params<scalar_t>& p, int64_t ticket) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const cuda_schedule::Tile t = cuda_schedule::decode(p.sched, ticket);
+  __shared__ acc_t coef[2];
+  if (t.phase != cuda_schedule::kPhaseApply) {
+    double aa, bb, ab;
+    tile_stats(p, t, aa, bb, ab);
+    if (t.phase == cuda_schedule::kPhaseReduce) {
+      arrive(p, t, aa, bb, ab);
+      return;
+    }
+    if (threadIdx.x == 0) {
+      double x = 0, y = 0, z = 0;
+      x += aa;
+      y += bb;
+      z += ab;
+      const float2 c = write_segment(p, t.seg, x, y, z, /*raise_flag=*/false);
+      coef[0] = static_cast<acc_t>(c.x);
+      coef[1] = static_cast<acc_t>(c.y);
+    }
+  } else if (threadIdx.x == 0) {
+    read_coefficients(p, t, coef);
+  }
+  __syncthreads();
+  apply_range(p, t, coef[0], coef[1]);
+  __syncthreads();  // coef is rewritten by the next tile of this block
 }
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) integrate_kernel(const Params<scalar_t> p) {
-  __shared__ int64_t ticket;
-  int64_t hint = 0;
+  if (!p.persistent) {  // one block per ticket: nothing waits, so any order is fine
+    const int64_t t = p.ticket_begin + static_cast<int64_t>(blockIdx.x);
+    if (t < p.ticket_end) run_tile(p, t);
+    return;
+  }
+  // Persistent: each block holds the ticket it works on and the next one, drawn as the current
+  // tile starts, so the counter's round trip overlaps the tile instead of preceding it. Progress
+  // (fused plan) still holds: let t be the smallest apply ticket any block waits on; each reduce
+  // tile of its segment has a smaller ticket, so it is done, being reduced, or held as the next
+  // ticket of a block whose current ticket is smaller still -- a reduce tile, which finishes, or
+  // an apply tile smaller than t, which by t's minimality does not wait.
+  __shared__ int64_t next;
+  if (threadIdx.x == 0) next = p.ticket_begin + static_cast<int64_t>(atomicAdd(p.ctr.ticket, 1ull));
+  __syncthreads();
   while (true) {
-    if (threadIdx.x == 0) ticket = p.ticket_begin + static_cast<int64_t>(atomicAdd(p.ctr.ticket, 1ull));
-    __syncthreads();
-    const int64_t t = ticket;
-    __syncthreads();  // everyone has read `ticket` before thread 0 draws the next one
+    const int64_t t = next;
+    __syncthreads();  // everyone has read `next` before thread 0 rewrites it
     if (t >= p.ticket_end) break;
-    hint = cuda_schedule::find_run(p.sched, t, hint);
-    const cuda_schedule::Tile tile = cuda_schedule::decode(p.sched, hint, t);
-    if (tile.phase == cuda_schedule::kPhaseReduce) {
-      reduce_tile(p, tile);
-    } else {
-      apply_tile(p, tile);
-    }
+    unsigned long long drawn = 0;
+    if (threadIdx.x == 0) drawn = atomicAdd(p.ctr.ticket, 1ull);
+    run_tile(p, t);
+    if (threadIdx.x == 0) next = p.ticket_begin + static_cast<int64_t>(drawn);
+    __syncthreads();
   }
   if (threadIdx.x == 0) {
     // Every block has drawn its last ticket before it counts itself out, so the last one out may

@@ -34,13 +34,22 @@ namespace {
 using cuda_kernel::kThreads;
 using cuda_kernel::Params;
 
-// ---- choice between the fused launch and reduce-then-apply (two launches) ----------------------
-// Both run the same tiles and produce bitwise-identical results; only the ticket order and the
-// launch count differ. The fused launch avoids a launch gap and lets apply tiles of early segments
-// overlap the reduction of later ones (and hit L2). The size threshold for switching to two
-// launches is to be measured (bench/bench_gpu.py); until then the fused launch is used at every
-// size. PARETO_LORA_CUDA_PATH=fused|two_pass forces one (benchmarks, debugging).
-constexpr int64_t kTwoPassMinNumel = std::numeric_limits<int64_t>::max();
+// ---- launch plan ---------------------------------------------------------------------------------
+// Both plans run the same tiles and produce bitwise-identical results. The fused plan is one
+// persistent launch in which apply tiles wait for their segment's rule; the two-launch plan runs
+// one block per tile, reduce tiles first, then apply tiles. Which one is faster was measured on an
+// H200 (bench/sweep_gpu_paths.py, numbers in bench/RESULTS.md): see kTwoPassMinNumel.
+// PARETO_LORA_CUDA_PATH=fused|two_pass forces one (benchmarks, debugging);
+// PARETO_LORA_CUDA_ONE_PASS=0 turns the one-pass tiles off (to measure what they bring).
+constexpr int64_t kTwoPassMinNumel = int64_t{1} << 22;
+
+bool env_flag(const char* name, bool fallback) {
+  const char* env = std::getenv(name);
+  if (env == nullptr || *env == '\0') return fallback;
+  const std::string v = env;
+  TORCH_CHECK_VALUE(v == "0" || v == "1", name, ": expected '0' or '1', got '", v, "'");
+  return v == "1";
+}
 
 bool use_two_pass(int64_t numel) {
   const char* env = std::getenv("PARETO_LORA_CUDA_PATH");
@@ -113,6 +122,7 @@ struct Job {
   bool with_rule = false;  // ... and the rule
   bool apply = false;      // write out (phase 2)
   bool two_pass = false;
+  bool one_pass = true;  // segments of one tile as one-pass tiles (reduce + apply + rule only)
   double* stats = nullptr;
   float* coeffs_out = nullptr;
   int32_t* cases = nullptr;
@@ -139,18 +149,23 @@ void launch(const at::Tensor& a, const at::Tensor& b, scalar_t* out, const at::T
   const auto stream = c10::cuda::getCurrentCUDAStream(device.index());
   const int64_t num_segments = offsets_cpu.numel() - 1;
   const int64_t tile = cuda_kernel::tile_elems<scalar_t>();
-  const int max_blocks = resident_blocks<scalar_t>(device.index());
+  const bool fused = job.reduce && job.apply && !job.two_pass;
+  const int max_blocks = fused ? resident_blocks<scalar_t>(device.index()) : 0;
 
   // Fused: a segment's apply tiles trail its reduce tiles by about one wave of blocks.
-  const int64_t lag = job.two_pass ? std::numeric_limits<int64_t>::max() : max_blocks;
+  const int64_t lag = fused ? max_blocks : std::numeric_limits<int64_t>::max();
+  const bool one_pass = job.one_pass && job.reduce && job.apply && job.with_rule;
   const int64_t active_words = job.active_host ? cs::ceil_div(num_segments, 8) : 0;
-  cs::HostSchedule h =
-      cs::build_schedule(offsets_cpu.const_data_ptr<int64_t>(), num_segments, tile, job.reduce, job.apply, lag,
-                         active_words);
+  cs::HostSchedule h = cs::build_schedule(offsets_cpu.const_data_ptr<int64_t>(), num_segments, tile, job.reduce,
+                                          job.apply, lag, one_pass, active_words);
   if (job.active_host) {
     std::memcpy(h.buffer.data() + h.extra_begin, job.active_host, static_cast<size_t>(num_segments));
   }
   if (h.num_tickets() == 0) return;  // G = 0, or an apply-only pass over empty segments
+  // Run indices are int32 in the ticket table; grids of one block per ticket are int32 too.
+  TORCH_CHECK(h.num_runs < std::numeric_limits<int32_t>::max() &&
+                  h.num_tickets() < std::numeric_limits<int32_t>::max(),
+              "pareto_lora (CUDA): too many tiles in one call (", h.num_tickets(), ")");
   const at::Tensor sched = upload(h.buffer, device);
   const int64_t* base = sched.const_data_ptr<int64_t>();
   const at::Tensor ws = workspace(device, stream, num_segments);
@@ -172,19 +187,20 @@ void launch(const at::Tensor& a, const at::Tensor& b, scalar_t* out, const at::T
   p.active = job.active_host ? reinterpret_cast<const bool*>(base + h.extra_begin) : job.active_device;
   p.rule = job.rule;
   p.with_rule = job.with_rule;
-  p.fused = job.reduce && job.apply && !job.two_pass;
+  p.fused = fused;
+  p.persistent = fused;
   p.vec_ok = out ? same_alignment({p.a, p.b, out}, sizeof(scalar_t)) : same_alignment({p.a, p.b}, sizeof(scalar_t));
 
   auto run = [&](int64_t begin, int64_t end) {
     if (end <= begin) return;
     p.ticket_begin = begin;
     p.ticket_end = end;
-    const int64_t grid = std::min<int64_t>(end - begin, max_blocks);
+    const int64_t grid = fused ? std::min<int64_t>(end - begin, max_blocks) : end - begin;
     cuda_kernel::integrate_kernel<scalar_t><<<static_cast<unsigned int>(grid), kThreads, 0, stream.stream()>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
-  if (job.reduce && job.apply && job.two_pass) {
-    run(0, h.reduce_tickets);  // build_schedule put every reduce tile first
+  if (job.reduce && job.apply && !fused) {
+    run(0, h.reduce_tickets);  // build_schedule put every reduce and one-pass tile first
     run(h.reduce_tickets, h.num_tickets());
   } else {
     run(0, h.num_tickets());
@@ -258,6 +274,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> integrate_cuda(const at::Tensor& 
                                                               bool symmetric, double margin) {
   const IntegrateArgs args = checked_integrate(a, b, offsets, out, rule, tau, active, gamma, symmetric, margin, kCudaOp);
   const bool two_pass = use_two_pass(a.numel());
+  const bool one_pass = env_flag("PARETO_LORA_CUDA_ONE_PASS", true);
   // Everything is checked: from here on writes may happen.
   const c10::cuda::CUDAGuard guard(a.device());
   const int64_t g = args.num_segments;
@@ -267,6 +284,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> integrate_cuda(const at::Tensor& 
   Job job;
   job.reduce = job.with_rule = job.apply = true;
   job.two_pass = two_pass;
+  job.one_pass = one_pass;
   job.stats = stats.data_ptr<double>();
   job.coeffs_out = coeffs.data_ptr<float>();
   job.cases = cases.data_ptr<int32_t>();

@@ -1,17 +1,24 @@
 // Work schedule of the CUDA integration kernel: which tile each ticket stands for.
 //
 // A segment is cut into tiles of `tile` elements that never cross a segment boundary. There are
-// two kinds of tile work:
-//   phase 1 (reduce): partial ||a||^2, ||b||^2, a.b of one tile into its own slot; the block
-//                     that finishes a segment's last phase-1 tile sums the slots in slot order
-//                     (deterministic) and applies the rule;
-//   phase 2 (apply):  out = alpha*a + beta*b on one tile, once its segment's rule is known.
+// three kinds of tile work:
+//   reduce:   partial ||a||^2, ||b||^2, a.b of one tile into its own slot; the block that
+//             finishes a segment's last reduce tile sums the slots in slot order (deterministic)
+//             and applies the rule;
+//   apply:    out = alpha*a + beta*b on one tile, once its segment's rule is known;
+//   one-pass: a segment of one tile, done start to finish by one block: statistics, rule,
+//             combine. The second read of the tile is served by L1/L2, so the segment crosses
+//             DRAM once (3N bytes, not 5N) and no block waits for another.
 // The host lays out all tiles as a list of "runs" (consecutive tiles of one segment and one
-// phase) in ticket order. Blocks draw tickets from a global counter, so tickets are handed out
-// in increasing order, and every phase-2 run of a segment comes after its phase-1 run: a block
-// that waits for a segment has a larger ticket than every phase-1 tile of that segment, and those
-// tiles are held by running blocks that never wait. Hence no deadlock, whether or not all blocks
-// are resident at once (no cooperative launch needed).
+// kind) in ticket order, plus a ticket -> run table so that a block finds its tile with two
+// dependent loads whatever the number of runs (a binary search over thousands of runs cost more
+// than streaming the tile at G = 1024). Tickets are either drawn from a global counter in
+// increasing order (the persistent launch) or are block indices (a launch of one block per
+// tile). Every apply run of a segment comes after its reduce run, so a block that waits for a
+// segment has a larger ticket than every reduce tile of that segment, and those tiles are held
+// by running blocks that make progress (schedule.h's argument is completed in
+// integrate_kernel.cuh, which also prefetches one ticket). Hence no deadlock, whether or not all
+// blocks are resident at once (no cooperative launch needed).
 //
 // This header is host+device and does not need CUDA: schedule_selftest.cpp checks it on the CPU.
 #pragma once
@@ -29,13 +36,17 @@ namespace cuda_schedule {
 
 constexpr int64_t kPhaseReduce = 0;
 constexpr int64_t kPhaseApply = 1;
+constexpr int64_t kPhaseOnePass = 2;
+constexpr int64_t kPhaseBits = 2;  // run code = segment << kPhaseBits | phase
+
+// One run: int64 words, adjacent so that a tile's lookup is one cache line.
+constexpr int64_t kRunWords = 6;
+enum RunWord : int64_t { kRunBegin = 0, kRunEnd, kRunCode, kRunSlot, kRunSegBegin, kRunSegEnd };
 
 // Device-side view of a schedule. All arrays live in one int64 buffer (one H2D copy).
 struct View {
-  const int64_t* offsets;    // [G+1] segment boundaries
-  const int64_t* run_start;  // [R+1] first ticket of each run; run_start[R] = number of tickets
-  const int64_t* run_code;   // [R] segment * 2 + phase
-  const int64_t* run_slot;   // [R] phase 1: index of the run's first partial-sum slot
+  const int64_t* runs;        // [R][kRunWords]
+  const int32_t* ticket_run;  // [T] run of each ticket
   int64_t num_runs;
   int64_t tile;  // elements per tile
 };
@@ -44,45 +55,26 @@ struct Tile {
   int64_t seg;
   int64_t phase;
   int64_t begin, end;  // element range
-  int64_t slot;        // phase 1: partial-sum slot of this tile
+  int64_t slot;        // reduce / one-pass: partial-sum slot of this tile
   int64_t run_first_slot;
   int64_t run_tiles;  // tiles of this segment in this phase
+  bool seg_empty;     // the segment has no elements (so no apply tile will read its rule)
 };
 
-// Run holding ticket t. Blocks draw increasing tickets, so the run of the previous ticket (hint)
-// or the next run nearly always matches: one or two loads instead of a binary search.
-PL_HOST_DEVICE inline int64_t find_run(const View& v, int64_t t, int64_t hint) {
-  const int64_t* rs = v.run_start;
-  int64_t lo = 0;
-  if (hint >= 0 && hint < v.num_runs && rs[hint] <= t) {
-    if (t < rs[hint + 1]) return hint;
-    if (hint + 1 < v.num_runs && t < rs[hint + 2]) return hint + 1;
-    lo = hint;
-  }
-  int64_t hi = v.num_runs;  // invariant: rs[lo] <= t < rs[hi]
-  while (hi - lo > 1) {
-    const int64_t mid = lo + (hi - lo) / 2;
-    if (rs[mid] <= t) {
-      lo = mid;
-    } else {
-      hi = mid;
-    }
-  }
-  return lo;
-}
-
-PL_HOST_DEVICE inline Tile decode(const View& v, int64_t run, int64_t t) {
+PL_HOST_DEVICE inline Tile decode(const View& v, int64_t t) {
+  const int64_t* r = v.runs + kRunWords * static_cast<int64_t>(v.ticket_run[t]);
   Tile tile;
-  const int64_t code = v.run_code[run];
-  tile.seg = code >> 1;
-  tile.phase = code & 1;
-  const int64_t k = t - v.run_start[run];
-  const int64_t seg_begin = v.offsets[tile.seg], seg_end = v.offsets[tile.seg + 1];
+  const int64_t code = r[kRunCode];
+  tile.seg = code >> kPhaseBits;
+  tile.phase = code & ((int64_t{1} << kPhaseBits) - 1);
+  const int64_t k = t - r[kRunBegin];
+  const int64_t seg_begin = r[kRunSegBegin], seg_end = r[kRunSegEnd];
   tile.begin = seg_begin + k * v.tile;
   tile.end = tile.begin + v.tile < seg_end ? tile.begin + v.tile : seg_end;
-  tile.run_first_slot = v.run_slot[run];
+  tile.run_first_slot = r[kRunSlot];
   tile.slot = tile.run_first_slot + k;
-  tile.run_tiles = v.run_start[run + 1] - v.run_start[run];
+  tile.run_tiles = r[kRunEnd] - r[kRunBegin];
+  tile.seg_empty = seg_end == seg_begin;
   return tile;
 }
 
@@ -109,33 +101,33 @@ struct HostSchedule {
   std::vector<int64_t> buffer;
   int64_t num_segments = 0;
   int64_t num_runs = 0;
-  int64_t reduce_tickets = 0;  // phase-1 tiles (= partial-sum slots)
-  int64_t apply_tickets = 0;   // phase-2 tiles
-  int64_t extra_begin = 0;     // first word after the schedule, for caller data (e.g. `active`)
+  int64_t reduce_tickets = 0;  // reduce and one-pass tiles (= partial-sum slots)
+  int64_t apply_tickets = 0;   // apply tiles
+  int64_t one_pass_tickets = 0;
+  int64_t extra_begin = 0;  // first word after the schedule, for caller data (e.g. `active`)
 
   int64_t num_tickets() const { return reduce_tickets + apply_tickets; }
-  int64_t run_start_at() const { return num_segments + 1; }
-  int64_t run_code_at() const { return run_start_at() + num_runs + 1; }
-  int64_t run_slot_at() const { return run_code_at() + num_runs; }
+  int64_t table_at() const { return kRunWords * num_runs; }
 
   View view(const int64_t* base, int64_t tile) const {
-    return View{base, base + run_start_at(), base + run_code_at(), base + run_slot_at(), num_runs, tile};
+    return View{base, reinterpret_cast<const int32_t*>(base + table_at()), num_runs, tile};
   }
 };
 
 inline int64_t ceil_div(int64_t x, int64_t y) { return (x + y - 1) / y; }
 
-// Builds the run list. With `reduce` and `apply`, a segment's phase-2 run is placed once at least
-// `lag` tickets have been handed out after its phase-1 run (best effort: by then its phase-1
-// tiles are likely finished, so blocks seldom wait, and its data may still sit in L2); the rest
-// go at the end. lag = max() puts every phase-2 run after every phase-1 run (the two-launch
-// order). Segments get max(1, ceil(len / tile)) phase-1 tiles, so empty segments still get their
-// statistics and rule written, and ceil(len / tile) phase-2 tiles. `extra_words` int64 words
-// are appended for the caller.
+// Builds the run list. With `reduce` and `apply`, a segment's apply run is placed once at least
+// `lag` tickets have been handed out after its reduce run (best effort: by then its reduce tiles
+// are likely finished, so blocks seldom wait, and its data may still sit in L2); the rest go at
+// the end. lag = max() puts every apply run after every reduce and one-pass run (the two-launch
+// order). With `one_pass` (and reduce and apply), a segment of 1..tile elements is one one-pass
+// tile instead of a reduce and an apply tile. Segments get max(1, ceil(len / tile)) reduce tiles,
+// so empty segments still get their statistics and rule written, and ceil(len / tile) apply
+// tiles. `extra_words` int64 words are appended for the caller.
 inline HostSchedule build_schedule(const int64_t* offsets, int64_t num_segments, int64_t tile, bool reduce,
-                                   bool apply, int64_t lag, int64_t extra_words = 0) {
+                                   bool apply, int64_t lag, bool one_pass, int64_t extra_words = 0) {
   struct Run {
-    int64_t tickets, code, slot;
+    int64_t tickets, code, slot, seg;
   };
   std::vector<Run> runs;
   runs.reserve(static_cast<size_t>((reduce ? num_segments : 0) + (apply ? num_segments : 0)));
@@ -148,25 +140,33 @@ inline HostSchedule build_schedule(const int64_t* offsets, int64_t num_segments,
   int64_t tickets = 0;
   auto emit_apply = [&](int64_t seg) {
     const int64_t n = ceil_div(offsets[seg + 1] - offsets[seg], tile);
-    runs.push_back({n, seg * 2 + kPhaseApply, 0});
+    runs.push_back({n, seg << kPhaseBits | kPhaseApply, 0, seg});
     tickets += n;
     h.apply_tickets += n;
   };
   for (int64_t s = 0; s < num_segments; ++s) {
     const int64_t len = offsets[s + 1] - offsets[s];
-    if (reduce) {
-      const int64_t n = std::max<int64_t>(1, ceil_div(len, tile));
-      runs.push_back({n, s * 2 + kPhaseReduce, h.reduce_tickets});
-      tickets += n;
-      h.reduce_tickets += n;
-    }
-    if (apply && len > 0) {
-      if (!reduce) {
-        emit_apply(s);
-      } else {
-        const int64_t ready_at = lag > std::numeric_limits<int64_t>::max() - tickets ? std::numeric_limits<int64_t>::max()
-                                                                                      : tickets + lag;
-        pending.push_back({s, ready_at});
+    if (reduce && apply && one_pass && len > 0 && len <= tile) {
+      runs.push_back({1, s << kPhaseBits | kPhaseOnePass, h.reduce_tickets, s});
+      tickets += 1;
+      h.reduce_tickets += 1;
+      h.one_pass_tickets += 1;
+    } else {
+      if (reduce) {
+        const int64_t n = std::max<int64_t>(1, ceil_div(len, tile));
+        runs.push_back({n, s << kPhaseBits | kPhaseReduce, h.reduce_tickets, s});
+        tickets += n;
+        h.reduce_tickets += n;
+      }
+      if (apply && len > 0) {
+        if (!reduce) {
+          emit_apply(s);
+        } else {
+          const int64_t ready_at = lag > std::numeric_limits<int64_t>::max() - tickets
+                                       ? std::numeric_limits<int64_t>::max()
+                                       : tickets + lag;
+          pending.push_back({s, ready_at});
+        }
       }
     }
     while (!pending.empty() && pending.front().ready_at <= tickets) {
@@ -177,20 +177,23 @@ inline HostSchedule build_schedule(const int64_t* offsets, int64_t num_segments,
   for (const Pending& p : pending) emit_apply(p.seg);
 
   h.num_runs = static_cast<int64_t>(runs.size());
-  h.extra_begin = h.run_slot_at() + h.num_runs;
+  const int64_t table_words = ceil_div(tickets, 2);  // int32 entries, two per word
+  h.extra_begin = h.table_at() + table_words;
   h.buffer.assign(static_cast<size_t>(h.extra_begin + extra_words), 0);
-  std::copy(offsets, offsets + num_segments + 1, h.buffer.begin());
-  int64_t* rs = h.buffer.data() + h.run_start_at();
-  int64_t* rc = h.buffer.data() + h.run_code_at();
-  int64_t* rl = h.buffer.data() + h.run_slot_at();
+  int64_t* rw = h.buffer.data();
+  int32_t* table = reinterpret_cast<int32_t*>(rw + h.table_at());
   int64_t start = 0;
   for (int64_t r = 0; r < h.num_runs; ++r) {
-    rs[r] = start;
-    rc[r] = runs[r].code;
-    rl[r] = runs[r].slot;
+    int64_t* w = rw + kRunWords * r;
+    w[kRunBegin] = start;
+    w[kRunEnd] = start + runs[r].tickets;
+    w[kRunCode] = runs[r].code;
+    w[kRunSlot] = runs[r].slot;
+    w[kRunSegBegin] = offsets[runs[r].seg];
+    w[kRunSegEnd] = offsets[runs[r].seg + 1];
+    std::fill(table + start, table + start + runs[r].tickets, static_cast<int32_t>(r));
     start += runs[r].tickets;
   }
-  rs[h.num_runs] = start;
   return h;
 }
 

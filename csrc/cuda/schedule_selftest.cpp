@@ -39,41 +39,49 @@ std::vector<int64_t> random_offsets(std::mt19937_64& rng, int64_t num_segments, 
   return off;
 }
 
-void check_schedule(const std::vector<int64_t>& off, int64_t tile, bool reduce, bool apply, int64_t lag) {
+void check_schedule(const std::vector<int64_t>& off, int64_t tile, bool reduce, bool apply, int64_t lag,
+                    bool one_pass) {
   const int64_t g = static_cast<int64_t>(off.size()) - 1;
-  const HostSchedule h = build_schedule(off.data(), g, tile, reduce, apply, lag, /*extra_words=*/3);
+  const HostSchedule h = build_schedule(off.data(), g, tile, reduce, apply, lag, one_pass, /*extra_words=*/3);
   const View v = h.view(h.buffer.data(), tile);
   expect(static_cast<int64_t>(h.buffer.size()) == h.extra_begin + 3, "extra words appended");
   const int64_t numel = off[g];
   std::vector<int> covered_reduce(numel, 0), covered_apply(numel, 0);
-  std::vector<int64_t> reduce_tiles(g, 0), last_reduce_ticket(g, -1), first_apply_ticket(g, -1), slots_seen(h.reduce_tickets, 0);
-  int64_t hint = 0, brute = 0;
+  std::vector<int64_t> reduce_tiles(g, 0), one_pass_tiles(g, 0), last_reduce_ticket(g, -1), first_apply_ticket(g, -1),
+      slots_seen(h.reduce_tickets, 0);
+  int64_t brute = 0, one_pass_seen = 0;
   for (int64_t t = 0; t < h.num_tickets(); ++t) {
-    while (!(v.run_start[brute] <= t && t < v.run_start[brute + 1])) ++brute;
-    const int64_t from_hint = find_run(v, t, hint);
-    const int64_t from_zero = find_run(v, t, 0);
-    const int64_t from_bad = find_run(v, t, h.num_runs + 5);
-    expect(from_hint == brute && from_zero == brute && from_bad == brute, "find_run", t, brute);
-    hint = brute;
-    const Tile tl = decode(v, brute, t);
+    while (!(v.runs[kRunWords * brute + kRunBegin] <= t && t < v.runs[kRunWords * brute + kRunEnd])) ++brute;
+    expect(v.ticket_run[t] == brute, "ticket table", t, brute);
+    const Tile tl = decode(v, t);
     expect(tl.seg >= 0 && tl.seg < g, "segment in range", tl.seg);
     expect(tl.begin >= off[tl.seg] && tl.end <= off[tl.seg + 1] && tl.begin <= tl.end, "tile inside segment", t);
     expect(tl.end - tl.begin <= tile, "tile size", t);
-    if (tl.phase == kPhaseReduce) {
+    expect(tl.seg_empty == (off[tl.seg] == off[tl.seg + 1]), "empty segment flag", t);
+    if (tl.phase == kPhaseReduce || tl.phase == kPhaseOnePass) {
       expect(reduce, "reduce tile only when asked", t);
       for (int64_t i = tl.begin; i < tl.end; ++i) covered_reduce[i]++;
       ++reduce_tiles[tl.seg];
       last_reduce_ticket[tl.seg] = t;
       expect(tl.slot >= 0 && tl.slot < h.reduce_tickets, "slot in range", tl.slot);
       if (tl.slot >= 0 && tl.slot < h.reduce_tickets) slots_seen[tl.slot]++;
-      expect(tl.slot - tl.run_first_slot == t - v.run_start[brute], "slots consecutive in a run", t);
-    } else {
+      expect(tl.slot - tl.run_first_slot == t - v.runs[kRunWords * brute + kRunBegin], "slots consecutive in a run", t);
+    }
+    if (tl.phase == kPhaseOnePass) {
+      ++one_pass_seen;
+      ++one_pass_tiles[tl.seg];
+      expect(one_pass && apply, "one-pass tile only when asked", t);
+      expect(tl.begin == off[tl.seg] && tl.end == off[tl.seg + 1] && tl.end > tl.begin, "one-pass = whole segment", t);
+      expect(tl.run_tiles == 1, "one-pass run of one tile", t);
+    }
+    if (tl.phase == kPhaseApply || tl.phase == kPhaseOnePass) {
       expect(apply, "apply tile only when asked", t);
       expect(tl.end > tl.begin, "apply tiles are not empty", t);
       for (int64_t i = tl.begin; i < tl.end; ++i) covered_apply[i]++;
-      if (first_apply_ticket[tl.seg] < 0) first_apply_ticket[tl.seg] = t;
+      if (tl.phase == kPhaseApply && first_apply_ticket[tl.seg] < 0) first_apply_ticket[tl.seg] = t;
     }
   }
+  expect(one_pass_seen == h.one_pass_tickets, "one-pass count", one_pass_seen, h.one_pass_tickets);
   for (int64_t i = 0; i < numel; ++i) {
     expect(covered_reduce[i] == (reduce ? 1 : 0), "reduce covers every element once", i, covered_reduce[i]);
     expect(covered_apply[i] == (apply ? 1 : 0), "apply covers every element once", i, covered_apply[i]);
@@ -81,19 +89,22 @@ void check_schedule(const std::vector<int64_t>& off, int64_t tile, bool reduce, 
   for (int64_t s = 0; s < h.reduce_tickets; ++s) expect(slots_seen[s] == 1, "every slot used once", s);
   for (int64_t s = 0; s < g; ++s) {
     const int64_t len = off[s + 1] - off[s];
+    const bool expect_one_pass = reduce && apply && one_pass && len > 0 && len <= tile;
+    expect(one_pass_tiles[s] == (expect_one_pass ? 1 : 0), "one-pass exactly for segments of one tile", s, len);
     if (reduce) {
-      expect(reduce_tiles[s] == std::max<int64_t>(1, ceil_div(len, tile)), "reduce tiles per segment", s);
       // Run length is what the kernel uses as the arrival count.
+      expect(reduce_tiles[s] == std::max<int64_t>(1, ceil_div(len, tile)), "reduce tiles per segment", s);
     }
-    if (reduce && apply && len > 0) {
+    if (reduce && apply && len > 0 && !expect_one_pass) {
       // The deadlock-freedom argument: a segment's apply tiles come after all its reduce tiles.
       expect(first_apply_ticket[s] > last_reduce_ticket[s], "apply after reduce", s, first_apply_ticket[s]);
     }
   }
   if (reduce && apply && lag == std::numeric_limits<int64_t>::max()) {
     for (int64_t r = 0; r < h.num_runs; ++r) {
-      const bool is_reduce = (v.run_code[r] & 1) == kPhaseReduce;
-      expect(is_reduce == (v.run_start[r] < h.reduce_tickets), "two-launch order: all reduce tickets first", r);
+      const bool is_apply = (v.runs[kRunWords * r + kRunCode] & 3) == kPhaseApply;
+      expect(is_apply == (v.runs[kRunWords * r + kRunBegin] >= h.reduce_tickets),
+             "two-launch order: reduce and one-pass tickets first", r);
     }
   }
 }
@@ -129,13 +140,15 @@ int main() {
     const int64_t g = std::uniform_int_distribution<int64_t>(0, 300)(rng);
     const std::vector<int64_t> off = random_offsets(rng, g, rep % 2 ? 100 : 1500);
     for (int64_t tile : {1, 7, 64, 1024}) {
-      check_schedule(off, tile, true, false, big);
-      check_schedule(off, tile, false, true, big);
-      check_schedule(off, tile, true, true, big);
-      for (int64_t lag : {0, 1, 5, 100}) check_schedule(off, tile, true, true, lag);
+      for (bool one_pass : {false, true}) {
+        check_schedule(off, tile, true, false, big, one_pass);
+        check_schedule(off, tile, false, true, big, one_pass);
+        check_schedule(off, tile, true, true, big, one_pass);
+        for (int64_t lag : {0, 1, 5, 100}) check_schedule(off, tile, true, true, lag, one_pass);
+      }
     }
   }
-  check_schedule({0}, 64, true, true, 4);  // G = 0
+  check_schedule({0}, 64, true, true, 4, true);  // G = 0
   check_split();
   if (g_failures) {
     std::fprintf(stderr, "%d failures\n", g_failures);

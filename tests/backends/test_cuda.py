@@ -23,6 +23,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 RULES = ("sum", "pareto_lora", "pareto_only", "rescale_only", "mgda", "mmpareto")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 PATHS = ("fused", "two_pass")
+# Launch plans x one-pass tiles (segments of one tile done by one block) on or off.
+PLANS = {"fused": ("fused", "1"), "two_pass": ("two_pass", "1"), "fused-no-one-pass": ("fused", "0"),
+         "two_pass-no-one-pass": ("two_pass", "0")}
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -111,9 +114,11 @@ def check_against_reference(res, a, b, offsets, rule, tau=0.5, active=None, gamm
     assert_combined(res.out, a, b, offsets, res.coeffs)
 
 
-@pytest.fixture(params=PATHS)
+@pytest.fixture(params=["fused", "two_pass", "fused-no-one-pass"])
 def path(request, monkeypatch):
-    monkeypatch.setenv("PARETO_LORA_CUDA_PATH", request.param)
+    plan, one_pass = PLANS[request.param]
+    monkeypatch.setenv("PARETO_LORA_CUDA_PATH", plan)
+    monkeypatch.setenv("PARETO_LORA_CUDA_ONE_PASS", one_pass)
     return request.param
 
 
@@ -232,17 +237,33 @@ def test_bitwise_deterministic(dtype):
 
 
 @gpu
-def test_fused_and_two_pass_agree_bitwise(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_every_plan_agrees_bitwise(monkeypatch, dtype):
+    """Fused or two launches, one-pass tiles on or off: the same bits (many segments of one tile)."""
     offsets = offsets_from_sizes(random_sizes(700, 200_000, seed=6))
-    a, b = make_pair(offsets, torch.float16, seed=6)
+    a, b = make_pair(offsets, dtype, seed=6)
     results = {}
-    for p in PATHS:
-        monkeypatch.setenv("PARETO_LORA_CUDA_PATH", p)
-        results[p] = integrate(a, b, offsets, rule="pareto_lora")
-    for name in ("stats", "coeffs", "cases", "out"):
-        assert torch.equal(getattr(results["fused"], name), getattr(results["two_pass"], name)), name
+    for name, (plan, one_pass) in PLANS.items():
+        monkeypatch.setenv("PARETO_LORA_CUDA_PATH", plan)
+        monkeypatch.setenv("PARETO_LORA_CUDA_ONE_PASS", one_pass)
+        results[name] = integrate(a, b, offsets, rule="pareto_lora")
+    for plan, res in results.items():
+        for field in ("stats", "coeffs", "cases", "out"):
+            assert torch.equal(getattr(res, field), getattr(results["fused"], field)), (plan, field)
     # segment_stats runs the same reduce tiles.
     assert torch.equal(pareto_lora.segment_stats(a, b, offsets, backend="cpp"), results["fused"].stats)
+    check_against_reference(results["two_pass"], a, b, offsets, "pareto_lora")
+
+
+@gpu
+def test_one_pass_flag_is_checked_before_any_write(monkeypatch):
+    offsets = offsets_from_sizes([3, 5])
+    a, b = make_pair(offsets, torch.float32, seed=1)
+    out = torch.full_like(a, 7.0)
+    monkeypatch.setenv("PARETO_LORA_CUDA_ONE_PASS", "yes")
+    with pytest.raises(ValueError, match="PARETO_LORA_CUDA_ONE_PASS: expected '0' or '1'"):
+        integrate(a, b, offsets, out=out, rule="pareto_lora")
+    assert bool((out == 7.0).all())
 
 
 @gpu

@@ -36,8 +36,8 @@ using cuda_kernel::Params;
 
 // ---- launch plan ---------------------------------------------------------------------------------
 // Both plans run the same tiles and produce bitwise-identical results. The fused plan is one
-// persistent launch in which apply tiles wait for their segment's rule; the two-launch plan runs
-// one block per tile, reduce tiles first, then apply tiles. Which one is faster was measured on an
+// launch in which apply tiles wait for their segment's rule; the two-launch plan runs the reduce
+// (and one-pass) tiles, then the apply tiles. Which one is faster was measured on an
 // H200 (bench/sweep_gpu_paths.py, numbers in bench/RESULTS.md): see kTwoPassMinNumel.
 // PARETO_LORA_CUDA_PATH=fused|two_pass forces one (benchmarks, debugging);
 // PARETO_LORA_CUDA_ONE_PASS=0 turns the one-pass tiles off (to measure what they bring).
@@ -150,7 +150,7 @@ void launch(const at::Tensor& a, const at::Tensor& b, scalar_t* out, const at::T
   const int64_t num_segments = offsets_cpu.numel() - 1;
   const int64_t tile = cuda_kernel::tile_elems<scalar_t>();
   const bool fused = job.reduce && job.apply && !job.two_pass;
-  const int max_blocks = fused ? resident_blocks<scalar_t>(device.index()) : 0;
+  const int max_blocks = resident_blocks<scalar_t>(device.index());
 
   // Fused: a segment's apply tiles trail its reduce tiles by about one wave of blocks.
   const int64_t lag = fused ? max_blocks : std::numeric_limits<int64_t>::max();
@@ -162,7 +162,7 @@ void launch(const at::Tensor& a, const at::Tensor& b, scalar_t* out, const at::T
     std::memcpy(h.buffer.data() + h.extra_begin, job.active_host, static_cast<size_t>(num_segments));
   }
   if (h.num_tickets() == 0) return;  // G = 0, or an apply-only pass over empty segments
-  // Run indices are int32 in the ticket table; grids of one block per ticket are int32 too.
+  // Run indices are int32 in the ticket table.
   TORCH_CHECK(h.num_runs < std::numeric_limits<int32_t>::max() &&
                   h.num_tickets() < std::numeric_limits<int32_t>::max(),
               "pareto_lora (CUDA): too many tiles in one call (", h.num_tickets(), ")");
@@ -188,14 +188,13 @@ void launch(const at::Tensor& a, const at::Tensor& b, scalar_t* out, const at::T
   p.rule = job.rule;
   p.with_rule = job.with_rule;
   p.fused = fused;
-  p.persistent = fused;
   p.vec_ok = out ? same_alignment({p.a, p.b, out}, sizeof(scalar_t)) : same_alignment({p.a, p.b}, sizeof(scalar_t));
 
   auto run = [&](int64_t begin, int64_t end) {
     if (end <= begin) return;
     p.ticket_begin = begin;
     p.ticket_end = end;
-    const int64_t grid = fused ? std::min<int64_t>(end - begin, max_blocks) : end - begin;
+    const int64_t grid = std::min<int64_t>(end - begin, max_blocks);
     cuda_kernel::integrate_kernel<scalar_t><<<static_cast<unsigned int>(grid), kThreads, 0, stream.stream()>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };

@@ -12,12 +12,10 @@
 // The host lays out all tiles as a list of "runs" (consecutive tiles of one segment and one
 // kind) in ticket order, plus a ticket -> run table so that a block finds its tile with two
 // dependent loads whatever the number of runs (a binary search over thousands of runs cost more
-// than streaming the tile at G = 1024). Tickets are either drawn from a global counter in
-// increasing order (the persistent launch) or are block indices (a launch of one block per
-// tile). Every apply run of a segment comes after its reduce run, so a block that waits for a
-// segment has a larger ticket than every reduce tile of that segment, and those tiles are held
-// by running blocks that make progress (schedule.h's argument is completed in
-// integrate_kernel.cuh, which also prefetches one ticket). Hence no deadlock, whether or not all
+// than streaming the tile at G = 1024). Blocks draw tickets from a global counter, so tickets are
+// handed out in increasing order, and every apply run of a segment comes after its reduce run: a
+// block that waits for a segment has a larger ticket than every reduce tile of that segment, and
+// those tiles are held by running blocks that never wait. Hence no deadlock, whether or not all
 // blocks are resident at once (no cooperative launch needed).
 //
 // This header is host+device and does not need CUDA: schedule_selftest.cpp checks it on the CPU.

@@ -166,15 +166,22 @@ def _rule(aa, bb, ab, act, tau, gamma, margin, RULE: tl.constexpr, SYMMETRIC: tl
 
 
 @triton.jit
+def _f64_from_halves(hi, lo):
+    """The float64 whose bit pattern is hi << 32 | (lo mod 2**32) (hi, lo: int32-range integers)."""
+    return ((hi.to(tl.int64) << 32) | (lo.to(tl.int64) & 0xFFFFFFFF)).to(tl.float64, bitcast=True)
+
+
+@triton.jit
 def _rule_store(
-    aa, bb, ab, segs, mask, active_ptr, coeffs_ptr, cases_ptr, tau_bits, gamma_bits, margin_bits,
+    aa, bb, ab, segs, mask, active_ptr, coeffs_ptr, cases_ptr, tau_hi, tau_lo, gamma_hi, gamma_lo, margin_hi, margin_lo,
     HAS_ACTIVE: tl.constexpr, RULE: tl.constexpr, SYMMETRIC: tl.constexpr,
 ):
-    # tau and gamma arrive as their float64 bit patterns: a Python float kernel argument would be
-    # narrowed to float32, and the rule must see the same double as the C++ kernels.
-    tau = tau_bits.to(tl.int64).to(tl.float64, bitcast=True)
-    gamma = gamma_bits.to(tl.int64).to(tl.float64, bitcast=True)
-    margin = margin_bits.to(tl.int64).to(tl.float64, bitcast=True)
+    # tau, gamma and margin arrive as the two 32-bit halves of their float64 bit patterns: a Python
+    # float kernel argument would be narrowed to float32 (the rule must see the same double as the
+    # C++ kernels), and torch 2.11's Inductor fails on integer arguments beyond 32 bits.
+    tau = _f64_from_halves(tau_hi, tau_lo)
+    gamma = _f64_from_halves(gamma_hi, gamma_lo)
+    margin = _f64_from_halves(margin_hi, margin_lo)
     if HAS_ACTIVE:
         act = tl.load(active_ptr + segs, mask=mask, other=1) != 0
     else:
@@ -185,10 +192,10 @@ def _rule_store(
     tl.store(cases_ptr + segs, code, mask=mask)
 
 
-@triton.jit(do_not_specialize=["tau_bits", "gamma_bits", "margin_bits"])
+@triton.jit(do_not_specialize=["tau_hi", "tau_lo", "gamma_hi", "gamma_lo", "margin_hi", "margin_lo"])
 def segment_reduce_kernel(
     partial_ptr, seg_tiles_ptr, stats_ptr, num_tiles, num_segments,
-    active_ptr, coeffs_ptr, cases_ptr, tau_bits, gamma_bits, margin_bits,
+    active_ptr, coeffs_ptr, cases_ptr, tau_hi, tau_lo, gamma_hi, gamma_lo, margin_hi, margin_lo,
     SEGS: tl.constexpr, LANES: tl.constexpr,
     APPLY_RULE: tl.constexpr, HAS_ACTIVE: tl.constexpr, RULE: tl.constexpr, SYMMETRIC: tl.constexpr,
 ):
@@ -221,14 +228,14 @@ def segment_reduce_kernel(
     tl.store(stats_ptr + 3 * segs + 2, ab, mask=smask)
     if APPLY_RULE:
         _rule_store(
-            aa, bb, ab, segs, smask, active_ptr, coeffs_ptr, cases_ptr, tau_bits, gamma_bits, margin_bits,
+            aa, bb, ab, segs, smask, active_ptr, coeffs_ptr, cases_ptr, tau_hi, tau_lo, gamma_hi, gamma_lo, margin_hi, margin_lo,
             HAS_ACTIVE, RULE, SYMMETRIC,
         )
 
 
-@triton.jit(do_not_specialize=["tau_bits", "gamma_bits", "margin_bits"])
+@triton.jit(do_not_specialize=["tau_hi", "tau_lo", "gamma_hi", "gamma_lo", "margin_hi", "margin_lo"])
 def rule_kernel(
-    stats_ptr, num_segments, active_ptr, coeffs_ptr, cases_ptr, tau_bits, gamma_bits, margin_bits,
+    stats_ptr, num_segments, active_ptr, coeffs_ptr, cases_ptr, tau_hi, tau_lo, gamma_hi, gamma_lo, margin_hi, margin_lo,
     SEGS: tl.constexpr, HAS_ACTIVE: tl.constexpr, RULE: tl.constexpr, SYMMETRIC: tl.constexpr,
 ):
     """(coeffs, cases) from stats of any source (float32 or float64, [G, 3] contiguous)."""
@@ -237,7 +244,7 @@ def rule_kernel(
     aa = tl.load(stats_ptr + 3 * segs, mask=smask, other=0.0).to(tl.float64)
     bb = tl.load(stats_ptr + 3 * segs + 1, mask=smask, other=0.0).to(tl.float64)
     ab = tl.load(stats_ptr + 3 * segs + 2, mask=smask, other=0.0).to(tl.float64)
-    _rule_store(aa, bb, ab, segs, smask, active_ptr, coeffs_ptr, cases_ptr, tau_bits, gamma_bits, margin_bits,
+    _rule_store(aa, bb, ab, segs, smask, active_ptr, coeffs_ptr, cases_ptr, tau_hi, tau_lo, gamma_hi, gamma_lo, margin_hi, margin_lo,
                 HAS_ACTIVE, RULE, SYMMETRIC)
 
 

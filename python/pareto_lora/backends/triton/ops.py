@@ -118,8 +118,11 @@ def tile_table(offsets: torch.Tensor, device: torch.device) -> tuple[torch.Tenso
 
 
 # ---- ops (no validation, no host reads: traceable by torch.compile) ----------------------------
-def _f64_bits(x: float) -> int:
-    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
+def _f64_halves(x: float) -> tuple[int, int]:
+    """The float64 bit pattern of x as two signed 32-bit integers (high word, low word)."""
+    bits = struct.unpack("<q", struct.pack("<d", float(x)))[0]
+    lo = bits & 0xFFFFFFFF
+    return bits >> 32, lo - (1 << 32) if lo >= 1 << 31 else lo
 
 
 def _rule_launch_args(rule: str, tau: float, gamma: float, symmetric: bool, active: Optional[torch.Tensor], device,
@@ -131,7 +134,8 @@ def _rule_launch_args(rule: str, tau: float, gamma: float, symmetric: bool, acti
     # The kernels read one byte per segment at unit stride: a strided mask is made contiguous.
     act = active.to(device).contiguous().view(torch.uint8) if has_active else None
     return (
-        dict(tau_bits=_f64_bits(tau), gamma_bits=_f64_bits(gamma), margin_bits=_f64_bits(margin)),
+        {f"{name}_{half}": v for name, x in (("tau", tau), ("gamma", gamma), ("margin", margin))
+         for half, v in zip(("hi", "lo"), _f64_halves(x))},
         act,
         dict(HAS_ACTIVE=has_active, RULE=RULE_IDS[rule], SYMMETRIC=bool(symmetric)),
     )

@@ -366,7 +366,7 @@ __device__ __forceinline__ void run_tile(const Params<scalar_t>& p, int64_t tick
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) integrate_kernel(const Params<scalar_t> p) {
   // A block draws its next ticket only when it is free. (Drawing it ahead, while the current
-  // tile runs, was measured on an H200: no gain at one segment, and in the fused plan up to 1.3x
+  // tile runs, was measured on an H200: no gain at one segment, and in the fused plan up to 1.4x
   // slower at 1024 segments -- a block stuck waiting on an apply tile then holds a reduce ticket
   // that others wait for.)
   __shared__ int64_t ticket;

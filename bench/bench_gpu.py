@@ -176,8 +176,7 @@ def cuda_median_ms(fn, case: Case, budget_s: float = 0.25, min_iters: int = 5, m
     return statistics.median(s.elapsed_time(e) for s, e in events)
 
 
-@pytest.fixture(scope="module")
-def copy_gbps():
+def measure_copy_gbps() -> float:
     """Device-to-device copy bandwidth (read + write bytes / time) of a 1 GiB buffer."""
     n = 1 << 28
     src = torch.empty(n, dtype=torch.float32, device="cuda").normal_()
@@ -192,6 +191,11 @@ def copy_gbps():
         if i >= 3:
             times.append(start.elapsed_time(end))
     return 2 * src.numel() * 4 / (statistics.median(times) * 1e-3) / 1e9
+
+
+@pytest.fixture(scope="module")
+def copy_gbps():
+    return measure_copy_gbps()
 
 
 @pytest.fixture(scope="module")

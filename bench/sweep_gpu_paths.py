@@ -27,7 +27,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_gpu import Case, _parse_numel  # noqa: E402
+from bench_gpu import Case, _parse_numel, measure_copy_gbps  # noqa: E402
 
 import pareto_lora  # noqa: E402
 from pareto_lora.app import baselines  # noqa: E402
@@ -101,26 +101,10 @@ def kernel_ms(fn, case, iters=5):
     return total_us / 1e3 / iters
 
 
-def copy_gbps():
-    n = 1 << 28
-    src = torch.empty(n, dtype=torch.float32, device="cuda").normal_()
-    dst = torch.empty_like(src)
-    times = []
-    for i in range(13):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        dst.copy_(src)
-        e.record()
-        torch.cuda.synchronize()
-        if i >= 3:
-            times.append(s.elapsed_time(e))
-    return 2 * n * 4 / (statistics.median(times) * 1e-3) / 1e9
-
-
 def main():
     out_dir = os.environ.get("OUT", ".")
     contenders = PLANS + (["triton"] if "triton" in pareto_lora.available_backends("cuda") else [])
-    bw = copy_gbps()
+    bw = measure_copy_gbps()
     print(f"{torch.cuda.get_device_name(0)}  copy {bw:.0f} GB/s  torch {torch.__version__}", flush=True)
     path = os.path.join(out_dir, "sweep_gpu.csv")
     with open(path, "w", newline="") as f:

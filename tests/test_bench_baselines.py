@@ -71,3 +71,27 @@ def test_bench_scripts_import(module, monkeypatch):
         off = mod.lora_like_offsets(1000, 7)
         assert off[0] == 0 and off[-1] == 1000 and off.numel() == 8
         assert set(mod.IMPL_FNS) >= {"cuda_fused", "torch_strong", "torch_foreach", "compiled_ref", "naive_loop"}
+
+
+@pytest.mark.parametrize("arch", ["llama", "chameleon"])
+def test_training_step_configs_run(arch, monkeypatch):
+    # bench_training_step on a tiny version of its configurations: every row runs (no times asserted);
+    # Chameleon's image targets are the image codes and markers of its own vocabulary map.
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
+    mod = importlib.import_module("bench_training_step")
+    monkeypatch.setitem(mod.CONFIGS, "tiny", (arch, 4, 64, 2, 64, 4))
+    fns, nparams = mod.build("tiny")
+    assert list(fns) == list(mod.ROWS) and nparams > 0
+    for fn in fns.values():
+        fn()
+    row = mod.table_row("tiny", nparams, {k: float(i + 1) for i, k in enumerate(mod.ROWS)})
+    assert row.startswith(f"| tiny: {arch} (4, 64, 2, 64, 4) |") and row.count("|") == 12
+    if arch == "chameleon":
+        model = mod.lora_chameleon(2, 64, 4)
+        batch = mod.chameleon_batch(2, 64)
+        spec = pareto_lora.archs.detect_arch(model)
+        mask = pareto_lora.archs.image_token_mask(model, batch, spec)
+        assert mask.sum(1).tolist() == [32, 32]
+        assert set(spec.image_token_ids) == set(range(mod.CHAMELEON_TEXT, mod.CHAMELEON_EOI + 1))

@@ -52,15 +52,23 @@ def test_segment_views_are_views():
 
 def test_bench_case_rows_have_every_column():
     case = benchmarking.BenchCase(4096, 4, torch.float32, "cpu")
-    rows = benchmarking.bench_case(case, ["cpp", "reference"], ["strong", "naive_loop"], rounds=2)
-    assert [r["impl"] for r in rows] == ["cpp", "reference", "torch:strong", "torch:naive_loop"]
+    rows = benchmarking.bench_case(case, ["cpp"], ["strong", "naive_loop"], rounds=2)
+    assert [r["impl"] for r in rows] == ["cpp", "torch:strong", "torch:naive_loop"]
     for r in rows:
         assert r["min_ms"] > 0 and r["median_ms"] >= r["min_ms"] and r["x_floor2"] > 0 and r["x_floor1"] > r["x_floor2"]
-    assert rows[1]["speedup"] == {}  # the oracle is no speed baseline
-    assert set(rows[0]["speedup"]) == {"strong", "naive_loop"}
+        assert set(r["speedup"]) == {"strong", "naive_loop"} and r["threads"] == torch.get_num_threads()
     text = benchmarking.format_rows(rows)
-    assert "/2-pass" in text and "x strong" in text
+    assert "/2-pass" in text and "copy GB/s" in text and "x strong" in text
     assert benchmarking.format_rows(rows, markdown=True).startswith("| impl |")
+
+
+def test_the_oracle_is_no_contender():
+    # The float64 reference is a correctness tool: never timed, never in a speed table.
+    case = benchmarking.BenchCase(4096, 4, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="correctness oracle"):
+        benchmarking.bench_case(case, ["cpp", "reference"], ["strong"], rounds=1)
+    assert "reference" not in benchmarking.default_backends("cpu")
+    assert "load average" in benchmarking.environment("cpu")
 
 
 @pytest.mark.parametrize("module", ["bench_gpu", "bench_ops_cpu", "bench_training_step"])

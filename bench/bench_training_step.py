@@ -187,6 +187,7 @@ def main(argv=None) -> int:
     import argparse
     import datetime
     import platform
+    import statistics
     import subprocess
 
     from pareto_lora.app.benchmarking import interleaved
@@ -213,13 +214,17 @@ def main(argv=None) -> int:
     print("| config: arch (layers, hidden, batch, seq, r) | LoRA params | forward | vanilla | two_backward | pareto_step | "
           "integrate_only | B = backward | 2nd bwd / B | pareto / vanilla (floor) | integration share of step |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    notes = []
     for config in configs:
         fns, nparams = build(config)
         timed = interleaved(fns, rounds=args.rounds, warmup=1)
         print(table_row(config, nparams, {k: v["min"] * 1e3 for k, v in timed.items()}), flush=True)
-        print(f"  {config}: medians ms " + ", ".join(f"{k} {v['median'] * 1e3:.2f}" for k, v in timed.items())
-              + f"; {timed['forward']['rounds']} rounds; {uptime()}", file=sys.stderr, flush=True)
-    print("times: min ms over interleaved rounds")
+        paired = statistics.median(p / v for p, v in zip(timed["pareto_step"]["times"], timed["vanilla"]["times"]))
+        notes.append(f"{config}: medians ms " + ", ".join(f"{k} {v['median'] * 1e3:.2f}" for k, v in timed.items())
+                     + f"; pareto / vanilla paired per round, median {paired:.2f}; {timed['forward']['rounds']} rounds; "
+                     f"{uptime()}")
+    print("\ntimes: min ms over interleaved rounds")
+    print("\n".join(notes))
     print(f"uptime after: {uptime()}")
     return 0
 

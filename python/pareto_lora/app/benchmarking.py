@@ -81,7 +81,7 @@ def _sync(device: torch.device) -> None:
 
 def interleaved(fns: dict[str, Callable[[], object]], device: str | torch.device = "cpu", rounds: int = 10,
                 warmup: int = 2, max_seconds: float | None = None) -> dict[str, dict]:
-    """Round-robin timing: {name: {"min": s, "median": s, "rounds": n}}.
+    """Round-robin timing: {name: {"min": s, "median": s, "rounds": n, "times": [s per round]}}.
 
     All contenders run once per round in the given order (rotated each round so none always
     follows the same neighbour). Stops early after `max_seconds` once 3 rounds are done.
@@ -103,7 +103,7 @@ def interleaved(fns: dict[str, Callable[[], object]], device: str | torch.device
             times[n].append(time.perf_counter() - t0)
         if end is not None and r >= 2 and time.perf_counter() > end:
             break
-    return {n: {"min": min(t), "median": statistics.median(t), "rounds": len(t)} for n, t in times.items()}
+    return {n: {"min": min(t), "median": statistics.median(t), "rounds": len(t), "times": t} for n, t in times.items()}
 
 
 def _itemsize(dtype: torch.dtype) -> int:

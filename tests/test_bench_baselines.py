@@ -52,15 +52,23 @@ def test_segment_views_are_views():
 
 def test_bench_case_rows_have_every_column():
     case = benchmarking.BenchCase(4096, 4, torch.float32, "cpu")
-    rows = benchmarking.bench_case(case, ["cpp", "reference"], ["strong", "naive_loop"], rounds=2)
-    assert [r["impl"] for r in rows] == ["cpp", "reference", "torch:strong", "torch:naive_loop"]
+    rows = benchmarking.bench_case(case, ["cpp"], ["strong", "naive_loop"], rounds=2)
+    assert [r["impl"] for r in rows] == ["cpp", "torch:strong", "torch:naive_loop"]
     for r in rows:
         assert r["min_ms"] > 0 and r["median_ms"] >= r["min_ms"] and r["x_floor2"] > 0 and r["x_floor1"] > r["x_floor2"]
-    assert rows[1]["speedup"] == {}  # the oracle is no speed baseline
-    assert set(rows[0]["speedup"]) == {"strong", "naive_loop"}
+        assert set(r["speedup"]) == {"strong", "naive_loop"} and r["threads"] == torch.get_num_threads()
     text = benchmarking.format_rows(rows)
-    assert "/2-pass" in text and "x strong" in text
+    assert "/2-pass" in text and "copy GB/s" in text and "x strong" in text
     assert benchmarking.format_rows(rows, markdown=True).startswith("| impl |")
+
+
+def test_the_oracle_is_no_contender():
+    # The float64 reference is a correctness tool: never timed, never in a speed table.
+    case = benchmarking.BenchCase(4096, 4, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="correctness oracle"):
+        benchmarking.bench_case(case, ["cpp", "reference"], ["strong"], rounds=1)
+    assert "reference" not in benchmarking.default_backends("cpu")
+    assert "load average" in benchmarking.environment("cpu")
 
 
 @pytest.mark.parametrize("module", ["bench_gpu", "bench_ops_cpu", "bench_training_step"])
@@ -71,3 +79,27 @@ def test_bench_scripts_import(module, monkeypatch):
         off = mod.lora_like_offsets(1000, 7)
         assert off[0] == 0 and off[-1] == 1000 and off.numel() == 8
         assert set(mod.IMPL_FNS) >= {"cuda_fused", "torch_strong", "torch_foreach", "compiled_ref", "naive_loop"}
+
+
+@pytest.mark.parametrize("arch", ["llama", "chameleon"])
+def test_training_step_configs_run(arch, monkeypatch):
+    # bench_training_step on a tiny version of its configurations: every row runs (no times asserted);
+    # Chameleon's image targets are the image codes and markers of its own vocabulary map.
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
+    mod = importlib.import_module("bench_training_step")
+    monkeypatch.setitem(mod.CONFIGS, "tiny", (arch, 4, 64, 2, 64, 4))
+    fns, nparams = mod.build("tiny")
+    assert list(fns) == list(mod.ROWS) and nparams > 0
+    for fn in fns.values():
+        fn()
+    row = mod.table_row("tiny", nparams, {k: float(i + 1) for i, k in enumerate(mod.ROWS)})
+    assert row.startswith(f"| tiny: {arch} (4, 64, 2, 64, 4) |") and row.count("|") == 12
+    if arch == "chameleon":
+        model = mod.lora_chameleon(2, 64, 4)
+        batch = mod.chameleon_batch(2, 64)
+        spec = pareto_lora.archs.detect_arch(model)
+        mask = pareto_lora.archs.image_token_mask(model, batch, spec)
+        assert mask.sum(1).tolist() == [32, 32]
+        assert set(spec.image_token_ids) == set(range(mod.CHAMELEON_TEXT, mod.CHAMELEON_EOI + 1))

@@ -89,15 +89,43 @@ def test_seed_argument_forms():
     assert cli._seeds("5,") == (5,)
 
 
-def test_bench_prints_a_row_per_backend(tmp_path):
+def test_bench_prints_the_results_columns_and_no_oracle_row():
+    # The columns of bench/RESULTS.md, one row per compiled backend and baseline, no float64-oracle
+    # row; the figures are checked for consistency with each other, never for speed.
+    from pareto_lora.app.benchmarking import COLUMNS
+
     res = run_cli("bench", "--device", "cpu", "--sizes", "4096", "--dtypes", "float32", "--segments", "8",
-                  "--repeat", "3", "--no-progress")
+                  "--repeat", "3", "--baselines", "strong,naive_loop", "--threads", "1", "--no-progress")
     assert res.returncode == 0, res.stderr
-    rows = [line.split() for line in res.stdout.splitlines() if line.split() and line.split()[0] in pareto_lora.available_backends("cpu")]
-    assert sorted(r[0] for r in rows) == sorted(pareto_lora.available_backends("cpu"))
+    lines = res.stdout.splitlines()
+    assert any(line.startswith("date ") and "load average" in line and "torch " in line for line in lines)
+    header = next(line for line in lines if line.startswith("impl "))
+    names = list(COLUMNS) + ["x strong", "x naive_loop"]
+    positions = [header.index(n) for n in names]
+    assert positions == sorted(positions), header
+    rows = [line.split() for line in lines[lines.index(header) + 2:] if line.split() and line.split()[1:2] == ["cpu"]]
+    backends = [b for b in pareto_lora.available_backends("cpu") if b != "reference"]
+    assert [r[0] for r in rows] == backends + ["torch:strong", "torch:naive_loop"]
+    assert "reference" not in res.stdout.split(header)[1]
     for r in rows:
-        assert r[1] == "cpu" and r[2] == "float32" and r[3] == "4,096"
-        assert float(r[5]) > 0 and float(r[6]) > 0
+        assert len(r) == len(names)  # one figure per column
+        dtype, numel, segs, threads = r[2], r[3], r[4], r[5]
+        assert (dtype, numel, segs, threads) == ("float32", "4,096", "8", "1")
+        min_ms, med_ms, gbps, copy_gbps, floor2, floor1, x_strong, x_naive = map(float, r[6:])
+        assert 0 < min_ms <= med_ms and gbps > 0 and copy_gbps > 0
+        assert gbps == pytest.approx(3 * 4096 * 4 / (min_ms * 1e-3) / 1e9, rel=0.01)
+        # printed to 3 significant figures / 2 decimals: tolerances cover the rounding
+        assert floor1 == pytest.approx(copy_gbps / gbps, rel=0.012, abs=0.01)  # 3N bytes at the copy bandwidth
+        assert floor1 == pytest.approx(floor2 * 5 / 3, abs=0.015)  # 5N vs 3N at the same bandwidth
+    strong = next(r for r in rows if r[0] == "torch:strong")
+    assert float(strong[-2]) == 1.0
+
+
+def test_bench_refuses_the_oracle_as_a_contender():
+    res = run_cli("bench", "--backends", "cpp,reference", "--no-progress")
+    assert res.returncode == 2
+    assert "'reference' is the float64 correctness oracle, not a speed contender" in res.stderr
+    assert "Traceback" not in res.stderr
 
 
 def test_console_script_is_declared():

@@ -15,28 +15,34 @@ columns). Method, chosen for a shared, noisy machine:
 - each row: min and median ms, effective GB/s over 3N bytes, time / two-pass floor, time /
   one-pass floor, and the speed-up over each baseline (baseline min / row min).
 
-The float64 reference is a correctness oracle, never a speed baseline: it is timed only when
-asked for as a backend, and no speed-up is computed against it.
-May import: :mod:`pareto_lora.ops`, :mod:`pareto_lora.reference`, :mod:`.baselines`.
+The float64 reference (``backend="reference"``) is a correctness oracle, not a speed contender:
+it is never timed here (:func:`contenders` refuses it), so no table has a row for it.
+:func:`environment` gives the lines that go with every table (date, CPU model, threads, torch,
+load average).
+May import: :mod:`pareto_lora.ops`, :mod:`.baselines`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import os
+import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
 
 import torch
 
-from .. import ops, reference
+from .. import ops
 from .baselines import BASELINES
 
 __all__ = ["BenchCase", "make_inputs", "interleaved", "one_pass_bytes", "two_pass_bytes", "contenders",
-           "bench_case", "run_suite", "format_rows", "COLUMNS"]
+           "bench_case", "run_suite", "format_rows", "COLUMNS", "ORACLE", "environment", "cpu_model"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 COPY = "copy"  # the pseudo-contender that measures the bandwidth of the case's footprint
+ORACLE = "reference"  # the float64 backend: a correctness tool, never timed here
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +81,7 @@ def _sync(device: torch.device) -> None:
 
 def interleaved(fns: dict[str, Callable[[], object]], device: str | torch.device = "cpu", rounds: int = 10,
                 warmup: int = 2, max_seconds: float | None = None) -> dict[str, dict]:
-    """Round-robin timing: {name: {"min": s, "median": s, "rounds": n}}.
+    """Round-robin timing: {name: {"min": s, "median": s, "rounds": n, "times": [s per round]}}.
 
     All contenders run once per round in the given order (rotated each round so none always
     follows the same neighbour). Stops early after `max_seconds` once 3 rounds are done.
@@ -97,7 +103,7 @@ def interleaved(fns: dict[str, Callable[[], object]], device: str | torch.device
             times[n].append(time.perf_counter() - t0)
         if end is not None and r >= 2 and time.perf_counter() > end:
             break
-    return {n: {"min": min(t), "median": statistics.median(t), "rounds": len(t)} for n, t in times.items()}
+    return {n: {"min": min(t), "median": statistics.median(t), "rounds": len(t), "times": t} for n, t in times.items()}
 
 
 def _itemsize(dtype: torch.dtype) -> int:
@@ -116,13 +122,12 @@ def two_pass_bytes(numel: int, dtype: torch.dtype) -> int:
 
 def contenders(case: BenchCase, a, b, offsets, out, backends: Sequence[str], baselines: Sequence[str]):
     """{name: zero-argument callable} for the backends (named as they are), the baselines
-    (``torch:<name>``) and the footprint copy."""
+    (``torch:<name>``) and the footprint copy. The float64 oracle is refused: it is no contender."""
+    if ORACLE in backends:
+        raise ValueError(f"backends: {ORACLE!r} is the float64 correctness oracle, not a speed contender")
     fns: dict[str, Callable[[], object]] = {}
     for be in backends:
-        if be == "reference":
-            fns[be] = lambda: reference.integrate(a, b, offsets, out, case.rule, case.tau)
-        else:
-            fns[be] = lambda be=be: ops.integrate(a, b, offsets, out, rule=case.rule, tau=case.tau, backend=be)
+        fns[be] = lambda be=be: ops.integrate(a, b, offsets, out, rule=case.rule, tau=case.tau, backend=be)
     for name in baselines:
         fn = BASELINES[name][0]
         fns[f"torch:{name}"] = lambda fn=fn: fn(a, b, offsets, out, case.rule, case.tau)
@@ -153,13 +158,18 @@ def bench_case(case: BenchCase, backends: Sequence[str], baselines: Sequence[str
             "min_ms": t["min"] * 1e3, "median_ms": t["median"] * 1e3, "rounds": t["rounds"],
             "GB/s": one / t["min"] / 1e9, "copy_GB/s": copy_gbps,
             "x_floor2": t["min"] / (two / (copy_gbps * 1e9)), "x_floor1": t["min"] / (one / (copy_gbps * 1e9)),
-            # reference rows get no speed-ups and are not speed-ups' denominators: it is the oracle
-            "speedup": {} if name == "reference" else {n.split(":", 1)[1]: s / t["min"] for n, s in base_min.items()},
+            "speedup": {n.split(":", 1)[1]: s / t["min"] for n, s in base_min.items()},
         })
     return rows
 
 
+def default_backends(device: str) -> list[str]:
+    """The backends timed by default on `device`: every available one except the float64 oracle."""
+    return [b for b in ops.available_backends(device) if b != ORACLE]
+
+
 def default_baselines(device: str) -> list[str]:
+    """The plain-torch baselines meant for `device`'s kind (``torch:foreach`` only on CUDA)."""
     kind = torch.device(device).type
     return [n for n, (_, kinds) in BASELINES.items() if kind in kinds]
 
@@ -169,8 +179,8 @@ def run_suite(device: str, sizes: Sequence[int], dtypes: Sequence[torch.dtype], 
               baselines: Sequence[str] | None = None, progress=None, rounds: int = 10,
               max_seconds: float | None = None) -> list[dict]:
     """Rows for every (size, dtype, segments) case; `backends` defaults to the compiled ones on
-    `device` (the reference only when named), `baselines` to every baseline meant for it."""
-    names = list(backends) if backends is not None else [b for b in ops.available_backends(device) if b != "reference"]
+    `device` (never the float64 oracle), `baselines` to every baseline meant for it."""
+    names = list(backends) if backends is not None else default_backends(device)
     base = list(baselines) if baselines is not None else default_baselines(device)
     rows = []
     for numel in sizes:
@@ -183,18 +193,22 @@ def run_suite(device: str, sizes: Sequence[int], dtypes: Sequence[torch.dtype], 
     return rows
 
 
-COLUMNS = ("impl", "device", "dtype", "numel", "segs", "min ms", "med ms", "GB/s(3N)", "/2-pass", "/1-pass")
+COLUMNS = ("impl", "device", "dtype", "numel", "segs", "threads", "min ms", "med ms", "GB/s(3N)", "copy GB/s",
+           "/2-pass", "/1-pass")
 
 
 def format_rows(rows: list[dict], markdown: bool = False) -> str:
-    """The table: one row per contender; `/2-pass`, `/1-pass` are time over the floors (1.0 = at
-    the floor); `x <baseline>` is that baseline's min time over the row's."""
+    """The table: one row per contender (the columns of bench/RESULTS.md). `GB/s(3N)` is 3N bytes over
+    the min time; `copy GB/s` the bandwidth of the same-footprint ``copy_`` timed in the same rounds;
+    `/2-pass`, `/1-pass` are the min time over 5N and 3N bytes at that bandwidth (1.0 = at the
+    floor); `x <baseline>` is that baseline's min time over the row's."""
     bases = list(dict.fromkeys(k for r in rows for k in r["speedup"]))
     head = list(COLUMNS) + [f"x {b}" for b in bases]
     body = []
     for r in rows:
-        body.append([r["impl"], r["device"], r["dtype"], f"{r['numel']:,}", str(r["segments"]), f"{r['min_ms']:.4g}",
-                     f"{r['median_ms']:.4g}", f"{r['GB/s']:.3g}", f"{r['x_floor2']:.2f}", f"{r['x_floor1']:.2f}"]
+        body.append([r["impl"], r["device"], r["dtype"], f"{r['numel']:,}", str(r["segments"]),
+                     "-" if r["threads"] is None else str(r["threads"]), f"{r['min_ms']:.4g}", f"{r['median_ms']:.4g}",
+                     f"{r['GB/s']:.3g}", f"{r['copy_GB/s']:.3g}", f"{r['x_floor2']:.2f}", f"{r['x_floor1']:.2f}"]
                     + [f"{r['speedup'][b]:.2f}" if b in r["speedup"] else "-" for b in bases])
     if markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -202,3 +216,27 @@ def format_rows(rows: list[dict], markdown: bool = False) -> str:
     widths = [max(len(h), *(len(c[i]) for c in body)) if body else len(h) for i, h in enumerate(head)]
     fmt = lambda cells: " ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
     return "\n".join([fmt(head), "-" * (sum(widths) + len(widths) - 1)] + [fmt(c) for c in body])
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what :mod:`platform` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def environment(device: str) -> str:
+    """One line to print with every table: UTC date, the device (CPU model and logical CPUs, or the
+    GPU's name), torch's intra-op threads, torch version, and the load average (1, 5, 15 min)."""
+    if torch.device(device).type == "cuda":
+        where = f"{torch.cuda.get_device_name(torch.device(device))}; host CPU {cpu_model()}"
+    else:
+        where = f"{cpu_model()} ({os.cpu_count()} logical CPUs)"
+    try:
+        load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        load = "unknown"
+    return (f"date {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; {device}: {where}; "
+            f"{torch.get_num_threads()} threads; torch {torch.__version__}; load average {load}")

@@ -132,16 +132,21 @@ def _cmd_bench(args, parser) -> int:
     from tqdm.auto import tqdm
 
     from ..backends import available_backends
-    from .benchmarking import DTYPES, format_rows, run_suite
+    from .benchmarking import (DTYPES, ORACLE, default_backends, default_baselines, environment, format_rows,
+                               run_suite)
 
     device = _device(parser, args.device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     available = available_backends(device)
-    if args.backends:
-        bad = [b for b in args.backends if b not in available]
-        if bad:
-            parser.error(f"--backends: {', '.join(bad)} not available on {device}; available: {', '.join(available)}")
-    from .benchmarking import default_baselines
-
+    backends = list(args.backends) if args.backends else default_backends(device)
+    if ORACLE in backends:
+        parser.error(f"--backends: {ORACLE!r} is the float64 correctness oracle, not a speed contender "
+                     f"(the tests check the backends against it); available: {', '.join(default_backends(device))}")
+    bad = [b for b in backends if b not in available]
+    if bad:
+        parser.error(f"--backends: {', '.join(bad)} not available on {device}; available: "
+                     f"{', '.join(default_backends(device))}")
     dtypes = [DTYPES[d] for d in args.dtypes]
     sizes = args.sizes or ((1 << 20, 1 << 24, 1 << 26) if device.startswith("cuda") else (1 << 16, 1 << 20))
     baselines = list(args.baselines) if args.baselines is not None else default_baselines(device)
@@ -149,17 +154,18 @@ def _cmd_bench(args, parser) -> int:
     if bad:
         parser.error(f"--baselines: {', '.join(bad)} not meant for {device}; expected names from: "
                      f"{', '.join(default_baselines(device))}")
-    print(f"integrate(rule={args.rule!r}) on {device} "
-          f"({torch.cuda.get_device_name() if device.startswith('cuda') else platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}); backends: {', '.join(args.backends or available)}; "
-          f"baselines: {', '.join(baselines) or 'none'}; {args.repeat} interleaved rounds, min and median.\n"
-          f"GB/s = 3 x numel x itemsize / min time; /2-pass and /1-pass = min time over 5N and 3N bytes at the "
-          f"bandwidth of a same-footprint copy_ timed in the same rounds; x <baseline> = its min time / the row's. "
-          f"'reference' is the float64 correctness oracle, not a baseline.")
+    print(f"integrate(rule={args.rule!r}, {args.segments} segments of random sizes) on {device}; backends: "
+          f"{', '.join(backends) or 'none'}; baselines: {', '.join(baselines) or 'none'}; {args.repeat} interleaved "
+          f"rounds per case (fewer past {args.max_seconds:g} s, at least 3), min and median.")
+    print(environment(device))
+    print("GB/s(3N) = 3 x numel x itemsize / min time; copy GB/s = a same-footprint copy_ timed in the same rounds; "
+          "/2-pass and /1-pass = min time over 5N and 3N bytes at that bandwidth (1.00 = at the floor); "
+          "x <baseline> = its min time / the row's.")
     with tqdm(total=len(sizes) * len(dtypes), desc="bench", leave=False, disable=args.no_progress) as bar:
-        rows = run_suite(device, sizes, dtypes, segments=args.segments, rule=args.rule,
-                         backends=args.backends or available, baselines=baselines, progress=bar, rounds=args.repeat)
+        rows = run_suite(device, sizes, dtypes, segments=args.segments, rule=args.rule, backends=backends,
+                         baselines=baselines, progress=bar, rounds=args.repeat, max_seconds=args.max_seconds)
     print(format_rows(rows))
+    print(f"after: {environment(device).rsplit('; ', 1)[1]}")
     return 0
 
 
@@ -240,12 +246,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--segments", type=_positive_int, default=64, help="segments (layer groups) per buffer (default 64)")
     bench.add_argument("--rule", choices=RULES, default="pareto_lora", help="rule (default pareto_lora)")
     bench.add_argument("--backends", type=lambda s: tuple(p for p in s.split(",") if p),
-                       help="comma-separated subset of the available backends (the reference is always timed)")
+                       help="comma-separated subset of the available compiled backends (default: all of them; "
+                            "the float64 'reference' is a correctness oracle and is never timed)")
     bench.add_argument("--baselines", type=lambda s: tuple(p for p in s.split(",") if p),
                        help="comma-separated plain-torch baselines (default: all meant for the device: "
                             "strong,compiled,naive_loop on cpu; also foreach on cuda)")
     bench.add_argument("--repeat", type=_positive_int, default=20,
                        help="interleaved rounds per case (min and median; default 20)")
+    bench.add_argument("--max-seconds", type=_positive_float, default=3.0,
+                       help="stop a case's rounds after this many seconds, once 3 are done (default 3)")
+    bench.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's own)")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     bench.set_defaults(func=_cmd_bench)
 

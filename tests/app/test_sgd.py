@@ -81,3 +81,16 @@ def test_quick_sgd_study_end_to_end(quick_sgd):
     assert "Tuning (validation text + image excess" in res.stdout and "SGD study: learning rate tuned" in res.stdout
     assert doc["comparison"]["rescale_only"]["vs_sum_image_excess"]["n"] == 2
     assert "frontier" in doc["comparison"]["pareto_lora_norm"]  # sum and w2 make the curve
+
+
+def test_contrast_lines_pair_the_norm_preserving_mode_with_the_plain_rule():
+    from pareto_lora.app.demo import report
+
+    runs = []
+    for seed in range(3):
+        runs.append(_run("pareto_lora", 0.2, 0.5, 1.0)), runs.append(_run("pareto_lora_norm", 0.2, 0.6 + 0.01 * seed, 0.9))
+        runs[-2].seed = runs[-1].seed = seed
+    lines = sgd.contrast_lines(report.summarize(runs))
+    assert len(lines) == 1 and lines[0].startswith("pareto_lora_norm vs pareto_lora (paired over 3 seeds)")
+    assert "image excess -0.100" in lines[0] and "(better)" in lines[0] and "(worse)" in lines[0]
+    assert sgd.contrast_lines(report.summarize(runs[:1])) == []  # the reference was not run

@@ -28,8 +28,8 @@ import time
 
 from .experiment import DemoConfig, prepare, run_cell
 
-__all__ = ["SGD_METHODS", "SGD_LRS", "TUNE_SEED", "VALIDATION_SEED", "criterion", "tune", "format_tuning",
-           "run_sgd_study"]
+__all__ = ["SGD_METHODS", "SGD_LRS", "TUNE_SEED", "VALIDATION_SEED", "CONTRASTS", "criterion", "tune", "format_tuning",
+           "contrast_lines", "run_sgd_study"]
 
 #: vanilla, the reweighting curve (w = 1, 2, 4), Pareto LoRA with and without the norm-preserving
 #: mode, its rescale branch alone, and MGDA (a norm-shrinking rule)
@@ -38,6 +38,9 @@ SGD_METHODS = ("sum", "w2", "w4", "pareto_lora", "pareto_lora_norm", "rescale_on
 SGD_LRS = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
 TUNE_SEED = 100
 VALIDATION_SEED = 40_100
+#: paired contrasts printed besides "vs vanilla": (method, reference) -- the norm-preserving
+#: mode's own effect, each at its tuned learning rate
+CONTRASTS = (("pareto_lora_norm", "pareto_lora"),)
 
 
 def criterion(run) -> float:
@@ -80,6 +83,26 @@ def format_tuning(tuning: dict[str, dict]) -> str:
         chosen = "none (all diverged)" if t["lr"] is None else f"{t['lr']:g}" + (" (grid edge)" if t["edge"] else "")
         lines.append(f"{method:<18}" + "".join(cells) + f"   {chosen}")
     return "\n".join(lines)
+
+
+def contrast_lines(summary: dict, pairs=CONTRASTS) -> list[str]:
+    """'a vs b' per pair run on common seeds: paired text / image excess differences, 95% intervals, words."""
+    from .stats import paired_interval, word
+
+    lines = []
+    for a, b in pairs:
+        if a not in summary or b not in summary:
+            continue
+        sa, sb = summary[a]["per_seed"], summary[b]["per_seed"]
+        seeds = [k for k in sa["text_excess"] if k in sb["text_excess"]]
+        if not seeds:
+            continue
+        parts = []
+        for m in ("image_excess", "text_excess"):
+            iv = paired_interval([sa[m][k] - sb[m][k] for k in seeds])
+            parts.append(f"{m.replace('_', ' ')} {iv.format()} ({word(iv)})")
+        lines.append(f"{a} vs {b} (paired over {len(seeds)} seeds): " + ", ".join(parts) + ".")
+    return lines
 
 
 def _notes(tuning: dict[str, dict], lrs) -> list[str]:
@@ -129,6 +152,9 @@ def run_sgd_study(cfg: DemoConfig, out_dir: str, lrs=SGD_LRS, progress: bool = T
         bad = sorted({r.rule for r in diverged})
         notes.append(f"Diverged at the tuned learning rate on a reported seed, left out: {', '.join(bad)}.")
         runs = [r for r in runs if r.rule not in bad]
+    from .report import summarize
+
+    notes += contrast_lines(summarize(runs)) if runs else []
     result = setup.result(runs, cfg)
     extra = {"sgd": {"lrs": list(lrs), "tune_seed": TUNE_SEED, "validation_seed": VALIDATION_SEED,
                      "criterion": "final validation text_excess + image_excess", "tuning": tuning,

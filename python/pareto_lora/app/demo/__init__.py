@@ -8,6 +8,9 @@ image-only, the reweighting curve ``L_text + w*L_image``, the kernel rules and M
 CoMMIT (methods.py). Held-out losses are reported as excess over the world's exact entropy floors
 (floors.py) with image cell accuracy; each method is placed against the reweighting curve at
 equal text excess with paired 95% intervals (report.py, verdict.py, stats.py, frontier.py).
+``--optimizer sgd`` runs the study under plain SGD with the learning rate tuned per method
+(sgd.py); ``--arch chameleon`` swaps the Llama for a small random Chameleon (model.py). Every
+study prints and writes the same outputs (output.py).
 May import: its own modules and :mod:`pareto_lora.app.env`.
 """
 

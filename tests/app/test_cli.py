@@ -59,6 +59,12 @@ def test_backend_availability_agrees_with_available_backends():
         (["demo", "--modulate", "sideways"], "--modulate: invalid choice"),
         (["demo", "--num-groups", "99", "--quick"], "num_groups: expected 1..4"),
         (["demo", "--frobnicate"], "unrecognized arguments: --frobnicate"),
+        (["demo", "--optimizer", "sgd", "--lr", "0.1"], "--lr: the SGD study tunes the learning rate per method"),
+        (["demo", "--lrs", "0.1,0.2"], "--lrs: a learning-rate grid is only for --optimizer sgd"),
+        (["demo", "--optimizer", "sgd", "--lrs", "0.1,-2"], "--lrs: expected finite numbers > 0"),
+        (["demo", "--optimizer", "sgd", "--lrs", "0.1,0.1"], "--lrs: value listed twice"),
+        (["demo", "--optimizer", "adam"], "--optimizer: invalid choice"),
+        (["demo", "--arch", "gpt2"], "--arch: invalid choice"),
         (["bench", "--dtypes", "float8"], "unknown dtype(s) 'float8'"),
         (["bench", "--rule", "nope"], "--rule: invalid choice"),
         (["bench", "--backends", "nope"], "--backends: nope not available"),
@@ -81,6 +87,10 @@ def test_cuda_device_without_gpu_is_a_usage_error():
     res = run_cli("demo", "--device", "cuda", "--quick")
     assert res.returncode == 2
     assert "torch.cuda.is_available() is False" in res.stderr
+
+
+def test_learning_rate_grid_argument():
+    assert cli._float_list("0.05,0.1, 0.2") == (0.05, 0.1, 0.2)
 
 
 def test_seed_argument_forms():

@@ -197,7 +197,7 @@ def test_quick_demo_writes_json_and_plots(quick_demo):
     res, out, seconds = quick_demo
     assert res.returncode == 0, res.stderr[-3000:]
     print(f"demo --quick took {seconds:.1f}s")
-    for name in ("results.json", "losses.png", "ratio_heatmaps.png", "cases.png", "summary.png", "balancers.png",
+    for name in ("results.json", "losses.png", "ratio_heatmaps.png", "group_ratio_heatmaps.png", "cases.png", "summary.png", "balancers.png",
                  "tradeoff.png", "paired.png"):
         path = out / name
         assert path.is_file() and path.stat().st_size > 1000, name

@@ -65,6 +65,18 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _float_list(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(p) for p in text.split(",") if p.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or not all(0 < v < float("inf") for v in values):
+        raise argparse.ArgumentTypeError(f"expected finite numbers > 0, got {text!r}")
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"value listed twice in {text!r}")
+    return values
+
+
 def _int_list(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(float(p)) for p in text.split(",") if p.strip())
@@ -108,6 +120,17 @@ def _cmd_demo(args, parser) -> int:
     if args.quick and args.full:
         parser.error("--quick and --full: expected at most one of them")
     cfg = DemoConfig(**(QUICK if args.quick else FULL if args.full else DEFAULT))
+    sgd = args.optimizer == "sgd"
+    if sgd and args.lr is not None:
+        parser.error("--lr: the SGD study tunes the learning rate per method; give its grid with --lrs")
+    if args.lrs is not None and not sgd:
+        parser.error("--lrs: a learning-rate grid is only for --optimizer sgd (AdamW uses --lr)")
+    if sgd and args.rules is None:
+        from .demo.sgd import SGD_METHODS
+
+        cfg = dataclasses.replace(cfg, rules=SGD_METHODS)
+    if args.arch is not None:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, arch=args.arch))
     overrides = {k: v for k, v in {
         "steps": args.steps, "seeds": args.seeds, "rules": args.rules, "tau": args.tau, "lr": args.lr,
         "modulate": args.modulate, "num_groups": args.num_groups, "pretrain_steps": args.pretrain_steps,
@@ -122,8 +145,14 @@ def _cmd_demo(args, parser) -> int:
         cfg.check()
     except ValueError as e:
         parser.error(str(e))
-    out = args.out or os.path.join("pareto_lora_out", time.strftime(f"{'study' if args.full else 'demo'}-%Y%m%d-%H%M%S"))
-    run_demo(cfg, os.path.abspath(out), progress=not args.no_progress)
+    kind = ("sgd-" if sgd else "") + ("study" if args.full else "demo")
+    out = os.path.abspath(args.out or os.path.join("pareto_lora_out", time.strftime(f"{kind}-%Y%m%d-%H%M%S")))
+    if sgd:
+        from .demo.sgd import SGD_LRS, run_sgd_study
+
+        run_sgd_study(dataclasses.replace(cfg, optimizer="sgd"), out, lrs=args.lrs or SGD_LRS, progress=not args.no_progress)
+    else:
+        run_demo(cfg, out, progress=not args.no_progress)
     return 0
 
 
@@ -223,6 +252,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     demo.add_argument("--tau", type=_positive_float, help="imbalance threshold on ||g_text||/||g_image|| (default 0.5)")
     demo.add_argument("--lr", type=_positive_float, help="LoRA learning rate (default 1e-2, tuned once for vanilla)")
+    demo.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw",
+                      help="adamw (default: the main study, lr tuned once for vanilla) or sgd: the SGD study, the "
+                           "learning rate tuned per method on a separate seed, default methods sum,w2,w4,pareto_lora,"
+                           "pareto_lora_norm,rescale_only,mgda")
+    demo.add_argument("--lrs", type=_float_list,
+                      help="with --optimizer sgd: the learning rates to tune over (default 0.05,0.1,0.2,0.4,0.8,1.6)")
+    demo.add_argument("--arch", choices=("llama", "chameleon"),
+                      help="the model: llama (default; LlamaForCausalLM with image tokens) or chameleon (a small random "
+                           "ChameleonForConditionalGeneration with IMGIMG image codes in its vocabulary map)")
     demo.add_argument("--modulate", choices=("lower", "middle", "upper", "all"),
                       help="layer groups that get the rule (default lower, as in the paper)")
     demo.add_argument("--num-groups", type=_positive_int, help="consecutive layer groups (default 3)")

@@ -8,13 +8,15 @@ image-only, the reweighting curve ``L_text + w*L_image``, the kernel rules and M
 CoMMIT (methods.py). Held-out losses are reported as excess over the world's exact entropy floors
 (floors.py) with image cell accuracy; each method is placed against the reweighting curve at
 equal text excess with paired 95% intervals (report.py, verdict.py, stats.py, frontier.py).
+``--optimizer sgd`` runs the study under plain SGD with the learning rate tuned per method
+(sgd.py); ``--arch chameleon`` swaps the Llama for a small random Chameleon (model.py). Every
+study prints and writes the same outputs (output.py).
 May import: its own modules and :mod:`pareto_lora.app.env`.
 """
 
 from __future__ import annotations
 
 import os
-import platform
 import time
 
 from .experiment import DemoConfig, run_experiment
@@ -37,16 +39,22 @@ DEFAULT = dict(seeds=(0, 1, 2), rules=("text_only", "image_only", "sum", "w2", "
 FULL = dict(seeds=(0, 1, 2, 3, 4), rules=("text_only", "image_only", "sum", "w2", "w3", "w4", "w6", "w8", *_RULES))
 
 
+_ARCH_NAMES = {"llama": "LlamaForCausalLM",
+               "chameleon": "ChameleonForConditionalGeneration (qk-norm; image codes named IMGIMG* in its vocabulary "
+                            "map; losses from its unmasked LM head)"}
+_OPT_NAMES = {"adamw": "AdamW", "sgd": "SGD (no momentum)"}
+
+
 def describe_setup(cfg: DemoConfig) -> str:
     """What the demo is about to do, in words (printed first, and kept in docs)."""
     m = cfg.model
     return "\n".join([
-        f"Model: LlamaForCausalLM, random init (nothing downloaded): {m.num_layers} layers, hidden {m.hidden_size}, "
+        f"Model: {_ARCH_NAMES[m.arch]}, random init (nothing downloaded): {m.num_layers} layers, hidden {m.hidden_size}, "
         f"{m.num_heads} heads; one vocabulary of special + text-word + discrete image-code tokens.",
         f"Base model: pre-trained in-process (full parameters, at most {cfg.pretrain_steps} steps) on a synthetic "
         f"pre-training world (world seed {cfg.pretrain_world_seed}) until its image cell accuracy there reaches "
         f"{cfg.pretrain_target_acc:.0%}, then frozen and cached on disk (one base for all seeds).",
-        f"Fine-tuning: peft LoRA r={m.lora_rank} on all linear layers, AdamW lr {cfg.lr}, {cfg.steps} steps x "
+        f"Fine-tuning: peft LoRA r={m.lora_rank} on all linear layers, {_OPT_NAMES[cfg.optimizer]} lr {cfg.lr}, {cfg.steps} steps x "
         f"batch {cfg.batch_size}, on a different world (seed {cfg.finetune_world_seed}): new caption templates, "
         f"shape masks and colour palettes; image-token noise {cfg.image_noise:.0%}.",
         f"Objectives: text loss and image loss = mean next-token cross-entropy over text / image targets; "
@@ -58,19 +66,9 @@ def describe_setup(cfg: DemoConfig) -> str:
     ])
 
 
-def _environment(cfg: DemoConfig) -> dict:
-    import torch
-
-    from ..env import package_versions
-
-    return {"python": platform.python_version(), "platform": platform.platform(), "device": cfg.device,
-            "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), **package_versions()}
-
-
 def run_demo(cfg: DemoConfig, out_dir: str, progress: bool = True, echo=print, resume: bool = True) -> dict:
     """Runs the experiment, writes results.json, runs/*.json and the PNGs into `out_dir`, prints the findings."""
-    from . import plots, plots_tradeoff, report
-    from .verdict import verdict
+    from .output import write_study
 
     cfg.check()
     os.makedirs(out_dir, exist_ok=True)
@@ -78,24 +76,4 @@ def run_demo(cfg: DemoConfig, out_dir: str, progress: bool = True, echo=print, r
     echo(f"Output folder: {out_dir}")
     t0 = time.perf_counter()
     result = run_experiment(cfg, progress=progress, runs_dir=os.path.join(out_dir, "runs") if resume else None)
-    summary = report.summarize(result["runs"])
-    comparison = report.compare(summary)
-    lines = verdict(result, summary, comparison)
-    files = {**plots.write_all(result["runs"], out_dir), **plots_tradeoff.write_all(summary, comparison, out_dir)}
-    files["results"] = os.path.join(out_dir, "results.json")
-    result["timings"]["total_s"] = time.perf_counter() - t0
-    doc = report.results_document(result, summary, comparison, lines, _environment(cfg), files)
-    report.write_json(doc, files["results"])
-    echo("")
-    echo("Final held-out excess loss (nats/token over the exact floor, mean over seeds) and image cell accuracy;")
-    echo("paired differences with 95% t-intervals (< 0 is better):")
-    echo(report.format_table(summary, comparison))
-    echo("")
-    for line in lines:
-        echo(line)
-    echo("")
-    echo(f"Wrote {len(files)} files to {out_dir}: " + ", ".join(os.path.basename(p) for p in files.values()))
-    echo(f"Time: {result['timings']['total_s']:.1f}s (pre-training {result['timings']['pretrain_s']:.1f}s"
-         f"{', base from cache' if result['base'].get('cached') else ''}, fine-tuning {result['timings']['finetune_s']:.1f}s"
-         f"{f'; {n} runs loaded from {out_dir}/runs' if (n := result['timings']['runs_loaded']) else ''})")
-    return doc
+    return write_study(result, out_dir, t0, echo)

@@ -21,7 +21,7 @@ import torch
 from .data import World, fixed_batches, sample_batch
 from .evaluation import evaluate
 from .floors import entropy_floors
-from .model import ModelConfig, build_base_model, token_losses
+from .model import ModelConfig, build_base_model, logits_of, token_losses
 
 __all__ = ["BaseSpec", "default_cache_dir", "pretrained_base"]
 
@@ -42,7 +42,10 @@ class BaseSpec:
         """Hash of the spec and the world (its masks/palettes/templates decide the weights too)."""
         w = (world.caption_templates, world.change_templates, world.verb_shift, world.shape_masks.tolist(),
              world.palette.tolist(), world.noise, dataclasses.asdict(world.vocab))
-        blob = json.dumps([dataclasses.asdict(self), w, torch.__version__], sort_keys=True, default=str)
+        spec = dataclasses.asdict(self)
+        if spec["model"]["arch"] == "llama":  # the field came later: the Llama's cached bases keep their key
+            spec["model"].pop("arch")
+        blob = json.dumps([spec, w, torch.__version__], sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -56,7 +59,7 @@ def pretrained_base(spec: BaseSpec, world: World, device, cache_dir: str | None,
 
     info: steps trained, seconds, cached flag, and the base's evaluation on its own world.
     """
-    model = build_base_model(spec.model, spec.vocab_size, spec.seq_len, spec.seed)
+    model = build_base_model(spec.model, spec.vocab_size, spec.seq_len, spec.seed, vocab=world.vocab)
     path = os.path.join(cache_dir, f"base-{spec.key(world)}.pt") if cache_dir else None
     floors = entropy_floors(world)
     held_out = fixed_batches(world, 2, 64, seed=30_000 + spec.seed)
@@ -72,7 +75,7 @@ def pretrained_base(spec: BaseSpec, world: World, device, cache_dir: str | None,
     step, own = 0, None
     while step < spec.max_steps:
         batch = sample_batch(world, spec.batch_size, gen).to(device)
-        per_tok = token_losses(model(**batch.model_inputs()).logits, batch.labels)
+        per_tok = token_losses(logits_of(model, batch.model_inputs()), batch.labels)
         (per_tok.sum() / (batch.labels[:, 1:] != -100).sum()).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

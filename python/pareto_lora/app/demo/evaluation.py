@@ -1,5 +1,5 @@
 """Held-out evaluation of a demo model: losses, excess over the exact floors, image cell accuracy.
-May import: the public package (:mod:`pareto_lora`), :mod:`.data`, :mod:`.floors`.
+May import: the public package (:mod:`pareto_lora`), :mod:`.data`, :mod:`.floors`, :mod:`.model`.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import pareto_lora
 
 from .data import World
 from .floors import Floors, image_cell_accuracy
+from .model import logits_of
 
 __all__ = ["evaluate"]
 
@@ -23,7 +24,7 @@ def evaluate(model, batches, device, world: World, floors: Floors) -> dict[str, 
     sums, counts, right, cells = [0.0, 0.0], [0, 0], 0, 0
     for batch in batches:
         batch = batch.to(device)
-        logits = model(**batch.model_inputs()).logits
+        logits = logits_of(model, batch.model_inputs())
         losses = pareto_lora.modality_losses(logits, batch.labels, image_token_mask=batch.image_token_mask)
         n = pareto_lora.modality_token_counts(batch.labels, image_token_mask=batch.image_token_mask)
         for i in range(2):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import time
 
@@ -19,14 +20,16 @@ import torch
 
 import pareto_lora
 
+from pareto_lora.flat.layout import split_layers
+
 from .base import BaseSpec, default_cache_dir, pretrained_base
 from .data import Vocab, World, fixed_batches, make_world, sample_batch
 from .evaluation import evaluate
 from .floors import entropy_floors
-from .methods import ALL_METHODS, build_method, loss_weights
-from .model import ModelConfig, attach_lora
+from .methods import ALL_METHODS, OPTIMIZERS, build_method, loss_weights
+from .model import ARCHS, ModelConfig, attach_lora, logits_of
 
-__all__ = ["DemoConfig", "RunResult", "evaluate", "finetune", "run_experiment"]
+__all__ = ["DemoConfig", "RunResult", "Setup", "evaluate", "finetune", "prepare", "run_cell", "run_experiment"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +50,7 @@ class DemoConfig:
     tau: float = 0.5
     num_groups: int = 3
     modulate: str = "lower"
+    optimizer: str = "adamw"  # "adamw" (the main study) or "sgd" (plain SGD: no momentum, no weight decay)
     pretrain_world_seed: int = 1
     finetune_world_seed: int = 2
     image_noise: float = 0.15
@@ -80,6 +84,10 @@ class DemoConfig:
                 raise ValueError(f"{name}: expected a number > 0, got {getattr(self, name)}")
         if not 0 < self.pretrain_target_acc <= 1:
             raise ValueError(f"pretrain_target_acc: expected a fraction in (0, 1], got {self.pretrain_target_acc}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer: expected one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.model.arch not in ARCHS:
+            raise ValueError(f"arch: expected one of {', '.join(ARCHS)}, got {self.model.arch!r}")
         if not 1 <= self.num_groups <= self.model.num_layers:
             raise ValueError(f"num_groups: expected 1..{self.model.num_layers} (the model's layers), got {self.num_groups}")
 
@@ -99,6 +107,14 @@ class RunResult:
     eval_image_excess: list[float] = dataclasses.field(default_factory=list)
     eval_acc: list[float] = dataclasses.field(default_factory=list)  # image cell accuracy
     group_layers: list[list[int]] = dataclasses.field(default_factory=list)  # layers of each layer group
+    optimizer: str | None = None  # None: a run saved before the field existed (AdamW)
+    lr: float | None = None
+    optimizer_warning: str | None = None  # pareto_lora's check_optimizer message, if it warned
+    diverged_step: int | None = None  # the step whose losses were not finite (the run stopped there)
+
+    @property
+    def diverged(self) -> bool:
+        return self.diverged_step is not None or not all(math.isfinite(v) for v in self.final.values())
 
     @property
     def final(self) -> dict[str, float]:
@@ -123,7 +139,8 @@ def finetune(base, cfg: DemoConfig, rule: str, seed: int, world: World, eval_set
     pl = method.pl
     w_text, w_image = loss_weights(rule)
     gen = torch.Generator().manual_seed(10_000 + seed)  # same batches for every rule of this seed
-    run = RunResult(rule, seed, [], [], [], [], 0.0, group_layers=[list(g) for g in pl.layout.group_layers])
+    run = RunResult(rule, seed, [], [], [], [], 0.0, group_layers=[list(g) for g in pl.layout.group_layers],
+                    optimizer=cfg.optimizer, lr=cfg.lr, optimizer_warning=method.warning)
 
     def record_eval(step: int) -> None:
         ev = evaluate(model, eval_set, device, world, floors)
@@ -136,11 +153,16 @@ def finetune(base, cfg: DemoConfig, rule: str, seed: int, world: World, eval_set
     model.train()
     for step in range(1, cfg.steps + 1):
         batch = sample_batch(world, cfg.batch_size, gen).to(device)
-        logits = model(**batch.model_inputs()).logits
+        logits = logits_of(model, batch.model_inputs())
         loss_text, loss_image = pareto_lora.modality_losses(logits, batch.labels, image_token_mask=batch.image_token_mask)
         # controls and loss weights scale the objectives; every rule sees them unscaled (1, 1)
-        report = pl.backward(text=w_text * loss_text, image=w_image * loss_image)
-        method.step(lambda: model(**batch.model_inputs()).logits, logits, None)  # CoMMIT: drift over all positions
+        try:
+            report = pl.backward(text=w_text * loss_text, image=w_image * loss_image)
+        except FloatingPointError:  # diverged (a learning rate too large for SGD): ParetoLoRA refuses to step
+            run.diverged_step = step
+            record_eval(step)
+            break
+        method.step(lambda: logits_of(model, batch.model_inputs()), logits, None)  # CoMMIT: drift over all positions
         method.optimizer.zero_grad()
         if method.commit is not None:
             report.add_metrics(method.commit.metrics())
@@ -155,19 +177,33 @@ def finetune(base, cfg: DemoConfig, rule: str, seed: int, world: World, eval_set
 
 
 def config_key(cfg: DemoConfig) -> str:
-    """Hash of everything a run's numbers depend on except the rule and seed (names run files)."""
+    """Hash of everything a run's numbers depend on except the rule and seed (names run files).
+
+    Options added after the first study are left out at their defaults (AdamW, the Llama), so
+    the run files of earlier studies keep their names and still resume.
+    """
     d = dataclasses.asdict(cfg)
     for k in ("rules", "seeds", "threads", "cache_dir"):
         d.pop(k)
+    if d["optimizer"] == "adamw":
+        d.pop("optimizer")
+    if d["model"]["arch"] == "llama":
+        d["model"].pop("arch")
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def _load_run(path: str) -> RunResult | None:
+def _load_run(path: str, cfg: DemoConfig) -> RunResult | None:
     try:
         with open(path, encoding="utf-8") as f:
-            return RunResult(**json.load(f))
+            run = RunResult(**json.load(f))
     except (OSError, ValueError, TypeError):
         return None  # missing or from an older layout: run it again
+    if not run.group_layers and run.records:  # saved before the field existed: the layout's split
+        ranges = split_layers(cfg.model.num_layers, cfg.num_groups)
+        run.group_layers = [list(ranges[int(g[5:])]) if g[5:].isdigit() else [] for g in run.records[0]["groups"]]
+    if run.optimizer is None:
+        run.optimizer, run.lr = cfg.optimizer, cfg.lr
+    return run
 
 
 def _save_run(run: RunResult, path: str) -> None:
@@ -183,12 +219,26 @@ def _bar(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, leave=False, disable=not enabled, dynamic_ncols=True)
 
 
-def run_experiment(cfg: DemoConfig, progress: bool = True, runs_dir: str | None = None) -> dict:
-    """Every (seed, rule) run of `cfg`; returns the raw results and timings (see report.py).
+@dataclasses.dataclass
+class Setup:
+    """What every run of one study shares: the worlds' floors, the pre-trained base, the timings."""
 
-    `runs_dir`: one JSON file per finished run; a run whose file exists (same config) is loaded,
-    not rerun, so an interrupted study resumes where it stopped.
-    """
+    cfg: DemoConfig
+    ft_world: World
+    floors: object  # floors.Floors
+    seq_len: int
+    base: torch.nn.Module
+    base_info: dict
+    timings: dict  # pretrain_s, finetune_s (runs made by this process), runs_loaded
+
+    def result(self, runs: list[RunResult], cfg: DemoConfig | None = None) -> dict:
+        """The raw results of `runs` in report.py's layout."""
+        return {"config": cfg or self.cfg, "vocab": self.cfg.vocab, "seq_len": self.seq_len, "runs": runs,
+                "floors": dataclasses.asdict(self.floors), "base": self.base_info, "timings": self.timings}
+
+
+def prepare(cfg: DemoConfig, progress: bool = True) -> Setup:
+    """Threads, worlds, exact floors and the pre-trained base (from the cache when present)."""
     cfg.check()
     if cfg.threads is not None and torch.device(cfg.device).type == "cpu":
         torch.set_num_threads(cfg.threads)
@@ -197,42 +247,63 @@ def run_experiment(cfg: DemoConfig, progress: bool = True, runs_dir: str | None 
     ft_world = make_world(cfg.finetune_world_seed, vocab, noise=cfg.image_noise, num_templates=cfg.num_templates)
     floors = entropy_floors(ft_world)
     seq_len = sample_batch(ft_world, 1, torch.Generator().manual_seed(0)).input_ids.shape[1]
-    timings = {"pretrain_s": 0.0, "finetune_s": 0.0, "runs_loaded": 0}  # finetune_s: runs made by this call
-    from tqdm.auto import tqdm
-
+    timings = {"pretrain_s": 0.0, "finetune_s": 0.0, "runs_loaded": 0}
     spec = BaseSpec(cfg.model, vocab.size, seq_len, cfg.base_seed, cfg.pretrain_steps, cfg.pretrain_lr,
                     cfg.batch_size, cfg.pretrain_target_acc)
     cache = default_cache_dir() if cfg.cache_dir == "default" else cfg.cache_dir
-    with _bar(cfg.pretrain_steps, f"base (seed {cfg.base_seed}) pre-train until it solves its images", progress) as bar:
+    with _bar(cfg.pretrain_steps, f"{cfg.model.arch} base (seed {cfg.base_seed}) pre-train until it solves its images",
+              progress) as bar:
         base, base_info = pretrained_base(spec, pre_world, device, cache, bar)
     timings["pretrain_s"] = base_info["seconds"]
     base_info["finetune_world_before"] = evaluate(base, fixed_batches(ft_world, cfg.eval_batches, cfg.eval_batch_size, 29_999),
                                                   device, ft_world, floors)
     if progress:
+        from tqdm.auto import tqdm
+
         own = base_info["own_world"]
         tqdm.write(f"base: {base_info['steps']} pre-training steps{' (cached)' if base_info['cached'] else ''}; on its own world "
                    f"image excess {own['image_excess']:.3f} nats, cell accuracy {own['cell_acc']:.1%}")
-    key = config_key(cfg)
+    return Setup(cfg, ft_world, floors, seq_len, base, base_info, timings)
+
+
+def run_cell(setup: Setup, cfg: DemoConfig, rule: str, seed: int, runs_dir: str | None = None, progress: bool = True,
+             eval_seed: int | None = None) -> RunResult:
+    """One (rule, seed) run under `cfg` (same model and worlds as ``setup.cfg``; the optimizer and
+    learning rate may differ), loaded from `runs_dir` when it was made before.
+
+    Held-out batches: seed ``20_000 + seed`` (``eval_seed`` overrides it: a validation set).
+    """
+    path = None
     if runs_dir:
         os.makedirs(runs_dir, exist_ok=True)
-    runs: list[RunResult] = []
-    for seed in cfg.seeds:
-        eval_set = fixed_batches(ft_world, cfg.eval_batches, cfg.eval_batch_size, seed=20_000 + seed)
-        for rule in cfg.rules:
-            path = os.path.join(runs_dir, f"{key}-{rule}-seed{seed}.json") if runs_dir else None
-            run = _load_run(path) if path and os.path.isfile(path) else None
-            if run is None:
-                with _bar(cfg.steps, f"seed {seed} {rule:>12}", progress) as bar:
-                    run = finetune(base, cfg, rule, seed, ft_world, eval_set, floors, bar)
-                if path:
-                    _save_run(run, path)
-                timings["finetune_s"] += run.seconds
-            else:
-                timings["runs_loaded"] += 1
-            runs.append(run)
-            if progress:
-                f = run.final
-                tqdm.write(f"  seed {seed} {rule:>12}: excess text {f['text_excess']:.3f} image {f['image_excess']:.3f}"
-                           f"  cell acc {f['cell_acc']:.1%}  ({run.seconds:.1f}s)")
-    return {"config": cfg, "vocab": vocab, "seq_len": seq_len, "runs": runs, "floors": dataclasses.asdict(floors),
-            "base": base_info, "timings": timings}
+        path = os.path.join(runs_dir, f"{config_key(cfg)}-{rule}-seed{seed}.json")
+    run = _load_run(path, cfg) if path and os.path.isfile(path) else None
+    if run is None:
+        eval_set = fixed_batches(setup.ft_world, cfg.eval_batches, cfg.eval_batch_size,
+                                 seed=20_000 + seed if eval_seed is None else eval_seed)
+        with _bar(cfg.steps, f"seed {seed} {rule:>12}", progress) as bar:
+            run = finetune(setup.base, cfg, rule, seed, setup.ft_world, eval_set, setup.floors, bar)
+        if path:
+            _save_run(run, path)
+        setup.timings["finetune_s"] += run.seconds
+    else:
+        setup.timings["runs_loaded"] += 1
+    if progress:
+        from tqdm.auto import tqdm
+
+        f = run.final
+        lr = f" lr {cfg.lr:g}" if cfg.optimizer != "adamw" else ""
+        tqdm.write(f"  seed {seed} {rule:>12}{lr}: excess text {f['text_excess']:.3f} image {f['image_excess']:.3f}"
+                   f"  cell acc {f['cell_acc']:.1%}  ({run.seconds:.1f}s)")
+    return run
+
+
+def run_experiment(cfg: DemoConfig, progress: bool = True, runs_dir: str | None = None) -> dict:
+    """Every (seed, rule) run of `cfg`; returns the raw results and timings (see report.py).
+
+    `runs_dir`: one JSON file per finished run; a run whose file exists (same config) is loaded,
+    not rerun, so an interrupted study resumes where it stopped.
+    """
+    setup = prepare(cfg, progress)
+    runs = [run_cell(setup, cfg, rule, seed, runs_dir, progress) for seed in cfg.seeds for rule in cfg.rules]
+    return setup.result(runs)

@@ -22,13 +22,19 @@ May import: the public package (:mod:`pareto_lora`).
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import torch
 
 import pareto_lora
 from pareto_lora.training.balancers import BALANCERS, METHODS, CoMMIT, GradNorm, MIMO
 
-__all__ = ["METHODS", "CONTROLS", "VARIANTS", "ALL_METHODS", "Method", "build_method", "describe_methods", "loss_weights", "frontier_weight"]
+__all__ = ["METHODS", "CONTROLS", "VARIANTS", "ALL_METHODS", "OPTIMIZERS", "Method", "build_method", "make_optimizer",
+           "describe_methods", "loss_weights", "frontier_weight"]
+
+#: the demo's optimizers: AdamW (the main study; scale-invariant per coordinate) and plain SGD
+#: (no momentum, no weight decay: its step is the learning rate times the integrated gradient)
+OPTIMIZERS = ("adamw", "sgd")
 
 COMMIT_EVERY = 2
 #: name -> (text weight, image weight) of the plain-sum runs that are not rules
@@ -66,6 +72,7 @@ class Method:
     pl: pareto_lora.ParetoLoRA
     optimizer: torch.optim.Optimizer
     commit: CoMMIT | None = None
+    warning: str | None = None  # the library's check_optimizer warning (norm-increasing rule under SGD)
 
     def step(self, forward, logits, mask) -> None:
         """``optimizer.step()``, through CoMMIT when the method has it."""
@@ -73,6 +80,13 @@ class Method:
             self.optimizer.step()
         else:
             self.commit.step(forward=forward, logits=logits, mask=mask)
+
+
+def make_optimizer(params, cfg) -> torch.optim.Optimizer:
+    """``cfg.optimizer`` over `params` (tensors or param groups) at ``cfg.lr``, no weight decay."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.0, weight_decay=0.0)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
 
 
 def build_method(model, name: str, cfg) -> Method:
@@ -89,13 +103,15 @@ def build_method(model, name: str, cfg) -> Method:
         pl = pareto_lora.ParetoLoRA(model, rule=spec, num_groups=cfg.num_groups, modulate=modulate or cfg.modulate,
                                     **options)
     if name != "commit":
-        opt = torch.optim.AdamW([p for _, p in trainable], lr=cfg.lr, weight_decay=0.0)
-        return Method(pl, opt)
+        opt = make_optimizer([p for _, p in trainable], cfg)
+        with warnings.catch_warnings():  # kept in the run's record, not printed once per run
+            warnings.simplefilter("ignore")
+            return Method(pl, opt, warning=pl.check_optimizer(opt))
     lower = set(pl.layout.group_layers[0])
     layer = {n: next((i for i in lower if f".layers.{i}." in n), None) for n, _ in trainable}
     feature = [p for n, p in trainable if layer[n] is not None]
     llm = [p for n, p in trainable if layer[n] is None]
-    opt = torch.optim.AdamW([{"params": llm}, {"params": feature}], lr=cfg.lr, weight_decay=0.0)
+    opt = make_optimizer([{"params": llm}, {"params": feature}], cfg)
     return Method(pl, opt, CoMMIT(opt, llm_group=0, feature_group=1, every=COMMIT_EVERY, window=10))
 
 

@@ -12,7 +12,8 @@ import numpy as np
 from ...training.diagnostics import case_counts, plot_balancer
 from ...rules import Case
 
-__all__ = ["plot_losses", "plot_ratio_heatmaps", "plot_cases", "plot_summary", "plot_balancers", "write_all"]
+__all__ = ["plot_losses", "plot_ratio_heatmaps", "plot_group_ratio_heatmaps", "group_ratio_grid", "group_labels",
+           "case_colors_by_name", "plot_cases", "plot_summary", "plot_balancers", "write_all"]
 
 
 def _pyplot():
@@ -72,32 +73,62 @@ def plot_losses(runs, path: str) -> str:
     return path
 
 
-def _log_ratio_grid(run) -> tuple[np.ndarray, list[str]]:
-    """[layers, steps] log10 ||g_text||/||g_image|| (NaN where a norm is zero or missing)."""
-    names = [n for n in run.records[0]["layers"] if n.startswith("layer")]
+def _log_ratio_grid(run, level: str = "layers") -> tuple[np.ndarray, list[str]]:
+    """[rows, steps] log10 ||g_text||/||g_image|| per layer (``level="layers"``) or per layer
+    group (``"groups"``); NaN where a norm is zero or not measured (MIMO's one-backward mode)."""
+    names = [n for n in run.records[0][level] if level == "groups" or n.startswith("layer")]
 
     def lg(x):
         return math.log10(x) if isinstance(x, (int, float)) and math.isfinite(x) and x > 0 else math.nan
 
-    grid = np.array([[lg(rec["layers"][n]["ratio"]) for rec in run.records] for n in names], dtype=float)
+    grid = np.array([[lg(rec[level][n]["ratio"]) for rec in run.records] for n in names], dtype=float)
     return grid, names
 
 
-def _heatmap(ax, run, lim: float):
-    grid, names = _log_ratio_grid(run)
+def group_labels(run) -> list[str]:
+    """'group0*' (* = modulated) and, below it, the layers it covers ('L0-1'), for each layer group."""
+    names = list(run.records[0]["groups"])
+    active = run.records[0]["active"]
+    layers = run.group_layers or [None] * len(names)  # unknown for runs saved before the field existed
+    return [f"{n}{'*' if a else ''}" + (f"\nL{min(ls)}-{max(ls)}" if ls else "") for n, a, ls in zip(names, active, layers)]
+
+
+def _no_ratio(ax, grid) -> bool:
+    if np.isfinite(grid).any():
+        return False
+    ax.text(0.5, 0.5, "no ratio: one modality's gradient is zero\n(bracket) or not measured (MIMO)",
+            ha="center", va="center", fontsize=7, transform=ax.transAxes)
+    return True
+
+
+def _heatmap(ax, run, lim: float, grid=None, labels=None, title=None):
+    if grid is None:
+        grid, names = _log_ratio_grid(run)
+        labels = [n.replace("layer", "L") for n in names]
+    _no_ratio(ax, grid)
     im = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", origin="lower", cmap="coolwarm",
                    vmin=-lim, vmax=lim, interpolation="nearest",
-                   extent=(0.5, len(run.records) + 0.5, -0.5, len(names) - 0.5))
-    ax.set_yticks(range(len(names)), [n.replace("layer", "L") for n in names], fontsize=7)
+                   extent=(0.5, grid.shape[1] + 0.5, -0.5, grid.shape[0] - 0.5))
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
     ax.set_xlabel("step")
-    ax.set_title(f"{run.rule} (seed {run.seed})", fontsize=9)
+    ax.set_title(title or f"{run.rule} (seed {run.seed})", fontsize=9)
     return im
 
 
-def _shared_limit(runs) -> float:
-    vals = np.concatenate([_log_ratio_grid(r)[0].ravel() for r in runs])
+def _shared_limit(grids) -> float:
+    vals = np.concatenate([g.ravel() for g in grids])
     vals = vals[np.isfinite(vals)]
     return max(0.1, float(np.abs(vals).max())) if vals.size else 1.0
+
+
+def _panels(n: int):
+    plt = _pyplot()
+    cols = min(3, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.8 * rows), squeeze=False, layout="constrained")
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    return plt, fig, axes
 
 
 def plot_ratio_heatmaps(runs, path: str) -> str:
@@ -107,16 +138,40 @@ def plot_ratio_heatmaps(runs, path: str) -> str:
     own trajectory (first seed).
     """
     firsts = [rs[0] for rs in _by_rule(runs).values()]
-    lim = _shared_limit(firsts)
-    plt = _pyplot()
-    cols = min(3, len(firsts))
-    rows = math.ceil(len(firsts) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.8 * rows), squeeze=False, layout="constrained")
+    lim = _shared_limit([_log_ratio_grid(r)[0] for r in firsts])
+    plt, fig, axes = _panels(len(firsts))
     for ax, run in zip(axes.flat, firsts):
         im = _heatmap(ax, run, lim)
-    for ax in list(axes.flat)[len(firsts):]:
-        ax.axis("off")
     fig.colorbar(im, ax=axes.ravel().tolist(), label="log10 ||g_text|| / ||g_image||  (>0: text dominates)")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def group_ratio_grid(rs) -> np.ndarray:
+    """[groups, steps] median over the runs `rs` (the seeds of one method) of the per-group log10
+    ratio; runs cut short (diverged) are left out; NaN where no seed has a finite ratio."""
+    steps = max(len(r.records) for r in rs)
+    grids = [_log_ratio_grid(r, "groups")[0] for r in rs if len(r.records) == steps]
+    stack = np.stack(grids)
+    out = np.full(stack.shape[1:], np.nan)
+    ok = np.isfinite(stack).any(axis=0)
+    out[ok] = np.nanmedian(stack[:, ok], axis=0)
+    return out
+
+
+def plot_group_ratio_heatmaps(runs, path: str) -> str:
+    """Per layer group and step: log10 ||g_text||/||g_image|| (median over seeds), one panel per
+    method; rows labelled with the layers each group covers (* = the groups the rule modulates)."""
+    groups = _by_rule(runs)
+    grids = {rule: group_ratio_grid(rs) for rule, rs in groups.items()}
+    lim = _shared_limit(list(grids.values()))
+    plt, fig, axes = _panels(len(groups))
+    for ax, (rule, rs) in zip(axes.flat, groups.items()):
+        im = _heatmap(ax, rs[0], lim, grids[rule], group_labels(rs[0]), f"{rule} (median of {len(rs)} seeds)")
+    fig.colorbar(im, ax=axes.ravel().tolist(), label="log10 ||g_text|| / ||g_image|| per group  (>0: text dominates)")
+    fig.suptitle("gradient ratio per layer group and step (per-modality gradients before integration; "
+                 "w<k>: of the weighted image loss)", fontsize=10)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
@@ -125,10 +180,7 @@ def plot_ratio_heatmaps(runs, path: str) -> str:
 def plot_cases(runs, path: str) -> str:
     """For each rule: fraction of steps in each integration case, per layer group (all seeds)."""
     groups = _by_rule(runs)
-    plt = _pyplot()
-    cols = min(3, len(groups))
-    rows = math.ceil(len(groups) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.8 * rows), squeeze=False)
+    plt, fig, axes = _panels(len(groups))
     case_colors = case_colors_by_name()
     used: set[str] = set()
     for ax, (rule, rs) in zip(axes.flat, groups.items()):
@@ -141,18 +193,14 @@ def plot_cases(runs, path: str) -> str:
                 ax.bar(names, frac, bottom=bottom, color=case_colors[case.name], label=case.name.lower())
                 bottom += frac
                 used.add(case.name)
-        active = rs[0].records[0]["active"]
-        layers = rs[0].group_layers or [None] * len(names)  # runs saved before group_layers existed: names only
-        ax.set_xticks(range(len(names)), [f"{n}{'*' if a else ''}" + (f"\nL{min(ls)}-{max(ls)}" if ls else "")
-                                          for n, a, ls in zip(names, active, layers)], fontsize=7)
+        ax.set_xticks(range(len(names)), group_labels(rs[0]), fontsize=7)
         ax.set_ylim(0, 1)
         ax.set_title(rule, fontsize=9)
-    for ax in list(axes.flat)[len(groups):]:
-        ax.axis("off")
     handles = [plt.Rectangle((0, 0), 1, 1, color=case_colors[c.name]) for c in Case if c.name in used]
-    fig.legend(handles, [c.name.lower() for c in Case if c.name in used], loc="lower center", ncol=len(handles), fontsize=8)
-    fig.suptitle("integration case per layer group (fraction of steps; * = modulated group; L = its layers)", fontsize=10)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.legend(handles, [c.name.lower() for c in Case if c.name in used], loc="outside lower center",
+               ncol=max(len(handles), 1), fontsize=8)
+    fig.suptitle("integration case per layer group (fraction of steps over all seeds; * = modulated group; "
+                 "L = its layers)", fontsize=10)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
@@ -166,7 +214,7 @@ def plot_summary(runs, path: str) -> str:
     _loss_panel(axes[1], runs, "eval_image_excess", "held-out image excess")
     axes[1].legend(fontsize=7)
     vanilla = next((r for r in runs if r.rule == "sum"), runs[0])
-    im = _heatmap(axes[2], vanilla, _shared_limit([vanilla]))
+    im = _heatmap(axes[2], vanilla, _shared_limit([_log_ratio_grid(vanilla)[0]]))
     axes[2].set_title(f"log10 ||g_text||/||g_image||, {vanilla.rule}", fontsize=9)
     fig.colorbar(im, ax=axes[2])
     fig.tight_layout()
@@ -191,6 +239,7 @@ def write_all(runs, out_dir: str) -> dict[str, str]:
     files = {
         "losses": plot_losses(runs, j(out_dir, "losses.png")),
         "ratio_heatmaps": plot_ratio_heatmaps(runs, j(out_dir, "ratio_heatmaps.png")),
+        "group_ratio_heatmaps": plot_group_ratio_heatmaps(runs, j(out_dir, "group_ratio_heatmaps.png")),
         "cases": plot_cases(runs, j(out_dir, "cases.png")),
         "summary": plot_summary(runs, j(out_dir, "summary.png")),
     }

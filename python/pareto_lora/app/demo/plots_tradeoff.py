@@ -1,5 +1,5 @@
 """The study's two main figures: the trade-off plane and the paired distances per seed.
-May import: :mod:`.methods`, :mod:`.stats`.
+May import: :mod:`.methods`, :mod:`.report`, :mod:`.stats`.
 """
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from .methods import frontier_weight
+from .report import BRACKETS
 from .stats import paired_interval
 
 __all__ = ["plot_tradeoff", "plot_paired", "write_all"]
@@ -41,7 +42,7 @@ def _draw(ax, summary: dict, comparison: dict, legend: bool) -> list[tuple[float
         s = summary[rule]
         tx, iy = list(s["per_seed"]["text_excess"].values()), list(s["per_seed"]["image_excess"].values())
         place = comparison.get(rule, {}).get("frontier", {}).get("place")
-        marker = {"below": "v", "above": "^"}.get(place, "s" if rule.endswith("_only") else "o")
+        marker = {"below": "v", "above": "^"}.get(place, "s" if rule in BRACKETS else "o")
         ax.errorbar(np.mean(tx), np.mean(iy), xerr=_ci(tx), yerr=_ci(iy), fmt=marker, color=cmap(i % 20),
                     ms=6, capsize=2, label=rule + (f" ({place})" if place else ""))
     ax.grid(alpha=0.3)

@@ -1,0 +1,57 @@
+"""What every study writes and prints once its runs exist: table, verdict, figures, results.json.
+
+Shared by the AdamW study (``pareto-lora demo``) and the SGD study (sgd.py), so both report with
+the same paired intervals (stats.py), verdict words (verdict.py) and figures.
+May import: its sibling modules and :mod:`pareto_lora.app.env`.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+
+__all__ = ["environment", "write_study"]
+
+
+def environment(cfg) -> dict:
+    """Python, platform, device, threads and package versions of this process."""
+    import torch
+
+    from ..env import package_versions
+
+    return {"python": platform.python_version(), "platform": platform.platform(), "device": cfg.device,
+            "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), **package_versions()}
+
+
+def write_study(result: dict, out_dir: str, t0: float, echo=print, extra: dict | None = None,
+                notes: list[str] | tuple = ()) -> dict:
+    """Summary, paired comparisons, verdict, figures and results.json of `result` (run_experiment's
+    layout) into `out_dir`; prints the table and the verdict (after `notes`). `extra` is merged into
+    the JSON document (the SGD study's tuning table)."""
+    from . import plots, plots_tradeoff, report
+    from .verdict import verdict
+
+    summary = report.summarize(result["runs"])
+    comparison = report.compare(summary)
+    lines = [*notes, *verdict(result, summary, comparison)]
+    files = {**plots.write_all(result["runs"], out_dir), **plots_tradeoff.write_all(summary, comparison, out_dir)}
+    files["results"] = os.path.join(out_dir, "results.json")
+    result["timings"]["total_s"] = time.perf_counter() - t0
+    doc = report.results_document(result, summary, comparison, lines, environment(result["config"]), files)
+    doc.update(report._finite(extra or {}))
+    report.write_json(doc, files["results"])
+    echo("")
+    echo("Final held-out excess loss (nats/token over the exact floor, mean over seeds) and image cell accuracy;")
+    echo("paired differences with 95% t-intervals (< 0 is better):")
+    echo(report.format_table(summary, comparison))
+    echo("")
+    for line in lines:
+        echo(line)
+    echo("")
+    echo(f"Wrote {len(files)} files to {out_dir}: " + ", ".join(os.path.basename(p) for p in files.values()))
+    t = result["timings"]
+    echo(f"Time: {t['total_s']:.1f}s (pre-training {t['pretrain_s']:.1f}s"
+         f"{', base from cache' if result['base'].get('cached') else ''}, fine-tuning {t['finetune_s']:.1f}s"
+         f"{f'; {n} runs loaded from {out_dir}' if (n := t['runs_loaded']) else ''})")
+    return doc

@@ -109,3 +109,26 @@ def test_balancer_quantities_are_recorded_and_plotted(tmp_path):
     paths = diagnostics.plot_all(path, tmp_path / "plots")
     assert paths[-1].endswith("balancer.png") and len(paths) == 5
     assert matplotlib.image.imread(paths[-1]).shape[1] > 500
+
+
+def test_case_colours_are_one_table_for_the_package(jsonl, tmp_path, monkeypatch):
+    """plot_case_counts and the demo's figures draw each case in the same colour."""
+    from matplotlib.axes import Axes
+
+    from pareto_lora.app.demo import plots
+    from pareto_lora.training.diagnostics import case_colors
+
+    colours = case_colors()
+    assert set(colours) == {c.name for c in pareto_lora.Case}
+    assert len(set(colours.values())) == len(colours)
+    assert plots.case_colors_by_name() == colours
+    drawn = {}
+    original = Axes.bar
+
+    def spy(self, x, height, *args, **kwargs):
+        drawn[kwargs.get("label")] = kwargs.get("color")
+        return original(self, x, height, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "bar", spy)
+    diagnostics.plot_case_counts(jsonl, tmp_path / "cases.png")
+    assert drawn and all(drawn[name.lower()] == colour for name, colour in colours.items() if name.lower() in drawn)

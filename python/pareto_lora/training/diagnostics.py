@@ -90,6 +90,13 @@ def _pyplot():
     return plt
 
 
+def case_colors() -> dict[str, tuple]:
+    """One colour per integration case (by Case name), the same in every figure of the package:
+    Set2 in Case order. The demo's figures use it too."""
+    cmap = _pyplot().get_cmap("Set2")
+    return {c.name: cmap(i) for i, c in enumerate(Case)}
+
+
 def plot_ratio_heatmap(records: str | os.PathLike | Iterable[dict], path: str | os.PathLike, level: str = "layer") -> str:
     """Heatmap of log10(||g_text|| / ||g_image||): rows = layers (or groups), columns = steps."""
     import numpy as np
@@ -157,10 +164,11 @@ def plot_case_counts(records: str | os.PathLike | Iterable[dict], path: str | os
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(groups) + 2), 3.5))
     bottom = [0] * len(groups)
+    colors = case_colors()
     for case in Case:
         vals = [counts[g][case.name] for g in groups]
         if any(vals):
-            ax.bar(groups, vals, bottom=bottom, label=case.name.lower())
+            ax.bar(groups, vals, bottom=bottom, label=case.name.lower(), color=colors[case.name])
             bottom = [b + v for b, v in zip(bottom, vals)]
     ax.set_ylabel("steps")
     ax.set_title("integration case per group")

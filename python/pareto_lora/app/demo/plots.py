@@ -9,7 +9,7 @@ import os
 
 import numpy as np
 
-from ...training.diagnostics import case_counts, plot_balancer
+from ...training.diagnostics import case_colors, case_counts, plot_balancer
 from ...rules import Case
 
 __all__ = ["plot_losses", "plot_ratio_heatmaps", "plot_group_ratio_heatmaps", "group_ratio_grid", "group_labels",
@@ -26,9 +26,8 @@ def _pyplot():
 
 
 def case_colors_by_name() -> dict[str, tuple]:
-    """One colour per integration case, the same in every demo figure (Set2 in Case order)."""
-    cmap = _pyplot().get_cmap("Set2")
-    return {c.name: cmap(i) for i, c in enumerate(Case)}
+    """One colour per integration case, the package's (training.diagnostics.case_colors)."""
+    return case_colors()
 
 
 def _colors(rules) -> dict[str, tuple]:

@@ -138,6 +138,8 @@ def _cmd_demo(args, parser) -> int:
     }.items() if v is not None}
     if args.no_cache:
         overrides["cache_dir"] = None
+    if args.base_per_seed:
+        overrides["base_per_seed"] = True
     cfg = dataclasses.replace(cfg, device=device, **overrides)
     if cfg.eval_every > cfg.steps:
         cfg = dataclasses.replace(cfg, eval_every=cfg.steps)
@@ -269,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--cache-dir", help="where pre-trained bases are cached (default $PARETO_LORA_CACHE or "
                                           "~/.cache/pareto_lora/bases)")
     demo.add_argument("--no-cache", action="store_true", help="always pre-train the base, store nothing")
+    demo.add_argument("--base-per-seed", action="store_true",
+                      help="fine-tuning seed s starts from a base pre-trained with seed s (each cached), so the seed "
+                           "spread includes pre-training; default: one base (seed 0) for every seed")
     demo.add_argument("--threads", type=_positive_int,
                       help="torch CPU threads (default 1: robust on shared machines; 2 is ~1.4x faster on idle cores)")
     demo.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")

@@ -53,7 +53,8 @@ def describe_setup(cfg: DemoConfig) -> str:
         f"{m.num_heads} heads; one vocabulary of special + text-word + discrete image-code tokens.",
         f"Base model: pre-trained in-process (full parameters, at most {cfg.pretrain_steps} steps) on a synthetic "
         f"pre-training world (world seed {cfg.pretrain_world_seed}) until its image cell accuracy there reaches "
-        f"{cfg.pretrain_target_acc:.0%}, then frozen and cached on disk (one base for all seeds).",
+        f"{cfg.pretrain_target_acc:.0%}, then frozen and cached on disk ("
+        f"{'one base per seed: fine-tuning seed s starts from the base pre-trained with seed s' if cfg.base_per_seed else 'one base for all seeds'}).",
         f"Fine-tuning: peft LoRA r={m.lora_rank} on all linear layers, {_OPT_NAMES[cfg.optimizer]} lr {cfg.lr}, {cfg.steps} steps x "
         f"batch {cfg.batch_size}, on a different world (seed {cfg.finetune_world_seed}): new caption templates, "
         f"shape masks and colour palettes; image-token noise {cfg.image_noise:.0%}.",

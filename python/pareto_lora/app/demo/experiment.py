@@ -43,6 +43,9 @@ class DemoConfig:
     pretrain_lr: float = 3e-3
     pretrain_target_acc: float = 0.95
     base_seed: int = 0  # one base for every fine-tuning seed, as a practitioner fine-tunes one base
+    # True: fine-tuning seed s starts from a base pre-trained with seed s (base_seed unused), so the
+    # seed-to-seed spread contains pre-training too; each base is cached under its own key
+    base_per_seed: bool = False
     cache_dir: str | None = "default"  # "default" = base.default_cache_dir(); None = no cache
     eval_every: int = 20
     eval_batches: int = 2
@@ -179,12 +182,18 @@ def finetune(base, cfg: DemoConfig, rule: str, seed: int, world: World, eval_set
 def config_key(cfg: DemoConfig) -> str:
     """Hash of everything a run's numbers depend on except the rule and seed (names run files).
 
-    Options added after the first study are left out at their defaults (AdamW, the Llama), so
-    the run files of earlier studies keep their names and still resume.
+    Options added after the first study are left out at their defaults (AdamW, the Llama, one
+    shared base), so the run files of earlier studies keep their names and still resume. With
+    ``base_per_seed`` the key differs from the shared-base key (and no longer depends on
+    ``base_seed``), so the two settings never load each other's runs.
     """
     d = dataclasses.asdict(cfg)
     for k in ("rules", "seeds", "threads", "cache_dir"):
         d.pop(k)
+    if d["base_per_seed"]:
+        d.pop("base_seed")
+    else:
+        d.pop("base_per_seed")
     if d["optimizer"] == "adamw":
         d.pop("optimizer")
     if d["model"]["arch"] == "llama":
@@ -221,7 +230,12 @@ def _bar(total: int, desc: str, enabled: bool):
 
 @dataclasses.dataclass
 class Setup:
-    """What every run of one study shares: the worlds' floors, the pre-trained base, the timings."""
+    """What every run of one study shares: the worlds' floors, the pre-trained base(s), the timings.
+
+    ``base`` / ``base_info``: the shared base; with ``cfg.base_per_seed`` the base of the first
+    seed, and ``base_info`` holds ``per_seed`` (seed -> that base's info). :meth:`base_for` gives
+    the base a fine-tuning seed starts from (pre-training, or loading, a missing one on demand).
+    """
 
     cfg: DemoConfig
     ft_world: World
@@ -230,6 +244,21 @@ class Setup:
     base: torch.nn.Module
     base_info: dict
     timings: dict  # pretrain_s, finetune_s (runs made by this process), runs_loaded
+    bases: dict = dataclasses.field(default_factory=dict)  # seed -> base (base_per_seed only)
+    pre_world: World | None = None
+    progress: bool = False
+
+    def base_for(self, seed: int) -> torch.nn.Module:
+        """The base fine-tuning seed `seed` starts from."""
+        if not self.cfg.base_per_seed:
+            return self.base
+        if seed not in self.bases:
+            self.bases[seed], info = _load_base(self.cfg, seed, self.pre_world, self.ft_world, self.floors,
+                                                self.seq_len, self.progress)
+            self.base_info["per_seed"][seed] = info
+            self.timings["pretrain_s"] += info["seconds"]
+            self.base_info["cached"] = all(i["cached"] for i in self.base_info["per_seed"].values())
+        return self.bases[seed]
 
     def result(self, runs: list[RunResult], cfg: DemoConfig | None = None) -> dict:
         """The raw results of `runs` in report.py's layout."""
@@ -238,32 +267,45 @@ class Setup:
 
 
 def prepare(cfg: DemoConfig, progress: bool = True) -> Setup:
-    """Threads, worlds, exact floors and the pre-trained base (from the cache when present)."""
+    """Threads, worlds, exact floors and the pre-trained base(s) (from the cache when present)."""
     cfg.check()
     if cfg.threads is not None and torch.device(cfg.device).type == "cpu":
         torch.set_num_threads(cfg.threads)
-    vocab, device = cfg.vocab, torch.device(cfg.device)
+    vocab = cfg.vocab
     pre_world = make_world(cfg.pretrain_world_seed, vocab, noise=cfg.image_noise, num_templates=cfg.num_templates)
     ft_world = make_world(cfg.finetune_world_seed, vocab, noise=cfg.image_noise, num_templates=cfg.num_templates)
     floors = entropy_floors(ft_world)
     seq_len = sample_batch(ft_world, 1, torch.Generator().manual_seed(0)).input_ids.shape[1]
     timings = {"pretrain_s": 0.0, "finetune_s": 0.0, "runs_loaded": 0}
-    spec = BaseSpec(cfg.model, vocab.size, seq_len, cfg.base_seed, cfg.pretrain_steps, cfg.pretrain_lr,
+    if not cfg.base_per_seed:
+        base, base_info = _load_base(cfg, cfg.base_seed, pre_world, ft_world, floors, seq_len, progress)
+        timings["pretrain_s"] = base_info["seconds"]
+        return Setup(cfg, ft_world, floors, seq_len, base, base_info, timings, pre_world=pre_world, progress=progress)
+    setup = Setup(cfg, ft_world, floors, seq_len, None, {"per_seed": {}}, timings, pre_world=pre_world, progress=progress)
+    for seed in cfg.seeds:  # one base per fine-tuning seed, each with its own progress bar and cache key
+        setup.base_for(seed)
+    setup.base = setup.bases[cfg.seeds[0]]
+    return setup
+
+
+def _load_base(cfg: DemoConfig, seed: int, pre_world: World, ft_world: World, floors, seq_len: int, progress: bool):
+    """(base pre-trained with `seed`, its info incl. its evaluation on the fine-tuning world), from the cache when present."""
+    device = torch.device(cfg.device)
+    spec = BaseSpec(cfg.model, cfg.vocab.size, seq_len, seed, cfg.pretrain_steps, cfg.pretrain_lr,
                     cfg.batch_size, cfg.pretrain_target_acc)
     cache = default_cache_dir() if cfg.cache_dir == "default" else cfg.cache_dir
-    with _bar(cfg.pretrain_steps, f"{cfg.model.arch} base (seed {cfg.base_seed}) pre-train until it solves its images",
+    with _bar(cfg.pretrain_steps, f"{cfg.model.arch} base (seed {seed}) pre-train until it solves its images",
               progress) as bar:
         base, base_info = pretrained_base(spec, pre_world, device, cache, bar)
-    timings["pretrain_s"] = base_info["seconds"]
     base_info["finetune_world_before"] = evaluate(base, fixed_batches(ft_world, cfg.eval_batches, cfg.eval_batch_size, 29_999),
                                                   device, ft_world, floors)
     if progress:
         from tqdm.auto import tqdm
 
         own = base_info["own_world"]
-        tqdm.write(f"base: {base_info['steps']} pre-training steps{' (cached)' if base_info['cached'] else ''}; on its own world "
-                   f"image excess {own['image_excess']:.3f} nats, cell accuracy {own['cell_acc']:.1%}")
-    return Setup(cfg, ft_world, floors, seq_len, base, base_info, timings)
+        tqdm.write(f"base (seed {seed}): {base_info['steps']} pre-training steps{' (cached)' if base_info['cached'] else ''}; "
+                   f"on its own world image excess {own['image_excess']:.3f} nats, cell accuracy {own['cell_acc']:.1%}")
+    return base, base_info
 
 
 def run_cell(setup: Setup, cfg: DemoConfig, rule: str, seed: int, runs_dir: str | None = None, progress: bool = True,
@@ -282,7 +324,7 @@ def run_cell(setup: Setup, cfg: DemoConfig, rule: str, seed: int, runs_dir: str 
         eval_set = fixed_batches(setup.ft_world, cfg.eval_batches, cfg.eval_batch_size,
                                  seed=20_000 + seed if eval_seed is None else eval_seed)
         with _bar(cfg.steps, f"seed {seed} {rule:>12}", progress) as bar:
-            run = finetune(setup.base, cfg, rule, seed, setup.ft_world, eval_set, setup.floors, bar)
+            run = finetune(setup.base_for(seed), cfg, rule, seed, setup.ft_world, eval_set, setup.floors, bar)
         if path:
             _save_run(run, path)
         setup.timings["finetune_s"] += run.seconds

@@ -39,11 +39,13 @@ def verdict(result: dict, summary: dict, comparison: dict) -> list[str]:
     fl, base = result["floors"], result["base"]
     lines = [f"Exact floors of the fine-tuning world (enumerated): text {fl['text']:.3f}, image {fl['image']:.3f} "
              f"nats/token; all numbers below are excess over them (0 = Bayes-optimal)."]
-    own, ft = base.get("own_world"), base.get("finetune_world_before")
-    if own:
-        lines.append(f"Base model ({base['steps']} pre-training steps): on its own world image excess {own['image_excess']:.3f}, "
-                     f"cell accuracy {own['cell_acc']:.1%}; on the fine-tuning world before LoRA: text excess "
-                     f"{ft['text_excess']:.3f}, image excess {ft['image_excess']:.3f}, cell accuracy {ft['cell_acc']:.1%}.")
+    per_seed = base.get("per_seed")
+    for name, b in ([(f"Base model of seed {k}", b) for k, b in per_seed.items()] if per_seed else [("Base model", base)]):
+        own, ft = b.get("own_world"), b.get("finetune_world_before")
+        if own:
+            lines.append(f"{name} ({b['steps']} pre-training steps): on its own world image excess {own['image_excess']:.3f}, "
+                         f"cell accuracy {own['cell_acc']:.1%}; on the fine-tuning world before LoRA: text excess "
+                         f"{ft['text_excess']:.3f}, image excess {ft['image_excess']:.3f}, cell accuracy {ft['cell_acc']:.1%}.")
     br = brackets_apart(summary)
     if br is None:
         lines.append("No brackets (text_only / image_only not run): the experiment's sensitivity is unknown.")

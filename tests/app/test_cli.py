@@ -89,6 +89,17 @@ def test_cuda_device_without_gpu_is_a_usage_error():
     assert "torch.cuda.is_available() is False" in res.stderr
 
 
+def test_base_per_seed_flag_reaches_the_config(monkeypatch, tmp_path):
+    import pareto_lora.app.demo as demo
+
+    seen = []
+    monkeypatch.setattr(demo, "run_demo", lambda cfg, out, progress=True: seen.append(cfg))
+    assert cli.main(["demo", "--quick", "--base-per-seed", "--out", str(tmp_path)]) == 0
+    assert cli.main(["demo", "--quick", "--out", str(tmp_path)]) == 0
+    assert [c.base_per_seed for c in seen] == [True, False]
+    assert "--base-per-seed" in run_cli("demo", "--help").stdout
+
+
 def test_learning_rate_grid_argument():
     assert cli._float_list("0.05,0.1, 0.2") == (0.05, 0.1, 0.2)
 

@@ -158,6 +158,14 @@ def test_brackets_not_apart_make_the_study_inconclusive():
     assert any("NOT clearly apart" in line for line in lines)
 
 
+def test_verdict_describes_each_base_of_a_per_seed_study():
+    summary, comparison, _ = _study([(0.2, 0.70), (0.2, 0.71), (0.2, 0.69)])
+    b = _RESULT["base"]
+    lines = verdict.verdict({**_RESULT, "base": {"per_seed": {0: b, 1: {**b, "steps": 350}}, "cached": True}}, summary, comparison)
+    assert [line.split(" (")[0] for line in lines if line.startswith("Base model")] == ["Base model of seed 0", "Base model of seed 1"]
+    assert any("seed 1 (350 pre-training steps)" in line for line in lines)
+
+
 def test_summary_and_table():
     s, c, _ = _study([(0.2, 0.70), (0.2, 0.71), (0.2, 0.69)])
     assert s["sum"]["mean"]["text_excess"] == pytest.approx(0.101)

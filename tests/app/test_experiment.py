@@ -59,3 +59,48 @@ def test_chameleon_study_runs_end_to_end(tmp_path):
     assert res["runs"][0].final != res["runs"][2].final
     again = run_experiment(cfg, progress=False, runs_dir=str(tmp_path))
     assert again["timings"]["runs_loaded"] == 3
+
+
+def test_base_per_seed_has_its_own_run_keys_and_the_default_keys_stay():
+    full = DemoConfig(**FULL)
+    per_seed = dataclasses.replace(full, base_per_seed=True)
+    assert config_key(full) == "61362f890cfb"  # the shared-base study still resumes
+    assert config_key(per_seed) != config_key(full)
+    # base_seed is unused with one base per seed: it does not split the per-seed runs
+    assert config_key(dataclasses.replace(per_seed, base_seed=3)) == config_key(per_seed)
+    assert config_key(dataclasses.replace(full, base_seed=3)) != config_key(full)
+
+
+def test_base_per_seed_pretrains_one_cached_base_per_seed(tmp_path):
+    cache = tmp_path / "bases"
+    cfg = DemoConfig(rules=("sum",), seeds=(0, 1), base_per_seed=True, **{**TINY, "cache_dir": str(cache)})
+    setup = prepare(cfg, progress=False)
+    b0, b1 = setup.base_for(0), setup.base_for(1)
+    assert any(not torch.equal(p, q) for p, q in zip(b0.state_dict().values(), b1.state_dict().values()))
+    assert len(list(cache.glob("base-*.pt"))) == 2  # one file per seed, each under its own key
+    info = setup.base_info["per_seed"]
+    assert sorted(info) == [0, 1] and not any(i["cached"] for i in info.values()) and not setup.base_info["cached"]
+    assert setup.timings["pretrain_s"] > 0
+    # seed 0's base is the shared base (base_seed 0): the same key, loaded from the cache
+    shared = prepare(dataclasses.replace(cfg, base_per_seed=False), progress=False)
+    assert shared.base_info["cached"] and shared.base_for(1) is shared.base
+    for p, q in zip(shared.base.state_dict().values(), b0.state_dict().values()):
+        assert torch.equal(p, q)
+    again = prepare(cfg, progress=False)  # a rerun skips pre-training
+    assert again.base_info["cached"] and all(i["cached"] for i in again.base_info["per_seed"].values())
+    assert again.timings["pretrain_s"] == 0.0 and len(list(cache.glob("base-*.pt"))) == 2
+    for p, q in zip(again.base_for(1).state_dict().values(), b1.state_dict().values()):
+        assert torch.equal(p, q)
+    late = again.base_for(2)  # a seed outside cfg.seeds (the SGD tuning seed) gets its base on demand
+    assert 2 in again.base_info["per_seed"] and late is again.base_for(2) and len(list(cache.glob("base-*.pt"))) == 3
+
+
+def test_shared_and_per_seed_base_runs_never_mix(tmp_path):
+    cfg = DemoConfig(rules=("sum",), seeds=(1,), **TINY)
+    shared = run_experiment(cfg, progress=False, runs_dir=str(tmp_path))
+    per_seed = run_experiment(dataclasses.replace(cfg, base_per_seed=True), progress=False, runs_dir=str(tmp_path))
+    assert per_seed["timings"]["runs_loaded"] == 0 and len(list(tmp_path.glob("*.json"))) == 2
+    assert shared["runs"][0].final != per_seed["runs"][0].final  # seed 1 starts from another base
+    assert per_seed["config"].base_per_seed and list(per_seed["base"]["per_seed"]) == [1]
+    again = run_experiment(dataclasses.replace(cfg, base_per_seed=True), progress=False, runs_dir=str(tmp_path))
+    assert again["timings"]["runs_loaded"] == 1 and again["runs"][0].final == per_seed["runs"][0].final

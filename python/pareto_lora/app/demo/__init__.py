@@ -9,8 +9,9 @@ CoMMIT (methods.py). Held-out losses are reported as excess over the world's exa
 (floors.py) with image cell accuracy; each method is placed against the reweighting curve at
 equal text excess with paired 95% intervals (report.py, verdict.py, stats.py, frontier.py).
 ``--optimizer sgd`` runs the study under plain SGD with the learning rate tuned per method
-(sgd.py); ``--arch chameleon`` swaps the Llama for a small random Chameleon (model.py). Every
-study prints and writes the same outputs (output.py).
+(sgd.py); ``--arch chameleon`` swaps the Llama for a small random Chameleon (model.py);
+``--base-per-seed`` starts fine-tuning seed s from a base pre-trained with seed s (experiment.py).
+Every study prints and writes the same outputs (output.py).
 May import: its own modules and :mod:`pareto_lora.app.env`.
 """
 

@@ -1,11 +1,25 @@
 // Entry point of the Python extension pareto_lora._C (not part of the CMake library for C++ users).
 #include <Python.h>
 
+#include "cpu/segment_kernels.h"
+
+namespace {
+// pareto_lora._C.intra_op_threads(): a build check for tests (is the CPU code really parallel?).
+PyObject* intra_op_threads(PyObject*, PyObject*) {
+  return PyLong_FromLongLong(static_cast<long long>(pareto_lora::intra_op_threads_used()));
+}
+
+PyMethodDef methods[] = {
+    {"intra_op_threads", intra_op_threads, METH_NOARGS,
+     "Distinct threads one at::parallel_for over torch.get_num_threads() items ran on."},
+    {nullptr, nullptr, 0, nullptr}};
+}  // namespace
+
 extern "C" {
 // Importing pareto_lora._C loads this shared object, which runs the operator registrations
-// (TORCH_LIBRARY / TORCH_LIBRARY_IMPL); the module itself is empty.
+// (TORCH_LIBRARY / TORCH_LIBRARY_IMPL).
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);
 }
 }

@@ -50,3 +50,24 @@ def test_fake_no_nvcc_environment_gives_a_cpu_extension(setup_module, monkeypatc
     ext = setup_module.extension()
     assert not any(src.endswith(".cu") for src in ext.sources)
     assert "CUDA kernels skipped" in capsys.readouterr().err
+
+
+def test_openmp_flags_follow_torchs_backend(setup_module):
+    assert setup_module.openmp_flags("ATen parallel backend: OpenMP\n", "linux") == ["-fopenmp"]
+    assert setup_module.openmp_flags("ATen parallel backend: native thread pool\n", "linux") == []
+    assert setup_module.openmp_flags("ATen parallel backend: OpenMP\n", "darwin") == []
+
+
+def test_the_cpu_op_runs_on_the_threads_torch_is_given():
+    """ATen's parallel_for is header-only: an extension built without OpenMP runs it on one thread
+    (the CPU op did, until setup.py passed -fopenmp). With 2 intra-op threads, 2 must be used."""
+    from pareto_lora import _C
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert _C.intra_op_threads() == 1
+        torch.set_num_threads(2)
+        assert _C.intra_op_threads() == 2
+    finally:
+        torch.set_num_threads(before)

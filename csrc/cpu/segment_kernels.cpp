@@ -216,4 +216,14 @@ void integrate_cpu(const at::Tensor& a, const at::Tensor& b, const int64_t* offs
   });
 }
 
+int64_t intra_op_threads_used() {
+  const int64_t n = at::get_num_threads();
+  std::vector<int> tid(static_cast<size_t>(std::max<int64_t>(n, 1)), -1);
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) tid[static_cast<size_t>(i)] = at::get_thread_num();
+  });
+  std::sort(tid.begin(), tid.end());
+  return std::unique(tid.begin(), tid.end()) - tid.begin();
+}
+
 }  // namespace pareto_lora

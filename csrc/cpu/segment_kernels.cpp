@@ -12,11 +12,9 @@
 // Scheduling: threads claim work items from a shared atomic counter (dynamic scheduling), not
 // a static half each: on a shared machine a thread is regularly descheduled for milliseconds, and
 // with a static split the whole call waits for it; one-pass segments of random sizes also balance
-// better. Which thread runs an item never changes the result (see above). Two threads are not
-// faster than one on the 2-vCPU development VM because its DRAM bandwidth is not either (a 128 MiB
-// copy_: 13.7 GB/s on 1 thread, 15.9 on 2): what made 2 threads look bad was a slow single core
-// (statistics at ~1 cycle per element, no prefetch, read-for-ownership on out), now fixed in
-// segment_kernels.inc.
+// better. Which thread runs an item never changes the result (see above). at::parallel_for is a
+// header template: it is parallel only because setup.py compiles this file with OpenMP (without
+// it every loop ran on the calling thread; intra_op_threads_used() below checks the build).
 #include "segment_kernels.h"
 
 #include <ATen/Parallel.h>

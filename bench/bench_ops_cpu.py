@@ -17,31 +17,17 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
-import subprocess
 import sys
 
 import torch
 
-from pareto_lora.app.benchmarking import format_rows, run_suite
+from pareto_lora.app.benchmarking import cpu_model, format_rows, run_suite, uptime
 
 
 def _size(text: str) -> int:
     text = text.strip().upper()
     mult = {"K": 1 << 10, "M": 1 << 20}.get(text[-1], 1)
     return int(text[:-1] if text[-1] in "KM" else text) * mult
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
-def _uptime() -> str:
-    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 
 def main(argv=None) -> int:
@@ -57,19 +43,19 @@ def main(argv=None) -> int:
     segments = [int(g) for g in args.segments.split(",")]
     base = [b for b in args.baselines.split(",") if b]
     print(f"command: {' '.join([os.path.basename(sys.executable)] + sys.argv)}")
-    print(f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; CPU: {_cpu_model()} "
+    print(f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; CPU: {cpu_model()} "
           f"({os.cpu_count()} logical CPUs); torch {torch.__version__}")
-    print(f"uptime before: {_uptime()}")
+    print(f"uptime before: {uptime()}")
     for threads in [int(t) for t in args.threads.split(",")]:
         torch.set_num_threads(threads)
         rows = []
         for numel in [_size(n) for n in args.numels.split(",")]:
             rounds = args.rounds if numel < (32 << 20) else max(4, args.rounds // 3)
             rows += run_suite("cpu", [numel], dtypes, segments, backends=["cpp"], baselines=base, rounds=rounds)
-            print(f"  ... {numel >> 20}M done ({threads} threads), {_uptime()}", file=sys.stderr, flush=True)
+            print(f"  ... {numel >> 20}M done ({threads} threads), {uptime()}", file=sys.stderr, flush=True)
         print(f"\n### {threads} thread{'s' if threads > 1 else ''}\n")
         print(format_rows(rows, markdown=True))
-    print(f"\nuptime after: {_uptime()}")
+    print(f"\nuptime after: {uptime()}")
     return 0
 
 

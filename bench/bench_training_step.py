@@ -186,11 +186,9 @@ def table_row(config: str, nparams: int, t: dict[str, float]) -> str:
 def main(argv=None) -> int:
     import argparse
     import datetime
-    import platform
     import statistics
-    import subprocess
 
-    from pareto_lora.app.benchmarking import interleaved
+    from pareto_lora.app.benchmarking import cpu_model, interleaved, uptime
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated from {', '.join(CONFIGS)}")
@@ -201,11 +199,7 @@ def main(argv=None) -> int:
     if bad:
         p.error(f"--configs: unknown {', '.join(bad)}; expected names from {', '.join(CONFIGS)}")
 
-    def uptime() -> str:
-        return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.machine()) if os.path.exists("/proc/cpuinfo") else platform.machine()
+    cpu = cpu_model()
     torch.set_num_threads(1)
     print(f"command: {' '.join([os.path.basename(sys.executable)] + sys.argv)}")
     print(f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; CPU: {cpu} ({os.cpu_count()} "

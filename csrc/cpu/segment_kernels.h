@@ -28,13 +28,13 @@ using SegmentRule = std::function<std::pair<double, double>(int64_t seg, const d
 enum class CpuPath { kAuto, kOnePass, kTwoPass };
 
 // stats -> rule -> combine: fills stats [G, 3] and out; calls rule once per segment.
+void integrate_cpu(const at::Tensor& a, const at::Tensor& b, const int64_t* offsets, int64_t num_segments,
+                   double* stats, const SegmentRule& rule, at::Tensor& out, CpuPath path = CpuPath::kAuto);
+
 // How many distinct intra-op threads one at::parallel_for over at::get_num_threads() items ran on
 // (a build check, exposed as pareto_lora._C.intra_op_threads()): 1 when this library was compiled
 // without the OpenMP flags that ATen's header-only parallel_for needs to be parallel at all.
 int64_t intra_op_threads_used();
-
-void integrate_cpu(const at::Tensor& a, const at::Tensor& b, const int64_t* offsets, int64_t num_segments,
-                   double* stats, const SegmentRule& rule, at::Tensor& out, CpuPath path = CpuPath::kAuto);
 
 // Kernels over one chunk (contiguous, inside one segment), type-erased so that one table per CPU
 // capability can be picked at run time.

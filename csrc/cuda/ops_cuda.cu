@@ -40,8 +40,8 @@ using cuda_kernel::Params;
 // (and one-pass) tiles, then the apply tiles. Which one is faster was measured on an
 // H200 (bench/sweep_gpu_paths.py, bench/results/gpu_2026-11-28_h200_sweep.txt): at 128M elements
 // the two launches are 3-24% faster at every segment count (1..4096), at 16M the two are within
-// 5% except with 4096 segments (fused 3-15% faster), at 1M the
-// fused launch saves a few microseconds. Hence two launches from 2^25 elements on.
+// 5% except with 4096 segments (fused 3-15% faster), at 1M the fused launch saves a few
+// microseconds. Hence two launches from 2^25 elements on.
 // PARETO_LORA_CUDA_PATH=fused|two_pass forces one (benchmarks, debugging);
 // PARETO_LORA_CUDA_ONE_PASS=0 turns the one-pass tiles off (to measure what they bring).
 constexpr int64_t kTwoPassMinNumel = int64_t{1} << 25;

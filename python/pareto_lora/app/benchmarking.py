@@ -28,6 +28,7 @@ import dataclasses
 import datetime
 import os
 import platform
+import subprocess
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -225,6 +226,14 @@ def cpu_model() -> str:
             return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         return platform.processor() or platform.machine()
+
+
+def uptime() -> str:
+    """`uptime`'s line (time, load average), recorded before and after a benchmark run."""
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "uptime unavailable"
 
 
 def environment(device: str) -> str:

@@ -90,6 +90,14 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path) -> str:
+    """Lay out, write (100 dpi) and close a figure; returns the path written."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return os.fspath(path)
+
+
 def case_colors() -> dict[str, tuple]:
     """One colour per integration case (by Case name), the same in every figure of the package:
     Set2 in Case order. The demo's figures use it too."""
@@ -120,10 +128,7 @@ def plot_ratio_heatmap(records: str | os.PathLike | Iterable[dict], path: str | 
     ax.set_xlabel("step")
     ax.set_title(f"log10 ||g_text|| / ||g_image|| per {level}")
     fig.colorbar(im, ax=ax, label="log10 ratio (>0: text dominates)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return os.fspath(path)
+    return _save(plt, fig, path)
 
 
 def plot_group_ratios(records: str | os.PathLike | Iterable[dict], path: str | os.PathLike) -> str:
@@ -140,10 +145,7 @@ def plot_group_ratios(records: str | os.PathLike | Iterable[dict], path: str | o
     ax.set_xlabel("step")
     ax.set_ylabel("||g_text|| / ||g_image||")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return os.fspath(path)
+    return _save(plt, fig, path)
 
 
 def case_counts(records: Iterable[dict]) -> dict[str, dict[str, int]]:
@@ -174,10 +176,7 @@ def plot_case_counts(records: str | os.PathLike | Iterable[dict], path: str | os
     ax.set_title("integration case per group")
     ax.legend(fontsize=7)
     ax.tick_params(axis="x", labelrotation=45, labelsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return os.fspath(path)
+    return _save(plt, fig, path)
 
 
 def balancer_series(records: Iterable[dict]) -> dict[str, dict[str, list[float]]]:
@@ -209,10 +208,7 @@ def plot_balancer(records: str | os.PathLike | Iterable[dict], path: str | os.Pa
         ax.set_title(method)
         ax.set_xlabel("step")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return os.fspath(path)
+    return _save(plt, fig, path)
 
 
 def plot_all(records: str | os.PathLike | Iterable[dict], out_dir: str | os.PathLike) -> list[str]:

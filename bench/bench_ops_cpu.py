@@ -21,7 +21,7 @@ import sys
 
 import torch
 
-from pareto_lora.app.benchmarking import cpu_model, format_rows, run_suite, uptime
+from pareto_lora.app.benchmarking import cpu_kernels, cpu_model, format_rows, run_suite, uptime
 
 
 def _size(text: str) -> int:
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     base = [b for b in args.baselines.split(",") if b]
     print(f"command: {' '.join([os.path.basename(sys.executable)] + sys.argv)}")
     print(f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; CPU: {cpu_model()} "
-          f"({os.cpu_count()} logical CPUs); torch {torch.__version__}")
+          f"({os.cpu_count()} logical CPUs); op kernels: {cpu_kernels()}; torch {torch.__version__}")
     print(f"uptime before: {uptime()}")
     for threads in [int(t) for t in args.threads.split(",")]:
         torch.set_num_threads(threads)

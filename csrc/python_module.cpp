@@ -1,6 +1,8 @@
 // Entry point of the Python extension pareto_lora._C (not part of the CMake library for C++ users).
 #include <Python.h>
 
+#include <exception>
+
 #include "cpu/segment_kernels.h"
 
 namespace {
@@ -9,7 +11,19 @@ PyObject* intra_op_threads(PyObject*, PyObject*) {
   return PyLong_FromLongLong(static_cast<long long>(pareto_lora::intra_op_threads_used()));
 }
 
+// pareto_lora._C.cpu_capability(): the CPU build the op uses now ("base", "avx2", "avx512").
+PyObject* cpu_capability(PyObject*, PyObject*) {
+  try {
+    return PyUnicode_FromString(pareto_lora::cpu_capability_name());
+  } catch (const std::exception& e) {  // a bad PARETO_LORA_CPU_CAPABILITY
+    PyErr_SetString(PyExc_ValueError, e.what());
+    return nullptr;
+  }
+}
+
 PyMethodDef methods[] = {
+    {"cpu_capability", cpu_capability, METH_NOARGS,
+     "The CPU build of the kernels the op uses now: 'base', 'avx2' or 'avx512' (PARETO_LORA_CPU_CAPABILITY)."},
     {"intra_op_threads", intra_op_threads, METH_NOARGS,
      "Distinct threads one at::parallel_for over torch.get_num_threads() items ran on."},
     {nullptr, nullptr, 0, nullptr}};

@@ -6,8 +6,9 @@
 // result does not depend on the thread count, on scheduling or on the path (bitwise reproducible).
 // The sums run in double (vector lanes within a chunk, then across chunks), and the statistics
 // are returned in double: accurate over the whole float32 range (see segment_kernels.inc).
-// The chunk kernels (segment_kernels.inc) exist once per CPU capability; the best one this CPU
-// supports is chosen once.
+// The chunk kernels exist once per CPU build (segment_kernels.inc for the portable and AVX2
+// builds, segment_kernels_avx512.cpp); the best one this CPU runs is chosen at run time
+// (active_kernels), and all of them sum in the same order (kStatsLaneBytes).
 //
 // Scheduling: threads claim work items from a shared atomic counter (dynamic scheduling), not
 // a static half each: on a shared machine a thread is regularly descheduled for milliseconds, and
@@ -23,6 +24,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 #include <vector>
 
 namespace pareto_lora {
@@ -55,13 +57,34 @@ std::vector<Chunk> make_chunks(const int64_t* offsets, int64_t num_segments) {
   return chunks;
 }
 
-const ChunkKernels& best_kernels() {
+enum class Capability { kBase, kAvx2, kAvx512 };
+
+constexpr const char* kCapabilityNames[] = {"base", "avx2", "avx512"};
+
+Capability best_capability() {
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+  // __builtin_cpu_supports also checks that the OS saves the wider registers (XCR0).
   static const bool has_avx2 =
       __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  if (has_avx2) return avx2::kernels;
+  static const bool has_avx512 = has_avx2 && __builtin_cpu_supports("avx512f");
+  if (has_avx512) return Capability::kAvx512;
+  if (has_avx2) return Capability::kAvx2;
 #endif
-  return base::kernels;
+  return Capability::kBase;
+}
+
+// Read on every call (a getenv: noise next to a chunk) so that tests can switch builds.
+Capability capability() {
+  const Capability best = best_capability();
+  const char* env = std::getenv("PARETO_LORA_CPU_CAPABILITY");
+  if (env == nullptr || *env == '\0') return best;
+  for (int c = 0; c <= static_cast<int>(best); ++c) {
+    if (std::strcmp(env, kCapabilityNames[c]) == 0) return static_cast<Capability>(c);
+  }
+  std::string supported;
+  for (int c = 0; c <= static_cast<int>(best); ++c) supported += std::string(c ? ", '" : "'") + kCapabilityNames[c] + "'";
+  TORCH_CHECK_VALUE(false, "PARETO_LORA_CPU_CAPABILITY: expected one of ", supported,
+                    " (the builds this CPU runs), got '", env, "'");
 }
 
 // Runs fn(i) for i in [0, n) on the intra-op threads, each thread claiming the next item when it
@@ -97,7 +120,7 @@ struct Buffers {
         b(static_cast<const char*>(tb.const_data_ptr())),
         out(po),
         item(ta.element_size()),
-        kernel(best_kernels().get(ta.scalar_type())) {}
+        kernel(active_kernels().get(ta.scalar_type())) {}
 
   void stats(const Chunk& c, double* out3) const {
     kernel.stats(a + c.begin * item, b + c.begin * item, c.end - c.begin, out3);
@@ -213,6 +236,18 @@ void integrate_cpu(const at::Tensor& a, const at::Tensor& b, const int64_t* offs
     buf.combine(ch, coeffs[2 * ch.seg], coeffs[2 * ch.seg + 1], stream);
   });
 }
+
+const ChunkKernels& active_kernels() {
+  switch (capability()) {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+    case Capability::kAvx512: return avx512::kernels;
+    case Capability::kAvx2: return avx2::kernels;
+#endif
+    default: return base::kernels;
+  }
+}
+
+const char* cpu_capability_name() { return kCapabilityNames[static_cast<int>(capability())]; }
 
 int64_t intra_op_threads_used() {
   const int64_t n = at::get_num_threads();

@@ -36,6 +36,15 @@ void integrate_cpu(const at::Tensor& a, const at::Tensor& b, const int64_t* offs
 // without the OpenMP flags that ATen's header-only parallel_for needs to be parallel at all.
 int64_t intra_op_threads_used();
 
+// The summation order of the statistics, shared by every CPU build (base, AVX2, AVX-512) so that
+// they give bitwise the same statistics: within a chunk, lane j (0 <= j < W, W = kStatsLaneBytes /
+// element size: 8 for float32, 16 for bf16/fp16, 4 for float64) sums the exact products of
+// elements j, j+W, j+2W, ... of the chunk's first n - n % W elements in that order; then the W lanes
+// are added in lane order, then the remaining n % W elements one by one. 32 bytes is the width of
+// at::vec::Vectorized in the AVX2 and portable builds; the AVX-512 build keeps it (two lane sets
+// per 512-bit step) rather than its natural 64, which would change the bits between machines.
+constexpr int64_t kStatsLaneBytes = 32;
+
 // Kernels over one chunk (contiguous, inside one segment), type-erased so that one table per CPU
 // capability can be picked at run time.
 struct ChunkKernels {
@@ -64,6 +73,17 @@ extern const ChunkKernels kernels;
 namespace avx2 {
 extern const ChunkKernels kernels;
 }
+namespace avx512 {
+extern const ChunkKernels kernels;
+}
 #endif
+
+// The chunk kernels of the best build this CPU runs (avx512 > avx2 > base), unless
+// PARETO_LORA_CPU_CAPABILITY=base|avx2|avx512 asks for another one this CPU supports (benchmarks,
+// tests: every build gives bitwise the same statistics; see cpu_capability_name()).
+const ChunkKernels& active_kernels();
+
+// The name of the build active_kernels() returns now: "base", "avx2" or "avx512".
+const char* cpu_capability_name();
 
 }  // namespace pareto_lora

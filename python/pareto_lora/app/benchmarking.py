@@ -236,13 +236,22 @@ def uptime() -> str:
         return "uptime unavailable"
 
 
+def cpu_kernels() -> str:
+    """The CPU build of the op's kernels in use ("avx512", "avx2", "base"), or "not built"."""
+    try:
+        from .. import _C
+    except ImportError:
+        return "not built"
+    return _C.cpu_capability()
+
+
 def environment(device: str) -> str:
     """One line to print with every table: UTC date, the device (CPU model and logical CPUs, or the
-    GPU's name), torch's intra-op threads, torch version, and the load average (1, 5, 15 min)."""
+    GPU's name; on CPU the op's kernel build), torch's intra-op threads, torch version, and the load average (1, 5, 15 min)."""
     if torch.device(device).type == "cuda":
         where = f"{torch.cuda.get_device_name(torch.device(device))}; host CPU {cpu_model()}"
     else:
-        where = f"{cpu_model()} ({os.cpu_count()} logical CPUs)"
+        where = f"{cpu_model()} ({os.cpu_count()} logical CPUs, {cpu_kernels()} kernels)"
     try:
         load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     except OSError:

@@ -10,7 +10,7 @@
 // builds, segment_kernels_avx512.cpp); the best one this CPU runs is chosen at run time
 // (active_kernels), and all of them sum in the same order (kStatsLaneBytes).
 //
-// Scheduling: threads claim work items from a shared atomic counter (dynamic scheduling), not
+// Scheduling: threads claim batches of work items from a shared atomic counter (dynamic scheduling), not
 // a static half each: on a shared machine a thread is regularly descheduled for milliseconds, and
 // with a static split the whole call waits for it; one-pass segments of random sizes also balance
 // better. Which thread runs an item never changes the result (see above). at::parallel_for is a
@@ -87,25 +87,49 @@ Capability capability() {
                     " (the builds this CPU runs), got '", env, "'");
 }
 
-// Runs fn(i) for i in [0, n) on the intra-op threads, each thread claiming the next item when it
-// is done with its last (see "Scheduling" above).
-template <typename F>
-void dynamic_for(int64_t n, const F& fn) {
+// Runs fn(i) for i in [0, n) on the intra-op threads, each thread claiming the next batch when it
+// is done with its last (see "Scheduling" above). A batch is a run of consecutive items of at
+// least kChunk elements in all (size(i) elements each): with 1000s of segments of a few K
+// elements, one claim per item cost more than the item (a contended atomic and the other core's
+// writes to neighbouring partial sums and coefficients: 2 threads were no faster than 1 at 1M
+// elements x 1024 segments). Items of a batch run in order on one thread; which thread runs them
+// never changes the result.
+template <typename Size, typename F>
+void dynamic_for(int64_t n, const Size& size, const F& fn) {
   if (n <= 0) return;
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
+  std::vector<int64_t> start{0};
+  int64_t elems = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    elems += size(i);
+    if (elems >= kChunk && i + 1 < n) {
+      start.push_back(i + 1);
+      elems = 0;
+    }
+  }
+  start.push_back(n);
+  const int64_t batches = static_cast<int64_t>(start.size()) - 1;
+  auto run = [&](int64_t k) {
+    for (int64_t i = start[k]; i < start[k + 1]; ++i) fn(i);
+  };
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), batches);
   if (threads <= 1 || at::in_parallel_region()) {
-    for (int64_t i = 0; i < n; ++i) fn(i);
+    for (int64_t k = 0; k < batches; ++k) run(k);
     return;
   }
   std::atomic<int64_t> next{0};
   at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < n;
-           i = next.fetch_add(1, std::memory_order_relaxed)) {
-        fn(i);
+      for (int64_t k = next.fetch_add(1, std::memory_order_relaxed); k < batches;
+           k = next.fetch_add(1, std::memory_order_relaxed)) {
+        run(k);
       }
     }
   });
+}
+
+// size(i) of a list of chunks, for dynamic_for
+inline auto chunk_size(const std::vector<Chunk>& chunks) {
+  return [&chunks](int64_t c) { return chunks[c].end - chunks[c].begin; };
 }
 
 struct Buffers {
@@ -134,7 +158,8 @@ struct Buffers {
 // (which must be zero for the segments the chunks cover).
 void chunk_stats_into(const Buffers& buf, const std::vector<Chunk>& chunks, double* stats) {
   std::vector<double> partial(3 * chunks.size());
-  dynamic_for(static_cast<int64_t>(chunks.size()), [&](int64_t c) { buf.stats(chunks[c], &partial[3 * c]); });
+  dynamic_for(static_cast<int64_t>(chunks.size()), chunk_size(chunks),
+              [&](int64_t c) { buf.stats(chunks[c], &partial[3 * c]); });
   for (size_t c = 0; c < chunks.size(); ++c) {
     for (int k = 0; k < 3; ++k) stats[3 * chunks[c].seg + k] += partial[3 * c + k];
   }
@@ -169,7 +194,7 @@ void combine_cpu(const at::Tensor& a, const at::Tensor& b, const int64_t* offset
                  const double* coeffs, at::Tensor& out) {
   const std::vector<Chunk> chunks = make_chunks(offsets, num_segments);
   const Buffers buf(a, b, static_cast<char*>(out.mutable_data_ptr()));
-  dynamic_for(static_cast<int64_t>(chunks.size()), [&](int64_t c) {
+  dynamic_for(static_cast<int64_t>(chunks.size()), chunk_size(chunks), [&](int64_t c) {
     const Chunk& ch = chunks[c];
     buf.combine(ch, coeffs[2 * ch.seg], coeffs[2 * ch.seg + 1], stream_output(out.numel() * buf.item));
   });
@@ -202,7 +227,10 @@ void integrate_cpu(const at::Tensor& a, const at::Tensor& b, const int64_t* offs
   // Large segments' statistics chunks and small segments' whole one-pass work, in one region;
   // small segments first: they are the longer items, claimed early they balance better.
   const int64_t n_small = static_cast<int64_t>(small.size());
-  dynamic_for(n_small + static_cast<int64_t>(large.size()), [&](int64_t i) {
+  auto item_size = [&](int64_t i) {
+    return i < n_small ? offsets[small[i] + 1] - offsets[small[i]] : large[i - n_small].end - large[i - n_small].begin;
+  };
+  dynamic_for(n_small + static_cast<int64_t>(large.size()), item_size, [&](int64_t i) {
     if (i >= n_small) {
       buf.stats(large[i - n_small], &partial[3 * (i - n_small)]);
       return;
@@ -231,7 +259,7 @@ void integrate_cpu(const at::Tensor& a, const at::Tensor& b, const int64_t* offs
       coeffs[2 * s + 1] = beta;
     }
   }
-  dynamic_for(static_cast<int64_t>(large.size()), [&](int64_t c) {
+  dynamic_for(static_cast<int64_t>(large.size()), chunk_size(large), [&](int64_t c) {
     const Chunk& ch = large[c];
     buf.combine(ch, coeffs[2 * ch.seg], coeffs[2 * ch.seg + 1], stream);
   });

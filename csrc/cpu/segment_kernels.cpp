@@ -10,12 +10,13 @@
 // builds, segment_kernels_avx512.cpp); the best one this CPU runs is chosen at run time
 // (active_kernels), and all of them sum in the same order (kStatsLaneBytes).
 //
-// Scheduling: threads claim batches of work items from a shared atomic counter (dynamic scheduling), not
-// a static half each: on a shared machine a thread is regularly descheduled for milliseconds, and
-// with a static split the whole call waits for it; one-pass segments of random sizes also balance
-// better. Which thread runs an item never changes the result (see above). at::parallel_for is a
-// header template: it is parallel only because setup.py compiles this file with OpenMP (without
-// it every loop ran on the calling thread; intra_op_threads_used() below checks the build).
+// Scheduling: threads claim batches of work items from a shared atomic counter (dynamic
+// scheduling), not a static half each: on a shared machine a thread is regularly descheduled for
+// milliseconds, and with a static split the whole call waits for it; one-pass segments of random
+// sizes also balance better. Which thread runs an item never changes the result (see above).
+// at::parallel_for is a header template: it is parallel only because setup.py compiles this file
+// with OpenMP (without it every loop ran on the calling thread; intra_op_threads_used() below
+// checks the build).
 #include "segment_kernels.h"
 
 #include <ATen/Parallel.h>

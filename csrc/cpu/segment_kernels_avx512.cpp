@@ -29,7 +29,7 @@
 #include <cstdint>
 
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx2,fma,f16c")
+#pragma GCC target("avx512f,avx2,fma,f16c,prfchw")
 
 namespace pareto_lora {
 namespace avx512 {
@@ -41,6 +41,11 @@ constexpr int64_t kPrefetchBytes = 2048;
 inline void prefetch_ahead(const void* p) {
   _mm_prefetch(static_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T0);
 }
+
+// Lines of out written with plain stores are read first: fetch them ahead with intent to write
+// (prefetchw: every AVX-512 CPU has it). Measured with caches evicted between calls, 1M elements,
+// 1 thread: 5-13% faster; 2 threads 0-5%.
+inline void prefetch_for_write(void* p) { __builtin_prefetch(static_cast<const char*>(p) + kPrefetchBytes, 1, 3); }
 
 // vcvtps2pd with its memory operand kept (8 floats -> 8 doubles): GCC would otherwise forward
 // the widened floats from the stack buffer through registers (an extract on the shuffle port).
@@ -270,6 +275,7 @@ void combine_run(const T* a, const T* b, T* out, int64_t n, float al, float be) 
   for (; i + 2 * W <= n; i += 2 * W) {
     prefetch_ahead(a + i);
     prefetch_ahead(b + i);
+    if constexpr (!kStream) prefetch_for_write(out + i);
     block<kStream>(a + i, b + i, out + i, 2, c);
   }
   if (i + W <= n) {

@@ -128,3 +128,52 @@ def test_an_unknown_or_unsupported_build_is_a_value_error(monkeypatch):
             pareto_lora.integrate(a, b, offsets, backend="cpp")
         with pytest.raises(ValueError, match="PARETO_LORA_CPU_CAPABILITY"):
             _C.cpu_capability()
+
+
+try:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+except ImportError:  # hypothesis is a test extra; the parametrized tests above still run
+    given = None
+
+if given is not None:
+
+    @st.composite
+    def _layouts(draw):
+        dtype = draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
+        sizes = draw(st.lists(st.integers(0, 200), min_size=1, max_size=12))
+        shift = draw(st.integers(0, 31))  # the views' start: every alignment of a, b and out
+        scale = draw(st.sampled_from([1e-30, 1e-3, 1.0, 1e15]))
+        special = draw(st.booleans())
+        return dtype, sizes, shift, scale, special, draw(st.integers(0, 2**31 - 1))
+
+    @pytest.mark.skipif(len(VECTOR) < 2, reason="this CPU runs one vector build only")
+    @settings(max_examples=200, deadline=None, derandomize=True)
+    @given(layout=_layouts())
+    def test_vector_builds_agree_on_random_layouts(layout):
+        """Random segment sizes (empty ones included), start alignments, magnitudes and
+        specials: the AVX2 and AVX-512 builds give the same bits for statistics and output."""
+        dtype, sizes, shift, scale, special, seed = layout
+        gen = torch.Generator().manual_seed(seed)
+        n = sum(sizes)
+        a = torch.randn(n + shift, generator=gen) * scale
+        b = torch.randn(n + shift, generator=gen) * scale
+        if special and n:
+            a[torch.randint(0, n + shift, (3,), generator=gen)] = float("nan")
+            b[torch.randint(0, n + shift, (3,), generator=gen)] = float("-inf")
+        a, b = a.to(dtype)[shift:], b.to(dtype)[shift:]
+        offsets = torch.tensor([0] + sizes).cumsum(0)
+        coeffs = torch.rand(len(sizes), 2, generator=gen) * 4 - 2
+        results = []
+        mp = pytest.MonkeyPatch()
+        try:
+            for c in VECTOR:
+                mp.setenv("PARETO_LORA_CPU_CAPABILITY", c)
+                out = torch.empty_like(a)
+                pareto_lora.combine(a, b, offsets, coeffs, out=out, backend="cpp")
+                results.append((pareto_lora.segment_stats(a, b, offsets, backend="cpp"), out))
+        finally:
+            mp.undo()
+        (s0, o0), (s1, o1) = results
+        torch.testing.assert_close(s0, s1, rtol=0, atol=0, equal_nan=True)
+        assert torch.equal(_bits(o0), _bits(o1))

@@ -5,8 +5,10 @@
 #   2. run the GPU-relevant tests (the rest of the suite is CPU-only and runs in CI),
 #   3. one-process NCCL DDP and FSDP2 steps (tools/device_nccl_smoke.py),
 #   4. run the GPU benchmark,
-#   5. sweep the CUDA launch plans against Triton over sizes and segment counts (sweep_gpu_paths.py).
-# PARETO_LORA_DEVICE_STEPS (default "pytest,pytest_shared,nccl,sweep"; add "bench" for the full
+#   5. sweep the CUDA launch plans against Triton over sizes and segment counts (sweep_gpu_paths.py),
+#   6. split the host time of small calls: Python API, the op, its halves, a torch launch, a pinned
+#      upload (host_overhead.py; written 2026-11-28 without a device, run on the CPU only so far).
+# PARETO_LORA_DEVICE_STEPS (default "pytest,pytest_shared,nccl,sweep,host"; add "bench" for the full
 # bench_gpu.py grid with every baseline, ~2 more minutes) picks the steps after the build. Measured
 # on an H200 (2026-11-28): build 50-75 s, pytest 55 s, pytest_shared 65 s, nccl 20 s, sweep 40-50 s.
 # Everything lands under $OUT (default ./device_out): environment, build log, pytest log and
@@ -68,7 +70,7 @@ fi
 
 # The GPU-relevant tests first (CUDA and Triton backends, the shared op suites, the reliability and
 # property suites); the rest of the suite is CPU-only and runs in CI.
-STEPS="${PARETO_LORA_DEVICE_STEPS:-pytest,pytest_shared,nccl,sweep}"
+STEPS="${PARETO_LORA_DEVICE_STEPS:-pytest,pytest_shared,nccl,sweep,host}"
 want() { case ",$STEPS," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 JUNIT=()
 [ "${PARETO_LORA_JUNIT:-0}" = 1 ] && JUNIT=(--junitxml="$OUT/pytest.xml")
@@ -96,6 +98,7 @@ if want bench; then
   [ -f "$OUT/bench_gpu.md" ] && cat "$OUT/bench_gpu.md"
 fi
 want sweep && { step sweep "${PARETO_LORA_SWEEP_LIMIT:-150}" "$PY" bench/sweep_gpu_paths.py || true; }
+want host && { step host 60 "$PY" bench/host_overhead.py --device cuda || true; }
 
 echo "total ${SECONDS}s, status $status" | tee -a "$OUT/summary.txt"
 exit $status

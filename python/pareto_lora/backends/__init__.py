@@ -30,11 +30,20 @@ _MODULES = {
 BACKENDS = ("auto", *_MODULES)
 
 
+_LOADED: dict[str, ModuleType] = {}
+
+
 def _load(name: str) -> ModuleType:
+    # Cached: every op call resolves its backend, and import_module takes the import lock each time.
+    module = _LOADED.get(name)
+    if module is not None:
+        return module
     try:
-        return importlib.import_module(_MODULES[name])
+        module = importlib.import_module(_MODULES[name])
     except ImportError as e:  # e.g. triton missing, or not importable here
         raise RuntimeError(f"backend={name!r} is not available: {e}") from e
+    _LOADED[name] = module
+    return module
 
 
 def _usable(name: str, device_type: str) -> bool:

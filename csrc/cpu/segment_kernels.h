@@ -45,6 +45,12 @@ int64_t intra_op_threads_used();
 // per 512-bit step) rather than its natural 64, which would change the bits between machines.
 constexpr int64_t kStatsLaneBytes = 32;
 
+// Software prefetch distance of the vector builds' loops: the statistics read two streams from
+// DRAM at a few cycles per line, and one core's hardware prefetch alone kept them at ~60% of copy
+// bandwidth. Measured (AVX2 build) at 16M elements, 1 thread: 12.1 -> 8.5 ms (float32), 11.3 ->
+// 5.7 ms (bf16) for the statistics pass; 512 B ahead is too close, 1-4 KiB are within noise.
+constexpr int64_t kPrefetchBytes = 2048;
+
 // Kernels over one chunk (contiguous, inside one segment), type-erased so that one table per CPU
 // capability can be picked at run time.
 struct ChunkKernels {

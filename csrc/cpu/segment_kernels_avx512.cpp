@@ -35,9 +35,7 @@ namespace pareto_lora {
 namespace avx512 {
 namespace {
 
-// As in the AVX2 kernels (measured there): one prefetch per cache line and stream, 2 KiB ahead.
-constexpr int64_t kPrefetchBytes = 2048;
-
+// One prefetch per cache line and stream, kPrefetchBytes ahead (segment_kernels.h).
 inline void prefetch_ahead(const void* p) {
   _mm_prefetch(static_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T0);
 }

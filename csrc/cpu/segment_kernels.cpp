@@ -228,8 +228,9 @@ void integrate_cpu(const at::Tensor& a, const at::Tensor& b, const int64_t* offs
   // Large segments' statistics chunks and small segments' whole one-pass work, in one region;
   // small segments first: they are the longer items, claimed early they balance better.
   const int64_t n_small = static_cast<int64_t>(small.size());
+  const auto large_size = chunk_size(large);
   auto item_size = [&](int64_t i) {
-    return i < n_small ? offsets[small[i] + 1] - offsets[small[i]] : large[i - n_small].end - large[i - n_small].begin;
+    return i < n_small ? offsets[small[i] + 1] - offsets[small[i]] : large_size(i - n_small);
   };
   dynamic_for(n_small + static_cast<int64_t>(large.size()), item_size, [&](int64_t i) {
     if (i >= n_small) {

@@ -53,6 +53,16 @@ inline __m512d cvtps2pd_mem(const float* p) {
   return r;
 }
 
+// One lane set (32 bytes, zero-extended) or two (64 bytes) of 16-bit elements at p.
+inline __m512i load_sets(const void* p, int sets) {
+  return sets == 2 ? _mm512_loadu_si512(p) : _mm512_zextsi256_si512(_mm256_loadu_si256(static_cast<const __m256i*>(p)));
+}
+
+// bf16 pairs: the low half of each 32-bit word is an even element, the high half an odd one; a
+// shift (even) or a mask (odd) makes floats of them without the shuffle port.
+inline __m512 bf16_even(__m512i v) { return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)); }
+inline __m512 bf16_odd(__m512i v) { return _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(~0xFFFF))); }
+
 // A dtype's way into float lanes. widen() turns one or two lane sets (kW elements each) at p into
 // floats and returns where they are; the doubles of accumulator k for lane set `set` are the 8
 // floats at offset(set, k); slot(j) is where lane j sits among the kAcc x 8 stored accumulator
@@ -66,18 +76,16 @@ struct F32 {
   static constexpr int slot(int j) { return j; }
 };
 
-// bf16: the high half of each 32-bit word is an odd element, the low half an even one; a shift
-// (even) or a mask (odd) makes floats of them without the shuffle port. Accumulator 0 holds the
-// even lanes 0, 2, .., 14, accumulator 1 the odd lanes.
+// bf16, split into even and odd elements (bf16_even/bf16_odd): accumulator 0 holds the even lanes
+// 0, 2, .., 14, accumulator 1 the odd lanes.
 struct BF16 {
   using T = c10::BFloat16;
   static constexpr int64_t kW = kStatsLaneBytes / sizeof(T);
   static constexpr int kAcc = 2;
   static const float* widen(const T* p, float* buf, int sets) {
-    const __m512i x = sets == 2 ? _mm512_loadu_si512(p)
-                                : _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-    _mm512_store_ps(buf, _mm512_castsi512_ps(_mm512_slli_epi32(x, 16)));
-    _mm512_store_ps(buf + 16, _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(~0xFFFF))));
+    const __m512i x = load_sets(p, sets);
+    _mm512_store_ps(buf, bf16_even(x));
+    _mm512_store_ps(buf + 16, bf16_odd(x));
     return buf;
   }
   static constexpr int offset(int set, int k) { return 8 * set + 16 * k; }
@@ -184,7 +192,7 @@ struct Coef {
 inline __m512 lincomb(const Coef& c, __m512 x, __m512 y) { return _mm512_fmadd_ps(c.al, x, _mm512_mul_ps(c.be, y)); }
 
 template <bool kStream>
-void block_f32(const float* a, const float* b, float* out, int sets, const Coef& c) {
+void block(const float* a, const float* b, float* out, int sets, const Coef& c) {
   if (sets == 2) {
     put<kStream>(out, _mm512_castps_si512(lincomb(c, _mm512_loadu_ps(a), _mm512_loadu_ps(b))));
   } else {
@@ -210,17 +218,10 @@ inline __m512i bf16_bits(__m512 r) {
 }
 
 template <bool kStream>
-void block_bf16(const c10::BFloat16* a, const c10::BFloat16* b, c10::BFloat16* out, int sets, const Coef& c) {
-  auto load = [sets](const c10::BFloat16* p) {
-    return sets == 2 ? _mm512_loadu_si512(p)
-                     : _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  };
-  const __m512i x = load(a), y = load(b);
-  const __m512i hi = _mm512_set1_epi32(~0xFFFF);
-  auto even = [](__m512i v) { return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)); };
-  auto odd = [&hi](__m512i v) { return _mm512_castsi512_ps(_mm512_and_si512(v, hi)); };
-  const __m512i r = _mm512_or_si512(bf16_bits<false>(lincomb(c, even(x), even(y))),
-                                    bf16_bits<true>(lincomb(c, odd(x), odd(y))));
+void block(const c10::BFloat16* a, const c10::BFloat16* b, c10::BFloat16* out, int sets, const Coef& c) {
+  const __m512i x = load_sets(a, sets), y = load_sets(b, sets);
+  const __m512i r = _mm512_or_si512(bf16_bits<false>(lincomb(c, bf16_even(x), bf16_even(y))),
+                                    bf16_bits<true>(lincomb(c, bf16_odd(x), bf16_odd(y))));
   if (sets == 2) {
     put<kStream>(out, r);
   } else {
@@ -229,25 +230,12 @@ void block_bf16(const c10::BFloat16* a, const c10::BFloat16* b, c10::BFloat16* o
 }
 
 template <bool kStream>
-void block_f16(const c10::Half* a, const c10::Half* b, c10::Half* out, int sets, const Coef& c) {
+void block(const c10::Half* a, const c10::Half* b, c10::Half* out, int sets, const Coef& c) {
   for (int s = 0; s < sets; ++s) {
     const __m512 x = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + 16 * s)));
     const __m512 y = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16 * s)));
     put<kStream>(out + 16 * s, _mm512_cvtps_ph(lincomb(c, x, y), _MM_FROUND_TO_NEAREST_INT));
   }
-}
-
-template <bool kStream>
-inline void block(const float* a, const float* b, float* out, int sets, const Coef& c) {
-  block_f32<kStream>(a, b, out, sets, c);
-}
-template <bool kStream>
-inline void block(const c10::BFloat16* a, const c10::BFloat16* b, c10::BFloat16* out, int sets, const Coef& c) {
-  block_bf16<kStream>(a, b, out, sets, c);
-}
-template <bool kStream>
-inline void block(const c10::Half* a, const c10::Half* b, c10::Half* out, int sets, const Coef& c) {
-  block_f16<kStream>(a, b, out, sets, c);
 }
 
 // The same element positions as the AVX2 chunk_combine: with streaming stores a scalar head up to

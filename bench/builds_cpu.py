@@ -13,15 +13,13 @@ import sys
 import torch
 
 import pareto_lora  # noqa: F401  (registers the ops)
-from pareto_lora.app.benchmarking import cpu_kernels, cpu_model, interleaved, uptime
-
-ORDER = ["base", "avx2", "avx512"]
+from pareto_lora import _C
+from pareto_lora.app.benchmarking import cpu_model, interleaved, uptime
 
 
 def main(argv):
     threads = int(argv[0]) if argv else 1
-    best = cpu_kernels()
-    builds = argv[1].split(",") if len(argv) > 1 else ORDER[: ORDER.index(best) + 1]
+    builds = argv[1].split(",") if len(argv) > 1 else list(_C.cpu_capabilities())
     torch.set_num_threads(threads)
     print(f"{cpu_model()}; {threads} thread(s); torch {torch.__version__}; builds {builds}; {uptime()}")
     print("| dtype | N | G | op | " + " | ".join(f"{b} us" for b in builds) + " |")

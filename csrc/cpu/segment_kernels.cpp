@@ -74,6 +74,15 @@ Capability best_capability() {
   return Capability::kBase;
 }
 
+}  // namespace
+
+std::vector<const char*> cpu_capabilities() {
+  const int best = static_cast<int>(best_capability());
+  return std::vector<const char*>(kCapabilityNames, kCapabilityNames + best + 1);
+}
+
+namespace {
+
 // Read on every call (a getenv: noise next to a chunk) so that tests can switch builds.
 Capability capability() {
   const Capability best = best_capability();
@@ -83,7 +92,7 @@ Capability capability() {
     if (std::strcmp(env, kCapabilityNames[c]) == 0) return static_cast<Capability>(c);
   }
   std::string supported;
-  for (int c = 0; c <= static_cast<int>(best); ++c) supported += std::string(c ? ", '" : "'") + kCapabilityNames[c] + "'";
+  for (const char* name : cpu_capabilities()) supported += std::string(supported.empty() ? "'" : ", '") + name + "'";
   TORCH_CHECK_VALUE(false, "PARETO_LORA_CPU_CAPABILITY: expected one of ", supported,
                     " (the builds this CPU runs), got '", env, "'");
 }

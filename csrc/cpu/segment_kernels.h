@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <functional>
 #include <utility>
+#include <vector>
 
 namespace pareto_lora {
 
@@ -91,5 +92,8 @@ const ChunkKernels& active_kernels();
 
 // The name of the build active_kernels() returns now: "base", "avx2" or "avx512".
 const char* cpu_capability_name();
+
+// The names of the builds this CPU runs, from the portable one to the best one.
+std::vector<const char*> cpu_capabilities();
 
 }  // namespace pareto_lora

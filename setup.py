@@ -94,6 +94,11 @@ def extension():
     return CppExtension("pareto_lora._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=omp)
 
 
+HF = ["transformers>=4.45", "peft>=0.13", "accelerate>=1.0"]
+DEMO = ["matplotlib", "tqdm", "scikit-learn>=1.3"]  # the demo experiment: figures, progress bars, the digits world
+DOCS = ["mkdocs-material>=9.5", "mkdocstrings[python]>=0.26"]  # `mkdocs build --strict` (tests/test_docs.py)
+
+
 # setuptools runs this file as __main__; tests import it for cuda_decision without building.
 if __name__ == "__main__":
     setup(
@@ -105,13 +110,17 @@ if __name__ == "__main__":
         ext_modules=[extension()],
         cmdclass={"build_ext": BuildExtension},
         python_requires=">=3.10",
-        install_requires=["torch>=2.4", "numpy", "tqdm", "matplotlib"],
+        # The library needs torch and numpy only; the demo, its figures and progress bars, the docs
+        # site and the tests are extras (README's set-up line installs ".[demo,test]").
+        install_requires=["torch>=2.4", "numpy"],
         extras_require={
-            "hf": ["transformers>=4.45", "peft>=0.13", "accelerate>=1.0"],
+            "hf": HF,
             "triton": ["triton>=3.0"],
+            "demo": DEMO,
+            "docs": DOCS,
             "test": [
-                "pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "transformers>=4.45", "peft>=0.13", "accelerate>=1.0",
-                "triton>=3.0",
+                "pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", *HF, "triton>=3.0", "import-linter>=2.2",
+                "scikit-learn>=1.3", *DOCS,
             ],
         },
         entry_points={"console_scripts": ["pareto-lora=pareto_lora.app.cli:main"]},

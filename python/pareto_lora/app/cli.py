@@ -112,7 +112,20 @@ def _device(parser: argparse.ArgumentParser, name: str) -> str:
 
 
 # ---- subcommands --------------------------------------------------------------------------------
+def _missing_extra(command: str, modules: tuple[str, ...]) -> bool:
+    """True (after one line on stderr) when an optional extra that `command` needs is not installed."""
+    from .env import install_hint, missing_modules
+
+    missing = missing_modules(modules)
+    if missing:
+        print(f"pareto-lora {command}: expected {', '.join(missing)} installed (the 'demo' extra): "
+              f"{install_hint('demo')}", file=sys.stderr)
+    return bool(missing)
+
+
 def _cmd_demo(args, parser) -> int:
+    if _missing_extra("demo", ("matplotlib", "tqdm")):
+        return 2
     from .demo import DEFAULT, FULL, QUICK, DemoConfig
     from .demo import run_demo
 
@@ -159,6 +172,8 @@ def _cmd_demo(args, parser) -> int:
 
 
 def _cmd_bench(args, parser) -> int:
+    if _missing_extra("bench", ("tqdm",)):
+        return 2
     import torch
     from tqdm.auto import tqdm
 

@@ -6,13 +6,14 @@ May import: :mod:`pareto_lora.backends`.
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 
 import torch
 
 from ..backends import available_backends, cpp
 
-__all__ = ["package_versions", "backend_availability"]
+__all__ = ["package_versions", "backend_availability", "missing_modules", "install_hint"]
 
 _PACKAGES = ("torch", "triton", "peft", "transformers", "numpy", "matplotlib", "tqdm")
 
@@ -26,6 +27,22 @@ def package_versions() -> dict[str, str | None]:
         except importlib.metadata.PackageNotFoundError:
             out[name.replace("-", "_")] = None
     return out
+
+
+def missing_modules(names: tuple[str, ...]) -> list[str]:
+    """The modules of `names` that do not import here (an optional extra not installed)."""
+    missing = []
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    return missing
+
+
+def install_hint(extra: str) -> str:
+    """The command that installs one of setup.py's extras into a source checkout."""
+    return f'pip install --no-build-isolation -e ".[{extra}]"'
 
 
 def backend_availability() -> list[tuple[str, bool, bool, str]]:

@@ -82,7 +82,11 @@ def _log_ratio(x) -> float:
 
 
 def _pyplot():
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as e:  # plotting is optional: the library installs without matplotlib
+        raise ModuleNotFoundError("matplotlib: expected it installed to draw plots; install the package's "
+                                  "'demo' extra (or matplotlib)") from e
 
     matplotlib.use("Agg")  # no display in training jobs
     import matplotlib.pyplot as plt

@@ -4,20 +4,9 @@
     res = pareto_lora.integrate(g_text, g_image, offsets, rule="pareto_lora", tau=0.5)
     res.out, res.cases, res.cosine, res.ratio
 
-The package in layers; each imports only the layers below it (tests/test_architecture.py):
+The package's layers are import-linter contracts in pyproject.toml ([tool.importlinter]; docs/architecture.md).
 
-    app/          the pareto-lora command, the demo, benchmarks, install facts
-    training/     ParetoLoRA, StepReport, modality losses, diagnostics, the HF Trainer, balancers (MIMO, GradNorm, CoMMIT)
-    distributed/  the sync contract: single process, DDP hook, FSDP2, sharded_integrate
-    flat/         parameters -> layout (units, groups, buckets), flat buffers, the flat-buffer step
-    ops.py        the public op functions (integrate, segment_stats, rule_coefficients, combine)
-    backends/     the registry: cpp (compiled C++/CUDA), triton, reference
-    reference.py  the float64 oracle
-    archs/        model architectures (Chameleon, Emu3, Janus, LLaVA): layers, image tokens, losses
-    checks.py     argument validation of tensors
-    result.py, rules.py   IntegrationResult; Case, the rule table, RuleSpec
-
-This file only re-exports. See README.md for the training-loop integration and the op reference.
+This file only re-exports. The documentation (docs/, mkdocs) has the training guide and the API reference.
 """
 
 from . import archs, distributed, reference, rules

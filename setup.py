@@ -4,7 +4,11 @@ Install with build isolation off, so the extension compiles against the torch yo
 (an isolated build would download a fresh torch, several GB of CUDA wheels):
 
     pip install torch==2.13.0            # or the torch build you use
-    pip install --no-build-isolation .
+    pip install --no-build-isolation .   # the library: torch and numpy only
+
+Extras: "demo" (the demo experiment: matplotlib, tqdm, scikit-learn), "hf" (transformers, peft,
+accelerate), "triton", "docs" (the mkdocs site) and "test" (README's set-up line installs
+".[demo,test]").
 
 CUDA/ROCm sources (csrc/cuda/*.cu) join the build when the installed torch is a CUDA or ROCm
 build (torch.version.cuda / torch.version.hip), whether or not a GPU is present on the build

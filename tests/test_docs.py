@@ -53,8 +53,16 @@ def test_a_broken_reference_fails_the_build(tmp_path):
     with open(CONFIG) as f:
         cfg = yaml.safe_load(f)
     cfg["docs_dir"] = os.path.join(ROOT, "docs")
+    cfg["hooks"] = [os.path.join(ROOT, h) for h in cfg.get("hooks", [])]  # paths relative to the config file
     cfg["nav"] = [*cfg["nav"], {"Missing": "no_such_page.md"}]
     broken = tmp_path / "mkdocs.yml"
     broken.write_text(yaml.safe_dump(cfg))
     res = _build(str(broken), str(tmp_path / "site"))
     assert res.returncode != 0 and "no_such_page.md" in res.stdout + res.stderr, res.stdout + res.stderr
+
+
+def test_sphinx_roles_render_as_code(site):
+    # docs/hooks.py: the docstrings' :class:`X` show as X in code, without the role name.
+    html = (site / "api" / "balancers" / "index.html").read_text()
+    assert "<code>BalancedSync" in html or "<code>base.BalancedSync" in html
+    assert ":class:" not in html and ":mod:" not in html

@@ -1,9 +1,11 @@
 """The compiled backend: loads ``pareto_lora._C`` (which registers ``torch.ops.pareto_lora.*``,
 schemas in csrc/ops.cpp), registers their fake kernels, and calls them with the op signatures.
 
-This is the one place where a :class:`RuleSpec` is unpacked into the ops' scalar arguments.
-The ops validate their tensor arguments in C++ (csrc/validate.h).
-May import: :mod:`pareto_lora._C`, :mod:`pareto_lora.checks`, :mod:`pareto_lora.result`, :mod:`pareto_lora.rules`.
+Implements :class:`~pareto_lora.backends.protocol.Backend`; this is the one place where a
+:class:`RuleSpec` is unpacked into the compiled ops' scalar arguments (the dispatcher's schemas
+take scalars). The ops validate their tensor arguments in C++ (csrc/validate.h).
+May import: :mod:`pareto_lora._C`, :mod:`pareto_lora.checks`, :mod:`pareto_lora.result`, :mod:`pareto_lora.rules`,
+:mod:`.protocol`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Triton backend of the integration op (``backend="triton"``).
 
-Same four functions, signatures and semantics as the other backends (csrc/cpu/ops_cpu.cpp):
-stats float64 [G, 3], coeffs float32 [G, 2], cases int32 [G]. The module-level functions
+The :class:`~pareto_lora.backends.protocol.Backend` functions with the semantics of the other
+backends (csrc/cpu/ops_cpu.cpp): stats float64 [S, 3], coeffs float32 [G, 2], cases int32 [G];
+``integrate`` with groups / poison / given stats runs the ``integrate_step`` op. The module-level functions
 validate every argument with :mod:`pareto_lora.checks` (same messages as C++), build the tile
 table on the host and only then call the ``torch.ops.pareto_lora_triton.*`` ops, which launch
 the kernels of :mod:`pareto_lora.backends.triton.kernels` and never read tensor values on the host.
@@ -17,7 +18,8 @@ stay outside the ops: a compiled region should call the ops with a table from
 
 Without a GPU, Triton's interpreter runs the same kernels on CPU tensors when
 ``TRITON_INTERPRET=1`` is set before triton is first imported.
-May import: :mod:`.kernels`, :mod:`pareto_lora.checks`, :mod:`pareto_lora.result`, :mod:`pareto_lora.rules`.
+May import: :mod:`.kernels`, :mod:`pareto_lora.checks`, :mod:`pareto_lora.result`, :mod:`pareto_lora.rules`,
+:mod:`pareto_lora.backends.protocol`.
 """
 
 import collections

@@ -85,29 +85,34 @@ def _with_empty_segments(a, b, offsets, every=3):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("numel,g,cuts", [(100_003, 7, [1, 4, 4]), (1_000_000, 300, [1, 100, 299]), (3_000_000, 2, [])])
-def test_grouped_paths_and_threads_are_bitwise_equal(monkeypatch, dtype, numel, g, cuts):
+def test_grouped_paths_threads_and_builds_are_bitwise_equal(monkeypatch, dtype, numel, g, cuts):
     # One-pass segments (groups of one) next to multi-segment groups, empty segments and an empty
-    # group: every path and thread count gives the same bits, and the group statistics are the
+    # group: every path, thread count and CPU build gives the same bits, and the group statistics are the
     # segments' rows summed left to right from +0.0.
     a, b, offsets = _with_empty_segments(*_case(numel, g, dtype, seed=numel + g))
     s = offsets.numel() - 1
     groups = torch.tensor([0, *cuts, s])
     results = []
-    for path in ("two_pass", "one_pass", "auto"):
-        for threads in (1, 2):
-            monkeypatch.setenv("PARETO_LORA_CPU_PATH", path)
-            old = torch.get_num_threads()
-            torch.set_num_threads(threads)
-            try:
-                results.append(pareto_lora.integrate(a, b, offsets, rule="pareto_lora", groups=groups, backend="cpp"))
-            finally:
-                torch.set_num_threads(old)
+    runs = [(path, threads, None) for path in ("two_pass", "one_pass", "auto") for threads in (1, 2)]
+    runs += [("auto", 2, build) for build in pareto_lora._C.cpu_capabilities()]  # every CPU build too
+    for path, threads, build in runs:
+        if build is not None:
+            monkeypatch.setenv("PARETO_LORA_CPU_CAPABILITY", build)
+        monkeypatch.setenv("PARETO_LORA_CPU_PATH", path)
+        old = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            results.append(pareto_lora.integrate(a, b, offsets, rule="pareto_lora", groups=groups, backend="cpp"))
+        finally:
+            torch.set_num_threads(old)
     first = results[0]
     assert torch.equal(_bits(first.group_stats), _bits(pareto_lora.reference.group_sums(first.stats, groups)))
-    for r in results[1:]:
-        for x, y in zip((first.out, first.stats, first.group_stats, first.coeffs, first.cases),
-                        (r.out, r.stats, r.group_stats, r.coeffs, r.cases)):
-            assert torch.equal(_bits(x), _bits(y))
+    for (_, _, build), r in zip(runs[1:], results[1:]):
+        for x, y in zip((first.stats, first.group_stats, first.coeffs, first.cases),
+                        (r.stats, r.group_stats, r.coeffs, r.cases)):
+            assert torch.equal(_bits(x), _bits(y)), build
+        if build != "base":  # the portable build rounds the combine twice (test_cpu_capability.py)
+            assert torch.equal(_bits(first.out), _bits(r.out)), build
 
 
 def test_empty_segments_get_their_rule_on_the_two_pass_path(monkeypatch):

@@ -1,4 +1,4 @@
-// The one CUDA/HIP kernel behind all four ops: a persistent, ticket-driven loop over the tiles
+// The CUDA/HIP kernel behind all four ops (rule_kernels.cuh: the rule alone, the grouped rule): a persistent, ticket-driven loop over the tiles
 // of schedule.h. In the fused plan apply tiles wait for their segment's rule, so one launch does
 // reduce, rule and apply; in the two-launch plan nothing waits. Segments of one tile are
 // one-pass tiles in both (statistics, rule and combine by one block; the second read comes from
@@ -30,7 +30,7 @@
 #include <cstdint>
 
 #include "../rule.h"
-#include "group_rule.cuh"
+#include "rule_kernels.cuh"
 #include "schedule.h"
 
 namespace pareto_lora {
@@ -383,8 +383,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) integrate_kernel(co
   __shared__ bool last;
   if (threadIdx.x == 0) {
     // Every block has drawn its last ticket before it counts itself out, so the last one out may
-    // reset the ticket counter for the next launch on this workspace. The fence also publishes
-    // this block's statistics to the last block (the group epilogue reads them).
+    // reset the ticket counter (and run the group epilogue on the statistics this fence publishes).
     __threadfence();
     last = atomicAdd(p.ctr.exited, 1u) + 1 == gridDim.x;
     if (last) {
@@ -392,27 +391,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) integrate_kernel(co
       *p.ctr.exited = 0;
     }
   }
-  if (p.group.groups != nullptr) {  // the same for every block of the launch
-    __syncthreads();
-    if (last) {
-      __threadfence();
-      group_rules(p.group, p.stats);
-    }
-  }
-}
-
-// The rule alone (rule_coefficients on CUDA): one thread per segment.
-template <typename stat_t>
-__global__ void __launch_bounds__(kThreads)
-    rule_kernel(const stat_t* stats, const bool* active, int64_t num_segments, RuleParams rule, float* coeffs,
-                int32_t* cases) {
-  const int64_t s = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (s >= num_segments) return;
-  const Coefficients c = compute_rule(static_cast<double>(stats[3 * s]), static_cast<double>(stats[3 * s + 1]),
-                                      static_cast<double>(stats[3 * s + 2]), active == nullptr || active[s], rule);
-  coeffs[2 * s] = static_cast<float>(c.alpha);
-  coeffs[2 * s + 1] = static_cast<float>(c.beta);
-  cases[s] = c.code;
+  if (p.group.groups == nullptr) return;  // the same for every block of the launch
+  __syncthreads();
+  if (last) group_rules(p.group, p.stats);
 }
 
 }  // namespace cuda_kernel

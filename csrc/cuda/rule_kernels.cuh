@@ -1,5 +1,5 @@
-// The grouped training step's rule on the GPU (csrc/cuda/ops_cuda.cu, integrate_grouped): group
-// sums, the rule, poison and the per-segment coefficients the combine applies.
+// The rule kernels: the rule alone (rule_coefficients on CUDA), and the grouped training step's
+// group sums, rule, poison and per-segment coefficients (csrc/cuda/ops_cuda.cu, integrate_grouped).
 #pragma once
 
 #include <cstdint>
@@ -8,6 +8,19 @@
 
 namespace pareto_lora {
 namespace cuda_kernel {
+
+// The rule alone (rule_coefficients on CUDA): one thread per segment.
+template <typename stat_t>
+__global__ void rule_kernel(const stat_t* stats, const bool* active, int64_t num_segments, RuleParams rule,
+                            float* coeffs, int32_t* cases) {
+  const int64_t s = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (s >= num_segments) return;
+  const Coefficients c = compute_rule(static_cast<double>(stats[3 * s]), static_cast<double>(stats[3 * s + 1]),
+                                      static_cast<double>(stats[3 * s + 2]), active == nullptr || active[s], rule);
+  coeffs[2 * s] = static_cast<float>(c.alpha);
+  coeffs[2 * s + 1] = static_cast<float>(c.beta);
+  cases[s] = c.code;
+}
 
 // The grouped training step's rule (integrate with groups / poison / given stats): group g is
 // segments groups[g] .. groups[g+1]-1, its statistics the rows summed left to right from +0.0
@@ -28,6 +41,7 @@ struct GroupJob {
 // Threads of one block take groups in turn; each adds its group's rows in order. `stats` was
 // written by other blocks of the same launch: read through volatile (not a stale L1 line).
 __device__ inline void group_rules(const GroupJob& j, const double* stats) {
+  __threadfence();  // acquire side of the fence each block makes before it counts itself out
   const volatile double* st = stats;
   const bool poisoned = j.poison != nullptr && *j.poison;
   for (int64_t g = threadIdx.x; g < j.num_groups; g += blockDim.x) {

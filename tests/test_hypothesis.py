@@ -140,3 +140,37 @@ def test_float32_statistics_from_elsewhere_never_make_a_rule_amplify_noise(any_b
         # slack for the float32 coefficients only: it must not grow with the coefficients themselves
         assert float(out.norm()) <= bound * (1 + 1e-5) + 1e-300, (
             s, rule, Case(int(cases[s])), float(out.norm()) / max(bound, 1e-300))
+
+
+@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(problem=problems(), cuts=st.lists(st.integers(0, 8), max_size=4), poison=st.booleans())
+def test_grouped_steps_sum_groups_in_one_order_and_keep_every_rule_bound(any_backend, problem, cuts, poison):
+    """The fused op over a training step: random groups (empty ones included) of random layouts.
+    Group statistics are the rows summed left to right (bitwise), the rule is the reference's on
+    them, and each group's output keeps the rule's bound on the group's own vectors."""
+    name, device = any_backend
+    dtype, sizes, segments, rule, symmetric, seed = problem
+    a, b, offsets = build(sizes, segments, dtype, seed)
+    s = len(sizes)
+    groups = torch.tensor([0, *sorted(min(c, s) for c in cuts), s])
+    res = pareto_lora.integrate(a.to(device), b.to(device), offsets, rule=rule, gamma=1.5, symmetric=symmetric,
+                                groups=groups, poison=torch.tensor(poison, device=device), backend=name)
+    gs = res.group_stats.cpu()
+    assert torch.equal(gs, reference.group_sums(res.stats.cpu(), groups))
+    ref_c, ref_k = reference.rule_coefficients(gs, rule, gamma=1.5, symmetric=symmetric)
+    torch.testing.assert_close(res.coeffs.cpu(), ref_c, rtol=1e-6, atol=0)
+    if poison:
+        assert bool(res.out.isnan().all()) and bool((res.cases == int(Case.NONFINITE)).all())
+        return
+    assert res.cases.cpu().tolist() == ref_k.tolist()
+    out, a64, b64, coeffs = res.out.double().cpu(), a.double(), b.double(), res.coeffs.double().cpu()
+    for g in range(groups.numel() - 1):
+        lo, hi = int(offsets[groups[g]]), int(offsets[groups[g + 1]])
+        if hi == lo:
+            continue
+        x, y, o = a64[lo:hi], b64[lo:hi], out[lo:hi]
+        na, nb, nsum = float(x.norm()), float(y.norm()), float((x + y).norm())
+        bound = rule_bound(rule, na, nb, nsum, Case(int(res.cases[g])), 1.5)
+        alpha, beta = coeffs[g].tolist()
+        rounding = 2 * EPS[dtype] * float((abs(alpha) * x.abs() + abs(beta) * y.abs()).norm())
+        assert float(o.norm()) <= bound * (1 + 1e-6) + rounding + 1e-300, (g, rule, Case(int(res.cases[g])))

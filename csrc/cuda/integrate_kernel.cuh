@@ -1,4 +1,4 @@
-// The one CUDA/HIP kernel behind all four ops: a persistent, ticket-driven loop over the tiles
+// The CUDA/HIP kernel behind all four ops (rule_kernels.cuh: the rule alone, the grouped rule): a persistent, ticket-driven loop over the tiles
 // of schedule.h. In the fused plan apply tiles wait for their segment's rule, so one launch does
 // reduce, rule and apply; in the two-launch plan nothing waits. Segments of one tile are
 // one-pass tiles in both (statistics, rule and combine by one block; the second read comes from
@@ -30,6 +30,7 @@
 #include <cstdint>
 
 #include "../rule.h"
+#include "rule_kernels.cuh"
 #include "schedule.h"
 
 namespace pareto_lora {
@@ -94,6 +95,7 @@ struct Params {
   bool with_rule;   // finalizers compute the rule
   bool fused;       // finalizers raise `ready`, apply tiles wait for it
   bool vec_ok;      // a, b, out share their alignment mod 16 bytes
+  GroupJob group;   // group.groups set: the last block out runs the group rules on `stats`
 };
 
 // x, y, z summed over the block; the totals are valid in thread 0. Fixed shuffle tree.
@@ -378,29 +380,20 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) integrate_kernel(co
     if (t >= p.ticket_end) break;
     run_tile(p, t);
   }
+  __shared__ bool last;
   if (threadIdx.x == 0) {
     // Every block has drawn its last ticket before it counts itself out, so the last one out may
-    // reset the ticket counter for the next launch on this workspace.
+    // reset the ticket counter (and run the group epilogue on the statistics this fence publishes).
     __threadfence();
-    if (atomicAdd(p.ctr.exited, 1u) + 1 == gridDim.x) {
+    last = atomicAdd(p.ctr.exited, 1u) + 1 == gridDim.x;
+    if (last) {
       *p.ctr.ticket = 0;
       *p.ctr.exited = 0;
     }
   }
-}
-
-// The rule alone (rule_coefficients on CUDA): one thread per segment.
-template <typename stat_t>
-__global__ void __launch_bounds__(kThreads)
-    rule_kernel(const stat_t* stats, const bool* active, int64_t num_segments, RuleParams rule, float* coeffs,
-                int32_t* cases) {
-  const int64_t s = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (s >= num_segments) return;
-  const Coefficients c = compute_rule(static_cast<double>(stats[3 * s]), static_cast<double>(stats[3 * s + 1]),
-                                      static_cast<double>(stats[3 * s + 2]), active == nullptr || active[s], rule);
-  coeffs[2 * s] = static_cast<float>(c.alpha);
-  coeffs[2 * s + 1] = static_cast<float>(c.beta);
-  cases[s] = c.code;
+  if (p.group.groups == nullptr) return;  // the same for every block of the launch
+  __syncthreads();
+  if (last) group_rules(p.group, p.stats);
 }
 
 }  // namespace cuda_kernel

@@ -1,9 +1,11 @@
 """The compiled backend: loads ``pareto_lora._C`` (which registers ``torch.ops.pareto_lora.*``,
 schemas in csrc/ops.cpp), registers their fake kernels, and calls them with the op signatures.
 
-This is the one place where a :class:`RuleSpec` is unpacked into the ops' scalar arguments.
-The ops validate their tensor arguments in C++ (csrc/validate.h).
-May import: :mod:`pareto_lora._C`, :mod:`pareto_lora.checks`, :mod:`pareto_lora.result`, :mod:`pareto_lora.rules`.
+Implements :class:`~pareto_lora.backends.protocol.Backend`; this is the one place where a
+:class:`RuleSpec` is unpacked into the compiled ops' scalar arguments (the dispatcher's schemas
+take scalars). The ops validate their tensor arguments in C++ (csrc/validate.h).
+May import: :mod:`pareto_lora._C`, :mod:`pareto_lora.checks`, :mod:`pareto_lora.result`, :mod:`pareto_lora.rules`,
+:mod:`.protocol`.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import torch
 from .. import _C  # noqa: F401  (loads the shared library: registers torch.ops.pareto_lora.*)
 from .. import checks
 from ..result import IntegrationResult
-from ..rules import RuleSpec, as_spec
+from ..rules import RuleSpec
+from .protocol import DEFAULT_RULE
 
 __all__ = ["is_available", "segment_stats", "rule_coefficients", "combine", "integrate"]
 
@@ -41,9 +44,11 @@ def _combine_fake(a, b, offsets, coeffs, out):
 
 @torch.library.register_fake("pareto_lora::integrate")
 def _integrate_fake(a, b, offsets, out, rule="pareto_lora", tau=0.5, active=None, gamma=1.0, symmetric=False,
-                    margin=0.0):
-    g = _num_segments(offsets)
+                    margin=0.0, groups=None, poison=None, stats=None):
+    s = _num_segments(offsets)
+    g = s if groups is None else groups.shape[0] - 1
     return (
+        a.new_empty((s, 3), dtype=torch.float64),
         a.new_empty((g, 3), dtype=torch.float64),
         a.new_empty((g, 2), dtype=torch.float32),
         a.new_empty((g,), dtype=torch.int32),
@@ -68,20 +73,11 @@ def segment_stats(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> to
 
 
 def rule_coefficients(
-    stats: torch.Tensor,
-    rule: str | RuleSpec = "pareto_lora",
-    tau: float | None = None,
-    active: torch.Tensor | None = None,
-    gamma: float | None = None,
-    symmetric: bool | None = None,
-    margin: float | None = None,
+    stats: torch.Tensor, spec: RuleSpec = DEFAULT_RULE, *, active: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    spec = as_spec(rule, tau, gamma, symmetric, margin)
     active = checks.as_active(active)
     checks.check_types(stats=stats, active=active)
-    return torch.ops.pareto_lora.rule_coefficients(
-        stats, spec.name, spec.tau, active, spec.gamma, spec.symmetric, spec.margin
-    )
+    return torch.ops.pareto_lora.rule_coefficients(stats, *_rule_args(spec, active))
 
 
 def combine(a, b, offsets, coeffs, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -97,18 +93,37 @@ def integrate(
     b: torch.Tensor,
     offsets: torch.Tensor,
     out: torch.Tensor | None = None,
-    rule: str | RuleSpec = "pareto_lora",
-    tau: float | None = None,
+    spec: RuleSpec = DEFAULT_RULE,
+    *,
     active: torch.Tensor | None = None,
-    gamma: float | None = None,
-    symmetric: bool | None = None,
-    margin: float | None = None,
+    groups: torch.Tensor | None = None,
+    poison: torch.Tensor | None = None,
+    stats: torch.Tensor | None = None,
 ) -> IntegrationResult:
-    spec = as_spec(rule, tau, gamma, symmetric, margin)
-    offsets, active = checks.as_offsets(offsets), checks.as_active(active)
+    offsets, active, groups = checks.as_offsets(offsets), checks.as_active(active), checks.as_groups(groups)
     checks.check_types(a=a, b=b, offsets=offsets, out=out, active=active)
+    _check_optional(groups, poison, stats)
     out = torch.empty_like(a) if out is None else out
-    stats, coeffs, cases = torch.ops.pareto_lora.integrate(
-        a, b, offsets, out, spec.name, spec.tau, active, spec.gamma, spec.symmetric, spec.margin
+    seg_stats, group_stats, coeffs, cases = torch.ops.pareto_lora.integrate(
+        a, b, offsets, out, *_rule_args(spec, active), groups, poison, stats
     )
-    return IntegrationResult(out, stats, coeffs, cases)
+    return IntegrationResult(out, seg_stats, coeffs, cases, group_stats)
+
+
+def _check_optional(groups, poison, stats) -> None:
+    # What the dispatcher would reject with a generic error (a Python bool, a string, a meta
+    # tensor): the same ValueError as on every backend. Tensors' contents are checked in C++.
+    cpu = torch.device("cpu")
+    if groups is not None and not isinstance(groups, torch.Tensor):
+        checks.check_groups(groups, 0, cpu)  # raises: not a tensor
+    if poison is not None and not isinstance(poison, torch.Tensor):
+        checks.check_poison(poison, cpu)
+    if stats is not None and not isinstance(stats, torch.Tensor):
+        checks.check_given_stats(stats, 0, cpu)
+    checks.check_types(**{k: v for k, v in (("groups", groups), ("poison", poison), ("stats", stats)) if v is not None})
+
+
+def _rule_args(spec: RuleSpec, active):
+    """The one place a RuleSpec becomes the ops' scalar arguments (schemas in csrc/ops.cpp)."""
+    return spec.name, spec.tau, active, spec.gamma, spec.symmetric, spec.margin
+

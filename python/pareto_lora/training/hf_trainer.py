@@ -77,7 +77,7 @@ class ParetoLoRATrainer(Trainer):
         *args,
         rule: str = "pareto_lora",
         tau: float | None = None,
-        num_groups: int | str = 5,
+        num_groups: int | str | None = None,
         modulate="lower",
         arch=None,
         pareto_kwargs: dict | None = None,

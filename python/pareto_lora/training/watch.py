@@ -30,6 +30,8 @@ class TrainableWatch:
         self._module = module
         self._params, self._names = list(params), list(names)
         self._meta = [(p.dtype, p.device) for p in self._params]
+        # get_device() is an int (-1: CPU): comparing it each step costs no torch.device object.
+        self._fast = [(p, p.dtype, p.get_device()) for p in self._params]
         self._snapshot()
 
     def _snapshot(self) -> None:
@@ -47,9 +49,12 @@ class TrainableWatch:
     def _unchanged(self) -> bool:
         # A flag, a dict lookup and a dtype per parameter: walking the module tree each step cost ~1 ms.
         for owner, attr, p, was, sharded, _ in self._slots:
-            if p.requires_grad != was or (not sharded and owner.get(attr) is not p):
+            if p.requires_grad is not was or (not sharded and owner.get(attr) is not p):
                 return False
-        return all(p.dtype is dt and p.device == dev for p, (dt, dev) in zip(self._params, self._meta))
+        for p, dt, dev in self._fast:
+            if p.dtype is not dt or p.get_device() != dev:
+                return False
+        return True
 
     def check(self) -> None:
         """ValueError("model: ...") naming what changed; nothing is modified."""

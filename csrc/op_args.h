@@ -6,6 +6,7 @@
 
 #include <torch/types.h>
 
+#include <cstdint>
 #include <optional>
 #include <string>
 
@@ -43,13 +44,13 @@ inline constexpr OpDevice kCudaOp{at::kCUDA};
 
 // out may be a or b exactly (in place: every element is read before it is written), or memory
 // disjoint from both; with a partial overlap a tile would read elements that another tile has
-// already overwritten. out, a and b are contiguous with one numel and dtype here, so the same
-// storage and the same start means the same elements (a reshaped view of a included), and
-// otherwise intersecting byte ranges are a partial overlap.
+// already overwritten. Decided on address ranges, not on storage identity: two storage objects
+// can share memory (two torch.from_numpy views of one NumPy buffer). out, a and b are contiguous
+// with one numel and dtype here, so the same start means the same elements.
 inline bool partially_overlaps(const at::Tensor& out, const at::Tensor& x) {
-  if (out.numel() == 0 || !out.storage().is_alias_of(x.storage())) return false;
-  const char* ob = static_cast<const char*>(out.const_data_ptr());
-  const char* xb = static_cast<const char*>(x.const_data_ptr());
+  if (out.numel() == 0 || x.numel() == 0) return false;
+  const auto ob = reinterpret_cast<uintptr_t>(out.const_data_ptr());
+  const auto xb = reinterpret_cast<uintptr_t>(x.const_data_ptr());
   return ob != xb && ob < xb + x.nbytes() && xb < ob + out.nbytes();
 }
 

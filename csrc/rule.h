@@ -61,6 +61,17 @@ constexpr double kCauchySchwarzSlack = 4.0 * kStatsRelErr;
 constexpr double kStationaryRel = 16.0 * kStatsRelErr;
 // Coefficients are stored as float32: a larger one would be written as inf.
 constexpr double kMaxCoefficient = 3.4028234663852886e38;
+// A coefficient above 1 scales its buffer up: |c| ||x|| bounds every |c x_i|, and the combine may
+// form c x_i in float32, so a term beyond this is NONFINITE (plain sum) rather than an inf that
+// the float64 reference would not produce. The margin covers the statistics' error and the
+// coefficient's float32 rounding.
+constexpr double kMaxTerm = kMaxCoefficient * (1.0 - 4.0 * kStatsRelErr);
+
+// Whether coefficient c of a buffer with norm `norm` can be written and applied in float32.
+PL_HOST_DEVICE inline bool term_fits(double c, double norm) {
+  const double m = fabs(c);
+  return m <= kMaxCoefficient && (m <= 1.0 || m * norm <= kMaxTerm);
+}
 
 // All arithmetic in double: the stats are float32 but the rule divides and takes square
 // roots of them, and G is small, so the wider type costs nothing and keeps every backend's
@@ -68,8 +79,9 @@ constexpr double kMaxCoefficient = 3.4028234663852886e38;
 PL_HOST_DEVICE inline Coefficients rule_of_valid(double aa, double bb, double ab, const RuleParams& p);
 
 // Precedence: statistics that are not finite or not valid (a negative squared norm, |a.b| above
-// ||a|| ||b|| beyond rounding), then inactive, then the rule; a coefficient too large for float32
-// is reported as NONFINITE too (plain sum) rather than written as inf.
+// ||a|| ||b|| beyond rounding), then inactive, then the rule; a coefficient too large for float32,
+// or one whose scaled buffer could overflow float32 (term_fits), is reported as NONFINITE too
+// (plain sum) rather than producing an inf.
 PL_HOST_DEVICE inline Coefficients compute_rule(double aa, double bb, double ab, bool active, const RuleParams& p) {
   if (!(is_finite(aa) && is_finite(bb) && is_finite(ab))) return {1.0, 1.0, kNonFinite};
   if (aa < 0.0 || bb < 0.0) return {1.0, 1.0, kNonFinite};
@@ -78,7 +90,7 @@ PL_HOST_DEVICE inline Coefficients compute_rule(double aa, double bb, double ab,
   ab = fmin(fmax(ab, -bound), bound);  // within rounding: the nearest valid value
   if (!active) return {1.0, 1.0, kInactive};
   const Coefficients c = rule_of_valid(aa, bb, ab, p);
-  if (!(fabs(c.alpha) <= kMaxCoefficient && fabs(c.beta) <= kMaxCoefficient)) return {1.0, 1.0, kNonFinite};
+  if (!(term_fits(c.alpha, sqrt(aa)) && term_fits(c.beta, sqrt(bb)))) return {1.0, 1.0, kNonFinite};
   return c;
 }
 

@@ -5,6 +5,7 @@
 
 #include <torch/types.h>
 
+#include <cctype>
 #include <cmath>
 #include <cstring>
 #include <string>
@@ -26,7 +27,25 @@ inline std::string dtype_name(at::ScalarType t) {
     case at::kChar: return "int8";
     case at::kByte: return "uint8";
     case at::kBool: return "bool";
-    default: return c10::toString(t);
+    case at::kUInt16: return "uint16";
+    case at::kUInt32: return "uint32";
+    case at::kUInt64: return "uint64";
+    case at::kComplexHalf: return "complex32";
+    case at::kComplexFloat: return "complex64";
+    case at::kComplexDouble: return "complex128";
+    case at::kFloat8_e4m3fn: return "float8_e4m3fn";
+    case at::kFloat8_e5m2: return "float8_e5m2";
+    case at::kFloat8_e4m3fnuz: return "float8_e4m3fnuz";
+    case at::kFloat8_e5m2fnuz: return "float8_e5m2fnuz";
+    case at::kQInt8: return "qint8";
+    case at::kQUInt8: return "quint8";
+    case at::kQInt32: return "qint32";
+    default: {
+      // A type added later: c10's name in lower case is at least not a different spelling style.
+      std::string s = c10::toString(t);
+      for (char& ch : s) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+      return s;
+    }
   }
 }
 
@@ -54,6 +73,9 @@ inline void check_out(const at::Tensor& out, const at::Tensor& a) {
   TORCH_CHECK_VALUE(out.device() == a.device(), "out: expected device ", a.device(), " (same as a), got ",
                     out.device());
   TORCH_CHECK_VALUE(out.is_contiguous(), "out: expected a contiguous tensor");
+  // The op writes into out without recording a graph: autograd would silently miss the write.
+  TORCH_CHECK_VALUE(!out.requires_grad(), "out: expected a tensor that does not require grad (the op writes into it "
+                    "outside autograd); pass out.detach() or a gradient buffer");
 }
 
 // Checks the values of a CPU int64 offsets tensor of length G+1 >= 1.

@@ -210,3 +210,40 @@ def test_integrate_rejects_bad_training_step_arguments(any_backend, i):
     with pytest.raises(ValueError, match="^" + re.escape(message)):
         pareto_lora.integrate(kw["a"], kw["b"], kw["offsets"], out=kw["out"], backend=name, **args)
     _assert_unchanged(kw, snap)
+
+
+def _every_dtype_tensor():
+    """One tensor of every dtype torch can allocate here (quantized and bit-packed types cannot)."""
+    import warnings
+
+    for dtype in sorted({d for d in vars(torch).values() if isinstance(d, torch.dtype)}, key=str):
+        try:
+            with warnings.catch_warnings():  # quantized dtypes are deprecated, still worth naming right
+                warnings.simplefilter("ignore")
+                t = torch.zeros(4, dtype=dtype)
+        except (RuntimeError, TypeError, NotImplementedError):
+            continue
+        yield t
+
+
+def test_dtype_names_are_pythons_in_every_message(any_backend):
+    """Issue 27: C++ spelled c10's names (ComplexFloat); every message spells torch's (complex64)."""
+    name, device = any_backend
+    from pareto_lora.checks import FLOAT_DTYPES, dtype_name
+
+    seen = 0
+    for t in _every_dtype_tensor():
+        if t.dtype in FLOAT_DTYPES:
+            continue
+        try:
+            t = t.to(device)
+        except (RuntimeError, TypeError):
+            continue
+        want = rf"^a: expected dtype float32, bfloat16, float16 or float64, got {dtype_name(t.dtype)}$"
+        with pytest.raises(ValueError, match=want):
+            pareto_lora.integrate(t, t, torch.tensor([0, 4]), backend=name)
+        if t.dtype != torch.bool:
+            with pytest.raises(ValueError, match=rf"^active: expected dtype bool, got {dtype_name(t.dtype)}$"):
+                pareto_lora.rule_coefficients(torch.zeros(4, 3, device=device), active=t, backend=name)
+        seen += 1
+    assert seen >= 10  # ints, uints, complex, float8 ...

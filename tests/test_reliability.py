@@ -31,6 +31,48 @@ def test_partial_overlap_of_out_is_refused(any_backend, which):
     assert torch.equal(buf, before)
 
 
+@pytest.mark.parametrize("which", ["a", "b"])
+@pytest.mark.parametrize("op", ["integrate", "combine"])
+def test_partial_overlap_through_another_storage_object_is_refused(any_backend, which, op):
+    """Two torch.from_numpy views of one NumPy buffer are two storage objects over the same memory:
+    overlap is decided on addresses (issue 27; the compiled op accepted it and returned wrong values)."""
+    np = pytest.importorskip("numpy")
+    name, device = any_backend
+    if device != "cpu":
+        pytest.skip("from_numpy views live on the host")
+    buf = np.random.default_rng(0).standard_normal(101).astype(np.float32)
+    x, out = torch.from_numpy(buf[:-1]), torch.from_numpy(buf[1:])
+    assert x.untyped_storage().data_ptr() != out.untyped_storage().data_ptr()  # two storages, shared memory
+    other = torch.randn(100)
+    a, b = (x, other) if which == "a" else (other, x)
+    before = buf.copy()
+    with pytest.raises(ValueError, match=rf"^out: expected a, b or memory disjoint from both; it partially overlaps {which}"):
+        if op == "integrate":
+            pareto_lora.integrate(a, b, torch.tensor([0, 100]), out=out, backend=name)
+        else:
+            pareto_lora.combine(a, b, torch.tensor([0, 100]), torch.ones(1, 2), out=out, backend=name)
+    assert (buf == before).all()
+    # the same memory exactly, through another storage object, is in place: allowed
+    same = torch.from_numpy(buf[:-1])
+    want = pareto_lora.integrate(x.clone(), other, torch.tensor([0, 100]), backend="reference").out
+    pareto_lora.integrate(x, other, torch.tensor([0, 100]), out=same, backend=name)
+    torch.testing.assert_close(same, want)
+
+
+@pytest.mark.parametrize("op", ["integrate", "combine"])
+def test_out_that_requires_grad_is_refused_on_every_backend(any_backend, op):
+    """Issue 27: the reference raised a RuntimeError, the compiled and Triton ops wrote into the leaf."""
+    name, device = any_backend
+    a, b = _pair(device=device)
+    out = torch.zeros(64, device=device, requires_grad=True)
+    with pytest.raises(ValueError, match=r"^out: expected a tensor that does not require grad"):
+        if op == "integrate":
+            pareto_lora.integrate(a, b, torch.tensor([0, 64]), out=out, backend=name)
+        else:
+            pareto_lora.combine(a, b, torch.tensor([0, 64]), torch.ones(1, 2, device=device), out=out, backend=name)
+    assert not bool(out.detach().any())
+
+
 def test_exact_aliasing_and_disjoint_views_still_work(any_backend):
     name, device = any_backend
     buf = torch.randn(200, device=device)
@@ -150,6 +192,68 @@ def test_a_coefficient_beyond_float32_is_not_written(any_backend):
     assert cases.tolist() == [Case.NONFINITE, Case.RESCALED]
     assert coeffs[0].tolist() == [1.0, 1.0] and bool(torch.isfinite(coeffs).all())
     assert float(coeffs[1, 1]) <= MAX_COEFFICIENT
+
+
+# Issue 27: a combine whose float32 products would overflow, where the float64 reference's would not.
+_OVERFLOW_CASES = [
+    # rescale_only: b (norm 1e10) rescaled by 4.2e28 to a's norm 4.2e38; b's first product overflows
+    # float32 while a + beta * b is -3e38 + 4.2e38 = 1.2e38 in float64
+    (dict(rule="rescale_only"), [-3e38, 3e38], [1e10, 0.0]),
+    # mmpareto with gamma = 3e38: coefficients ~3e38 below float32's maximum, products beyond it
+    (dict(rule="mmpareto", gamma=3e38), [1.0, 1.0], [1.0, -1.1]),
+    (dict(rule="mmpareto", gamma=3e38), [1.0, 2.0], [3.0, 1.0]),
+    (dict(rule="pareto_lora"), [-3e38, 3e38], [-1e10, 0.0]),
+]
+
+
+@pytest.mark.parametrize("kwargs, xa, xb", _OVERFLOW_CASES)
+def test_a_combine_that_would_overflow_float32_is_nonfinite_on_every_backend(any_backend, kwargs, xa, xb):
+    name, device = any_backend
+    a, b = torch.tensor(xa, device=device), torch.tensor(xb, device=device)
+    res = pareto_lora.integrate(a, b, torch.tensor([0, 2]), backend=name, **kwargs)
+    ref = reference.integrate(a.cpu(), b.cpu(), torch.tensor([0, 2]), **kwargs)
+    assert int(res.cases[0]) == int(ref.cases[0]) == Case.NONFINITE
+    assert res.coeffs.cpu().tolist() == [[1.0, 1.0]]
+    assert torch.equal(res.out.cpu(), a.cpu() + b.cpu())  # the plain sum, exact here
+    assert bool(torch.isfinite(res.out).all())
+
+
+def test_the_term_bound_keeps_every_backend_finite_where_the_oracle_is(any_backend):
+    """Random statistics around the bound: cases agree with the oracle, and wherever a rule's
+    coefficients are kept, |c| * ||x|| stays at or below MAX_TERM (so no float32 product overflows)."""
+    name, device = any_backend
+    gen = torch.Generator().manual_seed(7)
+    na = 10 ** (torch.rand(400, generator=gen, dtype=torch.float64) * 76 - 38)
+    nb = 10 ** (torch.rand(400, generator=gen, dtype=torch.float64) * 76 - 38)
+    cos = torch.rand(400, generator=gen, dtype=torch.float64) * 2 - 1
+    stats = torch.stack([na * na, nb * nb, cos * na * nb], dim=1)
+    for rule in pareto_lora.RULES:
+        for gamma in (1.0, 1e30):
+            coeffs, cases = pareto_lora.rule_coefficients(stats.to(device), rule, gamma=gamma, backend=name)
+            ref_c, ref_k = reference.rule_coefficients(stats, rule, gamma=gamma)
+            assert cases.cpu().tolist() == ref_k.tolist(), (rule, gamma)
+            c = coeffs.cpu().double().abs()
+            kept = cases.cpu() != Case.NONFINITE
+            for col, norm in ((0, na), (1, nb)):
+                big = kept & (c[:, col] > 1)
+                assert bool((c[big, col] * norm[big] <= MAX_COEFFICIENT).all()), (rule, gamma)
+
+
+def test_rule_constants_are_the_same_in_cpp_and_python():
+    """csrc/rule.h restates rules.py's constants (C++ cannot import them): the values must agree."""
+    import pathlib
+    import re
+
+    from pareto_lora import rules
+
+    text = (pathlib.Path(__file__).parents[1] / "csrc" / "rule.h").read_text()
+    consts = dict(re.findall(r"constexpr double (k\w+) = ([^;]+);", text))
+    env = {"kStatsRelErr": rules.STATS_REL_ERR}
+    for cname, pname in (("kCauchySchwarzSlack", "CAUCHY_SCHWARZ_SLACK"), ("kStationaryRel", "STATIONARY_REL"),
+                         ("kMaxCoefficient", "MAX_COEFFICIENT"), ("kMaxTerm", "MAX_TERM")):
+        value = eval(consts[cname], {}, dict(env, kMaxCoefficient=rules.MAX_COEFFICIENT))  # noqa: S307 (our header)
+        assert value == getattr(rules, pname), cname
+    assert float.fromhex(consts["kStatsRelErr"]) == rules.STATS_REL_ERR
 
 
 # ---- 6. statistics that cannot be ------------------------------------------------------------------------

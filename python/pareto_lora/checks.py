@@ -74,18 +74,25 @@ def check_buffers(a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 def _byte_range(t: torch.Tensor) -> tuple[int, int]:
+    """[first, last + 1) byte addresses the (possibly strided) view `t` can touch."""
+    lo = hi = 0
+    for size, stride in zip(t.shape, t.stride()):
+        reach = (size - 1) * stride
+        lo, hi = (lo + reach, hi) if reach < 0 else (lo, hi + reach)
     start = t.data_ptr()
-    return start, start + t.numel() * t.element_size()
+    return start + lo * t.element_size(), start + (hi + 1) * t.element_size()
 
 
 def _check_overlap(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None) -> None:
     """`out` may be `a` or `b` exactly (same memory) or disjoint from both, nothing in between:
-    a shifted view would read elements the same call has already overwritten."""
+    a shifted view would read elements the same call has already overwritten. Decided on address
+    ranges, not on storage identity: two storage objects can share memory (two
+    ``torch.from_numpy`` views of one NumPy buffer)."""
+    if out.numel() == 0:
+        return
     lo, hi = _byte_range(out)
     for name, t in (("a", a), ("b", b)):
-        if t is None or t.numel() == 0 or out.numel() == 0:
-            continue
-        if t.untyped_storage().data_ptr() != out.untyped_storage().data_ptr():
+        if t is None or t.numel() == 0:
             continue
         t_lo, t_hi = _byte_range(t)
         if (t_lo, t_hi) != (lo, hi) and t_lo < hi and lo < t_hi:
@@ -101,6 +108,10 @@ def check_out(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None = None)
     _on("out", out, a.device, host_ok=False, what=" (same as a)")
     if not out.is_contiguous():
         _fail("out", "expected a contiguous tensor")
+    if out.requires_grad:
+        # The op writes into out without recording a graph: autograd would silently miss the write.
+        _fail("out", "expected a tensor that does not require grad (the op writes into it outside autograd); "
+                     "pass out.detach() or a gradient buffer")
     _check_overlap(out, a, b)
 
 

@@ -19,7 +19,7 @@ import torch
 
 from . import checks as _checks
 from .result import IntegrationResult
-from .rules import CAUCHY_SCHWARZ_SLACK, MAX_COEFFICIENT, STATIONARY_REL, Case, RuleSpec, as_spec
+from .rules import CAUCHY_SCHWARZ_SLACK, STATIONARY_REL, Case, RuleSpec, as_spec, term_fits
 
 __all__ = [
     "segment_stats",
@@ -157,8 +157,9 @@ def _rule(
     # "sum": alpha = beta = 1
     if rule != "sum" and rule != "mgda":
         put(degenerate, Case.DEGENERATE, one, one)
-    # A coefficient float32 cannot hold is never written as inf: plain sum, NONFINITE.
-    put(~((alpha.abs() <= MAX_COEFFICIENT) & (beta.abs() <= MAX_COEFFICIENT)), Case.NONFINITE, one, one)
+    # A coefficient float32 cannot hold, or one whose scaled buffer could overflow float32, never
+    # produces an inf: plain sum, NONFINITE (rules.term_fits).
+    put(~(term_fits(alpha, na) & term_fits(beta, nb)), Case.NONFINITE, one, one)
     if active is not None:
         put(~active.to(dev), Case.INACTIVE, one, one)
     finite = torch.isfinite(s).all(dim=1)

@@ -24,6 +24,8 @@ __all__ = [
     "CAUCHY_SCHWARZ_SLACK",
     "STATIONARY_REL",
     "MAX_COEFFICIENT",
+    "MAX_TERM",
+    "term_fits",
 ]
 
 
@@ -35,7 +37,7 @@ class Case(enum.IntEnum):
     PARETO = 2  #: conflict (cos < 0): MGDA min-norm combination
     INACTIVE = 3  #: segment not selected for modulation: plain sum
     DEGENERATE = 4  #: ||a|| or ||b|| is zero: plain sum (``mgda`` keeps its closed form)
-    NONFINITE = 5  #: a statistic is NaN/Inf: plain sum, so the NaN reaches the caller
+    NONFINITE = 5  #: a statistic is NaN/Inf, or a coefficient/term beyond float32 (MAX_TERM): plain sum
     STATIONARY = 6  #: ``mmpareto`` with ||h|| = 0: Pareto-stationary, output is zero
 
 
@@ -63,6 +65,19 @@ CAUCHY_SCHWARZ_SLACK = 4 * STATS_REL_ERR
 STATIONARY_REL = 16 * STATS_REL_ERR
 #: Coefficients are stored in float32; a larger one is not written: the segment is NONFINITE.
 MAX_COEFFICIENT = 3.4028234663852886e38
+#: A coefficient c > 1 scales its buffer x up; |c| ||x|| bounds every |c x_i|, which the combine may
+#: form in float32. Above this bound the segment is NONFINITE (plain sum), on every backend, rather
+#: than an inf in one backend and a finite value in the float64 reference. The margin below float32's
+#: maximum covers the statistics' error (STATS_REL_ERR) and the coefficient's float32 rounding.
+MAX_TERM = MAX_COEFFICIENT * (1.0 - 4.0 * STATS_REL_ERR)
+
+
+def term_fits(coefficient, norm):
+    """Whether `coefficient` (of a buffer with 2-norm `norm`) can be stored and applied in float32:
+    ``|c| <= MAX_COEFFICIENT`` and, for ``|c| > 1``, ``|c| * norm <= MAX_TERM``. Works on floats
+    and on tensors (csrc/rule.h term_fits and the Triton kernel decide the same way)."""
+    m = abs(coefficient)
+    return (m <= MAX_COEFFICIENT) & ((m <= 1.0) | (m * norm <= MAX_TERM))
 
 
 def _positive_finite(name: str, value) -> float:

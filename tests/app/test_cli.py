@@ -163,3 +163,47 @@ def test_package_versions_are_strings_or_none():
     versions = env.package_versions()
     assert versions["torch"] and versions["pareto_lora"] == pareto_lora.__version__
     json.dumps(versions)
+
+
+# ---- issue 27: paths and sizes are checked up front, one line, exit 2, nothing created --------------
+def _usage_error(res, message):
+    assert res.returncode == 2, (res.stdout, res.stderr)
+    assert "Traceback" not in res.stderr, res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert message in last, res.stderr
+
+
+@pytest.mark.parametrize("flag", ["--out", "--cache-dir"])
+def test_demo_paths_that_are_files_are_usage_errors(tmp_path, flag):
+    f = tmp_path / "a_file"
+    f.write_text("x")
+    res = run_cli("demo", "--quick", *(["--out", str(tmp_path / "o")] if flag == "--cache-dir" else []), flag, str(f))
+    _usage_error(res, f"{flag}: expected a folder, {f} is a file")
+    res = run_cli("demo", "--quick", *(["--out", str(tmp_path / "o")] if flag == "--cache-dir" else []),
+                  flag, str(f / "sub" / "dir"))
+    _usage_error(res, f"{flag}: cannot create folder {f / 'sub' / 'dir'}: {f} is a file")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]  # nothing created
+
+
+def test_demo_out_in_a_read_only_folder_is_a_usage_error(tmp_path, monkeypatch, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(ro) else real(p, mode))  # root ignores chmod
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["demo", "--quick", "--out", str(ro / "run")])
+    assert exit_.value.code == 2
+    assert f"--out: cannot write to {ro} (permission denied)" in capsys.readouterr().err
+    assert list(ro.iterdir()) == []
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sizes", "1e15"], "--sizes: 1,000,000,000,000,000 elements need about"),
+    (["--sizes", "1e400"], "--sizes: expected comma-separated integers"),
+    (["--sizes", "1000.5"], "--sizes: expected comma-separated integers"),
+    (["--sizes", "4096,100", "--segments", "101"], "--segments: expected at most the smallest of --sizes (100"),
+])
+def test_bench_sizes_are_checked_before_anything_is_allocated(args, message):
+    res = run_cli("bench", "--device", "cpu", "--no-progress", *args, timeout=60)
+    _usage_error(res, message)
+    assert res.stdout == ""  # not even the header: the check comes first

@@ -249,3 +249,29 @@ def test_quick_demo_numbers(quick_demo):
     assert "mimo/sigma_text" in first["mimo"]["records"][0]["balancer"]
     assert "gradnorm/w_image" in first["gradnorm"]["records"][0]["balancer"]
     assert first["commit"]["records"][0]["balancer"]["commit/kappa"] > 0
+
+
+def _refuse(name):
+    raise ValueError(f"not JSON: {name}")
+
+
+def test_every_json_file_the_demo_writes_is_strict_json(quick_demo):
+    """Issue 27: per-run files held Infinity/NaN (text_only's gradient ratio), which jq and
+    JavaScript reject. Every file parses strictly; null stands for a non-finite number."""
+    from pareto_lora.app.demo.experiment import RunResult
+    from pareto_lora.app.demo.output import load_json
+
+    res, out, _ = quick_demo
+    assert res.returncode == 0, res.stderr[-3000:]
+    files = sorted(out.rglob("*.json"))
+    assert len(files) > 1
+    nulls = 0
+    for path in files:
+        text = path.read_text()
+        json.loads(text, parse_constant=_refuse)
+        nulls += text.count("null")
+    assert nulls > 0  # text_only's ratio is not finite: written as null
+    text_only = next(p for p in (out / "runs").glob("*-text_only-seed*.json"))
+    run = RunResult(**load_json(str(text_only)))  # read back as NaN, as the runs in memory were
+    ratios = [g["ratio"] for rec in run.records for g in rec["groups"].values()]
+    assert any(math.isnan(r) for r in ratios) and not run.diverged

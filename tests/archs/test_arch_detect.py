@@ -132,3 +132,27 @@ def test_empty_vocabulary_map_is_a_clear_error():
                                                       channel_multiplier=[1], resolution=8, attn_resolutions=[]))
     with pytest.raises(ValueError, match="no IMGIMG"):
         archs.detect_arch(transformers.ChameleonForConditionalGeneration(cfg))
+
+
+@pytest.mark.parametrize("ids, match", [
+    ([-1], r"^image_token_ids: expected token ids \(ints >= 0\), got -1"),
+    ([3, 2.5], r"^image_token_ids: expected token ids \(ints >= 0\), got 2.5"),
+    ([True], r"^image_token_ids: expected token ids"),
+    ("40", r"^image_token_ids: expected a sequence of token ids"),
+    (5, r"^image_token_ids: expected a sequence of token ids"),
+    ([], r"^image_token_ids: expected at least one token id"),
+])
+def test_override_ids_must_be_token_ids(ids, match):
+    """Issue 27: ArchOverrides(image_token_ids=[-1]) was accepted."""
+    with pytest.raises(ValueError, match=match):
+        archs.ArchOverrides(image_token_ids=ids)
+
+
+def test_override_ids_beyond_the_vocabulary_are_refused():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1)
+    model = am.lora(transformers.LlamaForCausalLM(cfg))
+    with pytest.raises(ValueError, match=r"^image_token_ids: expected ids in \[0, 50\) \(the model's vocabulary\), got 50"):
+        archs.detect_arch(model, archs.ArchOverrides(image_token_ids=range(40, 51)))
+    assert archs.detect_arch(model, archs.ArchOverrides(image_token_ids=range(40, 50))).image_token_ids[-1] == 49

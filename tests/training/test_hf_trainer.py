@@ -186,3 +186,19 @@ def test_commit_state_travels_with_the_checkpoint(tmp_path):
     trainer(models.lora_llama(num_layers=4), tmp_path / "b", resumed).train(resume_from_checkpoint=str(ckpt))
     assert resumed.steps == 4 and len(resumed.history) == 4
     assert list(resumed.history)[:2] == saved["history"]
+
+
+class NoLabels(TokenDataset):
+    def __getitem__(self, i):
+        item = super().__getitem__(i)
+        del item["labels"]
+        return item
+
+
+def test_batches_without_labels_are_a_value_error_naming_labels(tmp_path):
+    """Issue 27: the Trainer raised KeyError: 'labels' from inside its batch counting."""
+    model = models.lora_llama(num_layers=2)
+    trainer = pareto_lora.ParetoLoRATrainer(model=model, args=make_args(tmp_path, max_steps=1), train_dataset=NoLabels(4),
+                                            num_groups=2)
+    with pytest.raises(ValueError, match=r"^labels: expected a 'labels' entry in every batch"):
+        trainer.train()

@@ -97,3 +97,47 @@ def test_errors():
         modality_losses(logits, labels[0], image_token_mask=mask)
     with pytest.raises(ValueError, match="num_items"):
         modality_losses(logits, labels, image_token_mask=mask, num_items=(1,))
+
+
+@pytest.mark.parametrize("num_items", [(-5, 10), (float("nan"), 3), (3, float("inf")), (True, 3), ("4", 3),
+                                       (torch.tensor(-1.0), 3), (torch.tensor([1, 2]), 3), 5, (1, 2, 3)])
+def test_num_items_must_be_two_finite_counts(num_items):
+    """Issue 27: (-5, 10) gave a loss of 76, (nan, 3) a NaN loss, both accepted."""
+    logits, labels = make()
+    with pytest.raises(ValueError, match=r"^num_items: expected"):
+        modality_losses(logits, labels, image_token_range=IMG, num_items=num_items)
+
+
+def test_num_items_accepts_counts_as_numbers_and_tensors():
+    logits, labels = make()
+    counts = modality_token_counts(labels, image_token_range=IMG)
+    a = modality_losses(logits, labels, image_token_range=IMG, num_items=counts)
+    b = modality_losses(logits, labels, image_token_range=IMG, num_items=tuple(int(c) for c in counts))
+    c = modality_losses(logits, labels, image_token_range=IMG, num_items=(0, 0.0))  # no target: clamped to 1
+    assert all(torch.equal(x, y) for x, y in zip(a, b)) and all(torch.isfinite(x) for x in c)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bool])
+def test_labels_must_be_integer_ids(dtype):
+    """Float labels were read by cross_entropy as class probabilities (a RuntimeError at best)."""
+    logits, labels = make()
+    with pytest.raises(ValueError, match=r"^labels: expected integer token ids"):
+        modality_losses(logits, labels.to(dtype), image_token_range=IMG)
+    with pytest.raises(ValueError, match=r"^labels: expected integer token ids"):
+        modality_token_counts(labels.to(dtype), image_token_range=IMG)
+
+
+@pytest.mark.parametrize("bad", [V, V + 100, -1, -101])
+def test_label_ids_outside_the_vocabulary_are_refused(bad):
+    """An id >= the logits' vocabulary was an IndexError on the CPU (a device assert on a GPU)."""
+    logits, labels = make()
+    labels[1, 4] = bad
+    with pytest.raises(ValueError, match=rf"^labels: expected ids in \[0, {V}\) .* got {bad}$"):
+        modality_losses(logits, labels, image_token_range=IMG)
+
+
+def test_int32_labels_work_like_int64():
+    logits, labels = make()
+    a = modality_losses(logits, labels, image_token_range=IMG)
+    b = modality_losses(logits, labels.int(), image_token_range=IMG)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))

@@ -79,8 +79,11 @@ def _float_list(text: str) -> tuple[float, ...]:
 
 def _int_list(text: str) -> tuple[int, ...]:
     try:
-        values = tuple(int(float(p)) for p in text.split(",") if p.strip())
-    except ValueError:
+        floats = [float(p) for p in text.split(",") if p.strip()]  # 1e6 is a natural way to write a size
+        if not all(f == int(f) for f in floats):
+            raise ValueError
+        values = tuple(int(f) for f in floats)
+    except (ValueError, OverflowError):  # int(float("1e400")) is an OverflowError
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
@@ -109,6 +112,43 @@ def _device(parser: argparse.ArgumentParser, name: str) -> str:
     if dev.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device: cuda requested but torch.cuda.is_available() is False on this machine")
     return str(dev)
+
+
+def _writable_folder(parser: argparse.ArgumentParser, flag: str, path: str) -> None:
+    """`path` is a folder we can write into, or can be created as one: checked before anything is
+    created, so that a bad path costs one line, not a traceback after minutes of work."""
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        parser.error(f"{flag}: expected a folder, {path} is a file")
+    parent = path
+    while not os.path.exists(parent):  # the nearest existing ancestor decides whether mkdir can work
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        parser.error(f"{flag}: cannot create folder {path}: {parent} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        parser.error(f"{flag}: cannot write to {parent} (permission denied)")
+
+
+# The most bytes the benchmark holds per element of one size: float32 a and b with their
+# temporaries, the copies in the timed dtype, out and the copy baseline (8 x 4 bytes).
+_BENCH_BYTES_PER_ELEMENT = 32
+
+
+def _check_bench_sizes(parser: argparse.ArgumentParser, sizes, segments: int, device: str) -> None:
+    import torch
+
+    if min(sizes) < segments:
+        parser.error(f"--segments: expected at most the smallest of --sizes ({min(sizes)}: one element per "
+                     f"segment at least), got {segments}")
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")  # inputs are generated on the host
+    where = "host memory"
+    if device.startswith("cuda"):
+        gpu = torch.cuda.get_device_properties(torch.device(device)).total_memory
+        memory, where = min(memory, gpu), ("GPU memory" if gpu < memory else where)
+    need = max(sizes) * _BENCH_BYTES_PER_ELEMENT
+    if need > memory:
+        parser.error(f"--sizes: {max(sizes):,} elements need about {need / 2**30:,.1f} GiB, more than this machine's "
+                     f"{memory / 2**30:,.1f} GiB of {where}")
 
 
 # ---- subcommands --------------------------------------------------------------------------------
@@ -162,6 +202,13 @@ def _cmd_demo(args, parser) -> int:
         parser.error(str(e))
     kind = ("sgd-" if sgd else "") + ("study" if args.full else "demo")
     out = os.path.abspath(args.out or os.path.join("pareto_lora_out", time.strftime(f"{kind}-%Y%m%d-%H%M%S")))
+    _writable_folder(parser, "--out", out)
+    if cfg.cache_dir not in (None, "default"):
+        _writable_folder(parser, "--cache-dir", cfg.cache_dir)
+    elif cfg.cache_dir == "default":
+        from .demo.base import default_cache_dir
+
+        _writable_folder(parser, "--cache-dir (default: $PARETO_LORA_CACHE or ~/.cache)", default_cache_dir())
     if sgd:
         from .demo.sgd import SGD_LRS, run_sgd_study
 
@@ -195,6 +242,7 @@ def _cmd_bench(args, parser) -> int:
                      f"{', '.join(default_backends(device))}")
     dtypes = [DTYPES[d] for d in args.dtypes]
     sizes = args.sizes or ((1 << 20, 1 << 24, 1 << 26) if device.startswith("cuda") else (1 << 16, 1 << 20))
+    _check_bench_sizes(parser, sizes, args.segments, device)
     baselines = list(args.baselines) if args.baselines is not None else default_baselines(device)
     bad = [b for b in baselines if b not in default_baselines(device)]
     if bad:

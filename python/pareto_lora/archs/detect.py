@@ -184,20 +184,31 @@ def detect_arch(model: nn.Module, overrides: ArchOverrides | None = None) -> Arc
         )
     spec = builder(base, q)
     if overrides is not None:
-        spec = _apply(spec, overrides, q)
+        spec = _apply(spec, overrides, q, _vocab_size(base))
     if not spec.layers_path:
         raise ValueError("model: cannot find the decoder-layer stack; pass ArchOverrides(layers_path=...)")
     return spec
 
 
-def _apply(spec: ArchSpec, o: ArchOverrides, q: _Paths) -> ArchSpec:
+def _vocab_size(base: nn.Module) -> int | None:
+    """Rows of the LM head (what the logits' last dimension will be), else the config's vocab_size."""
+    head = base.get_output_embeddings() if callable(getattr(base, "get_output_embeddings", None)) else None
+    weight = getattr(head, "weight", None)
+    if weight is not None and weight.dim() == 2:
+        return int(weight.shape[0])
+    cfg = getattr(base, "config", None)
+    size = getattr(cfg, "vocab_size", None) or getattr(getattr(cfg, "text_config", None), "vocab_size", None)
+    return int(size) if size else None
+
+
+def _apply(spec: ArchSpec, o: ArchOverrides, q: _Paths, vocab: int | None) -> ArchSpec:
     changes: dict = {}
     if o.image_token_ids is not None:
-        ids = tuple(sorted({int(i) for i in o.image_token_ids}))
-        if not ids:
-            raise ValueError("ArchOverrides.image_token_ids: empty")
+        ids = tuple(sorted({int(i) for i in o.image_token_ids}))  # ints >= 0, not empty (ArchOverrides)
         if spec.image_objective == "gen_head":
-            raise ValueError(f"ArchOverrides.image_token_ids: {spec.name} scores image codes with its generation head, not vocabulary ids")
+            raise ValueError(f"image_token_ids: {spec.name} scores image codes with its generation head, not vocabulary ids")
+        if vocab is not None and ids[-1] >= vocab:
+            raise ValueError(f"image_token_ids: expected ids in [0, {vocab}) (the model's vocabulary), got {ids[-1]}")
         changes.update(image_token_ids=ids, image_objective="vocab_tokens")
     if o.image_head is not None:
         changes["image_head"] = q(o.image_head)

@@ -13,6 +13,7 @@ know (or to change a known one): image-token ids, the image head, the layer stac
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import re
 from collections.abc import Mapping, Sequence
 
@@ -119,6 +120,18 @@ class ArchOverrides:
     image_head: str | None = None
     layers_path: str | None = None
     extra_groups: Mapping[str, Sequence[str]] | None = None
+
+    def __post_init__(self):
+        ids = self.image_token_ids
+        if ids is None:
+            return
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, (Sequence, range, set, frozenset)):
+            raise ValueError(f"image_token_ids: expected a sequence of token ids (ints >= 0), got {ids!r}")
+        bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, numbers.Integral) or i < 0]
+        if bad:
+            raise ValueError(f"image_token_ids: expected token ids (ints >= 0), got {bad[0]!r}")
+        if len(ids) == 0:
+            raise ValueError("image_token_ids: expected at least one token id, got none")
 
 
 def inner_module(model: nn.Module) -> nn.Module:

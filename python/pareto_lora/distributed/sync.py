@@ -106,7 +106,6 @@ class LocalSync:
     def bind(self, layout: GradLayout, text: FlatGrads, image: FlatGrads, rule_fn: RuleFn, backend: str) -> None:
         self.layout, self.text, self.image, self.rule_fn, self.backend = layout, text, image, rule_fn, backend
         self._lora_ids = {id(p) for p, n in zip(layout.params, layout.names) if is_lora_param(n)}
-        self._image_reach_checked = False
 
     def text_grads(self, text_loss: torch.Tensor, image_loss: torch.Tensor, first: bool) -> tuple:
         """The text gradient (``autograd.grad``, graph kept for the image), after the checks that
@@ -114,14 +113,13 @@ class LocalSync:
         params = self.layout.params
         if not first:
             self.image.check_attached(params)
+        # Every call: a loss computed on another model can come at any micro-batch. The walk stops
+        # at the first LoRA leaf, which depth-first search meets within the last layer or so.
+        if not _reaches(image_loss, self._lora_ids):
+            raise ValueError("image: the loss does not depend on any trainable LoRA parameter of this model")
         grads = torch.autograd.grad(text_loss, params, retain_graph=True, allow_unused=True)
         if not any(g is not None and id(p) in self._lora_ids for p, g in zip(params, grads)):
-            raise ValueError("text: the loss does not depend on any trainable LoRA parameter")
-        if not self._image_reach_checked:
-            # A graph walk; once is enough to catch a loss built from the wrong tensors.
-            if not _reaches(image_loss, self._lora_ids):
-                raise ValueError("image: the loss does not depend on any trainable LoRA parameter")
-            self._image_reach_checked = True
+            raise ValueError("text: the loss does not depend on any trainable LoRA parameter of this model")
         return grads
 
     def backward(self, text_loss: torch.Tensor, image_loss: torch.Tensor, first: bool, losses: torch.Tensor) -> None:

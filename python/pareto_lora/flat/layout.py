@@ -187,14 +187,15 @@ def local_layout(layout: GradLayout) -> GradLayout:
 
 def build_layout(
     model: nn.Module,
-    num_groups: int | str = 5,
+    num_groups: int | str | None = None,
     modulate="lower",
     layers_path: str | None = None,
     arch: ArchSpec | str | None = None,
 ) -> GradLayout:
     """Discover the trainable parameters of `model` and lay out their gradient buffers.
 
-    ``num_groups``: number of consecutive layer groups, or ``"per_layer"`` (one per layer).
+    ``num_groups``: number of consecutive layer groups, ``"per_layer"`` (one per layer) or None
+    (the default: ``min(5, number of layers)``, so a model of fewer than 5 layers works unchanged).
     ``arch``: None (the stack is searched for, LoRA outside it is one ``projector`` group),
     ``"auto"`` (:func:`pareto_lora.archs.detect_arch`) or an :class:`ArchSpec` of `model`: the
     stack and the named groups come from the spec (:mod:`.units`).
@@ -211,6 +212,8 @@ def build_layout(
     stack_path, num_layers = (spec.layers_path, spec.num_layers) if spec is not None else find_layer_stack(model, layers_path)
     if num_groups == "per_layer":
         num_groups = num_layers
+    elif num_groups is None:
+        num_groups = min(5, num_layers)
     if isinstance(num_groups, bool) or not isinstance(num_groups, int):
         raise ValueError(f"num_groups: expected an int or 'per_layer', got {num_groups!r}")
     layer_ranges = split_layers(num_layers, num_groups)

@@ -77,7 +77,7 @@ class ParetoLoRATrainer(Trainer):
         *args,
         rule: str = "pareto_lora",
         tau: float | None = None,
-        num_groups: int | str = 5,
+        num_groups: int | str | None = None,
         modulate="lower",
         arch=None,
         pareto_kwargs: dict | None = None,
@@ -137,8 +137,11 @@ class ParetoLoRATrainer(Trainer):
 
     def _image_tokens(self, batch: dict) -> dict:
         """modality_losses keyword for this batch: its mask, else the trainer's token range."""
-        if "labels" not in batch:
-            raise ValueError("inputs: ParetoLoRATrainer needs 'labels' in every batch")
+        if batch.get("labels") is None:
+            raise ValueError(
+                "labels: expected a 'labels' entry in every batch (token ids, -100 where there is no target): "
+                f"ParetoLoRATrainer splits the loss by the targets' modality; this batch has {sorted(batch)}"
+            )
         mask = batch.get(self.image_token_key)
         if mask is None and self.image_token_range is None:
             raise ValueError(
@@ -171,7 +174,8 @@ class ParetoLoRATrainer(Trainer):
             if self.arch is not None:
                 t, i = modality_token_counts_for(self.model, batch, self.arch)
             else:
-                t, i = modality_token_counts(batch["labels"], **self._image_tokens(batch))
+                image_tokens = self._image_tokens(batch)  # checks 'labels' first
+                t, i = modality_token_counts(batch["labels"], **image_tokens)
             counts += torch.stack([torch.as_tensor(t), torch.as_tensor(i)]).to(device=device, dtype=torch.float64)
         if self.accelerator.num_processes > 1:
             # The global window's counts: training_step scales each rank's losses by the world size.

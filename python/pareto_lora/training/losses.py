@@ -13,6 +13,9 @@ May import: nothing from the package.
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 import torch.nn.functional as F
 
@@ -23,6 +26,9 @@ def _targets(labels, image_token_mask, image_token_range, ignore_index):
     """(shifted labels, text-target mask, image-target mask), all [B, T-1]."""
     if not isinstance(labels, torch.Tensor) or labels.dim() != 2:
         raise ValueError(f"labels: expected a [batch, seq] tensor, got {getattr(labels, 'shape', type(labels).__name__)}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        # cross_entropy would read float targets as class probabilities: a different loss, no error.
+        raise ValueError(f"labels: expected integer token ids (int64), got dtype {str(labels.dtype).removeprefix('torch.')}")
     if (image_token_mask is None) == (image_token_range is None):
         raise ValueError(
             "image_token_mask: pass exactly one of image_token_mask (bool [batch, seq], aligned with labels) "
@@ -46,6 +52,35 @@ def _targets(labels, image_token_mask, image_token_range, ignore_index):
             raise ValueError(f"image_token_range: expected first_id < end_id, got {image_token_range!r}")
         is_image = (target >= lo) & (target < hi)
     return target, valid & ~is_image, valid & is_image
+
+
+def _check_ids(target: torch.Tensor, ignore_index: int, vocab: int) -> None:
+    """Every target is ignore_index or an id in [0, vocab): an id outside is an IndexError on the
+    CPU and a device-side assert (which ends the process) on a GPU. One host sync."""
+    bad = (target != ignore_index) & ((target < 0) | (target >= vocab))
+    if bool(bad.any()):
+        first = int(target[bad][0])
+        raise ValueError(f"labels: expected ids in [0, {vocab}) (the logits' vocabulary) or ignore_index "
+                         f"({ignore_index}), got {first}")
+
+
+def _check_num_items(num_items) -> tuple:
+    """(n_text, n_image), each None, a number or a scalar tensor: finite and >= 0 (0 means no target)."""
+    if num_items is None:
+        return None, None
+    if isinstance(num_items, (str, bytes)) or not hasattr(num_items, "__len__") or len(num_items) != 2:
+        raise ValueError(f"num_items: expected (n_text, n_image), got {num_items!r}")
+    values = []
+    for n in num_items:
+        if isinstance(n, torch.Tensor):
+            ok = n.numel() == 1 and not n.dtype.is_complex and n.dtype != torch.bool
+            ok = ok and bool(torch.isfinite(n).all() & (n >= 0).all())
+        else:
+            ok = isinstance(n, numbers.Real) and not isinstance(n, bool) and math.isfinite(n) and n >= 0
+        if not ok:
+            raise ValueError(f"num_items: expected two finite numbers >= 0 (token counts), got {num_items!r}")
+        values.append(n)
+    return tuple(values)
 
 
 def modality_token_counts(labels, image_token_mask=None, image_token_range=None, ignore_index: int = -100):
@@ -86,7 +121,10 @@ def modality_losses(
     target, text_mask, image_mask = _targets(labels, image_token_mask, image_token_range, ignore_index)
     if logits.shape[:2] != labels.shape:
         raise ValueError(f"logits: expected leading shape {tuple(labels.shape)} (as labels), got {tuple(logits.shape[:2])}")
+    num_items = _check_num_items(num_items)
     vocab = logits.shape[-1]
+    _check_ids(target, ignore_index, vocab)
+    target = target.long()
     pred = logits[:, :-1].reshape(-1, vocab).float()
     # ignore_index rows give 0 here; the masks below drop them anyway.
     ce = F.cross_entropy(pred, target.reshape(-1), ignore_index=ignore_index, reduction="none").view_as(target)
@@ -99,8 +137,4 @@ def modality_losses(
             divisor = mask.sum()
         return total / torch.as_tensor(divisor, device=total.device).clamp_min(1).to(total.dtype)
 
-    if num_items is None:
-        num_items = (None, None)
-    elif len(num_items) != 2:
-        raise ValueError(f"num_items: expected (n_text, n_image), got {num_items!r}")
     return reduce(text_mask, num_items[0]), reduce(image_mask, num_items[1])

@@ -67,8 +67,10 @@ from ..flat import FlatGrads, build_layout
 from ..rules import RuleSpec
 from .balancers import Balancer, resolve_rule
 from .balancers.base import balancer_state, check_balancer_state, load_balancer_state
+from .checkpoint import check_state
 from .report import StepReport
 from .rule_options import RuleOptions, check_optimizer
+from .watch import TrainableWatch
 
 __all__ = ["ParetoLoRA"]
 
@@ -87,6 +89,18 @@ def _check_loss(name: str, loss) -> None:
         )
 
 
+def _owner_check(owner, state: dict, key: str) -> None:
+    """The owner's own ``check_state`` (balancers, RuleOptions), where it has one: ValueError("state: ...")."""
+    check = getattr(owner, "check_state", None)
+    if check is None:
+        return
+    try:
+        check(state)
+    except ValueError as e:
+        msg = str(e)
+        raise ValueError(msg if msg.startswith("state: ") else f"state: {key}: {msg}") from None
+
+
 class ParetoLoRA:
     """Modality-balanced gradient integration for a PEFT LoRA model (two objectives: text, image).
 
@@ -98,8 +112,8 @@ class ParetoLoRA:
             loss-weighting balancer: ``"mimo"``, ``"gradnorm"`` or a
             :mod:`pareto_lora.training.balancers` object such as ``MIMO(lam=20)`` (``self.balancer``).
         tau: imbalance threshold on ||g_text|| / ||g_image|| (default 0.5).
-        num_groups: consecutive layer groups of the layer stack (``numpy.array_split`` sizes), or
-            ``"per_layer"``.
+        num_groups: consecutive layer groups of the layer stack (``numpy.array_split`` sizes),
+            ``"per_layer"``, or None (default): ``min(5, number of layers)``.
         modulate: groups that get the rule: "lower", "middle", "upper", "all", "none", the name
             of a group outside the layer stack ("projector"; with ``arch`` also e.g.
             "generation"), a group index (those groups follow the ``num_groups`` layer groups:
@@ -122,7 +136,7 @@ class ParetoLoRA:
         model: nn.Module,
         rule: str | RuleSpec | Balancer = "pareto_lora",
         tau: float | None = None,
-        num_groups: int | str = 5,
+        num_groups: int | str | None = None,
         modulate="lower",
         *,
         gamma: float | None = None,
@@ -155,8 +169,8 @@ class ParetoLoRA:
         self.text = FlatGrads(self.layout)
         self.image = FlatGrads(self.layout)
         self._sync.bind(self.layout, self.text, self.image, self._rule, backend)
-        # Every parameter and whether it trained when the layout was made: read back each backward.
-        self._watched = [(p, p.requires_grad) for p in self._sync.module.parameters()]
+        # Every parameter, whether it trained, and the laid-out ones' dtype and device: compared each step.
+        self._watch = TrainableWatch(self._sync.module, self.layout.params, self.layout.names)
         self.last_report: StepReport | None = None
         self._reset()
 
@@ -230,20 +244,10 @@ class ParetoLoRA:
         return self.integrate_accumulated() if step else None
 
     def _check_trainable(self) -> None:
-        """The parameters that require grad must still be the ones laid out when this was built:
-        a newly unfrozen weight would get g_image only, a newly frozen one no gradient at all."""
-        # A flag read per parameter (cached list): walking the module tree each step cost ~1 ms.
-        if all(p.requires_grad == was for p, was in self._watched):
-            return
-        module, layout = self._sync.module, self.layout
-        known = {id(p) for p in layout.params}
-        unfrozen = [n for n, p in module.named_parameters() if p.requires_grad and id(p) not in known]
-        frozen = [n for p, n in zip(layout.params, layout.names) if not p.requires_grad]
-        raise ValueError(
-            "model: the trainable parameters changed since ParetoLoRA was built (newly trainable: "
-            f"{', '.join(unfrozen[:3]) or 'none'}; newly frozen: {', '.join(frozen[:3]) or 'none'}); "
-            "build a new ParetoLoRA for the new set (and a new optimizer)"
-        )
+        """The parameters that require grad must still be the ones laid out when this was built, with
+        the same dtype and device: a newly unfrozen weight would get g_image only, a newly frozen one
+        no gradient at all, a replaced one (or ``model.to(torch.float64)``) would miss the buffers."""
+        self._watch.check()
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -269,37 +273,35 @@ class ParetoLoRA:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict`; everything is checked before anything changes."""
-        if not isinstance(state, dict) or state.get("version") != 1:
-            raise ValueError("state: expected a ParetoLoRA.state_dict() (version 1)")
-        spec = RuleSpec(**state["rule"])
-        check_balancer_state(self.balancer, state.get("balancer"))
-        micro = int(state["micro_batches"])
-        if micro < 0:
-            raise ValueError(f"state: expected micro_batches >= 0, got {micro}")
-        if micro and not self._sync.saves_mid_window:
-            raise ValueError("state: a mid-accumulation checkpoint cannot be loaded under DDP; save between steps")
-        flats = list(zip(state["text"], state["image"])) if micro else []
-        if micro:
-            if len(state["text"]) != len(self.text.flats) or len(state["image"]) != len(self.image.flats):
-                raise ValueError("state: the checkpoint's gradient buffers do not match this model's layout")
-            for (t, i), mine in zip(flats, self.text.flats):
-                if t.shape != mine.shape or i.shape != mine.shape or t.dtype != mine.dtype or i.dtype != mine.dtype:
-                    raise ValueError("state: the checkpoint's gradient buffers do not match this model's layout")
-        self.spec = spec
+        """Restore :meth:`state_dict`; the whole state is checked before anything changes
+        (ValueError("state: ...") on a missing key, a wrong type or shape)."""
+        checked = check_state(state, self.text.flats, self._sync.saves_mid_window)
+        entry = state.get("balancer")
+        check_balancer_state(self.balancer, entry)
+        if self.balancer is not None and entry is not None:
+            if not isinstance(entry.get("state"), dict):
+                raise ValueError("state: balancer: expected a dict with the balancer's 'state'")
+            window = entry.get("window_losses")
+            if window is not None and not (isinstance(window, torch.Tensor) and tuple(window.shape) == (2,)):
+                raise ValueError("state: balancer: window_losses: expected None or a Tensor of shape [2]")
+            _owner_check(self.balancer, entry["state"], "balancer")
+        if state.get("options") is not None:
+            _owner_check(self.options, state["options"], "options")
+        # Everything is checked: from here on nothing can fail half-way.
+        self.spec = checked.spec
         self._reset()
-        load_balancer_state(self.balancer, state.get("balancer"))
+        load_balancer_state(self.balancer, entry)
         if state.get("options") is not None:
             self.options.load_state_dict(state["options"])
-        if micro:
-            for (t, i), tf, imf in zip(flats, self.text.flats, self.image.flats):
+        if checked.micro:
+            for (t, i), tf, imf in zip(checked.flats, self.text.flats, self.image.flats):
                 tf.copy_(t)
                 imf.copy_(i)
             self.image.attach_as_grad(self.layout.params)
-            self._micro = micro
-            self._losses = state["losses"].to(self._losses)
-            self._bad = state["nonfinite"].to(self._bad)
-            self._scaled = bool(state["scaled"])
+            self._micro = checked.micro
+            self._losses = checked.losses.to(self._losses)
+            self._bad = checked.nonfinite.to(self._bad)
+            self._scaled = checked.scaled
 
     def integrate_accumulated(self) -> StepReport:
         """Run the rule once on the accumulated gradients; the result is written into ``.grad``.
@@ -311,6 +313,7 @@ class ParetoLoRA:
             raise RuntimeError(
                 "integrate_accumulated: no gradients accumulated since the last step; call backward()/accumulate() first"
             )
+        self._check_trainable()  # a model.to(dtype) since the last backward would break attach_as_grad
         step = self._sync.finish(self._losses, self._settle)
         report = StepReport(self.layout, step, self._losses, self._micro, self.rule)
         self.last_report = report

@@ -28,6 +28,7 @@ from .evaluation import evaluate
 from .floors import entropy_floors
 from .methods import ALL_METHODS, OPTIMIZERS, build_method, loss_weights
 from .model import ARCHS, ModelConfig, attach_lora, logits_of
+from .output import load_json, save_json
 
 __all__ = ["DemoConfig", "RunResult", "Setup", "evaluate", "finetune", "prepare", "run_cell", "run_experiment"]
 
@@ -203,8 +204,7 @@ def config_key(cfg: DemoConfig) -> str:
 
 def _load_run(path: str, cfg: DemoConfig) -> RunResult | None:
     try:
-        with open(path, encoding="utf-8") as f:
-            run = RunResult(**json.load(f))
+        run = RunResult(**load_json(path))
     except (OSError, ValueError, TypeError):
         return None  # missing or from an older layout: run it again
     if not run.group_layers and run.records:  # saved before the field existed: the layout's split
@@ -216,10 +216,7 @@ def _load_run(path: str, cfg: DemoConfig) -> RunResult | None:
 
 
 def _save_run(run: RunResult, path: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(dataclasses.asdict(run), f, default=lambda x: None)
-    os.replace(tmp, path)
+    save_json(dataclasses.asdict(run), path)  # strict JSON: null for a non-finite number
 
 
 def _bar(total: int, desc: str, enabled: bool):

@@ -7,11 +7,48 @@ May import: its sibling modules and :mod:`pareto_lora.app.env`.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import platform
 import time
 
-__all__ = ["environment", "write_study"]
+__all__ = ["environment", "write_study", "save_json", "load_json"]
+
+# Every JSON file the demo writes is strict JSON (jq, JavaScript and most readers reject NaN and
+# Infinity): a non-finite number is written as null. In a per-run file null in a number's place
+# means "not finite" (e.g. the gradient ratio of a text_only run, whose image gradient is zero);
+# load_json reads it back as NaN except under the keys that hold a genuine None.
+_GENUINE_NONE = frozenset({"optimizer", "lr", "optimizer_warning", "diverged_step", "balancer"})
+
+
+def save_json(doc: dict, path: str) -> None:
+    """Write `doc` as strict JSON (non-finite numbers as null), atomically: a killed run never
+    leaves a half-written file. Objects JSON cannot hold are written as null too."""
+    from .report import _finite
+
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(_finite(doc), f, allow_nan=False, default=lambda x: None)
+    os.replace(tmp, path)
+
+
+def _nan_for_null(x, key=None):
+    if key in _GENUINE_NONE:
+        return x
+    if x is None:
+        return math.nan
+    if isinstance(x, dict):
+        return {k: _nan_for_null(v, k) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_nan_for_null(v) for v in x]
+    return x
+
+
+def load_json(path: str) -> dict:
+    """A file of :func:`save_json`, with null read back as NaN (see the note above)."""
+    with open(path, encoding="utf-8") as f:
+        return _nan_for_null(json.load(f))
 
 
 def environment(cfg) -> dict:

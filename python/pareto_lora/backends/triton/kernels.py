@@ -16,7 +16,7 @@ May import: :mod:`pareto_lora.rules` (the constants below are derived from it, n
 import triton
 import triton.language as tl
 
-from ...rules import CAUCHY_SCHWARZ_SLACK, MAX_COEFFICIENT, RULE_IDS, STATIONARY_REL, Case
+from ...rules import CAUCHY_SCHWARZ_SLACK, MAX_COEFFICIENT, MAX_TERM, RULE_IDS, STATIONARY_REL, Case
 
 # Case codes and rule ids, derived from pareto_lora.rules (which csrc/rule.h mirrors).
 SUMMED: tl.constexpr = tl.constexpr(int(Case.SUMMED))
@@ -37,6 +37,7 @@ RULE_MMPARETO: tl.constexpr = tl.constexpr(RULE_IDS["mmpareto"])
 CS_SLACK: tl.constexpr = tl.constexpr(CAUCHY_SCHWARZ_SLACK)
 STATIONARY_RELATIVE: tl.constexpr = tl.constexpr(STATIONARY_REL)
 MAX_COEF: tl.constexpr = tl.constexpr(MAX_COEFFICIENT)
+TERM_MAX: tl.constexpr = tl.constexpr(MAX_TERM)
 
 
 @triton.jit
@@ -150,8 +151,12 @@ def _rule(aa, bb, ab, act, tau, gamma, margin, RULE: tl.constexpr, SYMMETRIC: tl
         beta = tl.where(degenerate, one, beta)
         code = tl.where(degenerate, DEGENERATE, code)
 
-    # A coefficient float32 cannot hold is never written as inf: plain sum, NONFINITE.
-    fits = (tl.abs(alpha) <= MAX_COEF) & (tl.abs(beta) <= MAX_COEF)
+    # A coefficient float32 cannot hold, or one whose scaled buffer could overflow float32
+    # (rules.term_fits), never produces an inf: plain sum, NONFINITE.
+    ma = tl.abs(alpha)
+    mb = tl.abs(beta)
+    fits = (ma <= MAX_COEF) & ((ma <= 1.0) | (ma * na <= TERM_MAX))
+    fits = fits & (mb <= MAX_COEF) & ((mb <= 1.0) | (mb * nb <= TERM_MAX))
     alpha = tl.where(fits, alpha, one)
     beta = tl.where(fits, beta, one)
     code = tl.where(fits, code, NONFINITE)

@@ -14,6 +14,7 @@ MAX_LINES = 400
 # Layer of each top-level module or subpackage; a module may import its own layer and below.
 LAYERS = {
     "rules": 0,
+    "args": 0,  # scalar argument validation: imports nothing from the package
     "_C": 0,
     "result": 1,
     "checks": 1,

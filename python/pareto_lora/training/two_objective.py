@@ -48,7 +48,7 @@ and ``integrate_accumulated()`` only checks the global losses and builds the rep
 ParetoLoRA holds one :class:`pareto_lora.distributed.GradSync` (single process, DDP or FSDP2)
 and calls it without asking which kind it is.
 May import: :mod:`pareto_lora.distributed`, :mod:`pareto_lora.flat`, :mod:`pareto_lora.backends`,
-:mod:`pareto_lora.ops`, :mod:`pareto_lora.rules`, :mod:`.report`.
+:mod:`pareto_lora.rules`, :mod:`pareto_lora.args`, :mod:`.report`.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ import warnings
 import torch
 from torch import nn
 
-from .. import ops
+from .. import args
 from ..backends import resolve_backend
 from ..distributed import SyncFailure, make_sync
 from ..flat import FlatGrads, build_layout
@@ -94,8 +94,11 @@ class ParetoLoRA:
         model: a PEFT model (``peft.get_peft_model``) or any module with PEFT LoRA layers, or
             such a model wrapped by ``DistributedDataParallel`` or FSDP2 ``fully_shard``.
         rule: integration rule (``pareto_lora.RULES``) for the modulated groups, or a
-            :class:`pareto_lora.RuleSpec` (then leave tau, gamma, symmetric unset), or a
-            loss-weighting balancer: ``"mimo"``, ``"gradnorm"`` or a
+            :class:`pareto_lora.RuleSpec` (then leave tau, gamma, symmetric unset). Default:
+            "pareto_lora", or "sum" with a balancer (the only kernel rule a balancer takes: its
+            weights replace the rule). ``rule="mimo"`` / ``rule=MIMO(...)`` is shorthand for
+            ``balancer=`` (kept for compatibility).
+        balancer: a loss-weighting balancer: ``"mimo"``, ``"gradnorm"`` or a
             :mod:`pareto_lora.training.balancers` object such as ``MIMO(lam=20)`` (``self.balancer``).
         tau: imbalance threshold on ||g_text|| / ||g_image|| (default 0.5).
         num_groups: consecutive layer groups of the layer stack (``numpy.array_split`` sizes), or
@@ -120,13 +123,14 @@ class ParetoLoRA:
     def __init__(
         self,
         model: nn.Module,
-        rule: str | RuleSpec | Balancer = "pareto_lora",
+        rule: str | RuleSpec | Balancer | None = None,
         tau: float | None = None,
         num_groups: int | str = 5,
         modulate="lower",
         *,
         gamma: float | None = None,
         symmetric: bool | None = None,
+        balancer: str | Balancer | None = None,
         layers_path: str | None = None,
         arch=None,
         stats_ema: float | None = None,
@@ -134,10 +138,10 @@ class ParetoLoRA:
         on_nonfinite: str = "auto",
         backend: str = "auto",
     ):
+        # The rule's parameters become one validated RuleSpec here, once; each step reuses it.
         # A balancer (MIMO, GradNorm) wraps the sync; the kernel rule underneath is then "sum".
-        self.balancer, self.spec = resolve_rule(rule, tau, gamma, symmetric)
-        if on_nonfinite not in NONFINITE_MODES:
-            raise ValueError(f"on_nonfinite: expected one of {', '.join(NONFINITE_MODES)}, got {on_nonfinite!r}")
+        self.balancer, self.spec = resolve_rule(rule, tau, gamma, symmetric, balancer)
+        args.choice("on_nonfinite", on_nonfinite, NONFINITE_MODES)
         self.options = RuleOptions(stats_ema, preserve_norm)
         if self.options.enabled and self.balancer is not None:
             raise ValueError("stats_ema, preserve_norm: expected a kernel rule; they do not apply to a balancer")
@@ -150,8 +154,9 @@ class ParetoLoRA:
                               arch=arch)
         self.layout = self._sync.layout_for(layout)
         self.arch = layout.arch  # the ArchSpec (paths in the model inside any DDP wrapper), or None
-        resolve_backend(backend, self.layout.device)
+        self._impl = resolve_backend(backend, self.layout.device)  # the kernel rule's backend, resolved once
         self.on_nonfinite, self.backend = on_nonfinite, backend
+        self.options.bind(self.layout.num_groups)
         self.text = FlatGrads(self.layout)
         self.image = FlatGrads(self.layout)
         self._sync.bind(self.layout, self.text, self.image, self._rule, backend)
@@ -182,7 +187,7 @@ class ParetoLoRA:
         return self.options.apply(group_stats, self._kernel_rule)
 
     def _kernel_rule(self, group_stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return ops.rule_coefficients(group_stats, self.spec, active=self.layout.active, backend=self.backend)
+        return self._impl.rule_coefficients(group_stats, self.spec, active=self.layout.active)
 
     def check_optimizer(self, optimizer: torch.optim.Optimizer) -> str | None:
         """Warn when this rule can lengthen the gradient and `optimizer` (SGD) steps in proportion."""
@@ -274,6 +279,7 @@ class ParetoLoRA:
             raise ValueError("state: expected a ParetoLoRA.state_dict() (version 1)")
         spec = RuleSpec(**state["rule"])
         check_balancer_state(self.balancer, state.get("balancer"))
+        self.options.check_state(state.get("options"))
         micro = int(state["micro_batches"])
         if micro < 0:
             raise ValueError(f"state: expected micro_batches >= 0, got {micro}")
@@ -289,8 +295,7 @@ class ParetoLoRA:
         self.spec = spec
         self._reset()
         load_balancer_state(self.balancer, state.get("balancer"))
-        if state.get("options") is not None:
-            self.options.load_state_dict(state["options"])
+        self.options.load_state_dict(state.get("options"))
         if micro:
             for (t, i), tf, imf in zip(flats, self.text.flats, self.image.flats):
                 tf.copy_(t)

@@ -50,18 +50,35 @@ def make(name: str, **params) -> Balancer:
     return BALANCERS[name](**params)
 
 
-def resolve_rule(rule, tau=None, gamma=None, symmetric=None) -> tuple[Balancer | None, RuleSpec]:
-    """ParetoLoRA's ``rule`` argument -> (balancer or None, the kernel RuleSpec).
+def resolve_rule(rule=None, tau=None, gamma=None, symmetric=None, balancer=None) -> tuple[Balancer | None, RuleSpec]:
+    """ParetoLoRA's ``rule`` and ``balancer`` arguments -> (balancer or None, the kernel RuleSpec), once.
 
-    A balancer (object or name) runs with the kernel ``sum`` rule underneath (its cases:
-    SUMMED / INACTIVE / NONFINITE); tau, gamma and symmetric belong to the kernel rules and
-    must then stay unset.
+    ``balancer``: None, a name of :data:`BALANCERS` or a :class:`Balancer`. ``rule="mimo"`` or
+    ``rule=MIMO(...)`` is shorthand for ``balancer=`` with the ``sum`` kernel rule. A balancer's
+    weights replace the kernel rule (its cases: SUMMED / INACTIVE / NONFINITE), so the kernel rule
+    must then be ``sum`` (None picks it) and tau, gamma and symmetric must stay unset: a kernel rule
+    applied to the balancer's weighted gradients would be a third method that nobody has studied.
     """
-    if isinstance(rule, str) and rule in BALANCERS:
-        rule = make(rule)
-    if isinstance(rule, Balancer):
-        for name, value in (("tau", tau), ("gamma", gamma), ("symmetric", symmetric)):
-            if value is not None:
-                raise ValueError(f"{name}: expected None with the {rule.name!r} balancer (a kernel-rule parameter)")
-        return rule, RuleSpec("sum")
-    return None, as_spec(rule, tau, gamma, symmetric)
+    if isinstance(rule, Balancer) or (isinstance(rule, str) and rule in BALANCERS):
+        if balancer is not None:
+            raise ValueError(f"balancer: expected None when rule is a balancer ({_name(rule)!r}), got {balancer!r}")
+        rule, balancer = None, rule
+    if balancer is None:
+        return None, as_spec("pareto_lora" if rule is None else rule, tau, gamma, symmetric)
+    if isinstance(balancer, str) and balancer in BALANCERS:
+        balancer = make(balancer)
+    elif not isinstance(balancer, Balancer):
+        raise ValueError(f"balancer: expected None, one of {', '.join(BALANCERS)} or a Balancer object "
+                         f"(e.g. MIMO(lam=20)), got {balancer!r}")
+    for name, value in (("tau", tau), ("gamma", gamma), ("symmetric", symmetric)):
+        if value is not None:
+            raise ValueError(f"{name}: expected None with the {balancer.name!r} balancer (a kernel-rule parameter)")
+    spec = as_spec("sum" if rule is None else rule)
+    if spec.name != "sum":
+        raise ValueError(f"rule: expected 'sum' (or None) with the {balancer.name!r} balancer, whose weights replace "
+                         f"the kernel rule; got {spec.name!r}")
+    return balancer, spec
+
+
+def _name(rule) -> str:
+    return rule if isinstance(rule, str) else rule.name

@@ -17,7 +17,7 @@ side is put back in turn); ``every`` measures every k-th step only. :class:`CoMM
 an LR scheduler over two parameter groups of an optimizer; ``regularize=True`` adds the paper's
 drift regulariser (a loss term that rewards moving the output distribution; see
 :meth:`CoMMIT.regularization`).
-May import: nothing from the package (plain torch).
+May import: :mod:`pareto_lora.args` (plain torch otherwise).
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ import time
 from collections.abc import Callable
 
 import torch
+
+from ... import args
 
 __all__ = ["CoMMIT", "kl_drift", "coordinated_lrs"]
 
@@ -74,17 +76,16 @@ class CoMMIT:
     def __init__(self, optimizer=None, llm_group: int = 0, feature_group: int = 1, base_lr: float | None = None,
                  every: int = 1, window: int = 10, kappa_max: float = 1e3, regularize: bool = False,
                  reg_weight: float = 0.1):
-        if llm_group == feature_group:
+        self.llm_group = args.integer("llm_group", llm_group, 0)
+        self.feature_group = args.integer("feature_group", feature_group, 0)
+        if self.llm_group == self.feature_group:
             raise ValueError("feature_group: expected a different parameter group than llm_group")
-        for name, v in (("every", every), ("window", window)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
-        if not (kappa_max > 1 and math.isfinite(kappa_max)):
-            raise ValueError(f"kappa_max: expected a finite number > 1, got {kappa_max!r}")
-        if base_lr is not None and not base_lr > 0:
-            raise ValueError(f"base_lr: expected a number > 0, got {base_lr!r}")
-        self.llm_group, self.feature_group, self.base_lr = llm_group, feature_group, base_lr
-        self.every, self.kappa_max, self.regularize, self.reg_weight = every, float(kappa_max), bool(regularize), float(reg_weight)
+        self.base_lr = args.positive("base_lr", base_lr) if base_lr is not None else None
+        self.every = args.integer("every", every, 1)
+        window = args.integer("window", window, 1)
+        self.kappa_max = args.number("kappa_max", kappa_max, 1.0, low_open=True)
+        self.regularize = args.flag("regularize", regularize)
+        self.reg_weight = args.number("reg_weight", reg_weight, 0.0)
         self.history: collections.deque[float] = collections.deque(maxlen=window)
         self.steps = 0
         self.overhead_s = 0.0

@@ -1,24 +1,27 @@
-"""The other balancing methods of the field, beside the kernel rules: MIMO, GradNorm (loss weights
-for ParetoLoRA) and CoMMIT (coordinated learning rates for an optimizer).
+"""The loss-weighting balancers of the field, beside the kernel rules: MIMO and GradNorm.
 
-    pl = pareto_lora.ParetoLoRA(model, rule="mimo")                        # defaults
-    pl = pareto_lora.ParetoLoRA(model, rule=MIMO(lam=20, mu=0.05))         # with parameters
-    pl = pareto_lora.ParetoLoRA(model, rule=GradNorm(alpha=1.5), modulate="all")
-    sched = CoMMIT(optimizer, llm_group=0, feature_group=1)                # replaces optimizer.step()
+    pl = pareto_lora.ParetoLoRA(model, balancer="mimo")                        # defaults
+    pl = pareto_lora.ParetoLoRA(model, balancer=MIMO(lam=20, mu=0.05))         # with parameters
+    pl = pareto_lora.ParetoLoRA(model, balancer=GradNorm(alpha=1.5), modulate="all")
+    pl = pareto_lora.ParetoLoRA(model, rule="mimo")                            # the same, shorthand
+
+CoMMIT, a learning-rate scheduler, lives in :mod:`pareto_lora.training.schedulers`; it is
+re-exported here for one release (``from pareto_lora.training.balancers import CoMMIT``).
 
 MIMO and GradNorm are not closed-form in one group's three statistics (they need the losses and
 state across steps), so they are objects here, not entries of the kernel rule table
 (:mod:`pareto_lora.rules`); ParetoLoRA runs them through :class:`.base.BalancedSync`.
-May import: :mod:`pareto_lora.flat`, :mod:`pareto_lora.ops`, :mod:`pareto_lora.rules`, and its own modules.
+May import: :mod:`pareto_lora.flat`, :mod:`pareto_lora.ops`, :mod:`pareto_lora.rules`, :mod:`pareto_lora.args`,
+its own modules, and :mod:`..schedulers` (the re-export of CoMMIT).
 """
 
 from __future__ import annotations
 
 from ...rules import RULES, RuleSpec, as_spec
 from .base import Balancer, BalancedSync, weighted_coefficients
-from .commit import CoMMIT, kl_drift
 from .gradnorm import GradNorm, gradnorm_update
 from .mimo import MIMO, mimo_weights, stable_softmax
+from ..schedulers import CoMMIT, kl_drift  # moved; re-exported for one release
 
 __all__ = [
     "BALANCERS",

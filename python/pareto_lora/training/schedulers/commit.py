@@ -17,6 +17,13 @@ side is put back in turn); ``every`` measures every k-th step only. :class:`CoMM
 an LR scheduler over two parameter groups of an optimizer; ``regularize=True`` adds the paper's
 drift regulariser (a loss term that rewards moving the output distribution; see
 :meth:`CoMMIT.regularization`).
+
+Several processes (DDP, torch.distributed with world size > 1): the drifts are token means over
+every rank's measuring batch (the sums and the token count are all-reduced), so every rank
+measures the same kappa, sets the same learning rates and the ranks' parameters stay equal.
+Measuring ranks with their own kappa would give each rank other learning rates, and DDP's
+averaged gradient would then move the replicas apart. Every rank must call :meth:`CoMMIT.step`
+(or ``begin``/``end``) with ``forward`` on the same steps (the all-reduce is collective).
 May import: :mod:`pareto_lora.args` (plain torch otherwise).
 """
 
@@ -31,7 +38,15 @@ import torch
 
 from ... import args
 
-__all__ = ["CoMMIT", "kl_drift", "coordinated_lrs"]
+__all__ = ["CoMMIT", "kl_drift", "kappa_of", "coordinated_lrs"]
+
+
+def _kl_tokens(p_logits: torch.Tensor, q_logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """KL(softmax(p) || softmax(q)) per token in float64 ([N], the tokens `mask` selects)."""
+    lp = torch.log_softmax(p_logits.to(torch.float64), dim=-1)
+    lq = torch.log_softmax(q_logits.to(torch.float64), dim=-1)
+    kl = (lp.exp() * (lp - lq)).sum(dim=-1)
+    return kl[mask.to(kl.device).bool()] if mask is not None else kl.flatten()
 
 
 def kl_drift(p_logits: torch.Tensor, q_logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -39,12 +54,30 @@ def kl_drift(p_logits: torch.Tensor, q_logits: torch.Tensor, mask: torch.Tensor 
 
     Differentiable in both arguments (the regulariser differentiates the second).
     """
-    lp = torch.log_softmax(p_logits.to(torch.float64), dim=-1)
-    lq = torch.log_softmax(q_logits.to(torch.float64), dim=-1)
-    kl = (lp.exp() * (lp - lq)).sum(dim=-1)
-    if mask is not None:
-        kl = kl[mask.to(kl.device).bool()]
+    kl = _kl_tokens(p_logits, q_logits, mask)
     return kl.mean() if kl.numel() else kl.sum()
+
+
+def _global_drifts(kl_llm: torch.Tensor, kl_feature: torch.Tensor) -> tuple[float, float]:
+    """(d_llm, d_feature): the token means, over every rank's tokens when torch.distributed runs with
+    several processes (one all-reduce of the sums and the count: every rank gets the same numbers)."""
+    totals = torch.stack([kl_llm.sum(), kl_feature.sum(), torch.tensor(float(kl_llm.numel()), dtype=torch.float64,
+                                                                       device=kl_llm.device)])
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(totals)
+    d_llm, d_feature, count = totals.tolist()
+    return (d_llm / count, d_feature / count) if count else (0.0, 0.0)
+
+
+def kappa_of(d_llm: float, d_feature: float) -> float:
+    """kappa = d_llm / d_feature; NaN unless both drifts are finite (a NaN logit on one side must not
+    read as kappa = inf), inf when only the LLM side moved, NaN when neither did."""
+    if not (math.isfinite(d_llm) and math.isfinite(d_feature)):
+        return math.nan
+    if d_feature > 0:
+        return d_llm / d_feature
+    return math.inf if d_llm > 0 else math.nan
 
 
 def coordinated_lrs(base_llm: float, base_feature: float, kappa_avg: float) -> tuple[float, float]:
@@ -186,14 +219,14 @@ class CoMMIT:
         llm_new, feat_new = [p.detach().clone() for p in llm], [p.detach().clone() for p in feat]
         with torch.no_grad():
             self._copy(feat, feat_old)  # only the LLM moved
-            d_llm = kl_drift(self._ref, forward(), mask)
+            kl_llm = _kl_tokens(self._ref, forward(), mask)
             self._copy(feat, feat_new)
             self._copy(llm, llm_old)  # only the feature side moved
-            d_feat = kl_drift(self._ref, forward(), mask)
+            kl_feat = _kl_tokens(self._ref, forward(), mask)
             self._copy(llm, llm_new)
-        d_llm, d_feat = float(d_llm), float(d_feat)
-        kappa = d_llm / d_feat if d_feat > 0 else (math.inf if d_llm > 0 else math.nan)
-        if not math.isnan(kappa):
+        d_llm, d_feat = _global_drifts(kl_llm, kl_feat)
+        kappa = kappa_of(d_llm, d_feat)
+        if not math.isnan(kappa):  # a step without a usable kappa leaves the average as it was
             self.history.append(min(max(kappa, 1.0 / self.kappa_max), self.kappa_max))
         self.last = {"kappa": kappa, "d_llm": d_llm, "d_feature": d_feat}
         return kappa

@@ -253,3 +253,16 @@ def test_a_good_state_still_round_trips(rule_kw):
     other = pareto_lora.ParetoLoRA(model, num_groups=3, modulate="all", **rule_kw)
     other.load_state_dict(state)
     assert _same(other.state_dict(), state)
+
+
+def test_assigning_spec_is_checked():
+    model = models.lora_llama(num_layers=2)
+    pl = pareto_lora.ParetoLoRA(model, num_groups=2)
+    pl.spec = RuleSpec("mgda")
+    assert pl.rule == "mgda"
+    with pytest.raises(ValueError, match="^spec: expected a pareto_lora.RuleSpec"):
+        pl.spec = "mgda"
+    bal = pareto_lora.ParetoLoRA(model, num_groups=2, balancer="mimo")
+    with pytest.raises(ValueError, match="^spec: expected the 'sum' rule under the 'mimo' balancer"):
+        bal.spec = RuleSpec("mgda")
+    assert pl.spec == RuleSpec("mgda") and bal.spec == RuleSpec("sum")

@@ -256,3 +256,26 @@ def test_kappa_of():
 
     assert kappa_of(2.0, 4.0) == 0.5 and kappa_of(1.0, 0.0) == math.inf
     assert all(math.isnan(kappa_of(*d)) for d in ((0.0, 0.0), (math.nan, 1.0), (1.0, math.nan), (math.inf, 1.0)))
+
+
+@pytest.mark.parametrize("edit", [
+    lambda s: s.pop("history"), lambda s: s.update(history=[1.0, "2"]), lambda s: s.update(history=[math.nan]),
+    lambda s: s.update(history=5), lambda s: s.update(steps=-1), lambda s: s.update(steps="3"),
+    lambda s: s.update(last={"kappa": 1.0}), lambda s: s.update(base_lrs=[0.1]), lambda s: s.update(base_lrs=[0.1, -1]),
+    lambda s: s.update(overhead_s=None),
+])
+def test_a_bad_state_is_refused_whole(edit):
+    x, y = _data()
+    model = TwoSides(same=False)
+    sched = _sched(model)
+    for _ in range(2):
+        _step(model, sched, x, y)
+    before = copy.deepcopy(sched.state_dict())
+    assert len(before["history"]) == 2
+    bad = copy.deepcopy(before)
+    edit(bad)
+    with pytest.raises(ValueError, match="^state: "):
+        sched.load_state_dict(bad)
+    now = sched.state_dict()
+    assert now["history"] == before["history"] and now["steps"] == before["steps"]
+    assert now["base_lrs"] == before["base_lrs"]

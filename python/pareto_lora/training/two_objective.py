@@ -114,6 +114,11 @@ class ParetoLoRA:
             group), "auto" (``pareto_lora.archs.detect_arch(model)``) or a
             :class:`pareto_lora.archs.ArchSpec`: the stack and the named groups outside it come
             from the architecture (Janus: "generation" and "projector"). ``self.arch`` holds it.
+        stats_ema: None, or beta in [0, 1): the rule sees an exponential moving average of each
+            group's statistics (a non-finite step never enters it). Kernel rules only.
+        preserve_norm: scale each group's (alpha, beta) so that the output keeps ||g_text + g_image||
+            (a combination the statistics cannot resolve, near a Pareto-stationary pair, is not
+            scaled up; see :func:`pareto_lora.training.rule_options.preserve_norm_coeffs`).
         on_nonfinite: what a non-finite loss does at ``integrate_accumulated()``: "raise"
             (FloatingPointError), "skip" (NaN gradients, for a GradScaler to skip the step) or
             "auto" (skip when a scaler was passed to ``backward``, else raise).
@@ -146,7 +151,7 @@ class ParetoLoRA:
         if self.options.enabled and self.balancer is not None:
             raise ValueError("stats_ema, preserve_norm: expected a kernel rule; they do not apply to a balancer")
         self._sync = make_sync(model)
-        if self.options.stats_ema and not getattr(self._sync, "calls_rule_once", True):
+        if self.options.stats_ema and not self._sync.calls_rule_once:
             raise ValueError("stats_ema: not supported under DDP yet (the hook runs the rule group by group)")
         if self.balancer is not None:
             self._sync = self.balancer.wrap_sync(self._sync)
@@ -166,6 +171,19 @@ class ParetoLoRA:
         self._reset()
 
     # The rule's parameters, read from the one RuleSpec (assign ``spec`` to change them).
+    @property
+    def spec(self) -> RuleSpec:
+        """The kernel rule (a validated :class:`pareto_lora.RuleSpec`; ``sum`` under a balancer)."""
+        return self._spec
+
+    @spec.setter
+    def spec(self, spec: RuleSpec) -> None:
+        if not isinstance(spec, RuleSpec):
+            raise ValueError(f"spec: expected a pareto_lora.RuleSpec, got {type(spec).__name__}")
+        if self.balancer is not None and spec.name != "sum":
+            raise ValueError(f"spec: expected the 'sum' rule under the {self.balancer.name!r} balancer, got {spec.name!r}")
+        self._spec = spec
+
     @property
     def rule(self) -> str:
         return self.balancer.name if self.balancer is not None else self.spec.name

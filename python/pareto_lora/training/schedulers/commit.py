@@ -264,7 +264,38 @@ class CoMMIT:
         return {"history": list(self.history), "steps": self.steps, "base_lrs": list(getattr(self, "base_lrs", [])),
                 "last": dict(self.last), "overhead_s": self.overhead_s}
 
+    def check_state(self, state) -> None:
+        """ValueError("state: ...") unless `state` is a :meth:`state_dict` (nothing changes)."""
+        if not isinstance(state, dict):
+            raise ValueError(f"state: expected a CoMMIT.state_dict(), got {type(state).__name__}")
+        missing = [k for k in ("history", "steps", "last", "overhead_s") if k not in state]
+        if missing:
+            raise ValueError(f"state: expected a CoMMIT.state_dict(), missing {', '.join(missing)}")
+        try:
+            history = state["history"]
+            if not isinstance(history, (list, tuple)):
+                raise ValueError(f"history: expected a list, got {type(history).__name__}")
+            for k in history:
+                args.positive("history", k)
+            args.integer("steps", state["steps"], 0)
+            args.number("overhead_s", state["overhead_s"], 0.0)
+            last = state["last"]
+            if not isinstance(last, dict) or set(last) != {"kappa", "d_llm", "d_feature"}:
+                raise ValueError("last: expected a dict of kappa, d_llm, d_feature")
+            for k, v in last.items():
+                if not (isinstance(v, float) and math.isnan(v)):  # NaN: not measured
+                    args.number(k, v, finite=False)
+            base = state.get("base_lrs") or []
+            if not isinstance(base, (list, tuple)) or len(base) not in (0, 2):
+                raise ValueError("base_lrs: expected a list of two rates")
+            for x in base:
+                args.positive("base_lrs", x)
+        except ValueError as err:
+            raise ValueError(f"state: {err}") from None
+
     def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`; the whole state is checked before any of it is applied."""
+        self.check_state(state)
         self.history.clear()
         self.history.extend(float(k) for k in state["history"])
         self.steps, self.last, self.overhead_s = int(state["steps"]), dict(state["last"]), float(state["overhead_s"])

@@ -7,7 +7,8 @@
 The package in layers; each imports only the layers below it (tests/test_architecture.py):
 
     app/          the pareto-lora command, the demo, benchmarks, install facts
-    training/     ParetoLoRA, StepReport, modality losses, diagnostics, the HF Trainer, balancers (MIMO, GradNorm, CoMMIT)
+    training/     ParetoLoRA, StepReport, modality losses, diagnostics, the HF Trainer, balancers (MIMO, GradNorm),
+                  schedulers (CoMMIT)
     distributed/  the sync contract: single process, DDP hook, FSDP2, sharded_integrate
     flat/         parameters -> layout (units, groups, buckets), flat buffers, the flat-buffer step
     ops.py        the public op functions (integrate, segment_stats, rule_coefficients, combine)
@@ -16,6 +17,7 @@ The package in layers; each imports only the layers below it (tests/test_archite
     archs/        model architectures (Chameleon, Emu3, Janus, LLaVA): layers, image tokens, losses
     checks.py     argument validation of tensors
     result.py, rules.py   IntegrationResult; Case, the rule table, RuleSpec
+    args.py       validation of scalar arguments (flags, numbers), shared by every layer
 
 This file only re-exports. See README.md for the training-loop integration and the op reference.
 """

@@ -103,3 +103,14 @@ def test_gradnorm_group_out_of_range_is_refused_at_construction_before_any_state
         torch.testing.assert_close(v, before[k], rtol=0, atol=0, equal_nan=True)
     assert all(p.grad is None for p in model.parameters())
     assert not hasattr(gn, "window_losses")  # never bound
+
+
+def test_backward_step_flag_is_strict_and_changes_nothing():
+    model = models.lora_llama(num_layers=2)
+    pl = pareto_lora.ParetoLoRA(model, num_groups=2)
+    batch = models.token_batch()
+    out = model(**models.model_inputs(batch))
+    lt, li = pareto_lora.modality_losses(out.logits, batch["labels"], image_token_mask=batch["image_token_mask"])
+    with pytest.raises(ValueError, match="^step: expected True or False, got 'False'"):
+        pl.backward(text=lt, image=li, step="False")
+    assert pl.micro_batches == 0 and all(p.grad is None for p in model.parameters())

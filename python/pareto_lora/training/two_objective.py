@@ -233,6 +233,7 @@ class ParetoLoRA:
         ``scaler``: an optional ``torch.amp.GradScaler``; both losses are scaled by it.
         Returns the :class:`StepReport` when ``step`` is true, else None.
         """
+        args.flag("step", step)
         _check_loss("text", text)
         _check_loss("image", image)
         self._check_trainable()

@@ -198,6 +198,10 @@ def _bad(kind):
             bal["state"]["weights"] = torch.ones(3, dtype=torch.float64)
         elif kind == "weights_neg":
             bal["state"]["weights"] = torch.tensor([-1.0, 3.0], dtype=torch.float64)
+        elif kind == "initial_zero":
+            bal["state"]["initial"] = torch.tensor([0.0, 1.0], dtype=torch.float64)
+        elif kind == "floors_inf":
+            bal["state"]["floors"] = torch.tensor([-math.inf, 1.0], dtype=torch.float64)
         elif kind == "initial_missing":
             del bal["state"]["initial"]
         elif kind == "balancer_state_none":
@@ -221,7 +225,8 @@ def _bad(kind):
     (dict(rule="mimo"), "floors_missing"), (dict(rule="mimo"), "steps_str"),
     (dict(rule="mimo"), "window"), (dict(rule="mimo"), "balancer_state_none"),
     (dict(rule="gradnorm"), "weights3"), (dict(rule="gradnorm"), "weights_neg"),
-    (dict(rule="gradnorm"), "initial_missing"),
+    (dict(rule="gradnorm"), "initial_missing"), (dict(rule="gradnorm"), "initial_zero"),
+    (dict(rule="mimo"), "floors_inf"),
     (dict(rule="pareto_lora", stats_ema=0.5), "ema1"), (dict(rule="pareto_lora", stats_ema=0.5), "ema_inf"),
     (dict(rule="pareto_lora", stats_ema=0.5), "ema_list"), (dict(rule="pareto_lora", stats_ema=0.5), "options_str"),
 ])

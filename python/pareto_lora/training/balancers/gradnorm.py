@@ -123,9 +123,12 @@ class GradNorm(Balancer):
             v = state.get(key)
             if not isinstance(v, torch.Tensor) or v.shape != (2,) or not v.is_floating_point():
                 raise ValueError(f"state: expected GradNorm {key} as a float tensor of shape [2], got {describe(v)}")
-        w = state["weights"]
+        w, initial = state["weights"], state["initial"]
         if not (torch.isfinite(w).all() and (w > 0).all()):
             raise ValueError(f"state: expected GradNorm weights finite and > 0, got {w.tolist()}")
+        if not (torch.isnan(initial) | (torch.isfinite(initial) & (initial > 0))).all():
+            raise ValueError(f"state: expected GradNorm initial losses finite and > 0 (NaN: not seen yet), "
+                             f"got {initial.tolist()}")
 
     def _load(self, state: dict) -> None:
         self.weights = state["weights"].to(dtype=torch.float64, device=self.device).clone()

@@ -165,6 +165,8 @@ class MIMO(Balancer):
         floors, steps = state.get("floors"), state.get("steps")
         if not isinstance(floors, torch.Tensor) or floors.shape != (2,) or not floors.is_floating_point():
             raise ValueError(f"state: expected MIMO floors as a float tensor of shape [2], got {_describe(floors)}")
+        if torch.isinf(floors).any():
+            raise ValueError(f"state: expected MIMO floors finite (NaN: not seen yet), got {floors.tolist()}")
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise ValueError(f"state: expected MIMO steps as an int >= 0, got {steps!r}")
 

@@ -11,4 +11,5 @@ from .losses import modality_losses, modality_token_counts
 from .report import StepReport
 from .two_objective import ParetoLoRA
 
-__all__ = ["ParetoLoRA", "StepReport", "balancers", "diagnostics", "schedulers", "modality_losses", "modality_token_counts"]
+__all__ = ["ParetoLoRA", "StepReport", "balancers", "diagnostics", "schedulers", "modality_losses",
+           "modality_token_counts"]

@@ -111,7 +111,8 @@ class RuleOptions:
         if not isinstance(ema, torch.Tensor) or not ema.is_floating_point() or (
                 self.num_groups is not None and tuple(ema.shape) != want):
             got = f"shape {list(ema.shape)}" if isinstance(ema, torch.Tensor) else type(ema).__name__
-            raise ValueError(f"state: expected the stats_ema average as a float tensor of shape {list(want)}, got {got}")
+            raise ValueError(f"state: expected the stats_ema average as a float tensor of shape {list(want)}, "
+                             f"got {got}")
         if torch.isinf(ema).any():
             raise ValueError("state: expected the stats_ema average finite (or NaN for a group not seen yet)")
 

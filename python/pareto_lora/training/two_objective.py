@@ -181,7 +181,8 @@ class ParetoLoRA:
         if not isinstance(spec, RuleSpec):
             raise ValueError(f"spec: expected a pareto_lora.RuleSpec, got {type(spec).__name__}")
         if self.balancer is not None and spec.name != "sum":
-            raise ValueError(f"spec: expected the 'sum' rule under the {self.balancer.name!r} balancer, got {spec.name!r}")
+            raise ValueError(f"spec: expected the 'sum' rule under the {self.balancer.name!r} balancer, "
+                             f"got {spec.name!r}")
         self._spec = spec
 
     @property

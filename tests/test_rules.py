@@ -16,7 +16,7 @@ def test_defaults_and_ids_follow_the_rule_table():
 
 
 def test_spec_is_frozen_and_normalised():
-    spec = RuleSpec("mmpareto", tau=1, gamma=2, symmetric=1)
+    spec = RuleSpec("mmpareto", tau=1, gamma=2, symmetric=True)
     assert (spec.tau, spec.gamma, spec.symmetric) == (1.0, 2.0, True)
     assert isinstance(spec.tau, float) and isinstance(spec.symmetric, bool)
     with pytest.raises(dataclasses.FrozenInstanceError):

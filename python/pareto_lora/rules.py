@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import math
-import numbers
+
+from . import args
 
 __all__ = [
     "Case",
@@ -80,26 +80,6 @@ def term_fits(coefficient, norm):
     return (m <= MAX_COEFFICIENT) & ((m <= 1.0) | (m * norm <= MAX_TERM))
 
 
-def _positive_finite(name: str, value) -> float:
-    # bool is an int; float(10**400) raises OverflowError: both must read as the argument's error.
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    try:
-        x = float(value) if ok else math.nan
-    except OverflowError:
-        x = math.inf
-    if not (ok and math.isfinite(x) and x > 0):
-        raise ValueError(f"{name}: expected a finite number > 0, got {value!r}")
-    return x
-
-
-def _unit_interval(name: str, value) -> float:
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    x = float(value) if ok else math.nan
-    if not (ok and 0.0 <= x <= 1.0):
-        raise ValueError(f"{name}: expected a number in [0, 1], got {value!r}")
-    return x + 0.0  # -0.0 -> 0.0: the kernels' test ab < -margin*|a||b| is then exactly ab < 0
-
-
 @dataclasses.dataclass(frozen=True)
 class RuleSpec:
     """One integration rule with its parameters, validated once when it is made.
@@ -121,10 +101,10 @@ class RuleSpec:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or self.name not in RULE_IDS:
             raise ValueError(f"rule: unknown rule {self.name!r}; expected one of {', '.join(RULES)}")
-        object.__setattr__(self, "tau", _positive_finite("tau", self.tau))
-        object.__setattr__(self, "gamma", _positive_finite("gamma", self.gamma))
-        object.__setattr__(self, "symmetric", bool(self.symmetric))
-        object.__setattr__(self, "margin", _unit_interval("margin", self.margin))
+        object.__setattr__(self, "tau", args.positive("tau", self.tau))
+        object.__setattr__(self, "gamma", args.positive("gamma", self.gamma))
+        object.__setattr__(self, "symmetric", args.flag("symmetric", self.symmetric))
+        object.__setattr__(self, "margin", args.unit_interval("margin", self.margin))
 
     @property
     def id(self) -> int:

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 import pareto_lora
-from pareto_lora.training.balancers import CoMMIT, kl_drift
-from pareto_lora.training.balancers.commit import coordinated_lrs
+from pareto_lora.training import balancers
+from pareto_lora.training.schedulers import CoMMIT, coordinated_lrs, kl_drift
 
 import models
 
@@ -222,3 +222,60 @@ def test_llava_projector_against_language_lora():
     m = sched.metrics()
     assert m["commit/d_llm"] > 0 and m["commit/d_feature"] > 0
     assert m["commit/lr_llm"] == pytest.approx(2e-3 / (sched.kappa_avg + 1))
+
+
+def test_commit_moved_to_schedulers_and_is_re_exported():
+    assert balancers.CoMMIT is CoMMIT and balancers.kl_drift is kl_drift
+    assert "CoMMIT" not in vars(balancers.base)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+@pytest.mark.parametrize("side", [0, 1])  # which extra forward goes bad: LLM-only (0) or feature-only (1)
+def test_nonfinite_logits_on_one_side_leave_the_average_alone(bad, side):
+    x, y = _data()
+    model = TwoSides(same=False)
+    sched = _sched(model)
+    _step(model, sched, x, y)
+    history, lrs = list(sched.history), sched.lrs()
+    logits = model(x)
+    nn.functional.cross_entropy(logits, y).backward()
+    calls = []
+
+    def forward():
+        out = model(x)
+        calls.append(1)
+        return out * bad if len(calls) == side + 1 else out
+
+    kappa = sched.step(forward=forward, logits=logits)
+    assert math.isnan(kappa) and math.isnan(sched.last["kappa"])  # before: kappa = inf with NaN on one side
+    assert list(sched.history) == history and sched.lrs() == lrs
+
+
+def test_kappa_of():
+    from pareto_lora.training.schedulers.commit import kappa_of
+
+    assert kappa_of(2.0, 4.0) == 0.5 and kappa_of(1.0, 0.0) == math.inf
+    assert all(math.isnan(kappa_of(*d)) for d in ((0.0, 0.0), (math.nan, 1.0), (1.0, math.nan), (math.inf, 1.0)))
+
+
+@pytest.mark.parametrize("edit", [
+    lambda s: s.pop("history"), lambda s: s.update(history=[1.0, "2"]), lambda s: s.update(history=[math.nan]),
+    lambda s: s.update(history=5), lambda s: s.update(steps=-1), lambda s: s.update(steps="3"),
+    lambda s: s.update(last={"kappa": 1.0}), lambda s: s.update(base_lrs=[0.1]), lambda s: s.update(base_lrs=[0.1, -1]),
+    lambda s: s.update(overhead_s=None),
+])
+def test_a_bad_state_is_refused_whole(edit):
+    x, y = _data()
+    model = TwoSides(same=False)
+    sched = _sched(model)
+    for _ in range(2):
+        _step(model, sched, x, y)
+    before = copy.deepcopy(sched.state_dict())
+    assert len(before["history"]) == 2
+    bad = copy.deepcopy(before)
+    edit(bad)
+    with pytest.raises(ValueError, match="^state: "):
+        sched.load_state_dict(bad)
+    now = sched.state_dict()
+    assert now["history"] == before["history"] and now["steps"] == before["steps"]
+    assert now["base_lrs"] == before["base_lrs"]

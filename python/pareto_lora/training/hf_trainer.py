@@ -29,7 +29,7 @@ each rank's losses are multiplied by the world size, so DDP's average of the ran
 is the gradient of the global-batch token means. DataParallel (n_gpu > 1), DeepSpeed and FSDP
 through the Trainer are refused.
 May import: :mod:`pareto_lora.archs`, :mod:`.losses`, :mod:`.report`, :mod:`.two_objective`,
-:mod:`.balancers` (and transformers).
+:mod:`.balancers`, :mod:`.schedulers` (and transformers).
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class ParetoLoRATrainer(Trainer):
         log_layers: also log per-layer numbers (``pareto/layer{i}/...``).
         recorder: a :class:`pareto_lora.diagnostics.Recorder` that gets every step's report
             (one host sync per step).
-        commit: a :class:`pareto_lora.training.balancers.CoMMIT` (coordinated learning rates of
+        commit: a :class:`pareto_lora.training.schedulers.CoMMIT` (coordinated learning rates of
             two optimizer parameter groups; pass the optimizer with ``optimizers=(opt, None)``).
             kappa is measured on each window's last micro-batch; its numbers are logged as
             ``pareto/commit/...``.
@@ -112,7 +112,7 @@ class ParetoLoRATrainer(Trainer):
         if commit is not None:
             if self.arch is not None:
                 raise ValueError("commit: CoMMIT in the Trainer needs the labels + image_token_mask batches (arch=None) for now")
-            from .balancers.hf_commit import CoMMITCallback
+            from .schedulers.hf_commit import CoMMITCallback
 
             self.add_callback(CoMMITCallback(commit, self._commit_forward, lambda: self._commit_batch[1],
                                              lambda: self._commit_batch[2]))

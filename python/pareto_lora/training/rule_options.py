@@ -3,18 +3,19 @@ smoothed over steps (an EMA of each group's ||a||^2, ||b||^2, a.b, so that a noi
 one step does not flip the conflict branch), a norm-preserving mode (each group's (alpha, beta)
 scaled so that ||alpha a + beta b|| = ||a + b||, for optimizers whose step grows with the gradient),
 and the check that warns when a norm-increasing rule meets such an optimizer.
-May import: nothing from the package but :mod:`pareto_lora.rules`.
+May import: nothing from the package but :mod:`pareto_lora.rules` and :mod:`pareto_lora.args`.
 """
 
 from __future__ import annotations
 
-import numbers
+import math
 import warnings
 from collections.abc import Callable
 
 import torch
 
-from ..rules import RuleSpec
+from .. import args
+from ..rules import STATIONARY_REL, RuleSpec
 
 __all__ = ["RuleOptions", "preserve_norm_coeffs", "check_optimizer", "NORM_INCREASING"]
 
@@ -27,31 +28,52 @@ _SCALE_INVARIANT = ("Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "Ada
 
 def preserve_norm_coeffs(coeffs: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
     """(alpha, beta) per row scaled so that ||alpha a + beta b|| = ||a + b||, from the statistics
-    ([G, 3]: ||a||^2, ||b||^2, a.b) alone; a zero combination (STATIONARY) or a zero sum stays as it is."""
+    ([G, 3]: ||a||^2, ||b||^2, a.b) alone; a zero combination (STATIONARY) or a zero sum stays as it is.
+
+    The statistics carry a relative error up to eps = ``STATS_REL_ERR``, so ``now`` =
+    ||alpha a + beta b||^2 computed from them is off by up to eps (|alpha| ||a|| + |beta| ||b||)^2
+    and ``want`` = ||a + b||^2 by up to eps (||a|| + ||b||)^2. Near a Pareto-stationary pair
+    (MGDA's min-norm point) that error is all there is, and sqrt(want / now) would blow rounding
+    noise up (coefficients ~1e8). So, with the cut of ``mmpareto`` (``STATIONARY_REL``): a
+    combination whose ``now`` the statistics do not resolve is not scaled; where ``want`` is not
+    resolved it is never scaled up. Where both are resolved each is known to 1/16, hence
+
+        ||out|| <= max(1.065 ||a + b||, ||alpha a + beta b||)
+
+    (plus the float32 rounding of the stored coefficients): never longer than both the plain
+    sum and the rule's own output.
+    """
     s, c = stats.to(torch.float64), coeffs.to(torch.float64)
     aa, bb, ab = s[:, 0], s[:, 1], s[:, 2]
     al, be = c[:, 0], c[:, 1]
     now = al * al * aa + be * be * bb + 2.0 * al * be * ab
     want = (aa + bb + 2.0 * ab).clamp_min(0.0)
-    factor = torch.where(now > 0, (want / torch.where(now > 0, now, 1.0)).sqrt(), 1.0)
+    na, nb = aa.clamp_min(0.0).sqrt(), bb.clamp_min(0.0).sqrt()
+    now_known = now > STATIONARY_REL * (al.abs() * na + be.abs() * nb) ** 2
+    want_known = want > STATIONARY_REL * (na + nb) ** 2
+    factor = torch.where(now_known, (want / torch.where(now_known, now, 1.0)).sqrt(), 1.0)
+    factor = torch.where(want_known, factor, factor.clamp_max(1.0))
     factor = torch.where(torch.isfinite(factor), factor, 1.0)  # NONFINITE rows keep their plain sum
     return (c * factor[:, None]).to(coeffs.dtype)
 
 
 class RuleOptions:
     """``stats_ema`` (None or beta in [0, 1): the rule sees beta * previous + (1 - beta) * current
-    statistics, finite rows only) and ``preserve_norm`` (bool). Called once per step."""
+    statistics, finite rows only) and ``preserve_norm`` (bool). Called once per step.
+
+    The running average starts per group at the group's first finite statistics: a non-finite
+    step (a GradScaler overflow) reaches the rule as it is (NONFINITE) and never enters the average.
+    """
 
     def __init__(self, stats_ema: float | None = None, preserve_norm: bool = False):
-        if stats_ema is not None and (
-            isinstance(stats_ema, bool) or not isinstance(stats_ema, numbers.Real) or not 0.0 <= stats_ema < 1.0
-        ):
-            raise ValueError(f"stats_ema: expected None or a number in [0, 1), got {stats_ema!r}")
-        if not isinstance(preserve_norm, bool):
-            raise ValueError(f"preserve_norm: expected a bool, got {preserve_norm!r}")
-        self.stats_ema = None if stats_ema is None else float(stats_ema)
-        self.preserve_norm = preserve_norm
-        self._ema: torch.Tensor | None = None
+        self.stats_ema = args.unit_interval("stats_ema", stats_ema, high_open=True, none=True)
+        self.preserve_norm = args.flag("preserve_norm", preserve_norm)
+        self.num_groups: int | None = None
+        self._ema: torch.Tensor | None = None  # [G, 3]; a NaN row: no finite step seen yet
+
+    def bind(self, num_groups: int) -> None:
+        """The number of groups the statistics have (checked in :meth:`check_state`)."""
+        self.num_groups = num_groups
 
     @property
     def enabled(self) -> bool:
@@ -62,12 +84,11 @@ class RuleOptions:
         if self.stats_ema:
             beta = self.stats_ema
             finite = torch.isfinite(group_stats).all(dim=1, keepdim=True)
-            prev = group_stats if self._ema is None else self._ema.to(group_stats)
+            ema = torch.full_like(group_stats, math.nan) if self._ema is None else self._ema.to(group_stats)
+            prev = torch.where(torch.isnan(ema), group_stats, ema)  # a group's first finite step starts it
             blended = beta * prev + (1.0 - beta) * group_stats
-            # A non-finite step (a GradScaler overflow) reaches the rule as it is (NONFINITE) but
-            # does not poison the average of later steps.
             stats = torch.where(finite, blended, group_stats)
-            self._ema = torch.where(finite, blended, prev).detach()
+            self._ema = torch.where(finite, blended, ema).detach()
         coeffs, cases = rule_fn(stats)
         if self.preserve_norm:
             coeffs = preserve_norm_coeffs(coeffs, group_stats)
@@ -77,9 +98,30 @@ class RuleOptions:
         return {"stats_ema": self.stats_ema, "preserve_norm": self.preserve_norm,
                 "ema": None if self._ema is None else self._ema.detach().cpu().clone()}
 
-    def load_state_dict(self, state: dict) -> None:
-        ema = state.get("ema")
-        self._ema = None if ema is None else ema.clone()
+    def check_state(self, state) -> None:
+        """ValueError("state: ...") unless `state` is a :meth:`state_dict` that fits (None: none saved)."""
+        if state is None:
+            return
+        if not isinstance(state, dict) or "ema" not in state:
+            raise ValueError(f"state: expected the options entry as a RuleOptions.state_dict(), got {state!r:.60}")
+        ema = state["ema"]
+        if ema is None:
+            return
+        want = (self.num_groups, 3)
+        if not isinstance(ema, torch.Tensor) or not ema.is_floating_point() or (
+                self.num_groups is not None and tuple(ema.shape) != want):
+            got = f"shape {list(ema.shape)}" if isinstance(ema, torch.Tensor) else type(ema).__name__
+            raise ValueError(f"state: expected the stats_ema average as a float tensor of shape {list(want)}, "
+                             f"got {got}")
+        if torch.isinf(ema).any():
+            raise ValueError("state: expected the stats_ema average finite (or NaN for a group not seen yet)")
+
+    def load_state_dict(self, state) -> None:
+        """Restore :meth:`state_dict` (None: nothing saved); the whole state is checked first."""
+        self.check_state(state)
+        if state is not None:
+            ema = state["ema"]
+            self._ema = None if ema is None else ema.to(torch.float64).clone()
 
 
 def check_optimizer(optimizer: torch.optim.Optimizer, spec: RuleSpec, preserve_norm: bool) -> str | None:

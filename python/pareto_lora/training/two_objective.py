@@ -48,7 +48,7 @@ and ``integrate_accumulated()`` only checks the global losses and builds the rep
 ParetoLoRA holds one :class:`pareto_lora.distributed.GradSync` (single process, DDP or FSDP2)
 and calls it without asking which kind it is.
 May import: :mod:`pareto_lora.distributed`, :mod:`pareto_lora.flat`, :mod:`pareto_lora.backends`,
-:mod:`pareto_lora.ops`, :mod:`pareto_lora.rules`, :mod:`.report`.
+:mod:`pareto_lora.rules`, :mod:`pareto_lora.args`, :mod:`.report`.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ import warnings
 import torch
 from torch import nn
 
-from .. import ops
+from .. import args
 from ..backends import resolve_backend
 from ..distributed import SyncFailure, make_sync
 from ..flat import FlatGrads, build_layout
@@ -108,8 +108,11 @@ class ParetoLoRA:
         model: a PEFT model (``peft.get_peft_model``) or any module with PEFT LoRA layers, or
             such a model wrapped by ``DistributedDataParallel`` or FSDP2 ``fully_shard``.
         rule: integration rule (``pareto_lora.RULES``) for the modulated groups, or a
-            :class:`pareto_lora.RuleSpec` (then leave tau, gamma, symmetric unset), or a
-            loss-weighting balancer: ``"mimo"``, ``"gradnorm"`` or a
+            :class:`pareto_lora.RuleSpec` (then leave tau, gamma, symmetric unset). Default:
+            "pareto_lora", or "sum" with a balancer (the only kernel rule a balancer takes: its
+            weights replace the rule). ``rule="mimo"`` / ``rule=MIMO(...)`` is shorthand for
+            ``balancer=`` (kept for compatibility).
+        balancer: a loss-weighting balancer: ``"mimo"``, ``"gradnorm"`` or a
             :mod:`pareto_lora.training.balancers` object such as ``MIMO(lam=20)`` (``self.balancer``).
         tau: imbalance threshold on ||g_text|| / ||g_image|| (default 0.5).
         num_groups: consecutive layer groups of the layer stack (``numpy.array_split`` sizes),
@@ -125,6 +128,11 @@ class ParetoLoRA:
             group), "auto" (``pareto_lora.archs.detect_arch(model)``) or a
             :class:`pareto_lora.archs.ArchSpec`: the stack and the named groups outside it come
             from the architecture (Janus: "generation" and "projector"). ``self.arch`` holds it.
+        stats_ema: None, or beta in [0, 1): the rule sees an exponential moving average of each
+            group's statistics (a non-finite step never enters it). Kernel rules only.
+        preserve_norm: scale each group's (alpha, beta) so that the output keeps ||g_text + g_image||
+            (a combination the statistics cannot resolve, near a Pareto-stationary pair, is not
+            scaled up; see :func:`pareto_lora.training.rule_options.preserve_norm_coeffs`).
         on_nonfinite: what a non-finite loss does at ``integrate_accumulated()``: "raise"
             (FloatingPointError), "skip" (NaN gradients, for a GradScaler to skip the step) or
             "auto" (skip when a scaler was passed to ``backward``, else raise).
@@ -134,13 +142,14 @@ class ParetoLoRA:
     def __init__(
         self,
         model: nn.Module,
-        rule: str | RuleSpec | Balancer = "pareto_lora",
+        rule: str | RuleSpec | Balancer | None = None,
         tau: float | None = None,
         num_groups: int | str | None = None,
         modulate="lower",
         *,
         gamma: float | None = None,
         symmetric: bool | None = None,
+        balancer: str | Balancer | None = None,
         layers_path: str | None = None,
         arch=None,
         stats_ema: float | None = None,
@@ -148,15 +157,15 @@ class ParetoLoRA:
         on_nonfinite: str = "auto",
         backend: str = "auto",
     ):
+        # The rule's parameters become one validated RuleSpec here, once; each step reuses it.
         # A balancer (MIMO, GradNorm) wraps the sync; the kernel rule underneath is then "sum".
-        self.balancer, self.spec = resolve_rule(rule, tau, gamma, symmetric)
-        if on_nonfinite not in NONFINITE_MODES:
-            raise ValueError(f"on_nonfinite: expected one of {', '.join(NONFINITE_MODES)}, got {on_nonfinite!r}")
+        self.balancer, self.spec = resolve_rule(rule, tau, gamma, symmetric, balancer)
+        args.choice("on_nonfinite", on_nonfinite, NONFINITE_MODES)
         self.options = RuleOptions(stats_ema, preserve_norm)
         if self.options.enabled and self.balancer is not None:
             raise ValueError("stats_ema, preserve_norm: expected a kernel rule; they do not apply to a balancer")
         self._sync = make_sync(model)
-        if self.options.stats_ema and not getattr(self._sync, "calls_rule_once", True):
+        if self.options.stats_ema and not self._sync.calls_rule_once:
             raise ValueError("stats_ema: not supported under DDP yet (the hook runs the rule group by group)")
         if self.balancer is not None:
             self._sync = self.balancer.wrap_sync(self._sync)
@@ -164,8 +173,9 @@ class ParetoLoRA:
                               arch=arch)
         self.layout = self._sync.layout_for(layout)
         self.arch = layout.arch  # the ArchSpec (paths in the model inside any DDP wrapper), or None
-        resolve_backend(backend, self.layout.device)
+        self._impl = resolve_backend(backend, self.layout.device)  # the kernel rule's backend, resolved once
         self.on_nonfinite, self.backend = on_nonfinite, backend
+        self.options.bind(self.layout.num_groups)
         self.text = FlatGrads(self.layout)
         self.image = FlatGrads(self.layout)
         self._sync.bind(self.layout, self.text, self.image, self._rule, backend)
@@ -175,6 +185,20 @@ class ParetoLoRA:
         self._reset()
 
     # The rule's parameters, read from the one RuleSpec (assign ``spec`` to change them).
+    @property
+    def spec(self) -> RuleSpec:
+        """The kernel rule (a validated :class:`pareto_lora.RuleSpec`; ``sum`` under a balancer)."""
+        return self._spec
+
+    @spec.setter
+    def spec(self, spec: RuleSpec) -> None:
+        if not isinstance(spec, RuleSpec):
+            raise ValueError(f"spec: expected a pareto_lora.RuleSpec, got {type(spec).__name__}")
+        if self.balancer is not None and spec.name != "sum":
+            raise ValueError(f"spec: expected the 'sum' rule under the {self.balancer.name!r} balancer, "
+                             f"got {spec.name!r}")
+        self._spec = spec
+
     @property
     def rule(self) -> str:
         return self.balancer.name if self.balancer is not None else self.spec.name
@@ -196,7 +220,7 @@ class ParetoLoRA:
         return self.options.apply(group_stats, self._kernel_rule)
 
     def _kernel_rule(self, group_stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return ops.rule_coefficients(group_stats, self.spec, active=self.layout.active, backend=self.backend)
+        return self._impl.rule_coefficients(group_stats, self.spec, active=self.layout.active)
 
     def check_optimizer(self, optimizer: torch.optim.Optimizer) -> str | None:
         """Warn when this rule can lengthen the gradient and `optimizer` (SGD) steps in proportion."""
@@ -224,6 +248,7 @@ class ParetoLoRA:
         ``scaler``: an optional ``torch.amp.GradScaler``; both losses are scaled by it.
         Returns the :class:`StepReport` when ``step`` is true, else None.
         """
+        args.flag("step", step)
         _check_loss("text", text)
         _check_loss("image", image)
         self._check_trainable()

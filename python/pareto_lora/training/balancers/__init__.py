@@ -1,24 +1,27 @@
-"""The other balancing methods of the field, beside the kernel rules: MIMO, GradNorm (loss weights
-for ParetoLoRA) and CoMMIT (coordinated learning rates for an optimizer).
+"""The loss-weighting balancers of the field, beside the kernel rules: MIMO and GradNorm.
 
-    pl = pareto_lora.ParetoLoRA(model, rule="mimo")                        # defaults
-    pl = pareto_lora.ParetoLoRA(model, rule=MIMO(lam=20, mu=0.05))         # with parameters
-    pl = pareto_lora.ParetoLoRA(model, rule=GradNorm(alpha=1.5), modulate="all")
-    sched = CoMMIT(optimizer, llm_group=0, feature_group=1)                # replaces optimizer.step()
+    pl = pareto_lora.ParetoLoRA(model, balancer="mimo")                        # defaults
+    pl = pareto_lora.ParetoLoRA(model, balancer=MIMO(lam=20, mu=0.05))         # with parameters
+    pl = pareto_lora.ParetoLoRA(model, balancer=GradNorm(alpha=1.5), modulate="all")
+    pl = pareto_lora.ParetoLoRA(model, rule="mimo")                            # the same, shorthand
+
+CoMMIT, a learning-rate scheduler, lives in :mod:`pareto_lora.training.schedulers`; it is
+re-exported here for one release (``from pareto_lora.training.balancers import CoMMIT``).
 
 MIMO and GradNorm are not closed-form in one group's three statistics (they need the losses and
 state across steps), so they are objects here, not entries of the kernel rule table
 (:mod:`pareto_lora.rules`); ParetoLoRA runs them through :class:`.base.BalancedSync`.
-May import: :mod:`pareto_lora.flat`, :mod:`pareto_lora.ops`, :mod:`pareto_lora.rules`, and its own modules.
+May import: :mod:`pareto_lora.flat`, :mod:`pareto_lora.ops`, :mod:`pareto_lora.rules`, :mod:`pareto_lora.args`,
+its own modules, and :mod:`..schedulers` (the re-export of CoMMIT).
 """
 
 from __future__ import annotations
 
 from ...rules import RULES, RuleSpec, as_spec
 from .base import Balancer, BalancedSync, weighted_coefficients
-from .commit import CoMMIT, kl_drift
 from .gradnorm import GradNorm, gradnorm_update
 from .mimo import MIMO, mimo_weights, stable_softmax
+from ..schedulers import CoMMIT, kl_drift  # moved; re-exported for one release
 
 __all__ = [
     "BALANCERS",
@@ -50,18 +53,35 @@ def make(name: str, **params) -> Balancer:
     return BALANCERS[name](**params)
 
 
-def resolve_rule(rule, tau=None, gamma=None, symmetric=None) -> tuple[Balancer | None, RuleSpec]:
-    """ParetoLoRA's ``rule`` argument -> (balancer or None, the kernel RuleSpec).
+def resolve_rule(rule=None, tau=None, gamma=None, symmetric=None, balancer=None) -> tuple[Balancer | None, RuleSpec]:
+    """ParetoLoRA's ``rule`` and ``balancer`` arguments -> (balancer or None, the kernel RuleSpec), once.
 
-    A balancer (object or name) runs with the kernel ``sum`` rule underneath (its cases:
-    SUMMED / INACTIVE / NONFINITE); tau, gamma and symmetric belong to the kernel rules and
-    must then stay unset.
+    ``balancer``: None, a name of :data:`BALANCERS` or a :class:`Balancer`. ``rule="mimo"`` or
+    ``rule=MIMO(...)`` is shorthand for ``balancer=`` with the ``sum`` kernel rule. A balancer's
+    weights replace the kernel rule (its cases: SUMMED / INACTIVE / NONFINITE), so the kernel rule
+    must then be ``sum`` (None picks it) and tau, gamma and symmetric must stay unset: a kernel rule
+    applied to the balancer's weighted gradients would be a third method that nobody has studied.
     """
-    if isinstance(rule, str) and rule in BALANCERS:
-        rule = make(rule)
-    if isinstance(rule, Balancer):
-        for name, value in (("tau", tau), ("gamma", gamma), ("symmetric", symmetric)):
-            if value is not None:
-                raise ValueError(f"{name}: expected None with the {rule.name!r} balancer (a kernel-rule parameter)")
-        return rule, RuleSpec("sum")
-    return None, as_spec(rule, tau, gamma, symmetric)
+    if isinstance(rule, Balancer) or (isinstance(rule, str) and rule in BALANCERS):
+        if balancer is not None:
+            raise ValueError(f"balancer: expected None when rule is a balancer ({_name(rule)!r}), got {balancer!r}")
+        rule, balancer = None, rule
+    if balancer is None:
+        return None, as_spec("pareto_lora" if rule is None else rule, tau, gamma, symmetric)
+    if isinstance(balancer, str) and balancer in BALANCERS:
+        balancer = make(balancer)
+    elif not isinstance(balancer, Balancer):
+        raise ValueError(f"balancer: expected None, one of {', '.join(BALANCERS)} or a Balancer object "
+                         f"(e.g. MIMO(lam=20)), got {balancer!r}")
+    for name, value in (("tau", tau), ("gamma", gamma), ("symmetric", symmetric)):
+        if value is not None:
+            raise ValueError(f"{name}: expected None with the {balancer.name!r} balancer (a kernel-rule parameter)")
+    spec = as_spec("sum" if rule is None else rule)
+    if spec.name != "sum":
+        raise ValueError(f"rule: expected 'sum' (or None) with the {balancer.name!r} balancer, whose weights replace "
+                         f"the kernel rule; got {spec.name!r}")
+    return balancer, spec
+
+
+def _name(rule) -> str:
+    return rule if isinstance(rule, str) else rule.name

@@ -49,6 +49,13 @@ def weighted_coefficients(
     return torch.where(weighted[:, None], ab.expand_as(coeffs), coeffs), cases
 
 
+def describe(value) -> str:
+    """A short description of a checkpoint entry for an error message (a tensor by shape and dtype)."""
+    if isinstance(value, torch.Tensor):
+        return f"a {str(value.dtype).removeprefix('torch.')} tensor of shape {list(value.shape)}"
+    return "nothing" if value is None else type(value).__name__
+
+
 def single_process_only(what: str) -> None:
     """ValueError when torch.distributed runs with several processes (not supported yet)."""
     dist = torch.distributed
@@ -67,8 +74,12 @@ class Balancer:
     #: True: one backward of alpha*L_text + beta*L_image (weights from the losses alone).
     one_backward = False
 
-    def bind(self, device: torch.device) -> None:
+    def check_bind(self, num_groups: int) -> None:
+        """ValueError if this balancer cannot run on a layout of `num_groups` groups (nothing changes)."""
+
+    def bind(self, device: torch.device, num_groups: int) -> None:
         """Called once by ParetoLoRA with the device of the gradients (creates the state there)."""
+        self.check_bind(num_groups)
         self.device = device
         self.window_losses = torch.zeros(2, dtype=torch.float64, device=device)
 
@@ -93,15 +104,25 @@ class Balancer:
     def state_dict(self) -> dict:
         return {}
 
+    def check_state(self, state) -> None:
+        """ValueError("state: ...") unless `state` is a :meth:`state_dict` of this balancer (changes nothing)."""
+        if not isinstance(state, dict):
+            raise ValueError(f"state: expected the {self.name} balancer's state dict, got {type(state).__name__}")
+
     def load_state_dict(self, state: dict) -> None:
-        pass
+        """Restore :meth:`state_dict`; the whole state is checked before any of it is applied."""
+        self.check_state(state)
+        self._load(state)
+
+    def _load(self, state: dict) -> None:
+        """Apply a checked state (subclasses)."""
 
     def snapshot(self):
         """The state :meth:`loss_weights` changes, to :meth:`restore` if the backward fails (no host sync)."""
         return None
 
-    def restore(self, snap) -> None:
-        pass
+    def restore(self, snap, when: torch.Tensor | None = None) -> None:
+        """Put back a :meth:`snapshot` (``when``: a 0-d device bool, only where it is true)."""
 
     def wrap_sync(self, sync):
         """The sync ParetoLoRA uses with this balancer (one process only, for now)."""
@@ -110,25 +131,27 @@ class Balancer:
 
 
 class BalancedSync:
-    """A :class:`~pareto_lora.distributed.GradSync` that runs `balancer` around the `inner` sync
-    (anything else of the contract, e.g. ``saves_mid_window``, is the inner sync's)."""
+    """A :class:`~pareto_lora.distributed.GradSync` that runs `balancer` around the `inner` sync.
+
+    It implements the contract itself (no attribute forwarding): the flags are the inner sync's,
+    ``bind`` puts the balancer's coefficients in place of the rule, ``backward`` and ``finish``
+    add the one-backward mode and the balancer's update around the inner sync's.
+    """
 
     def __init__(self, inner, balancer: Balancer):
         self.inner, self.balancer = inner, balancer
         self.module = inner.module
-
-    def __getattr__(self, name: str):
-        if name == "inner":  # not set yet (copy/unpickle): no recursion
-            raise AttributeError(name)
-        return getattr(self.inner, name)
+        self.saves_mid_window = inner.saves_mid_window
+        self.calls_rule_once = inner.calls_rule_once
 
     def layout_for(self, layout):
         return self.inner.layout_for(layout)
 
     def bind(self, layout, text, image, rule_fn, backend: str) -> None:
         self.layout, self.image, self.backend = layout, image, backend
-        self.balancer.bind(layout.device)
+        self.balancer.bind(layout.device, layout.num_groups)
         self._weights = (torch.ones((), dtype=torch.float64, device=layout.device),) * 2
+        self._start = None  # the balancer's state when the window began (one-backward mode)
         self.inner.bind(layout, text, image, self._rule, backend)
 
     def _rule(self, group_stats: torch.Tensor):
@@ -154,14 +177,33 @@ class BalancedSync:
         self.image.accumulate(grads, first)
         self.image.attach_as_grad(params)
         bal.window_losses, self._weights = losses, (alpha, beta)
+        if first:
+            self._start = saved
 
     def finish(self, losses: torch.Tensor, settle) -> FlatStep:
-        if self.balancer.one_backward:
-            step = self._one_backward_step(losses, settle)
+        bal = self.balancer
+        start = self._start if bal.one_backward else bal.snapshot()
+        self._start = None
+
+        def guarded(losses: torch.Tensor, integrated: bool):
+            # A refused step (settle raises) or a skipped one (poison) leaves the balancer as it
+            # was when the window began: its floors must not learn from a loss that was refused.
+            try:
+                poison = settle(losses, integrated)
+            except BaseException:
+                if start is not None:
+                    bal.restore(start)
+                raise
+            if poison is not None and start is not None:
+                bal.restore(start, when=poison)
+            return poison
+
+        if bal.one_backward:
+            step = self._one_backward_step(losses, guarded)
         else:
-            self.balancer.prepare(losses)
-            step = self.inner.finish(losses, settle)
-        self.balancer.observe(step, losses)
+            bal.prepare(losses)
+            step = self.inner.finish(losses, guarded)
+        bal.observe(step, losses)
         step.extra = {k: v.detach().clone() for k, v in self.balancer.metrics().items()}
         return step
 
@@ -191,17 +233,29 @@ def balancer_state(balancer: Balancer | None) -> dict | None:
             "window_losses": None if window is None else window.detach().cpu().clone()}
 
 
-def check_balancer_state(balancer: Balancer | None, entry: dict | None) -> None:
-    """ValueError unless a checkpoint's ``"balancer"`` entry fits this ParetoLoRA's balancer."""
+def check_balancer_state(balancer: Balancer | None, entry) -> None:
+    """ValueError("state: ...") unless a checkpoint's ``"balancer"`` entry fits this ParetoLoRA's
+    balancer, checked whole (its own state included); nothing changes."""
     mine = None if balancer is None else balancer.name
+    if entry is not None and not isinstance(entry, dict):
+        raise ValueError(f"state: expected the balancer entry as a dict or None, got {type(entry).__name__}")
     theirs = None if entry is None else entry.get("name")
     if mine != theirs:
         raise ValueError(f"state: the checkpoint was saved with balancer {theirs!r}, this ParetoLoRA has {mine!r}")
+    if balancer is None:
+        return
+    balancer.check_state(entry.get("state"))
+    window = entry.get("window_losses")
+    if window is not None and (not isinstance(window, torch.Tensor) or window.shape != (2,)
+                               or not window.is_floating_point()):
+        raise ValueError(f"state: expected the balancer's window_losses as a float tensor of shape [2], "
+                         f"got {describe(window)}")
 
 
 def load_balancer_state(balancer: Balancer | None, entry: dict | None) -> None:
+    """Apply an entry that :func:`check_balancer_state` accepted."""
     if balancer is None or entry is None:
         return
     balancer.load_state_dict(entry["state"])
     if entry.get("window_losses") is not None:
-        balancer.window_losses = torch.as_tensor(entry["window_losses"], dtype=torch.float64).to(balancer.device)
+        balancer.window_losses = entry["window_losses"].to(dtype=torch.float64, device=balancer.device).clone()

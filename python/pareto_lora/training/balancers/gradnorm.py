@@ -5,7 +5,7 @@ Two weights ``w = (w_text, w_image)``, summing to 2, scale the objectives: the s
 gradient norms at a chosen shared group ``G_k = w_k * ||g_k||`` approach a common target
 scaled by each objective's relative inverse training rate:
 
-    r_k    = (L_k / L_k(0)) / mean_j (L_j / L_j(0))       (L_k(0): the first step's loss)
+    r_k    = (L_k / L_k(0)) / mean_j (L_j / L_j(0))       (L_k(0): the first loss > 0 of k)
     target = mean_j G_j * r_k ** alpha                      (held constant)
     L_grad = sum_k |G_k - target_k|,   w <- w - lr * dL_grad/dw,   then w <- 2 w / sum(w)
 
@@ -22,7 +22,8 @@ import math
 
 import torch
 
-from .base import Balancer, weighted_coefficients
+from ... import args
+from .base import Balancer, describe, weighted_coefficients
 
 __all__ = ["GradNorm", "gradnorm_update"]
 
@@ -57,15 +58,10 @@ class GradNorm(Balancer):
     name = "gradnorm"
 
     def __init__(self, alpha: float = 1.5, lr: float = 0.025, group: int | None = None, min_weight: float = 1e-3):
-        if not (math.isfinite(alpha) and alpha >= 0):
-            raise ValueError(f"alpha: expected a finite number >= 0, got {alpha!r}")
-        if not (math.isfinite(lr) and lr > 0):
-            raise ValueError(f"lr: expected a finite number > 0, got {lr!r}")
-        if group is not None and (isinstance(group, bool) or not isinstance(group, int) or group < 0):
-            raise ValueError(f"group: expected a group index >= 0 or None, got {group!r}")
-        if not 0 < min_weight < 1:
-            raise ValueError(f"min_weight: expected a number in (0, 1), got {min_weight!r}")
-        self.alpha, self.lr, self.group, self.min_weight = float(alpha), float(lr), group, float(min_weight)
+        self.alpha = args.number("alpha", alpha, 0.0)
+        self.lr = args.positive("lr", lr)
+        self.group = args.integer("group", group, 0, none=True)
+        self.min_weight = args.number("min_weight", min_weight, 0.0, 1.0, low_open=True, high_open=True)
         self.device = torch.device("cpu")
         self._init_state()
 
@@ -77,15 +73,17 @@ class GradNorm(Balancer):
         self._last = {"target": nan2, "g": nan2, "r": nan2}
         self._used = self.weights
 
-    def bind(self, device: torch.device) -> None:
-        super().bind(device)
+    def check_bind(self, num_groups: int) -> None:
+        if self.group is not None and self.group >= num_groups:
+            raise ValueError(f"group: expected a group index < {num_groups} (the layout's groups), got {self.group}")
+
+    def bind(self, device: torch.device, num_groups: int) -> None:
+        super().bind(device, num_groups)
         state = self.state_dict()
         self._init_state()
-        self.load_state_dict(state)
+        self._load(state)
 
     def coefficients(self, stats, active, backend):
-        if self.group is not None and self.group >= stats.shape[0]:
-            raise ValueError(f"group: {self.group} out of range (the layout has {stats.shape[0]} groups)")
         self._active = active
         return weighted_coefficients(stats, active, self.weights[0], self.weights[1], backend)
 
@@ -96,11 +94,15 @@ class GradNorm(Balancer):
 
     def observe(self, step, losses) -> None:
         losses = losses.to(torch.float64)
-        self.initial = torch.where(torch.isnan(self.initial), losses, self.initial)
         norms = self._norms(step, self._active)
+        # A non-finite step (refused or skipped) changes nothing. L_k(0) is the first loss > 0 of
+        # objective k: a batch without image tokens has image loss 0, which would freeze r_k for ever.
+        step_ok = torch.isfinite(losses).all() & torch.isfinite(norms).all()
+        self.initial = torch.where(torch.isnan(self.initial) & (losses > 0) & step_ok, losses, self.initial)
         new, target, g, r = gradnorm_update(self.weights, norms, losses, self.initial, self.alpha, self.lr,
                                             self.min_weight)
-        ok = torch.isfinite(new).all() & (self.initial > 0).all()  # skip a non-finite step (no host sync)
+        # a batch without one modality's tokens (loss 0) tells nothing about its training rate
+        ok = step_ok & (losses > 0).all() & torch.isfinite(new).all() & (self.initial > 0).all()  # no host sync
         self._used = self.weights
         self.weights = torch.where(ok, new, self.weights)
         self._last = {"target": target, "g": g, "r": r}
@@ -115,9 +117,23 @@ class GradNorm(Balancer):
     def state_dict(self) -> dict:
         return {"weights": self.weights.detach().cpu().clone(), "initial": self.initial.detach().cpu().clone()}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.weights = torch.as_tensor(state["weights"], dtype=torch.float64).to(self.device).clone()
-        self.initial = torch.as_tensor(state["initial"], dtype=torch.float64).to(self.device).clone()
+    def check_state(self, state) -> None:
+        super().check_state(state)
+        for key in ("weights", "initial"):
+            v = state.get(key)
+            if not isinstance(v, torch.Tensor) or v.shape != (2,) or not v.is_floating_point():
+                raise ValueError(f"state: expected GradNorm {key} as a float tensor of shape [2], got {describe(v)}")
+        w, initial = state["weights"], state["initial"]
+        if not (torch.isfinite(w).all() and (w > 0).all()):
+            raise ValueError(f"state: expected GradNorm weights finite and > 0, got {w.tolist()}")
+        if not (torch.isnan(initial) | (torch.isfinite(initial) & (initial > 0))).all():
+            raise ValueError(f"state: expected GradNorm initial losses finite and > 0 (NaN: not seen yet), "
+                             f"got {initial.tolist()}")
+
+    def _load(self, state: dict) -> None:
+        self.weights = state["weights"].to(dtype=torch.float64, device=self.device).clone()
+        self.initial = state["initial"].to(dtype=torch.float64, device=self.device).clone()
+        self._used = self.weights
 
     def __repr__(self) -> str:
         return f"GradNorm(alpha={self.alpha}, lr={self.lr}, group={self.group})"

@@ -17,11 +17,11 @@ May import: :mod:`.base`.
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 
-from .base import Balancer, weighted_coefficients
+from ... import args
+from .base import Balancer, describe as _describe, weighted_coefficients
 
 __all__ = ["MIMO", "mimo_weights", "stable_softmax"]
 
@@ -51,11 +51,18 @@ def mimo_weights(losses: torch.Tensor, floors: torch.Tensor, lam: float, mu: flo
     return 1.0 + lam * sigma, sigma, gaps
 
 
-def _positive(name: str, value) -> float:
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0
-    if not ok:
-        raise ValueError(f"{name}: expected a finite number > 0, got {value!r}")
-    return float(value)
+def _fixed_floors(floor) -> tuple[float, float] | None:
+    """None for "min"/"ema", the two numbers of a fixed ``(floor_text, floor_image)``, else ValueError."""
+    if isinstance(floor, str):
+        args.choice("floor", floor, FLOORS)
+        return None
+    expected = f"floor: expected {' or '.join(map(repr, FLOORS))} or two finite numbers, got {args.shown(floor)}"
+    if not isinstance(floor, (tuple, list)) or len(floor) != 2:
+        raise ValueError(expected)
+    try:
+        return args.number("floor", floor[0]), args.number("floor", floor[1])
+    except ValueError:
+        raise ValueError(expected) from None
 
 
 class MIMO(Balancer):
@@ -79,22 +86,12 @@ class MIMO(Balancer):
     name = "mimo"
 
     def __init__(self, lam: float = 10.0, mu: float = 0.1, floor="min", ema: float = 0.9, per_group: bool = False):
-        self.lam = float(lam) if lam == 0 else _positive("lam", lam)
-        self.mu = _positive("mu", mu)
-        if isinstance(floor, str):
-            if floor not in FLOORS:
-                raise ValueError(f"floor: expected one of {', '.join(FLOORS)} or (floor_text, floor_image), got {floor!r}")
-            self.fixed = None
-        else:
-            vals = tuple(floor)
-            if len(vals) != 2 or not all(isinstance(v, numbers.Real) and math.isfinite(v) for v in vals):
-                raise ValueError(f"floor: expected 'min', 'ema' or two finite numbers, got {floor!r}")
-            self.fixed = tuple(float(v) for v in vals)
-        self.floor = floor if isinstance(floor, str) else "fixed"
-        if not 0.0 <= ema < 1.0:
-            raise ValueError(f"ema: expected a decay in [0, 1), got {ema!r}")
-        self.ema = float(ema)
-        self.per_group = bool(per_group)
+        self.lam = args.number("lam", lam, 0.0)
+        self.mu = args.positive("mu", mu)
+        self.fixed = _fixed_floors(floor)
+        self.floor = floor if self.fixed is None else "fixed"
+        self.ema = args.unit_interval("ema", ema, high_open=True)
+        self.per_group = args.flag("per_group", per_group)
         self.one_backward = not self.per_group
         self.device = torch.device("cpu")
         self._init_state()
@@ -106,17 +103,18 @@ class MIMO(Balancer):
         nan2 = torch.full((2,), math.nan, dtype=torch.float64, device=self.device)
         self._last = {"sigma": nan2, "gaps": nan2, "coeffs": nan2}
 
-    def bind(self, device: torch.device) -> None:
-        super().bind(device)
+    def bind(self, device: torch.device, num_groups: int) -> None:
+        super().bind(device, num_groups)
         state = self.state_dict()
         self._init_state()
-        self.load_state_dict(state)
+        self._load(state)
 
     def _update_floors(self, losses: torch.Tensor) -> None:
         if self.floor == "fixed":
             return
         losses = losses.to(self.floors)
-        unset, ok = torch.isnan(self.floors), torch.isfinite(losses)
+        # Only a batch whose two losses are finite enters the floors (a NaN/inf one is refused or skipped).
+        unset, ok = torch.isnan(self.floors), torch.isfinite(losses).all()
         if self.floor == "min":
             new = torch.minimum(self.floors, losses)
         else:
@@ -143,7 +141,7 @@ class MIMO(Balancer):
         return weighted_coefficients(stats, active, c[0], c[1], backend)
 
     def observe(self, step, losses) -> None:
-        self.steps = self.steps + 1
+        self.steps = self.steps + torch.isfinite(losses).all().to(self.steps)  # a skipped step is not counted
 
     def metrics(self) -> dict[str, torch.Tensor]:
         s, g, c, f = self._last["sigma"], self._last["gaps"], self._last["coeffs"], self.floors
@@ -153,15 +151,28 @@ class MIMO(Balancer):
     def snapshot(self):
         return self.floors, dict(self._last)
 
-    def restore(self, snap) -> None:
-        self.floors, self._last = snap[0], dict(snap[1])
+    def restore(self, snap, when: torch.Tensor | None = None) -> None:
+        if when is None:
+            self.floors, self._last = snap[0], dict(snap[1])
+        else:  # a 0-d device bool: no host sync
+            self.floors = torch.where(when, snap[0], self.floors)
 
     def state_dict(self) -> dict:
         return {"floors": self.floors.detach().cpu().clone(), "steps": int(self.steps)}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.floors = torch.as_tensor(state["floors"], dtype=torch.float64).to(self.device).clone()
-        self.steps = torch.tensor(int(state["steps"]), dtype=torch.int64, device=self.device)
+    def check_state(self, state) -> None:
+        super().check_state(state)
+        floors, steps = state.get("floors"), state.get("steps")
+        if not isinstance(floors, torch.Tensor) or floors.shape != (2,) or not floors.is_floating_point():
+            raise ValueError(f"state: expected MIMO floors as a float tensor of shape [2], got {_describe(floors)}")
+        if torch.isinf(floors).any():
+            raise ValueError(f"state: expected MIMO floors finite (NaN: not seen yet), got {floors.tolist()}")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"state: expected MIMO steps as an int >= 0, got {steps!r}")
+
+    def _load(self, state: dict) -> None:
+        self.floors = state["floors"].to(dtype=torch.float64, device=self.device).clone()
+        self.steps = torch.tensor(state["steps"], dtype=torch.int64, device=self.device)
 
     def __repr__(self) -> str:
         return (f"MIMO(lam={self.lam}, mu={self.mu}, floor={self.fixed if self.fixed else self.floor!r}, "

@@ -17,7 +17,14 @@ side is put back in turn); ``every`` measures every k-th step only. :class:`CoMM
 an LR scheduler over two parameter groups of an optimizer; ``regularize=True`` adds the paper's
 drift regulariser (a loss term that rewards moving the output distribution; see
 :meth:`CoMMIT.regularization`).
-May import: nothing from the package (plain torch).
+
+Several processes (DDP, torch.distributed with world size > 1): the drifts are token means over
+every rank's measuring batch (the sums and the token count are all-reduced), so every rank
+measures the same kappa, sets the same learning rates and the ranks' parameters stay equal.
+Measuring ranks with their own kappa would give each rank other learning rates, and DDP's
+averaged gradient would then move the replicas apart. Every rank must call :meth:`CoMMIT.step`
+(or ``begin``/``end``) with ``forward`` on the same steps (the all-reduce is collective).
+May import: :mod:`pareto_lora.args` (plain torch otherwise).
 """
 
 from __future__ import annotations
@@ -29,7 +36,17 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["CoMMIT", "kl_drift", "coordinated_lrs"]
+from ... import args
+
+__all__ = ["CoMMIT", "kl_drift", "kappa_of", "coordinated_lrs"]
+
+
+def _kl_tokens(p_logits: torch.Tensor, q_logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """KL(softmax(p) || softmax(q)) per token in float64 ([N], the tokens `mask` selects)."""
+    lp = torch.log_softmax(p_logits.to(torch.float64), dim=-1)
+    lq = torch.log_softmax(q_logits.to(torch.float64), dim=-1)
+    kl = (lp.exp() * (lp - lq)).sum(dim=-1)
+    return kl[mask.to(kl.device).bool()] if mask is not None else kl.flatten()
 
 
 def kl_drift(p_logits: torch.Tensor, q_logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -37,12 +54,30 @@ def kl_drift(p_logits: torch.Tensor, q_logits: torch.Tensor, mask: torch.Tensor 
 
     Differentiable in both arguments (the regulariser differentiates the second).
     """
-    lp = torch.log_softmax(p_logits.to(torch.float64), dim=-1)
-    lq = torch.log_softmax(q_logits.to(torch.float64), dim=-1)
-    kl = (lp.exp() * (lp - lq)).sum(dim=-1)
-    if mask is not None:
-        kl = kl[mask.to(kl.device).bool()]
+    kl = _kl_tokens(p_logits, q_logits, mask)
     return kl.mean() if kl.numel() else kl.sum()
+
+
+def _global_drifts(kl_llm: torch.Tensor, kl_feature: torch.Tensor) -> tuple[float, float]:
+    """(d_llm, d_feature): the token means, over every rank's tokens when torch.distributed runs with
+    several processes (one all-reduce of the sums and the count: every rank gets the same numbers)."""
+    totals = torch.stack([kl_llm.sum(), kl_feature.sum(), torch.tensor(float(kl_llm.numel()), dtype=torch.float64,
+                                                                       device=kl_llm.device)])
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(totals)
+    d_llm, d_feature, count = totals.tolist()
+    return (d_llm / count, d_feature / count) if count else (0.0, 0.0)
+
+
+def kappa_of(d_llm: float, d_feature: float) -> float:
+    """kappa = d_llm / d_feature; NaN unless both drifts are finite (a NaN logit on one side must not
+    read as kappa = inf), inf when only the LLM side moved, NaN when neither did."""
+    if not (math.isfinite(d_llm) and math.isfinite(d_feature)):
+        return math.nan
+    if d_feature > 0:
+        return d_llm / d_feature
+    return math.inf if d_llm > 0 else math.nan
 
 
 def coordinated_lrs(base_llm: float, base_feature: float, kappa_avg: float) -> tuple[float, float]:
@@ -74,17 +109,16 @@ class CoMMIT:
     def __init__(self, optimizer=None, llm_group: int = 0, feature_group: int = 1, base_lr: float | None = None,
                  every: int = 1, window: int = 10, kappa_max: float = 1e3, regularize: bool = False,
                  reg_weight: float = 0.1):
-        if llm_group == feature_group:
+        self.llm_group = args.integer("llm_group", llm_group, 0)
+        self.feature_group = args.integer("feature_group", feature_group, 0)
+        if self.llm_group == self.feature_group:
             raise ValueError("feature_group: expected a different parameter group than llm_group")
-        for name, v in (("every", every), ("window", window)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
-        if not (kappa_max > 1 and math.isfinite(kappa_max)):
-            raise ValueError(f"kappa_max: expected a finite number > 1, got {kappa_max!r}")
-        if base_lr is not None and not base_lr > 0:
-            raise ValueError(f"base_lr: expected a number > 0, got {base_lr!r}")
-        self.llm_group, self.feature_group, self.base_lr = llm_group, feature_group, base_lr
-        self.every, self.kappa_max, self.regularize, self.reg_weight = every, float(kappa_max), bool(regularize), float(reg_weight)
+        self.base_lr = args.positive("base_lr", base_lr) if base_lr is not None else None
+        self.every = args.integer("every", every, 1)
+        window = args.integer("window", window, 1)
+        self.kappa_max = args.number("kappa_max", kappa_max, 1.0, low_open=True)
+        self.regularize = args.flag("regularize", regularize)
+        self.reg_weight = args.number("reg_weight", reg_weight, 0.0)
         self.history: collections.deque[float] = collections.deque(maxlen=window)
         self.steps = 0
         self.overhead_s = 0.0
@@ -185,14 +219,14 @@ class CoMMIT:
         llm_new, feat_new = [p.detach().clone() for p in llm], [p.detach().clone() for p in feat]
         with torch.no_grad():
             self._copy(feat, feat_old)  # only the LLM moved
-            d_llm = kl_drift(self._ref, forward(), mask)
+            kl_llm = _kl_tokens(self._ref, forward(), mask)
             self._copy(feat, feat_new)
             self._copy(llm, llm_old)  # only the feature side moved
-            d_feat = kl_drift(self._ref, forward(), mask)
+            kl_feat = _kl_tokens(self._ref, forward(), mask)
             self._copy(llm, llm_new)
-        d_llm, d_feat = float(d_llm), float(d_feat)
-        kappa = d_llm / d_feat if d_feat > 0 else (math.inf if d_llm > 0 else math.nan)
-        if not math.isnan(kappa):
+        d_llm, d_feat = _global_drifts(kl_llm, kl_feat)
+        kappa = kappa_of(d_llm, d_feat)
+        if not math.isnan(kappa):  # a step without a usable kappa leaves the average as it was
             self.history.append(min(max(kappa, 1.0 / self.kappa_max), self.kappa_max))
         self.last = {"kappa": kappa, "d_llm": d_llm, "d_feature": d_feat}
         return kappa
@@ -230,7 +264,38 @@ class CoMMIT:
         return {"history": list(self.history), "steps": self.steps, "base_lrs": list(getattr(self, "base_lrs", [])),
                 "last": dict(self.last), "overhead_s": self.overhead_s}
 
+    def check_state(self, state) -> None:
+        """ValueError("state: ...") unless `state` is a :meth:`state_dict` (nothing changes)."""
+        if not isinstance(state, dict):
+            raise ValueError(f"state: expected a CoMMIT.state_dict(), got {type(state).__name__}")
+        missing = [k for k in ("history", "steps", "last", "overhead_s") if k not in state]
+        if missing:
+            raise ValueError(f"state: expected a CoMMIT.state_dict(), missing {', '.join(missing)}")
+        try:
+            history = state["history"]
+            if not isinstance(history, (list, tuple)):
+                raise ValueError(f"history: expected a list, got {type(history).__name__}")
+            for k in history:
+                args.positive("history", k)
+            args.integer("steps", state["steps"], 0)
+            args.number("overhead_s", state["overhead_s"], 0.0)
+            last = state["last"]
+            if not isinstance(last, dict) or set(last) != {"kappa", "d_llm", "d_feature"}:
+                raise ValueError("last: expected a dict of kappa, d_llm, d_feature")
+            for k, v in last.items():
+                if not (isinstance(v, float) and math.isnan(v)):  # NaN: not measured
+                    args.number(k, v, finite=False)
+            base = state.get("base_lrs") or []
+            if not isinstance(base, (list, tuple)) or len(base) not in (0, 2):
+                raise ValueError("base_lrs: expected a list of two rates")
+            for x in base:
+                args.positive("base_lrs", x)
+        except ValueError as err:
+            raise ValueError(f"state: {err}") from None
+
     def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`; the whole state is checked before any of it is applied."""
+        self.check_state(state)
         self.history.clear()
         self.history.extend(float(k) for k in state["history"])
         self.steps, self.last, self.overhead_s = int(state["steps"]), dict(state["last"]), float(state["overhead_s"])

@@ -4,6 +4,8 @@ Runs against every backend (reference, C++, Triton, CUDA where present) through 
 and against the raw torch ops for the compiled backend.
 """
 
+import re
+
 import pytest
 import torch
 
@@ -172,3 +174,39 @@ def test_rule_tables_agree():
     with pytest.raises(ValueError) as err:
         torch.ops.pareto_lora.rule_coefficients(stats, "bogus", 0.5, None, 1.0, False)
     assert str(err.value).split("\n")[0].endswith("expected one of " + ", ".join(RULES))
+
+
+def _grouped_bad(device):
+    """(keyword overrides, the message's start) for the fused op's training-step arguments; the
+    layout has S = 2 segments (offsets [0, 30, 100])."""
+    return [
+        (dict(groups=torch.tensor([0, 2], dtype=torch.int32)), "groups: expected dtype int64, got int32"),
+        (dict(groups=torch.tensor([[0, 2]])), "groups: expected a 1-D tensor of length G+1 >= 1"),
+        (dict(groups=[0, 2.0]), "groups: expected an int64 Tensor, a sequence of ints or None"),
+        (dict(groups="0,2"), "groups: expected an int64 Tensor, a sequence of ints or None, got str"),
+        (dict(groups=[1, 2]), "groups: expected groups[0] == 0, got 1"),
+        (dict(groups=[0, 1]), "groups: expected groups[-1] == number of segments == 2, got 1"),
+        (dict(groups=[0, 2, 1, 2]), "groups: expected non-decreasing values, but groups[2] < groups[1]"),
+        (dict(groups=[0, 1, 2, 2], active=torch.ones(2, dtype=torch.bool, device=device)),
+         "active: expected shape [3] (one per group)"),
+        (dict(poison=True), "poison: expected a 0-d bool Tensor or None, got bool"),
+        (dict(poison=torch.tensor(1.0, device=device)), "poison: expected dtype bool, got float32"),
+        (dict(poison=torch.tensor([True], device=device)), "poison: expected a 0-d tensor"),
+        (dict(stats=torch.zeros(2, 3, device=device)), "stats: expected dtype float64, got float32"),
+        (dict(stats=torch.zeros(3, 3, dtype=torch.float64, device=device)),
+         "stats: expected shape [2, 3] (one row per segment)"),
+        (dict(stats=[[0.0] * 3] * 2), "stats: expected a float64 Tensor or None, got list"),
+    ]
+
+
+@pytest.mark.parametrize("i", range(14))
+def test_integrate_rejects_bad_training_step_arguments(any_backend, i):
+    """groups / poison / stats: the same message on every backend, before anything is written."""
+    name, device = any_backend
+    bad, message = _grouped_bad(device)[i]
+    kw = _inputs(device)
+    snap = _snapshot(kw)
+    args = dict(groups=None, poison=None, stats=None, active=None) | bad
+    with pytest.raises(ValueError, match="^" + re.escape(message)):
+        pareto_lora.integrate(kw["a"], kw["b"], kw["offsets"], out=kw["out"], backend=name, **args)
+    _assert_unchanged(kw, snap)

@@ -135,8 +135,9 @@ def check_stats(stats: torch.Tensor) -> int:
     return stats.shape[0]
 
 
-def check_active(active: torch.Tensor | None, num_segments: int, device: torch.device) -> None:
-    """A bool per segment (any stride), on the CPU or the op's `device`; None means all active."""
+def check_active(active: torch.Tensor | None, num_segments: int, device: torch.device, per: str = "segment") -> None:
+    """A bool per segment (per group in a grouped call; any stride), on the CPU or the op's
+    `device`; None means all active."""
     if active is None:
         return
     if not isinstance(active, torch.Tensor):
@@ -145,7 +146,7 @@ def check_active(active: torch.Tensor | None, num_segments: int, device: torch.d
     if active.dtype != torch.bool:
         _fail("active", f"expected dtype bool, got {dtype_name(active.dtype)}")
     if active.dim() != 1 or active.numel() != num_segments:
-        _fail("active", f"expected shape [{num_segments}] (one per segment), got {tuple(active.shape)}")
+        _fail("active", f"expected shape [{num_segments}] (one per {per}), got {tuple(active.shape)}")
     _on("active", active, device, host_ok=True)
 
 
@@ -184,11 +185,80 @@ def check_combine(a, b, offsets, coeffs, out) -> int:
     return g
 
 
-def check_integrate(a, b, offsets, out, active) -> int:
-    """All tensor checks of the fused op (``out`` may be None: allocated later); returns G."""
+def as_groups(groups):
+    """Groups as given, or a list/tuple of ints made an int64 tensor (like offsets)."""
+    if isinstance(groups, Sequence) and not isinstance(groups, (str, bytes)):
+        if not all(isinstance(g, int) and not isinstance(g, bool) for g in groups):
+            _fail("groups", "expected an int64 Tensor, a sequence of ints or None")
+        return torch.tensor(list(groups), dtype=torch.int64)
+    return groups
+
+
+def check_groups(groups: torch.Tensor, num_segments: int, device: torch.device) -> torch.Tensor:
+    """int64 [G+1], groups[0] == 0, groups[-1] == S, non-decreasing; on the CPU or `device`.
+    Returns the values on the CPU (the backends cut their work by group on the host)."""
+    if not isinstance(groups, torch.Tensor):
+        _fail("groups", f"expected an int64 Tensor, a sequence of ints or None, got {type(groups).__name__}")
+    _tensor("groups", groups)
+    if groups.dtype != torch.int64:
+        _fail("groups", f"expected dtype int64, got {dtype_name(groups.dtype)}")
+    if groups.dim() != 1 or groups.numel() < 1:
+        _fail("groups", f"expected a 1-D tensor of length G+1 >= 1, got shape {tuple(groups.shape)}")
+    _on("groups", groups, device, host_ok=True)
+    vals = groups.cpu()
+    if int(vals[0]) != 0:
+        _fail("groups", f"expected groups[0] == 0, got {int(vals[0])}")
+    if int(vals[-1]) != num_segments:
+        _fail("groups", f"expected groups[-1] == number of segments == {num_segments}, got {int(vals[-1])}")
+    if vals.numel() > 1:
+        down = vals[1:] < vals[:-1]
+        if bool(down.any()):
+            i = int(torch.nonzero(down)[0])
+            _fail("groups", f"expected non-decreasing values, but groups[{i + 1}] < groups[{i}]")
+    return vals
+
+
+def check_poison(poison, device: torch.device) -> None:
+    """A 0-d bool tensor on `device` (read there, never on the host), or None."""
+    if poison is None:
+        return
+    if not isinstance(poison, torch.Tensor):
+        _fail("poison", f"expected a 0-d bool Tensor or None, got {type(poison).__name__}")
+    _tensor("poison", poison)
+    if poison.dtype != torch.bool:
+        _fail("poison", f"expected dtype bool, got {dtype_name(poison.dtype)}")
+    if poison.dim() != 0:
+        _fail("poison", f"expected a 0-d tensor, got shape {tuple(poison.shape)}")
+    _on("poison", poison, device, host_ok=False, what=" (same as a)")
+
+
+def check_given_stats(stats, num_segments: int, device: torch.device) -> None:
+    """Per-segment statistics given to the fused op: float64 [S, 3] on `device` (any stride), or None."""
+    if stats is None:
+        return
+    if not isinstance(stats, torch.Tensor):
+        _fail("stats", f"expected a float64 Tensor or None, got {type(stats).__name__}")
+    _tensor("stats", stats)
+    if stats.dtype != torch.float64:
+        _fail("stats", f"expected dtype float64, got {dtype_name(stats.dtype)}")
+    if tuple(stats.shape) != (num_segments, 3):
+        _fail("stats", f"expected shape [{num_segments}, 3] (one row per segment), got {tuple(stats.shape)}")
+    _on("stats", stats, device, host_ok=False, what=" (same as a)")
+
+
+def check_integrate(a, b, offsets, out, active, groups=None, poison=None, stats=None):
+    """All tensor checks of the fused op, in the order of csrc/op_args.h (``out`` may be None:
+    allocated later). Returns (S, groups on the CPU or None)."""
     check_buffers(a, b)
-    g = check_offsets(offsets, a.numel(), a.device)
+    s = check_offsets(offsets, a.numel(), a.device)
     if out is not None:
         check_out(out, a, b)
-    check_active(active, g, a.device)
-    return g
+    host_groups = None if groups is None else check_groups(groups, s, a.device)
+    if host_groups is None:
+        check_active(active, s, a.device)
+    else:
+        check_active(active, host_groups.numel() - 1, a.device, per="group")
+    check_poison(poison, a.device)
+    check_given_stats(stats, s, a.device)
+    return s, host_groups
+

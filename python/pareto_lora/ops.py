@@ -3,7 +3,10 @@
 ``integrate`` (stats -> rule -> combine, fused) and its three stages ``segment_stats``,
 ``rule_coefficients`` and ``combine``. Each resolves its backend through the registry
 (:mod:`pareto_lora.backends`) and returns what every backend returns. ``rule`` is a rule name
-with loose ``tau``/``gamma``/``symmetric``, or one :class:`pareto_lora.RuleSpec`.
+with loose ``tau``/``gamma``/``symmetric``/``margin``, or one :class:`pareto_lora.RuleSpec`:
+these functions are the public boundary, the one place (with the oracle's public functions in
+:mod:`pareto_lora.reference`) that accepts the loose keywords and makes them one RuleSpec.
+Below it every backend takes the spec (:class:`pareto_lora.backends.protocol.Backend`).
 May import: :mod:`pareto_lora.backends`, :mod:`pareto_lora.result`, :mod:`pareto_lora.rules`.
 """
 
@@ -45,20 +48,32 @@ def integrate(
     symmetric: bool | None = None,
     backend: str = "auto",
     margin: float | None = None,
+    *,
+    groups: torch.Tensor | None = None,
+    poison: torch.Tensor | None = None,
+    stats: torch.Tensor | None = None,
 ) -> IntegrationResult:
     """Fused stats -> rule -> combine over the segments of two flat gradient buffers.
 
-    ``a`` is the text gradient, ``b`` the image gradient; ``offsets`` (int64, G+1) marks the
+    ``a`` is the text gradient, ``b`` the image gradient; ``offsets`` (int64, S+1) marks the
     segments. ``out`` may be ``a`` or ``b`` (in place) or None (a new tensor). ``tau``,
     ``gamma``, ``symmetric``, ``margin`` default to 0.5, 1.0, False, 0.0 (or come from a ``RuleSpec``
     ``rule``); ``margin`` > 0 makes the conflict test ``cos < -margin`` (rules.RuleSpec).
+
+    A training step in one call: ``groups`` (int64 [G+1], a list too) makes the rule run per group
+    of consecutive segments on their statistics summed in float64 left to right (``active`` is
+    then [G]; an empty group gets zero statistics); ``poison`` (0-d bool tensor on a's device)
+    makes the whole output NaN and every case NONFINITE without a host sync; ``stats`` ([S, 3]
+    float64, e.g. all-reduced across ranks) replaces the statistics pass. The result's ``stats``
+    are per segment, ``group_stats``, ``coeffs`` and ``cases`` per group.
     """
     impl = resolve_backend(backend, _device_of(a))
-    return impl.integrate(a, b, offsets, out, as_spec(rule, tau, gamma, symmetric, margin), active=active)
+    spec = as_spec(rule, tau, gamma, symmetric, margin)
+    return impl.integrate(a, b, offsets, out, spec, active=active, groups=groups, poison=poison, stats=stats)
 
 
 def segment_stats(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """[G, 3] float64 per-segment ||a||^2, ||b||^2, a.b."""
+    """[S, 3] float64 per-segment ||a||^2, ||b||^2, a.b."""
     return resolve_backend(backend, _device_of(a)).segment_stats(a, b, offsets)
 
 
@@ -74,7 +89,8 @@ def rule_coefficients(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(coeffs [G, 2] float32, cases [G] int32) from per-segment stats of any source."""
     impl = resolve_backend(backend, _device_of(stats))
-    return impl.rule_coefficients(stats, as_spec(rule, tau, gamma, symmetric, margin), active=active)
+    spec = as_spec(rule, tau, gamma, symmetric, margin)
+    return impl.rule_coefficients(stats, spec, active=active)
 
 
 def combine(

@@ -13,6 +13,8 @@ May import: :mod:`pareto_lora.checks`, :mod:`pareto_lora.result`, :mod:`pareto_l
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import checks as _checks
@@ -28,6 +30,8 @@ __all__ = [
     "segment_ids",
     "stats_by_ids",
     "combine_by_ids",
+    "group_sums",
+    "segment_groups",
 ]
 
 
@@ -180,6 +184,34 @@ def combine(
     return out
 
 
+def group_sums(stats: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """[G, 3] float64: row g = +0.0 + stats[groups[g]] + ... + stats[groups[g+1] - 1], left to right.
+
+    The one summation order of group statistics on every backend and device (csrc/cpu/ops_cpu.cpp,
+    the CUDA and Triton kernels add in the same order), so every path gives the same bits. An empty
+    group gets zeros. Vectorised over groups, looping over the largest group's size (a few units).
+    ``groups`` is a validated int64 [G+1] (any device).
+    """
+    s = stats.to(torch.float64)
+    groups = groups.to(s.device)
+    first, sizes = groups[:-1], groups[1:] - groups[:-1]
+    acc = torch.zeros(first.numel(), 3, dtype=torch.float64, device=s.device)
+    longest = int(sizes.max()) if sizes.numel() > 0 else 0
+    for k in range(longest):
+        take = (k < sizes)[:, None]
+        # +0.0 where a group has no k-th segment: acc + 0.0 == acc, since acc starts at +0.0 and a
+        # float64 sum that starts at +0.0 is never -0.0 (NaN and inf stay what they are).
+        rows = s[torch.where(take[:, 0], first + k, 0)] if s.shape[0] > 0 else acc
+        acc = acc + torch.where(take, rows, 0.0)
+    return acc
+
+
+def segment_groups(groups: torch.Tensor, num_segments: int) -> torch.Tensor:
+    """The group of every segment (int64 [S]) of a validated ``groups`` [G+1]."""
+    sizes = groups[1:] - groups[:-1]
+    return torch.repeat_interleave(torch.arange(sizes.numel(), device=groups.device), sizes, output_size=num_segments)
+
+
 def integrate(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -191,13 +223,34 @@ def integrate(
     gamma: float | None = None,
     symmetric: bool | None = None,
     margin: float | None = None,
+    *,
+    groups: torch.Tensor | None = None,
+    poison: torch.Tensor | None = None,
+    stats: torch.Tensor | None = None,
 ) -> IntegrationResult:
-    """stats -> rule -> combine. Returns ``IntegrationResult(out, stats, coeffs, cases)``."""
+    """stats (per segment) -> rule (per group) -> combine. Returns ``IntegrationResult``.
+
+    The oracle's public signature: ``rule`` is a name with loose parameters or one RuleSpec
+    (the registry passes a RuleSpec). ``groups``, ``poison`` and ``stats`` are those of
+    :func:`pareto_lora.integrate` (semantics in :mod:`pareto_lora.backends.protocol`).
+    """
     spec = as_spec(rule, tau, gamma, symmetric, margin)
-    offsets, active = _checks.as_offsets(offsets), _checks.as_active(active)
-    _checks.check_integrate(a, b, offsets, out, active)
-    stats = segment_stats(a, b, offsets)
+    offsets, active, groups = _checks.as_offsets(offsets), _checks.as_active(active), _checks.as_groups(groups)
+    num_segments, host_groups = _checks.check_integrate(a, b, offsets, out, active, groups, poison, stats)
+    if stats is None:
+        stats = stats_by_ids(a, b, segment_ids(offsets, a.device), num_segments)
+    else:
+        stats = stats.to(torch.float64, copy=True)  # returned as given, never aliased
+    if host_groups is None:
+        group_stats = stats + 0.0  # each segment its own group: +0.0 + its row
+    else:
+        group_stats = group_sums(stats, host_groups)
     # float64 inputs get float64 coefficients: the oracle of float64 training stays exact.
-    coeffs, cases = _rule(stats, spec, active, torch.float64 if a.dtype == torch.float64 else torch.float32)
-    out = combine(a, b, offsets, coeffs, out)
-    return IntegrationResult(out, stats, coeffs, cases)
+    coeffs, cases = _rule(group_stats, spec, active, torch.float64 if a.dtype == torch.float64 else torch.float32)
+    seg_coeffs = coeffs if host_groups is None else coeffs[segment_groups(host_groups, num_segments).to(a.device)]
+    if poison is not None:
+        # NaN coefficients make the whole output NaN (a GradScaler skips the step); no host read.
+        seg_coeffs = seg_coeffs * torch.where(poison, math.nan, 1.0).to(seg_coeffs.dtype)
+        cases = torch.where(poison, torch.full_like(cases, int(Case.NONFINITE)), cases)
+    out = combine(a, b, offsets, seg_coeffs, out)
+    return IntegrationResult(out, stats, coeffs, cases, group_stats)

@@ -26,16 +26,32 @@ def stats_metrics(stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
     return na, nb, cos, na / nb
 
 
-class IntegrationResult(NamedTuple):
+class _Fields(NamedTuple):
+    out: torch.Tensor  #: the integrated gradient
+    stats: torch.Tensor  #: [S, 3] float64 per segment: ||a||^2, ||b||^2, a.b (exact products summed in float64)
+    coeffs: torch.Tensor  #: [G, 2] float32 (float64 from the reference on float64 inputs): (alpha, beta) per group
+    cases: torch.Tensor  #: [G] int32 case codes per group (see :class:`pareto_lora.Case`)
+
+
+class IntegrationResult(_Fields):
     """What ``integrate`` returns on every backend. Tensors stay on the device (no host sync).
 
-    A named tuple, so ``out, stats, coeffs, cases = reference.integrate(...)`` unpacks it.
+    A named tuple of four, so ``out, stats, coeffs, cases = reference.integrate(...)`` unpacks it
+    (as it did before groups existed); ``group_stats`` ([G, 3] float64, the statistics the rule
+    saw) is an attribute outside the tuple. Without ``groups`` every segment is its own group:
+    ``group_stats`` equals ``stats`` (a separate tensor) and G = S.
     """
 
-    out: torch.Tensor  #: the integrated gradient
-    stats: torch.Tensor  #: [G, 3] float64: ||a||^2, ||b||^2, a.b (exact products summed in float64)
-    coeffs: torch.Tensor  #: [G, 2] float32 (float64 from the reference on float64 inputs): (alpha, beta)
-    cases: torch.Tensor  #: [G] int32 case codes (see :class:`pareto_lora.Case`)
+    def __new__(cls, out, stats, coeffs, cases, group_stats=None):
+        self = super().__new__(cls, out, stats, coeffs, cases)
+        self.__dict__["_group_stats"] = group_stats
+        return self
+
+    @property
+    def group_stats(self) -> torch.Tensor:
+        """[G, 3] float64: each group's statistics, its segments' rows summed left to right from +0.0."""
+        given = self.__dict__.get("_group_stats")  # absent after _replace/_make: no groups then
+        return self.stats if given is None else given
 
     @property
     def norm_a(self) -> torch.Tensor:

@@ -7,6 +7,7 @@ import torch
 
 import pareto_lora
 from pareto_lora.backends import BACKENDS, available_backends, resolve_backend
+from pareto_lora.backends.protocol import Backend
 from pareto_lora.result import IntegrationResult
 
 FUNCTIONS = ("segment_stats", "rule_coefficients", "combine", "integrate", "is_available")
@@ -20,13 +21,38 @@ def test_available_backends_are_resolvable_modules_with_the_op_surface():
         assert module.is_available("cpu")
 
 
-def test_same_signatures_on_every_backend():
-    names = available_backends("cpu")
-    sigs = {n: {f: list(inspect.signature(getattr(resolve_backend(n, torch.device("cpu")), f)).parameters)
-                for f in FUNCTIONS[:-1]} for n in names}
-    first = sigs[names[0]]
-    for n in names[1:]:
-        assert sigs[n] == first, n
+def _protocol_params(fn_name):
+    """The Backend protocol's parameters of `fn_name` (without self): kind and name."""
+    sig = inspect.signature(getattr(Backend, fn_name))
+    return [p for p in sig.parameters.values() if p.name != "self"]
+
+
+def test_every_backend_implements_the_protocol():
+    # Positional parameters by position (the spec is the reference's `rule`), keyword-only ones
+    # by name: a call written against the protocol runs on every backend.
+    for name in available_backends("cpu"):
+        module = resolve_backend(name, torch.device("cpu"))
+        assert isinstance(module, Backend), name
+        for fn in FUNCTIONS:
+            have = inspect.signature(getattr(module, fn)).parameters
+            positional = [p for p in have.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+            for i, p in enumerate(_protocol_params(fn)):
+                if p.kind == p.KEYWORD_ONLY:
+                    assert p.name in have and have[p.name].default is None, (name, fn, p.name)
+                else:
+                    assert i < len(positional), (name, fn, p.name)
+                    assert (p.default is p.empty) == (positional[i].default is positional[i].empty), (name, fn, p.name)
+
+
+def test_backends_below_the_boundary_take_only_the_spec():
+    # The loose rule keywords are accepted by the public functions only (ops.py, reference.py).
+    for name in ("cpp", "triton"):
+        if name not in available_backends("cpu"):
+            continue
+        module = resolve_backend(name, torch.device("cpu"))
+        for fn in ("rule_coefficients", "integrate"):
+            params = inspect.signature(getattr(module, fn)).parameters
+            assert "spec" in params and not {"rule", "tau", "gamma", "symmetric", "margin"} & set(params), (name, fn)
 
 
 def test_every_backend_returns_the_same_types(any_backend):

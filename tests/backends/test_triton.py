@@ -28,7 +28,7 @@ import pytest  # noqa: E402
 pytest.importorskip("triton", reason="the Triton backend needs the optional 'triton' package")
 
 import pareto_lora  # noqa: E402
-from pareto_lora import Case, reference  # noqa: E402
+from pareto_lora import Case, RuleSpec, reference  # noqa: E402
 from pareto_lora.backends.triton import ops as T  # noqa: E402
 from _inputs import make_pair, random_offsets, random_sizes  # noqa: E402
 
@@ -274,7 +274,7 @@ def test_integrate_matches_reference_on_tiled_layout(rule, dtype):
     a, b = make_pair(int(offsets[-1]), dtype, DEVICE, gen, corr=float(torch.empty(1).uniform_(-0.6, 0.6, generator=gen)))
     active = (torch.rand(len(sizes), generator=gen) > 0.2).to(DEVICE)
     out = torch.empty_like(a)
-    _, stats, coeffs, cases = T.integrate(a, b, offsets, out, rule, 0.4, active, 1.5, True)
+    _, stats, coeffs, cases = T.integrate(a, b, offsets, out, RuleSpec(rule, 0.4, 1.5, True), active=active)
     _assert_stats_close(stats, a, b, offsets)
     ref_coeffs, ref_cases = reference.rule_coefficients(stats.cpu(), rule, 0.4, active.cpu(), 1.5, True)
     assert coeffs.dtype == torch.float32 and cases.dtype == torch.int32
@@ -293,9 +293,9 @@ def test_fused_equals_unfused_bitwise(dtype):
     active = (torch.rand(38, generator=gen) > 0.3).to(DEVICE)
     for rule in RULES:
         out = torch.empty_like(a)
-        _, stats, coeffs, cases = T.integrate(a, b, offsets, out, rule, 0.5, active, 0.8, False)
+        _, stats, coeffs, cases = T.integrate(a, b, offsets, out, RuleSpec(rule, 0.5, 0.8), active=active)
         stats2 = T.segment_stats(a, b, offsets)
-        coeffs2, cases2 = T.rule_coefficients(stats2, rule, 0.5, active, 0.8, False)
+        coeffs2, cases2 = T.rule_coefficients(stats2, RuleSpec(rule, 0.5, 0.8), active=active)
         out2 = torch.empty_like(a)
         T.combine(a, b, offsets, coeffs2, out2)
         assert torch.equal(stats, stats2) and torch.equal(coeffs, coeffs2) and torch.equal(cases, cases2), rule
@@ -309,7 +309,7 @@ def test_many_segments():
     offsets = _offsets(random_sizes(g, 3, gen, empty_every=7))
     a, b = make_pair(int(offsets[-1]), torch.float32, DEVICE, gen, corr=-0.4)
     out = torch.empty_like(a)
-    _, stats, coeffs, cases = T.integrate(a, b, offsets, out, "pareto_lora", 0.5, None, 1.0, False)
+    _, stats, coeffs, cases = T.integrate(a, b, offsets, out, RuleSpec("pareto_lora", 0.5))
     _assert_stats_close(stats, a, b, offsets)
     ref_coeffs, ref_cases = reference.rule_coefficients(stats.cpu(), "pareto_lora", 0.5)
     torch.testing.assert_close(coeffs.cpu(), ref_coeffs, rtol=1e-6, atol=0)
@@ -324,7 +324,7 @@ def test_empty_buffer(sizes):
     offsets = _offsets(sizes)
     a = b = out = torch.empty(0, device=DEVICE)
     g = len(sizes)
-    _, stats, coeffs, cases = T.integrate(a, b, offsets, out, "mmpareto", 0.5, None, 1.0, False)
+    _, stats, coeffs, cases = T.integrate(a, b, offsets, out, RuleSpec("mmpareto", 0.5))
     assert stats.shape == (g, 3) and coeffs.shape == (g, 2) and cases.shape == (g,)
     assert bool((stats == 0).all()) and bool((coeffs == 1).all()) and bool((cases == Case.DEGENERATE).all())
     assert T.segment_stats(a, b, offsets).shape == (g, 3)
@@ -339,7 +339,7 @@ def test_bitwise_deterministic(dtype):
     runs = []
     for _ in range(2):
         out = torch.empty_like(a)
-        runs.append(tuple(T.integrate(a, b, offsets, out, "mmpareto", 0.5, None, 1.3, False)))
+        runs.append(tuple(T.integrate(a, b, offsets, out, RuleSpec("mmpareto", 0.5, 1.3))))
     for x, y in zip(*runs):
         assert torch.equal(x, y)
 
@@ -350,7 +350,7 @@ def test_tau_reaches_the_rule_as_float64():
     tau narrowed to float32 on the way into the kernel would flip the case."""
     na = 0.1 + 1e-10
     stats = torch.tensor([[na * na, 1.0, 0.0]], dtype=torch.float64, device=DEVICE)
-    coeffs, cases = T.rule_coefficients(stats, "rescale_only", 0.1, None, 1.0, False)
+    coeffs, cases = T.rule_coefficients(stats, RuleSpec("rescale_only", 0.1))
     ref_coeffs, ref_cases = reference.rule_coefficients(stats.cpu(), "rescale_only", 0.1)
     assert int(ref_cases[0]) == Case.RESCALED
     assert torch.equal(cases.cpu(), ref_cases)
@@ -370,7 +370,7 @@ def test_rule_kernel_on_many_random_stats(rule, symmetric):
     stats[::50, 2] = -stats[::50, 0]  # a.b = -||a||^2: lambda hits its clamp at 1
     stats[7::50] = stats[7::50, :1].expand(-1, 3).clone()  # a == b in norm and direction
     active = torch.rand(g, generator=gen) > 0.1
-    coeffs, cases = T.rule_coefficients(stats.to(DEVICE), rule, 0.6, active.to(DEVICE), 2.0, symmetric)
+    coeffs, cases = T.rule_coefficients(stats.to(DEVICE), RuleSpec(rule, 0.6, 2.0, symmetric), active=active.to(DEVICE))
     ref_coeffs, ref_cases = reference.rule_coefficients(stats, rule, 0.6, active, 2.0, symmetric)
     assert torch.equal(cases.cpu(), ref_cases)
     torch.testing.assert_close(coeffs.cpu(), ref_coeffs, rtol=1e-6, atol=0)

@@ -1,8 +1,9 @@
 """The backend registry: ``backend="auto" | "cpp" | "triton" | "reference"`` resolves here, once.
 
-Every backend is a module with the same four functions, signatures and return types
-(``segment_stats``, ``rule_coefficients``, ``combine``, ``integrate`` -> IntegrationResult) and
-an ``is_available(device_type)`` probe; there are no adapter objects. The compiled backend loads
+Every backend is a module implementing :class:`~pareto_lora.backends.protocol.Backend`
+(``segment_stats``, ``rule_coefficients``, ``combine``, ``integrate`` -> IntegrationResult, and
+an ``is_available(device_type)`` probe; the rule arrives as one RuleSpec); there are no adapter
+objects. The compiled backend loads
 with the package (it registers the torch ops); Triton's module is imported only when it is asked
 for, so a missing triton costs nothing until it is used.
 May import: :mod:`pareto_lora.backends` modules, :mod:`pareto_lora.reference`.

@@ -8,12 +8,16 @@ May import: :mod:`pareto_lora._C`, :mod:`pareto_lora.checks`, :mod:`pareto_lora.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from .. import _C  # noqa: F401  (loads the shared library: registers torch.ops.pareto_lora.*)
 from .. import checks
 from ..result import IntegrationResult
-from ..rules import RuleSpec, as_spec
+from ..rules import RuleSpec
+from . import composed
+from .protocol import DEFAULT_RULE
 
 __all__ = ["is_available", "segment_stats", "rule_coefficients", "combine", "integrate"]
 
@@ -68,20 +72,11 @@ def segment_stats(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> to
 
 
 def rule_coefficients(
-    stats: torch.Tensor,
-    rule: str | RuleSpec = "pareto_lora",
-    tau: float | None = None,
-    active: torch.Tensor | None = None,
-    gamma: float | None = None,
-    symmetric: bool | None = None,
-    margin: float | None = None,
+    stats: torch.Tensor, spec: RuleSpec = DEFAULT_RULE, *, active: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    spec = as_spec(rule, tau, gamma, symmetric, margin)
     active = checks.as_active(active)
     checks.check_types(stats=stats, active=active)
-    return torch.ops.pareto_lora.rule_coefficients(
-        stats, spec.name, spec.tau, active, spec.gamma, spec.symmetric, spec.margin
-    )
+    return torch.ops.pareto_lora.rule_coefficients(stats, *_rule_args(spec, active))
 
 
 def combine(a, b, offsets, coeffs, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -97,18 +92,25 @@ def integrate(
     b: torch.Tensor,
     offsets: torch.Tensor,
     out: torch.Tensor | None = None,
-    rule: str | RuleSpec = "pareto_lora",
-    tau: float | None = None,
+    spec: RuleSpec = DEFAULT_RULE,
+    *,
     active: torch.Tensor | None = None,
-    gamma: float | None = None,
-    symmetric: bool | None = None,
-    margin: float | None = None,
+    groups: torch.Tensor | None = None,
+    poison: torch.Tensor | None = None,
+    stats: torch.Tensor | None = None,
 ) -> IntegrationResult:
-    spec = as_spec(rule, tau, gamma, symmetric, margin)
-    offsets, active = checks.as_offsets(offsets), checks.as_active(active)
+    offsets, active, groups = checks.as_offsets(offsets), checks.as_active(active), checks.as_groups(groups)
+    if groups is not None or poison is not None or stats is not None:
+        # The op's own checks would meet these as a generic dispatcher error first.
+        checks.check_integrate(a, b, offsets, out, active, groups, poison, stats)
+        return composed.integrate(sys.modules[__name__], a, b, offsets, out, spec, active, groups, poison, stats)
     checks.check_types(a=a, b=b, offsets=offsets, out=out, active=active)
     out = torch.empty_like(a) if out is None else out
-    stats, coeffs, cases = torch.ops.pareto_lora.integrate(
-        a, b, offsets, out, spec.name, spec.tau, active, spec.gamma, spec.symmetric, spec.margin
-    )
-    return IntegrationResult(out, stats, coeffs, cases)
+    seg_stats, coeffs, cases = torch.ops.pareto_lora.integrate(a, b, offsets, out, *_rule_args(spec, active))
+    return IntegrationResult(out, seg_stats, coeffs, cases, seg_stats.clone())
+
+
+def _rule_args(spec: RuleSpec, active):
+    """The one place a RuleSpec becomes the ops' scalar arguments (schemas in csrc/ops.cpp)."""
+    return spec.name, spec.tau, active, spec.gamma, spec.symmetric, spec.margin
+

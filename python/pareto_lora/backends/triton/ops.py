@@ -23,6 +23,7 @@ May import: :mod:`.kernels`, :mod:`pareto_lora.checks`, :mod:`pareto_lora.result
 import collections
 import os
 import struct
+import sys
 import threading
 from typing import Optional
 
@@ -33,7 +34,9 @@ from triton.runtime.interpreter import InterpretedFunction
 
 from ... import checks as _checks
 from ...result import IntegrationResult
-from ...rules import RULE_IDS, RuleSpec, as_spec
+from ...rules import RULE_IDS, RuleSpec
+from .. import composed
+from ..protocol import DEFAULT_RULE
 from . import kernels as K
 
 __all__ = ["is_available", "tile_table", "segment_stats", "rule_coefficients", "combine", "integrate"]
@@ -241,22 +244,13 @@ def segment_stats(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> to
 
 
 def rule_coefficients(
-    stats: torch.Tensor,
-    rule: "str | RuleSpec" = "pareto_lora",
-    tau: Optional[float] = None,
-    active: Optional[torch.Tensor] = None,
-    gamma: Optional[float] = None,
-    symmetric: Optional[bool] = None,
-    margin: Optional[float] = None,
+    stats: torch.Tensor, spec: RuleSpec = DEFAULT_RULE, *, active: Optional[torch.Tensor] = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(coeffs [G, 2] float32, cases [G] int32) of `rule` on stats of any source."""
-    spec = as_spec(rule, tau, gamma, symmetric, margin)
+    """(coeffs [G, 2] float32, cases [G] int32) of `spec` on stats of any source."""
     active = _checks.as_active(active)
     _checks.check_rule_args(stats, active)
     _check_device(stats.device)
-    return torch.ops.pareto_lora_triton.rule_coefficients(
-        stats, spec.name, spec.tau, active, spec.gamma, spec.symmetric, spec.margin
-    )
+    return torch.ops.pareto_lora_triton.rule_coefficients(stats, *_op_rule_args(spec, active))
 
 
 def combine(
@@ -277,21 +271,27 @@ def integrate(
     b: torch.Tensor,
     offsets: torch.Tensor,
     out: Optional[torch.Tensor] = None,
-    rule: "str | RuleSpec" = "pareto_lora",
-    tau: Optional[float] = None,
+    spec: RuleSpec = DEFAULT_RULE,
+    *,
     active: Optional[torch.Tensor] = None,
-    gamma: Optional[float] = None,
-    symmetric: Optional[bool] = None,
-    margin: Optional[float] = None,
+    groups: Optional[torch.Tensor] = None,
+    poison: Optional[torch.Tensor] = None,
+    stats: Optional[torch.Tensor] = None,
 ) -> IntegrationResult:
     """stats -> rule -> combine on the device (three launches, no host sync)."""
-    spec = as_spec(rule, tau, gamma, symmetric, margin)
-    offsets, active = _checks.as_offsets(offsets), _checks.as_active(active)
-    _checks.check_integrate(a, b, offsets, out, active)
+    offsets, active, groups = _checks.as_offsets(offsets), _checks.as_active(active), _checks.as_groups(groups)
+    _checks.check_integrate(a, b, offsets, out, active, groups, poison, stats)
     _check_device(a.device)
+    if groups is not None or poison is not None or stats is not None:
+        return composed.integrate(sys.modules[__name__], a, b, offsets, out, spec, active, groups, poison, stats)
     out = torch.empty_like(a) if out is None else out
     tiles, seg_tiles = tile_table(offsets, a.device)
-    stats, coeffs, cases = torch.ops.pareto_lora_triton.integrate(
-        a, b, tiles, seg_tiles, out, spec.name, spec.tau, active, spec.gamma, spec.symmetric, spec.margin
+    seg_stats, coeffs, cases = torch.ops.pareto_lora_triton.integrate(
+        a, b, tiles, seg_tiles, out, *_op_rule_args(spec, active)
     )
-    return IntegrationResult(out, stats, coeffs, cases)
+    return IntegrationResult(out, seg_stats, coeffs, cases, seg_stats.clone())
+
+
+def _op_rule_args(spec: RuleSpec, active):
+    """A RuleSpec as the ops' scalar arguments (their schemas take scalars, like csrc/ops.cpp)."""
+    return spec.name, spec.tau, active, spec.gamma, spec.symmetric, spec.margin

@@ -82,7 +82,7 @@ def _finish_3op(pl):
 
 
 def _integrate_fused(pl, out):
-    return fused_flat_step(pl.text.flats, pl.image.flats, pl.layout, pl._rule, out=out, backend=pl.backend)
+    return fused_flat_step(pl.text.flats, pl.image.flats, pl.layout, pl._sync.rule, out=out, backend=pl.backend)
 
 
 # -----------------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import math
 import torch
 
 from ... import ops
-from ...flat import FlatStep
+from ...flat import FlatStep, PythonRule
 from ...flat.step import poison_cases
 from ...rules import Case, RuleSpec
 
@@ -129,7 +129,7 @@ class BalancedSync:
         self.layout, self.image, self.backend = layout, image, backend
         self.balancer.bind(layout.device)
         self._weights = (torch.ones((), dtype=torch.float64, device=layout.device),) * 2
-        self.inner.bind(layout, text, image, self._rule, backend)
+        self.inner.bind(layout, text, image, PythonRule(self._rule), backend)
 
     def _rule(self, group_stats: torch.Tensor):
         return self.balancer.coefficients(group_stats, self.layout.active, self.backend)

@@ -74,7 +74,14 @@ struct SegmentArgs {
 
 struct IntegrateArgs : SegmentArgs {
   RuleParams rule;
-  at::Tensor active;  // see contiguous_active
+  at::Tensor active;  // see contiguous_active; one per group
+  // The training-step arguments (undefined when absent). groups is on the CPU (int64 [G+1]);
+  // without it every segment is its own group (num_groups == num_segments).
+  at::Tensor groups;
+  int64_t num_groups;
+  at::Tensor poison;  // 0-d bool on a's device
+  at::Tensor stats;   // given [S, 3] float64 on a's device
+  const int64_t* groups_ptr() const { return groups.defined() ? groups.const_data_ptr<int64_t>() : nullptr; }
 };
 
 struct RuleArgs {
@@ -110,18 +117,36 @@ inline SegmentArgs checked_combine(const at::Tensor& a, const at::Tensor& b, con
   return args;
 }
 
+// The order of the checks is python/pareto_lora/checks.py's check_integrate: a, b, offsets, out,
+// groups, active, poison, stats, then the rule's scalars.
 inline IntegrateArgs checked_integrate(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets,
                                        const at::Tensor& out, c10::string_view rule, double tau,
                                        const std::optional<at::Tensor>& active, double gamma, bool symmetric,
-                                       double margin, OpDevice dev) {
+                                       double margin, const std::optional<at::Tensor>& groups,
+                                       const std::optional<at::Tensor>& poison,
+                                       const std::optional<at::Tensor>& stats, OpDevice dev) {
   SegmentArgs seg = checked_segments(a, b, offsets, dev);
   check_out(out, a);
   check_out_overlap(out, a, b);
-  check_active(active, seg.num_segments);
+  at::Tensor host_groups;
+  int64_t num_groups = seg.num_segments;
+  if (groups.has_value()) {
+    host_groups = checked_groups(*groups, seg.num_segments, a.device());
+    num_groups = host_groups.numel() - 1;
+  }
+  check_active(active, num_groups, groups.has_value() ? "group" : "segment");
   if (active.has_value()) check_host_or(*active, "active", a.device());
+  if (poison.has_value()) check_poison(*poison, a.device());
+  if (stats.has_value()) check_given_stats(*stats, seg.num_segments, a.device());
   const RuleParams p = parse_rule_params(std::string(rule), tau, gamma, symmetric, margin);
   dev.require(a, "a");
-  return IntegrateArgs{std::move(seg), p, contiguous_active(active)};
+  return IntegrateArgs{std::move(seg),
+                       p,
+                       contiguous_active(active),
+                       std::move(host_groups),
+                       num_groups,
+                       poison.has_value() ? *poison : at::Tensor(),
+                       stats.has_value() ? stats->contiguous() : at::Tensor()};
 }
 
 inline RuleArgs checked_rule_args(const at::Tensor& stats, c10::string_view rule, double tau,

@@ -1,6 +1,8 @@
 // Operator schemas of the pareto_lora library.
 // Backends register implementations with TORCH_LIBRARY_IMPL (cpu/ops_cpu.cpp, cuda/*.cu);
 // fake (meta) implementations for torch.compile live in python/pareto_lora/backends/cpp.py.
+// integrate returns (stats [S, 3], group_stats [G, 3], coeffs [G, 2], cases [G]); its optional
+// groups / poison / stats make it one training step (python/pareto_lora/backends/protocol.py).
 #include <torch/library.h>
 
 TORCH_LIBRARY(pareto_lora, m) {
@@ -11,5 +13,6 @@ TORCH_LIBRARY(pareto_lora, m) {
   m.def("combine(Tensor a, Tensor b, Tensor offsets, Tensor coeffs, Tensor(a!) out) -> ()");
   m.def(
       "integrate(Tensor a, Tensor b, Tensor offsets, Tensor(a!) out, str rule=\"pareto_lora\", float tau=0.5, "
-      "Tensor? active=None, float gamma=1.0, bool symmetric=False, float margin=0.0) -> (Tensor, Tensor, Tensor)");
+      "Tensor? active=None, float gamma=1.0, bool symmetric=False, float margin=0.0, Tensor? groups=None, "
+      "Tensor? poison=None, Tensor? stats=None) -> (Tensor, Tensor, Tensor, Tensor)");
 }

@@ -97,12 +97,14 @@ inline at::Tensor checked_offsets(const at::Tensor& a, const at::Tensor& offsets
   return cpu;
 }
 
-inline void check_active(const std::optional<at::Tensor>& active, int64_t num_segments) {
+// One bool per segment, or per group in a grouped call (per = "group").
+inline void check_active(const std::optional<at::Tensor>& active, int64_t num_segments,
+                         const char* per = "segment") {
   if (!active.has_value()) return;
   const at::Tensor& t = *active;
   TORCH_CHECK_VALUE(t.scalar_type() == at::kBool, "active: expected dtype bool, got ", dtype_name(t.scalar_type()));
   TORCH_CHECK_VALUE(t.dim() == 1 && t.numel() == num_segments, "active: expected shape [", num_segments,
-                    "] (one per segment), got ", t.sizes());
+                    "] (one per ", per, "), got ", t.sizes());
 }
 
 inline int64_t check_stats(const at::Tensor& stats) {
@@ -119,6 +121,47 @@ inline void check_coeffs(const at::Tensor& coeffs, int64_t num_segments, const a
                     "coeffs: expected shape [", num_segments, ", 2], got ", coeffs.sizes());
   TORCH_CHECK_VALUE(coeffs.device() == device, "coeffs: expected device ", device, " (same as a), got ",
                     coeffs.device());
+}
+
+// The fused op's training-step arguments (the messages of python/pareto_lora/checks.py).
+// groups: int64 [G+1] on the CPU or `device`, groups[0] == 0, groups[-1] == S, non-decreasing.
+// Returned on the CPU, where the host cuts the work by group; on a GPU that is one blocking copy.
+inline at::Tensor checked_groups(const at::Tensor& groups, int64_t num_segments, const at::Device& device) {
+  TORCH_CHECK_VALUE(groups.scalar_type() == at::kLong, "groups: expected dtype int64, got ",
+                    dtype_name(groups.scalar_type()));
+  TORCH_CHECK_VALUE(groups.dim() == 1 && groups.numel() >= 1,
+                    "groups: expected a 1-D tensor of length G+1 >= 1, got shape ", groups.sizes());
+  check_host_or(groups, "groups", device);
+  at::Tensor cpu = groups.is_cpu() ? groups.contiguous() : groups.to(at::kCPU).contiguous();
+  const int64_t* g = cpu.const_data_ptr<int64_t>();
+  const int64_t len = cpu.numel();
+  TORCH_CHECK_VALUE(g[0] == 0, "groups: expected groups[0] == 0, got ", g[0]);
+  TORCH_CHECK_VALUE(g[len - 1] == num_segments, "groups: expected groups[-1] == number of segments == ",
+                    num_segments, ", got ", g[len - 1]);
+  for (int64_t i = 1; i < len; ++i) {
+    TORCH_CHECK_VALUE(g[i] >= g[i - 1], "groups: expected non-decreasing values, but groups[", i, "] < groups[",
+                      i - 1, "]");
+  }
+  return cpu;
+}
+
+// poison: a 0-d bool tensor on a's device (the kernels read it there: no host sync on a GPU).
+inline void check_poison(const at::Tensor& poison, const at::Device& device) {
+  TORCH_CHECK_VALUE(poison.scalar_type() == at::kBool, "poison: expected dtype bool, got ",
+                    dtype_name(poison.scalar_type()));
+  TORCH_CHECK_VALUE(poison.dim() == 0, "poison: expected a 0-d tensor, got shape ", poison.sizes());
+  TORCH_CHECK_VALUE(poison.device() == device, "poison: expected device ", device, " (same as a), got ",
+                    poison.device());
+}
+
+// stats given to the fused op: float64 [S, 3] on a's device, any stride.
+inline void check_given_stats(const at::Tensor& stats, int64_t num_segments, const at::Device& device) {
+  TORCH_CHECK_VALUE(stats.scalar_type() == at::kDouble, "stats: expected dtype float64, got ",
+                    dtype_name(stats.scalar_type()));
+  TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == num_segments && stats.size(1) == 3,
+                    "stats: expected shape [", num_segments, ", 3] (one row per segment), got ", stats.sizes());
+  TORCH_CHECK_VALUE(stats.device() == device, "stats: expected device ", device, " (same as a), got ",
+                    stats.device());
 }
 
 inline RuleParams parse_rule_params(const std::string& rule, double tau, double gamma, bool symmetric,

@@ -2,6 +2,7 @@
 #include <torch/library.h>
 #include <torch/types.h>
 
+#include <cmath>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -54,31 +55,40 @@ void combine(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets
   combine_cpu(a, b, args.offsets_ptr(), args.num_segments, c.const_data_ptr<double>(), out);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> integrate(const at::Tensor& a, const at::Tensor& b,
-                                                         const at::Tensor& offsets, at::Tensor out,
-                                                         c10::string_view rule, double tau,
-                                                         const std::optional<at::Tensor>& active, double gamma,
-                                                         bool symmetric, double margin) {
-  const IntegrateArgs args = checked_integrate(a, b, offsets, out, rule, tau, active, gamma, symmetric, margin, kCpuOp);
+// Returns (stats [S, 3], group_stats [G, 3], coeffs [G, 2], cases [G]).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> integrate(
+    const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets, at::Tensor out, c10::string_view rule,
+    double tau, const std::optional<at::Tensor>& active, double gamma, bool symmetric, double margin,
+    const std::optional<at::Tensor>& groups, const std::optional<at::Tensor>& poison,
+    const std::optional<at::Tensor>& given_stats) {
+  const IntegrateArgs args = checked_integrate(a, b, offsets, out, rule, tau, active, gamma, symmetric, margin, groups,
+                                               poison, given_stats, kCpuOp);
   // Everything is checked: from here on writes may happen.
-  const int64_t g = args.num_segments;
-  at::Tensor stats = at::empty({g, 3}, a.options().dtype(at::kDouble));
+  const int64_t s = args.num_segments, g = args.num_groups;
+  at::Tensor stats = at::empty({s, 3}, a.options().dtype(at::kDouble));
+  at::Tensor group_stats = at::empty({g, 3}, a.options().dtype(at::kDouble));
   at::Tensor coeffs = at::empty({g, 2}, a.options().dtype(at::kFloat));
   at::Tensor cases = at::empty({g}, a.options().dtype(at::kInt));
   const bool* pa = args.active.defined() ? args.active.const_data_ptr<bool>() : nullptr;
+  // On the CPU the host reads poison directly (it is a CPU tensor: no device to wait for).
+  const bool poisoned = args.poison.defined() && args.poison.item<bool>();
   float* pc = coeffs.mutable_data_ptr<float>();
   int32_t* pk = cases.mutable_data_ptr<int32_t>();
-  // The same arithmetic as rules_host, one segment at a time (integrate_cpu calls it as soon as
-  // a segment's statistics are complete): the combine uses the float32 coefficients, widened.
-  const SegmentRule segment_rule = [&](int64_t s, const double* st) {
-    const Coefficients c = compute_rule(st[0], st[1], st[2], pa ? pa[s] : true, args.rule);
-    pc[2 * s] = static_cast<float>(c.alpha);
-    pc[2 * s + 1] = static_cast<float>(c.beta);
-    pk[s] = c.code;
-    return std::pair<double, double>(pc[2 * s], pc[2 * s + 1]);
+  // The same arithmetic as rules_host, one group at a time (integrate_cpu calls it as soon as a
+  // group's statistics are complete): the combine uses the float32 coefficients, widened, or NaN
+  // when poisoned (the whole output NaN, so a GradScaler skips the step; coeffs stay the rule's).
+  const GroupRule group_rule = [&](int64_t i, const double* st) {
+    const Coefficients c = compute_rule(st[0], st[1], st[2], pa ? pa[i] : true, args.rule);
+    pc[2 * i] = static_cast<float>(c.alpha);
+    pc[2 * i + 1] = static_cast<float>(c.beta);
+    pk[i] = poisoned ? kNonFinite : c.code;
+    if (poisoned) return std::pair<double, double>(std::nan(""), std::nan(""));
+    return std::pair<double, double>(pc[2 * i], pc[2 * i + 1]);
   };
-  integrate_cpu(a, b, args.offsets_ptr(), g, stats.mutable_data_ptr<double>(), segment_rule, out);
-  return {stats, coeffs, cases};
+  const double* given = args.stats.defined() ? args.stats.const_data_ptr<double>() : nullptr;
+  integrate_cpu(a, b, args.offsets_ptr(), s, Grouping{args.groups_ptr(), g}, given, stats.mutable_data_ptr<double>(),
+                group_stats.mutable_data_ptr<double>(), group_rule, out);
+  return {stats, group_stats, coeffs, cases};
 }
 
 }  // namespace

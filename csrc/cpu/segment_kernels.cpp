@@ -213,35 +213,62 @@ void combine_cpu(const at::Tensor& a, const at::Tensor& b, const int64_t* offset
 // One pass for small segments: a thread takes a whole segment, sums its chunks' statistics in
 // chunk order (the same additions as the two-pass path), decides the rule, and combines the same
 // chunks while a and b are still in its L2: a and b cross the memory bus once (3N bytes instead
-// of 5N). Segments too large for L2 (or too few to keep the threads busy) take two passes, their
-// chunks spread over all threads. Both kinds run in the same parallel regions.
+// of 5N). Only a segment that is its group on its own can do that: a group of several segments
+// needs all of their statistics before its rule. Segments too large for L2, in larger groups (or
+// too few to keep the threads busy) take two passes, their chunks spread over all threads, the
+// group rules on the host in between. Both kinds run in the same parallel regions.
 void integrate_cpu(const at::Tensor& a, const at::Tensor& b, const int64_t* offsets, int64_t num_segments,
-                   double* stats, const SegmentRule& rule, at::Tensor& out, CpuPath path) {
+                   const Grouping& grouping, const double* given_stats, double* stats, double* group_stats,
+                   const GroupRule& rule, at::Tensor& out, CpuPath path) {
   if (path == CpuPath::kAuto) path = path_from_env();
   const Buffers buf(a, b, static_cast<char*>(out.mutable_data_ptr()));
   const bool stream = stream_output(out.numel() * buf.item);
-  std::fill(stats, stats + 3 * num_segments, 0.0);
+  const int64_t num_groups = grouping.num_groups;
+  std::vector<int64_t> seg_group(num_segments);
+  for (int64_t g = 0; g < num_groups; ++g) {
+    for (int64_t s = grouping.first(g); s < grouping.end(g); ++s) seg_group[s] = g;
+  }
+  // One flag per group (char, not vector<bool>: threads write neighbouring entries).
+  std::vector<char> ruled(num_groups, 0);
   std::vector<int64_t> small;
   std::vector<Chunk> large;
+  if (given_stats != nullptr) {
+    std::copy(given_stats, given_stats + 3 * num_segments, stats);
+  } else {
+    std::fill(stats, stats + 3 * num_segments, 0.0);
+  }
   for (int64_t s = 0; s < num_segments; ++s) {
+    const int64_t g = seg_group[s];
     const int64_t bytes = 2 * (offsets[s + 1] - offsets[s]) * buf.item;
-    const bool one = path == CpuPath::kOnePass || (path == CpuPath::kAuto && bytes <= kOnePassMaxBytes);
+    const bool alone = grouping.end(g) - grouping.first(g) == 1 && given_stats == nullptr;
+    const bool one = alone && (path == CpuPath::kOnePass || (path == CpuPath::kAuto && bytes <= kOnePassMaxBytes));
     if (one) {
       small.push_back(s);
     } else {
       add_chunks(large, s, offsets[s], offsets[s + 1]);
     }
   }
-  std::vector<double> partial(3 * large.size());
-  std::vector<double> coeffs(2 * num_segments);
+  // Each group's statistics: +0.0 + its segments' rows, left to right (reference.group_sums).
+  auto rule_group = [&](int64_t g) {
+    double* gs = group_stats + 3 * g;
+    for (int k = 0; k < 3; ++k) gs[k] = 0.0;
+    for (int64_t s = grouping.first(g); s < grouping.end(g); ++s) {
+      for (int k = 0; k < 3; ++k) gs[k] += stats[3 * s + k];
+    }
+    ruled[g] = 1;
+    return rule(g, gs);
+  };
+  const bool stats_pass = given_stats == nullptr;
+  std::vector<double> partial(stats_pass ? 3 * large.size() : 0);
   // Large segments' statistics chunks and small segments' whole one-pass work, in one region;
   // small segments first: they are the longer items, claimed early they balance better.
   const int64_t n_small = static_cast<int64_t>(small.size());
+  const int64_t n_large = stats_pass ? static_cast<int64_t>(large.size()) : 0;
   const auto large_size = chunk_size(large);
   auto item_size = [&](int64_t i) {
     return i < n_small ? offsets[small[i] + 1] - offsets[small[i]] : large_size(i - n_small);
   };
-  dynamic_for(n_small + static_cast<int64_t>(large.size()), item_size, [&](int64_t i) {
+  dynamic_for(n_small + n_large, item_size, [&](int64_t i) {
     if (i >= n_small) {
       buf.stats(large[i - n_small], &partial[3 * (i - n_small)]);
       return;
@@ -253,26 +280,26 @@ void integrate_cpu(const at::Tensor& a, const at::Tensor& b, const int64_t* offs
       buf.stats({s, lo, std::min(lo + kChunk, offsets[s + 1])}, p);
       for (int k = 0; k < 3; ++k) st[k] += p[k];
     }
-    const auto [alpha, beta] = rule(s, st);
+    const auto [alpha, beta] = rule_group(seg_group[s]);
     for (int64_t lo = offsets[s]; lo < offsets[s + 1]; lo += kChunk) {
       buf.combine({s, lo, std::min(lo + kChunk, offsets[s + 1])}, alpha, beta, stream);
     }
   });
-  if (large.empty()) return;
-  for (size_t c = 0; c < large.size(); ++c) {
+  for (int64_t c = 0; c < n_large; ++c) {
     for (int k = 0; k < 3; ++k) stats[3 * large[c].seg + k] += partial[3 * c + k];
   }
-  for (size_t c = 0; c < large.size(); ++c) {
-    const int64_t s = large[c].seg;
-    if (c == 0 || large[c - 1].seg != s) {
-      const auto [alpha, beta] = rule(s, stats + 3 * s);
-      coeffs[2 * s] = alpha;
-      coeffs[2 * s + 1] = beta;
-    }
+  // The remaining groups' rules on the host (G is small), empty groups included (zero statistics).
+  std::vector<double> coeffs(2 * num_groups);
+  for (int64_t g = 0; g < num_groups; ++g) {
+    if (ruled[g]) continue;
+    const auto [alpha, beta] = rule_group(g);
+    coeffs[2 * g] = alpha;
+    coeffs[2 * g + 1] = beta;
   }
   dynamic_for(static_cast<int64_t>(large.size()), chunk_size(large), [&](int64_t c) {
     const Chunk& ch = large[c];
-    buf.combine(ch, coeffs[2 * ch.seg], coeffs[2 * ch.seg + 1], stream);
+    const int64_t g = seg_group[ch.seg];
+    buf.combine(ch, coeffs[2 * g], coeffs[2 * g + 1], stream);
   });
 }
 

@@ -19,18 +19,31 @@ void segment_stats_cpu(const at::Tensor& a, const at::Tensor& b, const int64_t* 
 void combine_cpu(const at::Tensor& a, const at::Tensor& b, const int64_t* offsets, int64_t num_segments,
                  const double* coeffs, at::Tensor& out);
 
-// The rule of one segment: (alpha, beta) from its statistics stats3[0..2]. Called once per
-// segment, from any thread (integrate_cpu), so it may write per-segment outputs but nothing shared.
-using SegmentRule = std::function<std::pair<double, double>(int64_t seg, const double* stats3)>;
+// The rule of one group: (alpha, beta) for the combine from the group's statistics stats3[0..2].
+// Called once per group, from any thread (integrate_cpu), so it may write per-group outputs but
+// nothing shared.
+using GroupRule = std::function<std::pair<double, double>(int64_t group, const double* stats3)>;
 
 // kAuto: one pass for segments whose a and b fit in L2, two passes for the others;
 // PARETO_LORA_CPU_PATH=one_pass|two_pass|auto overrides it (benchmarks, tests). Every path gives
 // bitwise the same statistics, coefficients and output.
 enum class CpuPath { kAuto, kOnePass, kTwoPass };
 
-// stats -> rule -> combine: fills stats [G, 3] and out; calls rule once per segment.
+// Group g is segments groups[g] .. groups[g+1]-1; groups == nullptr: every segment is its own group.
+struct Grouping {
+  const int64_t* groups;
+  int64_t num_groups;
+  int64_t first(int64_t g) const { return groups ? groups[g] : g; }
+  int64_t end(int64_t g) const { return groups ? groups[g + 1] : g + 1; }
+};
+
+// stats -> rule (per group) -> combine: fills stats [S, 3] (or copies given_stats when not
+// null: no statistics pass), group_stats [G, 3] (each group's rows summed left to right from
+// +0.0) and out; calls rule once per group. A segment takes the one-pass path only when its
+// group is that one segment.
 void integrate_cpu(const at::Tensor& a, const at::Tensor& b, const int64_t* offsets, int64_t num_segments,
-                   double* stats, const SegmentRule& rule, at::Tensor& out, CpuPath path = CpuPath::kAuto);
+                   const Grouping& grouping, const double* given_stats, double* stats, double* group_stats,
+                   const GroupRule& rule, at::Tensor& out, CpuPath path = CpuPath::kAuto);
 
 // How many distinct intra-op threads one at::parallel_for over at::get_num_threads() items ran on
 // (a build check, exposed as pareto_lora._C.intra_op_threads()): 1 when this library was compiled

@@ -30,6 +30,7 @@
 #include <cstdint>
 
 #include "../rule.h"
+#include "group_rule.cuh"
 #include "schedule.h"
 
 namespace pareto_lora {
@@ -94,6 +95,7 @@ struct Params {
   bool with_rule;   // finalizers compute the rule
   bool fused;       // finalizers raise `ready`, apply tiles wait for it
   bool vec_ok;      // a, b, out share their alignment mod 16 bytes
+  GroupJob group;   // group.groups set: the last block out runs the group rules on `stats`
 };
 
 // x, y, z summed over the block; the totals are valid in thread 0. Fixed shuffle tree.
@@ -378,13 +380,23 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) integrate_kernel(co
     if (t >= p.ticket_end) break;
     run_tile(p, t);
   }
+  __shared__ bool last;
   if (threadIdx.x == 0) {
     // Every block has drawn its last ticket before it counts itself out, so the last one out may
-    // reset the ticket counter for the next launch on this workspace.
+    // reset the ticket counter for the next launch on this workspace. The fence also publishes
+    // this block's statistics to the last block (the group epilogue reads them).
     __threadfence();
-    if (atomicAdd(p.ctr.exited, 1u) + 1 == gridDim.x) {
+    last = atomicAdd(p.ctr.exited, 1u) + 1 == gridDim.x;
+    if (last) {
       *p.ctr.ticket = 0;
       *p.ctr.exited = 0;
+    }
+  }
+  if (p.group.groups != nullptr) {  // the same for every block of the launch
+    __syncthreads();
+    if (last) {
+      __threadfence();
+      group_rules(p.group, p.stats);
     }
   }
 }

@@ -22,6 +22,7 @@
 #include <string>
 #include <tuple>
 #include <utility>
+#include <vector>
 
 #include "../op_args.h"
 #include "../rule.h"
@@ -134,6 +135,7 @@ struct Job {
   const bool* active_device = nullptr;  // active on the GPU ...
   const bool* active_host = nullptr;    // ... or on the CPU: copied along with the schedule
   RuleParams rule{Rule::Sum, 0.5, 1.0, false};
+  cuda_kernel::GroupJob group;  // group rules in the last block out (a statistics-only job)
 };
 
 bool same_alignment(std::initializer_list<const void*> ptrs, size_t elem_size) {
@@ -145,8 +147,9 @@ bool same_alignment(std::initializer_list<const void*> ptrs, size_t elem_size) {
   return true;
 }
 
+// Returns false when there was nothing to launch (no tiles).
 template <typename scalar_t>
-void launch(const at::Tensor& a, const at::Tensor& b, scalar_t* out, const at::Tensor& offsets_cpu, const Job& job) {
+bool launch(const at::Tensor& a, const at::Tensor& b, scalar_t* out, const at::Tensor& offsets_cpu, const Job& job) {
   namespace cs = cuda_schedule;
   const at::Device device = a.device();
   const auto stream = c10::cuda::getCurrentCUDAStream(device.index());
@@ -164,7 +167,7 @@ void launch(const at::Tensor& a, const at::Tensor& b, scalar_t* out, const at::T
   if (job.active_host) {
     std::memcpy(h.buffer.data() + h.extra_begin, job.active_host, static_cast<size_t>(num_segments));
   }
-  if (h.num_tickets() == 0) return;  // G = 0, or an apply-only pass over empty segments
+  if (h.num_tickets() == 0) return false;  // G = 0, or an apply-only pass over empty segments
   // Run indices are int32 in the ticket table.
   TORCH_CHECK(h.num_runs < std::numeric_limits<int32_t>::max() &&
                   h.num_tickets() < std::numeric_limits<int32_t>::max(),
@@ -192,6 +195,7 @@ void launch(const at::Tensor& a, const at::Tensor& b, scalar_t* out, const at::T
   p.with_rule = job.with_rule;
   p.fused = fused;
   p.vec_ok = out ? same_alignment({p.a, p.b, out}, sizeof(scalar_t)) : same_alignment({p.a, p.b}, sizeof(scalar_t));
+  p.group = job.group;
 
   auto run = [&](int64_t begin, int64_t end) {
     if (end <= begin) return;
@@ -207,13 +211,16 @@ void launch(const at::Tensor& a, const at::Tensor& b, scalar_t* out, const at::T
   } else {
     run(0, h.num_tickets());
   }
+  return true;
 }
 
-void dispatch_launch(const at::Tensor& a, const at::Tensor& b, at::Tensor* out, const at::Tensor& offsets_cpu,
+bool dispatch_launch(const at::Tensor& a, const at::Tensor& b, at::Tensor* out, const at::Tensor& offsets_cpu,
                      const Job& job) {
+  bool launched = false;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), "pareto_lora_cuda", [&] {
-    launch<scalar_t>(a, b, out ? out->mutable_data_ptr<scalar_t>() : nullptr, offsets_cpu, job);
+    launched = launch<scalar_t>(a, b, out ? out->mutable_data_ptr<scalar_t>() : nullptr, offsets_cpu, job);
   });
+  return launched;
 }
 
 // ---- the ops ---------------------------------------------------------------------------------------
@@ -269,16 +276,69 @@ void combine_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor& of
   dispatch_launch(a, b, &out, args.offsets, job);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> integrate_cuda(const at::Tensor& a, const at::Tensor& b,
-                                                              const at::Tensor& offsets, at::Tensor out,
-                                                              c10::string_view rule, double tau,
-                                                              const std::optional<at::Tensor>& active, double gamma,
-                                                              bool symmetric, double margin) {
-  const IntegrateArgs args = checked_integrate(a, b, offsets, out, rule, tau, active, gamma, symmetric, margin, kCudaOp);
+// The training step (groups, poison or given stats): launch 1 computes the statistics and, in
+// its last block out, every group's sum, rule and per-segment coefficients (with given
+// statistics, a one-block launch does only that); launch 2 is the combine. No host sync: groups
+// and a CPU `active` go up with non-blocking copies, poison is read by the kernel.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> integrate_grouped(const at::Tensor& a, const at::Tensor& b,
+                                                                             at::Tensor& out,
+                                                                             const IntegrateArgs& args) {
+  const int64_t s = args.num_segments, g = args.num_groups;
+  const auto opts = a.options();
+  at::Tensor stats = at::empty({s, 3}, opts.dtype(at::kDouble));
+  at::Tensor group_stats = at::empty({g, 3}, opts.dtype(at::kDouble));
+  at::Tensor coeffs = at::empty({g, 2}, opts.dtype(at::kFloat));
+  at::Tensor cases = at::empty({g}, opts.dtype(at::kInt));
+  at::Tensor seg_coeffs = at::empty({s, 2}, opts.dtype(at::kFloat));
+  std::vector<int64_t> host_groups(static_cast<size_t>(g + 1));
+  for (int64_t i = 0; i <= g; ++i) host_groups[i] = args.groups.defined() ? args.groups_ptr()[i] : i;
+  const at::Tensor groups = upload(host_groups, a.device());
+  at::Tensor act = args.active;
+  if (act.defined() && act.is_cpu()) act = act.pin_memory().to(a.device(), /*non_blocking=*/true);
+  cuda_kernel::GroupJob gj;
+  gj.groups = groups.const_data_ptr<int64_t>();
+  gj.num_groups = g;
+  gj.poison = args.poison.defined() ? args.poison.const_data_ptr<bool>() : nullptr;
+  gj.active = act.defined() ? act.const_data_ptr<bool>() : nullptr;
+  gj.rule = args.rule;
+  gj.group_stats = group_stats.data_ptr<double>();
+  gj.coeffs = coeffs.data_ptr<float>();
+  gj.cases = cases.data_ptr<int32_t>();
+  gj.seg_coeffs = seg_coeffs.data_ptr<float>();
+  bool ruled = false;
+  if (args.stats.defined()) {
+    stats.copy_(args.stats);  // returned as given, in a tensor of its own
+  } else {
+    Job job;
+    job.reduce = true;
+    job.stats = stats.data_ptr<double>();
+    job.group = gj;
+    ruled = dispatch_launch(a, b, nullptr, args.offsets, job);
+  }
+  if (!ruled && g > 0) {
+    const auto stream = c10::cuda::getCurrentCUDAStream(a.device().index());
+    cuda_kernel::group_rule_kernel<<<1, kThreads, 0, stream.stream()>>>(gj, stats.const_data_ptr<double>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  Job combine;
+  combine.apply = true;
+  combine.coeff_f = seg_coeffs.const_data_ptr<float>();
+  dispatch_launch(a, b, &out, args.offsets, combine);
+  return {stats, group_stats, coeffs, cases};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> integrate_cuda(
+    const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets, at::Tensor out, c10::string_view rule,
+    double tau, const std::optional<at::Tensor>& active, double gamma, bool symmetric, double margin,
+    const std::optional<at::Tensor>& groups, const std::optional<at::Tensor>& poison,
+    const std::optional<at::Tensor>& given_stats) {
+  const IntegrateArgs args = checked_integrate(a, b, offsets, out, rule, tau, active, gamma, symmetric, margin, groups,
+                                               poison, given_stats, kCudaOp);
   const bool two_pass = use_two_pass(a.numel());
   const bool one_pass = env_flag("PARETO_LORA_CUDA_ONE_PASS", true);
   // Everything is checked: from here on writes may happen.
   const c10::cuda::CUDAGuard guard(a.device());
+  if (groups.has_value() || poison.has_value() || given_stats.has_value()) return integrate_grouped(a, b, out, args);
   const int64_t g = args.num_segments;
   at::Tensor stats = at::empty({g, 3}, a.options().dtype(at::kDouble));
   at::Tensor coeffs = at::empty({g, 2}, a.options().dtype(at::kFloat));
@@ -297,7 +357,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> integrate_cuda(const at::Tensor& 
     (args.active.is_cpu() ? job.active_host : job.active_device) = args.active.const_data_ptr<bool>();
   }
   dispatch_launch(a, b, &out, args.offsets, job);
-  return {stats, coeffs, cases};
+  // Each segment is its own group: the group statistics are the statistics (+0.0 + row, the
+  // same bits), in a tensor of their own (op outputs may not alias).
+  return {stats, stats.clone(), coeffs, cases};
 }
 
 }  // namespace

@@ -1,6 +1,6 @@
 // Host check of schedule.h (the CUDA kernel's work layout), runnable without a GPU:
 //   c++ -std=c++17 -O1 csrc/cuda/schedule_selftest.cpp -o /tmp/t && /tmp/t
-// (tests/test_cuda.py builds and runs it). Exits non-zero with a message on the first violation.
+// (tests/backends/test_cuda_schedule.py builds and runs it). Exits non-zero with a message on the first violation.
 // Not part of the extension build (setup.py compiles csrc/cuda/*.cu only).
 #include <cstdio>
 #include <cstdlib>

@@ -81,7 +81,7 @@ def test_exact_alias_and_disjoint_slices_are_allowed(device, target):
     out = {"a": a, "b": b, "disjoint_slice": buf[200:]}[target]
     got = _integrate(a, b, out)
     torch.testing.assert_close(out.cpu(), expected_out.cpu())
-    torch.testing.assert_close(got[1].cpu(), coeffs.cpu())
+    torch.testing.assert_close(got[2].cpu(), coeffs.cpu())  # (stats, group_stats, coeffs, cases)
 
 
 def test_a_and_b_may_overlap_each_other_when_out_is_separate():
@@ -152,8 +152,13 @@ def test_cpu_kernel_refuses_tensors_on_other_devices(message, call, unchanged):
 
 def test_meta_tensors_still_reach_the_fake_kernels():
     a, b = _pair("meta")
-    stats, coeffs, cases = OPS.integrate(a, b, OFFSETS, torch.empty_like(a), "pareto_lora", 0.5, None, 1.0, False)
+    stats, _, coeffs, cases = OPS.integrate(a, b, OFFSETS, torch.empty_like(a), "pareto_lora", 0.5, None, 1.0, False)
     assert stats.shape == (G, 3) and coeffs.shape == (G, 2) and cases.shape == (G,)
+    groups = torch.tensor([0, 1, G], device="meta")
+    stats, group_stats, coeffs, cases = OPS.integrate(
+        a, b, OFFSETS, torch.empty_like(a), "pareto_lora", 0.5, None, 1.0, False, 0.0, groups,
+        torch.zeros((), dtype=torch.bool, device="meta"), torch.empty(G, 3, dtype=torch.float64, device="meta"))
+    assert stats.shape == (G, 3) and group_stats.shape == (2, 3) and coeffs.shape == (2, 2) and cases.shape == (2,)
     assert OPS.segment_stats(a, b, OFFSETS).shape == (G, 3)
 
 

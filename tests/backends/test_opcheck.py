@@ -29,6 +29,18 @@ def test_opcheck_all_ops(device):
     coeffs = torch.rand(3, 2, device=device)
     torch.library.opcheck(ops.combine, (a, b, offsets, coeffs, torch.empty_like(a)))
     torch.library.opcheck(ops.integrate, (a, b, offsets, torch.empty_like(a), "pareto_lora", 0.5, None, 1.0, False))
+    # the training-step arguments: groups (on the CPU and on a's device), poison, given stats
+    groups = torch.tensor([0, 2, 3])
+    for g in (groups, groups.to(device)):
+        for poison in (None, torch.tensor(False, device=device), torch.tensor(True, device=device)):
+            torch.library.opcheck(
+                ops.integrate,
+                (a, b, offsets, torch.empty_like(a), "pareto_lora", 0.5, torch.tensor([True, False], device=device),
+                 1.0, False, 0.0, g, poison, None))
+    torch.library.opcheck(
+        ops.integrate, (a, b, offsets, torch.empty_like(a), "mmpareto", 0.5, None, 1.5, True, 0.1, groups, None, stats))
+    torch.library.opcheck(ops.integrate, (a, b, offsets, torch.empty_like(a), "sum", 0.5, None, 1.0, False, 0.0,
+                                          None, None, stats))
 
 
 def test_integrate_under_torch_compile():
@@ -36,10 +48,28 @@ def test_integrate_under_torch_compile():
 
     def step(a, b, offsets):
         out = torch.empty_like(a)
-        stats, coeffs, cases = torch.ops.pareto_lora.integrate(a, b, offsets, out, "pareto_lora", 0.5, None, 1.0, False)
+        stats, _, coeffs, cases = torch.ops.pareto_lora.integrate(a, b, offsets, out, "pareto_lora", 0.5, None, 1.0, False)
         return out * 2, coeffs, cases
 
     eager = step(a, b, offsets)
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(a, b, offsets)
     for x, y in zip(eager, compiled):
         torch.testing.assert_close(x, y)
+
+
+def test_grouped_integrate_under_torch_compile():
+    a, b, offsets = _args()
+    groups = torch.tensor([0, 2, 3])
+
+    def step(a, b, offsets, groups, poison, given):
+        out = torch.empty_like(a)
+        stats, group_stats, coeffs, cases = torch.ops.pareto_lora.integrate(
+            a, b, offsets, out, "pareto_lora", 0.5, None, 1.0, False, 0.0, groups, poison, given)
+        return out * 2, stats, group_stats, coeffs, cases
+
+    given = torch.ops.pareto_lora.segment_stats(a, b, offsets) * 2
+    for poison, st in ((torch.tensor(False), None), (torch.tensor(True), given)):
+        eager = step(a, b, offsets, groups, poison, st)
+        compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(a, b, offsets, groups, poison, st)
+        for x, y in zip(eager, compiled):
+            torch.testing.assert_close(x, y, equal_nan=True)

@@ -160,6 +160,15 @@ _CAPTURE = textwrap.dedent(
         ops.combine(a, b, tiles, coeffs, out)
         return out, cases
 
+    group_tiles, groups = T.group_table(offsets, torch.tensor([0, 3, 4]), a.device)
+    poison = torch.tensor(False)
+
+    def step(a, b):
+        out = torch.empty_like(a)
+        stats, group_stats, coeffs, cases = ops.integrate_step(
+            a, b, tiles, seg_tiles, group_tiles, groups, out, "pareto_lora", 0.5, None, 1.0, False, 0.0, poison, None)
+        return out * 2, stats, group_stats, coeffs, cases
+
     class Captured(Exception):
         pass
 
@@ -183,6 +192,7 @@ _CAPTURE = textwrap.dedent(
         "integrate": kernels_in(integrate, False),
         "integrate_dynamic": kernels_in(integrate, True),
         "unfused": kernels_in(unfused, False),
+        "step": kernels_in(step, False),
     }, sys.stdout)
     """
 )
@@ -198,6 +208,7 @@ def test_torch_compile_traces_into_the_kernels():
     assert found["integrate"] == fused
     assert found["integrate_dynamic"] == fused
     assert found["unfused"] == ["tile_stats_kernel", "segment_reduce_kernel", "rule_kernel", "combine_kernel"]
+    assert found["step"] == ["tile_stats_kernel", "segment_reduce_kernel", "group_rule_kernel", "combine_kernel"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiling and running Triton kernels needs a GPU")

@@ -8,15 +8,12 @@ May import: :mod:`pareto_lora._C`, :mod:`pareto_lora.checks`, :mod:`pareto_lora.
 
 from __future__ import annotations
 
-import sys
-
 import torch
 
 from .. import _C  # noqa: F401  (loads the shared library: registers torch.ops.pareto_lora.*)
 from .. import checks
 from ..result import IntegrationResult
 from ..rules import RuleSpec
-from . import composed
 from .protocol import DEFAULT_RULE
 
 __all__ = ["is_available", "segment_stats", "rule_coefficients", "combine", "integrate"]
@@ -45,9 +42,11 @@ def _combine_fake(a, b, offsets, coeffs, out):
 
 @torch.library.register_fake("pareto_lora::integrate")
 def _integrate_fake(a, b, offsets, out, rule="pareto_lora", tau=0.5, active=None, gamma=1.0, symmetric=False,
-                    margin=0.0):
-    g = _num_segments(offsets)
+                    margin=0.0, groups=None, poison=None, stats=None):
+    s = _num_segments(offsets)
+    g = s if groups is None else groups.shape[0] - 1
     return (
+        a.new_empty((s, 3), dtype=torch.float64),
         a.new_empty((g, 3), dtype=torch.float64),
         a.new_empty((g, 2), dtype=torch.float32),
         a.new_empty((g,), dtype=torch.int32),
@@ -100,14 +99,26 @@ def integrate(
     stats: torch.Tensor | None = None,
 ) -> IntegrationResult:
     offsets, active, groups = checks.as_offsets(offsets), checks.as_active(active), checks.as_groups(groups)
-    if groups is not None or poison is not None or stats is not None:
-        # The op's own checks would meet these as a generic dispatcher error first.
-        checks.check_integrate(a, b, offsets, out, active, groups, poison, stats)
-        return composed.integrate(sys.modules[__name__], a, b, offsets, out, spec, active, groups, poison, stats)
     checks.check_types(a=a, b=b, offsets=offsets, out=out, active=active)
+    _check_optional(groups, poison, stats)
     out = torch.empty_like(a) if out is None else out
-    seg_stats, coeffs, cases = torch.ops.pareto_lora.integrate(a, b, offsets, out, *_rule_args(spec, active))
-    return IntegrationResult(out, seg_stats, coeffs, cases, seg_stats.clone())
+    seg_stats, group_stats, coeffs, cases = torch.ops.pareto_lora.integrate(
+        a, b, offsets, out, *_rule_args(spec, active), groups, poison, stats
+    )
+    return IntegrationResult(out, seg_stats, coeffs, cases, group_stats)
+
+
+def _check_optional(groups, poison, stats) -> None:
+    # What the dispatcher would reject with a generic error (a Python bool, a string, a meta
+    # tensor): the same ValueError as on every backend. Tensors' contents are checked in C++.
+    cpu = torch.device("cpu")
+    if groups is not None and not isinstance(groups, torch.Tensor):
+        checks.check_groups(groups, 0, cpu)  # raises: not a tensor
+    if poison is not None and not isinstance(poison, torch.Tensor):
+        checks.check_poison(poison, cpu)
+    if stats is not None and not isinstance(stats, torch.Tensor):
+        checks.check_given_stats(stats, 0, cpu)
+    checks.check_types(**{k: v for k, v in (("groups", groups), ("poison", poison), ("stats", stats)) if v is not None})
 
 
 def _rule_args(spec: RuleSpec, active):

@@ -248,13 +248,55 @@ def rule_kernel(
                 HAS_ACTIVE, RULE, SYMMETRIC)
 
 
+@triton.jit(do_not_specialize=["tau_hi", "tau_lo", "gamma_hi", "gamma_lo", "margin_hi", "margin_lo"])
+def group_rule_kernel(
+    stats_ptr, groups_ptr, num_groups, group_stats_ptr, poison_ptr, active_ptr, coeffs_ptr, cases_ptr,
+    tau_hi, tau_lo, gamma_hi, gamma_lo, margin_hi, margin_lo,
+    SEGS: tl.constexpr, HAS_POISON: tl.constexpr, HAS_ACTIVE: tl.constexpr, RULE: tl.constexpr,
+    SYMMETRIC: tl.constexpr,
+):
+    """Group g's statistics = +0.0 + stats[groups[g]] + ... + stats[groups[g+1] - 1], added left
+    to right (reference.group_sums: the one order on every backend), then its rule. SEGS groups per
+    program. A masked-off row adds +0.0, which leaves a sum that started at +0.0 unchanged.
+    With poison true every case is NONFINITE (the combine reads poison too); coeffs stay the rule's."""
+    gs = tl.program_id(0) * SEGS + tl.arange(0, SEGS)
+    gmask = gs < num_groups
+    first = tl.load(groups_ptr + gs, mask=gmask, other=0)
+    end = tl.load(groups_ptr + gs + 1, mask=gmask, other=0)
+    longest = tl.max(end - first, axis=0)
+    aa = tl.zeros([SEGS], tl.float64)
+    bb = tl.zeros([SEGS], tl.float64)
+    ab = tl.zeros([SEGS], tl.float64)
+    for k in range(0, longest):
+        row = first + k
+        m = row < end
+        aa += tl.load(stats_ptr + 3 * row, mask=m, other=0.0)
+        bb += tl.load(stats_ptr + 3 * row + 1, mask=m, other=0.0)
+        ab += tl.load(stats_ptr + 3 * row + 2, mask=m, other=0.0)
+    tl.store(group_stats_ptr + 3 * gs, aa, mask=gmask)
+    tl.store(group_stats_ptr + 3 * gs + 1, bb, mask=gmask)
+    tl.store(group_stats_ptr + 3 * gs + 2, ab, mask=gmask)
+    _rule_store(aa, bb, ab, gs, gmask, active_ptr, coeffs_ptr, cases_ptr, tau_hi, tau_lo, gamma_hi, gamma_lo,
+                margin_hi, margin_lo, HAS_ACTIVE, RULE, SYMMETRIC)
+    if HAS_POISON:
+        poisoned = tl.load(poison_ptr) != 0
+        code = tl.load(cases_ptr + gs, mask=gmask, other=0)
+        tl.store(cases_ptr + gs, tl.where(poisoned, NONFINITE, code), mask=gmask)
+
+
 @triton.jit
-def combine_kernel(a_ptr, b_ptr, out_ptr, tiles_ptr, coeffs_ptr, num_tiles, BLOCK: tl.constexpr, F64: tl.constexpr):
-    """out = alpha[seg] * a + beta[seg] * b over tile t (coeffs [G, 2], float32 or float64)."""
+def combine_kernel(a_ptr, b_ptr, out_ptr, tiles_ptr, coeffs_ptr, num_tiles, BLOCK: tl.constexpr, F64: tl.constexpr,
+                   poison_ptr=None, HAS_POISON: tl.constexpr = False):
+    """out = alpha[i] * a + beta[i] * b over tile t, i = the tile's first row (its segment, or its
+    group in a grouped call); coeffs float32 or float64. A true poison makes them NaN."""
     t = tl.program_id(0)
     seg, start, end = _load_tile(tiles_ptr, num_tiles, t)
     alpha = _widen(tl.load(coeffs_ptr + 2 * seg), F64)
     beta = _widen(tl.load(coeffs_ptr + 2 * seg + 1), F64)
+    if HAS_POISON:
+        poisoned = tl.load(poison_ptr) != 0
+        alpha = tl.where(poisoned, float("nan"), alpha)
+        beta = tl.where(poisoned, float("nan"), beta)
     idx = start + tl.arange(0, BLOCK)
     m = idx < end
     x = _widen(tl.load(a_ptr + idx, mask=m, other=0.0), F64)

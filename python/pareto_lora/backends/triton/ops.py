@@ -23,7 +23,6 @@ May import: :mod:`.kernels`, :mod:`pareto_lora.checks`, :mod:`pareto_lora.result
 import collections
 import os
 import struct
-import sys
 import threading
 from typing import Optional
 
@@ -35,7 +34,6 @@ from triton.runtime.interpreter import InterpretedFunction
 from ... import checks as _checks
 from ...result import IntegrationResult
 from ...rules import RULE_IDS, RuleSpec
-from .. import composed
 from ..protocol import DEFAULT_RULE
 from . import kernels as K
 
@@ -97,6 +95,20 @@ def _build_tile_table(offsets: torch.Tensor, block: int) -> tuple[torch.Tensor, 
     return torch.stack([seg, start, end]), seg_tiles
 
 
+def _cached(key: tuple, build):
+    with _table_lock:
+        hit = _table_cache.get(key)
+        if hit is not None:
+            _table_cache.move_to_end(key)
+            return hit
+    value = build()
+    with _table_lock:
+        _table_cache[key] = value
+        while len(_table_cache) > _TABLE_CACHE_SIZE:
+            _table_cache.popitem(last=False)
+    return value
+
+
 def tile_table(offsets: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(tiles, seg_tiles) on `device` for validated `offsets`, cached per offsets content.
 
@@ -105,19 +117,31 @@ def tile_table(offsets: torch.Tensor, device: torch.device) -> tuple[torch.Tenso
     """
     host = offsets.detach().cpu().contiguous()
     device = torch.device(device)
-    key = (host.numpy().tobytes(), str(device), BLOCK)
-    with _table_lock:
-        hit = _table_cache.get(key)
-        if hit is not None:
-            _table_cache.move_to_end(key)
-            return hit
-    tiles, seg_tiles = _build_tile_table(host, BLOCK)
-    table = (tiles.to(device), seg_tiles.to(device))
-    with _table_lock:
-        _table_cache[key] = table
-        while len(_table_cache) > _TABLE_CACHE_SIZE:
-            _table_cache.popitem(last=False)
-    return table
+
+    def build():
+        tiles, seg_tiles = _build_tile_table(host, BLOCK)
+        return tiles.to(device), seg_tiles.to(device)
+
+    return _cached((host.numpy().tobytes(), str(device), BLOCK), build)
+
+
+def group_table(offsets: torch.Tensor, groups: Optional[torch.Tensor], device: torch.device):
+    """(group_tiles, groups) on `device`: the tile table with each tile's group in row 0 (what the
+    combine indexes its coefficients with), and the groups themselves (None: one per segment)."""
+    host = offsets.detach().cpu().contiguous()
+    num_segments = host.numel() - 1
+    hg = torch.arange(num_segments + 1) if groups is None else groups.detach().cpu().contiguous()
+    device = torch.device(device)
+
+    def build():
+        tiles, _ = _build_tile_table(host, BLOCK)
+        sizes = hg[1:] - hg[:-1]
+        seg_group = torch.repeat_interleave(torch.arange(sizes.numel()), sizes, output_size=num_segments)
+        group_tiles = tiles.clone()
+        group_tiles[0] = seg_group[tiles[0]]
+        return group_tiles.to(device), hg.to(device)
+
+    return _cached(("groups", host.numpy().tobytes(), hg.numpy().tobytes(), str(device), BLOCK), build)
 
 
 # ---- ops (no validation, no host reads: traceable by torch.compile) ----------------------------
@@ -207,6 +231,52 @@ def _combine_op(
     _combine_tiles(a, b, tiles, coeffs.contiguous(), out)
 
 
+@triton_op("pareto_lora_triton::integrate_step", mutates_args={"out"})
+def _integrate_step_op(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    tiles: torch.Tensor,
+    seg_tiles: torch.Tensor,
+    group_tiles: torch.Tensor,
+    groups: torch.Tensor,
+    out: torch.Tensor,
+    rule: str,
+    tau: float,
+    active: Optional[torch.Tensor],
+    gamma: float,
+    symmetric: bool,
+    margin: float,
+    poison: Optional[torch.Tensor],
+    stats: Optional[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The grouped training step: statistics per segment (or the given ones), the group sums and
+    rules in one launch, the combine with each tile's group coefficients (three or four launches)."""
+    num_segments, num_groups = seg_tiles.shape[0] - 1, groups.shape[0] - 1
+    if stats is None:
+        seg_stats = torch.empty((num_segments, 3), dtype=torch.float64, device=a.device)
+        no_rule = _rule_launch_args("sum", 1.0, 1.0, False, None, a.device)
+        _reduce(_tile_partials(a, b, tiles), seg_tiles, seg_stats, None, None, no_rule, apply_rule=False)
+    else:
+        seg_stats = stats.contiguous().clone()
+    group_stats = torch.empty((num_groups, 3), dtype=torch.float64, device=a.device)
+    coeffs = torch.empty((num_groups, 2), dtype=torch.float32, device=a.device)
+    cases = torch.empty((num_groups,), dtype=torch.int32, device=a.device)
+    psn = None if poison is None else poison.view(torch.uint8)
+    if num_groups > 0:
+        scalars, act, flags = _rule_launch_args(rule, tau, gamma, symmetric, active, a.device, margin)
+        wrap_triton(K.group_rule_kernel)[(triton.cdiv(num_groups, RULE_SEGS),)](
+            seg_stats, groups, num_groups, group_stats, psn, act, coeffs, cases,
+            SEGS=RULE_SEGS, HAS_POISON=poison is not None, **scalars, **flags,
+        )
+    num_tiles = group_tiles.shape[1]
+    if num_tiles > 0:
+        wrap_triton(K.combine_kernel)[(num_tiles,)](
+            a, b, out, group_tiles, coeffs, num_tiles, BLOCK=BLOCK, F64=a.dtype == torch.float64,
+            poison_ptr=psn, HAS_POISON=poison is not None, num_warps=NUM_WARPS,
+        )
+    return seg_stats, group_stats, coeffs, cases
+
+
 @triton_op("pareto_lora_triton::integrate", mutates_args={"out"})
 def _integrate_op(
     a: torch.Tensor,
@@ -278,14 +348,19 @@ def integrate(
     poison: Optional[torch.Tensor] = None,
     stats: Optional[torch.Tensor] = None,
 ) -> IntegrationResult:
-    """stats -> rule -> combine on the device (three launches, no host sync)."""
+    """stats -> rule -> combine on the device (three launches, four with groups / poison; no host
+    sync: poison is read by the kernels)."""
     offsets, active, groups = _checks.as_offsets(offsets), _checks.as_active(active), _checks.as_groups(groups)
     _checks.check_integrate(a, b, offsets, out, active, groups, poison, stats)
     _check_device(a.device)
-    if groups is not None or poison is not None or stats is not None:
-        return composed.integrate(sys.modules[__name__], a, b, offsets, out, spec, active, groups, poison, stats)
     out = torch.empty_like(a) if out is None else out
     tiles, seg_tiles = tile_table(offsets, a.device)
+    if groups is not None or poison is not None or stats is not None:
+        group_tiles, dev_groups = group_table(offsets, groups, a.device)
+        seg_stats, group_stats, coeffs, cases = torch.ops.pareto_lora_triton.integrate_step(
+            a, b, tiles, seg_tiles, group_tiles, dev_groups, out, *_op_rule_args(spec, active), poison, stats
+        )
+        return IntegrationResult(out, seg_stats, coeffs, cases, group_stats)
     seg_stats, coeffs, cases = torch.ops.pareto_lora_triton.integrate(
         a, b, tiles, seg_tiles, out, *_op_rule_args(spec, active)
     )

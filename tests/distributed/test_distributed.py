@@ -178,8 +178,6 @@ def test_ddp_whole_bucket_matches_global_batch(ranks, model, groups, step):
         assert [gs for _, gs, _ in r[f"{key}/trace"]] == [tuple(range(len(set(groups.values()))))]
 
 
-@pytest.mark.xfail("groups" not in str(torch.ops.pareto_lora.integrate.default._schema), strict=True,
-                   reason="the compiled pareto_lora::integrate has no groups argument yet (composed: three ops)")
 @pytest.mark.parametrize("step", [0, 1], ids=["initial-buckets", "rebuilt-buckets"])
 def test_ddp_whole_bucket_is_one_fused_launch(ranks, step):
     """A trace (every thread: the hook runs on the process group's) of one DDP step on each rank

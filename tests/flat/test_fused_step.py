@@ -18,13 +18,6 @@ import models
 from _oracle import oracle
 
 
-#: Whether the compiled op takes the training step's arguments (groups, poison, stats) itself. Until
-#: it does, backends.composed runs them as three ops, and the traces below must show exactly that.
-FUSED_KERNEL = "groups" in str(torch.ops.pareto_lora.integrate.default._schema)
-needs_fused_kernel = pytest.mark.xfail(not FUSED_KERNEL, strict=True,
-                                       reason="the compiled pareto_lora::integrate has no groups argument yet")
-
-
 def pareto_ops(fn) -> Counter:
     """pareto_lora::* ops that one call of `fn` dispatches (torch.profiler, CPU)."""
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -42,7 +35,6 @@ def llama():
     return models.lora_llama(num_layers=5)
 
 
-@needs_fused_kernel
 def test_one_backward_step_is_one_fused_launch(llama):
     """A plain kernel rule: the step's integration is one pareto_lora::integrate, nothing else of ours."""
     pl = ParetoLoRA(llama, rule="pareto_lora", num_groups=3, modulate="all")

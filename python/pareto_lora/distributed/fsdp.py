@@ -4,8 +4,9 @@ all-reduce of the small statistics table, and the rule and combine run locally o
 The statistics are sums, so the per-rank statistics of the shards add up to the global ones;
 zero padding adds nothing. The all-reduce is the launch boundary: one statistics launch per
 bucket before it, one fused launch per bucket after it, with the global statistics given
-(``stats=``: group sum, rule and combine in the kernel; a Python rule runs between instead). The text backward runs with ``reshard_after_backward`` off, so the
-image backward reuses the unsharded parameters instead of all-gathering them again.
+(``stats=``: group sum, rule and combine in the kernel; a Python rule runs between instead).
+The text backward runs with ``reshard_after_backward`` off, so the image backward reuses the
+unsharded parameters instead of all-gathering them again.
 May import: :mod:`pareto_lora.distributed.sync`, :mod:`pareto_lora.flat`.
 """
 

@@ -98,7 +98,8 @@ def ddp_scenarios(rank: int, out: dict) -> None:
 
     # One bucket for all LoRA gradients (bucket_cap_mb above their size): every group is whole in
     # it, so the hook integrates it with one fused launch, also after DDP re-buckets (step 1).
-    ddp = DDP(models.lora_llama(num_layers=NUM_LAYERS), bucket_cap_mb=25)
+    model = models.lora_llama(num_layers=NUM_LAYERS)
+    ddp = DDP(model, bucket_cap_mb=pareto_lora.distributed.one_bucket_cap_mb(model))
     pl = pareto(ddp)
     for step in (0, 1):
         lt, li = losses_of(ddp, batch_for(rank, 100 * step))

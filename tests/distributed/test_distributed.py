@@ -186,6 +186,15 @@ def test_ddp_whole_bucket_is_one_fused_launch(ranks, step):
         assert r[f"whole/step{step}/ops"] == ["pareto_lora::integrate"], r[f"whole/step{step}/ops"]
 
 
+def test_one_bucket_cap_mb():
+    model = models.lora_llama(num_layers=W.NUM_LAYERS)
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    cap = pareto_lora.distributed.one_bucket_cap_mb(model)
+    assert nbytes / 2**20 < cap < 2 * nbytes / 2**20 + 0.02
+    with pytest.raises(ValueError, match="model: expected the module to wrap"):
+        pareto_lora.distributed.one_bucket_cap_mb("model")
+
+
 def test_ddp_hook_overlaps_backward(ranks):
     """On the rebuilt (small) buckets a group finishes, and its buckets are integrated, while others
     are still being reduced. (DDP's first step uses one bucket: it buckets by size only from step 2.)"""

@@ -57,7 +57,18 @@ from ..reference import group_sums
 from .ddp_state import Arrival, BackwardState, BucketPlan, plan_bucket, record_event, wait_event
 from .sync import LocalSync, Settle, SyncFailure, window_lost
 
-__all__ = ["DDPSync"]
+__all__ = ["DDPSync", "one_bucket_cap_mb"]
+
+
+def one_bucket_cap_mb(model: nn.Module) -> float:
+    """A ``bucket_cap_mb`` for ``DistributedDataParallel(model, bucket_cap_mb=...)`` that puts every
+    trainable gradient in one DDP bucket: then every LoRA group is whole in it and the hook
+    integrates a step with one fused launch (docs/training_path.md). DDP cuts buckets by bytes
+    and cannot be re-cut once built, so this is chosen before wrapping the model."""
+    if not isinstance(model, nn.Module) or isinstance(model, nn.parallel.DistributedDataParallel):
+        raise ValueError("model: expected the module to wrap (not yet a DistributedDataParallel)")
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return max(nbytes, 1) / 2**20 * 1.01 + 0.01  # a margin over the exact size: DDP compares bytes >= cap
 
 
 def _ddp_comm_hook(state, bucket):

@@ -113,6 +113,14 @@ def ddp_scenarios(rank: int, out: dict) -> None:
         out[f"whole/step{step}/trace"] = pl._sync.trace
     out["whole/plans"] = [plan.whole for plan in pl._sync._plans.values()]
 
+    # A Python rule (preserve_norm needs the group statistics before the coefficients): statistics
+    # launch, the rule between, combine launch, on the initial (one) and the rebuilt (small) buckets.
+    ddp = ddp_model()
+    pl = pareto(ddp, preserve_norm=True)
+    for step in (0, 1):
+        pl.backward(*losses_of(ddp, batch_for(rank, 100 * step)))
+        out[f"python_rule/step{step}"] = grads_of(ddp.module)
+
     # The trap: a second backward on the same forward is not all-reduced by DDP.
     ddp = ddp_model()
     lt, li = losses_of(ddp, batch_for(rank, 0))

@@ -186,6 +186,19 @@ def test_ddp_whole_bucket_is_one_fused_launch(ranks, step):
         assert r[f"whole/step{step}/ops"] == ["pareto_lora::integrate"], r[f"whole/step{step}/ops"]
 
 
+@pytest.mark.parametrize("step", [0, 1], ids=["initial-buckets", "rebuilt-buckets"])
+def test_ddp_python_rule_matches_one_process(ranks, step):
+    """preserve_norm under DDP (statistics, the rule in Python, combine) equals one process's step on
+    the global batch; ranks bitwise equal."""
+    key = f"python_rule/step{step}"
+    assert_bitwise_same(ranks, key)
+    model = models.lora_llama(num_layers=W.NUM_LAYERS)
+    pl = W.pareto(model, preserve_norm=True)
+    pl.backward(*W.losses_of(model, concat([W.batch_for(r, 100 * step) for r in range(WORLD)])))
+    want = {n: p.grad.double() for n, p in model.named_parameters() if p.requires_grad}
+    assert_matches(ranks[0][key], want)
+
+
 def test_one_bucket_cap_mb():
     model = models.lora_llama(num_layers=W.NUM_LAYERS)
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)

@@ -78,16 +78,18 @@ class Owner:
 
 @pytest.mark.parametrize("rule", ["pareto_lora", "mgda", "mmpareto"])
 @pytest.mark.parametrize("model", ["one_bucket", "two_buckets"])
-def test_every_path_gives_the_same_bits_and_the_oracle(rule, model):
-    model = models.lora_llama(num_layers=4) if model == "one_bucket" else _split_dtypes()
+def test_every_path_gives_the_same_bits_and_the_oracle(rule, model, backend):
+    name, device = backend
+    model = (models.lora_llama(num_layers=4) if model == "one_bucket" else _split_dtypes()).to(device)
     layout = build_layout(model, num_groups=3, modulate="all")
     text, image = _random_flats(layout, seed=1)
+    text, image = [t.to(device) for t in text], [t.to(device) for t in image]
     spec = RuleSpec(rule, tau=0.5)
-    impl = resolve_backend("auto", layout.device)
+    impl = resolve_backend(name, layout.device)
 
     def run(rule_of, stats=None):
         outs = [torch.empty_like(t) for t in text]
-        step = flat_step(text, image, layout, rule_of, out=outs, stats_per_unit=stats)
+        step = flat_step(text, image, layout, rule_of, out=outs, backend=name, stats_per_unit=stats)
         return outs, step
 
     fused_out, fused = run(Owner(spec))
@@ -105,7 +107,7 @@ def test_every_path_gives_the_same_bits_and_the_oracle(rule, model):
     for t, im, b in zip(text, image, layout.buckets):
         for i, off in zip(b.param_index, b.param_offset):
             k = layout.params[i].numel()
-            grads[names[i]] = (t[off : off + k], im[off : off + k])
+            grads[names[i]] = (t[off : off + k].cpu(), im[off : off + k].cpu())
             groups[names[i]] = ug[layout.param_unit[i]]
     want = oracle(grads, groups, set(range(layout.num_groups)), rule)
     # float32 coefficients (the kernels' for any buffer dtype) against the oracle's float64 ones
@@ -113,7 +115,7 @@ def test_every_path_gives_the_same_bits_and_the_oracle(rule, model):
     for out, b in zip(fused_out, layout.buckets):
         for i, off in zip(b.param_index, b.param_offset):
             k = layout.params[i].numel()
-            torch.testing.assert_close(out[off : off + k].double(), want[names[i]], rtol=2e-5, atol=1e-6 * scale,
+            torch.testing.assert_close(out[off : off + k].double().cpu(), want[names[i]], rtol=2e-5, atol=1e-6 * scale,
                                        msg=names[i])
 
 

@@ -152,7 +152,7 @@ def build(config: str):
     out = [torch.empty_like(f) for f in pl.image.flats]
 
     def integrate_only():
-        flat_step(pl.text.flats, pl.image.flats, pl.layout, pl._rule, out=out)
+        flat_step(pl.text.flats, pl.image.flats, pl.layout, pl._sync.rule, out=out)
 
     fns = {"forward": forward, "vanilla": vanilla, "two_backward": two_backward, "pareto_step": pareto_step,
            "integrate_only": integrate_only}

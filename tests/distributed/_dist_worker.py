@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import models  # noqa: E402
 import pareto_lora  # noqa: E402
 from pareto_lora.distributed import sharded_integrate  # noqa: E402
+from pareto_lora.flat import PythonRule  # noqa: E402
 
 NUM_LAYERS = 5
 NUM_GROUPS = 2
@@ -94,6 +95,31 @@ def ddp_scenarios(rank: int, out: dict) -> None:
             out[f"ddp/{rule}/step{step}/cases"] = report.cases
         names = {id(p): n for n, p in ddp.module.named_parameters()}
         out[f"ddp/{rule}/buckets"] = [[names[i] for i in key] for key in pl._sync._plans]
+
+    # One bucket for all LoRA gradients (bucket_cap_mb above their size): every group is whole in
+    # it, so the hook integrates it with one fused launch, also after DDP re-buckets (step 1).
+    model = models.lora_llama(num_layers=NUM_LAYERS)
+    ddp = DDP(model, bucket_cap_mb=pareto_lora.distributed.one_bucket_cap_mb(model))
+    pl = pareto(ddp)
+    for step in (0, 1):
+        lt, li = losses_of(ddp, batch_for(rank, 100 * step))
+        # The hook's work runs on the process group's callback threads: profile every thread.
+        every_thread = torch._C._profiler._ExperimentalConfig(profile_all_threads=True)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                    experimental_config=every_thread) as prof:
+            pl.backward(lt, li)
+        out[f"whole/step{step}"] = grads_of(ddp.module)
+        out[f"whole/step{step}/ops"] = sorted(e.name for e in prof.events() if e.name.startswith("pareto_lora::"))
+        out[f"whole/step{step}/trace"] = pl._sync.trace
+    out["whole/plans"] = [plan.whole for plan in pl._sync._plans.values()]
+
+    # A Python rule (preserve_norm needs the group statistics before the coefficients): statistics
+    # launch, the rule between, combine launch, on the initial (one) and the rebuilt (small) buckets.
+    ddp = ddp_model()
+    pl = pareto(ddp, preserve_norm=True)
+    for step in (0, 1):
+        pl.backward(*losses_of(ddp, batch_for(rank, 100 * step)))
+        out[f"python_rule/step{step}"] = grads_of(ddp.module)
 
     # The trap: a second backward on the same forward is not all-reduced by DDP.
     ddp = ddp_model()
@@ -171,10 +197,11 @@ def ddp_scenarios(rank: int, out: dict) -> None:
     def broken_rule(stats):
         raise ValueError("rule exploded")
 
-    rule_fn, pl._sync.rule_fn = pl._sync.rule_fn, broken_rule
+    # A Python rule runs inside the hook (the kernel rule runs in the fused op): make it raise there.
+    rule, pl._sync.rule = pl._sync.rule, PythonRule(broken_rule)
     out["err/hook_failure"] = error_of(lambda: pl.backward(*losses_of(ddp, batch_for(rank, 0))))
     out["err/hook_failure/all_nan"] = all(bool(g.isnan().all()) for g in grads_of(ddp.module).values())
-    pl._sync.rule_fn = rule_fn  # DDP and ParetoLoRA are usable again
+    pl._sync.rule = rule  # DDP and ParetoLoRA are usable again
     out["err/after_failure"] = error_of(lambda: pl.backward(*losses_of(ddp, batch_for(rank, 0))))
 
     ddp = ddp_model()
@@ -240,6 +267,12 @@ def sharded_scenario(rank: int, world: int, out: dict) -> None:
                             active=torch.tensor([True, False, True]))
     out["sharded/grouped_out"], out["sharded/grouped_stats"] = res.out[:n].clone(), res.stats
     out["sharded/inputs"] = (a, b, offsets, active)
+    # Every rule option at the boundary (margin included), and groups that are not runs of segments.
+    res = sharded_integrate(a_shard, b_shard, local, rule="pareto_lora", tau=0.5, margin=0.7, active=active)
+    out["sharded/margin_out"], out["sharded/margin_cases"] = res.out[:n].clone(), res.cases
+    res = sharded_integrate(a_shard, b_shard, local, rule=pareto_lora.RuleSpec("mgda"),
+                            segment_group=torch.tensor([1, 0, 1, 0, 2, 2]))
+    out["sharded/scattered_out"], out["sharded/scattered_stats"] = res.out[:n].clone(), res.stats
 
 
 def main() -> None:

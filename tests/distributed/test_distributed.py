@@ -165,6 +165,49 @@ def test_ddp_integrates_inside_hook(ranks, model, groups, step):
     assert {k for k, _, _ in ranks[0][f"{key}/trace"]} <= set(ranks[0]["hook/bucket_keys"])
 
 
+@pytest.mark.parametrize("step", [0, 1], ids=["initial-buckets", "rebuilt-buckets"])
+def test_ddp_whole_bucket_matches_global_batch(ranks, model, groups, step):
+    """All LoRA gradients in one DDP bucket: every group is whole in it (one launch integrates it,
+    before and after DDP re-buckets); ranks bitwise equal, and the global-batch result."""
+    key = f"whole/step{step}"
+    assert all(ranks[0]["whole/plans"])
+    assert_bitwise_same(ranks, key)
+    batch = concat([W.batch_for(r, 100 * step) for r in range(WORLD)])
+    assert_matches(ranks[0][key], integrated(objective_grads(model, [batch], [1.0]), groups, "pareto_lora"))
+    for r in ranks:
+        assert [gs for _, gs, _ in r[f"{key}/trace"]] == [tuple(range(len(set(groups.values()))))]
+
+
+@pytest.mark.parametrize("step", [0, 1], ids=["initial-buckets", "rebuilt-buckets"])
+def test_ddp_whole_bucket_is_one_fused_launch(ranks, step):
+    """A trace (every thread: the hook runs on the process group's) of one DDP step on each rank
+    shows one pareto_lora::integrate and no separate statistics, rule or combine."""
+    for r in ranks:
+        assert r[f"whole/step{step}/ops"] == ["pareto_lora::integrate"], r[f"whole/step{step}/ops"]
+
+
+@pytest.mark.parametrize("step", [0, 1], ids=["initial-buckets", "rebuilt-buckets"])
+def test_ddp_python_rule_matches_one_process(ranks, step):
+    """preserve_norm under DDP (statistics, the rule in Python, combine) equals one process's step on
+    the global batch; ranks bitwise equal."""
+    key = f"python_rule/step{step}"
+    assert_bitwise_same(ranks, key)
+    model = models.lora_llama(num_layers=W.NUM_LAYERS)
+    pl = W.pareto(model, preserve_norm=True)
+    pl.backward(*W.losses_of(model, concat([W.batch_for(r, 100 * step) for r in range(WORLD)])))
+    want = {n: p.grad.double() for n, p in model.named_parameters() if p.requires_grad}
+    assert_matches(ranks[0][key], want)
+
+
+def test_one_bucket_cap_mb():
+    model = models.lora_llama(num_layers=W.NUM_LAYERS)
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    cap = pareto_lora.distributed.one_bucket_cap_mb(model)
+    assert nbytes / 2**20 < cap < 2 * nbytes / 2**20 + 0.02
+    with pytest.raises(ValueError, match="model: expected the module to wrap"):
+        pareto_lora.distributed.one_bucket_cap_mb("model")
+
+
 def test_ddp_hook_overlaps_backward(ranks):
     """On the rebuilt (small) buckets a group finishes, and its buckets are integrated, while others
     are still being reduced. (DDP's first step uses one bucket: it buckets by size only from step 2.)"""
@@ -266,6 +309,30 @@ def test_sharded_integrate_segment_groups(ranks):
     want, stats, _, _ = reference.integrate(a, b, group_offsets, rule="mgda", active=torch.tensor([True, False, True]))
     torch.testing.assert_close(torch.cat([r["sharded/grouped_out"] for r in ranks]), want)
     torch.testing.assert_close(ranks[0]["sharded/grouped_stats"].double(), stats, rtol=1e-6, atol=1e-6)
+
+
+def test_sharded_integrate_takes_every_rule_option(ranks):
+    a, b, offsets, active = ranks[0]["sharded/inputs"]
+    want = reference.integrate(a, b, offsets, rule="pareto_lora", tau=0.5, margin=0.7, active=active)
+    torch.testing.assert_close(torch.cat([r["sharded/margin_out"] for r in ranks]), want.out)
+    assert torch.equal(ranks[0]["sharded/margin_cases"], want.cases)
+    # margin changes the outcome here: the last segment (cos -0.69) is no conflict under margin 0.7
+    plain = reference.integrate(a, b, offsets, rule="pareto_lora", tau=0.5, active=active)
+    assert not torch.equal(plain.cases, want.cases)
+
+
+def test_sharded_integrate_scattered_groups(ranks):
+    """Groups that are not runs of consecutive segments: summed locally, then rule and combine."""
+    a, b, offsets, _ = ranks[0]["sharded/inputs"]
+    pieces = [(offsets[s], offsets[s + 1]) for s in range(6)]
+    order = [1, 3, 0, 2, 4, 5]  # group 0: segments 1, 3; group 1: 0, 2; group 2: 4, 5
+    cat = lambda x: torch.cat([x[pieces[s][0]:pieces[s][1]] for s in order])  # noqa: E731
+    sizes = [int(pieces[s][1] - pieces[s][0]) for s in order]
+    bounds = torch.tensor([0, sizes[0] + sizes[1], sum(sizes[:4]), sum(sizes)])
+    want, stats, _, _ = reference.integrate(cat(a), cat(b), bounds, rule="mgda")
+    got = torch.cat([r["sharded/scattered_out"] for r in ranks])
+    torch.testing.assert_close(cat(got), want)
+    torch.testing.assert_close(ranks[0]["sharded/scattered_stats"], stats, rtol=1e-6, atol=1e-6)
 
 
 def test_sharded_integrate_needs_process_group():

@@ -11,10 +11,11 @@ the results afterwards would be wrong.
 :mod:`.select` (:func:`make_sync`). May import: :mod:`pareto_lora.flat` and below.
 """
 
-from .ddp import DDPSync
+from .ddp import DDPSync, one_bucket_cap_mb
 from .fsdp import FSDPSync
 from .select import make_sync
 from .sharded import sharded_integrate
 from .sync import GradSync, LocalSync, SyncFailure
 
-__all__ = ["DDPSync", "FSDPSync", "GradSync", "LocalSync", "SyncFailure", "make_sync", "sharded_integrate"]
+__all__ = ["DDPSync", "FSDPSync", "GradSync", "LocalSync", "SyncFailure", "make_sync", "one_bucket_cap_mb",
+           "sharded_integrate"]

@@ -11,14 +11,20 @@ The whole integration runs inside the hook, overlapping with the rest of the bac
 each bucket the hook packs the matching slice of the text buffer and the bucket's image
 gradient, ``[text | image]``, into one buffer and all-reduces it once (2 x LoRA gradient bytes
 per step in all). It returns its own future, which DDP waits for only at the end of the
-backward. When a bucket's reduction finishes, its callback computes the bucket's per-unit
-statistics and counts, per unit, how many elements have been reduced. A group (a range of
-layers) usually spans several buckets, and DDP re-buckets after the first step in
-gradient-ready order, so completeness is decided by this coverage count, never by bucket
-indices. When a group's units are all covered, its whole-group statistics are final and the
-rule runs for it. Every pending bucket whose groups all have coefficients is then combined into
-its gradient views (which DDP copies into ``.grad``) and its future is completed. The last
-bucket completes every remaining group.
+backward. When a bucket's reduction finishes, its callback integrates what it can:
+
+* a **whole bucket** (every group it touches lies wholly in it, e.g. one bucket holding all
+  LoRA gradients: ``DistributedDataParallel(..., bucket_cap_mb=...)`` at least their size) with
+  a kernel rule: one fused launch (unit statistics, group sum, rule, combine), and its future is
+  completed at once;
+* otherwise a group spans buckets (DDP cuts buckets by bytes, not by groups, and re-buckets
+  after the first step in gradient-ready order): the callback runs a statistics launch and
+  counts, per unit, how many elements have been reduced. Completeness is decided by this
+  coverage count, never by bucket indices. When a group's units are all covered its statistics
+  are final; every pending bucket whose groups are all final is then integrated by one fused
+  launch with those statistics given (``stats=``: rule + combine) and its future completed. The
+  last bucket completes every remaining group. A Python rule (``preserve_norm``) runs between
+  the statistics and a combine launch instead.
 
 Ranks finish their reductions in different orders, yet they must end with bitwise-identical
 gradients. Each unit's statistics are therefore summed over the buckets holding it in one fixed
@@ -31,7 +37,7 @@ of the same step follows a synchronised backward, they are put back into the buf
 the last bucket, so only ``finish`` learns whether the global loss was finite; then the
 already-integrated ``.grad`` is poisoned with NaN (or the owner raises).
 May import: :mod:`pareto_lora.distributed.sync`, :mod:`.ddp_state`, :mod:`pareto_lora.flat`,
-:mod:`pareto_lora.ops`.
+:mod:`pareto_lora.backends`, :mod:`pareto_lora.reference` (the group sum's one order).
 """
 
 from __future__ import annotations
@@ -44,13 +50,25 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .. import ops
-from ..flat import FlatGrads, FlatStep, GradLayout, sum_into_groups
-from ..flat.step import RuleFn, poison_cases
+from ..backends import resolve_backend
+from ..flat import FlatGrads, FlatStep, GradLayout, StepRule
+from ..flat.step import poison_cases
+from ..reference import group_sums
 from .ddp_state import Arrival, BackwardState, BucketPlan, plan_bucket, record_event, wait_event
 from .sync import LocalSync, Settle, SyncFailure, window_lost
 
-__all__ = ["DDPSync"]
+__all__ = ["DDPSync", "one_bucket_cap_mb"]
+
+
+def one_bucket_cap_mb(model: nn.Module) -> float:
+    """A ``bucket_cap_mb`` for ``DistributedDataParallel(model, bucket_cap_mb=...)`` that puts every
+    trainable gradient in one DDP bucket: then every LoRA group is whole in it and the hook
+    integrates a step with one fused launch (docs/training_path.md). DDP cuts buckets by bytes
+    and cannot be re-cut once built, so this is chosen before wrapping the model."""
+    if not isinstance(model, nn.Module) or isinstance(model, nn.parallel.DistributedDataParallel):
+        raise ValueError("model: expected the module to wrap (not yet a DistributedDataParallel)")
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return max(nbytes, 1) / 2**20 * 1.01 + 0.01  # a margin over the exact size: DDP compares bytes >= cap
 
 
 def _ddp_comm_hook(state, bucket):
@@ -92,8 +110,9 @@ class DDPSync(LocalSync):
         # gloo and NCCL run completion callbacks on their own threads, several at a time.
         self._lock = threading.Lock()
 
-    def bind(self, layout: GradLayout, text: FlatGrads, image: FlatGrads, rule_fn: RuleFn, backend: str) -> None:
-        super().bind(layout, text, image, rule_fn, backend)
+    def bind(self, layout: GradLayout, text: FlatGrads, image: FlatGrads, rule: StepRule, backend: str) -> None:
+        super().bind(layout, text, image, rule, backend)
+        self._impl = resolve_backend(backend, layout.device)
         ignored = getattr(self.ddp, "parameters_to_ignore", ()) or ()
         skipped = [n for n in layout.names if n in ignored]
         if skipped:
@@ -110,7 +129,6 @@ class DDPSync(LocalSync):
         self._group_units = [[u for u in range(num_units) if unit_group[u] == g] for g in range(num_groups)]
         self._group_onehot = list(torch.eye(num_groups, dtype=torch.bool, device=dev))
         self._group_unit_mask = list(layout.unit_group[None, :] == torch.arange(num_groups, device=dev)[:, None])
-        self._stats_dtype = torch.float64 if any(b.dtype == torch.float64 for b in layout.buckets) else torch.float32
         try:
             self.ddp.register_comm_hook(self, _ddp_comm_hook)
         except RuntimeError as e:  # the reducer accepts one hook (a builtin one included)
@@ -126,7 +144,7 @@ class DDPSync(LocalSync):
         key = tuple(id(p) for p in params)
         plan = self._plans.get(key)
         if plan is None:
-            plan = plan_bucket(params, self.layout, self._index, self.text.views, self.image.views)
+            plan = plan_bucket(params, self.layout, self._index, self.text.views, self.image.views, self._unit_size)
             self._plans[key] = plan
         return plan
 
@@ -134,7 +152,7 @@ class DDPSync(LocalSync):
         # A backward not started by ParetoLoRA (no before_backward) still gets fresh state.
         if self._cur is None or self._cur.done:
             lay = self.layout
-            self._cur = self._last = BackwardState(lay.num_units, lay.num_groups, lay.device, self._stats_dtype)
+            self._cur = self._last = BackwardState(lay.num_units, lay.num_groups, lay.device)
         return self._cur
 
     def reduce_bucket(self, bucket):
@@ -181,17 +199,18 @@ class DDPSync(LocalSync):
                     if carry is not None:
                         carry.copy_(red[2 * n :])
                     red = red[: 2 * n]
-                    row = ops.segment_stats(red[:n], red[n:], plan.unit_offsets, backend=self.backend)
-                    arrival = Arrival(plan, red, image, row.to(self._stats_dtype), result, buf)
+                    arrival = self._first_launch(state, plan, red, image, result, buf)
                     state.arrived[plan.key] = arrival
                     state.pending.append(arrival)
                     for u, c in plan.unit_counts.items():
                         state.covered[u] += c
+                    # a whole bucket's groups were completed (rule included) by its fused launch
+                    fused = sorted(plan.groups) if arrival.mixed is not None else []
                     completed = self._completed_groups(state)
                     if completed:
                         self._finish_groups(state, completed)
                     ready = self._integrate_ready(state)
-                    state.trace.append((plan.key, tuple(completed), len(ready)))
+                    state.trace.append((plan.key, tuple(fused + completed), len(ready)))
                     state.event = record_event(buf.device)
                 except BaseException as e:  # noqa: BLE001 - re-raised by DDP through the futures
                     state.error = e
@@ -204,6 +223,29 @@ class DDPSync(LocalSync):
         # ParetoLoRA raises the recorded error right after the backward (`failure`).
         for fut, buffer in failed:
             fut.set_result(buffer.fill_(math.nan))
+
+    def _first_launch(self, state: BackwardState, plan, red, image, result, buf) -> Arrival:
+        """A whole bucket under a kernel rule: the fused launch, final at once. Else: its statistics."""
+        n = red.numel() // 2
+        lay = self.layout
+        if plan.whole and self.rule.python_rule is None:
+            res = self._impl.integrate(red[:n], red[n:], plan.unit_offsets, None, self.rule.spec, active=lay.active,
+                                       groups=lay.group_offsets)
+            self._store(state, plan, res)
+            state.unit_stats = torch.where(plan.unit_mask[:, None], res.stats, state.unit_stats)
+            for g in plan.groups:
+                state.group_done[g] = True
+            return Arrival(plan, red, image, res.stats, result, buf, mixed=res.out)
+        row = self._impl.segment_stats(red[:n], red[n:], plan.unit_offsets)
+        return Arrival(plan, red, image, row, result, buf)
+
+    @staticmethod
+    def _store(state: BackwardState, plan, res) -> None:
+        """A fused launch's group statistics, coefficients and cases, for the bucket's groups only."""
+        m = plan.group_mask
+        state.group_stats = torch.where(m[:, None], res.group_stats, state.group_stats)
+        state.coeffs = torch.where(m[:, None], res.coeffs, state.coeffs)
+        state.cases = torch.where(m, res.cases, state.cases)
 
     def _completed_groups(self, state: BackwardState) -> list[int]:
         full = [c == s for c, s in zip(state.covered, self._unit_size)]
@@ -220,7 +262,7 @@ class DDPSync(LocalSync):
         return completed
 
     def _finish_groups(self, state: BackwardState, completed: list[int]) -> None:
-        """Whole-group statistics -> rule for the groups that just became complete."""
+        """Final unit statistics of the groups that just became complete (and a Python rule's coefficients)."""
         units = {u for g in completed for u in self._group_units[g]}
         # Each unit's total is a left fold over the buckets holding it in key order, the same
         # on every rank whatever order the reductions finished in: bitwise-equal coefficients.
@@ -232,21 +274,33 @@ class DDPSync(LocalSync):
         for g in completed[1:]:
             gmask, umask = gmask | self._group_onehot[g], umask | self._group_unit_mask[g]
         state.unit_stats = torch.where(umask[:, None], acc, state.unit_stats)
-        group_stats = sum_into_groups(state.unit_stats, self.layout.unit_group, self.layout.num_groups)
+        for g in completed:
+            state.group_done[g] = True
+        fn = self.rule.python_rule
+        if fn is None:
+            return  # the fused launches of the ready buckets run the rule (_integrate_ready)
+        group_stats = group_sums(state.unit_stats, self.layout.group_offsets)
         state.group_stats = torch.where(gmask[:, None], group_stats, state.group_stats)
-        coeffs, cases = self.rule_fn(state.group_stats)
+        coeffs, cases = fn(state.group_stats)
         state.coeffs = torch.where(gmask[:, None], coeffs, state.coeffs)
         state.cases = torch.where(gmask, cases, state.cases)
         state.unit_coeffs = state.coeffs[self.layout.unit_group]
-        for g in completed:
-            state.group_done[g] = True
 
     def _integrate_ready(self, state: BackwardState) -> list[Arrival]:
-        """Combine every pending bucket whose groups are all final into its gradient views."""
+        """Integrate every pending bucket whose groups are all final into its gradient views."""
         ready = [a for a in state.pending if all(state.group_done[g] for g in a.plan.groups)]
+        lay = self.layout
         for a in ready:
-            mixed = ops.combine(a.text, a.image, a.plan.unit_offsets, state.unit_coeffs, backend=self.backend)
-            torch._foreach_copy_(a.grads, [x.view_as(g) for x, g in zip(mixed.split(a.plan.sizes), a.grads)])
+            if a.mixed is None and self.rule.python_rule is None:
+                # Every unit of the bucket's groups is final in state.unit_stats: rule + combine.
+                res = self._impl.integrate(a.text, a.image, a.plan.unit_offsets, None, self.rule.spec,
+                                           active=lay.active, groups=lay.group_offsets, stats=state.unit_stats)
+                self._store(state, a.plan, res)
+                a.mixed = res.out
+            elif a.mixed is None:
+                a.mixed = self._impl.combine(a.text, a.image, a.plan.unit_offsets, state.unit_coeffs)
+            torch._foreach_copy_(a.grads, [x.view_as(g) for x, g in zip(a.mixed.split(a.plan.sizes), a.grads)])
+            a.mixed = None  # the gradient views hold it now
         state.pending = [a for a in state.pending if a not in ready]
         return ready
 

@@ -32,6 +32,9 @@ class BucketPlan:
     unit_counts: dict[int, int]  #: elements of each unit the bucket holds
     unit_mask: torch.Tensor  #: bool [U] on the device: units the bucket holds
     groups: frozenset[int]
+    group_mask: torch.Tensor  #: bool [G] on the device: the groups of `groups`
+    #: every group the bucket touches lies wholly in it: one fused launch integrates the bucket
+    whole: bool
 
 
 @dataclasses.dataclass(eq=False)
@@ -44,6 +47,7 @@ class Arrival:
     row: torch.Tensor  #: [U, 3] statistics of this bucket's part of every unit
     result: torch.futures.Future  #: what the hook returned to DDP
     buffer: torch.Tensor  #: bucket.buffer(): the value `result` completes with
+    mixed: torch.Tensor | None = None  #: the integrated bucket, once computed (a whole bucket: on arrival)
 
     @property
     def text(self) -> torch.Tensor:
@@ -57,15 +61,16 @@ class Arrival:
 class BackwardState:
     """Per-backward state of the hook: coverage, finished groups, their tables, pending buckets."""
 
-    def __init__(self, num_units: int, num_groups: int, device: torch.device, stats_dtype: torch.dtype):
+    def __init__(self, num_units: int, num_groups: int, device: torch.device):
         self.covered = [0] * num_units
         self.group_done = [False] * num_groups
         self.arrived: dict[int, Arrival] = {}
         self.pending: list[Arrival] = []
         self.num_buckets: int | None = None  # known once the bucket flagged is_last() is handed to the hook
         self.count = 0  # buckets whose reduction finished (successfully or not)
-        self.unit_stats = torch.zeros(num_units, 3, dtype=stats_dtype, device=device)
-        self.group_stats = torch.zeros(num_groups, 3, dtype=stats_dtype, device=device)
+        # float64 like every path's statistics (the fused op takes given statistics in float64)
+        self.unit_stats = torch.zeros(num_units, 3, dtype=torch.float64, device=device)
+        self.group_stats = torch.zeros(num_groups, 3, dtype=torch.float64, device=device)
         self.coeffs = torch.zeros(num_groups, 2, dtype=torch.float32, device=device)
         self.cases = torch.zeros(num_groups, dtype=torch.int32, device=device)
         self.unit_coeffs: torch.Tensor | None = None
@@ -84,10 +89,11 @@ class BackwardState:
 
 
 def plan_bucket(params: Sequence[torch.Tensor], layout: GradLayout, index: dict[int, int],
-                text_views: Sequence[torch.Tensor], image_views: Sequence[torch.Tensor]) -> BucketPlan:
+                text_views: Sequence[torch.Tensor], image_views: Sequence[torch.Tensor],
+                unit_size: Sequence[int]) -> BucketPlan:
     """Where the parameters of one DDP bucket live in the buffers, ordered by unit.
 
-    ``index``: id(parameter) -> position in ``layout.params``.
+    ``index``: id(parameter) -> position in ``layout.params``; ``unit_size``: elements of each unit.
     """
     try:
         idx = [index[id(p)] for p in params]
@@ -104,6 +110,10 @@ def plan_bucket(params: Sequence[torch.Tensor], layout: GradLayout, index: dict[
     offsets = torch.tensor([0, *counts], dtype=torch.int64).cumsum(0)
     mask = torch.tensor([c > 0 for c in counts], dtype=torch.bool).to(layout.device)
     unit_group = layout.unit_group.tolist()
+    groups = frozenset(unit_group[u] for u in set(units))
+    bounds = layout.group_offsets.tolist()
+    whole = all(counts[u] == unit_size[u] for g in groups for u in range(bounds[g], bounds[g + 1]))
+    group_mask = torch.tensor([g in groups for g in range(layout.num_groups)], dtype=torch.bool).to(layout.device)
     return BucketPlan(
         key=min(idx),
         order=order,
@@ -113,7 +123,9 @@ def plan_bucket(params: Sequence[torch.Tensor], layout: GradLayout, index: dict[
         unit_offsets=offsets,
         unit_counts={u: c for u, c in enumerate(counts) if c},
         unit_mask=mask,
-        groups=frozenset(unit_group[u] for u in set(units)),
+        groups=groups,
+        group_mask=group_mask,
+        whole=whole,
     )
 
 

@@ -2,8 +2,11 @@
 all-reduce of the small statistics table, and the rule and combine run locally on the shards.
 
 The statistics are sums, so the per-rank statistics of the shards add up to the global ones;
-zero padding adds nothing. The text backward runs with ``reshard_after_backward`` off, so the
-image backward reuses the unsharded parameters instead of all-gathering them again.
+zero padding adds nothing. The all-reduce is the launch boundary: one statistics launch per
+bucket before it, one fused launch per bucket after it, with the global statistics given
+(``stats=``: group sum, rule and combine in the kernel; a Python rule runs between instead).
+The text backward runs with ``reshard_after_backward`` off, so the image backward reuses the
+unsharded parameters instead of all-gathering them again.
 May import: :mod:`pareto_lora.distributed.sync`, :mod:`pareto_lora.flat`.
 """
 
@@ -15,8 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..flat import FlatGrads, FlatStep, GradLayout, flat_step, local_layout, unit_stats
-from ..flat.step import RuleFn
+from ..flat import FlatGrads, FlatStep, GradLayout, StepRule, flat_step, local_layout, unit_stats
 from .sync import Settle, window_lost
 
 __all__ = ["FSDPSync", "is_fsdp2"]
@@ -63,8 +65,8 @@ class FSDPSync:
     def layout_for(self, layout: GradLayout) -> GradLayout:
         return local_layout(layout)
 
-    def bind(self, layout: GradLayout, text: FlatGrads, image: FlatGrads, rule_fn: RuleFn, backend: str) -> None:
-        self.layout, self.text, self.image, self.rule_fn, self.backend = layout, text, image, rule_fn, backend
+    def bind(self, layout: GradLayout, text: FlatGrads, image: FlatGrads, rule: StepRule, backend: str) -> None:
+        self.layout, self.text, self.image, self.rule, self.backend = layout, text, image, rule, backend
         self.group = _shard_group(layout.params)
         self.world = dist.get_world_size(self.group)
 
@@ -128,7 +130,7 @@ class FSDPSync:
         stats, global_losses = self._global_stats(losses)
         poison = settle(global_losses, False)
         step = flat_step(
-            self.text.flats, self.image.flats, self.layout, self.rule_fn,
+            self.text.flats, self.image.flats, self.layout, self.rule,
             poison=poison, backend=self.backend, stats_per_unit=stats,
         )
         with torch.no_grad():

@@ -16,8 +16,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from ..flat import FlatGrads, FlatStep, GradLayout, flat_step, is_lora_param
-from ..flat.step import RuleFn
+from ..flat import FlatGrads, FlatStep, GradLayout, StepRule, flat_step, is_lora_param
 
 __all__ = ["GradSync", "LocalSync", "SyncFailure", "Settle"]
 
@@ -59,8 +58,10 @@ class GradSync(Protocol):
         """The layout of this process's buffers (FSDP2: local shards)."""
         ...
 
-    def bind(self, layout: GradLayout, text: FlatGrads, image: FlatGrads, rule_fn: RuleFn, backend: str) -> None:
-        """Called once, with the buffers the objectives accumulate into and the owner's rule."""
+    def bind(self, layout: GradLayout, text: FlatGrads, image: FlatGrads, rule: StepRule, backend: str) -> None:
+        """Called once, with the buffers the objectives accumulate into and the owner's rule: its
+        ``spec`` (a RuleSpec, read at every step and run inside the fused op) or, where the owner
+        needs the statistics first, its ``python_rule`` (:class:`pareto_lora.flat.StepRule`)."""
         ...
 
     def backward(self, text_loss: torch.Tensor, image_loss: torch.Tensor, first: bool, losses: torch.Tensor) -> None:
@@ -103,8 +104,8 @@ class LocalSync:
     def layout_for(self, layout: GradLayout) -> GradLayout:
         return layout
 
-    def bind(self, layout: GradLayout, text: FlatGrads, image: FlatGrads, rule_fn: RuleFn, backend: str) -> None:
-        self.layout, self.text, self.image, self.rule_fn, self.backend = layout, text, image, rule_fn, backend
+    def bind(self, layout: GradLayout, text: FlatGrads, image: FlatGrads, rule: StepRule, backend: str) -> None:
+        self.layout, self.text, self.image, self.rule, self.backend = layout, text, image, rule, backend
         self._lora_ids = {id(p) for p, n in zip(layout.params, layout.names) if is_lora_param(n)}
 
     def text_grads(self, text_loss: torch.Tensor, image_loss: torch.Tensor, first: bool) -> tuple:
@@ -133,6 +134,6 @@ class LocalSync:
 
     def finish(self, losses: torch.Tensor, settle: Settle) -> FlatStep:
         poison = settle(losses, False)
-        step = flat_step(self.text.flats, self.image.flats, self.layout, self.rule_fn, poison=poison, backend=self.backend)
+        step = flat_step(self.text.flats, self.image.flats, self.layout, self.rule, poison=poison, backend=self.backend)
         self.image.attach_as_grad(self.layout.params)  # even if a zero_grad() detached them
         return step

@@ -3,19 +3,21 @@
 :mod:`.params` (LoRA parameters and their layers), :mod:`.units` (which unit each parameter is
 in, by layer or by an architecture's :class:`~pareto_lora.archs.ArchSpec`), :mod:`.layout` (units, groups, buckets),
 :mod:`.buffers` (persistent flat buffers and ``.grad`` views), :mod:`.step` (stats -> rule ->
-combine over a layout). Shared by :mod:`pareto_lora.distributed` and :mod:`pareto_lora.training`.
+combine over a layout: one fused launch per bucket for a kernel rule). Shared by :mod:`pareto_lora.distributed` and :mod:`pareto_lora.training`.
 May import: :mod:`pareto_lora.ops` and below (:mod:`pareto_lora.archs` included).
 """
 
 from .buffers import FlatGrads
 from .layout import GradLayout, build_layout, group_of_names, local_layout
 from .params import find_layer_stack, is_lora_param
-from .step import FlatStep, flat_step, group_rule, sum_into_groups, unit_stats
+from .step import FlatStep, PythonRule, StepRule, flat_step, group_rule, sum_into_groups, unit_stats
 
 __all__ = [
     "FlatGrads",
     "FlatStep",
     "GradLayout",
+    "PythonRule",
+    "StepRule",
     "build_layout",
     "find_layer_stack",
     "flat_step",

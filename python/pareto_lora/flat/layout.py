@@ -43,6 +43,7 @@ __all__ = [
     "build_layout",
     "local_layout",
     "group_of_names",
+    "group_offsets",
 ]
 
 MODULATE_CHOICES = ("lower", "middle", "upper", "all", "projector", "none")
@@ -134,6 +135,10 @@ class GradLayout:
     unit_names: tuple[str, ...]  #: "layer0".., then "projector" / "other" when present
     group_names: tuple[str, ...]  #: "group0".., then "projector" / "other" when present
     unit_group: torch.Tensor  #: int64 [U] on `device`: group of each unit
+    #: int64 [G + 1] on the CPU: group g is units group_offsets[g] .. group_offsets[g+1] - 1. Units
+    #: are numbered group by group (layers in stack order, then the named units), so every group is
+    #: one run of consecutive units: the ``groups`` of the fused op over a bucket's unit segments.
+    group_offsets: torch.Tensor
     active: torch.Tensor  #: bool [G] on `device`: groups that get the rule
     group_layers: tuple[tuple[int, ...], ...]  #: stack layer indices in each group
     buckets: tuple[Bucket, ...]
@@ -162,6 +167,16 @@ class GradLayout:
             span = f"layers {layers[0]}-{layers[-1]}" if layers else "-"
             lines.append(f"  {name:>10}: {span:<14} {counts[g]:>12,} params  {'rule' if act[g] else 'sum'}")
         return "\n".join(lines)
+
+
+def group_offsets(unit_group: Sequence[int], num_groups: int) -> torch.Tensor:
+    """int64 [G + 1] (CPU) of a unit -> group map that numbers units group by group."""
+    if any(b < a for a, b in zip(unit_group, unit_group[1:])):
+        raise AssertionError(f"layout: units must be numbered group by group, got unit_group {list(unit_group)}")
+    counts = [0] * num_groups
+    for g in unit_group:
+        counts[g] += 1
+    return torch.tensor([0, *counts], dtype=torch.int64).cumsum(0)
 
 
 def _pack(dtype: torch.dtype, idx: Sequence[int], sizes: Sequence[int], param_unit: Sequence[int], num_units: int) -> Bucket:
@@ -253,6 +268,7 @@ def build_layout(
         unit_names=tuple(unit_names),
         group_names=tuple(group_names),
         unit_group=torch.tensor(unit_group, dtype=torch.int64, device=device),
+        group_offsets=group_offsets(unit_group, len(group_names)),
         active=torch.tensor(active, dtype=torch.bool, device=device),
         group_layers=tuple(group_layers),
         buckets=tuple(buckets),

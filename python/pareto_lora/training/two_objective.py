@@ -178,7 +178,9 @@ class ParetoLoRA:
         self.options.bind(self.layout.num_groups)
         self.text = FlatGrads(self.layout)
         self.image = FlatGrads(self.layout)
-        self._sync.bind(self.layout, self.text, self.image, self._rule, backend)
+        # The sync reads the rule from here at every step: self.spec (fused into the integrate op),
+        # or python_rule where options need the statistics first.
+        self._sync.bind(self.layout, self.text, self.image, self, backend)
         # Every parameter, whether it trained, and the laid-out ones' dtype and device: compared each step.
         self._watch = TrainableWatch(self._sync.module, self.layout.params, self.layout.names)
         self.last_report: StepReport | None = None
@@ -214,6 +216,12 @@ class ParetoLoRA:
     @property
     def symmetric(self) -> bool:
         return self.spec.symmetric
+
+    @property
+    def python_rule(self):
+        """The rule as a Python function of the group statistics where the options (stats_ema,
+        preserve_norm) need them before the coefficients; None: ``spec`` runs inside the fused op."""
+        return self._rule if self.options.enabled else None
 
     def _rule(self, group_stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(coeffs, cases) of every group under the current settings (called by the sync)."""

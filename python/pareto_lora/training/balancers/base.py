@@ -24,7 +24,7 @@ import math
 import torch
 
 from ... import ops
-from ...flat import FlatStep
+from ...flat import FlatStep, PythonRule
 from ...flat.step import poison_cases
 from ...rules import Case, RuleSpec
 
@@ -152,7 +152,7 @@ class BalancedSync:
         self.balancer.bind(layout.device, layout.num_groups)
         self._weights = (torch.ones((), dtype=torch.float64, device=layout.device),) * 2
         self._start = None  # the balancer's state when the window began (one-backward mode)
-        self.inner.bind(layout, text, image, self._rule, backend)
+        self.inner.bind(layout, text, image, PythonRule(self._rule), backend)
 
     def _rule(self, group_stats: torch.Tensor):
         return self.balancer.coefficients(group_stats, self.layout.active, self.backend)

@@ -1,5 +1,4 @@
 """``python -m pareto_lora``: the same command line as the ``pareto-lora`` script.
-May import: :mod:`pareto_lora.app.cli`.
 """
 
 import sys

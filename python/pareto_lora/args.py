@@ -5,7 +5,6 @@ truthy or falsy by accident, not by intent). A number accepts a real number that
 (``int``, ``float``, NumPy scalars); strings, lists, ``None`` and ``True`` are refused. A bad value
 raises ``ValueError("<argument>: expected ..., got <value>")`` naming the argument, before the
 caller has changed anything.
-May import: nothing from the package (this is the bottom layer).
 """
 
 from __future__ import annotations

@@ -4,7 +4,6 @@ The compiled ops validate again in C++ (csrc/validate.h) with the same messages;
 exercised by the same parametrised tests. Every check runs before anything is written. The
 rule's own parameters are validated once, by :class:`pareto_lora.rules.RuleSpec`. Dtypes are
 named the same way everywhere ("float32", "int64", never "torch.float32" or "Float").
-May import: nothing from the package (tensors in, ValueError out).
 """
 
 from __future__ import annotations

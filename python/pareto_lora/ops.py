@@ -7,7 +7,6 @@ with loose ``tau``/``gamma``/``symmetric``/``margin``, or one :class:`pareto_lor
 these functions are the public boundary, the one place (with the oracle's public functions in
 :mod:`pareto_lora.reference`) that accepts the loose keywords and makes them one RuleSpec.
 Below it every backend takes the spec (:class:`pareto_lora.backends.protocol.Backend`).
-May import: :mod:`pareto_lora.backends`, :mod:`pareto_lora.result`, :mod:`pareto_lora.rules`.
 """
 
 from __future__ import annotations

@@ -8,7 +8,6 @@ The rule is written once here, in terms of the three per-segment statistics
 (||a||^2, ||b||^2, a.b); ``csrc/rule.h`` and the Triton kernel implement the same table.
 It is also the ``backend="reference"`` entry of the registry: the same four functions, signatures
 and return types as every other backend (``rule`` may be a name or a :class:`RuleSpec`).
-May import: :mod:`pareto_lora.checks`, :mod:`pareto_lora.result`, :mod:`pareto_lora.rules`.
 """
 
 from __future__ import annotations

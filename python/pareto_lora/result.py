@@ -1,7 +1,6 @@
 """What an integration returns: :class:`IntegrationResult` and the metrics derived from statistics.
 
 Shared by every backend (they all return this type) and by the training report.
-May import: nothing from the package but :mod:`pareto_lora.rules`.
 """
 
 from __future__ import annotations

@@ -3,7 +3,6 @@
 Every backend derives its constants from here: the C++ side parses the same names in the same
 order (csrc/rule.h; ``tests/test_errors.py::test_rule_tables_agree`` checks that the tables
 agree), and the Triton kernels take their rule ids and case codes from :data:`RULE_IDS` and :class:`Case`.
-May import: nothing from the package (this is the bottom layer).
 """
 
 from __future__ import annotations

@@ -20,7 +20,6 @@ against the float64 reference.
 - ``naive_loop``: research-code style, a Python loop with ``.item()`` host syncs per segment.
 
 The float64 oracle (:mod:`pareto_lora.reference`) is a correctness tool, not a speed baseline.
-May import: :mod:`pareto_lora.reference`, :mod:`pareto_lora.rules`.
 """
 
 from __future__ import annotations

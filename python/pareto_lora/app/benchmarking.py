@@ -19,7 +19,6 @@ The float64 reference (``backend="reference"``) is a correctness oracle, not a s
 it is never timed here (:func:`contenders` refuses it), so no table has a row for it.
 :func:`environment` gives the lines that go with every table (date, CPU model, threads, torch,
 load average).
-May import: :mod:`pareto_lora.ops`, :mod:`.baselines`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,4 @@
 """The ``pareto-lora`` command (also ``python -m pareto_lora``): demo, bench, info.
-
-May import: :mod:`pareto_lora.app` modules and everything below them (subcommands import their
-heavy dependencies, the demo and the benchmarks, only when they run).
 """
 
 from __future__ import annotations

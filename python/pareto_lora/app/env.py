@@ -1,7 +1,6 @@
 """What this install is: package versions and which backends are built and usable here.
 
 Used by ``pareto-lora info`` and recorded with every demo and benchmark result.
-May import: :mod:`pareto_lora.backends`.
 """
 
 from __future__ import annotations

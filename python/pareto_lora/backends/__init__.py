@@ -6,7 +6,6 @@ an ``is_available(device_type)`` probe; the rule arrives as one RuleSpec); there
 objects. The compiled backend loads
 with the package (it registers the torch ops); Triton's module is imported only when it is asked
 for, so a missing triton costs nothing until it is used.
-May import: :mod:`pareto_lora.backends` modules, :mod:`pareto_lora.reference`.
 """
 
 from __future__ import annotations

@@ -4,8 +4,6 @@ schemas in csrc/ops.cpp), registers their fake kernels, and calls them with the 
 Implements :class:`~pareto_lora.backends.protocol.Backend`; this is the one place where a
 :class:`RuleSpec` is unpacked into the compiled ops' scalar arguments (the dispatcher's schemas
 take scalars). The ops validate their tensor arguments in C++ (csrc/validate.h).
-May import: :mod:`pareto_lora._C`, :mod:`pareto_lora.checks`, :mod:`pareto_lora.result`, :mod:`pareto_lora.rules`,
-:mod:`.protocol`.
 """
 
 from __future__ import annotations

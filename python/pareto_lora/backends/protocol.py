@@ -13,7 +13,6 @@ group (``active`` is then [G]) and each segment is combined with its group's coe
 ``poison`` (0-d bool on a's device, read there) makes the combine's coefficients NaN and every
 case NONFINITE, while ``coeffs`` stay the rule's own. ``stats`` ([S, 3] float64) replaces the
 statistics pass.
-May import: :mod:`pareto_lora.result`, :mod:`pareto_lora.rules`.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ the results afterwards would be wrong.
 
 :mod:`.sync` (the contract, single process), :mod:`.ddp` (communication hook), :mod:`.fsdp`
 (FSDP2), :mod:`.sharded` (:func:`sharded_integrate` for any sharded flat buffers),
-:mod:`.select` (:func:`make_sync`). May import: :mod:`pareto_lora.flat` and below.
+:mod:`.select` (:func:`make_sync`).
 """
 
 from .ddp import DDPSync, one_bucket_cap_mb

@@ -36,8 +36,6 @@ of the same step follows a synchronised backward, they are put back into the buf
 (:meth:`DDPSync.restore_reduced`) so that accumulation continues from them. The losses ride in
 the last bucket, so only ``finish`` learns whether the global loss was finite; then the
 already-integrated ``.grad`` is poisoned with NaN (or the owner raises).
-May import: :mod:`pareto_lora.distributed.sync`, :mod:`.ddp_state`, :mod:`pareto_lora.flat`,
-:mod:`pareto_lora.backends`, :mod:`pareto_lora.reference` (the group sum's one order).
 """
 
 from __future__ import annotations

@@ -4,7 +4,6 @@ A :class:`BucketPlan` says where one DDP bucket's parameters live in ParetoLoRA'
 :class:`Arrival` is one reduced bucket waiting for its groups' coefficients; a
 :class:`BackwardState` tracks one backward's coverage, finished groups and pending buckets.
 The hook itself is :class:`pareto_lora.distributed.ddp.DDPSync`.
-May import: :mod:`pareto_lora.flat`.
 """
 
 from __future__ import annotations

@@ -7,7 +7,6 @@ bucket before it, one fused launch per bucket after it, with the global statisti
 (``stats=``: group sum, rule and combine in the kernel; a Python rule runs between instead).
 The text backward runs with ``reshard_after_backward`` off, so the image backward reuses the
 unsharded parameters instead of all-gathering them again.
-May import: :mod:`pareto_lora.distributed.sync`, :mod:`pareto_lora.flat`.
 """
 
 from __future__ import annotations

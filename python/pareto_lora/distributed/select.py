@@ -1,6 +1,4 @@
 """Which sync a model needs: DDP, FSDP2 or a single process.
-
-May import: :mod:`.ddp`, :mod:`.fsdp`, :mod:`.sync`.
 """
 
 from __future__ import annotations

@@ -7,8 +7,6 @@ with those statistics given (``stats=``); zero padding adds nothing. When the se
 are not runs of consecutive segments, the fused op cannot take them: the group statistics are
 summed locally (in the kernel's order), all-reduced, and the rule and the combine run as two ops.
 (:class:`pareto_lora.distributed.fsdp.FSDPSync` applies the same idea to FSDP2 models.)
-May import: :mod:`pareto_lora.flat`, :mod:`pareto_lora.backends`, :mod:`pareto_lora.result`,
-:mod:`pareto_lora.rules`.
 """
 
 from __future__ import annotations

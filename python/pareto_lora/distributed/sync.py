@@ -5,7 +5,6 @@ and never asks which kind it holds. :class:`LocalSync` is the single-process imp
 (and the base of the DDP one); :mod:`.ddp` and :mod:`.fsdp` implement the same contract for
 several processes. Every rank must end a step with the integrated gradient a single process
 would compute from the global-batch losses.
-May import: :mod:`pareto_lora.flat`.
 """
 
 from __future__ import annotations

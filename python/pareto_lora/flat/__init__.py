@@ -4,7 +4,6 @@
 in, by layer or by an architecture's :class:`~pareto_lora.archs.ArchSpec`), :mod:`.layout` (units, groups, buckets),
 :mod:`.buffers` (persistent flat buffers and ``.grad`` views), :mod:`.step` (stats -> rule ->
 combine over a layout: one fused launch per bucket for a kernel rule). Shared by :mod:`pareto_lora.distributed` and :mod:`pareto_lora.training`.
-May import: :mod:`pareto_lora.ops` and below (:mod:`pareto_lora.archs` included).
 """
 
 from .buffers import FlatGrads

@@ -3,7 +3,6 @@
 One :class:`FlatGrads` per objective holds every trainable parameter's gradient in one flat
 buffer per dtype; ``views[i]`` is parameter i's part of it, shaped like the parameter (its local
 shard under FSDP2). Nothing gradient-sized is allocated after construction.
-May import: :mod:`pareto_lora.flat.layout`.
 """
 
 from __future__ import annotations

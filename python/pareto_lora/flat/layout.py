@@ -19,7 +19,6 @@ Three levels, from fine to coarse:
 
 :class:`GradLayout` is the only thing the flat-buffer step needs to know about the model; the
 buffers themselves are :class:`pareto_lora.flat.buffers.FlatGrads`.
-May import: :mod:`pareto_lora.archs`, :mod:`pareto_lora.flat.params`, :mod:`pareto_lora.flat.units`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,6 @@
 """Which parameters of a model are LoRA parameters, and which transformer layer each belongs to.
 
 Reads PEFT parameter names and the model's module tree; knows nothing of buffers or rules.
-May import: nothing from the package.
 """
 
 from __future__ import annotations

@@ -17,8 +17,6 @@ group_offsets``). Which launches run (docs/training_path.md):
 
 Statistics are sums, so the DDP hook (one bucket at a time) and the sharded paths (one rank's
 shards) compute their share, reduce it, and hand the totals back through ``stats_per_unit``.
-May import: :mod:`pareto_lora.flat.layout`, :mod:`pareto_lora.backends`, :mod:`pareto_lora.reference`,
-:mod:`pareto_lora.rules`.
 """
 
 from __future__ import annotations

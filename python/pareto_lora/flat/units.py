@@ -14,7 +14,6 @@ state, AdamW's weight decay would still move it through a zero ``.grad``, and un
 ``find_unused_parameters`` it makes the reducer fail on the next step with an error far from the
 cause. Excluding it when the LoRA model is built is one argument
 (``LoraConfig(exclude_modules=spec.lora_exclude_modules)``), so the error says exactly that.
-May import: :mod:`pareto_lora.archs`, :mod:`.params`.
 """
 
 from __future__ import annotations

@@ -2,8 +2,6 @@
 (:mod:`.report`), the per-modality losses (:mod:`.losses`), diagnostics (:mod:`.diagnostics`),
 the balancers MIMO, GradNorm (:mod:`.balancers`), the CoMMIT learning-rate scheduler (:mod:`.schedulers`)
 and the Hugging Face Trainer (:mod:`.hf_trainer`, imported on demand: it needs transformers).
-
-May import: :mod:`pareto_lora.distributed` and below.
 """
 
 from . import balancers, diagnostics, schedulers

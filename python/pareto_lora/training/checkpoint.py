@@ -3,7 +3,6 @@
 A checkpoint is applied only once every entry has the type and shape this ParetoLoRA needs:
 a loss vector of another shape would otherwise be broadcast silently, a string micro-batch count
 would fail half-way through loading. Every problem is a ``ValueError("state: ...")``.
-May import: :mod:`pareto_lora.rules`.
 """
 
 from __future__ import annotations

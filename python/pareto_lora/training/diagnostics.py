@@ -11,7 +11,6 @@ Plots: the ratio ||g_text|| / ||g_image|| per layer over training as a heatmap (
 scale; the paper's Figures 4 and 6), the same per group (Figure 3 style lines), how
 often each case fired per group, and a balancer's quantities over training (MIMO's sigma,
 gaps and floors, GradNorm's weights, CoMMIT's kappa: ``report.balancer``).
-May import: :mod:`pareto_lora.rules`.
 """
 
 from __future__ import annotations

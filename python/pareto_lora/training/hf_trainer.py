@@ -28,8 +28,6 @@ ParetoLoRA's DDP accumulation expects. The window's token counts are summed over
 each rank's losses are multiplied by the world size, so DDP's average of the ranks' gradients
 is the gradient of the global-batch token means. DataParallel (n_gpu > 1), DeepSpeed and FSDP
 through the Trainer are refused.
-May import: :mod:`pareto_lora.archs`, :mod:`.losses`, :mod:`.report`, :mod:`.two_objective`,
-:mod:`.balancers`, :mod:`.schedulers` (and transformers).
 """
 
 from __future__ import annotations

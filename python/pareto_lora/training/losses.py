@@ -8,7 +8,6 @@ Alignment: as in transformers' causal-LM loss, ``logits[:, t]`` predicts ``label
 ``image_token_mask`` is aligned with ``labels`` (and ``input_ids``): ``mask[b, t]`` says that
 ``labels[b, t]`` is an image token, i.e. the loss term of ``logits[b, t - 1]`` is an image
 term. Position 0 is never a target.
-May import: nothing from the package.
 """
 
 from __future__ import annotations

@@ -1,6 +1,4 @@
 """StepReport: what one integration did, per group and per layer, fetched with one host sync.
-
-May import: :mod:`pareto_lora.flat`, :mod:`pareto_lora.result`, :mod:`pareto_lora.rules`.
 """
 
 from __future__ import annotations

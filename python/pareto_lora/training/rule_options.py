@@ -3,7 +3,6 @@ smoothed over steps (an EMA of each group's ||a||^2, ||b||^2, a.b, so that a noi
 one step does not flip the conflict branch), a norm-preserving mode (each group's (alpha, beta)
 scaled so that ||alpha a + beta b|| = ||a + b||, for optimizers whose step grows with the gradient),
 and the check that warns when a norm-increasing rule meets such an optimizer.
-May import: nothing from the package but :mod:`pareto_lora.rules` and :mod:`pareto_lora.args`.
 """
 
 from __future__ import annotations

@@ -47,8 +47,6 @@ and ``integrate_accumulated()`` only checks the global losses and builds the rep
 
 ParetoLoRA holds one :class:`pareto_lora.distributed.GradSync` (single process, DDP or FSDP2)
 and calls it without asking which kind it is.
-May import: :mod:`pareto_lora.distributed`, :mod:`pareto_lora.flat`, :mod:`pareto_lora.backends`,
-:mod:`pareto_lora.rules`, :mod:`pareto_lora.args`, :mod:`.report`.
 """
 
 from __future__ import annotations

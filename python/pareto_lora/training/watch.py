@@ -5,7 +5,6 @@ device each. A parameter newly frozen or unfrozen, replaced by a new ``nn.Parame
 to another dtype or device (``model.to(torch.float64)``) no longer matches them: its gradient
 would be lost or only g_image would reach it. :class:`TrainableWatch` detects all of these
 before a step changes anything.
-May import: nothing from the package.
 """
 
 from __future__ import annotations

@@ -12,7 +12,6 @@ equal text excess with paired 95% intervals (report.py, verdict.py, stats.py, fr
 (sgd.py); ``--arch chameleon`` swaps the Llama for a small random Chameleon (model.py);
 ``--base-per-seed`` starts fine-tuning seed s from a base pre-trained with seed s (experiment.py).
 Every study prints and writes the same outputs (output.py).
-May import: its own modules and :mod:`pareto_lora.app.env`.
 """
 
 from __future__ import annotations

@@ -5,7 +5,6 @@ A base that has not learned the image format makes every fine-tuning rule look a
 its pre-training world (image cell accuracy >= ``target_acc``, checked every ``check_every``
 steps) or ``max_steps``. The weights are cached under ``cache_dir`` keyed by a hash of
 everything that determines them, so a second run (or the full study after the demo) skips it.
-May import: :mod:`.data`, :mod:`.evaluation`, :mod:`.floors`, :mod:`.model`.
 """
 
 from __future__ import annotations

@@ -21,7 +21,6 @@ objectives train the same LoRA parameters. A :class:`World` (templates, shape ma
 verb shifts) is drawn from ``world_seed``; the pre-training world and the fine-tuning world
 share the vocabulary but not their templates, masks or palettes, so fine-tuning must move both
 modalities. Sampling sequences from a world is seeded separately (``torch.Generator``).
-May import: nothing from the package (a self-contained data generator).
 """
 
 from __future__ import annotations

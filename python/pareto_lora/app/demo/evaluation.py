@@ -1,5 +1,4 @@
 """Held-out evaluation of a demo model: losses, excess over the exact floors, image cell accuracy.
-May import: the public package (:mod:`pareto_lora`), :mod:`.data`, :mod:`.floors`, :mod:`.model`.
 """
 
 from __future__ import annotations

@@ -4,7 +4,6 @@ Within one seed every rule starts from the same pre-trained base, the same LoRA 
 and sees the same batches in the same order, so the rules differ only in how the text and image
 gradients are combined. The gradients go through :class:`pareto_lora.ParetoLoRA` exactly as in
 a user's training loop; rule ``"sum"`` is vanilla LoRA (g_text + g_image everywhere).
-May import: the public package (:mod:`pareto_lora`) and its sibling modules.
 """
 
 from __future__ import annotations

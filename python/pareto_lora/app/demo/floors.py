@@ -15,7 +15,6 @@ so after T1 the colour and shape are known exactly; the image cells are then ind
 
 Two templates that produce the same word sequence are handled by enumerating the distribution of
 whole sequences rather than assuming one template per sequence.
-May import: :mod:`.data`.
 """
 
 from __future__ import annotations

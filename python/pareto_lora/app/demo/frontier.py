@@ -6,7 +6,6 @@ scalar. A rule's paired distance is its image excess minus the curve's image exc
 rule's text excess (linear interpolation; beyond the curve's ends the end segment is extended
 and the point is flagged, since that is extrapolation). Negative = below the curve = a better
 trade-off than any reweighting reaches, positive = above = worse.
-May import: nothing from the package.
 """
 
 from __future__ import annotations

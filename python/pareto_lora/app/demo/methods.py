@@ -16,7 +16,6 @@
   no separate vision encoder, so the LoRA of the lowest layer group (the layers that first read the
   image codes) plays the feature side and the rest of the stack the LLM side; kappa is measured
   every ``COMMIT_EVERY`` steps on the training batch (two extra forwards each).
-May import: the public package (:mod:`pareto_lora`).
 """
 
 from __future__ import annotations

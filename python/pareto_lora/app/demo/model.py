@@ -12,7 +12,6 @@ Two architectures (``ModelConfig.arch``), both random-init, nothing downloaded:
 
 base.py pre-trains the base on the *pre-training* world until it solves that world's images and
 caches it; here it is built and, per run, wrapped with peft LoRA for fine-tuning.
-May import: :mod:`pareto_lora.archs`.
 """
 
 from __future__ import annotations

@@ -2,7 +2,6 @@
 
 Shared by the AdamW study (``pareto-lora demo``) and the SGD study (sgd.py), so both report with
 the same paired intervals (stats.py), verdict words (verdict.py) and figures.
-May import: its sibling modules and :mod:`pareto_lora.app.env`.
 """
 
 from __future__ import annotations

@@ -1,5 +1,4 @@
 """The demo's PNG figures (matplotlib, Agg backend): losses, gradient-ratio heatmaps, cases.
-May import: :mod:`pareto_lora.training.diagnostics`, :mod:`pareto_lora.rules`.
 """
 
 from __future__ import annotations

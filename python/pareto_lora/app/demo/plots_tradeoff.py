@@ -1,5 +1,4 @@
 """The study's two main figures: the trade-off plane and the paired distances per seed.
-May import: :mod:`.methods`, :mod:`.report`, :mod:`.stats`.
 """
 
 from __future__ import annotations

@@ -3,7 +3,6 @@
 Everything is in *excess* loss (held-out loss minus the exact floor of floors.py, 0 = learned)
 and image cell accuracy; raw losses are kept in the JSON. Comparisons are paired by seed (same
 data and LoRA init) and carry 95% t-intervals (stats.py).
-May import: :mod:`pareto_lora.training.diagnostics`, :mod:`.frontier`, :mod:`.methods`, :mod:`.stats`.
 """
 
 from __future__ import annotations

@@ -15,8 +15,6 @@ rule's effect and a step-size change are confounded. Here every method gets its 
 2. **Reported runs**: each method at its tuned learning rate on the study's seeds, then the same
    summary, paired 95% intervals, reweighting curve and verdict words as the AdamW study
    (output.py). Runs are stored under ``OUT/tune/`` and ``OUT/runs/`` (resumable).
-
-May import: its sibling modules.
 """
 
 from __future__ import annotations

@@ -3,7 +3,6 @@
 The verdict words come only from the interval: "better" / "worse" when it excludes 0, otherwise
 "no detectable difference" -- never from point estimates, which flip at noise level with a
 handful of seeds. No scipy dependency: Student's t quantiles are tabulated (two-sided 95%).
-May import: nothing from the package.
 """
 
 from __future__ import annotations

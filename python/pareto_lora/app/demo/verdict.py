@@ -4,7 +4,6 @@ Order: floors, what the base knows, whether the text-only / image-only brackets 
 not, nothing else is detectable), then each rule against vanilla and against the reweighting
 curve. Words are "better" / "worse" / "no detectable difference" (stats.word), never a ranking
 of point estimates.
-May import: :mod:`.report`, :mod:`.stats`, :mod:`.methods`.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 ``torch.ops.pareto_lora_triton.*`` ops, the tile table) and :mod:`.kernels` (the kernels).
 
 Importing this package imports triton; the registry (:mod:`pareto_lora.backends`) treats an
-ImportError as "backend not available". May import: its own modules.
+ImportError as "backend not available".
 """
 
 from .ops import combine, integrate, is_available, rule_coefficients, segment_stats, tile_table

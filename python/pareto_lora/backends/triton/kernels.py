@@ -10,7 +10,6 @@ The statistics are sums of products computed in float64 (exact for float32 input
 accurate over the whole float32 range, and they are returned in float64; the rule runs in
 float64 on them, following csrc/rule.h case by case. The combine computes in float32 (float64
 for float64 inputs) and rounds bf16 results to nearest even, like torch.
-May import: :mod:`pareto_lora.rules` (the constants below are derived from it, never copied).
 """
 
 import triton

@@ -18,8 +18,6 @@ stay outside the ops: a compiled region should call the ops with a table from
 
 Without a GPU, Triton's interpreter runs the same kernels on CPU tensors when
 ``TRITON_INTERPRET=1`` is set before triton is first imported.
-May import: :mod:`.kernels`, :mod:`pareto_lora.checks`, :mod:`pareto_lora.result`, :mod:`pareto_lora.rules`,
-:mod:`pareto_lora.backends.protocol`.
 """
 
 import collections

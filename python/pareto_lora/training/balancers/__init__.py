@@ -11,8 +11,6 @@ re-exported here for one release (``from pareto_lora.training.balancers import C
 MIMO and GradNorm are not closed-form in one group's three statistics (they need the losses and
 state across steps), so they are objects here, not entries of the kernel rule table
 (:mod:`pareto_lora.rules`); ParetoLoRA runs them through :class:`.base.BalancedSync`.
-May import: :mod:`pareto_lora.flat`, :mod:`pareto_lora.ops`, :mod:`pareto_lora.rules`, :mod:`pareto_lora.args`,
-its own modules, and :mod:`..schedulers` (the re-export of CoMMIT).
 """
 
 from __future__ import annotations

@@ -14,7 +14,6 @@ ParetoLoRA holds and
 
 After each step the balancer sees the step (its group statistics and losses) to update its state,
 and its quantities go into ``FlatStep.extra`` (``report.as_dict()`` keys ``pareto/<name>/...``).
-May import: :mod:`pareto_lora.flat`, :mod:`pareto_lora.ops`, :mod:`pareto_lora.rules`.
 """
 
 from __future__ import annotations

@@ -13,7 +13,6 @@ The norms ||g_k|| are the group statistics ParetoLoRA already computes (``||g_te
 ``||g_image||^2`` per group), so GradNorm costs no extra backward (the paper's version
 differentiates G_k, a second-order pass). The weights apply to the groups selected by
 ``modulate`` (``modulate="all"`` for the paper's global weighting).
-May import: :mod:`.base`.
 """
 
 from __future__ import annotations

@@ -11,7 +11,6 @@ losses only, so the default mode is one backward of ``alpha*L_text + beta*L_imag
 vanilla step); ``per_group=True`` instead puts (alpha, beta) into the groups selected by
 ``modulate`` through the two-gradient flat step (the others get the plain sum), which also gives
 the per-group gradient statistics.
-May import: :mod:`.base`.
 """
 
 from __future__ import annotations

@@ -7,7 +7,6 @@ CoMMIT changes no gradient, so it is not a ParetoLoRA rule or balancer: it works
 scheduler over two parameter groups of an optimizer, with any rule (usually ``sum``).
 ``CoMMITCallback`` (:mod:`.hf_commit`, imported on demand: it needs transformers) runs it inside a
 transformers Trainer. (``pareto_lora.training.balancers`` re-exports CoMMIT for one release.)
-May import: :mod:`pareto_lora.args`, and its own modules.
 """
 
 from .commit import CoMMIT, coordinated_lrs, kl_drift

@@ -24,7 +24,6 @@ measures the same kappa, sets the same learning rates and the ranks' parameters 
 Measuring ranks with their own kappa would give each rank other learning rates, and DDP's
 averaged gradient would then move the replicas apart. Every rank must call :meth:`CoMMIT.step`
 (or ``begin``/``end``) with ``forward`` on the same steps (the all-reduce is collective).
-May import: :mod:`pareto_lora.args` (plain torch otherwise).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ micro-batch, reusing its training logits: two extra forwards per measured step.)
 
 The Trainer's own LR scheduler keeps running: before each optimizer step the callback scales the
 two groups' current rates by CoMMIT's factors 2/(kappa~+1) and 2/(1/kappa~+1), and puts them back
-after the step. May import: :mod:`.commit` (and transformers).
+after the step.
 """
 
 from __future__ import annotations

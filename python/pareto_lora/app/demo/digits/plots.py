@@ -1,5 +1,5 @@
 """The digits study's figures: generated digits per method, the trade-off planes, the gradient ratios.
-May import: :mod:`pareto_lora.app.demo` (methods, stats) and :mod:`.report`.
+May import: :mod:`pareto_lora.app.demo` (methods, stats), :mod:`.experiment` and :mod:`.report`.
 """
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import numpy as np
 
 from ..methods import frontier_weight
 from ..stats import paired_interval
+from .experiment import LONG
 from .report import BRACKETS
 
 __all__ = ["mosaic", "plot_samples", "plot_tradeoff", "plot_ratios"]
@@ -66,7 +67,7 @@ def _panel(ax, summary: dict, y: str, ylabel: str, scale: float = 1.0) -> None:
         for (w, _), x0, y0 in zip(curve, xs, ys):
             ax.annotate(f"w={w:g}", (x0, y0), textcoords="offset points", xytext=(4, -9), fontsize=6)
     cmap = plt.get_cmap("tab20")
-    for i, rule in enumerate(r for r in summary if frontier_weight(r) is None and r not in BRACKETS):
+    for i, rule in enumerate(r for r in summary if frontier_weight(r) is None and r not in (*BRACKETS, LONG)):
         s = summary[rule]["per_seed"]
         tx, vy = list(s["text"].values()), [scale * v for v in s[y].values()]
         ax.errorbar(np.mean(tx), np.mean(vy), xerr=_ci(tx), yerr=_ci(vy), fmt="o", color=cmap(i % 20), ms=5,
@@ -78,7 +79,8 @@ def _panel(ax, summary: dict, y: str, ylabel: str, scale: float = 1.0) -> None:
 
 def plot_tradeoff(summary: dict, path: str, title: str) -> str:
     """Text loss vs image loss and vs generation accuracy: the reweighting curve and every method
-    (means over seeds, 95% intervals of the per-seed values; brackets left out: far off the scale)."""
+    (means over seeds, 95% intervals of the per-seed values; the brackets and the long image-only run
+    are left out: far off the scale, their numbers are in the table)."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
     _panel(axes[0], summary, "image", "held-out image loss (nats/token)")

@@ -16,6 +16,8 @@ May import: the public package (:mod:`pareto_lora`), :mod:`pareto_lora.app.demo.
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import torch
 
@@ -71,6 +73,13 @@ def evaluate_losses(model, batches, device, vocab) -> dict[str, float]:
             "und_acc": right / max(total, 1)}
 
 
+def _cache_keyword(model) -> str:
+    """The name transformers gives the KV cache (argument and output): ``cache`` from 5.25 on,
+    ``past_key_values`` before (deprecated there, removed in 5.40)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+
+
 @torch.no_grad()
 def generate_codes(model, prompts: torch.Tensor, vocab, device, temperature: float = 0.0,
                    gen: torch.Generator | None = None) -> torch.Tensor:
@@ -82,6 +91,7 @@ def generate_codes(model, prompts: torch.Tensor, vocab, device, temperature: flo
     model.eval()
     ids = prompts.to(device)
     lo, hi = vocab.image_base, vocab.image_base + vocab.num_codes
+    kw = _cache_keyword(model)
     out = model(input_ids=ids, use_cache=True)  # the prompt once, then one token at a time from the KV cache
     for i in range(vocab.image_tokens):
         logits = out.logits[:, -1, lo:hi].float().cpu()
@@ -93,7 +103,7 @@ def generate_codes(model, prompts: torch.Tensor, vocab, device, temperature: flo
         tok = (lo + nxt).to(device)[:, None]
         ids = torch.cat([ids, tok], 1)
         if i + 1 < vocab.image_tokens:
-            out = model(input_ids=tok, past_key_values=out.past_key_values, use_cache=True)
+            out = model(input_ids=tok, use_cache=True, **{kw: getattr(out, kw)})
     model.train(was_training)
     return (ids[:, prompts.shape[1]:] - lo).cpu()
 

@@ -169,6 +169,8 @@ def _cmd_demo(args, parser) -> int:
     device = _device(parser, args.device)
     if args.quick and args.full:
         parser.error("--quick and --full: expected at most one of them")
+    if args.world == "digits":
+        return _cmd_demo_digits(args, parser, device)
     cfg = DemoConfig(**(QUICK if args.quick else FULL if args.full else DEFAULT))
     sgd = args.optimizer == "sgd"
     if sgd and args.lr is not None:
@@ -212,6 +214,37 @@ def _cmd_demo(args, parser) -> int:
         run_sgd_study(dataclasses.replace(cfg, optimizer="sgd"), out, lrs=args.lrs or SGD_LRS, progress=not args.no_progress)
     else:
         run_demo(cfg, out, progress=not args.no_progress)
+    return 0
+
+
+def _cmd_demo_digits(args, parser, device: str) -> int:
+    """`demo --world digits`: the study on real handwritten digits (app/demo/digits)."""
+    from .demo.digits import DEFAULT, FULL, QUICK, STRONG, DigitsConfig, run_digits_demo
+
+    shapes_only = {"--optimizer sgd": args.optimizer == "sgd", "--lrs": args.lrs is not None, "--arch": args.arch is not None,
+                   "--base-per-seed": args.base_per_seed, "--pretrain-steps": args.pretrain_steps is not None}
+    bad = [k for k, given in shapes_only.items() if given]
+    if bad:
+        parser.error(f"--world digits: {', '.join(bad)} belong to the shapes world (expected without them)")
+    overrides = {k: v for k, v in {"steps": args.steps, "seeds": args.seeds, "rules": args.rules, "tau": args.tau,
+                                   "lr": args.lr, "modulate": args.modulate, "num_groups": args.num_groups,
+                                   "threads": args.threads, "cache_dir": args.cache_dir}.items() if v is not None}
+    if args.lr is not None:
+        overrides["lrs"] = ()  # a given rate replaces the tuning
+    if args.no_cache:
+        overrides["cache_dir"] = None
+    presets = [("digits", QUICK if args.quick else FULL if args.full else DEFAULT)] + ([("digits-strong", STRONG)] if args.full else [])
+    settings = []
+    for name, preset in presets:
+        cfg = DigitsConfig(**{**preset, **overrides, "device": device})
+        try:
+            cfg.check()
+        except ValueError as e:
+            parser.error(str(e))
+        settings.append((name, cfg))
+    kind = "digits-" + ("study" if args.full else "demo")
+    out = os.path.abspath(args.out or os.path.join("pareto_lora_out", time.strftime(f"{kind}-%Y%m%d-%H%M%S")))
+    run_digits_demo(settings, out, shapes_seeds=settings[0][1].seeds if args.full else None)
     return 0
 
 
@@ -301,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the modality-imbalance experiment (all rules, several seeds)",
                           description="Pre-train a tiny Llama over text + image tokens, LoRA-fine-tune it once per "
                                       "rule and seed, print a table and a verdict, write results.json and PNG plots.")
+    demo.add_argument("--world", choices=("shapes", "digits"), default="shapes",
+                      help="shapes (default: the synthetic world with exact floors) or digits (real 8x8 handwritten "
+                           "digits from scikit-learn, VQ tokens, generation and understanding; docs/study_digits.md)")
     demo.add_argument("--quick", action="store_true", help="tiny smoke-test configuration (< 30 s on 2 CPU cores)")
     demo.add_argument("--full", action="store_true",
                       help="the whole study: 5 paired seeds, the full reweighting curve, every rule and balancer "

@@ -7,7 +7,7 @@
   whole layer stack (alpha 1.5, weight lr 0.025);
 * controls and the reweighting frontier (``CONTROLS``): vanilla gradients of ``a*L_text + b*L_image``
   -- ``text_only`` (1, 0) and ``image_only`` (0, 1) bracket what fine-tuning can move, ``w2`` ..
-  ``w6`` (1, w) trace the trade-off a practitioner gets by tuning one loss weight (``sum`` is w = 1);
+  ``w64`` (1, w) trace the trade-off a practitioner gets by tuning one loss weight (``sum`` is w = 1);
 * ``VARIANTS``: ``pareto_lora_all``, the paper's rule on every layer group (``modulate="all"``),
   ``pareto_lora_m0.1``, its conflict branch only on cos < -0.1 (``RuleSpec.margin``: text and image
   gradients are nearly orthogonal, so cos < 0 alone fires on noise), ``pareto_lora_ema0.9`` (the
@@ -39,7 +39,7 @@ COMMIT_EVERY = 2
 #: name -> (text weight, image weight) of the plain-sum runs that are not rules
 CONTROLS: dict[str, tuple[float, float]] = {
     "text_only": (1.0, 0.0), "image_only": (0.0, 1.0),
-    **{f"w{w:g}": (1.0, float(w)) for w in (1.5, 2, 3, 4, 6, 8)},
+    **{f"w{w:g}": (1.0, float(w)) for w in (1.5, 2, 3, 4, 6, 8, 16, 32, 64)},  # w16..w64: digits-strong's curve
 }
 #: name -> (kernel rule, modulate or None = the config's, conflict margin, ParetoLoRA options):
 #: variants of a kernel rule

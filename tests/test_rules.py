@@ -100,3 +100,10 @@ def test_loose_keywords_by_position_and_by_name_are_one_rule():
     with pytest.raises(TypeError, match="unexpected keyword argument 'lam'"):
         pareto_lora.rule_coefficients(stats, "mgda", lam=0.4)
 
+
+def test_the_oracle_takes_the_spec_like_every_backend():
+    stats = torch.tensor([[1.0, 4.0, -1.0]], dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"^spec: expected a pareto_lora.RuleSpec"):
+        pareto_lora.reference.rule_coefficients(stats, "mgda")
+    with pytest.raises(TypeError):
+        pareto_lora.reference.rule_coefficients(stats, RuleSpec("mgda"), 0.5)  # no loose keywords below the boundary

@@ -121,6 +121,7 @@ DEFAULT_RULE = RuleSpec()
 
 #: The loose keywords of the public functions: RuleSpec's fields after ``name``, in their order.
 LOOSE: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(RuleSpec) if f.name != "name")
+_LOOSE_SET = frozenset(LOOSE)
 
 
 def as_spec(rule: str | RuleSpec = "pareto_lora", *values, **loose) -> RuleSpec:
@@ -130,9 +131,13 @@ def as_spec(rule: str | RuleSpec = "pareto_lora", *values, **loose) -> RuleSpec:
     symmetric False, margin 0.0) or a ``RuleSpec`` (then the loose parameters must stay ``None``:
     one object carries the rule).
     """
-    if len(values) > len(LOOSE) or set(loose) - set(LOOSE) or set(loose) & set(LOOSE[: len(values)]):
-        raise TypeError(f"as_spec: expected a rule and at most the parameters {', '.join(LOOSE)}, once each")
-    given = {k: v for k, v in (*zip(LOOSE, values), *loose.items()) if v is not None}
+    if values:
+        if len(values) > len(LOOSE) or any(name in loose for name in LOOSE[: len(values)]):
+            raise TypeError(f"as_spec: expected a rule and at most the parameters {', '.join(LOOSE)}, once each")
+        loose.update(zip(LOOSE, values))
+    if not _LOOSE_SET.issuperset(loose):
+        raise TypeError(f"as_spec: unexpected parameter(s) {', '.join(sorted(set(loose) - _LOOSE_SET))}")
+    given = {k: v for k, v in loose.items() if v is not None}
     if isinstance(rule, RuleSpec):
         for name in LOOSE:
             if name in given:

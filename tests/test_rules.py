@@ -1,13 +1,14 @@
 """RuleSpec: the one object that carries a rule, validated once; the loose arguments map onto it."""
 
 import dataclasses
+import inspect
 
 import pytest
 import torch
 
 import pareto_lora
 from pareto_lora import RULES, RuleSpec
-from pareto_lora.rules import RULE_IDS, as_spec
+from pareto_lora.rules import LOOSE, RULE_IDS, as_spec
 
 
 def test_defaults_and_ids_follow_the_rule_table():
@@ -63,3 +64,46 @@ def test_public_functions_accept_a_spec_and_give_the_same_result():
     assert torch.equal(loose.cases, spec.cases)
     with pytest.raises(ValueError, match=r"^gamma: expected None"):
         pareto_lora.rule_coefficients(loose.stats, RuleSpec("mgda"), gamma=2.0)
+
+
+def test_the_public_signatures_take_every_rule_field_as_a_loose_keyword():
+    # One list (RuleSpec's fields) makes the loose keywords of every public function; their places
+    # are the ones positional calls have used since before RuleSpec.
+    fields = [f.name for f in dataclasses.fields(RuleSpec) if f.name != "name"]
+    assert list(LOOSE) == fields
+    order = ["rule", "tau", "active", "gamma", "symmetric"]
+    for fn in (pareto_lora.integrate, pareto_lora.rule_coefficients, pareto_lora.distributed.sharded_integrate):
+        params = inspect.signature(fn).parameters
+        assert set(fields) <= set(params), fn.__name__
+        assert all(params[n].default is None for n in fields), fn.__name__
+        names = [n for n in params if n in order]
+        assert names == order, fn.__name__
+        assert list(params).index("margin") == list(params).index("backend") + 1, fn.__name__
+        assert "rule: 'str | RuleSpec' = 'pareto_lora'" in str(inspect.signature(fn))
+        assert fn.__doc__ and not hasattr(fn, "__wrapped__")
+
+
+def test_loose_keywords_by_position_and_by_name_are_one_rule():
+    gen = torch.Generator().manual_seed(4)
+    stats = torch.rand(30, 3, generator=gen, dtype=torch.float64) - 0.25
+    stats[:, :2] = stats[:, :2].abs() + 1.0
+    active = torch.rand(30, generator=gen) > 0.3
+    by_pos = pareto_lora.rule_coefficients(stats, "mmpareto", 0.4, active, 1.5, True, "reference", 0.1)
+    by_name = pareto_lora.rule_coefficients(stats, rule="mmpareto", tau=0.4, active=active, gamma=1.5, symmetric=True,
+                                            backend="reference", margin=0.1)
+    spec = pareto_lora.rule_coefficients(stats, RuleSpec("mmpareto", 0.4, 1.5, True, 0.1), active=active,
+                                         backend="reference")
+    for got in (by_pos, by_name):
+        assert torch.equal(got[0], spec[0]) and torch.equal(got[1], spec[1])
+    with pytest.raises(TypeError, match="multiple values for argument 'tau'"):
+        pareto_lora.rule_coefficients(stats, "mgda", 0.4, tau=0.4)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'lam'"):
+        pareto_lora.rule_coefficients(stats, "mgda", lam=0.4)
+
+
+def test_the_oracle_takes_the_spec_like_every_backend():
+    stats = torch.tensor([[1.0, 4.0, -1.0]], dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"^spec: expected a pareto_lora.RuleSpec"):
+        pareto_lora.reference.rule_coefficients(stats, "mgda")
+    with pytest.raises(TypeError):
+        pareto_lora.reference.rule_coefficients(stats, RuleSpec("mgda"), 0.5)  # no loose keywords below the boundary

@@ -4,9 +4,10 @@
 ``rule_coefficients`` and ``combine``. Each resolves its backend through the registry
 (:mod:`pareto_lora.backends`) and returns what every backend returns. ``rule`` is a rule name
 with loose ``tau``/``gamma``/``symmetric``/``margin``, or one :class:`pareto_lora.RuleSpec`:
-these functions are the public boundary, the one place (with the oracle's public functions in
-:mod:`pareto_lora.reference`) that accepts the loose keywords and makes them one RuleSpec.
-Below it every backend takes the spec (:class:`pareto_lora.backends.protocol.Backend`).
+these functions are the public boundary. They are written with the spec; the decorator
+:func:`pareto_lora.rules.rule_keywords` adds the loose keywords (one per RuleSpec field) to their
+signatures and makes them one RuleSpec, once. Below it every backend, the oracle included, takes
+the spec (:class:`pareto_lora.backends.protocol.Backend`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 
 from .backends import BACKENDS, available_backends, resolve_backend
 from .result import IntegrationResult, stats_metrics
-from .rules import RuleSpec, as_spec
+from .rules import DEFAULT_RULE, RuleSpec, rule_keywords
 
 __all__ = [
     "IntegrationResult",
@@ -35,18 +36,15 @@ def _device_of(t) -> torch.device:
     return t.device if isinstance(t, torch.Tensor) else torch.device("cpu")
 
 
+@rule_keywords
 def integrate(
     a: torch.Tensor,
     b: torch.Tensor,
     offsets: torch.Tensor,
     out: torch.Tensor | None = None,
-    rule: str | RuleSpec = "pareto_lora",
-    tau: float | None = None,
+    rule: RuleSpec = DEFAULT_RULE,
     active: torch.Tensor | None = None,
-    gamma: float | None = None,
-    symmetric: bool | None = None,
     backend: str = "auto",
-    margin: float | None = None,
     *,
     groups: torch.Tensor | None = None,
     poison: torch.Tensor | None = None,
@@ -67,8 +65,7 @@ def integrate(
     are per segment, ``group_stats``, ``coeffs`` and ``cases`` per group.
     """
     impl = resolve_backend(backend, _device_of(a))
-    spec = as_spec(rule, tau, gamma, symmetric, margin)
-    return impl.integrate(a, b, offsets, out, spec, active=active, groups=groups, poison=poison, stats=stats)
+    return impl.integrate(a, b, offsets, out, rule, active=active, groups=groups, poison=poison, stats=stats)
 
 
 def segment_stats(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, backend: str = "auto") -> torch.Tensor:
@@ -76,20 +73,16 @@ def segment_stats(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, backe
     return resolve_backend(backend, _device_of(a)).segment_stats(a, b, offsets)
 
 
+@rule_keywords
 def rule_coefficients(
     stats: torch.Tensor,
-    rule: str | RuleSpec = "pareto_lora",
-    tau: float | None = None,
+    rule: RuleSpec = DEFAULT_RULE,
     active: torch.Tensor | None = None,
-    gamma: float | None = None,
-    symmetric: bool | None = None,
     backend: str = "auto",
-    margin: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(coeffs [G, 2] float32, cases [G] int32) from per-segment stats of any source."""
     impl = resolve_backend(backend, _device_of(stats))
-    spec = as_spec(rule, tau, gamma, symmetric, margin)
-    return impl.rule_coefficients(stats, spec, active=active)
+    return impl.rule_coefficients(stats, rule, active=active)
 
 
 def combine(

@@ -6,8 +6,10 @@ get float64 coefficients from :func:`integrate` (the oracle of float64 training)
 
 The rule is written once here, in terms of the three per-segment statistics
 (||a||^2, ||b||^2, a.b); ``csrc/rule.h`` and the Triton kernel implement the same table.
-It is also the ``backend="reference"`` entry of the registry: the same four functions, signatures
-and return types as every other backend (``rule`` may be a name or a :class:`RuleSpec`).
+It is also the ``backend="reference"`` entry of the registry: it implements
+:class:`pareto_lora.backends.protocol.Backend` like every other backend (the rule is one
+:class:`RuleSpec`; the loose keywords belong to the public functions, e.g.
+``pareto_lora.integrate(..., backend="reference")``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 
 from . import checks as _checks
 from .result import IntegrationResult
-from .rules import CAUCHY_SCHWARZ_SLACK, STATIONARY_REL, Case, RuleSpec, as_spec, term_fits
+from .rules import CAUCHY_SCHWARZ_SLACK, STATIONARY_REL, DEFAULT_RULE, Case, RuleSpec, term_fits
 
 __all__ = [
     "segment_stats",
@@ -73,23 +75,25 @@ def segment_stats(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> to
 
 
 def rule_coefficients(
-    stats: torch.Tensor,
-    rule: str | RuleSpec = "pareto_lora",
-    tau: float | None = None,
-    active: torch.Tensor | None = None,
-    gamma: float | None = None,
-    symmetric: bool | None = None,
-    margin: float | None = None,
+    stats: torch.Tensor, spec: RuleSpec = DEFAULT_RULE, *, active: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Closed-form rule: (coeffs [G, 2] = (alpha, beta), cases [G] int32) from the stats.
 
     The arithmetic runs in float64 whatever the stats dtype; coefficients are float32, as on
     every backend (only :func:`integrate` on float64 inputs keeps them in float64).
     """
-    spec = as_spec(rule, tau, gamma, symmetric, margin)
+    _check_spec(spec)
     active = _checks.as_active(active)
     _checks.check_rule_args(stats, active)
     return _rule(stats, spec, active)
+
+
+def _check_spec(spec) -> None:
+    # The oracle is called directly (tests, benchmarks): a rule name here is a call written for the
+    # public functions, which take it; say so rather than fail on a missing attribute.
+    if not isinstance(spec, RuleSpec):
+        raise ValueError(f"spec: expected a pareto_lora.RuleSpec (the public functions take a rule name), "
+                         f"got {type(spec).__name__}")
 
 
 def _rule(
@@ -217,24 +221,21 @@ def integrate(
     b: torch.Tensor,
     offsets: torch.Tensor,
     out: torch.Tensor | None = None,
-    rule: str | RuleSpec = "pareto_lora",
-    tau: float | None = None,
-    active: torch.Tensor | None = None,
-    gamma: float | None = None,
-    symmetric: bool | None = None,
-    margin: float | None = None,
+    spec: RuleSpec = DEFAULT_RULE,
     *,
+    active: torch.Tensor | None = None,
     groups: torch.Tensor | None = None,
     poison: torch.Tensor | None = None,
     stats: torch.Tensor | None = None,
 ) -> IntegrationResult:
     """stats (per segment) -> rule (per group) -> combine. Returns ``IntegrationResult``.
 
-    The oracle's public signature: ``rule`` is a name with loose parameters or one RuleSpec
-    (the registry passes a RuleSpec). ``groups``, ``poison`` and ``stats`` are those of
-    :func:`pareto_lora.integrate` (semantics in :mod:`pareto_lora.backends.protocol`).
+    The Backend protocol's signature: the rule is one RuleSpec (``pareto_lora.integrate(...,
+    backend="reference")`` takes the loose keywords). ``active``, ``groups``, ``poison`` and
+    ``stats`` are those of :func:`pareto_lora.integrate` (semantics in
+    :mod:`pareto_lora.backends.protocol`).
     """
-    spec = as_spec(rule, tau, gamma, symmetric, margin)
+    _check_spec(spec)
     offsets, active, groups = _checks.as_offsets(offsets), _checks.as_active(active), _checks.as_groups(groups)
     num_segments, host_groups = _checks.check_integrate(a, b, offsets, out, active, groups, poison, stats)
     if stats is None:

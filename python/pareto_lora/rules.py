@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
+import inspect
 
 from . import args
 
@@ -19,6 +21,9 @@ __all__ = [
     "RULE_IDS",
     "RuleSpec",
     "as_spec",
+    "DEFAULT_RULE",
+    "LOOSE",
+    "rule_keywords",
     "STATS_REL_ERR",
     "CAUCHY_SCHWARZ_SLACK",
     "STATIONARY_REL",
@@ -111,22 +116,104 @@ class RuleSpec:
         return RULE_IDS[self.name]
 
 
-def as_spec(rule: str | RuleSpec = "pareto_lora", tau=None, gamma=None, symmetric=None, margin=None) -> RuleSpec:
-    """The :class:`RuleSpec` of the public functions' ``rule, tau, gamma, symmetric, margin`` arguments.
+#: The rule applied when none is given: every backend's default and the public functions'.
+DEFAULT_RULE = RuleSpec()
 
-    ``rule`` is a rule name (then ``None`` parameters take the defaults 0.5, 1.0, False, 0.0) or a
-    ``RuleSpec`` (then the loose parameters must stay ``None``: one object carries the rule).
+#: The loose keywords of the public functions: RuleSpec's fields after ``name``, in their order.
+LOOSE: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(RuleSpec) if f.name != "name")
+_LOOSE_SET = frozenset(LOOSE)
+
+
+def as_spec(rule: str | RuleSpec = "pareto_lora", *values, **loose) -> RuleSpec:
+    """The :class:`RuleSpec` of a rule name with loose parameters (:data:`LOOSE`, by position or name).
+
+    ``rule`` is a rule name (then ``None`` parameters take RuleSpec's defaults: tau 0.5, gamma 1.0,
+    symmetric False, margin 0.0) or a ``RuleSpec`` (then the loose parameters must stay ``None``:
+    one object carries the rule).
     """
+    if values:
+        if len(values) > len(LOOSE) or any(name in loose for name in LOOSE[: len(values)]):
+            raise TypeError(f"as_spec: expected a rule and at most the parameters {', '.join(LOOSE)}, once each")
+        loose.update(zip(LOOSE, values))
+    if not _LOOSE_SET.issuperset(loose):
+        raise TypeError(f"as_spec: unexpected parameter(s) {', '.join(sorted(set(loose) - _LOOSE_SET))}")
+    given = {k: v for k, v in loose.items() if v is not None}
     if isinstance(rule, RuleSpec):
-        for name, value in (("tau", tau), ("gamma", gamma), ("symmetric", symmetric), ("margin", margin)):
-            if value is not None:
-                raise ValueError(f"{name}: expected None when rule is a RuleSpec (it carries tau, gamma, symmetric, margin)")
+        for name in LOOSE:
+            if name in given:
+                raise ValueError(f"{name}: expected None when rule is a RuleSpec (it carries {', '.join(LOOSE)})")
         return rule
-    return RuleSpec(
-        rule,
-        0.5 if tau is None else tau,
-        1.0 if gamma is None else gamma,
-        False if symmetric is None else symmetric,
-        0.0 if margin is None else margin,
-    )
+    return RuleSpec(rule, **given)
 
+
+# Where each loose keyword sits in a public signature, as it has since before RuleSpec, so that
+# positional calls (``rule_coefficients(stats, "mgda", 0.4, active, 1.5)``) keep working: right
+# after the named parameter, with its kind, when the function has it. A field with no entry (one
+# added later) is keyword-only, at the end: adding a rule parameter touches the dataclass alone.
+_FOLLOWS = {"tau": "rule", "gamma": "active", "symmetric": "gamma", "margin": "backend"}
+
+
+def rule_keywords(fn):
+    """Decorator of a public function: ``fn`` is written with a ``rule`` parameter that receives one
+    :class:`RuleSpec`; the decorated function takes ``rule`` as a name or a RuleSpec plus one loose
+    keyword per RuleSpec field (:data:`LOOSE`, default ``None``), builds the spec once
+    (:func:`as_spec`) and calls ``fn``. Its signature is a real one (``inspect.signature``, ``help``).
+
+    The wrapper is generated as source, as :mod:`dataclasses` does for ``__init__``: Python binds the
+    arguments itself (the same TypeErrors as a hand-written ``def``, no per-call ``inspect`` cost,
+    and ``torch.compile`` traces an ordinary function).
+    """
+    inner = inspect.signature(fn)
+    if "rule" not in inner.parameters:
+        raise TypeError(f"rule_keywords: {fn.__qualname__} has no 'rule' parameter")
+    params = [p.replace(default="pareto_lora", annotation="str | RuleSpec") if p.name == "rule" else p
+              for p in inner.parameters.values()]
+    names = [p.name for p in params]
+    if set(LOOSE) & set(names):
+        raise TypeError(f"rule_keywords: {fn.__qualname__} already takes a loose rule keyword")
+    types = {f.name: f.type if isinstance(f.type, str) else f.type.__name__ for f in dataclasses.fields(RuleSpec)}
+    for name in LOOSE:
+        anchor = _FOLLOWS.get(name)
+        if anchor in names:
+            at, kind = names.index(anchor) + 1, params[names.index(anchor)].kind
+        else:
+            at, kind = len(params), inspect.Parameter.KEYWORD_ONLY
+            if params and params[-1].kind == inspect.Parameter.VAR_KEYWORD:
+                at -= 1
+        params.insert(at, inspect.Parameter(name, kind, default=None, annotation=f"{types[name]} | None"))
+        names.insert(at, name)
+    public = inner.replace(parameters=params)
+    return _generate(fn, public)
+
+
+def _generate(fn, public: inspect.Signature):
+    # def <name>(<public parameters, defaults by reference>): return _fn(<inner arguments>)
+    env, head, call, star = {"_fn": fn, "_as_spec": as_spec}, [], [], False
+    for p in public.parameters.values():
+        default = ""
+        if p.default is not p.empty:
+            env[f"_d_{p.name}"] = p.default
+            default = f"=_d_{p.name}"
+        if p.kind == p.KEYWORD_ONLY and not star:
+            head.append("*")
+            star = True
+        if p.kind == p.POSITIONAL_ONLY:
+            raise TypeError(f"rule_keywords: {fn.__qualname__}: positional-only parameters are not supported")
+        if p.kind == p.VAR_POSITIONAL:
+            head.append(f"*{p.name}")
+            call.append(f"*{p.name}")
+            star = True
+        elif p.kind == p.VAR_KEYWORD:
+            head.append(f"**{p.name}")
+            call.append(f"**{p.name}")
+        else:
+            head.append(p.name + default)
+            if p.name not in LOOSE:
+                value = "_as_spec(rule, " + ", ".join(f"{n}={n}" for n in LOOSE) + ")" if p.name == "rule" else p.name
+                call.append(f"{p.name}={value}")
+    src = f"def {fn.__name__}({', '.join(head)}):\n    return _fn({', '.join(call)})\n"
+    exec(src, env)  # noqa: S102  (generated from the signature above, as dataclasses does)
+    wrapper = functools.update_wrapper(env[fn.__name__], fn)
+    del wrapper.__wrapped__  # help() and inspect show the public signature, not fn's
+    wrapper.__signature__ = public
+    return wrapper

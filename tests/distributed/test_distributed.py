@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import pareto_lora
-from pareto_lora import Case, reference
+from pareto_lora import Case
 from pareto_lora.flat import build_layout, group_of_names
 
 import _dist_worker as W
@@ -82,7 +82,7 @@ def integrated(grads, groups, rule):
         names = [n for n in grads if groups[n] == g]
         a = torch.cat([grads[n][0].reshape(-1) for n in names])
         b = torch.cat([grads[n][1].reshape(-1) for n in names])
-        res, _, _, _ = reference.integrate(a, b, torch.tensor([0, a.numel()]), rule=rule, tau=0.5)
+        res, _, _, _ = pareto_lora.integrate(a, b, torch.tensor([0, a.numel()]), rule=rule, tau=0.5, backend="reference")
         for n, piece in zip(names, res.split([grads[n][0].numel() for n in names])):
             out[n] = piece.view_as(grads[n][0])
     return out
@@ -294,7 +294,7 @@ def test_fsdp2_accumulation(ranks, model, groups):
 
 def test_sharded_integrate_matches_unsharded(ranks):
     a, b, offsets, active = ranks[0]["sharded/inputs"]
-    want, stats, coeffs, _ = reference.integrate(a, b, offsets, rule="pareto_lora", tau=0.5, active=active)
+    want, stats, coeffs, _ = pareto_lora.integrate(a, b, offsets, rule="pareto_lora", tau=0.5, active=active, backend="reference")
     got = torch.cat([r["sharded/out"] for r in ranks])
     torch.testing.assert_close(got, want)
     for r in ranks:  # the compiled op returns float32 statistics for any input dtype
@@ -306,18 +306,18 @@ def test_sharded_integrate_matches_unsharded(ranks):
 def test_sharded_integrate_segment_groups(ranks):
     a, b, offsets, _ = ranks[0]["sharded/inputs"]
     group_offsets = offsets[::2]  # segments (0,1), (2,3), (4,5) form groups 0, 1, 2
-    want, stats, _, _ = reference.integrate(a, b, group_offsets, rule="mgda", active=torch.tensor([True, False, True]))
+    want, stats, _, _ = pareto_lora.integrate(a, b, group_offsets, rule="mgda", active=torch.tensor([True, False, True]), backend="reference")
     torch.testing.assert_close(torch.cat([r["sharded/grouped_out"] for r in ranks]), want)
     torch.testing.assert_close(ranks[0]["sharded/grouped_stats"].double(), stats, rtol=1e-6, atol=1e-6)
 
 
 def test_sharded_integrate_takes_every_rule_option(ranks):
     a, b, offsets, active = ranks[0]["sharded/inputs"]
-    want = reference.integrate(a, b, offsets, rule="pareto_lora", tau=0.5, margin=0.7, active=active)
+    want = pareto_lora.integrate(a, b, offsets, rule="pareto_lora", tau=0.5, margin=0.7, active=active, backend="reference")
     torch.testing.assert_close(torch.cat([r["sharded/margin_out"] for r in ranks]), want.out)
     assert torch.equal(ranks[0]["sharded/margin_cases"], want.cases)
     # margin changes the outcome here: the last segment (cos -0.69) is no conflict under margin 0.7
-    plain = reference.integrate(a, b, offsets, rule="pareto_lora", tau=0.5, active=active)
+    plain = pareto_lora.integrate(a, b, offsets, rule="pareto_lora", tau=0.5, active=active, backend="reference")
     assert not torch.equal(plain.cases, want.cases)
 
 
@@ -329,7 +329,7 @@ def test_sharded_integrate_scattered_groups(ranks):
     cat = lambda x: torch.cat([x[pieces[s][0]:pieces[s][1]] for s in order])  # noqa: E731
     sizes = [int(pieces[s][1] - pieces[s][0]) for s in order]
     bounds = torch.tensor([0, sizes[0] + sizes[1], sum(sizes[:4]), sum(sizes)])
-    want, stats, _, _ = reference.integrate(cat(a), cat(b), bounds, rule="mgda")
+    want, stats, _, _ = pareto_lora.integrate(cat(a), cat(b), bounds, rule="mgda", backend="reference")
     got = torch.cat([r["sharded/scattered_out"] for r in ranks])
     torch.testing.assert_close(cat(got), want)
     torch.testing.assert_close(ranks[0]["sharded/scattered_stats"], stats, rtol=1e-6, atol=1e-6)

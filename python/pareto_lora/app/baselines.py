@@ -63,7 +63,7 @@ def strong(a, b, offsets, out, rule: str = "pareto_lora", tau: float = 0.5):
     """Per-segment views, BLAS dots, vectorised rule on the device, in-place combine."""
     xs, ys, os_ = segment_views(a, offsets), segment_views(b, offsets), segment_views(out, offsets)
     stats = _segment_stats(xs, ys)
-    coeffs, _ = reference.rule_coefficients(stats, rule, tau)
+    coeffs, _ = reference.rule_coefficients(stats, as_spec(rule, tau))
     coeffs = coeffs.to(_acc(a[:0]).dtype)
     alpha, beta = coeffs[:, 0].unbind(), coeffs[:, 1].unbind()  # 0-dim device tensors: no sync
     for x, y, o, al, be in zip(xs, ys, os_, alpha, beta):
@@ -83,7 +83,7 @@ def foreach(a, b, offsets, out, rule: str = "pareto_lora", tau: float = 0.5):
     nb = torch.stack(torch._foreach_norm(yf))
     dots = torch.stack([torch.dot(x, y) for x, y in zip(xf, yf)])
     stats = torch.stack([na * na, nb * nb, dots], dim=1)
-    coeffs, _ = reference.rule_coefficients(stats, rule, tau)
+    coeffs, _ = reference.rule_coefficients(stats, as_spec(rule, tau))
     coeffs = coeffs.float()
     alpha, beta = list(coeffs[:, 0].unbind()), list(coeffs[:, 1].unbind())
     res = torch._foreach_mul(xf, alpha)

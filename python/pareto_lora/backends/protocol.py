@@ -2,8 +2,7 @@
 
 A backend is a module (``backends.cpp``, ``backends.triton.ops``, ``pareto_lora.reference``),
 not an object: the protocol only states what the registry may call. The rule arrives as one
-:class:`~pareto_lora.rules.RuleSpec` (positional: the reference names it ``rule``, since its own
-public signature also takes the loose keywords); everything after it is keyword-only, so a
+:class:`~pareto_lora.rules.RuleSpec` (positional); everything after it is keyword-only, so a
 parameter added to the rule never shifts a backend's arguments.
 
 Grouped calls (``integrate`` with ``groups``): group g is segments ``groups[g] .. groups[g+1]-1``;
@@ -22,12 +21,9 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from ..result import IntegrationResult
-from ..rules import RuleSpec
+from ..rules import DEFAULT_RULE, RuleSpec
 
-__all__ = ["Backend", "DEFAULT_RULE"]
-
-#: The rule a backend applies when none is given (the public functions' default too).
-DEFAULT_RULE = RuleSpec()
+__all__ = ["Backend", "DEFAULT_RULE"]  # DEFAULT_RULE: rules.DEFAULT_RULE, the rule applied when none is given
 
 
 @runtime_checkable

@@ -17,25 +17,22 @@ import torch.distributed as dist
 from ..backends import resolve_backend
 from ..flat import sum_into_groups
 from ..result import IntegrationResult
-from ..rules import RuleSpec, as_spec
+from ..rules import DEFAULT_RULE, RuleSpec, rule_keywords
 
 __all__ = ["sharded_integrate"]
 
 
+@rule_keywords
 def sharded_integrate(
     a_shard: torch.Tensor,
     b_shard: torch.Tensor,
     offsets_local: torch.Tensor,
     out: torch.Tensor | None = None,
-    rule: str | RuleSpec = "pareto_lora",
-    tau: float | None = None,
+    rule: RuleSpec = DEFAULT_RULE,
     active: torch.Tensor | None = None,
-    gamma: float | None = None,
-    symmetric: bool | None = None,
     segment_group: torch.Tensor | None = None,
     group=None,
     backend: str = "auto",
-    margin: float | None = None,
 ) -> IntegrationResult:
     """:func:`pareto_lora.integrate` on one rank's shards of two flat gradient buffers.
 
@@ -49,7 +46,7 @@ def sharded_integrate(
     integrated gradient. The rule takes every option of :func:`pareto_lora.integrate` (``rule``
     a name with ``tau``, ``gamma``, ``symmetric``, ``margin``, or one RuleSpec).
     """
-    spec = as_spec(rule, tau, gamma, symmetric, margin)
+    spec = rule  # one RuleSpec (rules.rule_keywords made it from the loose keywords)
     if not isinstance(a_shard, torch.Tensor) or not isinstance(b_shard, torch.Tensor):
         raise ValueError("a_shard, b_shard: expected tensors (this rank's shards of the two gradients)")
     if not dist.is_available() or not dist.is_initialized():

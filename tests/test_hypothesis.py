@@ -2,7 +2,7 @@
 empty and 1-element segments, magnitudes from 1e-30 to 1e19, near-parallel and near-anti-parallel
 pairs, every rule, float32/bfloat16/float16, on every backend present. Each example checks the
 statistics against float64, the rule against the reference on the same statistics, and the
-norm bound each rule promises (README, "Rules"): no rule may amplify rounding noise."""
+norm bound each rule promises (docs/rules.md): no rule may amplify rounding noise."""
 
 import math
 

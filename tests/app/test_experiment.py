@@ -16,7 +16,7 @@ TINY = dict(steps=4, pretrain_steps=4, eval_every=2, eval_batches=1, batch_size=
 
 
 def test_options_at_their_defaults_keep_the_run_file_keys_of_earlier_studies():
-    # the full AdamW study of README (/work/study-out/full/runs/61362f890cfb-*.json) must still resume
+    # the full AdamW study of docs/study.md (/work/study-out/full/runs/61362f890cfb-*.json) must still resume
     assert config_key(DemoConfig(**FULL)) == "61362f890cfb"
     full = DemoConfig(**FULL)
     assert config_key(dataclasses.replace(full, optimizer="sgd")) != "61362f890cfb"

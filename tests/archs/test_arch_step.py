@@ -72,7 +72,7 @@ def test_llava_projector_group_is_the_spec_projector(lora_model):
 
 @pytest.mark.parametrize("name", ARCHS)
 def test_three_lines_match_reference_per_group(lora_model, name):
-    # README "Supported models": ParetoLoRA(arch="auto") + modality_losses_for + backward.
+    # README / docs/models.md "Supported models": ParetoLoRA(arch="auto") + modality_losses_for + backward.
     model = lora_model(name, exclude_frozen=True)
     spec = archs.detect_arch(model)
     batch = am.BATCHES[name](seed=7)

@@ -4,7 +4,6 @@ tokens.py (split, VQ codebook), data.py (generation / understanding sequences), 
 (held-out losses, understanding and generation accuracy), experiment.py (base, LoRA runs),
 report.py (intervals, distances to the reweighting curve, verdict), study.py (the protocol and the
 presets), output.py (processes, files, printout), plots.py. docs/study_digits.md has the protocol.
-May import: :mod:`pareto_lora.app.demo` modules, :mod:`pareto_lora.app.env` and its own modules.
 """
 
 from .experiment import DigitsConfig

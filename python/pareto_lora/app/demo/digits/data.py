@@ -13,7 +13,6 @@ no exact entropy floor exists here. A :class:`DigitsWorld` is drawn from a seed 
 and names the digits it shows: the pre-training world and the fine-tuning world share the
 vocabulary but not their templates (and the pre-training world holds some digits out).
 Batches are half generation, half understanding; sampling is seeded (``torch.Generator``).
-May import: :mod:`pareto_lora.app.demo.data` (its Batch).
 """
 
 from __future__ import annotations

@@ -5,7 +5,6 @@ that scores generated digits, builds the two worlds and pre-trains (or loads) th
 is one LoRA run through :class:`pareto_lora.ParetoLoRA` exactly as in the shapes world
 (methods.build_method: the same rules, balancers, options and loss-weight curve); every method of a
 seed gets the same LoRA init, the same batches and the same sampling draws at evaluation.
-May import: the public package, :mod:`pareto_lora.app.demo` siblings, and this subpackage's modules.
 """
 
 from __future__ import annotations

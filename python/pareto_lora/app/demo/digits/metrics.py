@@ -11,7 +11,6 @@
   scikit-learn classifier trained on the *real* training digits names them. The score is the
   share named as the asked digit. The classifier's own accuracy on real (and on VQ-reconstructed)
   held-out digits is the ceiling it can certify.
-May import: the public package (:mod:`pareto_lora`), :mod:`pareto_lora.app.demo.model`, :mod:`.data`.
 """
 
 from __future__ import annotations
@@ -21,9 +20,7 @@ import inspect
 import numpy as np
 import torch
 
-import pareto_lora
-
-from ..model import logits_of
+from ..evaluation import held_out
 from .data import DigitsWorld, answer_positions, caption_prompts
 
 __all__ = ["train_classifier", "classifier_accuracy", "evaluate_losses", "understanding_hits",
@@ -52,25 +49,10 @@ def understanding_hits(batch, logits: torch.Tensor, vocab) -> tuple[int, int]:
     return int((pred == batch.input_ids[rows, pos]).sum()), int(len(rows))
 
 
-@torch.no_grad()
 def evaluate_losses(model, batches, device, vocab) -> dict[str, float]:
     """Held-out text and image loss (nats/token, token-weighted) and understanding accuracy."""
-    was_training = model.training
-    model.eval()
-    sums, counts, right, total = [0.0, 0.0], [0, 0], 0, 0
-    for batch in batches:
-        batch = batch.to(device)
-        logits = logits_of(model, batch.model_inputs())
-        losses = pareto_lora.modality_losses(logits, batch.labels, image_token_mask=batch.image_token_mask)
-        n = pareto_lora.modality_token_counts(batch.labels, image_token_mask=batch.image_token_mask)
-        for i in range(2):
-            sums[i] += float(losses[i]) * int(n[i])
-            counts[i] += int(n[i])
-        r, t = understanding_hits(batch, logits, vocab)
-        right, total = right + r, total + t
-    model.train(was_training)
-    return {"text": sums[0] / max(counts[0], 1), "image": sums[1] / max(counts[1], 1),
-            "und_acc": right / max(total, 1)}
+    text, image, right, total = held_out(model, batches, device, lambda b, logits: understanding_hits(b, logits, vocab))
+    return {"text": text, "image": image, "und_acc": right / max(total, 1)}
 
 
 def _cache_keyword(model) -> str:

@@ -5,7 +5,6 @@ tuning, every summary and interval, the verdicts, the ratio quantiles, the runs 
 per-step records, which stay in ``<setting>/runs/*.json``), ``samples.png`` (greedy digits per
 method, seed 0; real and VQ-reconstructed digits on top), ``tradeoff.png`` per setting and
 ``ratios.png``; prints the tables, the verdicts, the time and the machine.
-May import: :mod:`pareto_lora.app.demo` modules, :mod:`pareto_lora.app.env` and this subpackage's modules.
 """
 
 from __future__ import annotations

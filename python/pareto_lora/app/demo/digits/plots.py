@@ -1,5 +1,4 @@
 """The digits study's figures: generated digits per method, the trade-off planes, the gradient ratios.
-May import: :mod:`pareto_lora.app.demo` (methods, stats), :mod:`.experiment` and :mod:`.report`.
 """
 
 from __future__ import annotations

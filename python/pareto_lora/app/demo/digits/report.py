@@ -10,7 +10,6 @@ interval only. Three distances to the reweighting curve (frontier.py, per seed, 
 * ``text_at_gen``: text loss minus the curve's at the method's generation accuracy (< 0 = better):
   the distance at equal generation accuracy (the curve's points are ordered by generation
   accuracy, which along w need not be monotone: the interpolation joins them in that order).
-May import: :mod:`pareto_lora.training.diagnostics`, :mod:`pareto_lora.app.demo` (frontier, methods, stats).
 """
 
 from __future__ import annotations

@@ -6,7 +6,6 @@ validation text loss + image loss, the lowest wins), then every method on every 
 on the held-out split. ``--full`` runs two settings in two processes (both cores): ``digits`` and
 ``digits-strong`` (the image objective at 1/32 of its scale: text-dominant gradients by orders of
 magnitude, as in the paper), and the shapes world's vanilla runs for the gradient-ratio comparison.
-May import: :mod:`pareto_lora.app.demo` modules, :mod:`pareto_lora.app.env` and this subpackage's modules.
 """
 
 from __future__ import annotations

@@ -7,7 +7,6 @@ over the non-overlapping ``patch x patch`` pixel patches of the *training* image
 image becomes a ``(8/patch)^2`` grid of discrete codes (encode = nearest centre) and decodes back
 to pixels (each code -> its centre patch). :func:`codebook_table` measures the reconstruction
 error of several codebook sizes on the validation split (how the size is chosen, docs/study_digits.md).
-May import: nothing from the package (a self-contained tokenizer).
 """
 
 from __future__ import annotations

@@ -246,6 +246,12 @@ def test_quick_demo_numbers(quick_demo):
     for v in doc["verdict"]:
         assert v in res.stdout
     first = {r["rule"]: r for r in doc["runs"]}
+    # issue 25: the power check is the first result line (the quick demo runs w3, not w2: not checked)
+    out_lines = res.stdout.splitlines()
+    at = out_lines.index(doc["power"]["line"])
+    assert doc["power"]["line"].startswith("Power: not checked") and doc["power"]["detects"] is None
+    assert out_lines[at - 1] == "" and out_lines[at + 1].startswith("Final held-out")
+    assert not any(v in line for v in doc["verdict"] for line in out_lines[:at])
     assert "mimo/sigma_text" in first["mimo"]["records"][0]["balancer"]
     assert "gradnorm/w_image" in first["gradnorm"]["records"][0]["balancer"]
     assert first["commit"]["records"][0]["balancer"]["commit/kappa"] > 0

@@ -12,7 +12,7 @@ import os
 import platform
 import time
 
-__all__ = ["environment", "write_study", "save_json", "load_json"]
+__all__ = ["environment", "result_lines", "write_study", "save_json", "load_json"]
 
 # Every JSON file the demo writes is strict JSON (jq, JavaScript and most readers reject NaN and
 # Infinity): a non-finite number is written as null. In a per-run file null in a number's place
@@ -60,29 +60,38 @@ def environment(cfg) -> dict:
             "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), **package_versions()}
 
 
+def result_lines(check: dict, summary: dict, comparison: dict, lines: list[str]) -> list[str]:
+    """The printed results: the power check first (verdict.power: can this run see w=2 against w=1
+    at all? issue 25), then the table, then the verdict `lines`."""
+    from . import report
+
+    return [check["line"],
+            "Final held-out excess loss (nats/token over the exact floor, mean over seeds) and image cell accuracy;",
+            "paired differences with 95% t-intervals (< 0 is better):",
+            report.format_table(summary, comparison), "", *lines]
+
+
 def write_study(result: dict, out_dir: str, t0: float, echo=print, extra: dict | None = None,
                 notes: list[str] | tuple = ()) -> dict:
     """Summary, paired comparisons, verdict, figures and results.json of `result` (run_experiment's
     layout) into `out_dir`; prints the table and the verdict (after `notes`). `extra` is merged into
     the JSON document (the SGD study's tuning table)."""
     from . import plots, plots_tradeoff, report
-    from .verdict import verdict
+    from .verdict import power, verdict
 
     summary = report.summarize(result["runs"])
     comparison = report.compare(summary)
     lines = [*notes, *verdict(result, summary, comparison)]
+    check = power(comparison)
     files = {**plots.write_all(result["runs"], out_dir), **plots_tradeoff.write_all(summary, comparison, out_dir)}
     files["results"] = os.path.join(out_dir, "results.json")
     result["timings"]["total_s"] = time.perf_counter() - t0
     doc = report.results_document(result, summary, comparison, lines, environment(result["config"]), files)
+    doc["power"] = report._finite(check)
     doc.update(report._finite(extra or {}))
     report.write_json(doc, files["results"])
     echo("")
-    echo("Final held-out excess loss (nats/token over the exact floor, mean over seeds) and image cell accuracy;")
-    echo("paired differences with 95% t-intervals (< 0 is better):")
-    echo(report.format_table(summary, comparison))
-    echo("")
-    for line in lines:
+    for line in result_lines(check, summary, comparison, lines):
         echo(line)
     echo("")
     echo(f"Wrote {len(files)} files to {out_dir}: " + ", ".join(os.path.basename(p) for p in files.values()))

@@ -12,7 +12,10 @@ from .methods import frontier_weight
 from .report import BASELINE, BRACKETS
 from .stats import paired_interval, word
 
-__all__ = ["verdict", "brackets_apart"]
+__all__ = ["verdict", "brackets_apart", "power", "POWER_RULE"]
+
+#: the difference the default demo must be able to see: loss weight 2 against vanilla (w = 1, issue 25)
+POWER_RULE = "w2"
 
 
 def brackets_apart(summary: dict):
@@ -27,6 +30,24 @@ def brackets_apart(summary: dict):
     d_img = paired_interval([i["image_excess"][k] - t["image_excess"][k] for k in seeds])
     d_txt = paired_interval([t["text_excess"][k] - i["text_excess"][k] for k in seeds])
     return word(d_img) == "better" and word(d_txt) == "better", d_img, d_txt
+
+
+def power(comparison: dict) -> dict:
+    """Whether this run can tell w=2 from w=1 (vanilla), from its own paired image-excess interval.
+
+    Returns {"line", "detects", "interval"}: the line is printed first among the results, since a
+    run that cannot see this difference says little with its "no detectable difference" verdicts.
+    detects and interval are None when 'sum' or 'w2' was not run."""
+    d = comparison.get(POWER_RULE, {}).get("vs_sum_image_excess") if BASELINE in comparison else None
+    if d is None:
+        return {"line": f"Power: not checked; the power check needs both '{BASELINE}' (w=1) and '{POWER_RULE}' among the "
+                        "methods.", "detects": None, "interval": None}
+    detects = d["n"] > 1 and (d["low"] > 0 or d["high"] < 0)
+    head = f"Power: w=2 minus w=1 (vanilla), paired image excess {_fmt(d)} over {d['n']} seed{'s' * (d['n'] > 1)}: "
+    tail = ("this run can tell w=2 from w=1 (the interval excludes 0)." if detects else
+            "this run cannot tell w=2 from w=1 apart (the interval covers 0), so its verdicts of 'no detectable "
+            "difference' say little; run --full (5 seeds) for the study.")
+    return {"line": head + tail, "detects": detects, "interval": d}
 
 
 def _fmt(d: dict) -> str:

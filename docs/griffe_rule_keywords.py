@@ -1,4 +1,5 @@
-"""griffe extension: the API reference shows a ``@rule_keywords`` function's public signature.
+"""griffe extension: the API reference shows a ``@rule_keywords`` function's public signature
+(also ``@rule_keywords(collect=...)``: ParetoLoRA.__init__, merged into the class's heading).
 
 mkdocstrings reads the source, where such a function is written with one ``rule: RuleSpec``
 (pareto_lora.rules.rule_keywords adds the loose keywords, one per RuleSpec field, at import). This
@@ -22,7 +23,8 @@ _KINDS = {
 
 class RuleKeywords(griffe.Extension):
     def on_function_instance(self, *, node, func, agent, **kwargs) -> None:
-        if not any(str(d.value).endswith("rule_keywords") for d in func.decorators):
+        # @rule_keywords, or @rule_keywords(collect=...) (ParetoLoRA.__init__, merged into its class)
+        if not any(str(d.value).split("(")[0].endswith("rule_keywords") for d in func.decorators):
             return
         obj = importlib.import_module(func.module.path)
         for part in func.path[len(func.module.path) + 1:].split("."):

@@ -153,40 +153,56 @@ def as_spec(rule: str | RuleSpec = "pareto_lora", *values, **loose) -> RuleSpec:
 _FOLLOWS = {"tau": "rule", "gamma": "active", "symmetric": "gamma", "margin": "backend"}
 
 
-def rule_keywords(fn):
+def rule_keywords(fn=None, *, collect: str | None = None):
     """Decorator of a public function: ``fn`` is written with a ``rule`` parameter that receives one
     :class:`RuleSpec`; the decorated function takes ``rule`` as a name or a RuleSpec plus one loose
     keyword per RuleSpec field (:data:`LOOSE`, default ``None``), builds the spec once
     (:func:`as_spec`) and calls ``fn``. Its signature is a real one (``inspect.signature``, ``help``).
 
+    ``@rule_keywords(collect="rule_params")``: where ``rule`` may be more than a kernel rule
+    (ParetoLoRA: a balancer), ``fn`` is written with a keyword-only parameter of that name instead
+    of the loose keywords; it receives them as a dict (field -> value or None), ``rule`` is passed
+    as given, and ``fn`` makes the spec. The loose keywords then stand where that parameter stood.
+
     The wrapper is generated as source, as :mod:`dataclasses` does for ``__init__``: Python binds the
     arguments itself (the same TypeErrors as a hand-written ``def``, no per-call ``inspect`` cost,
     and ``torch.compile`` traces an ordinary function).
     """
+    if fn is None:
+        return functools.partial(rule_keywords, collect=collect)
     inner = inspect.signature(fn)
     if "rule" not in inner.parameters:
         raise TypeError(f"rule_keywords: {fn.__qualname__} has no 'rule' parameter")
-    params = [p.replace(default="pareto_lora", annotation="str | RuleSpec") if p.name == "rule" else p
-              for p in inner.parameters.values()]
+    if collect is not None and getattr(inner.parameters.get(collect), "kind", None) != inspect.Parameter.KEYWORD_ONLY:
+        raise TypeError(f"rule_keywords: {fn.__qualname__} has no keyword-only parameter {collect!r}")
+    params = [p.replace(default="pareto_lora", annotation="str | RuleSpec") if p.name == "rule" and collect is None
+              else p for p in inner.parameters.values()]
     names = [p.name for p in params]
     if set(LOOSE) & set(names):
         raise TypeError(f"rule_keywords: {fn.__qualname__} already takes a loose rule keyword")
+    # Where a keyword without its anchor goes: the collecting parameter's place, else the end.
+    if collect is not None:
+        spot = names.index(collect)
+        del params[spot], names[spot]
+    else:
+        spot = len(params) - (1 if params and params[-1].kind == inspect.Parameter.VAR_KEYWORD else 0)
     types = {f.name: f.type if isinstance(f.type, str) else f.type.__name__ for f in dataclasses.fields(RuleSpec)}
     for name in LOOSE:
         anchor = _FOLLOWS.get(name)
-        if anchor in names:
+        # With collect, only a positional anchor counts (positional calls); the rest stay together.
+        if anchor in names and (collect is None or params[names.index(anchor)].kind != inspect.Parameter.KEYWORD_ONLY):
             at, kind = names.index(anchor) + 1, params[names.index(anchor)].kind
         else:
-            at, kind = len(params), inspect.Parameter.KEYWORD_ONLY
-            if params and params[-1].kind == inspect.Parameter.VAR_KEYWORD:
-                at -= 1
+            at, kind = spot, inspect.Parameter.KEYWORD_ONLY
         params.insert(at, inspect.Parameter(name, kind, default=None, annotation=f"{types[name]} | None"))
         names.insert(at, name)
+        if at <= spot:
+            spot += 1
     public = inner.replace(parameters=params)
-    return _generate(fn, public)
+    return _generate(fn, public, collect)
 
 
-def _generate(fn, public: inspect.Signature):
+def _generate(fn, public: inspect.Signature, collect: str | None = None):
     # def <name>(<public parameters, defaults by reference>): return _fn(<inner arguments>)
     env, head, call, star = {"_fn": fn, "_as_spec": as_spec}, [], [], False
     for p in public.parameters.values():
@@ -209,11 +225,16 @@ def _generate(fn, public: inspect.Signature):
         else:
             head.append(p.name + default)
             if p.name not in LOOSE:
-                value = "_as_spec(rule, " + ", ".join(f"{n}={n}" for n in LOOSE) + ")" if p.name == "rule" else p.name
+                spec = p.name == "rule" and collect is None
+                value = "_as_spec(rule, " + ", ".join(f"{n}={n}" for n in LOOSE) + ")" if spec else p.name
                 call.append(f"{p.name}={value}")
+    if collect is not None:
+        call.append(f"{collect}={{" + ", ".join(f"{n!r}: {n}" for n in LOOSE) + "}")
     src = f"def {fn.__name__}({', '.join(head)}):\n    return _fn({', '.join(call)})\n"
     exec(src, env)  # noqa: S102  (generated from the signature above, as dataclasses does)
     wrapper = functools.update_wrapper(env[fn.__name__], fn)
+    if hasattr(wrapper.__code__, "co_qualname"):  # Python >= 3.11: TypeErrors name "Class.method()"
+        wrapper.__code__ = wrapper.__code__.replace(co_qualname=fn.__qualname__)
     del wrapper.__wrapped__  # help() and inspect show the public signature, not fn's
     wrapper.__signature__ = public
     return wrapper

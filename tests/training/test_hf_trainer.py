@@ -97,6 +97,17 @@ def test_errors(tmp_path):
         trainer.train()
 
 
+def test_every_rule_keyword_reaches_pareto_lora(tmp_path):
+    # tau directly, the other RuleSpec fields (margin too) through pareto_kwargs; kept when rebuilt at train().
+    model = models.lora_llama(num_layers=2)
+    trainer = pareto_lora.ParetoLoRATrainer(model=model, args=make_args(tmp_path, max_steps=1), train_dataset=TokenDataset(),
+                                            num_groups=2, tau=0.3, pareto_kwargs=dict(gamma=1.5, symmetric=True, margin=0.2))
+    spec = pareto_lora.RuleSpec("pareto_lora", tau=0.3, gamma=1.5, symmetric=True, margin=0.2)
+    assert trainer.pareto.spec == spec
+    trainer.train()
+    assert trainer.pareto.spec == spec and trainer.pareto.margin == 0.2
+
+
 def test_image_token_range_instead_of_a_mask(tmp_path):
     model = models.lora_llama(num_layers=2)
     trainer = pareto_lora.ParetoLoRATrainer(model=model, args=make_args(tmp_path, max_steps=1),

@@ -57,7 +57,7 @@ class ParetoLoRATrainer(Trainer):
             batch needs ``labels`` and ``image_token_mask`` (or ``image_token_range``).
             ``rule`` may also be a balancer: "mimo", "gradnorm" or an object from
             :mod:`pareto_lora.training.balancers`.
-        pareto_kwargs: further ParetoLoRA keyword arguments (gamma, symmetric, layers_path, ...).
+        pareto_kwargs: further ParetoLoRA keyword arguments (gamma, symmetric, margin, layers_path, ...).
         image_token_key: batch key of the bool image-token mask aligned with ``labels``
             (default "image_token_mask"); it is removed before the model's forward.
         image_token_range: ``(first_id, end_id)`` of discrete image tokens, instead of a mask.

@@ -62,7 +62,7 @@ from .. import args
 from ..backends import resolve_backend
 from ..distributed import SyncFailure, make_sync
 from ..flat import FlatGrads, build_layout
-from ..rules import RuleSpec
+from ..rules import LOOSE, RuleSpec, rule_keywords
 from .balancers import Balancer, resolve_rule
 from .balancers.base import balancer_state, check_balancer_state, load_balancer_state
 from .checkpoint import check_state
@@ -106,7 +106,7 @@ class ParetoLoRA:
         model: a PEFT model (``peft.get_peft_model``) or any module with PEFT LoRA layers, or
             such a model wrapped by ``DistributedDataParallel`` or FSDP2 ``fully_shard``.
         rule: integration rule (``pareto_lora.RULES``) for the modulated groups, or a
-            :class:`pareto_lora.RuleSpec` (then leave tau, gamma, symmetric unset). Default:
+            :class:`pareto_lora.RuleSpec` (then leave tau, gamma, symmetric, margin unset). Default:
             "pareto_lora", or "sum" with a balancer (the only kernel rule a balancer takes: its
             weights replace the rule). ``rule="mimo"`` / ``rule=MIMO(...)`` is shorthand for
             ``balancer=`` (kept for compatibility).
@@ -120,7 +120,8 @@ class ParetoLoRA:
             "generation"), a group index (those groups follow the ``num_groups`` layer groups:
             the projector group is index ``num_groups``) or a list of them. Other groups, and
             non-LoRA trainable parameters, get g_text + g_image.
-        gamma, symmetric: rule parameters (see ``pareto_lora.integrate``; default 1.0, False).
+        gamma, symmetric, margin: rule parameters, one keyword per :class:`pareto_lora.RuleSpec`
+            field (see ``pareto_lora.integrate``; default 1.0, False, 0.0); unset with a balancer.
         layers_path: name of the decoder-layer ModuleList when auto-detection cannot tell.
         arch: None (default: the stack is searched for; LoRA outside it is one "projector"
             group), "auto" (``pareto_lora.archs.detect_arch(model)``) or a
@@ -137,16 +138,15 @@ class ParetoLoRA:
         backend: backend of the integration ops (``pareto_lora.available_backends()``).
     """
 
+    @rule_keywords(collect="rule_params")  # tau after rule, the other RuleSpec fields after the star
     def __init__(
         self,
         model: nn.Module,
         rule: str | RuleSpec | Balancer | None = None,
-        tau: float | None = None,
         num_groups: int | str | None = None,
         modulate="lower",
         *,
-        gamma: float | None = None,
-        symmetric: bool | None = None,
+        rule_params: dict,
         balancer: str | Balancer | None = None,
         layers_path: str | None = None,
         arch=None,
@@ -157,7 +157,7 @@ class ParetoLoRA:
     ):
         # The rule's parameters become one validated RuleSpec here, once; each step reuses it.
         # A balancer (MIMO, GradNorm) wraps the sync; the kernel rule underneath is then "sum".
-        self.balancer, self.spec = resolve_rule(rule, tau, gamma, symmetric, balancer)
+        self.balancer, self.spec = resolve_rule(rule, balancer, **rule_params)
         args.choice("on_nonfinite", on_nonfinite, NONFINITE_MODES)
         self.options = RuleOptions(stats_ema, preserve_norm)
         if self.options.enabled and self.balancer is not None:
@@ -202,18 +202,6 @@ class ParetoLoRA:
     @property
     def rule(self) -> str:
         return self.balancer.name if self.balancer is not None else self.spec.name
-
-    @property
-    def tau(self) -> float:
-        return self.spec.tau
-
-    @property
-    def gamma(self) -> float:
-        return self.spec.gamma
-
-    @property
-    def symmetric(self) -> bool:
-        return self.spec.symmetric
 
     @property
     def python_rule(self):
@@ -391,3 +379,9 @@ class ParetoLoRA:
 
     def describe(self) -> str:
         return self.layout.describe()
+
+
+# The rule's parameters, read from the one RuleSpec (pl.tau, pl.margin, ...): one per field.
+for _name in LOOSE:
+    setattr(ParetoLoRA, _name, property(lambda self, _n=_name: getattr(self.spec, _n), doc=f"``spec.{_name}``"))
+del _name

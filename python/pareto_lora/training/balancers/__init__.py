@@ -15,7 +15,7 @@ state across steps), so they are objects here, not entries of the kernel rule ta
 
 from __future__ import annotations
 
-from ...rules import RULES, RuleSpec, as_spec
+from ...rules import LOOSE, RULES, RuleSpec, as_spec
 from .base import Balancer, BalancedSync, weighted_coefficients
 from .gradnorm import GradNorm, gradnorm_update
 from .mimo import MIMO, mimo_weights, stable_softmax
@@ -51,28 +51,32 @@ def make(name: str, **params) -> Balancer:
     return BALANCERS[name](**params)
 
 
-def resolve_rule(rule=None, tau=None, gamma=None, symmetric=None, balancer=None) -> tuple[Balancer | None, RuleSpec]:
+def resolve_rule(rule=None, balancer=None, **rule_params) -> tuple[Balancer | None, RuleSpec]:
     """ParetoLoRA's ``rule`` and ``balancer`` arguments -> (balancer or None, the kernel RuleSpec), once.
 
     ``balancer``: None, a name of :data:`BALANCERS` or a :class:`Balancer`. ``rule="mimo"`` or
-    ``rule=MIMO(...)`` is shorthand for ``balancer=`` with the ``sum`` kernel rule. A balancer's
-    weights replace the kernel rule (its cases: SUMMED / INACTIVE / NONFINITE), so the kernel rule
-    must then be ``sum`` (None picks it) and tau, gamma and symmetric must stay unset: a kernel rule
-    applied to the balancer's weighted gradients would be a third method that nobody has studied.
+    ``rule=MIMO(...)`` is shorthand for ``balancer=`` with the ``sum`` kernel rule. ``rule_params``:
+    the loose rule keywords (:data:`pareto_lora.rules.LOOSE`, RuleSpec's fields; None is unset).
+    A balancer's weights replace the kernel rule (its cases: SUMMED / INACTIVE / NONFINITE), so the
+    kernel rule must then be ``sum`` (None picks it) and every rule keyword must stay unset: a kernel
+    rule applied to the balancer's weighted gradients would be a third method that nobody has studied.
     """
+    unknown = sorted(set(rule_params) - set(LOOSE))
+    if unknown:
+        raise TypeError(f"resolve_rule() got an unexpected keyword argument {unknown[0]!r}")
     if isinstance(rule, Balancer) or (isinstance(rule, str) and rule in BALANCERS):
         if balancer is not None:
             raise ValueError(f"balancer: expected None when rule is a balancer ({_name(rule)!r}), got {balancer!r}")
         rule, balancer = None, rule
     if balancer is None:
-        return None, as_spec("pareto_lora" if rule is None else rule, tau, gamma, symmetric)
+        return None, as_spec("pareto_lora" if rule is None else rule, **rule_params)
     if isinstance(balancer, str) and balancer in BALANCERS:
         balancer = make(balancer)
     elif not isinstance(balancer, Balancer):
         raise ValueError(f"balancer: expected None, one of {', '.join(BALANCERS)} or a Balancer object "
                          f"(e.g. MIMO(lam=20)), got {balancer!r}")
-    for name, value in (("tau", tau), ("gamma", gamma), ("symmetric", symmetric)):
-        if value is not None:
+    for name in LOOSE:
+        if rule_params.get(name) is not None:
             raise ValueError(f"{name}: expected None with the {balancer.name!r} balancer (a kernel-rule parameter)")
     spec = as_spec("sum" if rule is None else rule)
     if spec.name != "sum":

@@ -114,25 +114,32 @@ def check_out(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None = None)
     _check_overlap(out, a, b)
 
 
-def check_offsets(offsets: torch.Tensor, numel: int, device: torch.device) -> int:
-    """Validate segment offsets (on the CPU or `device`); returns the number of segments G."""
-    _tensor("offsets", offsets)
-    if offsets.dtype != torch.int64:
-        _fail("offsets", f"expected dtype int64, got {dtype_name(offsets.dtype)}")
-    if offsets.dim() != 1 or offsets.numel() < 1:
-        _fail("offsets", f"expected a 1-D tensor of length G+1 >= 1, got shape {tuple(offsets.shape)}")
-    _on("offsets", offsets, device, host_ok=True)
-    vals = offsets.cpu()
+def _boundaries(name: str, t: torch.Tensor, end: int, end_name: str, device: torch.device) -> torch.Tensor:
+    """Validate a boundary tensor (offsets into elements, groups into segments): int64 [N+1] on the
+    CPU or `device`, t[0] == 0, t[-1] == `end`, non-decreasing. Returns its values on the CPU."""
+    _tensor(name, t)
+    if t.dtype != torch.int64:
+        _fail(name, f"expected dtype int64, got {dtype_name(t.dtype)}")
+    if t.dim() != 1 or t.numel() < 1:
+        _fail(name, f"expected a 1-D tensor of length G+1 >= 1, got shape {tuple(t.shape)}")
+    _on(name, t, device, host_ok=True)
+    vals = t.cpu()
     if int(vals[0]) != 0:
-        _fail("offsets", f"expected offsets[0] == 0, got {int(vals[0])}")
-    if int(vals[-1]) != numel:
-        _fail("offsets", f"expected offsets[-1] == numel == {numel}, got {int(vals[-1])}")
+        _fail(name, f"expected {name}[0] == 0, got {int(vals[0])}")
+    if int(vals[-1]) != end:
+        _fail(name, f"expected {name}[-1] == {end_name} == {end}, got {int(vals[-1])}")
     if vals.numel() > 1:
         # Compared, not subtracted: differences of arbitrary int64 values can overflow.
         down = vals[1:] < vals[:-1]
         if bool(down.any()):
             i = int(torch.nonzero(down)[0])
-            _fail("offsets", f"expected non-decreasing values, but offsets[{i + 1}] < offsets[{i}]")
+            _fail(name, f"expected non-decreasing values, but {name}[{i + 1}] < {name}[{i}]")
+    return vals
+
+
+def check_offsets(offsets: torch.Tensor, numel: int, device: torch.device) -> int:
+    """Validate segment offsets (on the CPU or `device`); returns the number of segments G."""
+    _boundaries("offsets", offsets, numel, "numel", device)
     return offsets.numel() - 1
 
 
@@ -209,23 +216,7 @@ def check_groups(groups: torch.Tensor, num_segments: int, device: torch.device) 
     Returns the values on the CPU (the backends cut their work by group on the host)."""
     if not isinstance(groups, torch.Tensor):
         _fail("groups", f"expected an int64 Tensor, a sequence of ints or None, got {type(groups).__name__}")
-    _tensor("groups", groups)
-    if groups.dtype != torch.int64:
-        _fail("groups", f"expected dtype int64, got {dtype_name(groups.dtype)}")
-    if groups.dim() != 1 or groups.numel() < 1:
-        _fail("groups", f"expected a 1-D tensor of length G+1 >= 1, got shape {tuple(groups.shape)}")
-    _on("groups", groups, device, host_ok=True)
-    vals = groups.cpu()
-    if int(vals[0]) != 0:
-        _fail("groups", f"expected groups[0] == 0, got {int(vals[0])}")
-    if int(vals[-1]) != num_segments:
-        _fail("groups", f"expected groups[-1] == number of segments == {num_segments}, got {int(vals[-1])}")
-    if vals.numel() > 1:
-        down = vals[1:] < vals[:-1]
-        if bool(down.any()):
-            i = int(torch.nonzero(down)[0])
-            _fail("groups", f"expected non-decreasing values, but groups[{i + 1}] < groups[{i}]")
-    return vals
+    return _boundaries("groups", groups, num_segments, "number of segments", device)
 
 
 def check_poison(poison, device: torch.device) -> None:

@@ -22,7 +22,7 @@ from collections.abc import Iterable
 
 from ..rules import Case
 
-__all__ = ["Recorder", "load", "case_counts", "plot_ratio_heatmap", "plot_group_ratios", "plot_case_counts",
+__all__ = ["Recorder", "load", "case_counts", "case_fractions", "plot_ratio_heatmap", "plot_group_ratios", "plot_case_counts",
            "balancer_series", "plot_balancer", "plot_all"]
 
 
@@ -159,6 +159,12 @@ def case_counts(records: Iterable[dict]) -> dict[str, dict[str, int]]:
             c = counts.setdefault(name, {k.name: 0 for k in Case})
             c[Case(int(row["case"])).name] += 1
     return counts
+
+
+def case_fractions(records: Iterable[dict]) -> dict[str, dict[str, float]]:
+    """group -> case name -> share of the recorded steps with that case (cases never seen left out)."""
+    return {g: {c: n / max(sum(row.values()), 1) for c, n in row.items() if n}
+            for g, row in case_counts(records).items()}
 
 
 def plot_case_counts(records: str | os.PathLike | Iterable[dict], path: str | os.PathLike) -> str:

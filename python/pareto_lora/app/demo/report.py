@@ -12,7 +12,7 @@ import json
 import math
 import statistics
 
-from ...training.diagnostics import case_counts
+from ...training.diagnostics import case_fractions
 from .frontier import distance_to_curve
 from .methods import frontier_weight
 from .stats import paired_interval, word
@@ -39,8 +39,7 @@ def summarize(runs) -> dict[str, dict]:
     out = {}
     for rule, rs in by_rule.items():
         rs = sorted(rs, key=lambda r: r.seed)
-        counts = case_counts(rec for r in rs for rec in r.records)
-        fractions = {g: {c: n / max(sum(row.values()), 1) for c, n in row.items() if n} for g, row in counts.items()}
+        fractions = case_fractions(rec for r in rs for rec in r.records)
         per_seed = {m: {r.seed: r.final[m] for r in rs} for m in METRICS}
         out[rule] = {
             "seeds": [r.seed for r in rs],

@@ -18,7 +18,7 @@ import dataclasses
 import math
 import statistics
 
-from ....training.diagnostics import case_counts
+from ....training.diagnostics import case_fractions
 from ..frontier import distance_to_curve
 from ..methods import frontier_weight
 from ..stats import paired_interval, word
@@ -49,14 +49,12 @@ def summarize(runs) -> dict[str, dict]:
     out = {}
     for rule, rs in by_rule.items():
         rs = sorted(rs, key=lambda r: r.seed)
-        counts = case_counts(rec for r in rs for rec in r.records)
         ratios = [v for r in rs for v in ratio_values(r.records)]
         out[rule] = {
             "seeds": [r.seed for r in rs],
             "per_seed": {m: {r.seed: r.final[m] for r in rs} for m in METRICS},
             "mean": {m: statistics.fmean(r.final[m] for r in rs) for m in METRICS},
-            "case_fractions": {g: {c: n / max(sum(row.values()), 1) for c, n in row.items() if n}
-                               for g, row in counts.items()},
+            "case_fractions": case_fractions(rec for r in rs for rec in r.records),
             "ratio_median": statistics.median(ratios) if ratios else math.nan,
             "diverged": [r.seed for r in rs if r.diverged],
             "seconds": sum(r.seconds for r in rs),

@@ -53,6 +53,12 @@ RULE_DOCS: dict[str, str] = {
     "rescale_only": "r > tau -> rescale weaker to stronger, sum; else sum",
     "mgda": "always the min-norm convex combination lambda*a + (1-lambda)*b",
     "mmpareto": "h = a + b (cos >= 0) or 2*lambda*a + 2*(1-lambda)*b; out = gamma*||a+b|| h/||h||",
+    "mean": "(a + b)/2 (torchjd Mean)",
+    "constant": "w_a*a + w_b*b with weights=(w_a, w_b) (torchjd Constant)",
+    "upgrad": "mean of a and b each projected onto the dual cone of {a, b} (torchjd UPGrad, reg_eps)",
+    "pcgrad": "a.b < 0 -> each of a, b minus its projection on the other, summed; else a + b (torchjd PCGrad)",
+    "dualproj": "(a + b)/2 projected onto the dual cone of {a, b} (torchjd DualProj, reg_eps)",
+    "imtl_g": "(||b|| a + ||a|| b)/(||a|| + ||b||): equal projections on a/||a||, b/||b|| (torchjd IMTLG)",
 }
 RULES: tuple[str, ...] = tuple(RULE_DOCS)
 RULE_IDS: dict[str, int] = {name: i for i, name in enumerate(RULES)}

@@ -32,6 +32,12 @@ RULE_PARETO_ONLY: tl.constexpr = tl.constexpr(RULE_IDS["pareto_only"])
 RULE_RESCALE_ONLY: tl.constexpr = tl.constexpr(RULE_IDS["rescale_only"])
 RULE_MGDA: tl.constexpr = tl.constexpr(RULE_IDS["mgda"])
 RULE_MMPARETO: tl.constexpr = tl.constexpr(RULE_IDS["mmpareto"])
+RULE_MEAN: tl.constexpr = tl.constexpr(RULE_IDS["mean"])
+RULE_CONSTANT: tl.constexpr = tl.constexpr(RULE_IDS["constant"])
+RULE_UPGRAD: tl.constexpr = tl.constexpr(RULE_IDS["upgrad"])
+RULE_PCGRAD: tl.constexpr = tl.constexpr(RULE_IDS["pcgrad"])
+RULE_DUALPROJ: tl.constexpr = tl.constexpr(RULE_IDS["dualproj"])
+RULE_IMTL_G: tl.constexpr = tl.constexpr(RULE_IDS["imtl_g"])
 
 CS_SLACK: tl.constexpr = tl.constexpr(CAUCHY_SCHWARZ_SLACK)
 STATIONARY_RELATIVE: tl.constexpr = tl.constexpr(STATIONARY_REL)
@@ -123,6 +129,41 @@ def _rule(aa, bb, ab, act, tau, gamma, margin, RULE: tl.constexpr, SYMMETRIC: tl
         alpha = lam
         beta = 1.0 - lam
         code = tl.where(degenerate, DEGENERATE, PARETO)
+    elif RULE == RULE_MEAN:
+        alpha = 0.5 * one
+        beta = 0.5 * one
+        code = tl.full(aa.shape, WEIGHTED, tl.int32)
+    elif RULE == RULE_CONSTANT:
+        alpha = w_a * one
+        beta = w_b * one
+        code = tl.full(aa.shape, WEIGHTED, tl.int32)
+    elif RULE == RULE_IMTL_G:
+        # rule.h gram_weighting: (||b||, ||a||)/(||a|| + ||b||); a zero norm: plain sum, DEGENERATE
+        total = tl.where(degenerate, one, na + nb)
+        alpha = tl.where(degenerate, one, nb / total)
+        beta = tl.where(degenerate, one, na / total)
+        code = tl.where(degenerate, DEGENERATE, WEIGHTED)
+    elif (RULE == RULE_UPGRAD) | (RULE == RULE_PCGRAD) | (RULE == RULE_DUALPROJ):
+        # rule.h gram_weighting: q_a = -a.b/(||a||^2 + reg), only where a.b < 0 (both norms > 0)
+        neg = ab < 0.0
+        if RULE == RULE_PCGRAD:
+            reg = 0.0 * one
+        else:
+            reg = reg_eps * (aa + bb)
+        qa = tl.where(neg, -ab / tl.where(neg, aa + reg, one), 0.0)
+        qb = tl.where(neg, -ab / tl.where(neg, bb + reg, one), 0.0)
+        if RULE == RULE_PCGRAD:
+            alpha = 1.0 + qa
+            beta = 1.0 + qb
+            code = tl.where(neg, PARETO, SUMMED)
+        elif RULE == RULE_UPGRAD:
+            alpha = 0.5 * (1.0 + qa)
+            beta = 0.5 * (1.0 + qb)
+            code = tl.where(neg, PARETO, WEIGHTED)
+        else:
+            alpha = 0.5 * _fmax(qa, 1.0)
+            beta = 0.5 * _fmax(qb, 1.0)
+            code = tl.where((qa > 1.0) | (qb > 1.0), PARETO, WEIGHTED)
     elif RULE != RULE_SUM:
         if RULE == RULE_PARETO_LORA:
             alpha = tl.where(conflict, lam, tl.where(imbalanced, ra, one))

@@ -125,6 +125,9 @@ if __name__ == "__main__":
             "test": [
                 "pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", *HF, "triton>=3.0", "import-linter>=2.2",
                 "scikit-learn>=1.3", *DOCS,
+                # the oracle of the gradient-manipulation rules (docs/rules.md); [full] brings the
+                # QP solvers its aggregators need (quadprog, cvxpy, ...)
+                "torchjd[full]==0.18.0",
             ],
         },
         entry_points={"console_scripts": ["pareto-lora=pareto_lora.app.cli:main"]},

@@ -25,6 +25,7 @@ def main(argv):
     print("| dtype | N | G | op | " + " | ".join(f"{b} us" for b in builds) + " |")
     print("|---|---:|---:|---|" + "---:|" * len(builds))
     ops = torch.ops.pareto_lora
+    params = list(pareto_lora.RuleSpec().kernel_params())  # the default rule, as the op takes it
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for numel, g in ((1 << 16, 1), (1 << 20, 1), (1 << 20, 64), (16 << 20, 1), (16 << 20, 1024)):
             a = torch.randn(numel).to(dtype)
@@ -35,7 +36,7 @@ def main(argv):
             calls = {
                 "stats": lambda: ops.segment_stats(a, b, offsets),
                 "combine": lambda: ops.combine(a, b, offsets, coeffs, out),
-                "integrate": lambda: ops.integrate(a, b, offsets, out, "pareto_lora", 0.5, None, 1.0, False, 0.0),
+                "integrate": lambda: ops.integrate(a, b, offsets, out, "pareto_lora", params, None),
             }
             rounds = 40 if numel <= (1 << 20) else 10
             for op, call in calls.items():

@@ -61,9 +61,10 @@ def contenders(numel: int, g: int, device: torch.device) -> dict:
     offsets = torch.linspace(0, numel, g + 1).long()  # on the CPU, as the op wants them
     coeffs = torch.rand(g, 2, generator=gen).to(device)
     ops = torch.ops.pareto_lora
+    params = list(pareto_lora.RuleSpec().kernel_params())  # the default rule, as the op takes it
     fns = {
         "api": lambda: pareto_lora.integrate(a, b, offsets, out=out),
-        "op": lambda: ops.integrate(a, b, offsets, out, "pareto_lora", 0.5, None, 1.0, False, 0.0),
+        "op": lambda: ops.integrate(a, b, offsets, out, "pareto_lora", params, None),
         "stats": lambda: ops.segment_stats(a, b, offsets),
         "combine": lambda: ops.combine(a, b, offsets, coeffs, out),
         "torch add": lambda: torch.add(a, b, out=out),

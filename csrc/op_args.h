@@ -121,9 +121,8 @@ inline SegmentArgs checked_combine(const at::Tensor& a, const at::Tensor& b, con
 // The order of the checks is python/pareto_lora/checks.py's check_integrate: a, b, offsets, out,
 // groups, active, poison, stats, then the rule's scalars.
 inline IntegrateArgs checked_integrate(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets,
-                                       const at::Tensor& out, c10::string_view rule, double tau,
-                                       const std::optional<at::Tensor>& active, double gamma, bool symmetric,
-                                       double margin, const std::optional<at::Tensor>& groups,
+                                       const at::Tensor& out, c10::string_view rule, c10::ArrayRef<double> params,
+                                       const std::optional<at::Tensor>& active, const std::optional<at::Tensor>& groups,
                                        const std::optional<at::Tensor>& poison,
                                        const std::optional<at::Tensor>& stats, OpDevice dev) {
   SegmentArgs seg = checked_segments(a, b, offsets, dev);
@@ -139,7 +138,7 @@ inline IntegrateArgs checked_integrate(const at::Tensor& a, const at::Tensor& b,
   if (active.has_value()) check_host_or(*active, "active", a.device());
   if (poison.has_value()) check_poison(*poison, a.device());
   if (stats.has_value()) check_given_stats(*stats, seg.num_segments, a.device());
-  const RuleParams p = parse_rule_params(std::string(rule), tau, gamma, symmetric, margin);
+  const RuleParams p = parse_rule_params(std::string(rule), params);
   dev.require(a, "a");
   return IntegrateArgs{std::move(seg),
                        p,
@@ -150,12 +149,11 @@ inline IntegrateArgs checked_integrate(const at::Tensor& a, const at::Tensor& b,
                        stats.has_value() ? stats->contiguous() : at::Tensor()};
 }
 
-inline RuleArgs checked_rule_args(const at::Tensor& stats, c10::string_view rule, double tau,
-                                  const std::optional<at::Tensor>& active, double gamma, bool symmetric,
-                                  double margin, OpDevice dev) {
+inline RuleArgs checked_rule_args(const at::Tensor& stats, c10::string_view rule, c10::ArrayRef<double> params,
+                                  const std::optional<at::Tensor>& active, OpDevice dev) {
   const int64_t g = check_stats(stats);
   check_active(active, g);
-  const RuleParams p = parse_rule_params(std::string(rule), tau, gamma, symmetric, margin);
+  const RuleParams p = parse_rule_params(std::string(rule), params);
   dev.require_readable(stats, "stats");
   if (active.has_value()) {
     if (stats.is_cpu()) {  // e.g. the GPU op, picked for a GPU `active`

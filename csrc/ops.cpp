@@ -3,16 +3,16 @@
 // fake (meta) implementations for torch.compile live in python/pareto_lora/backends/cpp.py.
 // integrate returns (stats [S, 3], group_stats [G, 3], coeffs [G, 2], cases [G]); its optional
 // groups / poison / stats make it one training step (python/pareto_lora/backends/protocol.py).
+// `params` are the rule's parameters in the order of rule.h kParamNames (rules.KERNEL_PARAMS):
+// a new rule parameter changes that table, not these schemas.
 #include <torch/library.h>
 
 TORCH_LIBRARY(pareto_lora, m) {
   m.def("segment_stats(Tensor a, Tensor b, Tensor offsets) -> Tensor");
   m.def(
-      "rule_coefficients(Tensor stats, str rule=\"pareto_lora\", float tau=0.5, Tensor? active=None, "
-      "float gamma=1.0, bool symmetric=False, float margin=0.0) -> (Tensor, Tensor)");
+      "rule_coefficients(Tensor stats, str rule, float[] params, Tensor? active=None) -> (Tensor, Tensor)");
   m.def("combine(Tensor a, Tensor b, Tensor offsets, Tensor coeffs, Tensor(a!) out) -> ()");
   m.def(
-      "integrate(Tensor a, Tensor b, Tensor offsets, Tensor(a!) out, str rule=\"pareto_lora\", float tau=0.5, "
-      "Tensor? active=None, float gamma=1.0, bool symmetric=False, float margin=0.0, Tensor? groups=None, "
-      "Tensor? poison=None, Tensor? stats=None) -> (Tensor, Tensor, Tensor, Tensor)");
+      "integrate(Tensor a, Tensor b, Tensor offsets, Tensor(a!) out, str rule, float[] params, Tensor? active=None, "
+      "Tensor? groups=None, Tensor? poison=None, Tensor? stats=None) -> (Tensor, Tensor, Tensor, Tensor)");
 }

@@ -38,20 +38,31 @@ enum Case : int32_t {
   kDegenerate = 4,
   kNonFinite = 5,
   kStationary = 6,
+  kWeighted = 7,
 };
 
 // Index = Rule id. Must match RULE_DOCS in python/pareto_lora/rules.py (tested).
 constexpr const char* kRuleNames[] = {"sum", "pareto_lora", "pareto_only", "rescale_only", "mgda", "mmpareto",
                                       "mean", "constant", "upgrad", "pcgrad", "dualproj", "imtl_g"};
 
+// The rule's parameters after its id, in the order the ops take them (schema `float[] params`).
+// Must match KERNEL_PARAMS in python/pareto_lora/rules.py (tested); RuleParams' fields follow it.
+constexpr const char* kParamNames[] = {"tau", "gamma", "symmetric", "margin", "c", "w_a", "w_b", "max_norm", "reg_eps"};
+constexpr int kNumParams = sizeof(kParamNames) / sizeof(kParamNames[0]);
+
 struct RuleParams {
-  Rule rule;
-  double tau;
-  double gamma;
-  bool symmetric;
+  Rule rule = Rule::Sum;
+  double tau = 0.5;
+  double gamma = 1.0;
+  bool symmetric = false;
   // Conflict only when cos < -margin (0 = the paper's cos < 0). Text and image gradients are
   // nearly orthogonal, so cos < 0 fires on noise about half the time; a margin ignores that.
-  double margin;
+  double margin = 0.0;
+  double c = 0.4;         // cagrad
+  double w_a = 1.0;       // constant: out = w_a a + w_b b
+  double w_b = 1.0;
+  double max_norm = 1.0;  // nash_mtl (0: no clipping)
+  double reg_eps = 1e-4;  // upgrad, dualproj: ridge on the trace-normalised Gram (0: exact)
 };
 
 struct Coefficients {

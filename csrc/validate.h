@@ -186,8 +186,7 @@ inline void check_given_stats(const at::Tensor& stats, int64_t num_segments, con
                     stats.device());
 }
 
-inline RuleParams parse_rule_params(const std::string& rule, double tau, double gamma, bool symmetric,
-                                    double margin) {
+inline RuleParams parse_rule_params(const std::string& rule, c10::ArrayRef<double> params) {
   int32_t id = -1;
   for (int32_t i = 0; i < static_cast<int32_t>(Rule::Count); ++i) {
     if (rule == kRuleNames[i]) id = i;
@@ -197,10 +196,26 @@ inline RuleParams parse_rule_params(const std::string& rule, double tau, double 
     for (int32_t i = 0; i < static_cast<int32_t>(Rule::Count); ++i) names += (i ? ", " : "") + std::string(kRuleNames[i]);
     TORCH_CHECK_VALUE(false, "rule: unknown rule '", rule, "'; expected one of ", names);
   }
+  if (static_cast<int64_t>(params.size()) != kNumParams) {
+    std::string names;
+    for (int i = 0; i < kNumParams; ++i) names += (i ? ", " : "") + std::string(kParamNames[i]);
+    TORCH_CHECK_VALUE(false, "params: expected ", kNumParams, " values (", names, "), got ", params.size());
+  }
+  const double tau = params[0], gamma = params[1], symmetric = params[2], margin = params[3], c = params[4],
+               w_a = params[5], w_b = params[6], max_norm = params[7], reg_eps = params[8];
+  // The same domains as RuleSpec (python/pareto_lora/rules.py), for callers of torch.ops directly.
   TORCH_CHECK_VALUE(std::isfinite(tau) && tau > 0, "tau: expected a finite number > 0, got ", tau);
   TORCH_CHECK_VALUE(std::isfinite(gamma) && gamma > 0, "gamma: expected a finite number > 0, got ", gamma);
+  TORCH_CHECK_VALUE(symmetric == 0.0 || symmetric == 1.0, "symmetric: expected 0 or 1, got ", symmetric);
   TORCH_CHECK_VALUE(margin >= 0.0 && margin <= 1.0, "margin: expected a number in [0, 1], got ", margin);
-  return RuleParams{static_cast<Rule>(id), tau, gamma, symmetric, margin};
+  TORCH_CHECK_VALUE(std::isfinite(c) && c >= 0, "c: expected a finite number >= 0, got ", c);
+  TORCH_CHECK_VALUE(std::isfinite(w_a) && w_a >= 0 && std::isfinite(w_b) && w_b >= 0 && (w_a > 0 || w_b > 0),
+                    "weights: expected a pair (w_a, w_b) of finite numbers >= 0, not both 0, got (", w_a, ", ", w_b,
+                    ")");
+  TORCH_CHECK_VALUE(std::isfinite(max_norm) && max_norm >= 0, "max_norm: expected a finite number >= 0, got ",
+                    max_norm);
+  TORCH_CHECK_VALUE(std::isfinite(reg_eps) && reg_eps >= 0, "reg_eps: expected a finite number >= 0, got ", reg_eps);
+  return RuleParams{static_cast<Rule>(id), tau, gamma, symmetric == 1.0, margin, c, w_a, w_b, max_norm, reg_eps};
 }
 
 }  // namespace pareto_lora

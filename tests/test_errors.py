@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import pareto_lora
-from pareto_lora import RULES
+from pareto_lora import RULES, RuleSpec
 
 
 def _inputs(device):
@@ -170,10 +170,37 @@ def test_rule_tables_agree():
     """Every Python rule name is accepted by the C++ op and the error lists the same names."""
     stats = torch.rand(2, 3)
     for rule in RULES:
-        torch.ops.pareto_lora.rule_coefficients(stats, rule, 0.5, None, 1.0, False)
+        torch.ops.pareto_lora.rule_coefficients(stats, rule, list(RuleSpec(rule).kernel_params()))
     with pytest.raises(ValueError) as err:
-        torch.ops.pareto_lora.rule_coefficients(stats, "bogus", 0.5, None, 1.0, False)
+        torch.ops.pareto_lora.rule_coefficients(stats, "bogus", list(RuleSpec().kernel_params()))
     assert str(err.value).split("\n")[0].endswith("expected one of " + ", ".join(RULES))
+    # the parameter table: csrc/rule.h kParamNames lists rules.KERNEL_PARAMS, in the same order
+    with pytest.raises(ValueError) as err:
+        torch.ops.pareto_lora.rule_coefficients(stats, "sum", [0.5])
+    names = ", ".join(pareto_lora.rules.KERNEL_PARAMS)
+    assert str(err.value).split("\n")[0] == f"params: expected {len(pareto_lora.rules.KERNEL_PARAMS)} values ({names}), got 1"
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("tau", 0.0, "tau: expected a finite number > 0"),
+    ("gamma", float("inf"), "gamma: expected a finite number > 0"),
+    ("symmetric", 0.5, "symmetric: expected 0 or 1"),
+    ("margin", 1.5, "margin: expected a number in [0, 1]"),
+    ("c", -0.1, "c: expected a finite number >= 0"),
+    ("w_a", float("nan"), "weights: expected a pair (w_a, w_b) of finite numbers >= 0, not both 0"),
+    ("w_b", -1.0, "weights: expected a pair (w_a, w_b) of finite numbers >= 0, not both 0"),
+    ("max_norm", float("inf"), "max_norm: expected a finite number >= 0"),
+    ("reg_eps", -1e-4, "reg_eps: expected a finite number >= 0"),
+])
+def test_compiled_op_checks_each_rule_parameter(field, value, message):
+    """torch.ops called directly (no RuleSpec in between) refuses what RuleSpec refuses."""
+    params = list(RuleSpec().kernel_params())
+    params[pareto_lora.rules.KERNEL_PARAMS.index(field)] = value
+    with pytest.raises(ValueError, match=re.escape(message)):
+        torch.ops.pareto_lora.rule_coefficients(torch.rand(2, 3), "sum", params)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        a = torch.ones(4)
+        torch.ops.pareto_lora.integrate(a, a, torch.tensor([0, 4]), torch.empty(4), "sum", params)
 
 
 def _grouped_bad(device):

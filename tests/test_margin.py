@@ -110,7 +110,7 @@ def test_bad_margin_names_the_argument(bad):
 def test_compiled_op_checks_margin_itself():
     stats = _stats(8)
     with pytest.raises((ValueError, RuntimeError), match="margin"):
-        torch.ops.pareto_lora.rule_coefficients(stats, "pareto_lora", 0.5, None, 1.0, False, 2.0)
-    c0 = torch.ops.pareto_lora.rule_coefficients(stats, "pareto_lora", 0.5, None, 1.0, False)  # defaulted
-    c1 = torch.ops.pareto_lora.rule_coefficients(stats, "pareto_lora", 0.5, None, 1.0, False, 0.0)
+        torch.ops.pareto_lora.rule_coefficients(stats, "pareto_lora", [0.5, 1.0, 0.0, 2.0, 0.4, 1.0, 1.0, 1.0, 1e-4])
+    c0 = torch.ops.pareto_lora.rule_coefficients(stats, "pareto_lora", list(RuleSpec().kernel_params()))
+    c1 = pareto_lora.rule_coefficients(stats, "pareto_lora", margin=0.0, backend="cpp")
     assert all(torch.equal(p, q) for p, q in zip(c0, c1))

@@ -41,10 +41,9 @@ std::tuple<at::Tensor, at::Tensor> rules_host(const at::Tensor& stats, const at:
   return {coeffs, cases};
 }
 
-std::tuple<at::Tensor, at::Tensor> rule_coefficients(const at::Tensor& stats, c10::string_view rule, double tau,
-                                                     const std::optional<at::Tensor>& active, double gamma,
-                                                     bool symmetric, double margin) {
-  const RuleArgs args = checked_rule_args(stats, rule, tau, active, gamma, symmetric, margin, kCpuOp);
+std::tuple<at::Tensor, at::Tensor> rule_coefficients(const at::Tensor& stats, c10::string_view rule, c10::ArrayRef<double> params,
+                                                     const std::optional<at::Tensor>& active) {
+  const RuleArgs args = checked_rule_args(stats, rule, params, active, kCpuOp);
   return rules_host(stats, args.active, args.rule);
 }
 
@@ -58,10 +57,10 @@ void combine(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets
 // Returns (stats [S, 3], group_stats [G, 3], coeffs [G, 2], cases [G]).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> integrate(
     const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets, at::Tensor out, c10::string_view rule,
-    double tau, const std::optional<at::Tensor>& active, double gamma, bool symmetric, double margin,
+    c10::ArrayRef<double> params, const std::optional<at::Tensor>& active,
     const std::optional<at::Tensor>& groups, const std::optional<at::Tensor>& poison,
     const std::optional<at::Tensor>& given_stats) {
-  const IntegrateArgs args = checked_integrate(a, b, offsets, out, rule, tau, active, gamma, symmetric, margin, groups,
+  const IntegrateArgs args = checked_integrate(a, b, offsets, out, rule, params, active, groups,
                                                poison, given_stats, kCpuOp);
   // Everything is checked: from here on writes may happen.
   const int64_t s = args.num_segments, g = args.num_groups;

@@ -235,10 +235,9 @@ at::Tensor segment_stats_cuda(const at::Tensor& a, const at::Tensor& b, const at
   return stats;
 }
 
-std::tuple<at::Tensor, at::Tensor> rule_coefficients_cuda(const at::Tensor& stats, c10::string_view rule, double tau,
-                                                          const std::optional<at::Tensor>& active, double gamma,
-                                                          bool symmetric, double margin) {
-  const RuleArgs args = checked_rule_args(stats, rule, tau, active, gamma, symmetric, margin, kCudaOp);
+std::tuple<at::Tensor, at::Tensor> rule_coefficients_cuda(const at::Tensor& stats, c10::string_view rule, c10::ArrayRef<double> params,
+                                                          const std::optional<at::Tensor>& active) {
+  const RuleArgs args = checked_rule_args(stats, rule, params, active, kCudaOp);
   const int64_t g = args.num_segments;
   const c10::cuda::CUDAGuard guard(stats.device());
   const at::Tensor s = stats.contiguous();
@@ -329,10 +328,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> integrate_grouped(con
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> integrate_cuda(
     const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets, at::Tensor out, c10::string_view rule,
-    double tau, const std::optional<at::Tensor>& active, double gamma, bool symmetric, double margin,
+    c10::ArrayRef<double> params, const std::optional<at::Tensor>& active,
     const std::optional<at::Tensor>& groups, const std::optional<at::Tensor>& poison,
     const std::optional<at::Tensor>& given_stats) {
-  const IntegrateArgs args = checked_integrate(a, b, offsets, out, rule, tau, active, gamma, symmetric, margin, groups,
+  const IntegrateArgs args = checked_integrate(a, b, offsets, out, rule, params, active, groups,
                                                poison, given_stats, kCudaOp);
   const bool two_pass = use_two_pass(a.numel());
   const bool one_pass = env_flag("PARETO_LORA_CUDA_ONE_PASS", true);

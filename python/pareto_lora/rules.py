@@ -20,6 +20,7 @@ __all__ = [
     "RULE_DOCS",
     "RULE_IDS",
     "RuleSpec",
+    "KERNEL_PARAMS",
     "as_spec",
     "DEFAULT_RULE",
     "LOOSE",
@@ -43,6 +44,7 @@ class Case(enum.IntEnum):
     DEGENERATE = 4  #: ||a|| or ||b|| is zero: plain sum (``mgda`` keeps its closed form)
     NONFINITE = 5  #: a statistic is NaN/Inf, or a coefficient/term beyond float32 (MAX_TERM): plain sum
     STATIONARY = 6  #: ``mmpareto`` with ||h|| = 0: Pareto-stationary, output is zero
+    WEIGHTED = 7  #: the rule's weighting was applied (a rule without a case split, or its no-conflict branch)
 
 
 # rule name -> one-line description. The order is the rule id used by the kernels.
@@ -107,6 +109,10 @@ class RuleSpec:
     gamma: float = 1.0
     symmetric: bool = False
     margin: float = 0.0
+    c: float = 0.4
+    weights: tuple[float, float] = (1.0, 1.0)
+    max_norm: float = 1.0
+    reg_eps: float = 1e-4
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or self.name not in RULE_IDS:
@@ -115,11 +121,36 @@ class RuleSpec:
         object.__setattr__(self, "gamma", args.positive("gamma", self.gamma))
         object.__setattr__(self, "symmetric", args.flag("symmetric", self.symmetric))
         object.__setattr__(self, "margin", args.unit_interval("margin", self.margin))
+        object.__setattr__(self, "c", args.number("c", self.c, 0.0))
+        object.__setattr__(self, "weights", _weights(self.weights))
+        object.__setattr__(self, "max_norm", args.number("max_norm", self.max_norm, 0.0))
+        object.__setattr__(self, "reg_eps", args.number("reg_eps", self.reg_eps, 0.0))
 
     @property
     def id(self) -> int:
         """The rule's index in :data:`RULES` (what the kernels switch on)."""
         return RULE_IDS[self.name]
+
+    def kernel_params(self) -> tuple[float, ...]:
+        """The parameters as the kernels take them: one float per name in :data:`KERNEL_PARAMS`
+        (``symmetric`` as 0.0 / 1.0, ``weights`` as ``w_a``, ``w_b``)."""
+        return (self.tau, self.gamma, float(self.symmetric), self.margin, self.c, *self.weights, self.max_norm,
+                self.reg_eps)
+
+
+def _weights(value) -> tuple[float, float]:
+    """``weights``: two finite numbers >= 0, not both 0 (the constant rule's w_a, w_b)."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
+        raise ValueError(f"weights: expected a pair (w_a, w_b) of finite numbers >= 0, got {args.shown(value)}")
+    pair = tuple(args.number("weights", w, 0.0) for w in value)
+    if pair == (0.0, 0.0):
+        raise ValueError("weights: expected a pair (w_a, w_b) of finite numbers >= 0, not both 0, got (0.0, 0.0)")
+    return pair
+
+
+#: The rule parameters in the order the kernels receive them (csrc/rule.h kParamNames, the Triton
+#: kernels' arguments): RuleSpec's fields after ``name``, with ``weights`` as its two entries.
+KERNEL_PARAMS: tuple[str, ...] = ("tau", "gamma", "symmetric", "margin", "c", "w_a", "w_b", "max_norm", "reg_eps")
 
 
 #: The rule applied when none is given: every backend's default and the public functions'.

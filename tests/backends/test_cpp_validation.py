@@ -15,6 +15,7 @@ import pareto_lora
 from pareto_lora import reference as ref
 
 OPS = torch.ops.pareto_lora
+PARAMS = list(pareto_lora.RuleSpec().kernel_params())  # the default rule's, as the ops take them
 OFFSETS = torch.tensor([0, 30, 60, 100])
 G = OFFSETS.numel() - 1
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -26,7 +27,7 @@ def _pair(device="cpu", n=100, seed=0):
 
 
 def _integrate(a, b, out, offsets=OFFSETS, active=None):
-    return OPS.integrate(a, b, offsets, out, "pareto_lora", 0.5, active, 1.0, False)
+    return OPS.integrate(a, b, offsets, out, "pareto_lora", PARAMS, active)
 
 
 def _combine(a, b, out, offsets=OFFSETS):
@@ -118,10 +119,10 @@ def _cpu_device_cases():
     m = _meta
 
     def integ(a, b, offsets, out, active=None):
-        return ("integrate", a, b, offsets, out, "pareto_lora", 0.5, active, 1.0, False)
+        return ("integrate", a, b, offsets, out, "pareto_lora", PARAMS, active)
 
     def rule(stats, active=None):
-        return ("rule_coefficients", stats, "pareto_lora", 0.5, active, 1.0, False)
+        return ("rule_coefficients", stats, "pareto_lora", PARAMS, active)
 
     yield "a: expected device cpu, got meta", integ(m(a), m(b), OFFSETS, m(out)), (out,)
     yield "a: expected device cpu, got meta", ("combine", m(a), m(b), OFFSETS, m(coeffs), m(out)), ()
@@ -152,11 +153,11 @@ def test_cpu_kernel_refuses_tensors_on_other_devices(message, call, unchanged):
 
 def test_meta_tensors_still_reach_the_fake_kernels():
     a, b = _pair("meta")
-    stats, _, coeffs, cases = OPS.integrate(a, b, OFFSETS, torch.empty_like(a), "pareto_lora", 0.5, None, 1.0, False)
+    stats, _, coeffs, cases = OPS.integrate(a, b, OFFSETS, torch.empty_like(a), "pareto_lora", PARAMS, None)
     assert stats.shape == (G, 3) and coeffs.shape == (G, 2) and cases.shape == (G,)
     groups = torch.tensor([0, 1, G], device="meta")
     stats, group_stats, coeffs, cases = OPS.integrate(
-        a, b, OFFSETS, torch.empty_like(a), "pareto_lora", 0.5, None, 1.0, False, 0.0, groups,
+        a, b, OFFSETS, torch.empty_like(a), "pareto_lora", PARAMS, None, groups,
         torch.zeros((), dtype=torch.bool, device="meta"), torch.empty(G, 3, dtype=torch.float64, device="meta"))
     assert stats.shape == (G, 3) and group_stats.shape == (2, 3) and coeffs.shape == (2, 2) and cases.shape == (2,)
     assert OPS.segment_stats(a, b, OFFSETS).shape == (G, 3)
@@ -175,10 +176,10 @@ def test_cuda_kernel_refuses_meta_and_misplaced_tensors():
         (f"b: expected device {dev} (same as a), got meta", (a, _meta(b), OFFSETS, out)),
         (f"out: expected device {dev} (same as a), got meta", (a, b, OFFSETS, _meta(out))),
     ]:
-        call = lambda: OPS.integrate.default.redispatch(cuda, *args, "pareto_lora", 0.5, None, 1.0, False)  # noqa: E731
+        call = lambda: OPS.integrate.default.redispatch(cuda, *args, "pareto_lora", PARAMS, None)  # noqa: E731
         _raises_unchanged(_exactly(message), call, a, b, out)
     act = _meta(torch.ones(G, dtype=torch.bool))
-    args = (a, b, OFFSETS, out, "pareto_lora", 0.5, act, 1.0, False)
+    args = (a, b, OFFSETS, out, "pareto_lora", PARAMS, act)
     call = lambda: OPS.integrate.default.redispatch(cuda, *args)  # noqa: E731
     _raises_unchanged(f"^active: expected device cpu or {dev}, got meta$", call, a, b, out)
 
@@ -203,5 +204,5 @@ def test_strided_active_is_read_by_value(device, mask_device):
     assert torch.equal(got.cases, want.cases) and torch.equal(got.out, want.out)
     assert got.cases[1].item() == int(pareto_lora.Case.INACTIVE)
     assert got.cases[0].item() != int(pareto_lora.Case.INACTIVE)
-    coeffs, cases = OPS.rule_coefficients(got.stats, "pareto_lora", 0.5, mask, 1.0, False)
+    coeffs, cases = OPS.rule_coefficients(got.stats, "pareto_lora", PARAMS, mask)
     assert torch.equal(cases, want.cases) and torch.equal(coeffs, want.coeffs)

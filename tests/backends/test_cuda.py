@@ -377,15 +377,15 @@ def test_errors_before_any_write():
             assert torch.equal(out, before) and torch.equal(a, a_before), name
     out = torch.full_like(a, 7.0)
     with pytest.raises(ValueError, match="^out:"):
-        torch.ops.pareto_lora.integrate(a, b, offsets, out.double(), "sum", 0.5, None, 1.0, False)
+        torch.ops.pareto_lora.integrate(a, b, offsets, out.double(), "sum", list(pareto_lora.RuleSpec().kernel_params()))
     with pytest.raises(ValueError, match="^b:"):
-        torch.ops.pareto_lora.integrate(a, b.half(), offsets, out, "sum", 0.5, None, 1.0, False)
+        torch.ops.pareto_lora.integrate(a, b.half(), offsets, out, "sum", list(pareto_lora.RuleSpec().kernel_params()))
     with pytest.raises(ValueError, match="^coeffs:"):
         torch.ops.pareto_lora.combine(a, b, offsets, torch.ones(g + 1, 2, device="cuda"), out)
     with pytest.raises(ValueError, match="^coeffs:"):
         torch.ops.pareto_lora.combine(a, b, offsets, torch.ones(g, 2), out)
     with pytest.raises(ValueError, match="^stats:"):
-        torch.ops.pareto_lora.rule_coefficients(torch.ones(g, 2, device="cuda"), "sum", 0.5, None, 1.0, False)
+        torch.ops.pareto_lora.rule_coefficients(torch.ones(g, 2, device="cuda"), "sum", list(pareto_lora.RuleSpec().kernel_params()))
     torch.cuda.synchronize()
     assert bool((out == 7.0).all())
 

@@ -3,7 +3,12 @@
 import pytest
 import torch
 
-import pareto_lora  # noqa: F401
+import pareto_lora
+
+
+def P(**fields):
+    """A RuleSpec's parameters as the compiled ops take them (rules.KERNEL_PARAMS)."""
+    return list(pareto_lora.RuleSpec(**fields).kernel_params())
 
 
 def _args(device="cpu"):
@@ -23,23 +28,23 @@ def test_opcheck_all_ops(device):
     ops = torch.ops.pareto_lora
     stats = ops.segment_stats(a, b, offsets)
     torch.library.opcheck(ops.segment_stats, (a, b, offsets))
-    torch.library.opcheck(ops.rule_coefficients, (stats, "pareto_lora", 0.5, None, 1.0, False))
+    torch.library.opcheck(ops.rule_coefficients, (stats, "pareto_lora", P(), None))
     active = torch.tensor([True, False, True], device=device)
-    torch.library.opcheck(ops.rule_coefficients, (stats, "mmpareto", 0.5, active, 1.5, True))
+    torch.library.opcheck(ops.rule_coefficients, (stats, "mmpareto", P(gamma=1.5, symmetric=True), active))
     coeffs = torch.rand(3, 2, device=device)
     torch.library.opcheck(ops.combine, (a, b, offsets, coeffs, torch.empty_like(a)))
-    torch.library.opcheck(ops.integrate, (a, b, offsets, torch.empty_like(a), "pareto_lora", 0.5, None, 1.0, False))
+    torch.library.opcheck(ops.integrate, (a, b, offsets, torch.empty_like(a), "pareto_lora", P(), None))
     # the training-step arguments: groups (on the CPU and on a's device), poison, given stats
     groups = torch.tensor([0, 2, 3])
     for g in (groups, groups.to(device)):
         for poison in (None, torch.tensor(False, device=device), torch.tensor(True, device=device)):
             torch.library.opcheck(
                 ops.integrate,
-                (a, b, offsets, torch.empty_like(a), "pareto_lora", 0.5, torch.tensor([True, False], device=device),
-                 1.0, False, 0.0, g, poison, None))
+                (a, b, offsets, torch.empty_like(a), "pareto_lora", P(), torch.tensor([True, False], device=device),
+                 g, poison, None))
     torch.library.opcheck(
-        ops.integrate, (a, b, offsets, torch.empty_like(a), "mmpareto", 0.5, None, 1.5, True, 0.1, groups, None, stats))
-    torch.library.opcheck(ops.integrate, (a, b, offsets, torch.empty_like(a), "sum", 0.5, None, 1.0, False, 0.0,
+        ops.integrate, (a, b, offsets, torch.empty_like(a), "mmpareto", P(gamma=1.5, symmetric=True, margin=0.1), None, groups, None, stats))
+    torch.library.opcheck(ops.integrate, (a, b, offsets, torch.empty_like(a), "sum", P(), None,
                                           None, None, stats))
 
 
@@ -48,7 +53,7 @@ def test_integrate_under_torch_compile():
 
     def step(a, b, offsets):
         out = torch.empty_like(a)
-        stats, _, coeffs, cases = torch.ops.pareto_lora.integrate(a, b, offsets, out, "pareto_lora", 0.5, None, 1.0, False)
+        stats, _, coeffs, cases = torch.ops.pareto_lora.integrate(a, b, offsets, out, "pareto_lora", P(), None)
         return out * 2, coeffs, cases
 
     eager = step(a, b, offsets)
@@ -64,7 +69,7 @@ def test_grouped_integrate_under_torch_compile():
     def step(a, b, offsets, groups, poison, given):
         out = torch.empty_like(a)
         stats, group_stats, coeffs, cases = torch.ops.pareto_lora.integrate(
-            a, b, offsets, out, "pareto_lora", 0.5, None, 1.0, False, 0.0, groups, poison, given)
+            a, b, offsets, out, "pareto_lora", P(), None, groups, poison, given)
         return out * 2, stats, group_stats, coeffs, cases
 
     given = torch.ops.pareto_lora.segment_stats(a, b, offsets) * 2

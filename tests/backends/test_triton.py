@@ -115,9 +115,9 @@ def _op_args():
     ops = torch.ops.pareto_lora_triton
     return [
         (ops.segment_stats, (a, b, tiles, seg_tiles)),
-        (ops.rule_coefficients, (stats, "mmpareto", 0.5, active, 1.5, True)),
+        (ops.rule_coefficients, (stats, "mmpareto", True, T.rule_params(RuleSpec("mmpareto", gamma=1.5, symmetric=True), DEVICE), active)),
         (ops.combine, (a, b, tiles, coeffs, torch.empty_like(a))),
-        (ops.integrate, (a, b, tiles, seg_tiles, torch.empty_like(a), "pareto_lora", 0.5, None, 1.0, False)),
+        (ops.integrate, (a, b, tiles, seg_tiles, torch.empty_like(a), "pareto_lora", False, T.rule_params(RuleSpec(), DEVICE), None)),
     ]
 
 
@@ -140,6 +140,7 @@ _CAPTURE = textwrap.dedent(
     import torch
     from torch._dynamo.backends.common import aot_autograd
     from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+    import pareto_lora
     from pareto_lora.backends.triton import ops as T
 
     ops = torch.ops.pareto_lora_triton
@@ -147,15 +148,17 @@ _CAPTURE = textwrap.dedent(
     a, b = torch.randn(9000), torch.randn(9000)
     tiles, seg_tiles = T.tile_table(offsets, a.device)
     active = torch.tensor([True, False, True, True])
+    mm = T.rule_params(pareto_lora.RuleSpec("mmpareto", tau=0.3, gamma=1.5, symmetric=True), a.device)
+    pl = T.rule_params(pareto_lora.RuleSpec(), a.device)
 
     def integrate(a, b):
         out = torch.empty_like(a)
-        stats, coeffs, cases = ops.integrate(a, b, tiles, seg_tiles, out, "mmpareto", 0.3, active, 1.5, True)
+        stats, coeffs, cases = ops.integrate(a, b, tiles, seg_tiles, out, "mmpareto", True, mm, active)
         return out * 2, stats, coeffs, cases
 
     def unfused(a, b):
         stats = ops.segment_stats(a, b, tiles, seg_tiles)
-        coeffs, cases = ops.rule_coefficients(stats, "pareto_lora", 0.5, None, 1.0, False)
+        coeffs, cases = ops.rule_coefficients(stats, "pareto_lora", False, pl, None)
         out = torch.empty_like(a)
         ops.combine(a, b, tiles, coeffs, out)
         return out, cases
@@ -166,7 +169,7 @@ _CAPTURE = textwrap.dedent(
     def step(a, b):
         out = torch.empty_like(a)
         stats, group_stats, coeffs, cases = ops.integrate_step(
-            a, b, tiles, seg_tiles, group_tiles, groups, out, "pareto_lora", 0.5, None, 1.0, False, 0.0, poison, None)
+            a, b, tiles, seg_tiles, group_tiles, groups, out, "pareto_lora", False, pl, None, poison, None)
         return out * 2, stats, group_stats, coeffs, cases
 
     class Captured(Exception):
@@ -217,11 +220,12 @@ def test_torch_compile_runs_and_matches_eager():
     offsets = _offsets(LAYOUTS["multi_tile_with_empties"])
     a, b = make_pair(int(offsets[-1]), torch.float32, "cuda", gen)
     tiles, seg_tiles = T.tile_table(offsets, a.device)
+    params = T.rule_params(pareto_lora.RuleSpec(), a.device)
 
     def step(a, b):
         out = torch.empty_like(a)
         stats, coeffs, cases = torch.ops.pareto_lora_triton.integrate(
-            a, b, tiles, seg_tiles, out, "pareto_lora", 0.5, None, 1.0, False
+            a, b, tiles, seg_tiles, out, "pareto_lora", False, params, None
         )
         return out * 2, stats, coeffs, cases
 

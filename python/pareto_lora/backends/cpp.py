@@ -30,7 +30,7 @@ def _segment_stats_fake(a, b, offsets):
 
 
 @torch.library.register_fake("pareto_lora::rule_coefficients")
-def _rule_coefficients_fake(stats, rule="pareto_lora", tau=0.5, active=None, gamma=1.0, symmetric=False, margin=0.0):
+def _rule_coefficients_fake(stats, rule, params, active=None):
     g = stats.shape[0]
     return stats.new_empty((g, 2), dtype=torch.float32), stats.new_empty((g,), dtype=torch.int32)
 
@@ -41,8 +41,7 @@ def _combine_fake(a, b, offsets, coeffs, out):
 
 
 @torch.library.register_fake("pareto_lora::integrate")
-def _integrate_fake(a, b, offsets, out, rule="pareto_lora", tau=0.5, active=None, gamma=1.0, symmetric=False,
-                    margin=0.0, groups=None, poison=None, stats=None):
+def _integrate_fake(a, b, offsets, out, rule, params, active=None, groups=None, poison=None, stats=None):
     s = _num_segments(offsets)
     g = s if groups is None else groups.shape[0] - 1
     return (
@@ -122,6 +121,7 @@ def _check_optional(groups, poison, stats) -> None:
 
 
 def _rule_args(spec: RuleSpec, active):
-    """The one place a RuleSpec becomes the ops' scalar arguments (schemas in csrc/ops.cpp)."""
-    return spec.name, spec.tau, active, spec.gamma, spec.symmetric, spec.margin
+    """The one place a RuleSpec becomes the ops' arguments (schemas in csrc/ops.cpp): its name and
+    its parameters in the order of rules.KERNEL_PARAMS."""
+    return spec.name, list(spec.kernel_params()), active
 

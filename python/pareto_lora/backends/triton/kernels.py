@@ -15,7 +15,7 @@ for float64 inputs) and rounds bf16 results to nearest even, like torch.
 import triton
 import triton.language as tl
 
-from ...rules import CAUCHY_SCHWARZ_SLACK, MAX_COEFFICIENT, MAX_TERM, RULE_IDS, STATIONARY_REL, Case
+from ...rules import CAUCHY_SCHWARZ_SLACK, KERNEL_PARAMS, MAX_COEFFICIENT, MAX_TERM, RULE_IDS, STATIONARY_REL, Case
 
 # Case codes and rule ids, derived from pareto_lora.rules (which csrc/rule.h mirrors).
 SUMMED: tl.constexpr = tl.constexpr(int(Case.SUMMED))
@@ -25,6 +25,7 @@ INACTIVE: tl.constexpr = tl.constexpr(int(Case.INACTIVE))
 DEGENERATE: tl.constexpr = tl.constexpr(int(Case.DEGENERATE))
 NONFINITE: tl.constexpr = tl.constexpr(int(Case.NONFINITE))
 STATIONARY: tl.constexpr = tl.constexpr(int(Case.STATIONARY))
+WEIGHTED: tl.constexpr = tl.constexpr(int(Case.WEIGHTED))
 
 RULE_SUM: tl.constexpr = tl.constexpr(RULE_IDS["sum"])
 RULE_PARETO_LORA: tl.constexpr = tl.constexpr(RULE_IDS["pareto_lora"])
@@ -38,6 +39,16 @@ RULE_UPGRAD: tl.constexpr = tl.constexpr(RULE_IDS["upgrad"])
 RULE_PCGRAD: tl.constexpr = tl.constexpr(RULE_IDS["pcgrad"])
 RULE_DUALPROJ: tl.constexpr = tl.constexpr(RULE_IDS["dualproj"])
 RULE_IMTL_G: tl.constexpr = tl.constexpr(RULE_IDS["imtl_g"])
+
+# Where each rule parameter sits in the float64 params vector (rules.KERNEL_PARAMS).
+P_TAU: tl.constexpr = tl.constexpr(KERNEL_PARAMS.index("tau"))
+P_GAMMA: tl.constexpr = tl.constexpr(KERNEL_PARAMS.index("gamma"))
+P_MARGIN: tl.constexpr = tl.constexpr(KERNEL_PARAMS.index("margin"))
+P_C: tl.constexpr = tl.constexpr(KERNEL_PARAMS.index("c"))
+P_W_A: tl.constexpr = tl.constexpr(KERNEL_PARAMS.index("w_a"))
+P_W_B: tl.constexpr = tl.constexpr(KERNEL_PARAMS.index("w_b"))
+P_MAX_NORM: tl.constexpr = tl.constexpr(KERNEL_PARAMS.index("max_norm"))
+P_REG_EPS: tl.constexpr = tl.constexpr(KERNEL_PARAMS.index("reg_eps"))
 
 CS_SLACK: tl.constexpr = tl.constexpr(CAUCHY_SCHWARZ_SLACK)
 STATIONARY_RELATIVE: tl.constexpr = tl.constexpr(STATIONARY_REL)
@@ -90,12 +101,18 @@ def _fmin(x, y):
 
 
 @triton.jit
-def _rule(aa, bb, ab, act, tau, gamma, margin, RULE: tl.constexpr, SYMMETRIC: tl.constexpr):
+def _rule(aa, bb, ab, act, params_ptr, RULE: tl.constexpr, SYMMETRIC: tl.constexpr):
     """(alpha, beta, case) of csrc/rule.h compute_rule, elementwise over float64 blocks.
+
+    ``params_ptr``: the rule's parameters, float64 in the order of rules.KERNEL_PARAMS (a rule
+    loads the ones it uses: ``tl.load(params_ptr + P_C)``); SYMMETRIC is ``symmetric``'s value.
 
     rule.h returns early in priority order (non-finite, inactive, sum, mgda, degenerate, rule);
     here each later-priority result is computed first and overridden by the earlier ones.
     """
+    tau = tl.load(params_ptr + P_TAU)
+    gamma = tl.load(params_ptr + P_GAMMA)
+    margin = tl.load(params_ptr + P_MARGIN)
     one = tl.full(aa.shape, 1.0, tl.float64)
     alpha = one
     beta = one
@@ -211,36 +228,27 @@ def _rule(aa, bb, ab, act, tau, gamma, margin, RULE: tl.constexpr, SYMMETRIC: tl
 
 
 @triton.jit
-def _f64_from_halves(hi, lo):
-    """The float64 whose bit pattern is hi << 32 | (lo mod 2**32) (hi, lo: int32-range integers)."""
-    return ((hi.to(tl.int64) << 32) | (lo.to(tl.int64) & 0xFFFFFFFF)).to(tl.float64, bitcast=True)
-
-
-@triton.jit
 def _rule_store(
-    aa, bb, ab, segs, mask, active_ptr, coeffs_ptr, cases_ptr, tau_hi, tau_lo, gamma_hi, gamma_lo, margin_hi, margin_lo,
+    aa, bb, ab, segs, mask, active_ptr, coeffs_ptr, cases_ptr, params_ptr,
     HAS_ACTIVE: tl.constexpr, RULE: tl.constexpr, SYMMETRIC: tl.constexpr,
 ):
-    # tau, gamma and margin arrive as the two 32-bit halves of their float64 bit patterns: a Python
-    # float kernel argument would be narrowed to float32 (the rule must see the same double as the
-    # C++ kernels), and torch 2.11's Inductor fails on integer arguments beyond 32 bits.
-    tau = _f64_from_halves(tau_hi, tau_lo)
-    gamma = _f64_from_halves(gamma_hi, gamma_lo)
-    margin = _f64_from_halves(margin_hi, margin_lo)
+    # The parameters arrive as a float64 tensor rather than scalar arguments: a Python float kernel
+    # argument would be narrowed to float32 (the rule must see the same double as the C++ kernels),
+    # and a tensor lets a new parameter be added without touching any kernel's signature.
     if HAS_ACTIVE:
         act = tl.load(active_ptr + segs, mask=mask, other=1) != 0
     else:
         act = tl.full(aa.shape, 1, tl.int1)
-    alpha, beta, code = _rule(aa, bb, ab, act, tau, gamma, margin, RULE, SYMMETRIC)
+    alpha, beta, code = _rule(aa, bb, ab, act, params_ptr, RULE, SYMMETRIC)
     tl.store(coeffs_ptr + 2 * segs, alpha.to(tl.float32), mask=mask)
     tl.store(coeffs_ptr + 2 * segs + 1, beta.to(tl.float32), mask=mask)
     tl.store(cases_ptr + segs, code, mask=mask)
 
 
-@triton.jit(do_not_specialize=["tau_hi", "tau_lo", "gamma_hi", "gamma_lo", "margin_hi", "margin_lo"])
+@triton.jit
 def segment_reduce_kernel(
     partial_ptr, seg_tiles_ptr, stats_ptr, num_tiles, num_segments,
-    active_ptr, coeffs_ptr, cases_ptr, tau_hi, tau_lo, gamma_hi, gamma_lo, margin_hi, margin_lo,
+    active_ptr, coeffs_ptr, cases_ptr, params_ptr,
     SEGS: tl.constexpr, LANES: tl.constexpr,
     APPLY_RULE: tl.constexpr, HAS_ACTIVE: tl.constexpr, RULE: tl.constexpr, SYMMETRIC: tl.constexpr,
 ):
@@ -273,14 +281,14 @@ def segment_reduce_kernel(
     tl.store(stats_ptr + 3 * segs + 2, ab, mask=smask)
     if APPLY_RULE:
         _rule_store(
-            aa, bb, ab, segs, smask, active_ptr, coeffs_ptr, cases_ptr, tau_hi, tau_lo, gamma_hi, gamma_lo, margin_hi, margin_lo,
+            aa, bb, ab, segs, smask, active_ptr, coeffs_ptr, cases_ptr, params_ptr,
             HAS_ACTIVE, RULE, SYMMETRIC,
         )
 
 
-@triton.jit(do_not_specialize=["tau_hi", "tau_lo", "gamma_hi", "gamma_lo", "margin_hi", "margin_lo"])
+@triton.jit
 def rule_kernel(
-    stats_ptr, num_segments, active_ptr, coeffs_ptr, cases_ptr, tau_hi, tau_lo, gamma_hi, gamma_lo, margin_hi, margin_lo,
+    stats_ptr, num_segments, active_ptr, coeffs_ptr, cases_ptr, params_ptr,
     SEGS: tl.constexpr, HAS_ACTIVE: tl.constexpr, RULE: tl.constexpr, SYMMETRIC: tl.constexpr,
 ):
     """(coeffs, cases) from stats of any source (float32 or float64, [G, 3] contiguous)."""
@@ -289,14 +297,14 @@ def rule_kernel(
     aa = tl.load(stats_ptr + 3 * segs, mask=smask, other=0.0).to(tl.float64)
     bb = tl.load(stats_ptr + 3 * segs + 1, mask=smask, other=0.0).to(tl.float64)
     ab = tl.load(stats_ptr + 3 * segs + 2, mask=smask, other=0.0).to(tl.float64)
-    _rule_store(aa, bb, ab, segs, smask, active_ptr, coeffs_ptr, cases_ptr, tau_hi, tau_lo, gamma_hi, gamma_lo, margin_hi, margin_lo,
+    _rule_store(aa, bb, ab, segs, smask, active_ptr, coeffs_ptr, cases_ptr, params_ptr,
                 HAS_ACTIVE, RULE, SYMMETRIC)
 
 
-@triton.jit(do_not_specialize=["tau_hi", "tau_lo", "gamma_hi", "gamma_lo", "margin_hi", "margin_lo"])
+@triton.jit
 def group_rule_kernel(
     stats_ptr, groups_ptr, num_groups, group_stats_ptr, poison_ptr, active_ptr, coeffs_ptr, cases_ptr,
-    tau_hi, tau_lo, gamma_hi, gamma_lo, margin_hi, margin_lo,
+    params_ptr,
     SEGS: tl.constexpr, HAS_POISON: tl.constexpr, HAS_ACTIVE: tl.constexpr, RULE: tl.constexpr,
     SYMMETRIC: tl.constexpr,
 ):
@@ -321,8 +329,7 @@ def group_rule_kernel(
     tl.store(group_stats_ptr + 3 * gs, aa, mask=gmask)
     tl.store(group_stats_ptr + 3 * gs + 1, bb, mask=gmask)
     tl.store(group_stats_ptr + 3 * gs + 2, ab, mask=gmask)
-    _rule_store(aa, bb, ab, gs, gmask, active_ptr, coeffs_ptr, cases_ptr, tau_hi, tau_lo, gamma_hi, gamma_lo,
-                margin_hi, margin_lo, HAS_ACTIVE, RULE, SYMMETRIC)
+    _rule_store(aa, bb, ab, gs, gmask, active_ptr, coeffs_ptr, cases_ptr, params_ptr, HAS_ACTIVE, RULE, SYMMETRIC)
     if HAS_POISON:
         poisoned = tl.load(poison_ptr) != 0
         code = tl.load(cases_ptr + gs, mask=gmask, other=0)

@@ -13,8 +13,9 @@ stay outside the ops: a compiled region should call the ops with a table from
 :func:`tile_table` built outside it::
 
     tiles, seg_tiles = tile_table(offsets, a.device)            # eager, cached per layout
+    params = rule_params(pareto_lora.RuleSpec(), a.device)       # eager, cached per value
     step = torch.compile(lambda a, b, out: torch.ops.pareto_lora_triton.integrate(
-        a, b, tiles, seg_tiles, out, "pareto_lora", 0.5, None, 1.0, False), fullgraph=True)
+        a, b, tiles, seg_tiles, out, "pareto_lora", False, params, None), fullgraph=True)
 
 Without a GPU, Triton's interpreter runs the same kernels on CPU tensors when
 ``TRITON_INTERPRET=1`` is set before triton is first imported.
@@ -22,7 +23,6 @@ Without a GPU, Triton's interpreter runs the same kernels on CPU tensors when
 
 import collections
 import os
-import struct
 import threading
 from typing import Optional
 
@@ -144,28 +144,31 @@ def group_table(offsets: torch.Tensor, groups: Optional[torch.Tensor], device: t
     return _cached(("groups", host.numpy().tobytes(), hg.numpy().tobytes(), str(device), BLOCK), build)
 
 
+def rule_params(spec: RuleSpec, device: torch.device) -> torch.Tensor:
+    """The rule's parameters (rules.KERNEL_PARAMS) as a float64 tensor on `device`, cached per
+    value: after the first step of a training loop a call copies nothing to the device."""
+    params = spec.kernel_params()
+    device = torch.device(device)
+    return _cached(("params", params, str(device)), lambda: torch.tensor(params, dtype=torch.float64, device=device))
+
+
 # ---- ops (no validation, no host reads: traceable by torch.compile) ----------------------------
-def _f64_halves(x: float) -> tuple[int, int]:
-    """The float64 bit pattern of x as two signed 32-bit integers (high word, low word)."""
-    bits = struct.unpack("<q", struct.pack("<d", float(x)))[0]
-    lo = bits & 0xFFFFFFFF
-    return bits >> 32, lo - (1 << 32) if lo >= 1 << 31 else lo
-
-
-def _rule_launch_args(rule: str, tau: float, gamma: float, symmetric: bool, active: Optional[torch.Tensor], device,
-                      margin: float = 0.0):
-    """Kernel arguments shared by the two kernels that apply the rule (the op's unpacked RuleSpec)."""
+def _rule_launch_args(rule: str, symmetric: bool, params: Optional[torch.Tensor], active: Optional[torch.Tensor],
+                      device):
+    """Kernel arguments shared by the kernels that apply the rule (the op's unpacked RuleSpec)."""
     has_active = active is not None
     # Unused pointers are passed as None (a constexpr to Triton) rather than as a stand-in
     # tensor, so no buffer is handed to a kernel twice (torch.compile's mutation analysis).
     # The kernels read one byte per segment at unit stride: a strided mask is made contiguous.
     act = active.to(device).contiguous().view(torch.uint8) if has_active else None
     return (
-        {f"{name}_{half}": v for name, x in (("tau", tau), ("gamma", gamma), ("margin", margin))
-         for half, v in zip(("hi", "lo"), _f64_halves(x))},
+        {"params_ptr": params},
         act,
         dict(HAS_ACTIVE=has_active, RULE=RULE_IDS[rule], SYMMETRIC=bool(symmetric)),
     )
+
+
+_NO_RULE = ({"params_ptr": None}, None, dict(HAS_ACTIVE=False, RULE=RULE_IDS["sum"], SYMMETRIC=False))
 
 
 def _tile_partials(a: torch.Tensor, b: torch.Tensor, tiles: torch.Tensor) -> torch.Tensor:
@@ -202,22 +205,20 @@ def _segment_stats_op(a: torch.Tensor, b: torch.Tensor, tiles: torch.Tensor, seg
     num_segments = seg_tiles.shape[0] - 1
     stats = torch.empty((num_segments, 3), dtype=torch.float64, device=a.device)
     partial = _tile_partials(a, b, tiles)
-    no_rule = _rule_launch_args("sum", 1.0, 1.0, False, None, a.device)  # flags unused without the rule
-    _reduce(partial, seg_tiles, stats, None, None, no_rule, apply_rule=False)
+    _reduce(partial, seg_tiles, stats, None, None, _NO_RULE, apply_rule=False)
     return stats
 
 
 @triton_op("pareto_lora_triton::rule_coefficients", mutates_args=())
 def _rule_coefficients_op(
-    stats: torch.Tensor, rule: str, tau: float, active: Optional[torch.Tensor], gamma: float, symmetric: bool,
-    margin: float = 0.0,
+    stats: torch.Tensor, rule: str, symmetric: bool, params: torch.Tensor, active: Optional[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     num_segments = stats.shape[0]
     stats = stats.contiguous()
     coeffs = torch.empty((num_segments, 2), dtype=torch.float32, device=stats.device)
     cases = torch.empty((num_segments,), dtype=torch.int32, device=stats.device)
     if num_segments > 0:
-        scalars, act, flags = _rule_launch_args(rule, tau, gamma, symmetric, active, stats.device, margin)
+        scalars, act, flags = _rule_launch_args(rule, symmetric, params, active, stats.device)
         wrap_triton(K.rule_kernel)[(triton.cdiv(num_segments, RULE_SEGS),)](
             stats, num_segments, act, coeffs, cases, SEGS=RULE_SEGS, **scalars, **flags
         )
@@ -241,11 +242,9 @@ def _integrate_step_op(
     groups: torch.Tensor,
     out: torch.Tensor,
     rule: str,
-    tau: float,
-    active: Optional[torch.Tensor],
-    gamma: float,
     symmetric: bool,
-    margin: float,
+    params: torch.Tensor,
+    active: Optional[torch.Tensor],
     poison: Optional[torch.Tensor],
     stats: Optional[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -254,8 +253,7 @@ def _integrate_step_op(
     num_segments, num_groups = seg_tiles.shape[0] - 1, groups.shape[0] - 1
     if stats is None:
         seg_stats = torch.empty((num_segments, 3), dtype=torch.float64, device=a.device)
-        no_rule = _rule_launch_args("sum", 1.0, 1.0, False, None, a.device)
-        _reduce(_tile_partials(a, b, tiles), seg_tiles, seg_stats, None, None, no_rule, apply_rule=False)
+        _reduce(_tile_partials(a, b, tiles), seg_tiles, seg_stats, None, None, _NO_RULE, apply_rule=False)
     else:
         seg_stats = stats.contiguous().clone()
     group_stats = torch.empty((num_groups, 3), dtype=torch.float64, device=a.device)
@@ -263,7 +261,7 @@ def _integrate_step_op(
     cases = torch.empty((num_groups,), dtype=torch.int32, device=a.device)
     psn = None if poison is None else poison.view(torch.uint8)
     if num_groups > 0:
-        scalars, act, flags = _rule_launch_args(rule, tau, gamma, symmetric, active, a.device, margin)
+        scalars, act, flags = _rule_launch_args(rule, symmetric, params, active, a.device)
         wrap_triton(K.group_rule_kernel)[(triton.cdiv(num_groups, RULE_SEGS),)](
             seg_stats, groups, num_groups, group_stats, psn, act, coeffs, cases,
             SEGS=RULE_SEGS, HAS_POISON=poison is not None, **scalars, **flags,
@@ -285,18 +283,16 @@ def _integrate_op(
     seg_tiles: torch.Tensor,
     out: torch.Tensor,
     rule: str,
-    tau: float,
-    active: Optional[torch.Tensor],
-    gamma: float,
     symmetric: bool,
-    margin: float = 0.0,
+    params: torch.Tensor,
+    active: Optional[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     num_segments = seg_tiles.shape[0] - 1
     stats = torch.empty((num_segments, 3), dtype=torch.float64, device=a.device)
     coeffs = torch.empty((num_segments, 2), dtype=torch.float32, device=a.device)
     cases = torch.empty((num_segments,), dtype=torch.int32, device=a.device)
     partial = _tile_partials(a, b, tiles)
-    rule_args = _rule_launch_args(rule, tau, gamma, symmetric, active, a.device, margin)
+    rule_args = _rule_launch_args(rule, symmetric, params, active, a.device)
     _reduce(partial, seg_tiles, stats, coeffs, cases, rule_args, apply_rule=True)
     _combine_tiles(a, b, tiles, coeffs, out)
     return stats, coeffs, cases
@@ -320,7 +316,7 @@ def rule_coefficients(
     active = _checks.as_active(active)
     _checks.check_rule_args(stats, active)
     _check_device(stats.device)
-    return torch.ops.pareto_lora_triton.rule_coefficients(stats, *_op_rule_args(spec, active))
+    return torch.ops.pareto_lora_triton.rule_coefficients(stats, *_op_rule_args(spec, active, stats.device))
 
 
 def combine(
@@ -358,15 +354,16 @@ def integrate(
     if groups is not None or poison is not None or stats is not None:
         group_tiles, dev_groups = group_table(offsets, groups, a.device)
         seg_stats, group_stats, coeffs, cases = torch.ops.pareto_lora_triton.integrate_step(
-            a, b, tiles, seg_tiles, group_tiles, dev_groups, out, *_op_rule_args(spec, active), poison, stats
+            a, b, tiles, seg_tiles, group_tiles, dev_groups, out, *_op_rule_args(spec, active, a.device), poison, stats
         )
         return IntegrationResult(out, seg_stats, coeffs, cases, group_stats)
     seg_stats, coeffs, cases = torch.ops.pareto_lora_triton.integrate(
-        a, b, tiles, seg_tiles, out, *_op_rule_args(spec, active)
+        a, b, tiles, seg_tiles, out, *_op_rule_args(spec, active, a.device)
     )
     return IntegrationResult(out, seg_stats, coeffs, cases, seg_stats.clone())
 
 
-def _op_rule_args(spec: RuleSpec, active):
-    """A RuleSpec as the ops' scalar arguments (their schemas take scalars, like csrc/ops.cpp)."""
-    return spec.name, spec.tau, active, spec.gamma, spec.symmetric, spec.margin
+def _op_rule_args(spec: RuleSpec, active, device):
+    """A RuleSpec as the ops' arguments: its name, ``symmetric`` (a compile-time flag of the
+    kernels) and its parameters as a cached device tensor (:func:`rule_params`)."""
+    return spec.name, spec.symmetric, rule_params(spec, device), active

@@ -21,6 +21,12 @@ enum class Rule : int32_t {
   RescaleOnly,
   Mgda,
   MMPareto,
+  Mean = 6,
+  Constant = 7,
+  Upgrad = 8,
+  Pcgrad = 9,
+  Dualproj = 10,
+  ImtlG = 11,
   Cagrad = 12,
   NashMtl = 13,
   AlignedMtl = 14,
@@ -121,6 +127,31 @@ PL_HOST_DEVICE inline Coefficients compute_rule(double aa, double bb, double ab,
   return c;
 }
 
+// torchjd's weightings mean .. imtl_g on two rows, in closed form (docs/rules.md derives them;
+// python/pareto_lora/reference.py _gram_weighting is the oracle). q_a = -a.b/(||a||^2 + reg) is the
+// multiple of a that the dual-cone projection of b adds; it is only formed where a.b < 0 (so both
+// norms are positive), and q_a ||a|| <= ||b||: nothing is divided by a norm made of rounding.
+PL_HOST_DEVICE inline Coefficients gram_weighting(double aa, double bb, double ab, const RuleParams& p) {
+  if (p.rule == Rule::Mean) return {0.5, 0.5, kWeighted};
+  if (p.rule == Rule::Constant) return {p.w_a, p.w_b, kWeighted};
+  if (p.rule == Rule::ImtlG) {
+    // pinv(G) (||a||, ||b||) normalised at rank 2; a zero norm: the plain sum (torchjd's output there).
+    if (aa == 0.0 || bb == 0.0) return {1.0, 1.0, kDegenerate};
+    const double na = sqrt(aa), nb = sqrt(bb);
+    return {nb / (na + nb), na / (na + nb), kWeighted};
+  }
+  const bool conflict = ab < 0.0;
+  // torchjd regularises G/tr G + reg_eps I; unnormalised: ||a||^2 + reg_eps (||a||^2 + ||b||^2).
+  const double reg = p.rule == Rule::Pcgrad ? 0.0 : p.reg_eps * (aa + bb);
+  const double qa = conflict ? -ab / (aa + reg) : 0.0;
+  const double qb = conflict ? -ab / (bb + reg) : 0.0;
+  if (p.rule == Rule::Pcgrad) return {1.0 + qa, 1.0 + qb, conflict ? kPareto : kSummed};
+  if (p.rule == Rule::Upgrad) return {0.5 * (1.0 + qa), 0.5 * (1.0 + qb), conflict ? kPareto : kWeighted};
+  // Dualproj: the mean weights raised to the nearest feasible ones; at most one of them moves.
+  const bool moved = qa > 1.0 || qb > 1.0;
+  return {0.5 * fmax(qa, 1.0), 0.5 * fmax(qb, 1.0), moved ? kPareto : kWeighted};
+}
+
 // torchjd's AlignedMTL on the trace-normalised Gram [[pa, w], [w, pb]] (pa + pb = 1; invariant to
 // its scale). Rank 2: B = sqrt(l-) G^(-1/2) with G^(-1/2) = (G + d I)^(-1) (sqrt(l+) + sqrt(l-)),
 // d = sqrt(det): the 1/sqrt(l-) cancels, nothing is divided by the small eigenvalue. Rank 1 where
@@ -201,6 +232,7 @@ PL_HOST_DEVICE inline Coefficients family_b(double aa, double bb, double ab, con
 
 PL_HOST_DEVICE inline Coefficients rule_of_valid(double aa, double bb, double ab, const RuleParams& p) {
   if (p.rule == Rule::Sum) return {1.0, 1.0, kSummed};
+  if (p.rule >= Rule::Mean && p.rule <= Rule::ImtlG) return gram_weighting(aa, bb, ab, p);
   if (p.rule >= Rule::Cagrad && p.rule <= Rule::Config) return family_b(aa, bb, ab, p);
 
   // MGDA: lambda minimises ||lambda a + (1 - lambda) b||^2 on [0, 1]. The paper's Eq. 4

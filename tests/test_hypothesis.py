@@ -69,6 +69,12 @@ def rule_bound(rule, na, nb, nsum, case, gamma):
         return na + nb
     if case == Case.STATIONARY:
         return 0.0
+    if rule in ("mean", "upgrad", "dualproj"):  # docs/rules.md, the gradient-manipulation family
+        return 0.5 * (na + nb)
+    if rule == "imtl_g":
+        return 2.0 * na * nb / (na + nb)
+    if rule == "pcgrad":
+        return na + nb
     if rule == "mmpareto":
         return 1.031 * gamma * nsum
     if case == Case.PARETO:  # a convex combination's min-norm point is no longer than either end

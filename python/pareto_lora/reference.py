@@ -160,6 +160,8 @@ def _rule(
     # "sum": alpha = beta = 1
     if rule != "sum" and rule != "mgda":
         put(degenerate, Case.DEGENERATE, one, one)
+    if rule in _GRAM_WEIGHTINGS:  # their own zero-norm handling (docs/rules.md): replaces the above
+        alpha, beta, case = _gram_weighting(spec, aa, bb, ab, na, nb)
     if rule in _FAMILY_B:  # their own zero-norm handling (docs/rules.md): replaces the above
         alpha, beta, case = _family_b(spec, aa, bb, ab, na, nb)
     # A coefficient float32 cannot hold, or one whose scaled buffer could overflow float32, never
@@ -172,6 +174,45 @@ def _rule(
     coeffs = torch.stack([alpha, beta], dim=1).to(coeff_dtype)
     return coeffs, case
 
+
+_GRAM_WEIGHTINGS = ("mean", "constant", "upgrad", "pcgrad", "dualproj", "imtl_g")
+
+
+def _gram_weighting(spec: RuleSpec, aa, bb, ab, na, nb):
+    """(alpha, beta, case) of torchjd's weightings mean .. imtl_g on two rows, in closed form.
+
+    Derivations in docs/rules.md. q_a = -a.b/(||a||^2 + reg) is the multiple of a that the dual-cone
+    projection of b adds (q_b likewise); it is only formed where a.b < 0, which implies both norms are
+    positive, and q_a ||a|| <= |a.b|/||a|| <= ||b||: nothing is divided by a norm that rounding made.
+    """
+    name = spec.name
+    one = torch.ones_like(aa)
+    weighted = torch.full(aa.shape, int(Case.WEIGHTED), dtype=torch.int32, device=aa.device)
+    pareto = torch.full_like(weighted, int(Case.PARETO))
+    if name == "mean":
+        return 0.5 * one, 0.5 * one, weighted
+    if name == "constant":
+        return spec.weights[0] * one, spec.weights[1] * one, weighted
+    if name == "imtl_g":
+        # pinv(G) (||a||, ||b||) normalised to sum 1, at rank 2; at a zero norm the plain sum (which is
+        # torchjd's output there: the other row) rather than the rank-2 limit 0.
+        degenerate = (aa == 0) | (bb == 0)
+        total = torch.where(degenerate, one, na + nb)
+        code = torch.where(degenerate, torch.full_like(weighted, int(Case.DEGENERATE)), weighted)
+        return torch.where(degenerate, one, nb / total), torch.where(degenerate, one, na / total), code
+    conflict = ab < 0
+    # torchjd regularises the trace-normalised Gram, G/tr G + reg_eps I: in unnormalised terms
+    # ||a||^2 + reg_eps (||a||^2 + ||b||^2). pcgrad projects exactly.
+    reg = 0.0 if name == "pcgrad" else spec.reg_eps * (aa + bb)
+    q_a = torch.where(conflict, -ab / torch.where(conflict, aa + reg, one), 0.0 * one)
+    q_b = torch.where(conflict, -ab / torch.where(conflict, bb + reg, one), 0.0 * one)
+    if name == "pcgrad":  # sum of a projected off b and b projected off a
+        return 1.0 + q_a, 1.0 + q_b, torch.where(conflict, pareto, torch.full_like(weighted, int(Case.SUMMED)))
+    if name == "upgrad":  # mean of the two projected rows
+        return 0.5 * (1.0 + q_a), 0.5 * (1.0 + q_b), torch.where(conflict, pareto, weighted)
+    # dualproj: the mean weights (1/2, 1/2) raised to the nearest feasible ones; at most one moves
+    moved = (q_a > 1.0) | (q_b > 1.0)
+    return 0.5 * torch.maximum(q_a, one), 0.5 * torch.maximum(q_b, one), torch.where(moved, pareto, weighted)
 
 _FAMILY_B = ("cagrad", "nash_mtl", "aligned_mtl", "config")
 

@@ -56,9 +56,15 @@ RULE_DOCS: dict[str, str] = {
     "rescale_only": "r > tau -> rescale weaker to stronger, sum; else sum",
     "mgda": "always the min-norm convex combination lambda*a + (1-lambda)*b",
     "mmpareto": "h = a + b (cos >= 0) or 2*lambda*a + 2*(1-lambda)*b; out = gamma*||a+b|| h/||h||",
+    "mean": "(a + b)/2 (torchjd Mean)",
+    "constant": "w_a*a + w_b*b with weights=(w_a, w_b) (torchjd Constant)",
+    "upgrad": "mean of a and b each projected onto the dual cone of {a, b} (torchjd UPGrad, reg_eps)",
+    "pcgrad": "a.b < 0 -> each of a, b minus its projection on the other, summed; else a + b (torchjd PCGrad)",
+    "dualproj": "(a + b)/2 projected onto the dual cone of {a, b} (torchjd DualProj, reg_eps)",
+    "imtl_g": "(||b|| a + ||a|| b)/(||a|| + ||b||): equal projections on a/||a||, b/||b|| (torchjd IMTLG)",
     "cagrad": "(a + b)/2 + c*||(a + b)/2|| g/||g||, g = x*a + (1-x)*b the closed-form CAGrad point (torchjd CAGrad)",
     "nash_mtl": "(a/||a|| + b/||b||)/sqrt(1 + cos), the Nash point G w = 1/w, clipped to max_norm (torchjd NashMTL)",
-    "aligned_mtl": "sqrt(lambda_min) G^(-1/2) (1/2, 1/2) on [a; b]; rank 1: the mean's part along a (torchjd AlignedMTL)",
+    "aligned_mtl": "sqrt(lambda_min) G^(-1/2) (1/2, 1/2) on [a; b]; rank 1: the mean along the top direction (torchjd AlignedMTL)",
     "config": "(||a|| + ||b||)/2 * (a/||a|| + b/||b||) (torchjd ConFIG)",
 }
 RULES: tuple[str, ...] = tuple(RULE_DOCS)

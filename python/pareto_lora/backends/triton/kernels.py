@@ -152,8 +152,8 @@ def _rule(aa, bb, ab, act, params_ptr, RULE: tl.constexpr, SYMMETRIC: tl.constex
         beta = 0.5 * one
         code = tl.full(aa.shape, WEIGHTED, tl.int32)
     elif RULE == RULE_CONSTANT:
-        alpha = w_a * one
-        beta = w_b * one
+        alpha = tl.load(params_ptr + P_W_A) * one
+        beta = tl.load(params_ptr + P_W_B) * one
         code = tl.full(aa.shape, WEIGHTED, tl.int32)
     elif RULE == RULE_IMTL_G:
         # rule.h gram_weighting: (||b||, ||a||)/(||a|| + ||b||); a zero norm: plain sum, DEGENERATE
@@ -167,7 +167,7 @@ def _rule(aa, bb, ab, act, params_ptr, RULE: tl.constexpr, SYMMETRIC: tl.constex
         if RULE == RULE_PCGRAD:
             reg = 0.0 * one
         else:
-            reg = reg_eps * (aa + bb)
+            reg = tl.load(params_ptr + P_REG_EPS) * (aa + bb)
         qa = tl.where(neg, -ab / tl.where(neg, aa + reg, one), 0.0)
         qb = tl.where(neg, -ab / tl.where(neg, bb + reg, one), 0.0)
         if RULE == RULE_PCGRAD:

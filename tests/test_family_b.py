@@ -42,6 +42,11 @@ def _ours(a, b, rule, backend="reference", **kw):
     return res.out, res.coeffs[0], int(res.cases[0])
 
 
+def _aggregator(rule):
+    """torchjd's aggregator of a rule at our defaults (a fresh one: NashMTL is stateful)."""
+    return {"cagrad": CAGrad(c=0.4), "nash_mtl": NashMTL(n_tasks=2), "aligned_mtl": AlignedMTL(), "config": ConFIG()}[rule]
+
+
 def _torchjd(agg, a, b):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # cvxpy's solver chatter
@@ -112,7 +117,8 @@ def _cagrad_objective(x, gram, c):
     # torchjd's cost on the trace-normalised Gram: w.G 1/2 + c ||g0|| ||g_w||
     g = gram / gram.trace()
     w = np.array([x, 1 - x])
-    return float(w @ g @ np.full(2, 0.5) + c * math.sqrt(np.full(2, 0.5) @ g @ np.full(2, 0.5)) * math.sqrt(max(w @ g @ w, 0)))
+    half = np.full(2, 0.5)
+    return float(w @ g @ half + c * math.sqrt(half @ g @ half) * math.sqrt(max(w @ g @ w, 0)))
 
 
 @pytest.mark.parametrize("c", [0.1, 0.4, 0.9])
@@ -250,16 +256,17 @@ def _edge(kind):
             "both_zero": (0 * a, 0 * a)}[kind]
 
 
-EDGES = {  # kind -> rule -> (case, out as a function of a, b)
-    "identical": {"cagrad": (Case.WEIGHTED, lambda a, b: 1.4 * a), "nash_mtl": (Case.WEIGHTED, lambda a, b: a / a.norm()),
-                  "aligned_mtl": (Case.WEIGHTED, lambda a, b: a), "config": (Case.WEIGHTED, lambda a, b: 2 * a)},
-    "anti": {"cagrad": (Case.STATIONARY, lambda a, b: 0 * a), "nash_mtl": (Case.STATIONARY, lambda a, b: 0 * a),
-             "aligned_mtl": (Case.WEIGHTED, lambda a, b: 0 * a), "config": (Case.WEIGHTED, lambda a, b: 0 * a)},
-    "b_zero": {"cagrad": (Case.DEGENERATE, lambda a, b: 0 * a), "nash_mtl": (Case.DEGENERATE, lambda a, b: a / a.norm()),
-               "aligned_mtl": (Case.DEGENERATE, lambda a, b: a / 2), "config": (Case.DEGENERATE, lambda a, b: a)},
-    "a_zero": {"cagrad": (Case.DEGENERATE, lambda a, b: 0 * b), "nash_mtl": (Case.DEGENERATE, lambda a, b: b / b.norm()),
-               "aligned_mtl": (Case.DEGENERATE, lambda a, b: b / 2), "config": (Case.DEGENERATE, lambda a, b: b)},
-    "both_zero": {r: (Case.DEGENERATE, lambda a, b: 0 * a) for r in RULES_B},
+W, S, D = Case.WEIGHTED, Case.STATIONARY, Case.DEGENERATE
+EDGES = {  # kind -> rule -> (case, out as a function of a, b); c = 0.4, max_norm = 1
+    "identical": {"cagrad": (W, lambda a, b: 1.4 * a), "nash_mtl": (W, lambda a, b: a / a.norm()),
+                  "aligned_mtl": (W, lambda a, b: a), "config": (W, lambda a, b: 2 * a)},
+    "anti": {"cagrad": (S, lambda a, b: 0 * a), "nash_mtl": (S, lambda a, b: 0 * a),
+             "aligned_mtl": (W, lambda a, b: 0 * a), "config": (W, lambda a, b: 0 * a)},
+    "b_zero": {"cagrad": (D, lambda a, b: 0 * a), "nash_mtl": (D, lambda a, b: a / a.norm()),
+               "aligned_mtl": (D, lambda a, b: a / 2), "config": (D, lambda a, b: a)},
+    "a_zero": {"cagrad": (D, lambda a, b: 0 * b), "nash_mtl": (D, lambda a, b: b / b.norm()),
+               "aligned_mtl": (D, lambda a, b: b / 2), "config": (D, lambda a, b: b)},
+    "both_zero": {r: (D, lambda a, b: 0 * a) for r in RULES_B},
 }
 
 
@@ -273,7 +280,7 @@ def test_edges_on_every_backend_and_as_torchjd(any_backend, kind, rule):
                                 backend=name)
     assert int(res.cases[0]) == case
     torch.testing.assert_close(res.out.cpu().double(), want(a, b), rtol=1e-5, atol=1e-6)
-    agg = {"cagrad": CAGrad(c=0.4), "nash_mtl": NashMTL(n_tasks=2), "aligned_mtl": AlignedMTL(), "config": ConFIG()}[rule]
+    agg = _aggregator(rule)
     if not (kind == "both_zero" and rule == "nash_mtl"):  # torchjd's solver raises on a zero Gram
         torch.testing.assert_close(_torchjd(agg, a, b), want(a, b), rtol=1e-6, atol=1e-9)
 
@@ -309,6 +316,21 @@ def test_scale(any_backend, rule):
         torch.testing.assert_close(out.cpu().double(), k**degree * base.cpu().double(), rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("rule", RULES_B)
+def test_swap_symmetry(any_backend, rule):
+    """Swapping a and b swaps (alpha, beta): none of the four prefers an objective."""
+    name, device = any_backend
+    gen = torch.Generator().manual_seed(5)
+    na, nb, cos = torch.rand(3, 300, generator=gen, dtype=torch.float64)
+    na, cos = 10.0 ** (6 * na - 3), 2 * cos - 1
+    stats = torch.stack([na * na, nb * nb, cos * na * nb], 1)
+    stats[:4] = torch.tensor([[1.0, 1.0, -1.0], [1.0, 0.0, 0.0], [4.0, 1.0, 2.0], [1.0, 1.0, 1.0]], dtype=torch.float64)
+    c1, k1 = pareto_lora.rule_coefficients(stats.to(device), rule, backend=name)
+    c2, k2 = pareto_lora.rule_coefficients(stats[:, [1, 0, 2]].to(device), rule, backend=name)
+    assert torch.equal(k1.cpu(), k2.cpu())
+    torch.testing.assert_close(c1.cpu(), c2.cpu().flip(1), rtol=1e-6, atol=0)
+
+
 # ---- 3. norm bounds, also on statistics with rounding error -----------------------------------------------
 def bound(rule, na, nb, nsum, spec):
     """The largest ||out|| the rule may give (docs/rules_family_b.md), with the statistics' error."""
@@ -329,7 +351,8 @@ def noisy_problems(draw):
     cos = draw(st.one_of(st.floats(-1, 1), st.sampled_from([-1.0, 1.0]),
                          st.floats(-1, 1).map(lambda t: math.copysign(1 - 10 ** (-9 + 8 * abs(t)), t))))
     noise = [draw(st.floats(-1, 1)) * STATS_REL_ERR for _ in range(3)]
-    spec = RuleSpec(rule, c=draw(st.sampled_from([0.0, 0.4, 0.9, 2.0])), max_norm=draw(st.sampled_from([0.0, 0.5, 1.0])))
+    c, max_norm = draw(st.sampled_from([0.0, 0.4, 0.9, 2.0])), draw(st.sampled_from([0.0, 0.5, 1.0]))
+    spec = RuleSpec(rule, c=c, max_norm=max_norm)
     return rule, na, nb, cos, noise, spec, draw(st.integers(0, 2**20))
 
 
@@ -403,7 +426,7 @@ def test_peft_model_per_group_equals_torchjd(llama, rule):
         a = torch.cat([text[i].reshape(-1) for i in idx]).double()
         b = torch.cat([image[i].reshape(-1) for i in idx]).double()
         got = torch.cat([named[i][1].grad.reshape(-1) for i in idx]).double()
-        agg = {"cagrad": CAGrad(c=0.4), "nash_mtl": NashMTL(n_tasks=2), "aligned_mtl": AlignedMTL(), "config": ConFIG()}[rule]
+        agg = _aggregator(rule)
         want = _torchjd(agg, a, b)
         assert report.cases[g] == Case.WEIGHTED
         if rule == "nash_mtl" and _nash_residual(agg, a, b) >= 0.1:

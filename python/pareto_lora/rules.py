@@ -62,9 +62,9 @@ RULE_DOCS: dict[str, str] = {
     "pcgrad": "a.b < 0 -> each of a, b minus its projection on the other, summed; else a + b (torchjd PCGrad)",
     "dualproj": "(a + b)/2 projected onto the dual cone of {a, b} (torchjd DualProj, reg_eps)",
     "imtl_g": "(||b|| a + ||a|| b)/(||a|| + ||b||): equal projections on a/||a||, b/||b|| (torchjd IMTLG)",
-    "cagrad": "(a + b)/2 + c*||(a + b)/2|| g/||g||, g = x*a + (1-x)*b the closed-form CAGrad point (torchjd CAGrad)",
+    "cagrad": "(a+b)/2 + c*||(a+b)/2|| g/||g||, g = x*a + (1-x)*b the CAGrad point in closed form (torchjd CAGrad)",
     "nash_mtl": "(a/||a|| + b/||b||)/sqrt(1 + cos), the Nash point G w = 1/w, clipped to max_norm (torchjd NashMTL)",
-    "aligned_mtl": "sqrt(lambda_min) G^(-1/2) (1/2, 1/2) on [a; b]; rank 1: the mean along the top direction (torchjd AlignedMTL)",
+    "aligned_mtl": "sqrt(lambda_min) G^(-1/2) (1/2, 1/2); rank 1: the mean along the top direction (torchjd AlignedMTL)",
     "config": "(||a|| + ||b||)/2 * (a/||a|| + b/||b||) (torchjd ConFIG)",
 }
 RULES: tuple[str, ...] = tuple(RULE_DOCS)

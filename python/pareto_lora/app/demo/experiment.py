@@ -357,6 +357,7 @@ def run_experiment(cfg: DemoConfig, progress: bool = True, runs_dir: str | None 
     setup = prepare(cfg, progress)
     cells = [(rule, seed) for seed in cfg.seeds for rule in cfg.rules]
     workers = cfg.workers or default_workers(cfg.cache_dir, cfg.device, len(cells))
+    setup.timings["workers"] = workers
     if workers <= 1:
         runs = [run_cell(setup, cfg, rule, seed, runs_dir, progress) for rule, seed in cells]
     else:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import concurrent.futures
 import multiprocessing
 import os
+import warnings
 
 __all__ = ["usable_cpus", "default_workers", "run_cells"]
 
@@ -43,6 +44,9 @@ def default_workers(cache_dir, device: str, cells: int) -> int:
 
 def _init(prepare, cfg, prepare_kwargs: dict) -> None:
     global _SETUP
+    # peft asks transformers 5 a deprecated question once per model it wraps; the parent process
+    # shows that FutureWarning already, each worker would repeat it.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     _SETUP = prepare(cfg, **prepare_kwargs)
 
 

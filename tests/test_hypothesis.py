@@ -65,10 +65,20 @@ def build(sizes, segments, dtype, seed):
 
 def rule_bound(rule, na, nb, nsum, case, gamma):
     """The largest ||out|| the rule may produce on a segment (before output rounding)."""
+    if rule == "nash_mtl" and case in (Case.WEIGHTED, Case.DEGENERATE):  # unit scale (max_norm 1), any input norm
+        return 1.031
+    if rule == "cagrad" and case == Case.WEIGHTED:  # (1 + c) ||a + b||/2, c = 0.4; 1.031: STATIONARY_REL
+        return (1.0 + 1.031 * 0.4) * nsum / 2
     if case in (Case.SUMMED, Case.INACTIVE, Case.DEGENERATE, Case.NONFINITE) and rule != "mmpareto":
         return na + nb
     if case == Case.STATIONARY:
         return 0.0
+    if rule in ("mean", "upgrad", "dualproj", "aligned_mtl"):  # docs/rules.md, the gradient-manipulation family
+        return 0.5 * (na + nb)
+    if rule == "imtl_g":
+        return 2.0 * na * nb / (na + nb)
+    if rule == "pcgrad":
+        return na + nb
     if rule == "mmpareto":
         return 1.031 * gamma * nsum
     if case == Case.PARETO:  # a convex combination's min-norm point is no longer than either end
@@ -122,7 +132,11 @@ def test_float32_statistics_from_elsewhere_never_make_a_rule_amplify_noise(any_b
     dtype, sizes, segments, rule, symmetric, seed = problem
     a, b, offsets = build(sizes, segments, torch.float32, seed)
     a64, b64 = a.double(), b.double()
-    stats32 = reference.segment_stats(a64, b64, offsets).float()
+    stats64 = reference.segment_stats(a64, b64, offsets)
+    stats32 = stats64.float()
+    # Their error relative to (||a||^2, ||b||^2, ||a|| ||b||): 2^-24, more where a square is a float32 subnormal.
+    scale = torch.stack([stats64[:, 0], stats64[:, 1], (stats64[:, 0] * stats64[:, 1]).sqrt()], 1)
+    stats_err = ((stats32.double() - stats64).abs() / scale.clamp_min(1e-300)).amax(1)
     coeffs, cases = pareto_lora.rule_coefficients(stats32.to(device), rule, gamma=1.5, symmetric=symmetric,
                                                   backend=name)
     ref_c, ref_k = pareto_lora.rule_coefficients(stats32, rule, gamma=1.5, symmetric=symmetric, backend="reference")
@@ -137,8 +151,10 @@ def test_float32_statistics_from_elsewhere_never_make_a_rule_amplify_noise(any_b
         out = alpha * x + beta * y
         na, nb, nsum = float(x.norm()), float(y.norm()), float((x + y).norm())
         bound = rule_bound(rule, na, nb, nsum, Case(int(cases[s])), 1.5)
-        # slack for the float32 coefficients only: it must not grow with the coefficients themselves
-        assert float(out.norm()) <= bound * (1 + 1e-5) + 1e-300, (
+        # slack for the float32 coefficients and the statistics' own error only: it must not grow with
+        # the coefficients themselves (imtl_g's bound is reached at parallel pairs: its output moves
+        # with the norms it is given)
+        assert float(out.norm()) <= bound * (1 + 1e-5 + float(stats_err[s])) + 1e-300, (
             s, rule, Case(int(cases[s])), float(out.norm()) / max(bound, 1e-300))
 
 

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from ...rules import CAUCHY_SCHWARZ_SLACK, KERNEL_PARAMS, MAX_COEFFICIENT, MAX_TERM, RULE_IDS, STATIONARY_REL, Case
+from .family_b import RULE_ALIGNED_MTL, RULE_CAGRAD, RULE_CONFIG, RULE_NASH_MTL, family_b
 
 # Case codes and rule ids, derived from pareto_lora.rules (which csrc/rule.h mirrors).
 SUMMED: tl.constexpr = tl.constexpr(int(Case.SUMMED))
@@ -33,6 +34,12 @@ RULE_PARETO_ONLY: tl.constexpr = tl.constexpr(RULE_IDS["pareto_only"])
 RULE_RESCALE_ONLY: tl.constexpr = tl.constexpr(RULE_IDS["rescale_only"])
 RULE_MGDA: tl.constexpr = tl.constexpr(RULE_IDS["mgda"])
 RULE_MMPARETO: tl.constexpr = tl.constexpr(RULE_IDS["mmpareto"])
+RULE_MEAN: tl.constexpr = tl.constexpr(RULE_IDS["mean"])
+RULE_CONSTANT: tl.constexpr = tl.constexpr(RULE_IDS["constant"])
+RULE_UPGRAD: tl.constexpr = tl.constexpr(RULE_IDS["upgrad"])
+RULE_PCGRAD: tl.constexpr = tl.constexpr(RULE_IDS["pcgrad"])
+RULE_DUALPROJ: tl.constexpr = tl.constexpr(RULE_IDS["dualproj"])
+RULE_IMTL_G: tl.constexpr = tl.constexpr(RULE_IDS["imtl_g"])
 
 # Where each rule parameter sits in the float64 params vector (rules.KERNEL_PARAMS).
 P_TAU: tl.constexpr = tl.constexpr(KERNEL_PARAMS.index("tau"))
@@ -140,6 +147,44 @@ def _rule(aa, bb, ab, act, params_ptr, RULE: tl.constexpr, SYMMETRIC: tl.constex
         alpha = lam
         beta = 1.0 - lam
         code = tl.where(degenerate, DEGENERATE, PARETO)
+    elif RULE == RULE_MEAN:
+        alpha = 0.5 * one
+        beta = 0.5 * one
+        code = tl.full(aa.shape, WEIGHTED, tl.int32)
+    elif RULE == RULE_CONSTANT:
+        alpha = tl.load(params_ptr + P_W_A) * one
+        beta = tl.load(params_ptr + P_W_B) * one
+        code = tl.full(aa.shape, WEIGHTED, tl.int32)
+    elif RULE == RULE_IMTL_G:
+        # rule.h gram_weighting: (||b||, ||a||)/(||a|| + ||b||); a zero norm: plain sum, DEGENERATE
+        total = tl.where(degenerate, one, na + nb)
+        alpha = tl.where(degenerate, one, nb / total)
+        beta = tl.where(degenerate, one, na / total)
+        code = tl.where(degenerate, DEGENERATE, WEIGHTED)
+    elif (RULE == RULE_UPGRAD) | (RULE == RULE_PCGRAD) | (RULE == RULE_DUALPROJ):
+        # rule.h gram_weighting: q_a = -a.b/(||a||^2 + reg), only where a.b < 0 (both norms > 0)
+        neg = ab < 0.0
+        if RULE == RULE_PCGRAD:
+            reg = 0.0 * one
+        else:
+            reg = tl.load(params_ptr + P_REG_EPS) * (aa + bb)
+        qa = tl.where(neg, -ab / tl.where(neg, aa + reg, one), 0.0)
+        qb = tl.where(neg, -ab / tl.where(neg, bb + reg, one), 0.0)
+        if RULE == RULE_PCGRAD:
+            alpha = 1.0 + qa
+            beta = 1.0 + qb
+            code = tl.where(neg, PARETO, SUMMED)
+        elif RULE == RULE_UPGRAD:
+            alpha = 0.5 * (1.0 + qa)
+            beta = 0.5 * (1.0 + qb)
+            code = tl.where(neg, PARETO, WEIGHTED)
+        else:
+            alpha = 0.5 * _fmax(qa, 1.0)
+            beta = 0.5 * _fmax(qb, 1.0)
+            code = tl.where((qa > 1.0) | (qb > 1.0), PARETO, WEIGHTED)
+    elif (RULE == RULE_CAGRAD) or (RULE == RULE_NASH_MTL) or (RULE == RULE_ALIGNED_MTL) or (RULE == RULE_CONFIG):
+        # torchjd's aggregators, with their own zero-norm handling (family_b.py, rule.h family_b)
+        alpha, beta, code = family_b(aa, bb, ab, tl.load(params_ptr + P_C), tl.load(params_ptr + P_MAX_NORM), RULE)
     elif RULE != RULE_SUM:
         if RULE == RULE_PARETO_LORA:
             alpha = tl.where(conflict, lam, tl.where(imbalanced, ra, one))

@@ -15,7 +15,7 @@ import math
 import os
 import statistics
 
-from ..methods import ALL_METHODS
+from ..methods import ALL_METHODS, FAMILY
 from ..model import ModelConfig
 from ..parallel import default_workers, run_cells
 from .experiment import LONG, DigitsConfig, cell_line, prepare, run_cell
@@ -25,7 +25,7 @@ __all__ = ["QUICK", "DEFAULT", "FULL", "STRONG", "CODEBOOK_SIZES", "codebook_cho
            "ratio_quantiles"]
 
 _RULES = ("pareto_lora", "pareto_lora_all", "pareto_lora_m0.1", "pareto_lora_ema0.9", "pareto_lora_norm",
-          "rescale_only", "pareto_only", "mgda", "mmpareto", "mimo", "gradnorm", "commit")
+          "rescale_only", "pareto_only", "mgda", "mmpareto", "mimo", "gradnorm", "commit", *FAMILY)
 #: ``--quick``: every code path in seconds (CI), no tuning
 QUICK = dict(seeds=(0, 1), steps=4, pretrain_steps=20, gen_samples=1, lrs=(), long_factor=2, cache_dir=None,
              model=ModelConfig(num_layers=3, lora_rank=4), num_groups=3,

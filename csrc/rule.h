@@ -27,6 +27,10 @@ enum class Rule : int32_t {
   Pcgrad = 9,
   Dualproj = 10,
   ImtlG = 11,
+  Cagrad = 12,
+  NashMtl = 13,
+  AlignedMtl = 14,
+  Config = 15,
   Count
 };
 
@@ -43,7 +47,8 @@ enum Case : int32_t {
 
 // Index = Rule id. Must match RULE_DOCS in python/pareto_lora/rules.py (tested).
 constexpr const char* kRuleNames[] = {"sum", "pareto_lora", "pareto_only", "rescale_only", "mgda", "mmpareto",
-                                      "mean", "constant", "upgrad", "pcgrad", "dualproj", "imtl_g"};
+                                      "mean", "constant", "upgrad", "pcgrad", "dualproj", "imtl_g",
+                                      "cagrad", "nash_mtl", "aligned_mtl", "config"};
 
 // The rule's parameters after its id, in the order the ops take them (schema `float[] params`).
 // Must match KERNEL_PARAMS in python/pareto_lora/rules.py (tested); RuleParams' fields follow it.
@@ -87,6 +92,8 @@ constexpr double kCauchySchwarzSlack = 4.0 * kStatsRelErr;
 constexpr double kStationaryRel = 16.0 * kStatsRelErr;
 // Coefficients are stored as float32: a larger one would be written as inf.
 constexpr double kMaxCoefficient = 3.4028234663852886e38;
+// cagrad: torchjd's norm_eps, relative to sqrt(||a||^2 + ||b||^2) (rules.py CAGRAD_NORM_EPS).
+constexpr double kCagradNormEps = 1e-4;
 // A coefficient above 1 scales its buffer up: |c| ||x|| bounds every |c x_i|, and the combine may
 // form c x_i in float32, so a term beyond this is NONFINITE (plain sum) rather than an inf that
 // the float64 reference would not produce. The margin covers the statistics' error and the
@@ -145,9 +152,88 @@ PL_HOST_DEVICE inline Coefficients gram_weighting(double aa, double bb, double a
   return {0.5 * fmax(qa, 1.0), 0.5 * fmax(qb, 1.0), moved ? kPareto : kWeighted};
 }
 
+// torchjd's AlignedMTL on the trace-normalised Gram [[pa, w], [w, pb]] (pa + pb = 1; invariant to
+// its scale). Rank 2: B = sqrt(l-) G^(-1/2) with G^(-1/2) = (G + d I)^(-1) (sqrt(l+) + sqrt(l-)),
+// d = sqrt(det): the 1/sqrt(l-) cancels, nothing is divided by the small eigenvalue. Rank 1 where
+// |cos| is 1 within the statistics' rounding (kCauchySchwarzSlack): torchjd's truncation to the top
+// eigenvector, B = v v^T = (G - l- I)/(l+ - l-).
+PL_HOST_DEVICE inline Coefficients aligned_mtl(double pa, double pb, double w, double det, double cos) {
+  const double r = sqrt(0.25 * (pa - pb) * (pa - pb) + w * w);
+  const double l_plus = 0.5 + r;
+  const double l_minus = det / l_plus;  // not 0.5 - r: no cancellation
+  if (fabs(cos) >= 1.0 - kCauchySchwarzSlack) {
+    const double gap = 2.0 * r;
+    return {(pa + w - l_minus) / (2.0 * gap), (pb + w - l_minus) / (2.0 * gap), kWeighted};
+  }
+  const double d = sqrt(det);
+  const double den = 2.0 * sqrt(l_plus) * (sqrt(l_plus) + sqrt(l_minus));
+  return {(pb - w + d) / den, (pa - w + d) / den, kWeighted};
+}
+
+// CAGrad: x in [0, 1] minimises g_x.g0 + c ||g0|| ||g_x|| (g_x = x a + (1 - x) b, g0 = (a + b)/2) on
+// the trace-normalised Gram; the root of its derivative in closed form (docs/rules.md), then
+// out = g0 + c ||g0|| g_x/||g_x||. ||g_x|| below torchjd's norm_eps, or within the statistics'
+// rounding (mmpareto's kStationaryRel test), is Pareto-stationary: zero output, as torchjd.
+PL_HOST_DEVICE inline Coefficients cagrad(double pa, double pb, double w, double det, double c) {
+  const double s = 0.5 * (pa - pb);
+  const double diff2 = pa + pb - 2.0 * w;  // ||a - b||^2
+  const double k = c * sqrt(fmax(0.25 * (pa + pb + 2.0 * w), 0.0));  // c ||g0||
+  const double disc = k * k * diff2 - s * s;
+  double x = 0.5;  // a = b: every x gives the same point
+  if (diff2 > 0.0) {
+    const double lam = fmin(fmax((pb - w) / diff2, 0.0), 1.0);  // s = 0: the min-norm point
+    if (disc > 0.0) {
+      const double u = -s * sqrt(det) / sqrt(disc);
+      x = fmin(fmax((pb - w + u) / diff2, 0.0), 1.0);
+    } else {
+      x = s > 0.0 ? 0.0 : (s < 0.0 ? 1.0 : lam);
+    }
+  }
+  const double gx2 = fmax(x * x * pa + 2.0 * x * (1.0 - x) * w + (1.0 - x) * (1.0 - x) * pb, 0.0);
+  const double reach = x * sqrt(pa) + (1.0 - x) * sqrt(pb);
+  if (!(gx2 >= kCagradNormEps * kCagradNormEps && gx2 > kStationaryRel * reach * reach)) return {0.0, 0.0, kStationary};
+  const double ratio = k / sqrt(gx2);
+  return {0.5 + ratio * x, 0.5 + ratio * (1.0 - x), kWeighted};
+}
+
+// cagrad, nash_mtl, aligned_mtl and config: torchjd's aggregators on two rows in closed form
+// (docs/rules.md; python/pareto_lora/reference.py _family_b is the oracle). A zero norm gives
+// torchjd's own output there, DEGENERATE: cagrad 0, nash_mtl the other row normalised (and
+// clipped), aligned_mtl the mean, config the sum.
+PL_HOST_DEVICE inline Coefficients family_b(double aa, double bb, double ab, const RuleParams& p) {
+  const double na = sqrt(aa), nb = sqrt(bb);
+  const double limit = p.max_norm > 0.0 ? p.max_norm : INFINITY;  // nash_mtl; 0: no clipping
+  if (aa == 0.0 || bb == 0.0) {
+    switch (p.rule) {
+      case Rule::Cagrad: return {0.0, 0.0, kDegenerate};
+      case Rule::NashMtl: {
+        const double unit = fmin(1.0, limit);
+        return {na > 0.0 ? unit / na : 0.0, nb > 0.0 ? unit / nb : 0.0, kDegenerate};
+      }
+      case Rule::AlignedMtl: return {0.5, 0.5, kDegenerate};
+      default: return {1.0, 1.0, kDegenerate};
+    }
+  }
+  const double cos = ab / na / nb;  // in two divisions: na * nb may overflow
+  if (p.rule == Rule::Config) return {0.5 + 0.5 * nb / na, 0.5 + 0.5 * na / nb, kWeighted};
+  if (p.rule == Rule::NashMtl) {
+    // G w = 1/w: w = (1/||a||, 1/||b||)/sqrt(1 + cos), ||out|| = sqrt 2, then clipped to max_norm.
+    const double h2 = 2.0 + 2.0 * cos;  // ||a/||a|| + b/||b||||^2 <= 4 (mmpareto's test, reach 2)
+    if (!(h2 > kStationaryRel * 4.0)) return {0.0, 0.0, kStationary};
+    const double scale = fmin(sqrt(2.0), limit) / sqrt(h2);
+    return {scale / na, scale / nb, kWeighted};
+  }
+  const double t = aa + bb;
+  const double pa = aa / t, pb = bb / t, w = ab / t;
+  const double det = fmax(pa * pb - w * w, 0.0);
+  if (p.rule == Rule::AlignedMtl) return aligned_mtl(pa, pb, w, det, cos);
+  return cagrad(pa, pb, w, det, p.c);
+}
+
 PL_HOST_DEVICE inline Coefficients rule_of_valid(double aa, double bb, double ab, const RuleParams& p) {
   if (p.rule == Rule::Sum) return {1.0, 1.0, kSummed};
   if (p.rule >= Rule::Mean && p.rule <= Rule::ImtlG) return gram_weighting(aa, bb, ab, p);
+  if (p.rule >= Rule::Cagrad && p.rule <= Rule::Config) return family_b(aa, bb, ab, p);
 
   // MGDA: lambda minimises ||lambda a + (1 - lambda) b||^2 on [0, 1]. The paper's Eq. 4
   // prints the weight of b under this name; this is the minimiser of its Eq. 3.

@@ -65,11 +65,15 @@ def build(sizes, segments, dtype, seed):
 
 def rule_bound(rule, na, nb, nsum, case, gamma):
     """The largest ||out|| the rule may produce on a segment (before output rounding)."""
+    if rule == "nash_mtl" and case in (Case.WEIGHTED, Case.DEGENERATE):  # unit scale (max_norm 1), any input norm
+        return 1.031
+    if rule == "cagrad" and case == Case.WEIGHTED:  # (1 + c) ||a + b||/2, c = 0.4; 1.031: STATIONARY_REL
+        return (1.0 + 1.031 * 0.4) * nsum / 2
     if case in (Case.SUMMED, Case.INACTIVE, Case.DEGENERATE, Case.NONFINITE) and rule != "mmpareto":
         return na + nb
     if case == Case.STATIONARY:
         return 0.0
-    if rule in ("mean", "upgrad", "dualproj"):  # docs/rules.md, the gradient-manipulation family
+    if rule in ("mean", "upgrad", "dualproj", "aligned_mtl"):  # docs/rules.md, the gradient-manipulation family
         return 0.5 * (na + nb)
     if rule == "imtl_g":
         return 2.0 * na * nb / (na + nb)

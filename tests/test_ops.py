@@ -221,8 +221,10 @@ def test_constructed_cases(any_backend, kind, rule):
         assert float(res.out.abs().max()) < 1e-6  # min-norm point of {a, -a} is 0
     if kind == "anti_parallel" and rule == "mmpareto":
         assert int(res.cases[0]) == Case.STATIONARY and float(res.out.abs().max()) == 0.0
-    if kind in ("a_zero", "both_zero") and rule in ("mean", "upgrad", "dualproj"):
+    if kind in ("a_zero", "both_zero") and rule in ("mean", "upgrad", "dualproj", "aligned_mtl"):
         torch.testing.assert_close(res.out, (a + b) / 2)  # the mean, as torchjd (docs/rules.md)
+    elif kind in ("a_zero", "both_zero") and rule in ("cagrad", "nash_mtl"):  # torchjd's: 0 / the unit b
+        torch.testing.assert_close(res.out, b / b.norm() if rule == "nash_mtl" and kind == "a_zero" else 0 * b)
     elif kind in ("a_zero", "both_zero") and rule != "mgda":
         torch.testing.assert_close(res.out, a + b)  # nothing rescaled by a zero norm
 

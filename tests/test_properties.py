@@ -56,7 +56,7 @@ def test_rescale_equalises_contributions(any_backend, seed, rule):
 
 @pytest.mark.parametrize("seed", SEEDS[:3])
 @pytest.mark.parametrize("corr", [-1.0, 0.7])
-@pytest.mark.parametrize("rule", pareto_lora.RULES)
+@pytest.mark.parametrize("rule", [r for r in pareto_lora.RULES if r != "nash_mtl"])  # degree 0: test_family_b
 def test_positive_homogeneity(any_backend, seed, corr, rule):
     a, b = _pair(seed, corr)
     assert_positively_homogeneous(_integrator(any_backend, rule), a, b)

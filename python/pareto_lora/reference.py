@@ -20,7 +20,7 @@ import torch
 
 from . import checks as _checks
 from .result import IntegrationResult
-from .rules import CAUCHY_SCHWARZ_SLACK, STATIONARY_REL, DEFAULT_RULE, Case, RuleSpec, term_fits
+from .rules import CAGRAD_NORM_EPS, CAUCHY_SCHWARZ_SLACK, STATIONARY_REL, DEFAULT_RULE, Case, RuleSpec, term_fits
 
 __all__ = [
     "segment_stats",
@@ -162,6 +162,8 @@ def _rule(
         put(degenerate, Case.DEGENERATE, one, one)
     if rule in _GRAM_WEIGHTINGS:  # their own zero-norm handling (docs/rules.md): replaces the above
         alpha, beta, case = _gram_weighting(spec, aa, bb, ab, na, nb)
+    if rule in _FAMILY_B:  # their own zero-norm handling (docs/rules.md): replaces the above
+        alpha, beta, case = _family_b(spec, aa, bb, ab, na, nb)
     # A coefficient float32 cannot hold, or one whose scaled buffer could overflow float32, never
     # produces an inf: plain sum, NONFINITE (rules.term_fits).
     put(~(term_fits(alpha, na) & term_fits(beta, nb)), Case.NONFINITE, one, one)
@@ -211,6 +213,88 @@ def _gram_weighting(spec: RuleSpec, aa, bb, ab, na, nb):
     # dualproj: the mean weights (1/2, 1/2) raised to the nearest feasible ones; at most one moves
     moved = (q_a > 1.0) | (q_b > 1.0)
     return 0.5 * torch.maximum(q_a, one), 0.5 * torch.maximum(q_b, one), torch.where(moved, pareto, weighted)
+
+_FAMILY_B = ("cagrad", "nash_mtl", "aligned_mtl", "config")
+
+
+def _family_b(spec: RuleSpec, aa, bb, ab, na, nb):
+    """(alpha, beta, case) of torchjd's CAGrad, NashMTL, AlignedMTL and ConFIG on two rows, in closed
+    form (derivations and every difference from torchjd in docs/rules.md). A zero norm: torchjd's own
+    output there (cagrad 0, nash_mtl the other row normalised, aligned_mtl the mean, config the sum),
+    DEGENERATE. Nothing below divides by a quantity that rounding of the statistics can make."""
+    name, one = spec.name, torch.ones_like(aa)
+    zero = 0.0 * one
+    degenerate = (aa == 0) | (bb == 0)
+    code = torch.full(aa.shape, int(Case.WEIGHTED), dtype=torch.int32, device=aa.device)
+    safe_na, safe_nb = torch.where(na > 0, na, one), torch.where(nb > 0, nb, one)
+    cos = torch.where(degenerate, zero, ab / safe_na / safe_nb)  # in two divisions: na nb may overflow
+    if name == "config":  # (||a|| + ||b||)/2 (a/||a|| + b/||b||)
+        alpha, beta = 0.5 + 0.5 * nb / safe_na, 0.5 + 0.5 * na / safe_nb
+        degenerate_ab = (one, one)
+    elif name == "nash_mtl":  # G w = 1/w: w = (1/||a||, 1/||b||)/sqrt(1 + cos), ||out|| = sqrt 2, clipped
+        limit = spec.max_norm if spec.max_norm > 0 else math.inf  # 0: no clipping
+        h2 = 2.0 + 2.0 * cos  # ||a/||a|| + b/||b||||^2 <= 4: mmpareto's STATIONARY_REL test, reach 2
+        moving = h2 > STATIONARY_REL * 4.0
+        scale = min(math.sqrt(2.0), limit) / torch.where(moving, h2, one).sqrt()
+        alpha, beta = torch.where(moving, scale / safe_na, zero), torch.where(moving, scale / safe_nb, zero)
+        code = torch.where(moving, code, torch.full_like(code, int(Case.STATIONARY)))
+        # One row: its Nash point w = 1/||a||, the unit vector, clipped (torchjd's output there).
+        unit = min(1.0, limit)
+        degenerate_ab = (torch.where(na > 0, unit / safe_na, zero), torch.where(nb > 0, unit / safe_nb, zero))
+    else:  # cagrad, aligned_mtl: on the trace-normalised Gram (both are invariant to its scale)
+        t = torch.where(degenerate, one, aa + bb)
+        p, q, w = aa / t, bb / t, ab / t
+        det = (p * q - w * w).clamp_min(0.0)
+        if name == "aligned_mtl":
+            alpha, beta, degenerate_ab = *_aligned_mtl(p, q, w, det, cos), (0.5 * one, 0.5 * one)
+        else:
+            alpha, beta, still = _cagrad(p, q, w, det, spec.c)
+            code = torch.where(still, torch.full_like(code, int(Case.STATIONARY)), code)
+            degenerate_ab = (zero, zero)
+    alpha, beta = torch.where(degenerate, degenerate_ab[0], alpha), torch.where(degenerate, degenerate_ab[1], beta)
+    return alpha, beta, torch.where(degenerate, torch.full_like(code, int(Case.DEGENERATE)), code)
+
+
+def _aligned_mtl(p, q, w, det, cos):
+    # Eigenvalues of G = [[p, w], [w, q]] (p + q = 1); l_minus = det/l_plus avoids the cancellation.
+    r = (0.25 * (p - q) * (p - q) + w * w).sqrt()
+    l_plus = 0.5 + r
+    l_minus = det / l_plus
+    # Rank 1 where |cos| is 1 within the statistics' rounding (CAUCHY_SCHWARZ_SLACK, as the validity
+    # test): torchjd truncates to the top eigenvector v, B = v v^T = (G - l_minus I)/(l_plus - l_minus).
+    rank1 = cos.abs() >= 1.0 - CAUCHY_SCHWARZ_SLACK
+    gap = torch.where(rank1, 2.0 * r, torch.ones_like(r))
+    # Rank 2: B = sqrt(l_minus) G^(-1/2); with G^(-1/2) = (G + d I)^(-1) (sqrt(l_plus) + sqrt(l_minus)),
+    # d = sqrt(det), the 1/sqrt(l_minus) cancels: nothing is divided by the small eigenvalue.
+    d = det.sqrt()
+    den = 2.0 * l_plus.sqrt() * (l_plus.sqrt() + l_minus.sqrt())
+    alpha = torch.where(rank1, (p + w - l_minus) / (2.0 * gap), (q - w + d) / den)
+    beta = torch.where(rank1, (q + w - l_minus) / (2.0 * gap), (p - w + d) / den)
+    return alpha, beta
+
+
+def _cagrad(p, q, w, det, c):
+    # min over x in [0, 1] of g_x.g0 + c ||g0|| ||g_x||, g_x = x a + (1 - x) b, g0 = (a + b)/2: the
+    # root of its derivative in closed form (docs/rules.md), then d = g0 + c ||g0|| g_x/||g_x||.
+    s = 0.5 * (p - q)
+    diff2 = p + q - 2.0 * w  # ||a - b||^2
+    k = c * (0.25 * (p + q + 2.0 * w)).clamp_min(0.0).sqrt()  # c ||g0||
+    disc = k * k * diff2 - s * s
+    inner = (diff2 > 0) & (disc > 0)
+    one = torch.ones_like(p)
+    safe_diff2 = torch.where(diff2 > 0, diff2, one)
+    lam = ((q - w) / safe_diff2).clamp(0.0, 1.0)  # s = 0: the min-norm point (MGDA)
+    u = -s * det.sqrt() / torch.where(inner, disc, one).sqrt()
+    edge = torch.where(s > 0, 0.0 * one, torch.where(s < 0, one, lam))
+    x = torch.where(inner, ((q - w + u) / safe_diff2).clamp(0.0, 1.0), edge)
+    x = torch.where(diff2 > 0, x, 0.5 * one)
+    gx2 = (x * x * p + 2.0 * x * (1.0 - x) * w + (1.0 - x) * (1.0 - x) * q).clamp_min(0.0)
+    reach = x * p.sqrt() + (1.0 - x) * q.sqrt()
+    # ||g_x|| = 0: Pareto-stationary, zero output. Below torchjd's norm_eps (relative to sqrt(tr G))
+    # as torchjd, and where ||g_x|| is within the statistics' rounding (mmpareto's test).
+    still = ~((gx2 >= CAGRAD_NORM_EPS * CAGRAD_NORM_EPS) & (gx2 > STATIONARY_REL * reach * reach))
+    ratio = k / torch.where(still, one, gx2).sqrt()
+    return torch.where(still, 0.0 * one, 0.5 + ratio * x), torch.where(still, 0.0 * one, 0.5 + ratio * (1.0 - x)), still
 
 
 def combine(

@@ -28,6 +28,7 @@ __all__ = [
     "STATS_REL_ERR",
     "CAUCHY_SCHWARZ_SLACK",
     "STATIONARY_REL",
+    "CAGRAD_NORM_EPS",
     "MAX_COEFFICIENT",
     "MAX_TERM",
     "term_fits",
@@ -61,6 +62,10 @@ RULE_DOCS: dict[str, str] = {
     "pcgrad": "a.b < 0 -> each of a, b minus its projection on the other, summed; else a + b (torchjd PCGrad)",
     "dualproj": "(a + b)/2 projected onto the dual cone of {a, b} (torchjd DualProj, reg_eps)",
     "imtl_g": "(||b|| a + ||a|| b)/(||a|| + ||b||): equal projections on a/||a||, b/||b|| (torchjd IMTLG)",
+    "cagrad": "(a + b)/2 + c*||(a + b)/2|| g/||g||, g = x*a + (1-x)*b the closed-form CAGrad point (torchjd CAGrad)",
+    "nash_mtl": "(a/||a|| + b/||b||)/sqrt(1 + cos), the Nash point G w = 1/w, clipped to max_norm (torchjd NashMTL)",
+    "aligned_mtl": "sqrt(lambda_min) G^(-1/2) (1/2, 1/2) on [a; b]; rank 1: the mean along the top direction (torchjd AlignedMTL)",
+    "config": "(||a|| + ||b||)/2 * (a/||a|| + b/||b||) (torchjd ConFIG)",
 }
 RULES: tuple[str, ...] = tuple(RULE_DOCS)
 RULE_IDS: dict[str, int] = {name: i for i, name in enumerate(RULES)}
@@ -75,6 +80,9 @@ CAUCHY_SCHWARZ_SLACK = 4 * STATS_REL_ERR
 #: mmpareto: ||h||^2 <= STATIONARY_REL (h_a ||a|| + h_b ||b||)^2 is Pareto-stationary (zero output).
 #: Above it the statistics' error moves ||h||^2 by at most 1/16, so ||out|| <= 1.031 gamma ||a + b||.
 STATIONARY_REL = 16 * STATS_REL_ERR
+#: cagrad: torchjd's norm_eps. ||g|| < CAGRAD_NORM_EPS sqrt(||a||^2 + ||b||^2) (g the CAGrad point of
+#: the convex hull) is Pareto-stationary (zero output), as torchjd; relative, so scale-invariant.
+CAGRAD_NORM_EPS = 1e-4
 #: Coefficients are stored in float32; a larger one is not written: the segment is NONFINITE.
 MAX_COEFFICIENT = 3.4028234663852886e38
 #: A coefficient c > 1 scales its buffer x up; |c| ||x|| bounds every |c x_i|, which the combine may

@@ -17,7 +17,7 @@ from pareto_lora import Case
 from pareto_lora import reference as ref
 
 RULES = ("sum", "pareto_lora", "pareto_only", "rescale_only", "mgda", "mmpareto", "mean", "constant", "upgrad",
-         "pcgrad", "dualproj", "imtl_g")
+         "pcgrad", "dualproj", "imtl_g", "cagrad", "nash_mtl", "aligned_mtl", "config")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 PATHS = ("fused", "two_pass")
 # Launch plans x one-pass tiles (segments of one tile done by one block) on or off.

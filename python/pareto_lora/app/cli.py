@@ -63,7 +63,7 @@ def _cmd_demo(args, parser) -> int:
     overrides = {k: v for k, v in {
         "steps": args.steps, "seeds": args.seeds, "rules": args.rules, "tau": args.tau, "lr": args.lr,
         "modulate": args.modulate, "num_groups": args.num_groups, "pretrain_steps": args.pretrain_steps,
-        "threads": args.threads, "cache_dir": args.cache_dir,
+        "threads": args.threads, "workers": args.workers, "cache_dir": args.cache_dir,
     }.items() if v is not None}
     if args.no_cache:
         overrides["cache_dir"] = None
@@ -105,7 +105,8 @@ def _cmd_demo_digits(args, parser, device: str) -> int:
         parser.error(f"--world digits: {', '.join(bad)} belong to the shapes world (expected without them)")
     overrides = {k: v for k, v in {"steps": args.steps, "seeds": args.seeds, "rules": args.rules, "tau": args.tau,
                                    "lr": args.lr, "modulate": args.modulate, "num_groups": args.num_groups,
-                                   "threads": args.threads, "cache_dir": args.cache_dir}.items() if v is not None}
+                                   "threads": args.threads, "workers": args.workers,
+                                   "cache_dir": args.cache_dir}.items() if v is not None}
     if args.lr is not None:
         overrides["lrs"] = ()  # a given rate replaces the tuning
     if args.no_cache:
@@ -248,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "spread includes pre-training; default: one base (seed 0) for every seed")
     demo.add_argument("--threads", type=_positive_int,
                       help="torch CPU threads (default 1: robust on shared machines; 2 is ~1.4x faster on idle cores)")
+    demo.add_argument("--workers", type=_positive_int,
+                      help="processes for the fine-tuning runs (default: one per usable CPU when the base is cached "
+                           "on disk, else 1); the results do not depend on it")
     demo.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     demo.set_defaults(func=_cmd_demo)
 

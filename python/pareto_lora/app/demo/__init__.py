@@ -20,13 +20,13 @@ import os
 import time
 
 from .experiment import DemoConfig, run_experiment
-from .methods import describe_methods
+from .methods import FAMILY, describe_methods
 from .model import ModelConfig
 
 __all__ = ["DemoConfig", "ModelConfig", "QUICK", "DEFAULT", "FULL", "run_demo", "describe_setup"]
 
 _RULES = ("pareto_lora", "pareto_lora_all", "pareto_lora_m0.1", "pareto_lora_ema0.9", "pareto_lora_norm", "rescale_only",
-          "pareto_only", "mgda", "mmpareto", "mimo", "gradnorm", "commit")
+          "pareto_only", "mgda", "mmpareto", "mimo", "gradnorm", "commit", *FAMILY)
 _VARIANTS = ("pareto_lora_all", "pareto_lora_m0.1", "pareto_lora_ema0.9", "pareto_lora_norm")
 #: ``--quick``: the CI smoke test (well under 30 s on 2 CPU cores): tiny, but every code path.
 QUICK = dict(seeds=(0, 1), steps=12, pretrain_steps=40, eval_every=6, eval_batches=1, batch_size=16,

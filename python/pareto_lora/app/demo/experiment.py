@@ -28,6 +28,7 @@ from .floors import entropy_floors
 from .methods import ALL_METHODS, OPTIMIZERS, build_method, loss_weights
 from .model import ARCHS, ModelConfig, attach_lora, logits_of
 from .output import load_json, save_json
+from .parallel import default_workers, run_cells
 
 __all__ = ["DemoConfig", "RunResult", "Setup", "evaluate", "finetune", "prepare", "run_cell", "run_experiment"]
 
@@ -62,6 +63,9 @@ class DemoConfig:
     # Intra-op threads on CPU. The model is tiny, so a second thread gains ~1.4x when the cores are
     # idle but stalls for seconds per step when another process holds a core: 1 is the robust default.
     threads: int | None = 1
+    # Worker processes for the fine-tuning runs (app/demo/parallel.py): None = one per usable CPU
+    # when the base is cached on disk, 1 = serial in this process. The runs' numbers do not change.
+    workers: int | None = None
     model: ModelConfig = ModelConfig()
     vocab: Vocab = Vocab()
 
@@ -77,6 +81,8 @@ class DemoConfig:
             raise ValueError(f"seeds: expected distinct seeds, got {list(self.seeds)}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads: expected an integer >= 1 or None, got {self.threads}")
+        if self.workers is not None and self.workers < 1:
+            raise ValueError(f"workers: expected an integer >= 1 or None, got {self.workers}")
         for name in ("steps", "batch_size", "eval_every", "eval_batches", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected an integer >= 1, got {getattr(self, name)}")
@@ -188,7 +194,7 @@ def config_key(cfg: DemoConfig) -> str:
     ``base_seed``), so the two settings never load each other's runs.
     """
     d = dataclasses.asdict(cfg)
-    for k in ("rules", "seeds", "threads", "cache_dir"):
+    for k in ("rules", "seeds", "threads", "workers", "cache_dir"):
         d.pop(k)
     if d["base_per_seed"]:
         d.pop("base_seed")
@@ -329,19 +335,39 @@ def run_cell(setup: Setup, cfg: DemoConfig, rule: str, seed: int, runs_dir: str 
     if progress:
         from tqdm.auto import tqdm
 
-        f = run.final
-        lr = f" lr {cfg.lr:g}" if cfg.optimizer != "adamw" else ""
-        tqdm.write(f"  seed {seed} {rule:>12}{lr}: excess text {f['text_excess']:.3f} image {f['image_excess']:.3f}"
-                   f"  cell acc {f['cell_acc']:.1%}  ({run.seconds:.1f}s)")
+        tqdm.write(cell_line(run, cfg))
     return run
+
+
+def cell_line(run: RunResult, cfg: DemoConfig) -> str:
+    """The progress line of one finished run."""
+    f = run.final
+    lr = f" lr {cfg.lr:g}" if cfg.optimizer != "adamw" else ""
+    return (f"  seed {run.seed} {run.rule:>12}{lr}: excess text {f['text_excess']:.3f} image {f['image_excess']:.3f}"
+            f"  cell acc {f['cell_acc']:.1%}  ({run.seconds:.1f}s)")
 
 
 def run_experiment(cfg: DemoConfig, progress: bool = True, runs_dir: str | None = None) -> dict:
     """Every (seed, rule) run of `cfg`; returns the raw results and timings (see report.py).
 
     `runs_dir`: one JSON file per finished run; a run whose file exists (same config) is loaded,
-    not rerun, so an interrupted study resumes where it stopped.
+    not rerun, so an interrupted study resumes where it stopped. The runs go to ``cfg.workers``
+    processes (parallel.py); the results are the same as a serial study's.
     """
     setup = prepare(cfg, progress)
-    runs = [run_cell(setup, cfg, rule, seed, runs_dir, progress) for seed in cfg.seeds for rule in cfg.rules]
+    cells = [(rule, seed) for seed in cfg.seeds for rule in cfg.rules]
+    workers = cfg.workers or default_workers(cfg.cache_dir, cfg.device, len(cells))
+    setup.timings["workers"] = workers
+    if workers <= 1:
+        runs = [run_cell(setup, cfg, rule, seed, runs_dir, progress) for rule, seed in cells]
+    else:
+        echo = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            echo = tqdm.write
+            echo(f"fine-tuning {len(cells)} runs in {workers} worker processes")
+        runs = run_cells(setup, prepare, run_cell, cfg, cells, runs_dir, workers, dict(progress=False),
+                         on_run=(lambda run: echo(cell_line(run, cfg))) if echo else None,
+                         prepare_kwargs=dict(progress=False))
     return setup.result(runs)

@@ -28,7 +28,7 @@ import torch
 import pareto_lora
 from pareto_lora.training.balancers import BALANCERS, METHODS, CoMMIT, GradNorm, MIMO
 
-__all__ = ["METHODS", "CONTROLS", "VARIANTS", "ALL_METHODS", "OPTIMIZERS", "Method", "build_method", "make_optimizer",
+__all__ = ["METHODS", "CONTROLS", "VARIANTS", "ALL_METHODS", "FAMILY", "OPTIMIZERS", "Method", "build_method", "make_optimizer",
            "describe_methods", "loss_weights", "frontier_weight"]
 
 #: the demo's optimizers: AdamW (the main study; scale-invariant per coordinate) and plain SGD
@@ -50,6 +50,10 @@ VARIANTS: dict[str, tuple[str, str | None, float, dict]] = {
     "pareto_lora_norm": ("pareto_lora", None, 0.0, {"preserve_norm": True}),
 }
 ALL_METHODS: tuple[str, ...] = (*METHODS, *VARIANTS, *CONTROLS)
+#: the gradient-manipulation family (torchjd's aggregators as per-group kernel rules, docs/rules.md)
+#: in both worlds' ``--full`` studies. ``constant`` is left out: it is the reweighting curve itself.
+FAMILY: tuple[str, ...] = ("mean", "upgrad", "pcgrad", "dualproj", "imtl_g", "cagrad", "nash_mtl", "aligned_mtl",
+                           "config")
 
 
 def loss_weights(name: str) -> tuple[float, float]:

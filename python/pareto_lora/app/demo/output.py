@@ -98,5 +98,6 @@ def write_study(result: dict, out_dir: str, t0: float, echo=print, extra: dict |
     t = result["timings"]
     echo(f"Time: {t['total_s']:.1f}s (pre-training {t['pretrain_s']:.1f}s"
          f"{', base from cache' if result['base'].get('cached') else ''}, fine-tuning {t['finetune_s']:.1f}s"
+         f"{f' of run time in {w} processes' if (w := t.get('workers', 1)) > 1 else ''}"
          f"{f'; {n} runs loaded from {out_dir}' if (n := t['runs_loaded']) else ''})")
     return doc

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from ...rules import CAUCHY_SCHWARZ_SLACK, KERNEL_PARAMS, MAX_COEFFICIENT, MAX_TERM, RULE_IDS, STATIONARY_REL, Case
+from .family_b import RULE_ALIGNED_MTL, RULE_CAGRAD, RULE_CONFIG, RULE_NASH_MTL, family_b
 
 # Case codes and rule ids, derived from pareto_lora.rules (which csrc/rule.h mirrors).
 SUMMED: tl.constexpr = tl.constexpr(int(Case.SUMMED))
@@ -184,6 +185,9 @@ def _rule(aa, bb, ab, act, params_ptr, RULE: tl.constexpr, SYMMETRIC: tl.constex
         alpha = 0.5 * _fmax(qa, 1.0)
         beta = 0.5 * _fmax(qb, 1.0)
         code = tl.where((qa > 1.0) | (qb > 1.0), PARETO, WEIGHTED)
+    elif (RULE == RULE_CAGRAD) or (RULE == RULE_NASH_MTL) or (RULE == RULE_ALIGNED_MTL) or (RULE == RULE_CONFIG):
+        # torchjd's aggregators, with their own zero-norm handling (family_b.py, rule.h family_b)
+        alpha, beta, code = family_b(aa, bb, ab, tl.load(params_ptr + P_C), tl.load(params_ptr + P_MAX_NORM), RULE)
     elif RULE != RULE_SUM:
         if RULE == RULE_PARETO_LORA:
             alpha = tl.where(conflict, lam, tl.where(imbalanced, ra, one))

@@ -66,6 +66,7 @@ class DigitsConfig:
     cache_dir: str | None = "default"
     device: str = "cpu"
     threads: int | None = 1
+    workers: int | None = None  # processes for the runs (app/demo/parallel.py); None: one per CPU if cached
     model: ModelConfig = ModelConfig(num_layers=4)  # 3 groups: layers 0-1, 2, 3
 
     @property
@@ -96,12 +97,12 @@ class DigitsConfig:
             raise ValueError(f"pretrain_digits: expected a non-empty proper subset of 0..9, got {self.pretrain_digits!r}")
         if not 1 <= self.num_groups <= self.model.num_layers:
             raise ValueError(f"num_groups: expected 1..{self.model.num_layers} (the model's layers), got {self.num_groups}")
-        DemoConfig(rules=("sum",), optimizer=self.optimizer, model=self.model).check()
+        DemoConfig(rules=("sum",), optimizer=self.optimizer, model=self.model, workers=self.workers).check()
 
     def key(self) -> str:
         """Hash of everything a run's numbers depend on except the method, seed, lr and steps."""
         d = dataclasses.asdict(self)
-        for k in ("rules", "seeds", "lr", "lrs", "tune_seed", "steps", "cache_dir", "threads", "device"):
+        for k in ("rules", "seeds", "lr", "lrs", "tune_seed", "steps", "cache_dir", "threads", "workers", "device"):
             d.pop(k)
         return hashlib.sha256(json.dumps([d, torch.__version__], sort_keys=True).encode()).hexdigest()[:12]
 
@@ -290,7 +291,12 @@ def run_cell(setup: Setup, cfg: DigitsConfig, rule: str, seed: int, runs_dir: st
     else:
         setup.timings["runs_loaded"] += 1
     if echo is not None:
-        f = run.final
-        echo(f"  seed {seed} {rule:>16} lr {cfg.lr:g}: text {f['text']:.3f} image {f['image']:.3f} und {f['und_acc']:.1%} "
-             f"gen {f['gen_acc_greedy']:.1%}/{f['gen_acc_sampled']:.1%}  ({run.seconds:.1f}s)")
+        echo(cell_line(run, cfg))
     return run
+
+
+def cell_line(run: DigitsRun, cfg: DigitsConfig) -> str:
+    """The progress line of one finished run."""
+    f = run.final
+    return (f"  seed {run.seed} {run.rule:>16} lr {cfg.lr:g}: text {f['text']:.3f} image {f['image']:.3f} "
+            f"und {f['und_acc']:.1%} gen {f['gen_acc_greedy']:.1%}/{f['gen_acc_sampled']:.1%}  ({run.seconds:.1f}s)")

@@ -15,16 +15,17 @@ import math
 import os
 import statistics
 
-from ..methods import ALL_METHODS
+from ..methods import ALL_METHODS, FAMILY
 from ..model import ModelConfig
-from .experiment import LONG, DigitsConfig, prepare, run_cell
+from ..parallel import default_workers, run_cells
+from .experiment import LONG, DigitsConfig, cell_line, prepare, run_cell
 from .report import compare, format_table, ratio_values, summarize, verdict
 
 __all__ = ["QUICK", "DEFAULT", "FULL", "STRONG", "CODEBOOK_SIZES", "codebook_choice", "run_setting", "tune_lr",
            "ratio_quantiles"]
 
 _RULES = ("pareto_lora", "pareto_lora_all", "pareto_lora_m0.1", "pareto_lora_ema0.9", "pareto_lora_norm",
-          "rescale_only", "pareto_only", "mgda", "mmpareto", "mimo", "gradnorm", "commit")
+          "rescale_only", "pareto_only", "mgda", "mmpareto", "mimo", "gradnorm", "commit", *FAMILY)
 #: ``--quick``: every code path in seconds (CI), no tuning
 QUICK = dict(seeds=(0, 1), steps=4, pretrain_steps=20, gen_samples=1, lrs=(), long_factor=2, cache_dir=None,
              model=ModelConfig(num_layers=3, lora_rank=4), num_groups=3,
@@ -91,7 +92,12 @@ def run_setting(name: str, cfg: DigitsConfig, out_dir: str, echo=print) -> dict:
         cfg = dataclasses.replace(cfg, lr=tuning["chosen"])
         if say:
             say(f"learning rate chosen for vanilla LoRA: {cfg.lr:g}" + (" (at the grid's edge)" if tuning["at_edge"] else ""))
-    runs = [run_cell(setup, cfg, rule, seed, runs_dir, echo=say) for seed in cfg.seeds for rule in cfg.rules]
+    cells = [(rule, seed) for seed in cfg.seeds for rule in cfg.rules]
+    workers = cfg.workers or default_workers(cfg.cache_dir, cfg.device, len(cells))
+    if say and workers > 1:
+        say(f"fine-tuning {len(cells)} runs in {workers} worker processes")
+    runs = run_cells(setup, prepare, run_cell, cfg, cells, runs_dir, workers, dict(echo=None if workers > 1 else say),
+                     on_run=(lambda run: say(cell_line(run, cfg))) if say and workers > 1 else None)
     summary = summarize(runs)
     comparison = compare(summary)
     vanilla = [v for r in runs if r.rule == "sum" for v in ratio_values(r.records)]

@@ -1,0 +1,90 @@
+"""The study's (method, seed) runs on every core: one worker process per core, each with its own setup.
+
+A run is single-threaded by default (``threads=1``: the model is tiny, and a second intra-op
+thread stalls when another process holds the core), so on a 2-core machine a serial study leaves
+one core idle. Here each worker process prepares the setup once (worlds, floors and the base,
+which the parent has pre-trained and cached on disk first, so a worker only loads it) and then
+takes runs from a shared queue. Every run seeds itself and starts from the same base, so a run's
+numbers do not depend on which process made it or in what order (``tests/app/test_parallel.py``
+compares a parallel study with a serial one).
+
+Both worlds use it: ``prepare`` and ``run_cell`` are the world's own functions (module-level, so
+that a spawned process can import them), called as ``prepare(cfg, **prepare_kwargs)`` and
+``run_cell(setup, cfg, rule, seed, runs_dir, **cell_kwargs)`` (keyword arguments that turn their
+progress output off: only the parent prints).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import multiprocessing
+import os
+import warnings
+
+__all__ = ["usable_cpus", "default_workers", "run_cells"]
+
+_SETUP = None  # the worker process's setup (made once by _init)
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def default_workers(cache_dir, device: str, cells: int) -> int:
+    """Worker processes for `cells` runs: one per usable CPU on CPU studies whose base is cached on
+    disk (a worker loads it rather than pre-training it again), else 1 (serial, in this process)."""
+    if cache_dir is None or device != "cpu":
+        return 1
+    return max(1, min(usable_cpus(), cells))
+
+
+def _init(prepare, cfg, prepare_kwargs: dict) -> None:
+    global _SETUP
+    # peft asks transformers 5 a deprecated question once per model it wraps; the parent process
+    # shows that FutureWarning already, each worker would repeat it.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    _SETUP = prepare(cfg, **prepare_kwargs)
+
+
+def _task(run_cell, cfg, rule: str, seed: int, runs_dir, cell_kwargs: dict):
+    before = _SETUP.timings["runs_loaded"]
+    run = run_cell(_SETUP, cfg, rule, seed, runs_dir, **cell_kwargs)
+    return run, _SETUP.timings["runs_loaded"] > before
+
+
+def run_cells(setup, prepare, run_cell, cfg, cells, runs_dir, workers: int, cell_kwargs: dict | None = None,
+              on_run=None, prepare_kwargs: dict | None = None) -> list:
+    """The runs of `cells` ((rule, seed) pairs) in their order; `setup.timings` counts them as a
+    serial study would (``finetune_s`` adds the runs' own seconds, ``runs_loaded`` the resumed
+    ones). ``workers <= 1``: serially in this process with `setup`. ``on_run(run)`` is called in
+    this process as each run finishes (the progress lines of a parallel study)."""
+    cell_kwargs = dict(cell_kwargs or {})
+    cells = list(cells)
+    if workers <= 1 or len(cells) <= 1:
+        runs = []
+        for rule, seed in cells:
+            runs.append(run_cell(setup, cfg, rule, seed, runs_dir, **cell_kwargs))
+            if on_run is not None:
+                on_run(runs[-1])
+        return runs
+    # spawn, not fork: the parent has torch's thread pools and possibly open progress bars.
+    ctx = multiprocessing.get_context("spawn")
+    runs: list = [None] * len(cells)
+    with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init,
+                                                initargs=(prepare, cfg, dict(prepare_kwargs or {}))) as pool:
+        futures = {pool.submit(_task, run_cell, cfg, rule, seed, runs_dir, cell_kwargs): i
+                   for i, (rule, seed) in enumerate(cells)}
+        for future in concurrent.futures.as_completed(futures):
+            run, loaded = future.result()
+            runs[futures[future]] = run
+            if loaded:
+                setup.timings["runs_loaded"] += 1
+            else:
+                setup.timings["finetune_s"] += run.seconds
+            if on_run is not None:
+                on_run(run)
+    return runs

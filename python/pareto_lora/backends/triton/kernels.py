@@ -102,6 +102,15 @@ def _fmin(x, y):
 
 
 @triton.jit
+def _projection_weights(aa, bb, ab, reg, one):
+    """rule.h gram_weighting's q_a = -a.b/(||a||^2 + reg), q_b likewise, only where a.b < 0 (both norms > 0)."""
+    neg = ab < 0.0
+    qa = tl.where(neg, -ab / tl.where(neg, aa + reg, one), 0.0)
+    qb = tl.where(neg, -ab / tl.where(neg, bb + reg, one), 0.0)
+    return qa, qb
+
+
+@triton.jit
 def _rule(aa, bb, ab, act, params_ptr, RULE: tl.constexpr, SYMMETRIC: tl.constexpr):
     """(alpha, beta, case) of csrc/rule.h compute_rule, elementwise over float64 blocks.
 
@@ -161,27 +170,21 @@ def _rule(aa, bb, ab, act, params_ptr, RULE: tl.constexpr, SYMMETRIC: tl.constex
         alpha = tl.where(degenerate, one, nb / total)
         beta = tl.where(degenerate, one, na / total)
         code = tl.where(degenerate, DEGENERATE, WEIGHTED)
-    elif (RULE == RULE_UPGRAD) | (RULE == RULE_PCGRAD) | (RULE == RULE_DUALPROJ):
-        # rule.h gram_weighting: q_a = -a.b/(||a||^2 + reg), only where a.b < 0 (both norms > 0)
-        neg = ab < 0.0
-        if RULE == RULE_PCGRAD:
-            reg = 0.0 * one
-        else:
-            reg = tl.load(params_ptr + P_REG_EPS) * (aa + bb)
-        qa = tl.where(neg, -ab / tl.where(neg, aa + reg, one), 0.0)
-        qb = tl.where(neg, -ab / tl.where(neg, bb + reg, one), 0.0)
-        if RULE == RULE_PCGRAD:
-            alpha = 1.0 + qa
-            beta = 1.0 + qb
-            code = tl.where(neg, PARETO, SUMMED)
-        elif RULE == RULE_UPGRAD:
-            alpha = 0.5 * (1.0 + qa)
-            beta = 0.5 * (1.0 + qb)
-            code = tl.where(neg, PARETO, WEIGHTED)
-        else:
-            alpha = 0.5 * _fmax(qa, 1.0)
-            beta = 0.5 * _fmax(qb, 1.0)
-            code = tl.where((qa > 1.0) | (qb > 1.0), PARETO, WEIGHTED)
+    elif RULE == RULE_PCGRAD:
+        qa, qb = _projection_weights(aa, bb, ab, 0.0 * one, one)
+        alpha = 1.0 + qa
+        beta = 1.0 + qb
+        code = tl.where(ab < 0.0, PARETO, SUMMED)
+    elif RULE == RULE_UPGRAD:
+        qa, qb = _projection_weights(aa, bb, ab, tl.load(params_ptr + P_REG_EPS) * (aa + bb), one)
+        alpha = 0.5 * (1.0 + qa)
+        beta = 0.5 * (1.0 + qb)
+        code = tl.where(ab < 0.0, PARETO, WEIGHTED)
+    elif RULE == RULE_DUALPROJ:
+        qa, qb = _projection_weights(aa, bb, ab, tl.load(params_ptr + P_REG_EPS) * (aa + bb), one)
+        alpha = 0.5 * _fmax(qa, 1.0)
+        beta = 0.5 * _fmax(qb, 1.0)
+        code = tl.where((qa > 1.0) | (qb > 1.0), PARETO, WEIGHTED)
     elif (RULE == RULE_CAGRAD) or (RULE == RULE_NASH_MTL) or (RULE == RULE_ALIGNED_MTL) or (RULE == RULE_CONFIG):
         # torchjd's aggregators, with their own zero-norm handling (family_b.py, rule.h family_b)
         alpha, beta, code = family_b(aa, bb, ab, tl.load(params_ptr + P_C), tl.load(params_ptr + P_MAX_NORM), RULE)

@@ -42,9 +42,9 @@ class Case(enum.IntEnum):
     RESCALED = 1  #: imbalance: the weaker gradient was rescaled to the stronger's norm
     PARETO = 2  #: conflict (cos < 0): MGDA min-norm combination
     INACTIVE = 3  #: segment not selected for modulation: plain sum
-    DEGENERATE = 4  #: ||a|| or ||b|| is zero: plain sum (``mgda`` keeps its closed form)
+    DEGENERATE = 4  #: ||a|| or ||b|| is zero: plain sum (``mgda`` and the family's rules: their own limit, docs/rules.md)
     NONFINITE = 5  #: a statistic is NaN/Inf, or a coefficient/term beyond float32 (MAX_TERM): plain sum
-    STATIONARY = 6  #: ``mmpareto`` with ||h|| = 0: Pareto-stationary, output is zero
+    STATIONARY = 6  #: ``mmpareto``, ``cagrad``, ``nash_mtl`` at a Pareto-stationary pair (within rounding): output is zero
     WEIGHTED = 7  #: the rule's weighting was applied (a rule without a case split, or its no-conflict branch)
 
 

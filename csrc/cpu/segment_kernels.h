@@ -69,9 +69,11 @@ constexpr int64_t kStatsLaneBytes = 32;
 // float64 always do: there a product could underflow or a block sum overflow float32. fp16's
 // range needs no such test (products in [2^-48, 2^32]).
 // Error: a lane's block sum of m <= 8 exact, normal products carries at most (m-1) 2^-24 of their
-// absolute sum; the double sums add ~n 2^-53. So every statistic is within
-// (7 2^-24 + n 2^-53) sum |products| < 2^-21 sum |products| (n < 2^30) of the exact value,
-// inside rules.STATS_REL_ERR = 2^-20 (tests/backends/test_cpu_stats_bound.py).
+// absolute sum; the double additions on any path (<= 128 block sums per lane and chunk, 16 lanes,
+// 15 tail elements, one partial per kChunk-element chunk) add (160 + n / 16384) 2^-53 more. So
+// every statistic is within (7 2^-24 + (160 + n / 16384) 2^-53) sum |products| < 2^-21 sum
+// |products| (any n < 2^40) of the exact value, inside rules.STATS_REL_ERR = 2^-20
+// (tests/backends/test_cpu_stats_bound.py).
 // Why: widening every element to double kept the AVX2 build compute-bound in bf16 (~1 element per
 // cycle); a float32 FMA per product halves the work (bench/RESULTS.md, "AVX2-only machines").
 constexpr int64_t kStatsBlockSets = 8;

@@ -2,7 +2,7 @@
 
 bf16 and fp16 lanes sum their exact products in float32 over blocks of at most 8 per lane and add
 the block sums in double (csrc/cpu/segment_kernels.h, kStatsBlockSets): every statistic is within
-(7 * 2^-24 + n * 2^-53) * sum |products| < 2^-21 * sum |products| of the exact value, inside
+(7 * 2^-24 + (160 + n / 16384) * 2^-53) * sum |products| < 2^-21 * sum |products| of the exact value, inside
 rules.STATS_REL_ERR = 2^-20. A bf16 block with an element outside [2^-62, 2^62) (tiny and huge
 gradients, NaN, inf), where a product could underflow or a block sum overflow float32, is summed
 element by element in double as float32 inputs are: exact to float64 rounding.

@@ -2,6 +2,8 @@
 
     python bench/bench_ops_cpu.py                      # the whole grid, ~5 minutes
     python bench/bench_ops_cpu.py --numels 16M --threads 2 --segments 1024 --rounds 30
+    PARETO_LORA_CPU_CAPABILITY=avx2 python bench/bench_ops_cpu.py --numels 16M --segments 64 \
+        --dtypes float32,bfloat16,float16 --baselines ''   # what an AVX2-only CPU runs (RESULTS.md)
 
 Grid: N in {1M, 16M, 64M} x {float32, bfloat16} x G in {1, 64, 1024 random sizes} x {1, 2}
 threads. Contenders (pareto_lora.app.baselines, shared with `pareto-lora bench`): the compiled op

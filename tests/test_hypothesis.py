@@ -15,6 +15,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 import pareto_lora  # noqa: E402
 from pareto_lora import Case, reference  # noqa: E402
+from pareto_lora.rules import STATS_REL_ERR  # noqa: E402
 
 # Magnitudes each dtype can hold with room for a sum of a few hundred squares' square root.
 EXPONENTS = {torch.float32: (-30, 19), torch.bfloat16: (-30, 19), torch.float16: (-3, 3)}
@@ -101,7 +102,10 @@ def test_random_problems_agree_with_float64_and_keep_every_rule_bound(any_backen
     # statistics: exact products summed in float64
     want = reference.segment_stats(a64, b64, offsets)
     scale = torch.stack([want[:, 0], want[:, 1], (want[:, 0] * want[:, 1]).sqrt()], 1)
-    assert bool(((res.stats.cpu() - want).abs() <= 1e-12 * scale + 1e-300).all())
+    rel = 1e-12
+    if dtype != torch.float32:  # bf16/fp16: float32 blocks in the C++ CPU op, the stated bound
+        scale, rel = reference.segment_stats(a64.abs(), b64.abs(), offsets), STATS_REL_ERR
+    assert bool(((res.stats.cpu() - want).abs() <= rel * scale + 1e-300).all())
     # the rule: the reference's decisions and coefficients on the same statistics
     ref_c, ref_k = pareto_lora.rule_coefficients(res.stats.cpu(), rule, gamma=gamma, symmetric=symmetric, backend="reference")
     assert res.cases.cpu().tolist() == ref_k.tolist()

@@ -4,8 +4,9 @@
 // Work is cut into fixed-size chunks that never cross a segment boundary. Each chunk's partial
 // sums are added into its segment's total in chunk order, whichever thread computed them, so the
 // result does not depend on the thread count, on scheduling or on the path (bitwise reproducible).
-// The sums run in double (vector lanes within a chunk, then across chunks), and the statistics
-// are returned in double: accurate over the whole float32 range (see segment_kernels.inc).
+// The sums run in double (vector lanes within a chunk, then across chunks; bf16/fp16 lanes first
+// sum exact products over short float32 blocks, kStatsBlockSets), and the statistics are returned
+// in double: within 2^-21 of sum |products| over the whole float32 range (segment_kernels.h).
 // The chunk kernels exist once per CPU build (segment_kernels.inc for the portable and AVX2
 // builds, segment_kernels_avx512.cpp); the best one this CPU runs is chosen at run time
 // (active_kernels), and all of them sum in the same order (kStatsLaneBytes).

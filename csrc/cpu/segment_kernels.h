@@ -11,7 +11,7 @@
 namespace pareto_lora {
 
 // stats[3*s + {0,1,2}] = ||a_s||^2, ||b_s||^2, a_s.b_s for every segment s, in double (exact
-// products, double sums). Offsets are checked.
+// products, double sums; bf16/fp16 in float32 blocks first: kStatsBlockSets). Offsets are checked.
 void segment_stats_cpu(const at::Tensor& a, const at::Tensor& b, const int64_t* offsets, int64_t num_segments,
                        double* stats);
 
@@ -58,6 +58,27 @@ int64_t intra_op_threads_used();
 // at::vec::Vectorized in the AVX2 and portable builds; the AVX-512 build keeps it (two lane sets
 // per 512-bit step) rather than its natural 64, which would change the bits between machines.
 constexpr int64_t kStatsLaneBytes = 32;
+
+// bf16 and fp16 (16 lanes): a bf16 x bf16 product (8 + 8 significant bits) and an fp16 x fp16
+// product (11 + 11) are exact in float32, so within a chunk the lane sets are taken in blocks of
+// kStatsBlockSets consecutive ones (the last block of a chunk may be shorter), and in each block
+// every lane sums its products in float32 (from +0, in element order) and then adds that float
+// sum to its double accumulator. A bf16 block whose elements are not all 0 or of magnitude in
+// [2^-62, 2^62) (kBf16FloatMin/kBf16FloatEnd on the doubled bits, sign dropped; NaN and inf are
+// outside) adds its products to the double accumulators one by one instead, as float32 and
+// float64 always do: there a product could underflow or a block sum overflow float32. fp16's
+// range needs no such test (products in [2^-48, 2^32]).
+// Error: a lane's block sum of m <= 8 exact, normal products carries at most (m-1) 2^-24 of their
+// absolute sum; the double additions on any path (<= 128 block sums per lane and chunk, 16 lanes,
+// 15 tail elements, one partial per kChunk-element chunk) add (160 + n / 16384) 2^-53 more. So
+// every statistic is within (7 2^-24 + (160 + n / 16384) 2^-53) sum |products| < 2^-21 sum
+// |products| (any n < 2^40) of the exact value, inside rules.STATS_REL_ERR = 2^-20
+// (tests/backends/test_cpu_stats_bound.py).
+// Why: widening every element to double kept the AVX2 build compute-bound in bf16 (~1 element per
+// cycle); a float32 FMA per product halves the work (bench/RESULTS.md, "AVX2-only machines").
+constexpr int64_t kStatsBlockSets = 8;
+constexpr uint16_t kBf16FloatMin = (127 - 62) << 8;  // doubled bits of 2^-62
+constexpr uint16_t kBf16FloatEnd = (127 + 62) << 8;  // doubled bits of 2^62
 
 // Software prefetch distance of the vector builds' loops: the statistics read two streams from
 // DRAM at a few cycles per line, and one core's hardware prefetch alone kept them at ~60% of copy

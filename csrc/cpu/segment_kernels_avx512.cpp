@@ -1,17 +1,19 @@
 // Chunk kernels for x86-64 CPUs with AVX-512F, chosen at run time (segment_kernels.cpp).
 //
-// Why a third build: bf16 and fp16 are compute-bound in the AVX2 kernels (widen to double,
-// three FMAs per element pair, round back) at ~3 G elements/s per core, below one core's DRAM
-// stream; 512-bit registers do the same work in half the instructions.
+// Why a third build: the bf16 and fp16 combine and the float32 statistics do the same work in
+// half the instructions with 512-bit registers. (bf16/fp16 statistics were compute-bound in the
+// AVX2 build while it widened every element to double; since they sum float32 blocks
+// (kStatsBlockSets) the AVX2 kernel is memory-bound, and this build calls it: the same bits by
+// construction. Measured in bench/RESULTS.md, "AVX2-only machines".)
 //
 // Bitwise the same results as the AVX2 build, so that a run does not change its bits when it
-// moves between machines with and without AVX-512: the statistics keep the lane contract of
-// segment_kernels.h (kStatsLaneBytes: lane j of a chunk sums elements j, j+W, j+2W, ... in order,
-// then the lanes are added in lane order, then the tail), a 512-bit step simply does two lane
-// sets one after the other; the combine computes fma(alpha, a, beta*b) in float per element and
-// rounds it exactly as the AVX2 build does (ATen's round-to-nearest-even with NaN -> 0xFFFF for
-// bf16 vectors, F16C's conversion for fp16), and splits every chunk into vector blocks and scalar
-// head/tail at the same element positions, so that even NaN payloads agree.
+// moves between machines with and without AVX-512: the float32 statistics keep the lane contract
+// of segment_kernels.h (kStatsLaneBytes: lane j of a chunk sums elements j, j+W, j+2W, ... in
+// order, then the lanes are added in lane order, then the tail), a 512-bit step simply does two
+// lane sets one after the other; the combine computes fma(alpha, a, beta*b) in float per element
+// and rounds it exactly as the AVX2 build does (ATen's round-to-nearest-even with NaN -> 0xFFFF
+// for bf16 vectors, F16C's conversion for fp16), and splits every chunk into vector blocks and
+// scalar head/tail at the same element positions, so that even NaN payloads agree.
 // float64 uses the AVX2 kernels: its products are not exact and nothing would be gained.
 //
 // Unlike segment_kernels_avx2.cpp this file includes every header before switching the target
@@ -63,7 +65,8 @@ inline __m512i load_sets(const void* p, int sets) {
 inline __m512 bf16_even(__m512i v) { return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)); }
 inline __m512 bf16_odd(__m512i v) { return _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(~0xFFFF))); }
 
-// A dtype's way into float lanes. widen() turns one or two lane sets (kW elements each) at p into
+// A dtype's way into float lanes (float32 only since bf16/fp16 statistics use the AVX2 kernel;
+// kept as a policy so that the lane bookkeeping stays in one place). widen() turns one or two lane sets (kW elements each) at p into
 // floats and returns where they are; the doubles of accumulator k for lane set `set` are the 8
 // floats at offset(set, k); slot(j) is where lane j sits among the kAcc x 8 stored accumulator
 // lanes.
@@ -73,38 +76,6 @@ struct F32 {
   static constexpr int kAcc = 1;
   static const float* widen(const T* p, float*, int) { return p; }
   static constexpr int offset(int set, int) { return 8 * set; }
-  static constexpr int slot(int j) { return j; }
-};
-
-// bf16, split into even and odd elements (bf16_even/bf16_odd): accumulator 0 holds the even lanes
-// 0, 2, .., 14, accumulator 1 the odd lanes.
-struct BF16 {
-  using T = c10::BFloat16;
-  static constexpr int64_t kW = kStatsLaneBytes / sizeof(T);
-  static constexpr int kAcc = 2;
-  static const float* widen(const T* p, float* buf, int sets) {
-    const __m512i x = load_sets(p, sets);
-    _mm512_store_ps(buf, bf16_even(x));
-    _mm512_store_ps(buf + 16, bf16_odd(x));
-    return buf;
-  }
-  static constexpr int offset(int set, int k) { return 8 * set + 16 * k; }
-  static constexpr int slot(int j) { return (j % 2) * 8 + j / 2; }
-};
-
-// fp16: F16C's conversion, in element order; accumulator 0 holds lanes 0..7, accumulator 1 8..15.
-struct F16 {
-  using T = c10::Half;
-  static constexpr int64_t kW = kStatsLaneBytes / sizeof(T);
-  static constexpr int kAcc = 2;
-  static const float* widen(const T* p, float* buf, int sets) {
-    for (int s = 0; s < sets; ++s) {
-      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16 * s));
-      _mm512_store_ps(buf + 16 * s, _mm512_cvtph_ps(h));
-    }
-    return buf;
-  }
-  static constexpr int offset(int set, int k) { return 16 * set + 8 * k; }
   static constexpr int slot(int j) { return j; }
 };
 
@@ -287,8 +258,10 @@ void chunk_combine(const void* va, const void* vb, void* vo, int64_t n, double a
 
 }  // namespace
 
-// float64 goes through the AVX2 table (see the top of this file).
+// float64, bf16 and fp16 statistics go through the AVX2 table (see the top of this file).
 void stats_f64(const void* a, const void* b, int64_t n, double* out3) { avx2::kernels.by_dtype[1].stats(a, b, n, out3); }
+void stats_bf16(const void* a, const void* b, int64_t n, double* out3) { avx2::kernels.by_dtype[2].stats(a, b, n, out3); }
+void stats_f16(const void* a, const void* b, int64_t n, double* out3) { avx2::kernels.by_dtype[3].stats(a, b, n, out3); }
 
 void combine_f64(const void* a, const void* b, void* out, int64_t n, double alpha, double beta, bool stream) {
   avx2::kernels.by_dtype[1].combine(a, b, out, n, alpha, beta, stream);
@@ -297,8 +270,8 @@ void combine_f64(const void* a, const void* b, void* out, int64_t n, double alph
 // Same order as ChunkKernels::by_dtype.
 const ChunkKernels kernels = {{{&chunk_stats<F32>, &chunk_combine<float>},
                                {&stats_f64, &combine_f64},
-                               {&chunk_stats<BF16>, &chunk_combine<c10::BFloat16>},
-                               {&chunk_stats<F16>, &chunk_combine<c10::Half>}}};
+                               {&stats_bf16, &chunk_combine<c10::BFloat16>},
+                               {&stats_f16, &chunk_combine<c10::Half>}}};
 
 }  // namespace avx512
 }  // namespace pareto_lora

@@ -1,7 +1,8 @@
 """The CPU op's builds (portable, AVX2, AVX-512; PARETO_LORA_CPU_CAPABILITY) agree bit for bit.
 
 Every build sums the statistics in the same lane order (csrc/cpu/segment_kernels.h,
-kStatsLaneBytes), so a run keeps its bits when it moves to a machine with another instruction set.
+kStatsLaneBytes), bf16/fp16 in the same float32 blocks with the same range test (kStatsBlockSets),
+so a run keeps its bits when it moves to a machine with another instruction set.
 The AVX-512 combine also splits chunks into vector blocks and scalar head/tail at the AVX2
 build's positions, so their outputs agree even in NaN payloads. The portable build's combine
 rounds alpha*a and beta*b separately (no FMA on a CPU without it): within an ulp, not bitwise.
@@ -143,7 +144,7 @@ if given is not None:
         dtype = draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
         sizes = draw(st.lists(st.integers(0, 200), min_size=1, max_size=12))
         shift = draw(st.integers(0, 31))  # the views' start: every alignment of a, b and out
-        scale = draw(st.sampled_from([1e-30, 1e-3, 1.0, 1e15]))
+        scale = draw(st.sampled_from([1e-30, 1e-3, 1.0, 1e15, 1e20]))  # bf16 blocks in float32 and in double
         special = draw(st.booleans())
         return dtype, sizes, shift, scale, special, draw(st.integers(0, 2**31 - 1))
 

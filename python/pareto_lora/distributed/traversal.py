@@ -1,0 +1,101 @@
+"""How one process takes the two objectives' gradients: the backward traversals of a step.
+
+``ParetoLoRA(traversal=...)`` picks one; only a single process (:class:`~.sync.LocalSync`)
+chooses, DDP and FSDP2 always take two passes (DDP's communication hook sees only an ordinary
+backward, FSDP2 computes with unsharded copies that ``autograd.grad`` cannot target).
+
+* ``"two_pass"``: ``autograd.grad(text)`` with the graph kept, then ``autograd.grad(image)``:
+  F + 2B, and under activation checkpointing each pass recomputes the checkpointed forward
+  (F + 2(F' + B), F' the recomputation).
+* ``"batched"``: one ``autograd.grad`` of the stacked losses with the identity as the batched
+  cotangent (``is_grads_batched``: vmap over the backward). Every node runs once with a batch
+  of two cotangents, so a checkpointed segment is recomputed once for both objectives
+  (F + F' + 2B). The gradients are the same computation as two passes; on CPU they are bitwise
+  equal to them (tests/training/test_traversal.py), on other devices a batched matmul may pick
+  another reduction order, within the float32 rounding of the backward itself.
+* ``"auto"`` (default): ``"batched"`` where it is faster, i.e. when the model runs with
+  non-reentrant activation checkpointing (a module with ``gradient_checkpointing`` set, as
+  ``transformers``' ``gradient_checkpointing_enable`` sets it, in training mode), else
+  ``"two_pass"``. Without checkpointing the batched backward measured 1-8 % slower on CPU
+  (bench/RESULTS.md): each objective's cotangent also goes through the nodes only the other one
+  reaches (an LM head applied to one loss's rows), and vmap has its own overhead. It also falls
+  back to two passes when the two losses differ in dtype or the graph holds a custom
+  ``autograd.Function`` (bitsandbytes layers, reentrant checkpointing), whose backward vmap may
+  not be able to batch.
+* ``"sum_first"``: a backward of ``text + image`` for every parameter, then the text objective
+  alone for the *modulated* groups' parameters (autograd prunes the graph below the lowest of
+  them), their image gradient the difference ``b = s - a``. Opt-in (see :func:`sum_first`
+  for its bound): the unmodulated groups get the exact sum, their statistics are not taken.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["TRAVERSALS", "checkpointing_modules", "custom_function_in", "two_pass", "batched", "sum_first"]
+
+TRAVERSALS = ("auto", "two_pass", "batched", "sum_first")
+
+Grads = tuple  # one entry per parameter: a gradient Tensor or None (the loss does not reach it)
+
+
+def checkpointing_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules that carry a ``gradient_checkpointing`` flag (transformers' layers and models)."""
+    return [m for m in model.modules() if isinstance(getattr(m, "gradient_checkpointing", None), bool)]
+
+
+def custom_function_in(*losses: torch.Tensor) -> bool:
+    """Whether the graphs of `losses` hold a node of a Python ``autograd.Function``."""
+    stack, seen = [loss.grad_fn for loss in losses], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if isinstance(node, torch.autograd.function.BackwardCFunction):
+            return True
+        stack.extend(n for n, _ in node.next_functions)
+    return False
+
+
+def two_pass(text_loss: torch.Tensor, image_loss: torch.Tensor, params: Sequence[torch.Tensor]) -> tuple[Grads, Grads]:
+    text = torch.autograd.grad(text_loss, params, retain_graph=True, allow_unused=True)
+    image = torch.autograd.grad(image_loss, params, allow_unused=True)
+    return text, image
+
+
+def batched(text_loss: torch.Tensor, image_loss: torch.Tensor, params: Sequence[torch.Tensor]) -> tuple[Grads, Grads]:
+    """Both gradients in one traversal: row 0 of each batched gradient is the text one, row 1 the image one."""
+    losses = torch.stack([text_loss.reshape(()), image_loss.reshape(())])
+    eye = torch.eye(2, dtype=losses.dtype, device=losses.device)
+    grads = torch.autograd.grad(losses, params, grad_outputs=eye, is_grads_batched=True, allow_unused=True)
+    return tuple(None if g is None else g[0] for g in grads), tuple(None if g is None else g[1] for g in grads)
+
+
+def sum_first(text_loss: torch.Tensor, image_loss: torch.Tensor, params: Sequence[torch.Tensor],
+              modulated: Sequence[int]) -> tuple[Grads, Grads]:
+    """(text, image): text only on the ``modulated`` parameter indices (None elsewhere), image
+    ``s - a`` there and the sum ``s`` of both objectives elsewhere.
+
+    The text backward runs first, with the graph kept (it visits only the part above the lowest
+    modulated parameter); the backward of the sum then frees the whole graph, so nothing of it
+    outlives the call. Bound: ``s`` and ``a`` are each a float backward with relative error eta
+    (its own rounding), so ``|b~ - b| <= eta (|s| + |a|) + u |b~| <= eta (2|a| + |b|) + u |b~|``
+    in norm: the image gradient's relative error grows with ``|a| / |b|`` (the text/image ratio
+    the rule reacts to), which is why it is opt-in and float32/float64 only (in bfloat16 eta is
+    2^-8). tests/training/test_traversal.py checks it against the float64 oracle.
+    """
+    mod_params = [params[i] for i in modulated]
+    text_mod = torch.autograd.grad(text_loss, mod_params, retain_graph=True, allow_unused=True) if mod_params else ()
+    total = torch.autograd.grad(text_loss + image_loss, params, allow_unused=True)
+    text: list[torch.Tensor | None] = [None] * len(params)
+    image = list(total)
+    for i, a in zip(modulated, text_mod):
+        if a is None:
+            continue
+        text[i] = a
+        image[i] = a.neg() if total[i] is None else total[i].sub_(a)  # total[i] is this call's own tensor
+    return tuple(text), tuple(image)

@@ -167,7 +167,10 @@ class LocalSync:
                 text, image = batched(text_loss, image_loss, params)
             else:
                 text, image = sum_first(text_loss, image_loss, params, self._modulated)
-        self.text.accumulate(text, first)
+        if any(g is not None for g in text):
+            self.text.accumulate(text, first)
+        elif first:  # sum_first with no modulated group: no text gradient was taken
+            self.text.zero_()
         self.image.accumulate(image, first)
         self.image.attach_as_grad(params)
         self.last_traversal = how

@@ -242,3 +242,20 @@ def test_traversal_errors():
     for traversal in ("batched", "sum_first"):  # any sync but the single-process one (DDP, FSDP2)
         with pytest.raises(ValueError, match="^traversal: expected 'auto' or 'two_pass' under DDP or FSDP2"):
             set_traversal(object(), traversal, balanced=False)
+
+
+def test_the_traversal_benchmark_rows_run(monkeypatch):
+    """bench/bench_training_step.py --table traversal on a tiny Llama: every row runs once, the row
+    reads (no time asserted)."""
+    import importlib
+
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "bench"))
+    mod = importlib.import_module("bench_training_step")
+    monkeypatch.setitem(mod.CONFIGS, "tiny", ("llama", 4, 32, 2, 64, 4))
+    fns, bitwise = mod.build_traversals("tiny")
+    rows = ["forward", "vanilla", "two_pass", "batched", *(f"sum_first_{m}" for m in mod.MODULATES)]
+    assert list(fns) == rows + [r + "_ckpt" for r in rows] and isinstance(bitwise, bool)
+    for fn in fns.values():
+        fn()
+    row = mod.traversal_row("tiny", True, {k: float(i + 1) for i, k in enumerate(fns)}, bitwise)
+    assert row.startswith("| tiny | on | 9.0 | 10.0 | 1.0 |") and row.count("|") == 14

@@ -70,12 +70,78 @@ def two_pass(text_loss: torch.Tensor, image_loss: torch.Tensor, params: Sequence
     return text, image
 
 
+def _reach(roots) -> set:
+    stack, seen = [r for r in roots if r is not None], set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        stack.extend(n for n, _ in node.next_functions if n is not None)
+    return seen
+
+
+def _split(text_loss: torch.Tensor, image_loss: torch.Tensor):
+    """(edges, text-only nodes, image-only nodes, shared nodes) where the two losses' graphs meet,
+    or None where no clean cut exists.
+
+    ``edges``: every edge from a node only one loss reaches into a node both reach (an LM head
+    applied to each loss's own rows meets the trunk at the last hidden state). A clean cut: the
+    roots are not shared, no edge ends in a leaf, and no edge's node lies below another's (else
+    the gradient at the lower edge would already count the path through the upper one).
+    """
+    t_root, i_root = text_loss.grad_fn, image_loss.grad_fn
+    text, image = _reach([t_root]), _reach([i_root])
+    shared = text & image
+    if not shared or t_root in shared or i_root in shared:
+        return None
+    edges = list(dict.fromkeys((c, nr) for p in text ^ image for c, nr in p.next_functions if c in shared))
+    nodes = {c for c, _ in edges}
+    if any(hasattr(c, "variable") for c in nodes) or nodes & _reach([n for c in nodes for n, _ in c.next_functions]):
+        return None
+    return [torch.autograd.graph.GradientEdge(c, nr) for c, nr in edges], text - shared, image - shared, shared
+
+
 def batched(text_loss: torch.Tensor, image_loss: torch.Tensor, params: Sequence[torch.Tensor]) -> tuple[Grads, Grads]:
-    """Both gradients in one traversal: row 0 of each batched gradient is the text one, row 1 the image one."""
-    losses = torch.stack([text_loss.reshape(()), image_loss.reshape(())])
-    eye = torch.eye(2, dtype=losses.dtype, device=losses.device)
-    grads = torch.autograd.grad(losses, params, grad_outputs=eye, is_grads_batched=True, allow_unused=True)
-    return tuple(None if g is None else g[0] for g in grads), tuple(None if g is None else g[1] for g in grads)
+    """Both gradients in one traversal of the part of the graph both losses reach.
+
+    Where the graphs meet at a clean cut (:func:`_split`), each loss's own part (e.g. a head
+    applied to its own rows) runs in its own small pass down to the cut, and only the shared part
+    is batched: a batched backward of the whole graph would send each cotangent, zero included,
+    through the other loss's part too. Else the stacked losses are batched from the top.
+    """
+    cut = _split(text_loss, image_loss)
+    if cut is None:
+        losses = torch.stack([text_loss.reshape(()), image_loss.reshape(())])
+        eye = torch.eye(2, dtype=losses.dtype, device=losses.device)
+        grads = torch.autograd.grad(losses, params, grad_outputs=eye, is_grads_batched=True, allow_unused=True)
+        return tuple(None if g is None else g[0] for g in grads), tuple(None if g is None else g[1] for g in grads)
+    edges, text_only, image_only, shared = cut
+    node = [torch.autograd.graph.get_gradient_edge(p).node for p in params]
+    text: list[torch.Tensor | None] = [None] * len(params)
+    image: list[torch.Tensor | None] = [None] * len(params)
+    cotangents = []
+    # Each loss's own part: graph freed as it goes (nothing there is needed again).
+    for loss, only, out in ((text_loss, text_only, text), (image_loss, image_only, image)):
+        own = [k for k, n in enumerate(node) if n in only]
+        got = torch.autograd.grad(loss, edges + [params[k] for k in own], allow_unused=True)
+        cotangents.append(got[: len(edges)])
+        for k, g in zip(own, got[len(edges) :]):
+            out[k] = g
+    outputs, stacked = [], []
+    for e, a, b in zip(edges, *cotangents):
+        if a is None and b is None:
+            continue
+        outputs.append(e)
+        stacked.append(torch.stack([torch.zeros_like(b) if a is None else a, torch.zeros_like(a) if b is None else b]))
+    both = [k for k, n in enumerate(node) if n in shared]
+    if outputs and both:
+        grads = torch.autograd.grad(outputs, [params[k] for k in both], grad_outputs=stacked, is_grads_batched=True,
+                                    allow_unused=True)
+        for k, g in zip(both, grads):
+            if g is not None:
+                text[k], image[k] = g[0], g[1]
+    return tuple(text), tuple(image)
 
 
 def sum_first(text_loss: torch.Tensor, image_loss: torch.Tensor, params: Sequence[torch.Tensor],

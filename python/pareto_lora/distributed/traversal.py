@@ -7,10 +7,11 @@ backward, FSDP2 computes with unsharded copies that ``autograd.grad`` cannot tar
 * ``"two_pass"``: ``autograd.grad(text)`` with the graph kept, then ``autograd.grad(image)``:
   F + 2B, and under activation checkpointing each pass recomputes the checkpointed forward
   (F + 2(F' + B), F' the recomputation).
-* ``"batched"``: one ``autograd.grad`` of the stacked losses with the identity as the batched
-  cotangent (``is_grads_batched``: vmap over the backward). Every node runs once with a batch
-  of two cotangents, so a checkpointed segment is recomputed once for both objectives
-  (F + F' + 2B). The gradients are the same computation as two passes; on CPU they are bitwise
+* ``"batched"``: one ``autograd.grad`` with a batch of the two cotangents (``is_grads_batched``:
+  vmap over the backward) through the part of the graph both losses reach; each loss's own part
+  above it (a head applied to its own rows) in its own pass (:func:`batched`). Every shared node
+  runs once with a batch of two cotangents, so a checkpointed segment is recomputed once for both
+  objectives (F + F' + 2B). The gradients are the same computation as two passes; on CPU they are bitwise
   equal to them on the benchmark's configurations, not on every shape (a batched matmul may sum
   in another order): within ``|g - g64| <= 2 |g_two_pass - g64| + u |g64|`` of the float64 oracle
   (tests/training/test_traversal.py). Memory: two cotangents travel together, so the gradients
@@ -18,9 +19,9 @@ backward, FSDP2 computes with unsharded copies that ``autograd.grad`` cannot tar
 * ``"auto"`` (default): ``"batched"`` where it is faster, i.e. when the model runs with
   non-reentrant activation checkpointing (a module with ``gradient_checkpointing`` set, as
   ``transformers``' ``gradient_checkpointing_enable`` sets it, in training mode), else
-  ``"two_pass"``. Without checkpointing the batched backward measured 1-8 % slower on CPU
-  (bench/RESULTS.md): each objective's cotangent also goes through the nodes only the other one
-  reaches (an LM head applied to one loss's rows), and vmap has its own overhead. It also falls
+  ``"two_pass"``. Without checkpointing the batched backward measured slower on CPU
+  (bench/RESULTS.md): on this FLOP-bound CPU step a batch of two cotangents costs about two
+  backwards, and vmap has its own overhead. It also falls
   back to two passes when the two losses differ in dtype or the graph holds a custom
   ``autograd.Function`` (bitsandbytes layers, reentrant checkpointing), whose backward vmap may
   not be able to batch (that walk over the graph: 0.7 ms for the 1,242 nodes of an 8-layer
@@ -88,13 +89,18 @@ def _split(text_loss: torch.Tensor, image_loss: torch.Tensor):
     ``edges``: every edge from a node only one loss reaches into a node both reach (an LM head
     applied to each loss's own rows meets the trunk at the last hidden state). A clean cut: the
     roots are not shared, no edge ends in a leaf, and no edge's node lies below another's (else
-    the gradient at the lower edge would already count the path through the upper one).
+    the gradient at the lower edge would already count the path through the upper one). Taken only
+    where a loss's own part holds a matrix product: for a few masked means (what
+    :func:`pareto_lora.modality_losses` leaves above the shared per-token loss) the two extra passes
+    cost more than they save.
     """
     t_root, i_root = text_loss.grad_fn, image_loss.grad_fn
     text, image = _reach([t_root]), _reach([i_root])
     shared = text & image
     if not shared or t_root in shared or i_root in shared:
         return None
+    if not any("mm" in type(n).__name__.lower() for n in text ^ image):
+        return None  # no matrix product (a head) in either loss's own part: the cut would save nothing
     edges = list(dict.fromkeys((c, nr) for p in text ^ image for c, nr in p.next_functions if c in shared))
     nodes = {c for c, _ in edges}
     if any(hasattr(c, "variable") for c in nodes) or nodes & _reach([n for c in nodes for n, _ in c.next_functions]):

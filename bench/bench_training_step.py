@@ -23,6 +23,16 @@ Rows (same model, batch and LoRA config):
   integrate_only   the integration on ready buffers (stats -> rule -> combine over all LoRA params)
 FLOP floor of the second backward: a backward costs B = vanilla - forward, so two objectives cost
 at least forward + 2B; `2nd bwd / B` = (two_backward - vanilla) / B is 1.0 at that floor.
+
+Second table (issue 26, ``--table traversal``): the whole ParetoLoRA step per ``traversal``
+(pareto_lora.distributed.traversal) without and with transformers' non-reentrant activation
+checkpointing (``gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant":
+False})``, toggled on the same model), each as a multiple of vanilla's step in the same mode:
+  two_pass, batched             modulate="lower"; auto picks batched under checkpointing
+  sum_first lower/middle/upper/all   traversal="sum_first" with that modulate choice
+`2nd grad / B` = (step - vanilla) / B, B = vanilla - forward in the same mode (with
+checkpointing B includes the recomputed forward). `bitwise` says whether the batched buffers
+equal the two-pass ones on this configuration (one step compared before timing).
 Numbers only: nothing here asserts a time.
 """
 
@@ -159,6 +169,71 @@ def build(config: str):
     return fns, sum(p.numel() for p in params)
 
 
+MODULATES = ("lower", "middle", "upper", "all")
+
+
+def build_traversals(config: str):
+    """({row name: step function}, bitwise) of one configuration: vanilla, forward and the ParetoLoRA
+    step per traversal, each without (suffix none) and with (suffix "_ckpt") activation checkpointing."""
+    arch, *shape = CONFIGS[config]
+    model, losses, arch_kwargs = (_llama if arch == "llama" else _chameleon)(*shape)
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    flags = [m for m in model.modules() if isinstance(getattr(m, "gradient_checkpointing", None), bool)]
+
+    def mode(on: bool):
+        for m in flags:  # what gradient_checkpointing_enable/disable set, without their warnings
+            m.gradient_checkpointing = on
+
+    def pl(traversal, modulate="lower"):
+        return pareto_lora.ParetoLoRA(model, rule="pareto_lora", num_groups=4, modulate=modulate, traversal=traversal,
+                                      **arch_kwargs)
+
+    def rows(on: bool) -> dict:
+        sfx = "_ckpt" if on else ""
+
+        def forward():
+            mode(on)
+            with torch.enable_grad():
+                losses()
+
+        def vanilla():
+            mode(on)
+            lt, li = losses()
+            torch.autograd.grad(lt + li, params)
+
+        def step(p):
+            def run():
+                mode(on)
+                p.backward(*losses())
+            return run
+
+        out = {"forward" + sfx: forward, "vanilla" + sfx: vanilla,
+               "two_pass" + sfx: step(pl("two_pass")), "batched" + sfx: step(pl("batched"))}
+        out.update({f"sum_first_{m}{sfx}": step(pl("sum_first", m)) for m in MODULATES})
+        return out
+
+    two, bat = pl("two_pass"), pl("batched")
+    mode(False)
+    two.accumulate(*losses())
+    bat.accumulate(*losses())
+    bitwise = all(torch.equal(a, b) for a, b in zip(two.text.flats + two.image.flats, bat.text.flats + bat.image.flats))
+    two.integrate_accumulated()
+    bat.integrate_accumulated()
+    return {**rows(False), **rows(True)}, bitwise
+
+
+def traversal_row(config: str, ckpt: bool, t: dict[str, float], bitwise: bool) -> str:
+    """One Markdown row of the traversal table from min times in ms."""
+    sfx = "_ckpt" if ckpt else ""
+    van, bwd = t["vanilla" + sfx], t["vanilla" + sfx] - t["forward" + sfx]
+    x = lambda row: f"{t[row + sfx]:.1f} ({t[row + sfx] / van:.2f}×)"  # noqa: E731
+    second = lambda row: f"{(t[row + sfx] - van) / bwd:.2f}"  # noqa: E731
+    return (f"| {config} | {'on' if ckpt else 'off'} | {t['forward' + sfx]:.1f} | {van:.1f} | {bwd:.1f} | "
+            f"{x('two_pass')} | {x('batched')} | {second('two_pass')} / {second('batched')} | "
+            + " | ".join(x(f"sum_first_{m}") for m in MODULATES) + f" | {'yes' if bitwise else 'no'} |")
+
+
 @pytest.fixture(scope="module", params=list(CONFIGS))
 def steps(request):
     # One intra-op thread: on a shared 2-core box, OpenMP threads spinning against another
@@ -183,16 +258,44 @@ def table_row(config: str, nparams: int, t: dict[str, float]) -> str:
             f"({floor:.2f}) | {t['integrate_only'] / t['pareto_step']:.2%} |")
 
 
+def traversal_table(configs: list[str], rounds: int) -> None:
+    import statistics
+
+    from pareto_lora.app.benchmarking import interleaved, uptime
+
+    print("| config | checkpointing | forward ms | vanilla ms | B ms | two_pass ms (× vanilla) | batched | 2nd grad / B "
+          "(two_pass / batched) | sum_first lower | sum_first middle | sum_first upper | sum_first all | bitwise |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    notes = []
+    for config in configs:
+        fns, bitwise = build_traversals(config)
+        timed = interleaved(fns, rounds=rounds, warmup=1)
+        t = {k: v["min"] * 1e3 for k, v in timed.items()}
+        for ckpt in (False, True):
+            print(traversal_row(config, ckpt, t, bitwise), flush=True)
+        for sfx in ("", "_ckpt"):
+            van = timed["vanilla" + sfx]["times"]
+            paired = {r: statistics.median(a / b for a, b in zip(timed[r + sfx]["times"], van))
+                      for r in ("two_pass", "batched", *(f"sum_first_{m}" for m in MODULATES))}
+            notes.append(f"{config}{sfx or ' (no checkpointing)'}: step / vanilla paired per round, median: "
+                         + ", ".join(f"{r} {v:.2f}" for r, v in paired.items()))
+        notes.append(f"{config}: {timed['vanilla']['rounds']} rounds; {uptime()}")
+    print("\ntimes: min ms over interleaved rounds (× vanilla: ratio of the minima)")
+    print("\n".join(notes) + "\n")
+
+
 def main(argv=None) -> int:
     import argparse
     import datetime
     import statistics
 
-    from pareto_lora.app.benchmarking import cpu_model, interleaved, uptime
+    from pareto_lora.app.benchmarking import cpu_kernels, cpu_model, interleaved, uptime
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated from {', '.join(CONFIGS)}")
     p.add_argument("--rounds", type=int, default=12, help="interleaved rounds per configuration (default 12)")
+    p.add_argument("--table", default="both", choices=("step", "traversal", "both"),
+                   help="the step table, the traversal table (issue 26) or both (default)")
     args = p.parse_args(argv)
     configs = [c for c in args.configs.split(",") if c]
     bad = [c for c in configs if c not in CONFIGS]
@@ -204,7 +307,12 @@ def main(argv=None) -> int:
     print(f"command: {' '.join([os.path.basename(sys.executable)] + sys.argv)}")
     print(f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; CPU: {cpu} ({os.cpu_count()} "
           f"logical CPUs); torch {torch.__version__}; {torch.get_num_threads()} intra-op thread")
-    print(f"uptime before: {uptime()}")
+    print(f"uptime before: {uptime()}; op's CPU build: {cpu_kernels()}")
+    if args.table != "step":
+        traversal_table(configs, args.rounds)
+    if args.table == "traversal":
+        print(f"uptime after: {uptime()}")
+        return 0
     print("| config: arch (layers, hidden, batch, seq, r) | LoRA params | forward | vanilla | two_backward | pareto_step | "
           "integrate_only | B = backward | 2nd bwd / B | pareto / vanilla (floor) | integration share of step |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -12,12 +12,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
+import math
+
 import torch
 from torch import nn
 
+from .. import args
 from ..flat import FlatGrads, FlatStep, GradLayout, StepRule, flat_step, is_lora_param
+from .traversal import TRAVERSALS, batched, checkpointing_modules, custom_function_in, sum_first
 
-__all__ = ["GradSync", "LocalSync", "SyncFailure", "Settle"]
+__all__ = ["GradSync", "LocalSync", "SyncFailure", "Settle", "set_traversal"]
 
 #: ``settle(losses, integrated) -> poison``: the owner's verdict on the (global) accumulated losses,
 #: called once per step before the result is final. Returns a 0-d bool device tensor (poison the
@@ -89,16 +93,19 @@ def _reaches(loss: torch.Tensor, targets: set[int]) -> bool:
 
 
 class LocalSync:
-    """One process. Both gradients are taken with ``torch.autograd.grad`` and added into their
-    persistent buffers only once both exist; ``.grad`` views the image buffer, into which the
-    integration writes. (:class:`pareto_lora.distributed.ddp.DDPSync` takes the image gradient
-    with an ordinary ``.backward()`` instead: DDP's hook sees only such a backward.)"""
+    """One process. Both gradients are taken with ``torch.autograd.grad`` (in one batched
+    traversal or two passes, :mod:`.traversal`) and added into their persistent buffers only once
+    both exist; ``.grad`` views the image buffer, into which the integration writes.
+    (:class:`pareto_lora.distributed.ddp.DDPSync` takes the image gradient with an ordinary
+    ``.backward()`` instead: DDP's hook sees only such a backward.)"""
 
     saves_mid_window = True
     calls_rule_once = True
 
     def __init__(self, model: nn.Module):
         self.module = model
+        self.traversal = "auto"  # set_traversal
+        self.last_traversal: str | None = None  # the one the last successful backward took
 
     def layout_for(self, layout: GradLayout) -> GradLayout:
         return layout
@@ -106,33 +113,90 @@ class LocalSync:
     def bind(self, layout: GradLayout, text: FlatGrads, image: FlatGrads, rule: StepRule, backend: str) -> None:
         self.layout, self.text, self.image, self.rule, self.backend = layout, text, image, rule, backend
         self._lora_ids = {id(p) for p, n in zip(layout.params, layout.names) if is_lora_param(n)}
+        self._checkpointing = checkpointing_modules(self.module)
+        unit_active = layout.active[layout.unit_group].tolist()
+        self._modulated = [i for i, u in enumerate(layout.param_unit) if unit_active[u]]
+        if self.traversal == "sum_first":
+            low = sorted({str(b.dtype) for b in layout.buckets if b.dtype not in (torch.float32, torch.float64)})
+            if low:
+                raise ValueError(f"traversal: 'sum_first' expected float32 or float64 trainable parameters, got "
+                                 f"{', '.join(low)} (the modulated groups' image gradient is a difference of two "
+                                 "backwards: its rounding grows with the text/image ratio, too far at this precision)")
+
+    def _check(self, text_loss: torch.Tensor, image_loss: torch.Tensor, first: bool, text_too: bool) -> None:
+        """The checks that must pass before anything changes: ``.grad`` intact, the losses reach a LoRA parameter."""
+        if not first:
+            self.image.check_attached(self.layout.params)
+        # Every call: a loss computed on another model can come at any micro-batch. The walk stops
+        # at the first LoRA leaf, which depth-first search meets within the last layer or so.
+        if not _reaches(image_loss, self._lora_ids):
+            raise ValueError("image: the loss does not depend on any trainable LoRA parameter of this model")
+        if text_too and not _reaches(text_loss, self._lora_ids):
+            raise ValueError("text: the loss does not depend on any trainable LoRA parameter of this model")
 
     def text_grads(self, text_loss: torch.Tensor, image_loss: torch.Tensor, first: bool) -> tuple:
         """The text gradient (``autograd.grad``, graph kept for the image), after the checks that
         must pass before anything changes: both losses reach a LoRA parameter, ``.grad`` intact."""
         params = self.layout.params
-        if not first:
-            self.image.check_attached(params)
-        # Every call: a loss computed on another model can come at any micro-batch. The walk stops
-        # at the first LoRA leaf, which depth-first search meets within the last layer or so.
-        if not _reaches(image_loss, self._lora_ids):
-            raise ValueError("image: the loss does not depend on any trainable LoRA parameter of this model")
+        self._check(text_loss, image_loss, first, text_too=False)
         grads = torch.autograd.grad(text_loss, params, retain_graph=True, allow_unused=True)
         if not any(g is not None and id(p) in self._lora_ids for p, g in zip(params, grads)):
             raise ValueError("text: the loss does not depend on any trainable LoRA parameter of this model")
         return grads
 
+    def choose_traversal(self, text_loss: torch.Tensor, image_loss: torch.Tensor) -> str:
+        """The traversal this backward takes (``"auto"`` resolved; :mod:`.traversal`)."""
+        if self.traversal != "auto":
+            return self.traversal
+        checkpointed = any(m.gradient_checkpointing and m.training for m in self._checkpointing)
+        if checkpointed and text_loss.dtype == image_loss.dtype and not custom_function_in(text_loss, image_loss):
+            return "batched"
+        return "two_pass"
+
     def backward(self, text_loss: torch.Tensor, image_loss: torch.Tensor, first: bool, losses: torch.Tensor) -> None:
         # Both gradients are taken before anything changes, so a backward that fails (a freed
         # graph, an error in the model) leaves .grad and the accumulation exactly as they were.
-        text = self.text_grads(text_loss, image_loss, first)
-        image = torch.autograd.grad(image_loss, self.layout.params, allow_unused=True)
-        self.text.accumulate(text, first)
+        how = self.choose_traversal(text_loss, image_loss)
+        params = self.layout.params
+        if how == "two_pass":
+            text = self.text_grads(text_loss, image_loss, first)
+            image = torch.autograd.grad(image_loss, params, allow_unused=True)
+        else:
+            self._check(text_loss, image_loss, first, text_too=True)
+            if how == "batched":
+                text, image = batched(text_loss, image_loss, params)
+            else:
+                text, image = sum_first(text_loss, image_loss, params, self._modulated)
+        if any(g is not None for g in text):
+            self.text.accumulate(text, first)
+        elif first:  # sum_first with no modulated group: no text gradient was taken
+            self.text.zero_()
         self.image.accumulate(image, first)
-        self.image.attach_as_grad(self.layout.params)
+        self.image.attach_as_grad(params)
+        self.last_traversal = how
 
     def finish(self, losses: torch.Tensor, settle: Settle) -> FlatStep:
         poison = settle(losses, False)
         step = flat_step(self.text.flats, self.image.flats, self.layout, self.rule, poison=poison, backend=self.backend)
         self.image.attach_as_grad(self.layout.params)  # even if a zero_grad() detached them
+        if self.traversal == "sum_first":
+            # The unmodulated groups were integrated from (0, text + image): their exact sum. Their
+            # text/image statistics were not taken: NaN, as in a balancer's one-backward mode.
+            lay = self.layout
+            step.unit_stats = torch.where(lay.active[lay.unit_group][:, None], step.unit_stats, math.nan)
+            step.group_stats = torch.where(lay.active[:, None], step.group_stats, math.nan)
         return step
+
+
+def set_traversal(sync, traversal: str, balanced: bool) -> None:
+    """``ParetoLoRA(traversal=)``: validated before the sync is bound (see :mod:`.traversal`)."""
+    args.choice("traversal", traversal, TRAVERSALS)
+    if type(sync) is not LocalSync:  # DDP, FSDP2: two passes (the module docstring of .traversal says why)
+        if traversal not in ("auto", "two_pass"):
+            raise ValueError(f"traversal: expected 'auto' or 'two_pass' under DDP or FSDP2 (their reductions see only "
+                             f"ordinary backwards, one per objective), got {traversal!r}")
+        return
+    if traversal == "sum_first" and balanced:
+        raise ValueError("traversal: 'sum_first' does not apply to a balancer (its loss weights scale every group's "
+                         "text and image gradients, which sum_first keeps apart only in the modulated groups)")
+    sync.traversal = traversal

@@ -61,6 +61,7 @@ from torch import nn
 from .. import args
 from ..backends import resolve_backend
 from ..distributed import SyncFailure, make_sync
+from ..distributed.sync import set_traversal
 from ..flat import FlatGrads, build_layout
 from ..rules import LOOSE, RuleSpec, rule_keywords
 from .balancers import Balancer, resolve_rule
@@ -136,6 +137,10 @@ class ParetoLoRA:
             (FloatingPointError), "skip" (NaN gradients, for a GradScaler to skip the step) or
             "auto" (skip when a scaler was passed to ``backward``, else raise).
         backend: backend of the integration ops (``pareto_lora.available_backends()``).
+        traversal: how the two gradients are taken (:mod:`pareto_lora.distributed.traversal`):
+            "auto" (default: one batched backward under activation checkpointing, else two
+            passes), "two_pass", "batched", or "sum_first" (opt-in: text only as deep as the
+            modulated groups). One process only; DDP and FSDP2 take two passes.
     """
 
     @rule_keywords(collect="rule_params")  # tau after rule, the other RuleSpec fields after the star
@@ -154,6 +159,7 @@ class ParetoLoRA:
         preserve_norm: bool = False,
         on_nonfinite: str = "auto",
         backend: str = "auto",
+        traversal: str = "auto",
     ):
         # The rule's parameters become one validated RuleSpec here, once; each step reuses it.
         # A balancer (MIMO, GradNorm) wraps the sync; the kernel rule underneath is then "sum".
@@ -163,6 +169,7 @@ class ParetoLoRA:
         if self.options.enabled and self.balancer is not None:
             raise ValueError("stats_ema, preserve_norm: expected a kernel rule; they do not apply to a balancer")
         self._sync = make_sync(model)
+        set_traversal(self._sync, traversal, balanced=self.balancer is not None)
         if self.options.stats_ema and not self._sync.calls_rule_once:
             raise ValueError("stats_ema: not supported under DDP yet (the hook runs the rule group by group)")
         if self.balancer is not None:

@@ -18,10 +18,13 @@ def stats_metrics(stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
     """(||a||, ||b||, cos(a, b), ||a||/||b||) per row of [G, 3] statistics, in their dtype.
 
     cos is 0 where a norm is zero; the ratio is inf where ||b|| = 0 < ||a|| and nan where both are 0.
+    A row with a NaN statistic (statistics not taken, e.g. ``traversal="sum_first"``'s unmodulated
+    groups or a balancer's one-backward step) gives NaN for all four, never a made-up cos of 0.
     """
     na, nb = stats[:, 0].clamp_min(0).sqrt(), stats[:, 1].clamp_min(0).sqrt()
     denom = na * nb
     cos = torch.where(denom > 0, stats[:, 2] / torch.where(denom > 0, denom, 1.0), 0.0)
+    cos = torch.where(stats.isnan().any(dim=1), torch.nan, cos)
     return na, nb, cos, na / nb
 
 

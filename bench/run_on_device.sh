@@ -8,7 +8,7 @@
 #   5. sweep the CUDA launch plans against Triton over sizes and segment counts (sweep_gpu_paths.py),
 #   6. split the host time of small calls: Python API, the op, its halves, a torch launch, a pinned
 #      upload (host_overhead.py; written 2026-11-28 without a device, run on the CPU only so far).
-# PARETO_LORA_DEVICE_STEPS (default "pytest,pytest_shared,nccl,sweep,host"; add "bench" for the full
+# PARETO_LORA_DEVICE_STEPS (default "pytest,pytest_shared,nccl,rules,sweep,host"; add "bench" for the full
 # bench_gpu.py grid with every baseline, ~2 more minutes) picks the steps after the build. Measured
 # on an H200 (2026-11-28): build 50-75 s, pytest 55 s, pytest_shared 65 s, nccl 20 s, sweep 40-50 s.
 # Everything lands under $OUT (default ./device_out): environment, build log, pytest log and
@@ -70,7 +70,7 @@ fi
 
 # The GPU-relevant tests first (CUDA and Triton backends, the shared op suites, the reliability and
 # property suites); the rest of the suite is CPU-only and runs in CI.
-STEPS="${PARETO_LORA_DEVICE_STEPS:-pytest,pytest_shared,nccl,sweep,host}"
+STEPS="${PARETO_LORA_DEVICE_STEPS:-pytest,pytest_shared,nccl,rules,sweep,host}"
 want() { case ",$STEPS," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 JUNIT=()
 [ "${PARETO_LORA_JUNIT:-0}" = 1 ] && JUNIT=(--junitxml="$OUT/pytest.xml")
@@ -83,7 +83,8 @@ fi
 if want pytest_shared; then
   step pytest_shared "${PARETO_LORA_PYTEST_SHARED_LIMIT:-120}" "$PY" -m pytest -v --tb=short -rfE -k cuda \
     tests/test_ops.py tests/test_errors.py tests/test_reliability.py tests/test_properties.py \
-    tests/test_hypothesis.py tests/test_margin.py tests/test_bench_baselines.py -p no:cacheprovider || status=1
+    tests/test_hypothesis.py tests/test_margin.py tests/test_bench_baselines.py tests/test_family_a.py \
+    tests/test_family_b.py -p no:cacheprovider || status=1
 fi
 
 # One-process NCCL DDP and FSDP2 steps with ParetoLoRA on a small bf16 model.
@@ -99,6 +100,8 @@ if want bench; then
 fi
 want sweep && { step sweep "${PARETO_LORA_SWEEP_LIMIT:-150}" "$PY" bench/sweep_gpu_paths.py || true; }
 want host && { step host 60 "$PY" bench/host_overhead.py --device cuda || true; }
+# Every kernel rule in the fused op against `sum` (issue 24), CUDA kernels then Triton.
+want rules && { step rules 90 bash -c "\"$PY\" bench/bench_rules.py 1 21 cuda cpp && \"$PY\" bench/bench_rules.py 1 21 cuda triton" || true; }
 
 echo "total ${SECONDS}s, status $status" | tee -a "$OUT/summary.txt"
 exit $status

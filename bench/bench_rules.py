@@ -1,10 +1,12 @@
 """Every kernel rule in the fused op, on the CPU: does a rule cost anything beyond the memory pass?
 
-    python bench/rules_cpu.py [threads] [rounds]
+    python bench/bench_rules.py [threads] [rounds] [device] [backend]
+
+(device ``cpu`` by default; on a GPU, e.g. ``1 41 cuda cpp`` or ``1 41 cuda triton``.)
 
 The rules differ only in the per-segment (or per-group) step between the statistics and the
 combine, so the op's time should not depend on the rule except where segments are tiny and the
-rule runs often. Layouts (float32, ``pareto_lora.integrate(..., backend="cpp")``):
+rule runs often. Layouts (float32, ``pareto_lora.integrate(..., backend=backend)``):
 
 * ``16M / 5 groups``: a training step's shape (256 LoRA units of random sizes in 5 groups);
 * ``4M / 1024 segments``: one rule per segment of ~4K elements;
@@ -25,6 +27,8 @@ from pareto_lora.app.benchmarking import cpu_model, interleaved, uptime
 
 threads = int(sys.argv[1]) if len(sys.argv) > 1 else 1
 rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 15
+device = sys.argv[3] if len(sys.argv) > 3 else "cpu"
+backend = sys.argv[4] if len(sys.argv) > 4 else "cpp"
 torch.set_num_threads(threads)
 
 
@@ -48,8 +52,9 @@ def layout(numel: int, segments: int, groups: int | None, seed: int):
     return offsets, cuts
 
 
-print(f"{cpu_model()}, pareto_lora CPU build {pareto_lora._C.cpu_capability()}, {threads} thread(s), "
-      f"{rounds} interleaved rounds, load {uptime()}")
+where = (f"{cpu_model()}, pareto_lora CPU build {pareto_lora._C.cpu_capability()}, {threads} thread(s)"
+         if device == "cpu" else torch.cuda.get_device_name(device))
+print(f"{where}, backend {backend}, {rounds} interleaved rounds, load {uptime()}")
 rules = pareto_lora.RULES
 cases = (("16M / 5 groups", 1 << 24, 256, 5), ("4M / 1024 segments", 1 << 22, 1024, None),
          ("1M / 16384 segments", 1 << 20, 16384, None))
@@ -59,12 +64,12 @@ results = {}
 for name, numel, segments, groups in cases:
     offsets, cuts = layout(numel, segments, groups, seed=segments)
     gen = torch.Generator().manual_seed(numel)
-    a = torch.randn(numel, generator=gen)
-    b = -0.3 * a + torch.randn(numel, generator=gen)
+    a = torch.randn(numel, generator=gen).to(device)
+    b = -0.3 * a + torch.randn(numel, generator=gen).to(device)
     out = torch.empty_like(a)
-    fns = {r: (lambda r=r: pareto_lora.integrate(a, b, offsets, out=out, rule=r, groups=cuts, backend="cpp"))
+    fns = {r: (lambda r=r: pareto_lora.integrate(a, b, offsets, out=out, rule=r, groups=cuts, backend=backend))
            for r in rules}
-    results[name] = interleaved(fns, rounds=rounds)
+    results[name] = interleaved(fns, device=device, rounds=rounds)
 for r in rules:
     cells = []
     for name, *_ in cases:

@@ -17,29 +17,18 @@ the order rotated each round); the table gives the median ms and the median per-
 ``sum`` (whose rule step is trivial) with a distribution-free 95% interval.
 """
 
-import math
 import sys
 
 import torch
 
 import pareto_lora
-from pareto_lora.app.benchmarking import cpu_model, interleaved, uptime
+from pareto_lora.app.benchmarking import cpu_model, interleaved, median_ci, uptime
 
 threads = int(sys.argv[1]) if len(sys.argv) > 1 else 1
 rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 15
 device = sys.argv[3] if len(sys.argv) > 3 else "cpu"
 backend = sys.argv[4] if len(sys.argv) > 4 else "cpp"
 torch.set_num_threads(threads)
-
-
-def median_ci(xs: list[float]) -> tuple[float, float, float]:
-    """Median and a distribution-free 95% CI (binomial order statistics) of paired ratios."""
-    xs = sorted(xs)
-    n = len(xs)
-    half = 1.96 * math.sqrt(n) / 2
-    lo, hi = max(0, int(math.floor(n / 2 - half))), min(n - 1, int(math.ceil(n / 2 + half)))
-    mid = xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
-    return mid, xs[lo], xs[hi]
 
 
 def layout(numel: int, segments: int, groups: int | None, seed: int):

@@ -14,13 +14,12 @@ Prints a markdown table: median ms of each, and the median of the per-round rati
 with a distribution-free 95% confidence interval (order statistics of the paired ratios).
 """
 
-import math
 import sys
 
 import torch
 
 import pareto_lora
-from pareto_lora.app.benchmarking import interleaved
+from pareto_lora.app.benchmarking import interleaved, median_ci
 from pareto_lora.flat import sum_into_groups
 
 threads = int(sys.argv[1]) if len(sys.argv) > 1 else 1
@@ -37,16 +36,6 @@ def layout(numel: int, units: int, groups: int, seed: int):
     cuts = torch.linspace(0, units, groups + 1).round().long()
     unit_group = torch.repeat_interleave(torch.arange(groups), cuts[1:] - cuts[:-1])
     return offsets, cuts, unit_group
-
-
-def median_ci(xs: list[float]) -> tuple[float, float, float]:
-    """Median and a distribution-free 95% CI (binomial order statistics) of paired ratios."""
-    xs = sorted(xs)
-    n = len(xs)
-    half = 1.96 * math.sqrt(n) / 2
-    lo, hi = max(0, int(math.floor(n / 2 - half))), min(n - 1, int(math.ceil(n / 2 + half)))
-    mid = xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
-    return mid, xs[lo], xs[hi]
 
 
 print(f"{threads} thread(s); {rounds} interleaved rounds; rule pareto_lora")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import math
 import os
 import platform
 import subprocess
@@ -104,6 +105,16 @@ def interleaved(fns: dict[str, Callable[[], object]], device: str | torch.device
         if end is not None and r >= 2 and time.perf_counter() > end:
             break
     return {n: {"min": min(t), "median": statistics.median(t), "rounds": len(t), "times": t} for n, t in times.items()}
+
+
+def median_ci(xs: Sequence[float]) -> tuple[float, float, float]:
+    """Median and a distribution-free 95% interval (binomial order statistics) of paired ratios."""
+    xs = sorted(xs)
+    n = len(xs)
+    half = 1.96 * math.sqrt(n) / 2
+    lo, hi = max(0, int(math.floor(n / 2 - half))), min(n - 1, int(math.ceil(n / 2 + half)))
+    mid = xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
+    return mid, xs[lo], xs[hi]
 
 
 def _itemsize(dtype: torch.dtype) -> int:

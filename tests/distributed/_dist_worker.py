@@ -28,7 +28,7 @@ from pareto_lora.flat import PythonRule  # noqa: E402
 NUM_LAYERS = 5
 NUM_GROUPS = 2
 BUCKET_MB = 0.0025  # ~2.6 KB buckets: one layer's LoRA gradients (8 KB) span 3-4, so every group does too
-RULES = ("pareto_lora", "mgda")
+RULES = ("pareto_lora", "mgda", "upgrad", "cagrad")  # the paper's rule, MGDA and two of the family
 
 
 def batch_for(rank: int, base: int, image: bool = True) -> dict:

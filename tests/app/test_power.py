@@ -65,3 +65,14 @@ def test_one_seed_cannot_tell_anything_apart():
     runs = [_fake_run(r, 0, *p) for r, p in {**_BASE, "w2": (0.15, 0.5)}.items()]
     check = verdict.power(report.compare(report.summarize(runs)))
     assert check["detects"] is False and "(one seed: no interval)" in check["line"] and "cannot tell" in check["line"]
+
+
+@pytest.mark.parametrize("rules, said", [
+    (("sum", "w2"), "No brackets (text_only / image_only not run): the power check above measures the sensitivity instead."),
+    (("sum",), "No brackets (text_only / image_only not run): the experiment's sensitivity is unknown."),
+])
+def test_without_brackets_the_power_check_stands_in_for_them(rules, said):
+    """The default demo runs no brackets (5 seeds of sum, w2, w4, pareto_lora): its sensitivity is the power check's."""
+    _, lines = _lines([0.90, 0.91, 0.89], rules=rules)
+    assert said in lines
+    assert not any(line.startswith("Brackets:") for line in lines)

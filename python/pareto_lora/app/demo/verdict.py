@@ -68,7 +68,10 @@ def verdict(result: dict, summary: dict, comparison: dict) -> list[str]:
                          f"{ft['text_excess']:.3f}, image excess {ft['image_excess']:.3f}, cell accuracy {ft['cell_acc']:.1%}.")
     br = brackets_apart(summary)
     if br is None:
-        lines.append("No brackets (text_only / image_only not run): the experiment's sensitivity is unknown.")
+        check = power(comparison)
+        lines.append("No brackets (text_only / image_only not run): " + (
+            "the power check above measures the sensitivity instead." if check.get("detects") is not None
+            else "the experiment's sensitivity is unknown."))
     else:
         apart, d_img, d_txt = br
         nums = f"image excess image-only minus text-only {d_img.format()}, text excess text-only minus image-only {d_txt.format()}"

@@ -34,7 +34,7 @@ def test_default_workers_need_a_cached_base_on_the_cpu():
     assert parallel.default_workers("default", "cpu", 10) == min(parallel.usable_cpus(), 10)
 
 
-@pytest.mark.parametrize("workers", [0, -1])
-def test_workers_must_be_positive(workers):
-    with pytest.raises(ValueError, match="workers: expected an integer >= 1 or None"):
+@pytest.mark.parametrize("workers", [0, -1, True, "2", 1.5, float("nan")])
+def test_workers_must_be_a_positive_integer(workers):
+    with pytest.raises(ValueError, match="workers: expected None or an int >= 1"):
         DemoConfig(workers=workers).check()

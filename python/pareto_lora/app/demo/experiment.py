@@ -18,6 +18,7 @@ import time
 import torch
 
 import pareto_lora
+from pareto_lora import args
 
 from pareto_lora.flat.layout import split_layers
 
@@ -28,7 +29,7 @@ from .floors import entropy_floors
 from .methods import ALL_METHODS, OPTIMIZERS, build_method, loss_weights
 from .model import ARCHS, ModelConfig, attach_lora, logits_of
 from .output import load_json, save_json
-from .parallel import default_workers, run_cells
+from .parallel import run_cells
 
 __all__ = ["DemoConfig", "RunResult", "Setup", "evaluate", "finetune", "prepare", "run_cell", "run_experiment"]
 
@@ -81,8 +82,7 @@ class DemoConfig:
             raise ValueError(f"seeds: expected distinct seeds, got {list(self.seeds)}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads: expected an integer >= 1 or None, got {self.threads}")
-        if self.workers is not None and self.workers < 1:
-            raise ValueError(f"workers: expected an integer >= 1 or None, got {self.workers}")
+        args.integer("workers", self.workers, 1, none=True)  # not a bool, a str or a float
         for name in ("steps", "batch_size", "eval_every", "eval_batches", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected an integer >= 1, got {getattr(self, name)}")
@@ -356,18 +356,12 @@ def run_experiment(cfg: DemoConfig, progress: bool = True, runs_dir: str | None 
     """
     setup = prepare(cfg, progress)
     cells = [(rule, seed) for seed in cfg.seeds for rule in cfg.rules]
-    workers = cfg.workers or default_workers(cfg.cache_dir, cfg.device, len(cells))
-    setup.timings["workers"] = workers
-    if workers <= 1:
-        runs = [run_cell(setup, cfg, rule, seed, runs_dir, progress) for rule, seed in cells]
-    else:
-        echo = None
-        if progress:
-            from tqdm.auto import tqdm
+    echo = None
+    if progress:
+        from tqdm.auto import tqdm
 
-            echo = tqdm.write
-            echo(f"fine-tuning {len(cells)} runs in {workers} worker processes")
-        runs = run_cells(setup, prepare, run_cell, cfg, cells, runs_dir, workers, dict(progress=False),
-                         on_run=(lambda run: echo(cell_line(run, cfg))) if echo else None,
-                         prepare_kwargs=dict(progress=False))
+        echo = tqdm.write
+    runs = run_cells(setup, prepare, run_cell, cfg, cells, runs_dir, cell_kwargs=dict(progress=progress),
+                     quiet_kwargs=dict(progress=False), prepare_kwargs=dict(progress=False), echo=echo,
+                     line=lambda run: cell_line(run, cfg))
     return setup.result(runs)

@@ -56,27 +56,29 @@ def _task(run_cell, cfg, rule: str, seed: int, runs_dir, cell_kwargs: dict):
     return run, _SETUP.timings["runs_loaded"] > before
 
 
-def run_cells(setup, prepare, run_cell, cfg, cells, runs_dir, workers: int, cell_kwargs: dict | None = None,
-              on_run=None, prepare_kwargs: dict | None = None) -> list:
-    """The runs of `cells` ((rule, seed) pairs) in their order; `setup.timings` counts them as a
-    serial study would (``finetune_s`` adds the runs' own seconds, ``runs_loaded`` the resumed
-    ones). ``workers <= 1``: serially in this process with `setup`. ``on_run(run)`` is called in
-    this process as each run finishes (the progress lines of a parallel study)."""
-    cell_kwargs = dict(cell_kwargs or {})
+def run_cells(setup, prepare, run_cell, cfg, cells, runs_dir, *, cell_kwargs: dict, quiet_kwargs: dict,
+              prepare_kwargs: dict | None = None, echo=None, line=None) -> list:
+    """The runs of `cells` ((rule, seed) pairs) in their order, in ``cfg.workers`` processes (None:
+    :func:`default_workers`; the number used goes to ``setup.timings["workers"]``). `setup.timings`
+    counts the runs as a serial study would (``finetune_s`` adds the runs' own seconds,
+    ``runs_loaded`` the resumed ones).
+
+    Serially the world's ``run_cell`` runs in this process with `cell_kwargs` (its own progress
+    output); in workers with `quiet_kwargs`, and this process says how many workers there are and
+    ``echo(line(run))`` as each run finishes (`echo` None: silent)."""
     cells = list(cells)
+    workers = cfg.workers or default_workers(cfg.cache_dir, cfg.device, len(cells))
+    setup.timings["workers"] = workers
     if workers <= 1 or len(cells) <= 1:
-        runs = []
-        for rule, seed in cells:
-            runs.append(run_cell(setup, cfg, rule, seed, runs_dir, **cell_kwargs))
-            if on_run is not None:
-                on_run(runs[-1])
-        return runs
+        return [run_cell(setup, cfg, rule, seed, runs_dir, **cell_kwargs) for rule, seed in cells]
+    if echo is not None:
+        echo(f"fine-tuning {len(cells)} runs in {workers} worker processes")
     # spawn, not fork: the parent has torch's thread pools and possibly open progress bars.
     ctx = multiprocessing.get_context("spawn")
     runs: list = [None] * len(cells)
     with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init,
                                                 initargs=(prepare, cfg, dict(prepare_kwargs or {}))) as pool:
-        futures = {pool.submit(_task, run_cell, cfg, rule, seed, runs_dir, cell_kwargs): i
+        futures = {pool.submit(_task, run_cell, cfg, rule, seed, runs_dir, quiet_kwargs): i
                    for i, (rule, seed) in enumerate(cells)}
         for future in concurrent.futures.as_completed(futures):
             run, loaded = future.result()
@@ -85,6 +87,6 @@ def run_cells(setup, prepare, run_cell, cfg, cells, runs_dir, workers: int, cell
                 setup.timings["runs_loaded"] += 1
             else:
                 setup.timings["finetune_s"] += run.seconds
-            if on_run is not None:
-                on_run(run)
+            if echo is not None:
+                echo(line(run))
     return runs

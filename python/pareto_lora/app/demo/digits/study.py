@@ -17,7 +17,7 @@ import statistics
 
 from ..methods import ALL_METHODS, FAMILY
 from ..model import ModelConfig
-from ..parallel import default_workers, run_cells
+from ..parallel import run_cells
 from .experiment import LONG, DigitsConfig, cell_line, prepare, run_cell
 from .report import compare, format_table, ratio_values, summarize, verdict
 
@@ -93,11 +93,8 @@ def run_setting(name: str, cfg: DigitsConfig, out_dir: str, echo=print) -> dict:
         if say:
             say(f"learning rate chosen for vanilla LoRA: {cfg.lr:g}" + (" (at the grid's edge)" if tuning["at_edge"] else ""))
     cells = [(rule, seed) for seed in cfg.seeds for rule in cfg.rules]
-    workers = cfg.workers or default_workers(cfg.cache_dir, cfg.device, len(cells))
-    if say and workers > 1:
-        say(f"fine-tuning {len(cells)} runs in {workers} worker processes")
-    runs = run_cells(setup, prepare, run_cell, cfg, cells, runs_dir, workers, dict(echo=None if workers > 1 else say),
-                     on_run=(lambda run: say(cell_line(run, cfg))) if say and workers > 1 else None)
+    runs = run_cells(setup, prepare, run_cell, cfg, cells, runs_dir, cell_kwargs=dict(echo=say),
+                     quiet_kwargs=dict(echo=None), echo=say, line=lambda run: cell_line(run, cfg))
     summary = summarize(runs)
     comparison = compare(summary)
     vanilla = [v for r in runs if r.rule == "sum" for v in ratio_values(r.records)]

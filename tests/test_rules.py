@@ -107,3 +107,35 @@ def test_the_oracle_takes_the_spec_like_every_backend():
         pareto_lora.reference.rule_coefficients(stats, "mgda")
     with pytest.raises(TypeError):
         pareto_lora.reference.rule_coefficients(stats, RuleSpec("mgda"), 0.5)  # no loose keywords below the boundary
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("c", -0.1, "c: expected a finite number >= 0"),
+    ("c", float("nan"), "c: expected a finite number >= 0"),
+    ("c", float("inf"), "c: expected a finite number >= 0"),
+    ("c", "0.4", "c: expected a finite number >= 0"),
+    ("c", True, "c: expected a finite number >= 0"),
+    ("weights", (0.0, 0.0), "weights: expected a pair (w_a, w_b) of finite numbers >= 0, not both 0"),
+    ("weights", (1.0,), "weights: expected a pair (w_a, w_b) of finite numbers >= 0"),
+    ("weights", "ab", "weights: expected a pair (w_a, w_b) of finite numbers >= 0"),
+    ("weights", None, "weights: expected a pair (w_a, w_b) of finite numbers >= 0"),
+    ("weights", (1.0, float("nan")), "weights: expected a finite number >= 0"),
+    ("weights", (1.0, -1.0), "weights: expected a finite number >= 0"),
+    ("weights", (True, 1.0), "weights: expected a finite number >= 0"),
+    ("max_norm", -1.0, "max_norm: expected a finite number >= 0"),
+    ("max_norm", float("nan"), "max_norm: expected a finite number >= 0"),
+    ("max_norm", "False", "max_norm: expected a finite number >= 0"),
+    ("reg_eps", -1e-4, "reg_eps: expected a finite number >= 0"),
+    ("reg_eps", float("inf"), "reg_eps: expected a finite number >= 0"),
+    ("reg_eps", False, "reg_eps: expected a finite number >= 0"),
+])
+def test_family_parameters_are_checked_by_name(field, value, message):
+    """RuleSpec refuses what csrc/rule.h's parse_rule_params refuses (tests/test_errors.py), by name."""
+    with pytest.raises(ValueError) as err:
+        RuleSpec("cagrad", **{field: value})
+    assert str(err.value).startswith(message)
+    if value is None:  # a loose keyword left None means "RuleSpec's default" (as_spec), by design
+        return
+    with pytest.raises(ValueError) as err:  # the loose keyword of a public function: the same message
+        pareto_lora.rule_coefficients(torch.rand(2, 3, dtype=torch.float64), "cagrad", **{field: value})
+    assert str(err.value).startswith(message)

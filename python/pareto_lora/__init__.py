@@ -9,9 +9,10 @@ The package's layers are import-linter contracts in pyproject.toml ([tool.import
 This file only re-exports. The documentation (docs/, mkdocs) has the training guide and the API reference.
 """
 
-from . import archs, distributed, reference, rules
+from . import archs, distributed, multi, reference, rules
 from .backends import available_backends
 from .ops import combine, integrate, rule_coefficients, segment_stats
+from .ops_many import combine_many, gram, integrate_many
 from .result import IntegrationResult
 from .rules import RULES, Case, RuleSpec
 from .training import ParetoLoRA, StepReport, balancers, diagnostics, modality_losses, modality_token_counts
@@ -30,9 +31,13 @@ __all__ = [
     "available_backends",
     "balancers",
     "combine",
+    "combine_many",
     "diagnostics",
     "distributed",
     "integrate",
+    "integrate_many",
+    "gram",
+    "multi",
     "modality_losses",
     "modality_token_counts",
     "reference",

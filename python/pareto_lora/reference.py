@@ -19,10 +19,13 @@ import math
 import torch
 
 from . import checks as _checks
+from .multi.reference import combine_many, gram  # the K-objective half of the oracle (a backend's two K ops)
 from .result import IntegrationResult
 from .rules import CAGRAD_NORM_EPS, CAUCHY_SCHWARZ_SLACK, STATIONARY_REL, DEFAULT_RULE, Case, RuleSpec, term_fits
 
 __all__ = [
+    "gram",
+    "combine_many",
     "segment_stats",
     "rule_coefficients",
     "combine",
@@ -94,6 +97,7 @@ def _check_spec(spec) -> None:
     if not isinstance(spec, RuleSpec):
         raise ValueError(f"spec: expected a pareto_lora.RuleSpec (the public functions take a rule name), "
                          f"got {type(spec).__name__}")
+    spec.kernel_params()  # two objectives: the one check that weights is a pair, as the kernels make it
 
 
 def _rule(
@@ -315,7 +319,7 @@ def combine(
 
 
 def group_sums(stats: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-    """[G, 3] float64: row g = +0.0 + stats[groups[g]] + ... + stats[groups[g+1] - 1], left to right.
+    """[G, C] float64: row g = +0.0 + stats[groups[g]] + ... + stats[groups[g+1] - 1], left to right.
 
     The one summation order of group statistics on every backend and device (csrc/cpu/ops_cpu.cpp,
     the CUDA and Triton kernels add in the same order), so every path gives the same bits. An empty
@@ -325,7 +329,7 @@ def group_sums(stats: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
     s = stats.to(torch.float64)
     groups = groups.to(s.device)
     first, sizes = groups[:-1], groups[1:] - groups[:-1]
-    acc = torch.zeros(first.numel(), 3, dtype=torch.float64, device=s.device)
+    acc = torch.zeros(first.numel(), s.shape[1], dtype=torch.float64, device=s.device)
     longest = int(sizes.max()) if sizes.numel() > 0 else 0
     for k in range(longest):
         take = (k < sizes)[:, None]

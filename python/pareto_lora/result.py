@@ -11,7 +11,7 @@ import torch
 
 from .rules import Case
 
-__all__ = ["IntegrationResult", "stats_metrics"]
+__all__ = ["IntegrationResult", "MultiResult", "stats_metrics"]
 
 
 def stats_metrics(stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -77,3 +77,17 @@ class IntegrationResult(_Fields):
     def nonfinite(self) -> torch.Tensor:
         """0-d bool tensor: some segment had NaN/Inf statistics (its gradient is not finite)."""
         return (self.cases == int(Case.NONFINITE)).any()
+
+
+class MultiResult(NamedTuple):
+    """What ``integrate_many`` returns (K objectives). Tensors stay on the device (no host sync).
+
+    ``stats`` and ``group_stats`` are rows of K(K+1)/2 Gram entries in the order of
+    :func:`pareto_lora.multi.pairs`; :func:`pareto_lora.multi.gram_matrix` makes them K x K.
+    """
+
+    out: torch.Tensor  #: the integrated gradient, sum_k weights[g, k] * grads[k] per segment of group g
+    stats: torch.Tensor  #: [S, K(K+1)/2] float64 per segment (exact products summed in float64)
+    group_stats: torch.Tensor  #: [G, K(K+1)/2] float64: each group's segments' rows summed left to right
+    weights: torch.Tensor  #: [G, K] float32 (float64 on float64 inputs): the weights the combine applied
+    cases: torch.Tensor  #: [G] int32 case codes (see :class:`pareto_lora.Case`)

@@ -31,6 +31,7 @@ __all__ = [
     "CAGRAD_NORM_EPS",
     "MAX_COEFFICIENT",
     "MAX_TERM",
+    "MAX_OBJECTIVES",
     "term_fits",
 ]
 
@@ -69,6 +70,11 @@ RULE_DOCS: dict[str, str] = {
 }
 RULES: tuple[str, ...] = tuple(RULE_DOCS)
 RULE_IDS: dict[str, int] = {name: i for i, name in enumerate(RULES)}
+
+#: The most objectives one K-objective op call takes (pareto_lora.multi): the kernels keep
+#: K(K+1)/2 = 36 float64 partial sums per thread, and every K-objective solver is exact (or
+#: fixed-iteration) up to this size.
+MAX_OBJECTIVES = 8
 
 # The numbers behind the rules' guarantees (csrc/rule.h holds the same; a test compares them).
 #: Bound on the relative error of the statistics a rule is given: the kernels add exact products
@@ -118,7 +124,7 @@ class RuleSpec:
     symmetric: bool = False
     margin: float = 0.0
     c: float = 0.4
-    weights: tuple[float, float] = (1.0, 1.0)
+    weights: tuple[float, ...] = (1.0, 1.0)
     max_norm: float = 1.0
     reg_eps: float = 1e-4
 
@@ -141,19 +147,25 @@ class RuleSpec:
 
     def kernel_params(self) -> tuple[float, ...]:
         """The parameters as the kernels take them: one float per name in :data:`KERNEL_PARAMS`
-        (``symmetric`` as 0.0 / 1.0, ``weights`` as ``w_a``, ``w_b``)."""
+        (``symmetric`` as 0.0 / 1.0, ``weights`` as ``w_a``, ``w_b``: the two-objective kernels)."""
+        if len(self.weights) != 2:
+            raise ValueError(f"weights: expected a pair (w_a, w_b) for the two-objective op, got {len(self.weights)} "
+                             "weights (pareto_lora.integrate_many takes one per objective)")
         return (self.tau, self.gamma, float(self.symmetric), self.margin, self.c, *self.weights, self.max_norm,
                 self.reg_eps)
 
 
-def _weights(value) -> tuple[float, float]:
-    """``weights``: two finite numbers >= 0, not both 0 (the constant rule's w_a, w_b)."""
-    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
-        raise ValueError(f"weights: expected a pair (w_a, w_b) of finite numbers >= 0, got {args.shown(value)}")
-    pair = tuple(args.number("weights", w, 0.0) for w in value)
-    if pair == (0.0, 0.0):
-        raise ValueError("weights: expected a pair (w_a, w_b) of finite numbers >= 0, not both 0, got (0.0, 0.0)")
-    return pair
+def _weights(value) -> tuple[float, ...]:
+    """``weights``: 2 to MAX_OBJECTIVES finite numbers >= 0, not all 0 (the constant rule's weights,
+    one per objective: (w_a, w_b) for the two-objective op)."""
+    if (isinstance(value, (str, bytes)) or not hasattr(value, "__len__")
+            or not 2 <= len(value) <= MAX_OBJECTIVES):
+        raise ValueError(f"weights: expected 2 to {MAX_OBJECTIVES} finite numbers >= 0 (one per objective), "
+                         f"got {args.shown(value)}")
+    weights = tuple(args.number("weights", w, 0.0) for w in value)
+    if not any(weights):
+        raise ValueError(f"weights: expected finite numbers >= 0, not all 0, got {weights}")
+    return weights
 
 
 #: The rule parameters in the order the kernels receive them (csrc/rule.h kParamNames, the Triton

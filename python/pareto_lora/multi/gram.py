@@ -12,9 +12,7 @@ import torch
 
 __all__ = ["MAX_OBJECTIVES", "num_pairs", "pairs", "gram_matrix", "upper_triangle"]
 
-#: The most objectives one op call takes: the kernels keep K(K+1)/2 = 36 float64 partial sums per
-#: thread in registers, and every K-objective solver is exact (or fixed-iteration) up to this size.
-MAX_OBJECTIVES = 8
+from ..rules import MAX_OBJECTIVES  # defined once, beside the rule table (RuleSpec.weights uses it)
 
 
 def num_pairs(k: int) -> int:

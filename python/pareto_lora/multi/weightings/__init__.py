@@ -1,0 +1,50 @@
+"""K-objective weightings: the batched Gram [G, K, K] (float64) -> weights [G, K], one module per rule.
+
+:func:`apply` is the one entry: it takes a :class:`~pareto_lora.RuleSpec` whose name is in
+:data:`K_RULES`, or a user-defined weighting (a callable from the batched Gram to the weights,
+or a torchjd ``Weighting``; :mod:`.user`), and returns the weights the combine applies with
+their case codes. Weightings run batched on the Gram's device (no host round trip per group) and
+are deterministic.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...rules import RuleSpec
+from .base import finish, prepare
+from .simple import constant_weighting, mean_weighting, sum_weighting
+
+__all__ = ["K_RULES", "WEIGHTINGS", "apply"]
+
+#: rule name -> weighting function (gram [G, K, K] float64 valid, spec) -> (weights [G, K], cases [G]).
+WEIGHTINGS = {
+    "sum": sum_weighting,
+    "mean": mean_weighting,
+    "constant": constant_weighting,
+}
+#: The rules the K-objective op takes by name.
+K_RULES: tuple[str, ...] = tuple(WEIGHTINGS)
+
+
+def check_rule(rule, k: int) -> None:
+    """``rule``: a RuleSpec of a K-objective rule (with K weights for ``constant``); raises ValueError."""
+    if not isinstance(rule, RuleSpec):
+        raise ValueError(f"rule: expected a RuleSpec or a rule name, got {type(rule).__name__}")
+    if rule.name not in WEIGHTINGS:
+        raise ValueError(f"rule: {rule.name!r} has no K-objective form; expected one of {', '.join(K_RULES)}")
+    if rule.name == "constant" and len(rule.weights) != k:
+        raise ValueError(f"weights: expected {k} weights (one per objective), got {len(rule.weights)}")
+
+
+def apply(
+    rule: RuleSpec,
+    gram: torch.Tensor,
+    active: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights [G, K] in `dtype`, cases [G] int32) of `rule` on the batched Gram [G, K, K]."""
+    check_rule(rule, gram.shape[-1])
+    valid, invalid = prepare(gram)
+    weights, cases = WEIGHTINGS[rule.name](valid, rule)
+    return finish(valid, weights.to(torch.float64), cases, invalid, active, dtype)

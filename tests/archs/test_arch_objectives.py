@@ -1,0 +1,156 @@
+"""objective_losses_for: a mixed batch's text, understanding and generation losses (issue 29).
+
+Each architecture gets a batch with all three kinds: a pure-text stretch, text after an image
+input, and generated image tokens. The split is checked against masks written here by position,
+against the two-objective losses (token-weighted sums) and against cross-entropy by hand.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import arch_models as am
+from pareto_lora import archs
+
+K_ARCHS = ("chameleon", "emu3", "janus")
+
+
+def mixed_chameleon():
+    """Row 0 generates its image (labels = ids); row 1 is shown the same kind of image (labels -100 there)."""
+    batch = am.chameleon_batch(seed=7)
+    batch["labels"][1, 4:12] = -100
+    under = torch.zeros_like(batch["labels"], dtype=torch.bool)
+    under[1, 12:14] = True  # row 1's text after the image, up to its padded tail (14:)
+    return batch, under
+
+
+def mixed_emu3():
+    batch = am.emu3_batch(seed=7)
+    batch["labels"][1, 3:17] = -100
+    under = torch.zeros_like(batch["labels"], dtype=torch.bool)
+    under[1, 17:] = True
+    return batch, under
+
+
+def mixed_janus():
+    """Row 0: 16 <image> placeholders (an understanding input), then the text-to-image sample; row 1: without them."""
+    base = am.janus_batch(seed=7)
+    n = 16  # (image_size 20 / patch_size 5) ** 2
+    pad = torch.randint(2, am.JANUS_BOI, (2, n), generator=torch.Generator().manual_seed(3))
+    pad[0] = am.JANUS_IMAGE_TOKEN
+    ids = torch.cat([pad, base["input_ids"]], 1)
+    codes = torch.cat([torch.full((2, n), -100), base["image_codes"]], 1)
+    labels = ids.clone()
+    batch = {"input_ids": ids, "labels": labels, "image_codes": codes, "attention_mask": torch.ones_like(ids),
+             "pixel_values": torch.randn(1, 3, 20, 20, generator=torch.Generator().manual_seed(0))}
+    under = torch.zeros_like(ids, dtype=torch.bool)
+    under[0, n:] = codes[0, n:] == -100  # every text target after the placeholders (the placeholders are inputs only)
+    return batch, under
+
+
+MIXED = {"chameleon": mixed_chameleon, "emu3": mixed_emu3, "janus": mixed_janus}
+
+
+def _two_objective_masks(model, batch, spec):
+    labels = batch["labels"]
+    image = archs.image_token_mask(model, batch, spec)
+    valid = (labels != -100) & (labels != spec.placeholder_token_id)
+    return valid & ~image, image
+
+
+@pytest.mark.parametrize("name", K_ARCHS)
+def test_masks_are_disjoint_complete_and_split_by_image_inputs(lora_model, name):
+    model = lora_model(name)
+    spec = archs.detect_arch(model)
+    batch, under = MIXED[name]()
+    masks = archs.objective_masks(model, batch, spec)
+    assert tuple(masks) == archs.OBJECTIVES
+    text2, image2 = _two_objective_masks(model, batch, spec)
+    assert torch.equal(masks["understanding"], under)
+    assert torch.equal(masks["generation"], image2)
+    assert torch.equal(masks["text"], text2 & ~under)
+    total = sum(m.long() for m in masks.values())
+    assert total.max() == 1 and torch.equal(total.bool(), text2 | image2)  # disjoint, and the union is all targets
+    assert all(m.any() for m in masks.values())  # the batch really has all three kinds
+
+
+@pytest.mark.parametrize("name", K_ARCHS)
+def test_losses_sum_token_weighted_to_the_two_objective_losses(lora_model, name):
+    model = lora_model(name)
+    spec = archs.detect_arch(model)
+    batch, _ = MIXED[name]()
+    losses = archs.objective_losses_for(model, batch, spec)
+    counts = archs.objective_token_counts_for(model, batch, spec)
+    text2, image2 = archs.modality_losses_for(model, batch, spec)
+    n_text2, n_image2 = archs.modality_token_counts_for(model, batch, spec)
+    assert all(v.dtype == torch.float32 and v.dim() == 0 and v.requires_grad for v in losses.values())
+    assert counts["text"] + counts["understanding"] == n_text2 and counts["generation"] == n_image2
+    torch.testing.assert_close(counts["text"] * losses["text"] + counts["understanding"] * losses["understanding"],
+                               n_text2 * text2)
+    torch.testing.assert_close(losses["generation"], image2, rtol=0, atol=0)
+
+
+def test_chameleon_understanding_loss_is_the_cross_entropy_after_the_shown_image(lora_model):
+    model = lora_model("chameleon")
+    batch, under = mixed_chameleon()
+    losses = archs.objective_losses_for(model, batch)
+    base = model.get_base_model()
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    logits = base.lm_head(base.model(**inputs).last_hidden_state)  # unmasked, by hand
+    m = under[:, 1:]
+    expected = F.cross_entropy(logits[:, :-1][m].float(), batch["labels"][:, 1:][m])
+    torch.testing.assert_close(losses["understanding"], expected)
+
+
+def test_janus_heads_and_the_image_input(lora_model):
+    model = lora_model("janus")
+    batch, _ = mixed_janus()
+    losses = archs.objective_losses_for(model, batch)
+    head = [p for n, p in model.named_parameters() if ".generation_head." in n and "lora_" in n]
+    assert all(g.abs().sum() > 0 for g in torch.autograd.grad(losses["generation"], head, retain_graph=True))
+    for name in ("text", "understanding"):  # lm_head scores them: the generation head gets nothing
+        assert all(g is None for g in torch.autograd.grad(losses[name], head, allow_unused=True, retain_graph=True))
+    moved = dict(batch, pixel_values=batch["pixel_values"] * 2)
+    again = archs.objective_losses_for(model, moved)
+    assert not torch.equal(again["understanding"], losses["understanding"])  # the image input is read
+
+
+@pytest.mark.parametrize("name", K_ARCHS)
+def test_absent_objectives_are_zero_and_differentiable(lora_model, name):
+    model = lora_model(name)
+    losses = archs.objective_losses_for(model, am.BATCHES[name](with_image=False))
+    assert losses["text"].item() > 0
+    params = [p for p in model.parameters() if p.requires_grad]
+    for kind in ("understanding", "generation"):
+        assert losses[kind].item() == 0.0 and losses[kind].requires_grad
+        grads = torch.autograd.grad(losses[kind], params, allow_unused=True, retain_graph=True)
+        assert all(g is None or not g.any() for g in grads)
+
+
+def test_num_items_divides_each_sum(lora_model):
+    model = lora_model("emu3")
+    batch, _ = mixed_emu3()
+    counts = archs.objective_token_counts_for(model, batch)
+    losses = archs.objective_losses_for(model, batch)
+    scaled = archs.objective_losses_for(model, batch, num_items={k: 2 * v for k, v in counts.items()})
+    for k in archs.OBJECTIVES:
+        torch.testing.assert_close(scaled[k], losses[k] / 2)
+
+
+def test_bad_batches_and_arguments_are_refused_by_name(lora_model):
+    model = lora_model("chameleon")
+    batch, _ = mixed_chameleon()
+    with pytest.raises(ValueError, match="num_items: expected a dict with the keys text, understanding, generation"):
+        archs.objective_losses_for(model, batch, num_items={"text": 3})
+    with pytest.raises(ValueError, match="num_items"):
+        archs.objective_losses_for(model, batch, num_items=(3, 4))
+    with pytest.raises(ValueError, match="batch: expected input_ids"):
+        archs.objective_losses_for(model, {"labels": batch["labels"]})
+    with pytest.raises(ValueError, match=r"labels: expected shape \(2, 16\)"):
+        archs.objective_losses_for(model, dict(batch, labels=batch["labels"][:, :8]))
+    with pytest.raises(ValueError, match="image_token_mask: expected shape"):
+        archs.objective_losses_for(model, dict(batch, image_token_mask=torch.ones(2, 3, dtype=torch.bool)))
+    with pytest.raises(ValueError, match="model: llava generates only text"):
+        archs.objective_losses_for(lora_model("llava"), am.llava_batch())
+    with pytest.raises(ValueError, match="batch: expected labels"):
+        archs.objective_masks(model, {"input_ids": batch["input_ids"][0]})

@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 
 import arch_models as am
+import pareto_lora
 from pareto_lora import archs
+from pareto_lora.flat import group_of_names
 
 K_ARCHS = ("chameleon", "emu3", "janus")
 
@@ -154,3 +156,30 @@ def test_bad_batches_and_arguments_are_refused_by_name(lora_model):
         archs.objective_losses_for(lora_model("llava"), am.llava_batch())
     with pytest.raises(ValueError, match="batch: expected labels"):
         archs.objective_masks(model, {"input_ids": batch["input_ids"][0]})
+
+
+def test_a_three_objective_janus_lora_step_runs_end_to_end(lora_model):
+    # issue 29: ParetoLoRA(arch="auto", objectives=OBJECTIVES) on a mixed Janus batch; .grad is the
+    # constant-weighted sum of the three autograd gradients in every modulated group, the plain sum elsewhere.
+    model = lora_model("janus")
+    batch, _ = mixed_janus()
+    weights = (0.5, 2.0, 1.5)
+    pl = pareto_lora.ParetoLoRA(model, rule="constant", weights=weights, arch="auto", num_groups=2,
+                                modulate=("lower", "generation"), objectives=archs.OBJECTIVES, backend="reference")
+    assert pl.layout.group_names == ("group0", "group1", "generation", "projector")
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    losses = archs.objective_losses_for(model, batch, pl.arch)
+    per_loss = [torch.autograd.grad(losses[k], [p for _, p in named], retain_graph=True, allow_unused=True)
+                for k in archs.OBJECTIVES]
+    report = pl.backward(**archs.objective_losses_for(model, batch, pl.arch))
+    group = group_of_names(pl.layout)
+    for i, (n, p) in enumerate(named):
+        w = weights if group[n] in ("group0", "generation") else (1.0, 1.0, 1.0)
+        want = sum(wk * (g[i] if g[i] is not None else torch.zeros_like(p)).double() for wk, g in zip(w, per_loss))
+        torch.testing.assert_close(p.grad.double(), want, rtol=1e-6, atol=1e-9, msg=n)
+    rows = report.groups
+    # "text" targets see no image input, so the image-input side (projector) gets nothing from them
+    assert rows["projector"]["norm"]["text"] == 0 and rows["projector"]["norm"]["understanding"] > 0
+    assert all(v > 0 for g, row in rows.items() for k, v in row["norm"].items() if (g, k) != ("projector", "text"))
+    assert rows["group0"]["weights"] == pytest.approx(dict(zip(archs.OBJECTIVES, weights)))
+    assert rows["group0"]["case"] == pareto_lora.Case.WEIGHTED and rows["group1"]["case"] == pareto_lora.Case.INACTIVE

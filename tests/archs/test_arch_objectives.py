@@ -183,3 +183,90 @@ def test_a_three_objective_janus_lora_step_runs_end_to_end(lora_model):
     assert all(v > 0 for g, row in rows.items() for k, v in row["norm"].items() if (g, k) != ("projector", "text"))
     assert rows["group0"]["weights"] == pytest.approx(dict(zip(archs.OBJECTIVES, weights)))
     assert rows["group0"]["case"] == pareto_lora.Case.WEIGHTED and rows["group1"]["case"] == pareto_lora.Case.INACTIVE
+
+
+def janus_mixed_example(i: int) -> dict:
+    """One Janus example with all three kinds: prompt text, 16 <image> placeholders (+ pixel_values),
+    the answer, then <begin_of_image> and 3 + i generated VQ codes; the last i labels ignored."""
+    gen = torch.Generator().manual_seed(200 + i)
+    ids = torch.randint(2, am.JANUS_BOI, (32,), generator=gen)
+    ids[4:20] = am.JANUS_IMAGE_TOKEN
+    codes = torch.full_like(ids, -100)
+    ids[23] = am.JANUS_BOI
+    n = 3 + i  # target counts differ between examples: a window is not the mean of its micro-batches' means
+    codes[24 : 24 + n] = torch.randint(0, am.JANUS_CODES, (n,), generator=gen)
+    ids[24 : 24 + n] = 0
+    labels = ids.clone()
+    labels[32 - i :] = -100
+    return {"input_ids": ids, "labels": labels, "image_codes": codes, "attention_mask": torch.ones_like(ids),
+            "pixel_values": torch.randn(3, 20, 20, generator=gen)}
+
+
+class JanusMixed(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        return janus_mixed_example(i)
+
+
+def _trainer_args(tmp_path, **kw):
+    transformers = pytest.importorskip("transformers")
+    base = dict(output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=1,
+                logging_steps=1, report_to=[], use_cpu=True, learning_rate=0.0, save_strategy="no", disable_tqdm=True,
+                lr_scheduler_type="constant", max_grad_norm=0.0)
+    return transformers.TrainingArguments(**{**base, **kw})
+
+
+def test_trainer_window_of_three_objectives_equals_one_large_batch(tmp_path):
+    # GA = 2 micro-batches of 2: the window's per-objective token counts make it the 4 examples at once.
+    transformers = pytest.importorskip("transformers")
+    model = am.lora(am.tiny_janus())
+    grads = []
+
+    class Snap(transformers.TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kw):
+            grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+
+    weights = dict(rule="constant", pareto_kwargs={"weights": (1.0, 0.5, 2.0), "backend": "reference"})
+    trainer = pareto_lora.ParetoLoRATrainer(model=model, args=_trainer_args(tmp_path), train_dataset=JanusMixed(),
+                                            arch="auto", num_groups=2, modulate="all", objectives=archs.OBJECTIVES,
+                                            **weights, callbacks=[Snap()])
+    trainer.train()
+    log = next(h for h in trainer.state.log_history if "loss" in h)
+    assert {"pareto/loss_understanding", "pareto/group0/cos_text_generation", "pareto/generation/w_generation"} <= set(log)
+    whole = {k: torch.stack([janus_mixed_example(i)[k] for i in range(4)]) for k in janus_mixed_example(0)}
+    pl = pareto_lora.ParetoLoRA(model, arch="auto", num_groups=2, modulate="all", objectives=archs.OBJECTIVES,
+                                rule="constant", weights=(1.0, 0.5, 2.0), backend="reference")
+    report = pl.backward(**archs.objective_losses_for(model, whole, pl.arch))
+    assert all(v > 0 for v in report.losses.values())
+    names = dict(zip(pl.layout.params, pl.layout.names))
+    for p in pl.layout.params:
+        torch.testing.assert_close(grads[0][names[p]], p.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_trainer_takes_a_function_returning_the_k_losses(tmp_path):
+    model = am.lora(am.tiny_janus())
+    calls = []
+
+    def losses_fn(m, inputs):
+        calls.append(inputs["input_ids"].shape)
+        losses = archs.objective_losses_for(m, inputs)
+        return {"words": losses["text"] + losses["understanding"], "pixels": losses["generation"]}
+
+    trainer = pareto_lora.ParetoLoRATrainer(model=model, args=_trainer_args(tmp_path, max_steps=2, learning_rate=1e-2),
+                                            train_dataset=JanusMixed(), arch="auto", num_groups=2, modulate="all",
+                                            objectives=("words", "pixels"), losses_fn=losses_fn,
+                                            pareto_kwargs={"backend": "reference"})
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    trainer.train()
+    assert len(calls) == 4 and trainer.pareto_report.rule == "mean"
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 2 and all(h["pareto/group0/w_words"] == pytest.approx(0.5) for h in logs)
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
+    with pytest.raises(ValueError, match="losses_fn: expected a function"):
+        pareto_lora.ParetoLoRATrainer(model=model, args=_trainer_args(tmp_path), train_dataset=JanusMixed(),
+                                      arch="auto", objectives=("words", "pixels"), pareto_kwargs={"backend": "reference"})
+    with pytest.raises(ValueError, match="losses_fn: expected objectives"):
+        pareto_lora.ParetoLoRATrainer(model=model, args=_trainer_args(tmp_path), train_dataset=JanusMixed(),
+                                      arch="auto", losses_fn=losses_fn)

@@ -265,3 +265,28 @@ def test_ddp_model_is_refused(llama):
     with pytest.raises(ValueError, match="model: K objectives under DDP or FSDP2 are not supported yet"):
         make(ddp)
     assert pareto_lora.ParetoLoRA is ParetoLoRA
+
+
+def test_groups_that_span_two_dtypes_get_one_gram(llama):
+    # Two buckets (bfloat16, float32): each group's Gram is the sum over both, so both buckets' launches
+    # apply the same weights; with "constant" the result is still the direct per-group computation.
+    model = models.lora_llama(num_layers=4, seed=3)
+    for name, module in model.named_modules():
+        if name.endswith(("layers.0.self_attn.q_proj.lora_A.default", "layers.3.mlp.up_proj.lora_B.default")):
+            module.to(torch.bfloat16)
+    rule = RuleSpec("constant", weights=(0.5, 1.5, 1.0))
+    pl = make(model, rule=rule)
+    assert [b.dtype for b in pl.layout.buckets] == [torch.bfloat16, torch.float32]
+    batch = models.token_batch(seed=11)
+
+    def losses():
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # casts every linear's operands: mixed weights work
+            return three_losses(model, batch)
+
+    expected, grams = direct(model, losses(), pl, rule)
+    report = pl.backward(**losses())
+    for n, p in model.named_parameters():
+        if p.requires_grad:  # the bfloat16 ones: one rounding of the float64 sum
+            torch.testing.assert_close(p.grad, expected[n].to(p.dtype), msg=n)
+    for gi, g in enumerate(pl.layout.group_names):
+        torch.testing.assert_close(report.group_stats[gi], grams[g], rtol=1e-6, atol=0)

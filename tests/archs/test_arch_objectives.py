@@ -270,3 +270,25 @@ def test_trainer_takes_a_function_returning_the_k_losses(tmp_path):
     with pytest.raises(ValueError, match="losses_fn: expected objectives"):
         pareto_lora.ParetoLoRATrainer(model=model, args=_trainer_args(tmp_path), train_dataset=JanusMixed(),
                                       arch="auto", losses_fn=losses_fn)
+
+
+def test_trainer_checkpoint_carries_the_k_objective_state(tmp_path):
+    model = am.lora(am.tiny_janus())
+    kw = dict(arch="auto", num_groups=2, objectives=archs.OBJECTIVES, rule="constant",
+              pareto_kwargs={"weights": (1.0, 0.5, 2.0), "backend": "reference"})
+    args = _trainer_args(tmp_path, save_strategy="steps", save_steps=1)
+    trainer = pareto_lora.ParetoLoRATrainer(model=model, args=args, train_dataset=JanusMixed(), **kw)
+    trainer.train()
+    ckpt = tmp_path / "checkpoint-1"
+    state = torch.load(ckpt / trainer.STATE_FILE, weights_only=True)
+    assert state["objectives"] == list(archs.OBJECTIVES) and state["rule"]["weights"] == (1.0, 0.5, 2.0)
+    other = pareto_lora.ParetoLoRATrainer(model=model, args=args, train_dataset=JanusMixed(),
+                                          **{**kw, "pareto_kwargs": {"backend": "reference"}, "rule": "mean"})
+    other.create_optimizer_and_scheduler(num_training_steps=1)
+    other._load_optimizer_and_scheduler(str(ckpt))
+    assert other.pareto.spec == trainer.pareto.spec  # the checkpoint's rule came back
+    swapped = dict(kw, objectives=("generation", "understanding", "text"))
+    wrong = pareto_lora.ParetoLoRATrainer(model=model, args=args, train_dataset=JanusMixed(), **swapped)
+    wrong.create_optimizer_and_scheduler(num_training_steps=1)
+    with pytest.raises(ValueError, match="state: objectives: expected"):
+        wrong._load_optimizer_and_scheduler(str(ckpt))

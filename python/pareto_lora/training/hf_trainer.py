@@ -143,9 +143,9 @@ class ParetoLoRATrainer(Trainer):
             return None
         if commit is not None:
             raise ValueError("commit: CoMMIT coordinates two objectives; expected objectives=None with it")
-        if losses_fn is None and (self.arch is None or self.objectives != OBJECTIVES):
+        if losses_fn is None and (self.arch is None or set(self.objectives) != set(OBJECTIVES)):
             raise ValueError(f"losses_fn: expected a function (model, inputs) -> {{objective: loss}} for the objectives "
-                             f"{self.objectives} (without one: arch= and objectives={OBJECTIVES})")
+                             f"{self.objectives} (without one: arch= and the objectives {OBJECTIVES}, in any order)")
         return losses_fn
 
     def _many_losses(self, model, inputs: dict, counts=None) -> dict:

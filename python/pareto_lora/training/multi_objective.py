@@ -83,7 +83,8 @@ class MultiObjectiveLoRA:
     """Gradient integration of K objectives (2 <= K <= 8) for a PEFT LoRA model, one process.
 
     Args: those of :class:`~pareto_lora.ParetoLoRA` (``model``, ``num_groups``, ``modulate``,
-    ``layers_path``, ``arch``, ``on_nonfinite``, ``backend``), and
+    ``layers_path``, ``arch``, ``on_nonfinite``, ``backend``: "auto" takes the float64 reference
+    where the device's backend has no K-objective kernels; ``self.backend`` says which), and
         rule: a K-objective rule (:data:`pareto_lora.multi.weightings.K_RULES`; default "mean")
             with its parameters as keywords (``weights=(...)``, one per objective, for
             "constant"), or a :class:`~pareto_lora.RuleSpec`.
@@ -107,8 +108,12 @@ class MultiObjectiveLoRA:
         self.layout = build_layout(model, num_groups=num_groups, modulate=modulate, layers_path=layers_path, arch=arch)
         impl = resolve_backend(backend, self.layout.device)
         if not all(callable(getattr(impl, op, None)) for op in ("gram", "combine_many")):
-            raise ValueError(f"backend: {backend!r} ({impl.__name__}) has no K-objective ops (gram, combine_many) "
-                             "yet; pass backend='reference'")
+            if backend != "auto":
+                raise ValueError(f"backend: {backend!r} ({impl.__name__}) has no K-objective ops (gram, combine_many) "
+                                 "yet; pass backend='reference' or 'auto'")
+            # "auto" where the device's compiled/Triton backend has no K-objective kernels yet: the
+            # float64 reference (the oracle every backend is tested against: the same result, slower).
+            backend = "reference"
         self.module, self.arch, self.backend, self.on_nonfinite = model, self.layout.arch, backend, on_nonfinite
         self.grads = tuple(FlatGrads(self.layout) for _ in self.objectives)
         self._lora = [i for i, n in enumerate(self.layout.names) if is_lora_param(n)]

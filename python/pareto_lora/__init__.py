@@ -15,7 +15,7 @@ from .ops import combine, integrate, rule_coefficients, segment_stats
 from .ops_many import combine_many, gram, integrate_many
 from .result import IntegrationResult
 from .rules import RULES, Case, RuleSpec
-from .training import ParetoLoRA, StepReport, balancers, diagnostics, modality_losses, modality_token_counts
+from .training import MultiObjectiveLoRA, MultiStepReport, ParetoLoRA, StepReport, balancers, diagnostics, modality_losses, modality_token_counts
 
 __version__ = "0.1.0"
 
@@ -23,6 +23,8 @@ __all__ = [
     "Case",
     "archs",
     "IntegrationResult",
+    "MultiObjectiveLoRA",
+    "MultiStepReport",
     "ParetoLoRA",
     "ParetoLoRATrainer",
     "RULES",

@@ -16,6 +16,8 @@ spec is ``pl.arch`` (pass it to ``modality_losses_for`` to skip detecting it aga
 * :mod:`.detect`: :func:`detect_arch`.
 * :mod:`.forward`: the backbone forward (hidden states; Janus' image-code embeddings).
 * :mod:`.losses`: :func:`modality_losses_for`, :func:`image_token_mask`.
+* :mod:`.objectives`: :func:`objective_losses_for`: a mixed batch's text, understanding
+  (captioning) and generation losses, for the K-objective ``ParetoLoRA(objectives=OBJECTIVES)``.
 
 This subpackage depends on torch, transformers (through the model objects only) and peft
 conventions; it imports no other pareto_lora module, so it can be used or moved on its own.
@@ -23,14 +25,19 @@ conventions; it imports no other pareto_lora module, so it can be used or moved 
 
 from .detect import SUPPORTED, detect_arch
 from .losses import image_token_mask, modality_losses_for, modality_token_counts_for
+from .objectives import OBJECTIVES, objective_losses_for, objective_masks, objective_token_counts_for
 from .spec import ArchOverrides, ArchSpec
 
 __all__ = [
     "ArchOverrides",
     "ArchSpec",
+    "OBJECTIVES",
     "SUPPORTED",
     "detect_arch",
     "image_token_mask",
     "modality_losses_for",
     "modality_token_counts_for",
+    "objective_losses_for",
+    "objective_masks",
+    "objective_token_counts_for",
 ]

@@ -94,7 +94,13 @@ def _image_conditioned(batch, spec: ArchSpec, labels: torch.Tensor) -> torch.Ten
             f"batch: {spec.name} generates only text and no image split is defined; pass batch['image_token_mask'] "
             "(bool, aligned with labels) or ArchOverrides(image_token_ids=...)"
         )
-    seen = (input_ids == spec.placeholder_token_id).long().cumsum(1) > 0
+    return seen_before(input_ids == spec.placeholder_token_id)
+
+
+def seen_before(inputs: torch.Tensor) -> torch.Tensor:
+    """Bool [batch, seq] aligned with labels: the prediction of labels[:, t] sees an input position
+    where `inputs` (bool [batch, seq], over input positions) is True."""
+    seen = inputs.long().cumsum(1) > 0
     # labels[t] is predicted from position t-1, which sees positions <= t-1.
     out = torch.zeros_like(seen)
     out[:, 1:] = seen[:, :-1]

@@ -28,6 +28,14 @@ ParetoLoRA's DDP accumulation expects. The window's token counts are summed over
 each rank's losses are multiplied by the world size, so DDP's average of the ranks' gradients
 is the gradient of the global-batch token means. DataParallel (n_gpu > 1), DeepSpeed and FSDP
 through the Trainer are refused.
+
+K objectives (``objectives=("text", "understanding", "generation")``, a K-objective ``rule`` such
+as "mean"): the trainer builds a :class:`~pareto_lora.training.multi_objective.MultiObjectiveLoRA`
+and accumulates every micro-batch's K losses. They come from ``losses_fn(model, inputs) -> {name:
+loss}`` (each micro-batch's losses divided by the accumulation steps), or, with ``arch`` and
+``objectives=pareto_lora.archs.OBJECTIVES``, from :func:`pareto_lora.archs.objective_losses_for`
+normalised by the window's per-objective target counts. One process only for now (DDP is refused
+when the Trainer wraps the model).
 """
 
 from __future__ import annotations
@@ -38,7 +46,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from transformers import Trainer
 
-from ..archs import modality_losses_for, modality_token_counts_for
+from ..archs import OBJECTIVES, modality_losses_for, modality_token_counts_for, objective_losses_for
+from ..archs import objective_token_counts_for
 from .losses import modality_losses, modality_token_counts
 from .report import StepReport
 from .two_objective import ParetoLoRA
@@ -68,12 +77,13 @@ class ParetoLoRATrainer(Trainer):
             two optimizer parameter groups; pass the optimizer with ``optimizers=(opt, None)``).
             kappa is measured on each window's last micro-batch; its numbers are logged as
             ``pareto/commit/...``.
+        objectives, losses_fn: K objectives and the function returning their losses (module docstring).
     """
 
     def __init__(
         self,
         *args,
-        rule: str = "pareto_lora",
+        rule: str | None = None,
         tau: float | None = None,
         num_groups: int | str | None = None,
         modulate="lower",
@@ -84,10 +94,13 @@ class ParetoLoRATrainer(Trainer):
         log_layers: bool = False,
         recorder=None,
         commit=None,
+        objectives=None,
+        losses_fn=None,
         **kwargs,
     ):
-        if pareto_kwargs and {"rule", "tau", "num_groups", "modulate", "arch"} & pareto_kwargs.keys():
-            raise ValueError("pareto_kwargs: expected none of rule, tau, num_groups, modulate, arch (pass them directly)")
+        if pareto_kwargs and {"rule", "tau", "num_groups", "modulate", "arch", "objectives"} & pareto_kwargs.keys():
+            raise ValueError("pareto_kwargs: expected none of rule, tau, num_groups, modulate, arch, objectives "
+                             "(pass them directly)")
         super().__init__(*args, **kwargs)
         if self.args.n_gpu > 1:
             raise ValueError("args: ParetoLoRATrainer does not support torch.nn.DataParallel (n_gpu > 1); use one device")
@@ -99,10 +112,15 @@ class ParetoLoRATrainer(Trainer):
         self.recorder = recorder
         # Built now so that configuration errors surface before training starts; rebuilt on the
         # DDP wrapper at the first training_step when there is one (_bind).
+        if rule is None and objectives is None:
+            rule = "pareto_lora"  # the two-objective default; K objectives default to "mean"
         self._pareto_kwargs = dict(rule=rule, tau=tau, num_groups=num_groups, modulate=modulate, arch=arch,
-                                   **(pareto_kwargs or {}))
+                                   **(pareto_kwargs or {}), **({} if objectives is None else {"objectives": objectives}))
         self.pareto = ParetoLoRA(self.model, **self._pareto_kwargs)
         self._pareto_kwargs["arch"] = self.arch = self.pareto.arch  # detect once; None: labels + mask
+        self.objectives = getattr(self.pareto, "objectives", None)  # None: the two-objective step
+        self.losses_fn = self._check_losses_fn(losses_fn, commit)
+        self._objective_counts: dict | None = None
         self._pareto_bound_to = self.model
         self.pareto_report: StepReport | None = None
         self.commit = commit
@@ -115,6 +133,28 @@ class ParetoLoRATrainer(Trainer):
             self.add_callback(CoMMITCallback(commit, self._commit_forward, lambda: self._commit_batch[1],
                                              lambda: self._commit_batch[2]))
         self._modality_counts: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _check_losses_fn(self, losses_fn, commit):
+        if losses_fn is not None and not callable(losses_fn):
+            raise ValueError(f"losses_fn: expected a function (model, inputs) -> {{objective: loss}}, got {losses_fn!r}")
+        if self.objectives is None:
+            if losses_fn is not None:
+                raise ValueError("losses_fn: expected objectives=(...) with it (the two-objective trainer splits the loss itself)")
+            return None
+        if commit is not None:
+            raise ValueError("commit: CoMMIT coordinates two objectives; expected objectives=None with it")
+        if losses_fn is None and (self.arch is None or set(self.objectives) != set(OBJECTIVES)):
+            raise ValueError(f"losses_fn: expected a function (model, inputs) -> {{objective: loss}} for the objectives "
+                             f"{self.objectives} (without one: arch= and the objectives {OBJECTIVES}, in any order)")
+        return losses_fn
+
+    def _many_losses(self, model, inputs: dict, counts=None) -> dict:
+        if self.losses_fn is None:
+            return objective_losses_for(model, inputs, self.arch, num_items=counts)
+        losses = self.losses_fn(model, inputs)
+        if not isinstance(losses, dict):
+            raise ValueError(f"losses_fn: expected it to return a dict of objective -> loss, got {type(losses).__name__}")
+        return losses
 
     # The image-token mask and Janus' image codes are not forward arguments: keep the
     # column-removal logic from dropping them.
@@ -165,6 +205,9 @@ class ParetoLoRATrainer(Trainer):
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.objectives is not None:
+            self._objective_counts = self._window_objective_counts(batch_samples, device)
+            return batch_samples, num_items_in_batch
         # Per-modality target counts of the whole accumulation window: dividing each
         # micro-batch's summed loss by them makes k micro-batches equal one large batch.
         counts = torch.zeros(2, dtype=torch.float64, device=device)
@@ -181,11 +224,36 @@ class ParetoLoRATrainer(Trainer):
         self._modality_counts = (counts[0], counts[1])
         return batch_samples, num_items_in_batch
 
+    def _window_objective_counts(self, batch_samples, device) -> dict | None:
+        """Per-objective target counts of the window (objective_losses_for); None with a user's losses_fn."""
+        if self.losses_fn is not None:
+            return None
+        counts = torch.zeros(len(OBJECTIVES), dtype=torch.float64, device=device)
+        for batch in batch_samples:
+            c = objective_token_counts_for(self.model, batch, self.arch)
+            counts += torch.stack([torch.as_tensor(c[k]) for k in OBJECTIVES]).to(device=device, dtype=torch.float64)
+        return dict(zip(OBJECTIVES, counts))
+
+    def _training_step_many(self, model, inputs):
+        inputs = self._prepare_inputs(inputs)
+        with self.compute_loss_context_manager():
+            losses = self._many_losses(model, inputs, self._objective_counts)
+        if self._objective_counts is None:  # a user's losses (or outside the training loop): mean per micro-batch
+            losses = {k: v / self.current_gradient_accumulation_steps for k, v in losses.items()}
+        self.pareto.accumulate(losses, scaler=self.accelerator.scaler)
+        if self.accelerator.sync_gradients:
+            self.pareto_report = self.pareto.integrate_accumulated()
+            if self.recorder is not None:
+                self.recorder.record(self.state.global_step + 1, self.pareto_report)
+        return sum(losses.values()).detach()
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         model.train()
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
         self._bind(model)
+        if self.objectives is not None:
+            return self._training_step_many(model, inputs)
         if not getattr(self, "_optimizer_checked", False):  # warns once: SGD with a norm-increasing rule
             self.pareto.check_optimizer(self.optimizer)
             self._optimizer_checked = True
@@ -217,7 +285,10 @@ class ParetoLoRATrainer(Trainer):
             return self.model(**self._commit_batch[0]).logits
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """Text + image loss (used by evaluation; training goes through ``training_step``)."""
+        """Text + image loss, or the sum of the K losses (used by evaluation; training goes through ``training_step``)."""
+        if self.objectives is not None:
+            loss = sum(self._many_losses(model, inputs).values())
+            return (loss, None) if return_outputs else loss
         loss_text, loss_image, outputs = self._losses(model, inputs)
         loss = loss_text + loss_image
         return (loss, outputs) if return_outputs else loss

@@ -52,6 +52,7 @@ and calls it without asking which kind it is.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import warnings
 
@@ -67,26 +68,13 @@ from ..rules import LOOSE, RuleSpec, rule_keywords
 from .balancers import Balancer, resolve_rule
 from .balancers.base import balancer_state, check_balancer_state, load_balancer_state
 from .checkpoint import check_state
+from .multi_objective import MultiObjectiveLoRA
 from .report import StepReport
 from .rule_options import RuleOptions, check_optimizer
+from .step_checks import NONFINITE_MODES, check_loss as _check_loss
 from .watch import TrainableWatch
 
 __all__ = ["ParetoLoRA"]
-
-NONFINITE_MODES = ("auto", "raise", "skip")
-
-
-def _check_loss(name: str, loss) -> None:
-    if not isinstance(loss, torch.Tensor):
-        raise ValueError(f"{name}: expected a loss Tensor, got {type(loss).__name__}")
-    if loss.numel() != 1:
-        raise ValueError(f"{name}: expected a scalar loss, got shape {tuple(loss.shape)}")
-    if not loss.requires_grad:
-        raise ValueError(
-            f"{name}: the loss does not require grad (computed under torch.no_grad(), detached, "
-            "or the model has no trainable parameters)"
-        )
-
 
 def _owner_check(owner, state: dict, key: str) -> None:
     """The owner's own ``check_state`` (balancers, RuleOptions), where it has one: ValueError("state: ...")."""
@@ -141,7 +129,16 @@ class ParetoLoRA:
             "auto" (default: one batched backward under activation checkpointing, else two
             passes), "two_pass", "batched", or "sum_first" (opt-in: text only as deep as the
             modulated groups). One process only; DDP and FSDP2 take two passes.
+        objectives: names of K objectives, e.g. ``("text", "understanding", "generation")``: then
+            ``ParetoLoRA(...)`` returns a :class:`pareto_lora.training.multi_objective.MultiObjectiveLoRA`
+            (``pl.backward(**losses)``); None or ``("text", "image")``: this two-objective step.
     """
+
+    def __new__(cls, *args, objectives=None, **kwargs):
+        # Objectives other than (text, image): the K-objective step; ParetoLoRA stays the two-objective one.
+        if objectives is None or (isinstance(objectives, (tuple, list)) and tuple(objectives) == ("text", "image")):
+            return super().__new__(cls)
+        return MultiObjectiveLoRA(*args, objectives=objectives, **kwargs)
 
     @rule_keywords(collect="rule_params")  # tau after rule, the other RuleSpec fields after the star
     def __init__(
@@ -160,6 +157,7 @@ class ParetoLoRA:
         on_nonfinite: str = "auto",
         backend: str = "auto",
         traversal: str = "auto",
+        objectives=None,  # None or ("text", "image"); any other returns a MultiObjectiveLoRA (__new__)
     ):
         # The rule's parameters become one validated RuleSpec here, once; each step reuses it.
         # A balancer (MIMO, GradNorm) wraps the sync; the kernel rule underneath is then "sum".
@@ -388,6 +386,9 @@ class ParetoLoRA:
         return self.layout.describe()
 
 
+# __new__ only dispatches on objectives: the signature that help() and inspect show is __init__'s.
+ParetoLoRA.__signature__ = inspect.signature(ParetoLoRA.__init__).replace(
+    parameters=list(inspect.signature(ParetoLoRA.__init__).parameters.values())[1:])
 # The rule's parameters, read from the one RuleSpec (pl.tau, pl.margin, ...): one per field.
 for _name in LOOSE:
     setattr(ParetoLoRA, _name, property(lambda self, _n=_name: getattr(self.spec, _n), doc=f"``spec.{_name}``"))

@@ -1,0 +1,314 @@
+"""K objectives on a PEFT LoRA model, one process: what ``ParetoLoRA(objectives=...)`` builds.
+
+Typical use (Janus, a mixed batch; :mod:`pareto_lora.archs.objectives`)::
+
+    pl = pareto_lora.ParetoLoRA(model, rule="mean", arch="auto", objectives=("text", "understanding", "generation"))
+    report = pl.backward(**pareto_lora.archs.objective_losses_for(model, batch, pl.arch))
+    optimizer.step(); optimizer.zero_grad()
+
+``ParetoLoRA`` with ``objectives`` other than ``("text", "image")`` returns a
+:class:`MultiObjectiveLoRA`; without it (or with exactly those two names) it is the two-objective
+step, unchanged. The losses are given by name, ``pl.backward(**losses)`` or
+``pl.backward(losses={...})``, every objective every time (a kind absent from a batch is a zero
+loss that still requires grad, as :func:`~pareto_lora.archs.objective_losses_for` returns it).
+
+Gradient storage: one persistent :class:`~pareto_lora.flat.FlatGrads` per objective over the same
+layout (K x the trainable size). Each backward takes the K gradients with ``torch.autograd.grad``
+(K passes over the graph, the first K - 1 keeping it) and only once all K exist adds them into
+their buffers, as the two-objective single-process step does: a backward that fails (a loss that
+reaches no LoRA parameter, a freed graph) leaves ``.grad`` and the accumulation as they were.
+``.grad`` views the last objective's buffer, into which :func:`pareto_lora.integrate_many` writes
+the result: Gram per unit -> the weighting per group (``layout.active`` groups; the others get the
+plain sum, case INACTIVE) -> combine.
+
+Gradient accumulation (``step=False`` / :meth:`accumulate`, then :meth:`integrate_accumulated`),
+a GradScaler (every loss scaled by the same factor; a non-finite gradient makes its group
+NONFINITE, plain sum, so the inf reaches the scaler), non-finite losses (``on_nonfinite``) and
+checkpoints (:meth:`state_dict`, checked whole before anything is loaded) work as in the
+two-objective step. Not here yet: DDP and FSDP2 (refused by name), balancers, ``stats_ema``,
+``preserve_norm`` and the batched traversal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .. import args
+from ..backends import resolve_backend
+from ..distributed.fsdp import is_fsdp2
+from ..flat import FlatGrads, build_layout, is_lora_param
+from ..multi import MAX_OBJECTIVES
+from ..multi.weightings import K_RULES, check_rule
+from ..ops_many import gram, integrate_many
+from ..rules import RuleSpec, as_spec, rule_keywords
+from .multi_report import MultiStepReport
+from .step_checks import NONFINITE_MODES, check_loss
+from .watch import TrainableWatch
+
+__all__ = ["MultiObjectiveLoRA", "check_objectives"]
+
+#: Keywords of backward(): no objective may take their name.
+_RESERVED = ("losses", "step", "scaler")
+
+
+def check_objectives(objectives) -> tuple[str, ...]:
+    """2 to MAX_OBJECTIVES distinct identifiers (the keywords of ``backward``); a tuple."""
+    if isinstance(objectives, (str, bytes)) or not isinstance(objectives, Sequence):
+        raise ValueError(f"objectives: expected a tuple of 2 to {MAX_OBJECTIVES} names, got {objectives!r}")
+    names = tuple(objectives)
+    if not 2 <= len(names) <= MAX_OBJECTIVES:
+        raise ValueError(f"objectives: expected 2 to {MAX_OBJECTIVES} names, got {len(names)}")
+    for n in names:
+        if not isinstance(n, str) or not n.isidentifier() or n in _RESERVED:
+            raise ValueError(f"objectives: expected names that are Python identifiers other than "
+                             f"{', '.join(_RESERVED)}, got {n!r}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"objectives: expected distinct names, got {names}")
+    return names
+
+
+def _refuse_two_objective_options(balancer, stats_ema, preserve_norm, traversal) -> None:
+    given = {"balancer": balancer is not None, "stats_ema": stats_ema is not None, "preserve_norm": preserve_norm is not False,
+             "traversal": traversal not in ("auto", "two_pass")}
+    for name, set_ in given.items():
+        if set_:
+            raise ValueError(f"{name}: not supported with K objectives yet (two-objective ParetoLoRA only)")
+
+
+class MultiObjectiveLoRA:
+    """Gradient integration of K objectives (2 <= K <= 8) for a PEFT LoRA model, one process.
+
+    Args: those of :class:`~pareto_lora.ParetoLoRA` (``model``, ``num_groups``, ``modulate``,
+    ``layers_path``, ``arch``, ``on_nonfinite``, ``backend``: "auto" takes the float64 reference
+    where the device's backend has no K-objective kernels; ``self.backend`` says which), and
+        rule: a K-objective rule (:data:`pareto_lora.multi.weightings.K_RULES`; default "mean")
+            with its parameters as keywords (``weights=(...)``, one per objective, for
+            "constant"), or a :class:`~pareto_lora.RuleSpec`.
+        objectives: the objectives' names, in order: the keywords of :meth:`backward` and the
+            order of the weights. The last one's buffer is ``.grad``.
+    """
+
+    @rule_keywords(collect="rule_params")
+    def __init__(self, model: nn.Module, rule: str | RuleSpec | None = None, num_groups=None, modulate="lower", *,
+                 rule_params: dict, objectives, layers_path: str | None = None, arch=None, on_nonfinite: str = "auto",
+                 backend: str = "auto", balancer=None, stats_ema=None, preserve_norm: bool = False,
+                 traversal: str = "auto"):
+        self.objectives = check_objectives(objectives)
+        _refuse_two_objective_options(balancer, stats_ema, preserve_norm, traversal)
+        if rule is not None and not isinstance(rule, (str, RuleSpec)):
+            raise ValueError(f"rule: expected one of {', '.join(K_RULES)} or a RuleSpec, got {type(rule).__name__}")
+        self.spec = as_spec("mean" if rule is None else rule, **rule_params)
+        args.choice("on_nonfinite", on_nonfinite, NONFINITE_MODES)
+        if isinstance(model, nn.parallel.DistributedDataParallel) or is_fsdp2(model):
+            raise ValueError("model: K objectives under DDP or FSDP2 are not supported yet; one process only")
+        self.layout = build_layout(model, num_groups=num_groups, modulate=modulate, layers_path=layers_path, arch=arch)
+        impl = resolve_backend(backend, self.layout.device)
+        if not all(callable(getattr(impl, op, None)) for op in ("gram", "combine_many")):
+            if backend != "auto":
+                raise ValueError(f"backend: {backend!r} ({impl.__name__}) has no K-objective ops (gram, combine_many) "
+                                 "yet; pass backend='reference' or 'auto'")
+            # "auto" where the device's compiled/Triton backend has no K-objective kernels yet: the
+            # float64 reference (the oracle every backend is tested against: the same result, slower).
+            backend = "reference"
+        self.module, self.arch, self.backend, self.on_nonfinite = model, self.layout.arch, backend, on_nonfinite
+        self.grads = tuple(FlatGrads(self.layout) for _ in self.objectives)
+        self._lora = [i for i, n in enumerate(self.layout.names) if is_lora_param(n)]
+        self._watch = TrainableWatch(model, self.layout.params, self.layout.names)
+        self.last_report: MultiStepReport | None = None
+        self._reset()
+
+    @property
+    def spec(self) -> RuleSpec:
+        """The K-objective rule (assign a RuleSpec to change it between steps)."""
+        return self._spec
+
+    @spec.setter
+    def spec(self, spec: RuleSpec) -> None:
+        if not isinstance(spec, RuleSpec):
+            raise ValueError(f"spec: expected a pareto_lora.RuleSpec, got {type(spec).__name__}")
+        check_rule(spec, len(self.objectives))
+        self._spec = spec
+
+    @property
+    def rule(self) -> str:
+        return self.spec.name
+
+    @property
+    def micro_batches(self) -> int:
+        """Micro-batches accumulated since the last ``integrate_accumulated()``."""
+        return self._micro
+
+    def describe(self) -> str:
+        return self.layout.describe()
+
+    def _reset(self) -> None:
+        k, dev = len(self.objectives), self.layout.device
+        self._micro = 0
+        self._losses = torch.zeros(k, dtype=torch.float64, device=dev)
+        self._bad = torch.zeros(k, dtype=torch.bool, device=dev)
+        self._scaled = False
+
+    # ---- the step --------------------------------------------------------------------------------
+    def _named(self, losses, named: dict) -> list[torch.Tensor]:
+        if losses is not None and named:
+            raise ValueError("losses: expected either losses={...} or the losses as keywords, not both")
+        if losses is None:
+            losses = named
+        if not isinstance(losses, Mapping):
+            raise ValueError(f"losses: expected a dict of objective name -> loss, got {type(losses).__name__}")
+        if set(losses) != set(self.objectives):
+            missing = [n for n in self.objectives if n not in losses]
+            extra = sorted(str(n) for n in losses if n not in self.objectives)
+            raise ValueError(f"losses: expected one loss per objective ({', '.join(self.objectives)}); "
+                             f"missing {missing}, unknown {extra}")
+        for n in self.objectives:
+            check_loss(n, losses[n])
+        return [losses[n] for n in self.objectives]
+
+    def accumulate(self, losses: Mapping | None = None, scaler=None, **named) -> None:
+        """Add one micro-batch's K gradients to their buffers (no integration)."""
+        self.backward(losses, step=False, scaler=scaler, **named)
+
+    def backward(self, losses: Mapping | None = None, step: bool = True, scaler=None, **named):
+        """Backpropagate the K objectives of one forward pass; with ``step=True`` also integrate.
+
+        ``losses={name: loss}`` or ``name=loss`` keywords, one per objective. ``scaler``: an optional
+        ``torch.amp.GradScaler`` (every loss scaled by it). Returns the :class:`MultiStepReport`
+        when ``step`` is true, else None.
+        """
+        values = self._named(losses, named)
+        args.flag("step", step)
+        self._watch.check()
+        params, first, out = self.layout.params, self._micro == 0, self.grads[-1]
+        if not first:
+            out.check_attached(params)
+        batch = torch.stack([v.detach().reshape(()).to(torch.float64) for v in values])
+        scaled = [scaler.scale(v) for v in values] if scaler is not None else values
+        grads = []
+        for k, (name, loss) in enumerate(zip(self.objectives, scaled)):
+            g = torch.autograd.grad(loss, params, retain_graph=k < len(scaled) - 1, allow_unused=True)
+            if not any(g[i] is not None for i in self._lora):
+                raise ValueError(f"{name}: the loss does not depend on any trainable LoRA parameter of this model")
+            grads.append(g)
+        # All K gradients exist: from here on nothing can fail half-way.
+        for buf, g in zip(self.grads, grads):
+            buf.accumulate(g, first)
+        out.attach_as_grad(params)
+        self._losses = self._losses + batch
+        self._bad |= ~torch.isfinite(batch)
+        self._scaled |= scaler is not None
+        self._micro += 1
+        return self.integrate_accumulated() if step else None
+
+    def integrate_accumulated(self) -> MultiStepReport:
+        """Run the rule once on the accumulated gradients; the result is written into ``.grad``."""
+        if self._micro == 0:
+            raise RuntimeError("integrate_accumulated: no gradients accumulated since the last step; "
+                               "call backward()/accumulate() first")
+        self._watch.check()
+        poison = self._settle()
+        lay = self.layout
+        flats = [[g.flats[b] for g in self.grads] for b in range(len(lay.buckets))]
+        offsets = [b.unit_offsets for b in lay.buckets]
+        stats = None
+        if len(flats) > 1:  # a group may span dtypes: every bucket's launch gets the same totals, added in bucket order
+            for f, off in zip(flats, offsets):
+                s = gram(f, off, backend=self.backend)
+                stats = s if stats is None else stats + s
+        res = [integrate_many(f, off, self.spec, out=f[-1], active=lay.active, groups=lay.group_offsets, poison=poison,
+                              stats=stats, backend=self.backend) for f, off in zip(flats, offsets)]
+        self.grads[-1].attach_as_grad(lay.params)  # even if a zero_grad() detached them
+        r = res[0]
+        report = MultiStepReport(lay, self.objectives, r.stats, r.group_stats, r.weights, r.cases, self._losses,
+                                 self._micro, self.rule)
+        self.last_report = report
+        self._reset()
+        return report
+
+    def _settle(self) -> torch.Tensor | None:
+        """Poison (0-d bool, "skip") or raise ("raise") on a non-finite accumulated loss."""
+        mode = self.on_nonfinite
+        if mode == "auto":
+            mode = "skip" if self._scaled else "raise"
+        if mode == "skip":
+            return self._bad.any()
+        bad = self._bad.tolist()
+        if any(bad):
+            values = self._losses.tolist()
+            self._reset()
+            which = " and ".join(n for n, b in zip(self.objectives, bad) if b)
+            raise FloatingPointError(f"{which} loss is not finite ({', '.join(map(str, values))}); refusing to step. "
+                                     "Use on_nonfinite='skip' with a GradScaler to skip such steps instead.")
+        return None
+
+    # ---- checkpoints -------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The rule, the objectives and, mid-accumulation, every objective's buffers and running losses."""
+        window = self._micro > 0
+        return {
+            "version": 1,
+            "objectives": list(self.objectives),
+            "rule": dataclasses.asdict(self.spec),
+            "micro_batches": self._micro,
+            "losses": self._losses.detach().cpu().clone(),
+            "nonfinite": self._bad.detach().cpu().clone(),
+            "scaled": self._scaled,
+            "grads": [[f.detach().cpu().clone() for f in g.flats] for g in self.grads] if window else [],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`; the whole state is checked before anything changes
+        (ValueError("state: ...") on a missing key, another objective list, a wrong type or shape)."""
+        spec, micro, losses, bad, grads = self._check_state(state)
+        self.spec = spec
+        self._reset()
+        if micro:
+            for buf, saved in zip(self.grads, grads):
+                for f, s in zip(buf.flats, saved):
+                    f.copy_(s)
+            self.grads[-1].attach_as_grad(self.layout.params)
+            self._micro, self._scaled = micro, state["scaled"]
+            self._losses, self._bad = losses.to(self._losses), bad.to(self._bad)
+
+    def _check_state(self, state):
+        def fail(msg):
+            raise ValueError(f"state: {msg}")
+
+        keys = ("version", "objectives", "rule", "micro_batches", "losses", "nonfinite", "scaled", "grads")
+        if not isinstance(state, dict) or state.get("version") != 1 or "objectives" not in state:
+            fail("expected a K-objective ParetoLoRA.state_dict() (version 1, with 'objectives')")
+        missing = [k for k in keys if k not in state]
+        if missing:
+            fail(f"missing key(s) {', '.join(map(repr, missing))}")
+        if tuple(state["objectives"]) != self.objectives:
+            fail(f"objectives: expected {list(self.objectives)}, got {state['objectives']!r}")
+        if not isinstance(state["rule"], dict):
+            fail(f"rule: expected a dict of RuleSpec fields, got {type(state['rule']).__name__}")
+        try:
+            spec = RuleSpec(**state["rule"])
+            check_rule(spec, len(self.objectives))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"state: rule: {str(e).removeprefix('rule: ')}") from None
+        micro = state["micro_batches"]
+        if isinstance(micro, bool) or not isinstance(micro, int) or micro < 0:
+            fail(f"micro_batches: expected an int >= 0, got {micro!r}")
+        k = len(self.objectives)
+        for key, dtypes in (("losses", (torch.float64, torch.float32)), ("nonfinite", (torch.bool,))):
+            t = state[key]
+            if not isinstance(t, torch.Tensor) or t.dtype not in dtypes or tuple(t.shape) != (k,):
+                fail(f"{key}: expected a Tensor of shape [{k}] (one per objective) and dtype "
+                     f"{' or '.join(str(d).removeprefix('torch.') for d in dtypes)}")
+        if not isinstance(state["scaled"], bool):
+            fail(f"scaled: expected a bool, got {state['scaled']!r}")
+        grads = state["grads"]
+        mine = [g.flats for g in self.grads]
+        if not isinstance(grads, (list, tuple)) or (micro and (len(grads) != k or any(
+                not isinstance(s, (list, tuple)) or len(s) != len(m)
+                or any(not isinstance(x, torch.Tensor) or x.shape != y.shape or x.dtype != y.dtype for x, y in zip(s, m))
+                for s, m in zip(grads, mine)))):
+            fail("grads: the checkpoint's gradient buffers do not match this model's layout")
+        return spec, micro, state["losses"], state["nonfinite"], grads

@@ -13,6 +13,7 @@ import torch
 
 from ...rules import RuleSpec
 from .base import finish, prepare
+from .mgda import mgda_weighting
 from .simple import constant_weighting, mean_weighting, sum_weighting
 
 __all__ = ["K_RULES", "WEIGHTINGS", "apply"]
@@ -22,6 +23,7 @@ WEIGHTINGS = {
     "sum": sum_weighting,
     "mean": mean_weighting,
     "constant": constant_weighting,
+    "mgda": mgda_weighting,
 }
 #: The rules the K-objective op takes by name.
 K_RULES: tuple[str, ...] = tuple(WEIGHTINGS)

@@ -69,7 +69,7 @@ def pair_grams():
     return torch.tensor(rows, dtype=F64)
 
 
-K2_RULES = ("mgda",)
+K2_RULES = ("mgda", "upgrad", "dualproj", "pcgrad", "imtl_g", "aligned_mtl", "nash_mtl")
 
 
 @pytest.mark.parametrize("name", K2_RULES)

@@ -13,7 +13,12 @@ import torch
 
 from ...rules import RuleSpec
 from .base import finish, prepare
+from .aligned_mtl import aligned_mtl_weighting
+from .imtl_g import imtl_g_weighting
 from .mgda import mgda_weighting
+from .nash_mtl import nash_mtl_weighting
+from .pcgrad import pcgrad_weighting
+from .projection import dualproj_weighting, upgrad_weighting
 from .simple import constant_weighting, mean_weighting, sum_weighting
 
 __all__ = ["K_RULES", "WEIGHTINGS", "apply"]
@@ -24,6 +29,12 @@ WEIGHTINGS = {
     "mean": mean_weighting,
     "constant": constant_weighting,
     "mgda": mgda_weighting,
+    "upgrad": upgrad_weighting,
+    "dualproj": dualproj_weighting,
+    "pcgrad": pcgrad_weighting,
+    "imtl_g": imtl_g_weighting,
+    "aligned_mtl": aligned_mtl_weighting,
+    "nash_mtl": nash_mtl_weighting,
 }
 #: The rules the K-objective op takes by name.
 K_RULES: tuple[str, ...] = tuple(WEIGHTINGS)

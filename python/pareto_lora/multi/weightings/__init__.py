@@ -20,6 +20,7 @@ from .nash_mtl import nash_mtl_weighting
 from .pcgrad import pcgrad_weighting
 from .projection import dualproj_weighting, upgrad_weighting
 from .simple import constant_weighting, mean_weighting, sum_weighting
+from .user import check_user, is_user_weighting, user_weighting
 
 __all__ = ["K_RULES", "WEIGHTINGS", "apply"]
 
@@ -41,7 +42,11 @@ K_RULES: tuple[str, ...] = tuple(WEIGHTINGS)
 
 
 def check_rule(rule, k: int) -> None:
-    """``rule``: a RuleSpec of a K-objective rule (with K weights for ``constant``); raises ValueError."""
+    """``rule``: a RuleSpec of a K-objective rule (with K weights for ``constant``) or a user weighting
+    (:mod:`.user`: a callable, a torchjd Weighting); raises ValueError."""
+    if is_user_weighting(rule) and not isinstance(rule, RuleSpec):
+        check_user(rule)
+        return
     if not isinstance(rule, RuleSpec):
         raise ValueError(f"rule: expected a RuleSpec or a rule name, got {type(rule).__name__}")
     if rule.name not in WEIGHTINGS:
@@ -51,13 +56,17 @@ def check_rule(rule, k: int) -> None:
 
 
 def apply(
-    rule: RuleSpec,
+    rule,
     gram: torch.Tensor,
     active: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weights [G, K] in `dtype`, cases [G] int32) of `rule` on the batched Gram [G, K, K]."""
+    """(weights [G, K] in `dtype`, cases [G] int32) of `rule` (a RuleSpec or a user weighting) on the
+    batched Gram [G, K, K]."""
     check_rule(rule, gram.shape[-1])
     valid, invalid = prepare(gram)
-    weights, cases = WEIGHTINGS[rule.name](valid, rule)
+    if isinstance(rule, RuleSpec):
+        weights, cases = WEIGHTINGS[rule.name](valid, rule)
+    else:
+        weights, cases = user_weighting(rule, valid)
     return finish(valid, weights.to(torch.float64), cases, invalid, active, dtype)

@@ -107,7 +107,11 @@ def _projector(reg_eps):
 def _pcgrad_in_our_order(monkeypatch, k):
     """torchjd's PCGradWeighting with its randperm pinned to our cyclic order (row i: i+1, ..., i-1)."""
     calls = iter(range(k))
-    monkeypatch.setattr(torch, "randperm", lambda n, *a, **kw: (lambda i: torch.tensor([(i + s) % k for s in range(k)]))(next(calls)))
+    def cyclic(n, *args, **kwargs):
+        i = next(calls)
+        return torch.tensor([(i + s) % k for s in range(k)])
+
+    monkeypatch.setattr(torch, "randperm", cyclic)
     return PCGradWeighting()
 
 
@@ -173,12 +177,17 @@ def test_nash_mtl_matches_torchjd_where_its_solver_converged(k):
 @pytest.mark.parametrize("k", range(2, 9))
 def test_nash_point_meets_its_stated_tolerance(k):
     """The fixed 60 damped-Newton iterations reach max_k |y_k (C y)_k - 1| <= NASH_TOL on random
-    correlation matrices, near-stationary ones (a gradient close to minus the mean of the others) included."""
-    j = jacobians(k, groups=64, n=k + 3, seed=20 + k)
-    j[::2, 0] = -(j[::2, 1:] / j[::2, 1:].norm(dim=-1, keepdim=True)).mean(1) + 1e-2 * j[::2, 0] / j[::2, 0].norm(dim=-1, keepdim=True)
+    correlation matrices, near-stationary ones included: in half the groups g_0 is within 1e-2 (in
+    direction) of minus a random convex combination of the others' directions, which puts the hull's
+    min-norm point down to the STATIONARY threshold itself (measured min w^T C w ~ 1.5e-5)."""
+    g = torch.Generator().manual_seed(20 + k)
+    j = jacobians(k, groups=128, n=k + 3, seed=20 + k)
+    u = j / j.norm(dim=-1, keepdim=True)
+    lam = torch.rand(64, k - 1, 1, generator=g, dtype=F64)
+    j[::2, 0] = -(lam / lam.sum(1, keepdim=True) * u[::2, 1:]).sum(1) + 1e-2 * u[::2, 0]
     w, cases = weights("nash_mtl", gram_of(j), max_norm=0.0)
     live = cases == int(Case.WEIGHTED)
-    assert live.sum() >= 32
+    assert live.sum() >= 80 and (cases == int(Case.STATIONARY)).any()
     c, _, _ = correlation(gram_of(j)[live])
     y = nash_point(c)
     assert float((y * (c @ y[..., None])[..., 0] - 1.0).abs().max()) <= NASH_TOL

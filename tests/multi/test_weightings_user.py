@@ -61,7 +61,8 @@ def test_inactive_and_invalid_groups_as_for_a_rule():
 
 
 @pytest.mark.parametrize("bad, match", [
-    (lambda gram: torch.ones(3), r"^rule: expected the weighting to return weights of shape \[G, K\] = \[5, 3\], got \(3,\)"),
+    (lambda gram: torch.ones(3),
+     r"^rule: expected the weighting to return weights of shape \[G, K\] = \[5, 3\], got \(3,\)"),
     (lambda gram: [1.0, 1.0, 1.0], r"^rule: expected the weighting to return weights of shape .* got list"),
     (lambda gram: torch.ones(5, 3, dtype=torch.complex64), r"^rule: expected real weights"),
 ])

@@ -69,7 +69,7 @@ def pair_grams():
     return torch.tensor(rows, dtype=F64)
 
 
-K2_RULES = ("mgda", "upgrad", "dualproj", "pcgrad", "imtl_g", "aligned_mtl", "nash_mtl")
+K2_RULES = ("mgda", "upgrad", "dualproj", "pcgrad", "imtl_g", "aligned_mtl", "nash_mtl", "config")
 
 
 @pytest.mark.parametrize("name", K2_RULES)
@@ -87,12 +87,12 @@ def test_k2_equals_the_two_objective_rule(name):
 # torchjd parity of the other rules. Tolerances, relative to sum_k ||g_k|| (the scale of the output):
 # - upgrad, dualproj: torchjd's quadprog solves the same QP on G/tr G + reg_eps I, condition number
 #   <= (1 + reg_eps)/reg_eps = 1e4, so its weights carry ~1e4 2^-52 ~ 2e-12: allowed 1e-10.
-# - imtl_g, aligned_mtl: torchjd's pinv / eigh on G carry 2^-52 cond(G) (relative), ours the same
+# - imtl_g, aligned_mtl, config: torchjd's pinv / eigh on G (U) carry 2^-52 cond(G) (relative), ours the same
 #   on C and G: allowed 2^-52 cond(G) K + 1e-12, cond(G) computed per group (the random norms span
 #   1e-3 .. 1e3, so cond(G) reaches ~1e12 and the bound is what the solvers promise, no more).
 # - pcgrad: closed-form projections on both sides, torchjd's random order pinned to ours: 1e-12.
-from torchjd.aggregation import (AlignedMTLWeighting, DualProjWeighting, IMTLGWeighting, NashMTL,  # noqa: E402
-                                 PCGradWeighting, UPGradWeighting)
+from torchjd.aggregation import (AlignedMTLWeighting, ConFIG, DualProjWeighting, IMTLGWeighting,  # noqa: E402
+                                 NashMTL, PCGradWeighting, UPGradWeighting)
 from torchjd.linalg import QuadprogProjector  # noqa: E402
 
 from pareto_lora.multi.weightings.correlation import correlation  # noqa: E402
@@ -115,14 +115,18 @@ def _pcgrad_in_our_order(monkeypatch, k):
     return PCGradWeighting()
 
 
-def _theirs(name, gram, spec, monkeypatch):
+def _theirs(name, jac, spec, monkeypatch):
+    """torchjd's output on the Jacobian `jac`."""
+    gram = gram_of(jac)
+    if name == "config":  # an aggregator of the matrix (its weights are not exposed)
+        return ConFIG()(jac)
     if name == "pcgrad":
         with monkeypatch.context() as m:
-            return _pcgrad_in_our_order(m, gram.shape[-1])(gram)
+            return _pcgrad_in_our_order(m, gram.shape[-1])(gram) @ jac
     make = {"upgrad": lambda: UPGradWeighting(projector=_projector(spec.reg_eps)),
             "dualproj": lambda: DualProjWeighting(projector=_projector(spec.reg_eps)),
             "imtl_g": IMTLGWeighting, "aligned_mtl": AlignedMTLWeighting}[name]
-    return make()(gram)
+    return make()(gram) @ jac
 
 
 def _tolerance(name, gram):
@@ -135,7 +139,7 @@ def _tolerance(name, gram):
 
 
 @pytest.mark.parametrize("name,kw", [("upgrad", {}), ("upgrad", {"reg_eps": 1e-2}), ("dualproj", {}),
-                                     ("pcgrad", {}), ("imtl_g", {}), ("aligned_mtl", {})])
+                                     ("pcgrad", {}), ("imtl_g", {}), ("aligned_mtl", {}), ("config", {})])
 @pytest.mark.parametrize("k", range(2, 9))
 def test_matches_torchjd_on_random_grams(name, kw, k, monkeypatch):
     j = jacobians(k, groups=8, n=12, seed=10 + k)  # n >= K: full rank (rank-deficient Grams: the edge tests)
@@ -143,7 +147,7 @@ def test_matches_torchjd_on_random_grams(name, kw, k, monkeypatch):
     w, _ = apply(spec, gram_of(j), dtype=F64)
     for wg, jac in zip(w, j):
         gram = gram_of(jac)
-        theirs = _theirs(name, gram, spec, monkeypatch) @ jac
+        theirs = _theirs(name, jac, spec, monkeypatch)
         scale = float(jac.norm(dim=1).sum())
         assert float((wg @ jac - theirs).norm()) <= _tolerance(name, gram) * scale, (name, k)
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torchjd.aggregation import AlignedMTLWeighting, DualProjWeighting, IMTLGWeighting, UPGradWeighting
+from torchjd.aggregation import AlignedMTLWeighting, ConFIG, DualProjWeighting, IMTLGWeighting, UPGradWeighting
 from torchjd.linalg import QuadprogProjector
 
 from pareto_lora import Case, RuleSpec
@@ -24,7 +24,7 @@ from pareto_lora.multi.weightings import K_RULES, apply
 from pareto_lora.rules import STATS_REL_ERR
 
 F64 = torch.float64
-RULES = ("mgda", "upgrad", "dualproj", "pcgrad", "imtl_g", "aligned_mtl", "nash_mtl")
+RULES = ("mgda", "upgrad", "dualproj", "pcgrad", "imtl_g", "aligned_mtl", "nash_mtl", "config")
 
 
 def run(name, gram, **kw):
@@ -40,6 +40,8 @@ def rows(k, n=10, seed=0):
 
 
 def torchjd_out(name, jac):
+    if name == "config":
+        return ConFIG()(jac)
     projector = QuadprogProjector(norm_eps=0.0, reg_eps=1e-4)
     fn = {"upgrad": UPGradWeighting(projector=projector), "dualproj": DualProjWeighting(projector=projector),
           "imtl_g": IMTLGWeighting(), "aligned_mtl": AlignedMTLWeighting()}[name]
@@ -63,7 +65,7 @@ def test_duplicate_gradients_get_equal_weights(name):
     assert int(cases[0]) != Case.NONFINITE
 
 
-@pytest.mark.parametrize("name", ["upgrad", "dualproj", "imtl_g", "aligned_mtl"])
+@pytest.mark.parametrize("name", ["upgrad", "dualproj", "imtl_g", "aligned_mtl", "config"])
 @pytest.mark.parametrize("edge", ["duplicate", "zero", "rank1", "ratio"])
 def test_edges_give_torchjds_output(name, edge):
     j = rows(4, seed=2)
@@ -82,7 +84,7 @@ def test_edges_give_torchjds_output(name, edge):
         assert int(cases[0]) == Case.WEIGHTED
         return
     assert float((ours - theirs).norm()) <= 1e-8 * float(j.norm(dim=1).sum()), (name, edge, ours, theirs)
-    expect = Case.DEGENERATE if edge == "zero" and name in ("imtl_g", "aligned_mtl") else None
+    expect = Case.DEGENERATE if edge == "zero" and name in ("imtl_g", "aligned_mtl", "config") else None
     if expect is not None:
         assert int(cases[0]) == expect
 
@@ -182,7 +184,7 @@ def bound(name, j, spec):
         return float(norms.mean())
     if name == "dualproj":
         return float(j.mean(0).norm())
-    if name == "pcgrad":
+    if name in ("pcgrad", "config"):
         return float(norms.sum())
     if name == "imtl_g":
         return float(norms.max())

@@ -24,7 +24,7 @@ from pareto_lora.multi.weightings import K_RULES, apply
 from pareto_lora.rules import STATS_REL_ERR
 
 F64 = torch.float64
-RULES = ("mgda", "upgrad", "dualproj", "pcgrad", "imtl_g", "aligned_mtl", "nash_mtl", "config")
+RULES = ("mgda", "upgrad", "dualproj", "pcgrad", "imtl_g", "aligned_mtl", "nash_mtl", "config", "cagrad")
 
 
 def run(name, gram, **kw):
@@ -184,6 +184,8 @@ def bound(name, j, spec):
         return float(norms.mean())
     if name == "dualproj":
         return float(j.mean(0).norm())
+    if name == "cagrad":  # ||g0 + c ||g0|| g_w/||g_w|| || <= (1 + c) ||g0||; 1.031: the STATIONARY test
+        return (1 + 1.031 * spec.c) * float(j.mean(0).norm())
     if name in ("pcgrad", "config"):
         return float(norms.sum())
     if name == "imtl_g":
@@ -211,7 +213,8 @@ def noisy_problems(draw):
         j[0] = 0.0
     j = j * 10.0 ** torch.tensor([draw(st.floats(-3, 3)) for _ in range(k)], dtype=F64)[:, None]  # ratios to 1e6
     noise = torch.tensor([[draw(st.floats(-1, 1)) for _ in range(k)] for _ in range(k)], dtype=F64)
-    spec = RuleSpec(name, max_norm=draw(st.sampled_from([0.0, 0.5, 1.0])), reg_eps=draw(st.sampled_from([1e-4, 0.0])))
+    spec = RuleSpec(name, max_norm=draw(st.sampled_from([0.0, 0.5, 1.0])), reg_eps=draw(st.sampled_from([1e-4, 0.0])),
+                    c=draw(st.sampled_from([0.0, 0.4, 0.9, 2.0])))
     return name, j, (noise + noise.T) / 2 * STATS_REL_ERR, spec
 
 

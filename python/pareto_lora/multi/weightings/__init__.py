@@ -14,6 +14,7 @@ import torch
 from ...rules import RuleSpec
 from .base import finish, prepare
 from .aligned_mtl import aligned_mtl_weighting
+from .cagrad import cagrad_weighting
 from .config import config_weighting
 from .imtl_g import imtl_g_weighting
 from .mgda import mgda_weighting
@@ -38,6 +39,7 @@ WEIGHTINGS = {
     "aligned_mtl": aligned_mtl_weighting,
     "nash_mtl": nash_mtl_weighting,
     "config": config_weighting,
+    "cagrad": cagrad_weighting,
 }
 #: The rules the K-objective op takes by name.
 K_RULES: tuple[str, ...] = tuple(WEIGHTINGS)

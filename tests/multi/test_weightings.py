@@ -72,14 +72,16 @@ def pair_grams():
 K2_RULES = ("mgda", "upgrad", "dualproj", "pcgrad", "imtl_g", "aligned_mtl", "nash_mtl", "config", "cagrad")
 
 
-@pytest.mark.parametrize("name", K2_RULES)
-def test_k2_equals_the_two_objective_rule(name):
+@pytest.mark.parametrize("name,kw", [(name, {}) for name in K2_RULES] + [
+    ("cagrad", {"c": 0.0}), ("cagrad", {"c": 0.9}), ("cagrad", {"c": 2.0}), ("nash_mtl", {"max_norm": 0.0}),
+    ("nash_mtl", {"max_norm": 0.5}), ("upgrad", {"reg_eps": 0.0}), ("dualproj", {"reg_eps": 1e-2})])
+def test_k2_equals_the_two_objective_rule(name, kw):
     gram = pair_grams()
     nan = gram[:1].clone()
     nan[0, 0, 1] = nan[0, 1, 0] = math.nan
     gram = torch.cat([gram, nan])
-    w, cases = weights(name, gram)
-    co, ca = two_objective(name, gram)
+    w, cases = weights(name, gram, **kw)
+    co, ca = two_objective(name, gram, **kw)
     assert torch.equal(cases, ca)
     assert ((w - co.to(F64)).abs() <= 2.0**-23 * w.abs().clamp_min(1.0)).all()
 

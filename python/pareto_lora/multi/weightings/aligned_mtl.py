@@ -23,6 +23,7 @@ import torch
 from ...rules import CAUCHY_SCHWARZ_SLACK, Case, RuleSpec
 from .base import full_cases
 from .correlation import correlation
+from .eigh import eigh
 
 __all__ = ["aligned_mtl_weighting"]
 
@@ -30,9 +31,9 @@ __all__ = ["aligned_mtl_weighting"]
 def aligned_mtl_weighting(gram: torch.Tensor, spec: RuleSpec):
     k = gram.shape[-1]
     c, _, zero = correlation(gram)
-    rank = (torch.linalg.eigvalsh(c) > CAUCHY_SCHWARZ_SLACK).sum(-1) - zero.sum(-1)  # [G]; identity rows set aside
+    rank = (eigh(c)[0] > CAUCHY_SCHWARZ_SLACK).sum(-1) - zero.sum(-1)  # [G]; identity rows set aside
     trace = torch.diagonal(gram, dim1=-2, dim2=-1).sum(-1)
-    lam, vec = torch.linalg.eigh(gram / torch.where(trace > 0, trace, 1.0)[:, None, None])  # ascending
+    lam, vec = eigh(gram / torch.where(trace > 0, trace, 1.0)[:, None, None])  # ascending
     first = (k - rank).clamp(0, k - 1)  # index of the smallest kept eigenvalue
     keep = torch.arange(k, device=gram.device) >= first[:, None]
     scale = lam.gather(-1, first[:, None]).clamp_min(0.0)

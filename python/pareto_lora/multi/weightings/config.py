@@ -22,6 +22,7 @@ import torch
 from ...rules import CAUCHY_SCHWARZ_SLACK, Case, RuleSpec
 from .base import full_cases
 from .correlation import correlation
+from .eigh import eigh
 
 __all__ = ["config_weighting"]
 
@@ -29,7 +30,7 @@ __all__ = ["config_weighting"]
 def config_weighting(gram: torch.Tensor, spec: RuleSpec):
     k = gram.shape[-1]
     c, norms, zero = correlation(gram)
-    lam, vec = torch.linalg.eigh(c)
+    lam, vec = eigh(c)
     ones = torch.where(zero, 0.0, 1.0).to(c.dtype)  # a zero row is not in U: its unit vector is 0
     keep = lam > CAUCHY_SCHWARZ_SLACK
     proj = (vec.transpose(-1, -2) @ ones[..., None])[..., 0]  # V^T 1

@@ -25,6 +25,7 @@ import torch
 from ...rules import CAUCHY_SCHWARZ_SLACK, Case, RuleSpec
 from .base import full_cases
 from .correlation import correlation
+from .eigh import eigh
 
 __all__ = ["imtl_g_weighting"]
 
@@ -34,7 +35,7 @@ _EPS = 2.0**-52
 def imtl_g_weighting(gram: torch.Tensor, spec: RuleSpec):
     k = gram.shape[-1]
     c, norms, zero = correlation(gram)
-    lam, vec = torch.linalg.eigh(c)
+    lam, vec = eigh(c)
     keep = lam > k * _EPS * lam[..., -1:]
     coef = torch.where(keep, (vec.transpose(-1, -2) @ torch.ones_like(lam)[..., None])[..., 0]
                        / torch.where(keep, lam, 1.0), 0.0)

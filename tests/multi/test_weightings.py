@@ -69,12 +69,13 @@ def pair_grams():
     return torch.tensor(rows, dtype=F64)
 
 
-K2_RULES = ("mgda", "upgrad", "dualproj", "pcgrad", "imtl_g", "aligned_mtl", "nash_mtl", "config", "cagrad")
+K2_RULES = ("sum", "mean", "mgda", "upgrad", "dualproj", "pcgrad", "imtl_g", "aligned_mtl", "nash_mtl", "config", "cagrad")
 
 
 @pytest.mark.parametrize("name,kw", [(name, {}) for name in K2_RULES] + [
     ("cagrad", {"c": 0.0}), ("cagrad", {"c": 0.9}), ("cagrad", {"c": 2.0}), ("nash_mtl", {"max_norm": 0.0}),
-    ("nash_mtl", {"max_norm": 0.5}), ("upgrad", {"reg_eps": 0.0}), ("dualproj", {"reg_eps": 1e-2})])
+    ("nash_mtl", {"max_norm": 0.5}), ("upgrad", {"reg_eps": 0.0}), ("dualproj", {"reg_eps": 1e-2}),
+    ("constant", {"weights": (0.25, 1.5)})])
 def test_k2_equals_the_two_objective_rule(name, kw):
     gram = pair_grams()
     nan = gram[:1].clone()
@@ -228,7 +229,8 @@ def test_cagrad_matches_torchjd_within_its_solver_tolerance(k, c):
             assert int(cg) == Case.STATIONARY and not bool((tw != 0).any())  # both call it stationary
             continue
         ours_w, theirs_w = wg - 1.0 / k, tw - 1.0 / k  # (k/||g_w||) w: the simplex point up to a positive factor
-        assert _cagrad_objective(ours_w / ours_w.sum(), gram, c) <= _cagrad_objective(theirs_w / theirs_w.sum(), gram, c) + 1e-8
+        ours_f = _cagrad_objective(ours_w / ours_w.sum(), gram, c)
+        assert ours_f <= _cagrad_objective(theirs_w / theirs_w.sum(), gram, c) + 1e-8
         assert float((wg @ jac - tw @ jac).norm()) <= 1e-4 * (1 + c) * float(jac.norm(dim=1).sum())
         compared += 1
     assert compared >= 4

@@ -246,7 +246,8 @@ def test_jacobi_eigh_matches_lapack(k):
     from pareto_lora.multi.weightings.eigh import eigh
 
     g = torch.Generator().manual_seed(40 + k)
-    j = torch.randn(24, k, k + 1, generator=g, dtype=F64) * 10.0 ** (12 * torch.rand(24, k, 1, generator=g, dtype=F64) - 6)
+    scale = 10.0 ** (12 * torch.rand(24, k, 1, generator=g, dtype=F64) - 6)
+    j = torch.randn(24, k, k + 1, generator=g, dtype=F64) * scale
     j[8:12, 0] = j[8:12, 1]  # rank-deficient
     j[12:16] = torch.randn(4, k, 1, generator=g, dtype=F64) * j[12:16, :1]  # rank 1
     a = gram_of(j)

@@ -12,8 +12,9 @@ vertex with affinely independent support). On S with ||g_w|| = r > 0 the KKT con
 b + (k/r) G w = mu 1 make w = p + tau q affine in tau = r/k, p and q from one bordered solve with two
 right-hand sides ([[G_SS, 1], [1^T, 0]], the mgda system), and r^2 = w^T G w gives a quadratic in tau:
 (q^T G q - k^2) tau^2 + 2 p^T G q tau + p^T G p = 0. Every positive root with w >= 0 is a candidate,
-and so is p (every vertex and face point where tau is free: k = 0 or q = 0); so is the min-norm point (the optimum when it is at g_w = 0, where F is not smooth). The candidate
-with the smallest F wins; ties within 64 K 2^-52 (1 + k) (F is O(1 + k) on the normalised Gram) are
+and so is p (every vertex and face point where tau is free: k = 0 or q = 0); so is the min-norm
+point (the optimum when it is at g_w = 0, where F is not smooth). The candidate with the smallest F
+wins; ties within 64 K 2^-52 (1 + k) (F is O(1 + k) on the normalised Gram) are
 averaged (the optimal set is convex), so a = b gives x = 1/2 as the two-objective closed form.
 torchjd's Clarabel stops at a duality gap of 1e-8: its F is never below ours by more than that.
 

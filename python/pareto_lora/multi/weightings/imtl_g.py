@@ -15,7 +15,8 @@ w = D^-1 1 / sum(D^-1 1) (equal weights on the unit directions; at a = -b, outpu
 A zero gradient: DEGENERATE, the rule on the others and weight 1 on the zero ones (the two-objective
 plain sum (1, 1): the output is torchjd's, which gives the zero row weight 0 through pinv).
 Bound: where x >= 0 (always at K = 2), ||out|| = sqrt(1^T x)/|s| <= max_k ||g_k||; for K >= 3, C^+ 1
-can have mixed signs and the weights are not bounded by the rule itself (finish's term check applies).
+can have mixed signs, and then ||out|| <= sum|x_k|/|s| <= max_k ||g_k|| / (K CAUCHY_SCHWARZ_SLACK)
+(|s| is kept above that fraction of its terms, so the statistics' error moves it by < 1/4 of itself).
 """
 
 from __future__ import annotations

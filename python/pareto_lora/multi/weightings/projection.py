@@ -45,8 +45,8 @@ def upgrad_weighting(gram: torch.Tensor, spec: RuleSpec):
     g, k = gram.shape[0], gram.shape[-1]
     gp = regularised(gram, spec.reg_eps)
     lower = torch.eye(k, dtype=gram.dtype, device=gram.device).expand(g, k, k) / k
-    v = solve(gp.repeat_interleave(k, dim=0), lower.reshape(g * k, k))  # row (group, k): projection of e_k / K
-    weights = v.view(g, k, k).sum(1)
+    v = solve(gp, lower)  # [G, K, K]: row k the projection of e_k / K (the K problems share G')
+    weights = v.sum(1)
     cases = torch.where(_conflict(gram), int(Case.PARETO), full_cases(gram, Case.WEIGHTED)).to(torch.int32)
     return weights, cases
 

@@ -51,40 +51,45 @@ def free_sets(k: int, simplex: bool, device) -> torch.Tensor:
 
 
 def _candidates(a: torch.Tensor, lower: torch.Tensor, free: torch.Tensor, simplex: bool):
-    """[B, M, K] solutions of the KKT systems of the free sets `free` [M, K], and their validity [B, M]."""
-    b, k = lower.shape
+    """[B, M, R, K] solutions of the KKT systems of the free sets `free` [M, K] for the R problems of
+    `lower` [B, R, K] (one factorisation per free set serves the R right-hand sides), validity [B, M, R]."""
+    b, r, k = lower.shape
     m = free.shape[0]
     f = free[None].expand(b, m, k)
     ff = f[..., :, None] & f[..., None, :]
     eye = torch.eye(k, dtype=torch.bool, device=a.device)
     # Free rows: sum_{j free} A_ij v_j (+ mu) = -sum_{j fixed} A_ij l_j; fixed rows: v_i = l_i.
     mat = torch.where(ff, a[:, None], torch.where(eye & ~f[..., None], 1.0, 0.0).to(a.dtype))
-    fixed_l = torch.where(f, 0.0, lower[:, None, :])
-    rhs = torch.where(f, -(a[:, None] @ fixed_l[..., None])[..., 0], lower[:, None, :])
+    fr = free[None, :, None, :]
+    fixed_l = torch.where(fr, 0.0, lower[:, None])  # [B, M, R, K]
+    rhs = torch.where(fr, -torch.einsum("bij,bmrj->bmri", a, fixed_l), lower[:, None])
     if simplex:
         n = k + 1
         big = a.new_zeros(b, m, n, n)
         big[..., :k, :k] = mat
         big[..., :k, k] = f.to(a.dtype)  # the multiplier of sum(v) = 1 acts on free rows only
         big[..., k, :k] = 1.0
-        rhs = torch.cat([rhs, a.new_ones(b, m, 1)], dim=-1)
+        rhs = torch.cat([rhs, a.new_ones(b, m, r, 1)], dim=-1)
         mat = big
-    sol, info = torch.linalg.solve_ex(mat, rhs[..., None], check_errors=False)
-    v = sol[..., :k, 0]
-    ok = (info == 0) & torch.isfinite(v).all(-1) & (v >= lower[:, None, :] - _FEASIBLE_SLACK).all(-1)
-    v = torch.maximum(v, lower[:, None, :])
+    sol, info = torch.linalg.solve_ex(mat, rhs.transpose(-1, -2), check_errors=False)
+    v = sol[..., :k, :].transpose(-1, -2)
+    ok = (info == 0)[..., None] & torch.isfinite(v).all(-1) & (v >= lower[:, None] - _FEASIBLE_SLACK).all(-1)
+    v = torch.maximum(v, lower[:, None])
     if simplex:
         v = v / torch.where(ok, v.sum(-1), 1.0)[..., None]
     return v, ok
 
 
 def solve(a: torch.Tensor, lower: torch.Tensor, simplex: bool = False, chunk: int = 64) -> torch.Tensor:
-    """[B, K] minimiser of v^T A v over v >= lower (and sum(v) = 1 with ``simplex``); see the module doc.
+    """Minimiser of v^T A v over v >= lower (and sum(v) = 1 with ``simplex``); see the module doc.
 
     `a` [B, K, K] float64, scaled so that its diagonal is O(1) (the weightings normalise by the trace),
-    `lower` [B, K] float64. With ``simplex`` the feasible set is never empty; without it v = lower is
-    always a candidate (the empty free set), so every row gets an answer.
+    `lower` [B, K] or [B, R, K] float64 (R problems sharing A: each free set's system is factorised
+    once for all R); the result has the shape of `lower`. With ``simplex`` the feasible set is never
+    empty; without it v = lower is always a candidate (the empty free set), so every row gets an answer.
     """
+    single = lower.dim() == 2
+    lower = lower[:, None] if single else lower
     k = a.shape[-1]
     sets = free_sets(k, simplex, a.device)
     vs, oks = [], []
@@ -92,12 +97,13 @@ def solve(a: torch.Tensor, lower: torch.Tensor, simplex: bool = False, chunk: in
         v, ok = _candidates(a, lower, sets[start : start + chunk], simplex)
         vs.append(v)
         oks.append(ok)
-    v, ok = torch.cat(vs, dim=1), torch.cat(oks, dim=1)
-    obj = (v[..., None, :] @ a[:, None] @ v[..., :, None])[..., 0, 0]
+    v, ok = torch.cat(vs, dim=1), torch.cat(oks, dim=1)  # [B, M, R, K], [B, M, R]
+    obj = torch.einsum("bmri,bij,bmrj->bmr", v, a, v)
     root = torch.diagonal(a, dim1=-2, dim2=-1).clamp_min(0).sqrt()
-    err = 4 * k * _EPS * ((v.abs() * root[:, None, :]).sum(-1) ** 2 + 1e-300)
+    err = 4 * k * _EPS * ((v.abs() * root[:, None, None, :]).sum(-1) ** 2 + 1e-300)
     upper = torch.where(ok, obj + err, torch.inf)
     best = upper.min(dim=1, keepdim=True).values
     tie = ok & (obj - err <= best)
     # where, not a product: a discarded candidate may hold NaN (a singular solve)
-    return torch.where(tie[..., None], v, 0.0).sum(1) / tie.sum(1, keepdim=True).to(v.dtype)
+    out = torch.where(tie[..., None], v, 0.0).sum(1) / tie.sum(1)[..., None].to(v.dtype)
+    return out[:, 0] if single else out

@@ -13,7 +13,16 @@ import torch
 
 from ...rules import RuleSpec
 from .base import finish, prepare
+from .aligned_mtl import aligned_mtl_weighting
+from .cagrad import cagrad_weighting
+from .config import config_weighting
+from .imtl_g import imtl_g_weighting
+from .mgda import mgda_weighting
+from .nash_mtl import nash_mtl_weighting
+from .pcgrad import pcgrad_weighting
+from .projection import dualproj_weighting, upgrad_weighting
 from .simple import constant_weighting, mean_weighting, sum_weighting
+from .user import check_user, is_user_weighting, user_weighting
 
 __all__ = ["K_RULES", "WEIGHTINGS", "apply"]
 
@@ -22,13 +31,26 @@ WEIGHTINGS = {
     "sum": sum_weighting,
     "mean": mean_weighting,
     "constant": constant_weighting,
+    "mgda": mgda_weighting,
+    "upgrad": upgrad_weighting,
+    "dualproj": dualproj_weighting,
+    "pcgrad": pcgrad_weighting,
+    "imtl_g": imtl_g_weighting,
+    "aligned_mtl": aligned_mtl_weighting,
+    "nash_mtl": nash_mtl_weighting,
+    "config": config_weighting,
+    "cagrad": cagrad_weighting,
 }
 #: The rules the K-objective op takes by name.
 K_RULES: tuple[str, ...] = tuple(WEIGHTINGS)
 
 
 def check_rule(rule, k: int) -> None:
-    """``rule``: a RuleSpec of a K-objective rule (with K weights for ``constant``); raises ValueError."""
+    """``rule``: a RuleSpec of a K-objective rule (with K weights for ``constant``) or a user weighting
+    (:mod:`.user`: a callable, a torchjd Weighting); raises ValueError."""
+    if is_user_weighting(rule) and not isinstance(rule, RuleSpec):
+        check_user(rule)
+        return
     if not isinstance(rule, RuleSpec):
         raise ValueError(f"rule: expected a RuleSpec or a rule name, got {type(rule).__name__}")
     if rule.name not in WEIGHTINGS:
@@ -38,13 +60,17 @@ def check_rule(rule, k: int) -> None:
 
 
 def apply(
-    rule: RuleSpec,
+    rule,
     gram: torch.Tensor,
     active: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weights [G, K] in `dtype`, cases [G] int32) of `rule` on the batched Gram [G, K, K]."""
+    """(weights [G, K] in `dtype`, cases [G] int32) of `rule` (a RuleSpec or a user weighting) on the
+    batched Gram [G, K, K]."""
     check_rule(rule, gram.shape[-1])
     valid, invalid = prepare(gram)
-    weights, cases = WEIGHTINGS[rule.name](valid, rule)
+    if isinstance(rule, RuleSpec):
+        weights, cases = WEIGHTINGS[rule.name](valid, rule)
+    else:
+        weights, cases = user_weighting(rule, valid)
     return finish(valid, weights.to(torch.float64), cases, invalid, active, dtype)

@@ -18,7 +18,7 @@ from .backends import resolve_backend
 from .multi import gram_matrix
 from .multi.checks import check_integrate_many
 from .multi.weightings import apply as apply_weighting
-from .multi.weightings import check_rule
+from .multi.weightings import check_rule, is_user_weighting
 from .reference import group_sums, segment_groups
 from .result import MultiResult
 from .rules import Case, RuleSpec, as_spec
@@ -45,7 +45,7 @@ def combine_many(grads, offsets, coeffs: torch.Tensor, out: torch.Tensor | None 
 def integrate_many(
     grads,
     offsets,
-    rule: str | RuleSpec = "mean",
+    rule="mean",
     *,
     out: torch.Tensor | None = None,
     active: torch.Tensor | None = None,
@@ -60,11 +60,18 @@ def integrate_many(
     ``grads``: 2 to 8 contiguous buffers (one per objective, same dtype, numel and device);
     ``offsets`` (int64, S+1) marks the segments; ``rule``: a K-objective rule name
     (:data:`pareto_lora.multi.weightings.K_RULES`) with its parameters as keywords
-    (``weights=(...)`` for ``constant``), or a :class:`~pareto_lora.RuleSpec`. ``out`` may be one of
+    (``weights=(...)`` for ``constant``), a :class:`~pareto_lora.RuleSpec`, or a user-defined
+    weighting: a callable from the batched Gram [G, K, K] (float64) to weights [G, K], or a torchjd
+    ``Weighting`` (:mod:`pareto_lora.multi.weightings.user`; it runs in Python between the two passes). ``out`` may be one of
     ``grads`` (in place) or None (a new tensor). ``groups``, ``active``, ``poison`` and ``stats``
     ([S, K(K+1)/2] float64, e.g. all-reduced) are those of :func:`pareto_lora.integrate`.
     """
-    spec = as_spec(rule, **params)
+    if is_user_weighting(rule) and not isinstance(rule, RuleSpec):
+        if params:
+            raise ValueError(f"{next(iter(params))}: expected no rule parameters with a user-defined weighting")
+        spec = rule
+    else:
+        spec = as_spec(rule, **params)
     offsets, active, groups = _checks.as_offsets(offsets), _checks.as_active(active), _checks.as_groups(groups)
     grads, num_segments, host_groups = check_integrate_many(grads, offsets, out, active, groups, poison, stats)
     k = len(grads)

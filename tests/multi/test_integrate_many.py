@@ -100,3 +100,22 @@ def test_bad_arguments_write_nothing(call, message):
 def test_two_objective_op_refuses_more_than_two_weights():
     with pytest.raises(ValueError, match=r"^weights: expected a pair \(w_a, w_b\) for the two-objective op"):
         pareto_lora.integrate(*_grads(2), [0, 60], rule=RuleSpec("constant", weights=(1, 2, 3)), backend="reference")
+
+
+def test_user_weighting_through_integrate_many():
+    """A plain callable on the batched Gram gives the combine its weights; its parameters are refused."""
+    grads, offsets = _grads(3), [0, 20, 40, 60]
+    seen = []
+
+    def inverse_norms(g):  # [G, K, K] float64 -> [G, K]: one call for all groups
+        seen.append(tuple(g.shape))
+        return 1.0 / torch.diagonal(g, dim1=-2, dim2=-1).sqrt()
+
+    res = pareto_lora.integrate_many(grads, offsets, inverse_norms, groups=[0, 1, 3], backend="reference")
+    assert seen == [(2, 3, 3)]
+    norms = torch.diagonal(gram_matrix(res.group_stats, 3), dim1=-2, dim2=-1).sqrt()
+    torch.testing.assert_close(res.weights, (1.0 / norms).float())
+    want = sum(grads[k][:20].double() / norms[0, k] for k in range(3))
+    torch.testing.assert_close(res.out[:20], want.float())
+    with pytest.raises(ValueError, match=r"^tau: expected no rule parameters with a user-defined weighting"):
+        pareto_lora.integrate_many(grads, offsets, inverse_norms, tau=0.3, backend="reference")

@@ -1,0 +1,177 @@
+"""One rank of the 2-process CPU/gloo runs behind tests/distributed/test_multi_distributed.py (issue 29).
+
+    python _multi_worker.py RANK WORLD PORT OUT_DIR
+
+K = 3 objectives under DDP (the communication hook) and FSDP2 in one process group; saves what the
+parent checks to OUT_DIR/rank{RANK}.pt. The parent computes the single-process references.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(HERE), os.path.join(os.path.dirname(HERE), "archs")]  # models.py, arch_models.py
+
+import arch_models as am  # noqa: E402
+import models  # noqa: E402
+import pareto_lora  # noqa: E402
+from pareto_lora import archs  # noqa: E402
+
+NUM_LAYERS = 5
+NUM_GROUPS = 2
+BUCKET_MB = 0.0025  # ~2.6 KB buckets: every group spans several (rebuilt after step 1)
+NAMES = ("prompt", "answer", "image")
+RULES = {"mean": {}, "constant": {"weights": (0.5, 1.5, 1.0)}}
+
+
+def batch_for(rank: int, base: int) -> dict:
+    return models.token_batch(batch=2, seq=24, seed=base + rank, image_span=(6, 16))
+
+
+def three_losses(model, batch) -> dict:
+    """prompt (text targets before position 6), answer (text after), image: token means."""
+    logits = model(**models.model_inputs(batch)).logits[:, :-1].float()
+    labels, image = batch["labels"][:, 1:], batch["image_token_mask"][:, 1:]
+    early = torch.arange(labels.shape[1]) < 6
+    return {"prompt": F.cross_entropy(logits[~image & early], labels[~image & early]),
+            "answer": F.cross_entropy(logits[~image & ~early], labels[~image & ~early]),
+            "image": F.cross_entropy(logits[image], labels[image])}
+
+
+def janus_batch(rank: int, step: int) -> dict:
+    """Row 0: 16 <image> placeholders (an understanding input) then a text-to-image sample; row 1 without."""
+    base = am.janus_batch(seed=7 + 10 * step + rank)
+    n = 16
+    pad = torch.randint(2, am.JANUS_BOI, (2, n), generator=torch.Generator().manual_seed(3 + rank))
+    pad[0] = am.JANUS_IMAGE_TOKEN
+    ids = torch.cat([pad, base["input_ids"]], 1)
+    return {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids),
+            "image_codes": torch.cat([torch.full((2, n), -100), base["image_codes"]], 1),
+            "pixel_values": torch.randn(1, 3, 20, 20, generator=torch.Generator().manual_seed(rank + step))}
+
+
+def grads_of(module) -> dict[str, torch.Tensor]:
+    out = {}
+    for n, p in module.named_parameters():
+        if p.requires_grad:
+            g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+            out[n] = g.detach().clone()
+    return out
+
+
+def pareto(model, rule: str, **kw):
+    return pareto_lora.ParetoLoRA(model, rule=rule, num_groups=NUM_GROUPS, modulate="all", objectives=NAMES,
+                                  backend="reference", **RULES[rule], **kw)
+
+
+def record(out: dict, key: str, module, report) -> None:
+    out[key] = grads_of(module)
+    out[f"{key}/group_stats"] = report.group_stats.clone()
+    out[f"{key}/losses"] = report.losses
+    out[f"{key}/cases"] = report.cases
+
+
+def error_of(fn) -> str:
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - the parent checks type and message
+        return f"{type(e).__name__}: {e}"
+    return "no error"
+
+
+def ddp_scenarios(rank: int, out: dict) -> None:
+    for rule in RULES:  # two steps each: DDP's initial buckets, then the rebuilt ones
+        ddp = DDP(models.lora_llama(num_layers=NUM_LAYERS), bucket_cap_mb=BUCKET_MB)
+        pl = pareto(ddp, rule)
+        for step in range(2):
+            report = pl.backward(three_losses(ddp, batch_for(rank, 10 * step)))
+            record(out, f"ddp/{rule}/step{step}", ddp.module, report)
+            ddp.zero_grad(set_to_none=True)
+        if rule != "constant":
+            continue
+        # Accumulation: the first micro-batch inside no_sync (local), the last synchronised.
+        with ddp.no_sync():
+            pl.accumulate({k: v / 2 for k, v in three_losses(ddp, batch_for(rank, 300)).items()})
+        pl.accumulate({k: v / 2 for k, v in three_losses(ddp, batch_for(rank, 400)).items()})
+        record(out, "ddp/no_sync", ddp.module, pl.integrate_accumulated())
+        # ... and every micro-batch synchronised: the averages go on accumulating.
+        for base in (300, 400):
+            pl.accumulate({k: v / 2 for k, v in three_losses(ddp, batch_for(rank, base)).items()})
+        record(out, "ddp/synced", ddp.module, pl.integrate_accumulated())
+        # The last micro-batch inside no_sync: refused (that window then goes on outside it).
+        with ddp.no_sync():
+            pl.accumulate(three_losses(ddp, batch_for(rank, 700)))
+        out["err/last_in_no_sync"] = error_of(pl.integrate_accumulated)
+        # Transactional: a loss that reaches no LoRA parameter changes nothing. (Its forward armed
+        # DDP's reducer, so it runs last here: DDP would reduce even inside a later no_sync.)
+        pl.accumulate(three_losses(ddp, batch_for(rank, 500)))
+        before = grads_of(ddp.module)
+        losses = three_losses(ddp, batch_for(rank, 600))
+        losses["answer"] = losses["answer"].detach().requires_grad_()
+        out["err/unreached"] = error_of(lambda: pl.accumulate(losses))
+        out["err/unchanged"] = all(torch.equal(before[n], g) for n, g in grads_of(ddp.module).items())
+        out["err/micro"] = pl.micro_batches
+        out["err/state_dict"] = error_of(pl.state_dict)
+        pl.integrate_accumulated()
+    out["err/bucket_view"] = error_of(lambda: pareto(DDP(models.lora_llama(num_layers=2), gradient_as_bucket_view=True),
+                                                     "mean"))
+
+
+def janus_scenario(rank: int, out: dict) -> None:
+    """issue 29: a 3-objective Janus LoRA step end to end through 2-process gloo DDP (two steps)."""
+    torch.manual_seed(0)
+    ddp = DDP(am.lora(am.MODELS["janus"]()), bucket_cap_mb=BUCKET_MB)
+    pl = pareto_lora.ParetoLoRA(ddp, rule="constant", weights=(0.5, 2.0, 1.5), arch="auto", num_groups=2,
+                                modulate=("lower", "generation"), objectives=archs.OBJECTIVES, backend="reference")
+    for step in range(2):
+        report = pl.backward(archs.objective_losses_for(ddp, janus_batch(rank, step), pl.arch))
+        record(out, f"janus/step{step}", ddp.module, report)
+        ddp.zero_grad(set_to_none=True)
+
+
+def fsdp_scenarios(rank: int, world: int, out: dict) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    model = models.lora_llama(num_layers=NUM_LAYERS)
+    for layer in model.base_model.model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    pl = pareto(model, "constant")
+    record(out, "fsdp/step", model, pl.backward(three_losses(model, batch_for(rank, 0))))
+    for base in (300, 400):
+        pl.accumulate({k: v / 2 for k, v in three_losses(model, batch_for(rank, base)).items()})
+    before = [p.grad for p in model.parameters() if p.requires_grad]
+    losses = three_losses(model, batch_for(rank, 600))
+    losses["answer"] = losses["answer"].detach().requires_grad_()
+    out["fsdp/err/unreached"] = error_of(lambda: pl.accumulate(losses))
+    out["fsdp/err/grad_kept"] = all(p.grad is g for p, g in zip((p for p in model.parameters() if p.requires_grad), before))
+    record(out, "fsdp/accum", model, pl.integrate_accumulated())
+
+
+def main() -> None:
+    rank, world, port, out_dir = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
+    out: dict = {}
+    try:
+        ddp_scenarios(rank, out)
+        janus_scenario(rank, out)
+        fsdp_scenarios(rank, world, out)
+    finally:
+        dist.destroy_process_group()
+    torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+if __name__ == "__main__":
+    main()

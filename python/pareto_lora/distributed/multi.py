@@ -8,7 +8,8 @@ is averaged across ranks *before* the Gram is taken, as the two-objective path d
 
 DDP: the first K - 1 gradients are taken with ``torch.autograd.grad`` (DDP's reducer never sees
 them) into their buffers, and the last objective's ordinary ``.backward()`` drives DDP's buckets,
-into ``.grad`` = the last buffer. A communication hook packs, for each bucket, the bucket's views
+into ``.grad`` = the last buffer (with a zero term on every parameter only the others reach, so
+that DDP's reduction covers them too). A communication hook packs, for each bucket, the bucket's views
 of all K buffers into one tensor and all-reduces it once (K x LoRA gradient bytes per step),
 overlapping with the rest of the backward, and writes the averages back into the K buffers.
 Averaging is elementwise, so the order in which buckets arrive does not matter, and the
@@ -130,7 +131,9 @@ class DDPManySync(LocalManySync):
         self.world = dist.get_world_size(self.group)
         self._plans: dict[tuple[int, ...], tuple[list[torch.Tensor], list[int]]] = {}
         self._lock = threading.Lock()  # gloo and NCCL run completion callbacks on their own threads
-        self._synced = False  # the last backward ran the hook (outside no_sync)
+        # Buckets of the last backward whose reduction finished, and how many it had (known once the
+        # bucket flagged is_last() reaches the hook; DDP launches its buckets in index order).
+        self._arrived, self._num_buckets = 0, None
         self._error: BaseException | None = None
 
     def bind(self, layout: GradLayout, grads: Sequence[FlatGrads], objectives: Sequence[str], backend: str) -> None:
@@ -162,8 +165,16 @@ class DDPManySync(LocalManySync):
             plan = self._plans[key] = (views, [v.numel() for v in views])
         return plan
 
+    @property
+    def synced(self) -> bool:
+        """Whether the last backward averaged every bucket (it ran outside ``no_sync()``)."""
+        return self._num_buckets is not None and self._arrived == self._num_buckets
+
     def reduce_bucket(self, bucket):
         buf = bucket.buffer()
+        if bucket.is_last():
+            with self._lock:
+                self._num_buckets = bucket.index() + 1
         views, sizes = self._plan(bucket.parameters())
         # .grad (the last buffer's views) holds what DDP copied into the bucket; packing the views
         # rather than the bucket also averages a parameter DDP found unused in this backward.
@@ -177,7 +188,7 @@ class DDPManySync(LocalManySync):
                     torch._foreach_copy_(views, [x.view_as(v) for x, v in zip(red.split(sizes), views)])
                     buf.copy_(red[red.numel() - buf.numel():])  # the last objective: what DDP copies to .grad
                 with self._lock:
-                    self._synced = True
+                    self._arrived += 1
                 return buf
             except BaseException as e:  # noqa: BLE001 - DDP cannot unwrap a Python exception (see ddp.py)
                 self._fail(e)
@@ -201,6 +212,13 @@ class DDPManySync(LocalManySync):
         if not _reaches(losses[-1], self._lora_ids):
             raise ValueError(f"{self.objectives[-1]}: the loss does not depend on any trainable LoRA parameter of this model")
         grads = [self._grad(j, losses[j], True) for j in range(k - 1)]
+        # DDP waits for every parameter the forward used; the last objective need not reach them all
+        # (Janus: "text" never reaches the image projector). A zero term on each parameter another
+        # objective reached fires its DDP hook in this backward; autograd runs each parameter's
+        # accumulation once per backward, so a parameter reached both ways is not marked twice,
+        # and the gradient of p * 0 is exactly zero, so .grad is unchanged.
+        reached = [p for i, p in enumerate(params) if any(g[i] is not None for g in grads)]
+        driver = losses[-1] + sum((p * 0).sum() for p in reached) if reached else losses[-1]
         try:
             if first:
                 out.zero_()
@@ -208,8 +226,8 @@ class DDPManySync(LocalManySync):
             for buf, g in zip(self.grads, grads):
                 buf.accumulate(g, first)
             del grads
-            self._synced, self._error = False, None
-            losses[-1].backward()
+            self._arrived, self._num_buckets, self._error = 0, None, None
+            driver.backward()
         except BaseException as e:  # noqa: BLE001 - the buffers are half-written: the window is lost
             raise window_lost(e) from e
         if self._error is not None:
@@ -220,10 +238,10 @@ class DDPManySync(LocalManySync):
             raise err from e
 
     def finish(self, running: torch.Tensor, spec: RuleSpec, settle: ManySettle) -> tuple[MultiResult, torch.Tensor]:
-        if not self._synced:
-            raise RuntimeError("integrate_accumulated: the last backward ran without DDP gradient synchronisation (inside "
-                               "ddp.no_sync()?); run the last micro-batch of an accumulated step outside no_sync() so "
-                               "every objective is averaged")
+        if not self.synced:
+            raise RuntimeError("integrate_accumulated: the last backward ran without DDP gradient synchronisation of every "
+                               "bucket (inside ddp.no_sync()?); run the last micro-batch of an accumulated step outside "
+                               "no_sync() so every objective is averaged")
         # Sums of per-rank means, over ranks: the global batch's mean losses (a non-finite one stays so).
         global_losses = running.to(torch.float64, copy=True)
         dist.all_reduce(global_losses, group=self.group)
@@ -231,6 +249,6 @@ class DDPManySync(LocalManySync):
         poison = settle(global_losses)
         res = integrate_buffers(self.grads, self.layout, spec, poison, self.backend)
         self.grads[-1].attach_as_grad(self.layout.params)
-        self._synced = False
+        self._num_buckets = None  # the next step needs its own synchronised backward
         return res, global_losses
 

@@ -17,6 +17,8 @@ layout (K x the trainable size). Each backward takes the K gradients with ``torc
 (K passes over the graph, the first K - 1 keeping it) and only once all K exist adds them into
 their buffers, as the two-objective single-process step does: a backward that fails (a loss that
 reaches no LoRA parameter, a freed graph) leaves ``.grad`` and the accumulation as they were.
+(DDP, FSDP2: the sync of :mod:`pareto_lora.distributed.multi` / ``.multi_fsdp`` takes them;
+under DDP a failure once the last objective's backward has started loses the window, SyncFailure.)
 ``.grad`` views the last objective's buffer, into which :func:`pareto_lora.integrate_many` writes
 the result: Gram per unit -> the weighting per group (``layout.active`` groups; the others get the
 plain sum, case INACTIVE) -> combine.
@@ -29,9 +31,7 @@ two-objective step. Several processes: pass the ``DistributedDataParallel`` mode
 communication hook averages all K gradients; keep DDP's default ``gradient_as_bucket_view=False``;
 ``no_sync()`` accumulation works, the last micro-batch outside it) or an FSDP2 ``fully_shard``
 model: every rank gets the integration of the global batch, ranks bitwise equal
-(:mod:`pareto_lora.distributed.multi`). Under DDP the last objective's ordinary backward drives
-DDP's reduction, so it must reach every trainable parameter the forward used (or use
-``find_unused_parameters=True``). Not here yet: balancers, ``stats_ema``, ``preserve_norm`` and
+(:mod:`pareto_lora.distributed.multi`). Not here yet: balancers, ``stats_ema``, ``preserve_norm`` and
 the batched traversal.
 """
 

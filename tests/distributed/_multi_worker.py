@@ -1,9 +1,11 @@
 """One rank of the 2-process CPU/gloo runs behind tests/distributed/test_multi_distributed.py (issue 29).
 
-    python _multi_worker.py RANK WORLD PORT OUT_DIR
+    RANK=r WORLD_SIZE=2 LOCAL_RANK=r MASTER_ADDR=127.0.0.1 MASTER_PORT=p python _multi_worker.py OUT_DIR
 
-K = 3 objectives under DDP (the communication hook) and FSDP2 in one process group; saves what the
-parent checks to OUT_DIR/rank{RANK}.pt. The parent computes the single-process references.
+Launched like ``torchrun`` would (the environment only). K = 3 objectives under DDP (the
+communication hook), FSDP2 and a ``ParetoLoRATrainer`` (which wraps the model in DDP itself) in one
+process group; saves what the parent checks to OUT_DIR/rank{RANK}.pt. The parent computes the
+single-process references.
 """
 
 from __future__ import annotations
@@ -172,16 +174,68 @@ def fsdp_scenarios(rank: int, world: int, out: dict) -> None:
     record(out, "fsdp/accum", model, pl.integrate_accumulated())
 
 
+def janus_example(i: int) -> dict:
+    """One Janus example with all three kinds (tests/archs/test_arch_objectives.janus_mixed_example):
+    16 <image> placeholders (+ pixel_values), text, <begin_of_image>, 3 + i % 4 VQ codes; the last
+    i % 4 labels ignored, so the ranks' windows have different target counts."""
+    gen = torch.Generator().manual_seed(200 + i)
+    ids = torch.randint(2, am.JANUS_BOI, (32,), generator=gen)
+    ids[4:20] = am.JANUS_IMAGE_TOKEN
+    codes = torch.full_like(ids, -100)
+    ids[23] = am.JANUS_BOI
+    n = 3 + i % 4
+    codes[24 : 24 + n] = torch.randint(0, am.JANUS_CODES, (n,), generator=gen)
+    ids[24 : 24 + n] = 0
+    labels = ids.clone()
+    labels[32 - i % 4 :] = -100
+    return {"input_ids": ids, "labels": labels, "image_codes": codes, "attention_mask": torch.ones_like(ids),
+            "pixel_values": torch.randn(3, 20, 20, generator=gen)}
+
+
+class JanusExamples(torch.utils.data.Dataset):
+    def __len__(self):
+        return 8  # one step: 2 ranks x 2 micro-batches x 2 examples
+
+    def __getitem__(self, i):
+        return janus_example(i)
+
+
+def trainer_scenario(out_dir: str, out: dict) -> None:
+    """ParetoLoRATrainer(objectives=OBJECTIVES) under DDP (GA 2: no_sync, then the synchronised micro-batch)."""
+    import transformers
+
+    torch.manual_seed(0)
+    model = am.lora(am.MODELS["janus"]())
+
+    class Snapshot(transformers.TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kw):
+            out["trainer/grads"] = grads_of(model)
+
+    args = transformers.TrainingArguments(
+        output_dir=os.path.join(out_dir, "trainer"), use_cpu=True, ddp_backend="gloo", report_to=[], save_strategy="no",
+        disable_tqdm=True, learning_rate=0.0, lr_scheduler_type="constant", max_grad_norm=0.0, logging_steps=1,
+        ddp_bucket_cap_mb=BUCKET_MB, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=1)
+    trainer = pareto_lora.ParetoLoRATrainer(
+        model=model, args=args, train_dataset=JanusExamples(), arch="auto", num_groups=2, modulate="all",
+        objectives=archs.OBJECTIVES, rule="constant", pareto_kwargs={"weights": (1.0, 0.5, 2.0), "backend": "reference"},
+        callbacks=[Snapshot()])
+    trainer.train()
+    out["trainer/bound_to_wrapper"] = isinstance(trainer.model_wrapped, DDP) and \
+        getattr(trainer.pareto._sync, "ddp", None) is trainer.model_wrapped
+    out["trainer/losses"] = trainer.pareto_report.losses
+    out["trainer/group_stats"] = trainer.pareto_report.group_stats.clone()
+
+
 def main() -> None:
-    rank, world, port, out_dir = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    rank, world, out_dir = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), sys.argv[1]
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
     out: dict = {}
     try:
         ddp_scenarios(rank, out)
         janus_scenario(rank, out)
         fsdp_scenarios(rank, world, out)
+        trainer_scenario(out_dir, out)  # the Trainer (accelerate) takes the process group already set up
     finally:
         dist.destroy_process_group()
     torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))

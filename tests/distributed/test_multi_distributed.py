@@ -32,8 +32,10 @@ TIMEOUT_S = 300
 def ranks(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("multi")
     port = str(free_port())
-    return run_ranks(os.path.join(HERE, "_multi_worker.py"), WORLD, out_dir, TIMEOUT_S,
-                     lambda r: [str(r), str(WORLD), port, str(out_dir)], lambda r: dict(os.environ, OMP_NUM_THREADS="1"))
+    return run_ranks(  # torchrun's environment, nothing else
+        os.path.join(HERE, "_multi_worker.py"), WORLD, out_dir, TIMEOUT_S, lambda r: [str(out_dir)],
+        lambda r: dict(os.environ, OMP_NUM_THREADS="1", RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(WORLD),
+                       LOCAL_WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -151,3 +153,22 @@ def test_fsdp2_three_objectives_equal_the_single_process_global_batch(ranks):
     assert_matches(ranks, "fsdp/accum", grads, report)  # the failed micro-batch in between changed nothing
     assert ranks[0]["fsdp/err/unreached"].startswith("RuntimeError: backward: the answer loss produced no sharded")
     assert ranks[0]["fsdp/err/grad_kept"] and ranks[1]["fsdp/err/grad_kept"]
+
+
+def test_trainer_three_objectives_under_ddp_equal_one_large_batch(ranks):
+    # ParetoLoRATrainer under torchrun: GA 2 (no_sync, then synchronised), 2 ranks x 2 x 2 examples; the
+    # window's per-objective counts summed over the ranks make the step the 8 examples at once.
+    assert ranks[0]["trainer/bound_to_wrapper"] and ranks[1]["trainer/bound_to_wrapper"]
+    a, b = ranks[0]["trainer/grads"], ranks[1]["trainer/grads"]
+    assert all(torch.equal(a[n], b[n]) for n in a) and torch.equal(ranks[0]["trainer/group_stats"],
+                                                                   ranks[1]["trainer/group_stats"])
+    torch.manual_seed(0)
+    model = am.lora(am.MODELS["janus"]())
+    whole = {k: torch.stack([W.janus_example(i)[k] for i in range(8)]) for k in W.janus_example(0)}
+    pl = pareto_lora.ParetoLoRA(model, arch="auto", num_groups=2, modulate="all", objectives=archs.OBJECTIVES,
+                                rule="constant", weights=(1.0, 0.5, 2.0), backend="reference")
+    report = pl.backward(archs.objective_losses_for(model, whole, pl.arch))
+    scale = max(g.abs().max().item() for g in a.values())
+    for n, want in W.grads_of(model).items():
+        torch.testing.assert_close(a[n], want, rtol=1e-4, atol=1e-5 * scale, msg=lambda m: f"{n}: {m}")
+    assert ranks[0]["trainer/losses"] == pytest.approx(report.losses, rel=1e-5)

@@ -132,6 +132,18 @@ def ddp_scenarios(rank: int, out: dict) -> None:
         out["err/hook_micro"] = pl.micro_batches
         out["err/hook_nan"] = all(bool(g.isnan().all()) for g in grads_of(ddp.module).values())
         record(out, "ddp/after_failure", ddp.module, pl.backward(three_losses(ddp, batch_for(rank, 0))))
+        # A non-finite loss on rank 1 only: every rank settles the same global losses alike.
+        for mode in ("raise", "skip"):
+            pl.on_nonfinite = mode
+            losses = three_losses(ddp, batch_for(rank, 0))
+            if rank == 1:
+                losses["image"] = losses["image"] * float("inf")
+            out[f"nonfinite/{mode}"] = error_of(lambda: out.setdefault("nonfinite/report", pl.backward(losses)))
+            out[f"nonfinite/{mode}/micro"] = pl.micro_batches
+        report = out.pop("nonfinite/report")
+        out["nonfinite/cases"], out["nonfinite/loss_finite"] = report.cases, report.losses
+        out["nonfinite/grads_nan"] = all(bool(g.isnan().all()) for g in grads_of(ddp.module).values())
+        pl.on_nonfinite = "auto"
     out["err/bucket_view"] = error_of(lambda: pareto(DDP(models.lora_llama(num_layers=2), gradient_as_bucket_view=True),
                                                      "mean"))
 
@@ -164,8 +176,12 @@ def fsdp_scenarios(rank: int, world: int, out: dict) -> None:
     fully_shard(model, mesh=mesh)
     pl = pareto(model, "constant")
     record(out, "fsdp/step", model, pl.backward(three_losses(model, batch_for(rank, 0))))
-    for base in (300, 400):
-        pl.accumulate({k: v / 2 for k, v in three_losses(model, batch_for(rank, base)).items()})
+    pl.accumulate({k: v / 2 for k, v in three_losses(model, batch_for(rank, 300)).items()})
+    # A checkpoint mid-window (each rank its shards) resumes exactly in another ParetoLoRA.
+    state = pl.state_dict()
+    pl = pareto(model, "constant")
+    pl.load_state_dict(state)
+    pl.accumulate({k: v / 2 for k, v in three_losses(model, batch_for(rank, 400)).items()})
     before = [p.grad for p in model.parameters() if p.requires_grad]
     losses = three_losses(model, batch_for(rank, 600))
     losses["answer"] = losses["answer"].detach().requires_grad_()

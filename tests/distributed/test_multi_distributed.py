@@ -129,6 +129,16 @@ def test_ddp_failures(ranks):
     assert all(torch.equal(after[n], step0[n]) for n in step0)  # the same inputs: the same bits
 
 
+
+def test_ddp_a_nonfinite_loss_on_one_rank_is_settled_alike_on_every_rank(ranks):
+    for out in ranks:
+        assert out["nonfinite/raise"].startswith("FloatingPointError: image loss is not finite")
+        assert out["nonfinite/raise/micro"] == 0 and out["nonfinite/skip"] == "no error"
+        assert out["nonfinite/skip/micro"] == 0 and out["nonfinite/grads_nan"]
+        assert set(out["nonfinite/cases"]) == {int(pareto_lora.Case.NONFINITE)}
+        assert out["nonfinite/loss_finite"]["image"] == float("inf")
+
+
 @pytest.mark.parametrize("order", sorted(W.JANUS_ORDERS))
 def test_janus_three_objective_step_through_ddp(ranks, order):
     # issue 29: a 3-objective Janus LoRA step runs end to end through 2-process gloo DDP (two steps).

@@ -148,15 +148,18 @@ def ddp_scenarios(rank: int, out: dict) -> None:
                                                      "mean"))
 
 
-JANUS_ORDERS = {"text_first": archs.OBJECTIVES, "text_last": ("generation", "understanding", "text")}
+TEXT_LAST = ("generation", "understanding", "text")
+#: tag -> (objectives, DDP keywords)
+JANUS_ORDERS = {"text_first": (archs.OBJECTIVES, {}), "text_last": (TEXT_LAST, {}),
+                "text_last_unused": (TEXT_LAST, {"find_unused_parameters": True})}
 
 
 def janus_scenario(rank: int, out: dict) -> None:
     """issue 29: a 3-objective Janus LoRA step end to end through 2-process gloo DDP (two steps). With
     "text" last, the objective whose backward drives DDP never reaches the image projector."""
-    for tag, objectives in JANUS_ORDERS.items():
+    for tag, (objectives, ddp_kw) in JANUS_ORDERS.items():
         torch.manual_seed(0)
-        ddp = DDP(am.lora(am.MODELS["janus"]()), bucket_cap_mb=BUCKET_MB)
+        ddp = DDP(am.lora(am.MODELS["janus"]()), bucket_cap_mb=BUCKET_MB, **ddp_kw)
         pl = pareto_lora.ParetoLoRA(ddp, rule="constant", weights=(0.5, 2.0, 1.5), arch="auto", num_groups=2,
                                     modulate=("lower", "generation"), objectives=objectives, backend="reference")
         for step in range(2):

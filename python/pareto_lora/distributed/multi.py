@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -37,11 +38,42 @@ from ..result import MultiResult
 from ..rules import RuleSpec
 from .sync import SyncFailure, _reaches, window_lost
 
-__all__ = ["LocalManySync", "DDPManySync", "ManySettle", "integrate_buffers"]
+__all__ = ["ManySync", "LocalManySync", "DDPManySync", "ManySettle", "integrate_buffers"]
 
 #: ``settle(global_losses) -> poison``: the owner's verdict on the step's (global) accumulated
 #: losses, called once per step before the integration: a 0-d bool tensor (poison), None, or raises.
 ManySettle = Callable[[torch.Tensor], "torch.Tensor | None"]
+
+
+class ManySync(Protocol):
+    """What :class:`~pareto_lora.training.multi_objective.MultiObjectiveLoRA` needs from one process,
+    DDP and FSDP2 alike (the K-objective counterpart of :class:`.sync.GradSync`)."""
+
+    #: the module whose trainable parameters are laid out (the model inside any wrapper)
+    module: nn.Module
+    #: whether the buffers between backward() calls are the whole state of a window (checkpoints)
+    saves_mid_window: bool
+
+    def layout_for(self, layout: GradLayout) -> GradLayout:
+        """The layout of this process's buffers (FSDP2: local shards)."""
+        ...
+
+    def bind(self, layout: GradLayout, grads: Sequence[FlatGrads], objectives: Sequence[str], backend: str) -> None:
+        """Called once, with the K buffers (in objective order) and the objectives' names."""
+        ...
+
+    def backward(self, losses: Sequence[torch.Tensor], first: bool) -> None:
+        """Backpropagate the K losses of one forward pass into the buffers (``first``: a new window).
+        Raises before anything changes, or SyncFailure once the window is lost."""
+        ...
+
+    def reattach(self) -> None:
+        """``.grad`` as the buffers after a checkpoint was loaded into them."""
+        ...
+
+    def finish(self, running: torch.Tensor, spec: RuleSpec, settle: ManySettle) -> tuple[MultiResult, torch.Tensor]:
+        """The window's (global) losses settled, then integrated into ``.grad``: (result, the losses)."""
+        ...
 
 
 def integrate_buffers(grads: Sequence[FlatGrads], layout: GradLayout, spec: RuleSpec, poison, backend: str,
@@ -89,7 +121,7 @@ class LocalManySync:
             raise ValueError(f"{self.objectives[k]}: the loss does not depend on any trainable LoRA parameter of this model")
         return g
 
-    def backward(self, losses: Sequence[torch.Tensor], first: bool, running: torch.Tensor) -> None:
+    def backward(self, losses: Sequence[torch.Tensor], first: bool) -> None:
         """Backpropagate the K (scaled) losses of one forward pass into the K buffers."""
         params, out = self.layout.params, self.grads[-1]
         if not first:
@@ -202,7 +234,7 @@ class DDPManySync(LocalManySync):
                 self._error = e
 
     # -- MultiObjectiveLoRA's side -----------------------------------------------------------
-    def backward(self, losses: Sequence[torch.Tensor], first: bool, running: torch.Tensor) -> None:
+    def backward(self, losses: Sequence[torch.Tensor], first: bool) -> None:
         # The last objective must go through an ordinary backward (DDP's hook runs only there), and
         # the hook packs the other buffers with each bucket: they are accumulated first. Every check
         # and the K - 1 autograd.grad passes come before anything changes.

@@ -67,7 +67,7 @@ class FSDPManySync:
                 "accumulation use pl.accumulate() with gradient sync left on: the objectives must be reduced separately")
         return grads
 
-    def backward(self, losses: Sequence[torch.Tensor], first: bool, running: torch.Tensor) -> None:
+    def backward(self, losses: Sequence[torch.Tensor], first: bool) -> None:
         # FSDP2 computes with unsharded copies of the parameters, so autograd.grad cannot target
         # them: every objective takes an ordinary backward. Each one's local shards are kept aside
         # and added into the buffers only once all K exist; a failure restores .grad.

@@ -195,7 +195,7 @@ class MultiObjectiveLoRA:
         losses = self._losses + batch
         try:
             # Nothing changes unless it succeeds; a SyncFailure means the window is lost.
-            self._sync.backward(scaled, first=self._micro == 0, running=losses)
+            self._sync.backward(scaled, first=self._micro == 0)
         except SyncFailure:
             self._reset()
             raise

@@ -262,15 +262,6 @@ def test_grad_scaler_scales_every_loss_alike_and_a_nonfinite_loss_skips_the_step
     opt.zero_grad()
 
 
-def test_ddp_model_is_refused(llama):
-    ddp = torch.nn.parallel.DistributedDataParallel.__new__(torch.nn.parallel.DistributedDataParallel)
-    torch.nn.Module.__init__(ddp)
-    ddp.module = llama
-    with pytest.raises(ValueError, match="model: K objectives under DDP or FSDP2 are not supported yet"):
-        make(ddp)
-    assert pareto_lora.ParetoLoRA is ParetoLoRA
-
-
 def test_groups_that_span_two_dtypes_get_one_gram(llama):
     # Two buckets (bfloat16, float32): each group's Gram is the sum over both, so both buckets' launches
     # apply the same weights; with "constant" the result is still the direct per-group computation.

@@ -34,8 +34,9 @@ as "mean"): the trainer builds a :class:`~pareto_lora.training.multi_objective.M
 and accumulates every micro-batch's K losses. They come from ``losses_fn(model, inputs) -> {name:
 loss}`` (each micro-batch's losses divided by the accumulation steps), or, with ``arch`` and
 ``objectives=pareto_lora.archs.OBJECTIVES``, from :func:`pareto_lora.archs.objective_losses_for`
-normalised by the window's per-objective target counts. One process only for now (DDP is refused
-when the Trainer wraps the model).
+normalised by the window's per-objective target counts. Under DDP as for two objectives: the
+window's counts are summed over the ranks and each rank's losses multiplied by the world size, so
+DDP's average is the gradient of the global window's per-objective token means.
 """
 
 from __future__ import annotations
@@ -232,6 +233,8 @@ class ParetoLoRATrainer(Trainer):
         for batch in batch_samples:
             c = objective_token_counts_for(self.model, batch, self.arch)
             counts += torch.stack([torch.as_tensor(c[k]) for k in OBJECTIVES]).to(device=device, dtype=torch.float64)
+        if self.accelerator.num_processes > 1:  # global counts, as for two objectives (training_step scales)
+            counts = self.accelerator.reduce(counts, reduction="sum")
         return dict(zip(OBJECTIVES, counts))
 
     def _training_step_many(self, model, inputs):
@@ -240,6 +243,8 @@ class ParetoLoRATrainer(Trainer):
             losses = self._many_losses(model, inputs, self._objective_counts)
         if self._objective_counts is None:  # a user's losses (or outside the training loop): mean per micro-batch
             losses = {k: v / self.current_gradient_accumulation_steps for k, v in losses.items()}
+        elif self.accelerator.num_processes > 1:  # global counts: see training_step
+            losses = {k: v * self.accelerator.num_processes for k, v in losses.items()}
         self.pareto.accumulate(losses, scaler=self.accelerator.scaler)
         if self.accelerator.sync_gradients:
             self.pareto_report = self.pareto.integrate_accumulated()

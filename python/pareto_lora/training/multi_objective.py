@@ -17,6 +17,8 @@ layout (K x the trainable size). Each backward takes the K gradients with ``torc
 (K passes over the graph, the first K - 1 keeping it) and only once all K exist adds them into
 their buffers, as the two-objective single-process step does: a backward that fails (a loss that
 reaches no LoRA parameter, a freed graph) leaves ``.grad`` and the accumulation as they were.
+(DDP, FSDP2: the sync of :mod:`pareto_lora.distributed.multi` / ``.multi_fsdp`` takes them;
+under DDP a failure once the last objective's backward has started loses the window, SyncFailure.)
 ``.grad`` views the last objective's buffer, into which :func:`pareto_lora.integrate_many` writes
 the result: Gram per unit -> the weighting per group (``layout.active`` groups; the others get the
 plain sum, case INACTIVE) -> combine.
@@ -25,8 +27,12 @@ Gradient accumulation (``step=False`` / :meth:`accumulate`, then :meth:`integrat
 a GradScaler (every loss scaled by the same factor; a non-finite gradient makes its group
 NONFINITE, plain sum, so the inf reaches the scaler), non-finite losses (``on_nonfinite``) and
 checkpoints (:meth:`state_dict`, checked whole before anything is loaded) work as in the
-two-objective step. Not here yet: DDP and FSDP2 (refused by name), balancers, ``stats_ema``,
-``preserve_norm`` and the batched traversal.
+two-objective step. Several processes: pass the ``DistributedDataParallel`` model (a
+communication hook averages all K gradients; keep DDP's default ``gradient_as_bucket_view=False``;
+``no_sync()`` accumulation works, the last micro-batch outside it) or an FSDP2 ``fully_shard``
+model: every rank gets the integration of the global batch, ranks bitwise equal
+(:mod:`pareto_lora.distributed.multi`). Not here yet: balancers, ``stats_ema``, ``preserve_norm`` and
+the batched traversal.
 """
 
 from __future__ import annotations
@@ -39,11 +45,11 @@ from torch import nn
 
 from .. import args
 from ..backends import resolve_backend
-from ..distributed.fsdp import is_fsdp2
-from ..flat import FlatGrads, build_layout, is_lora_param
+from ..distributed import SyncFailure
+from ..distributed.select import make_many_sync
+from ..flat import FlatGrads, build_layout
 from ..multi import MAX_OBJECTIVES
 from ..multi.weightings import K_RULES, check_rule
-from ..ops_many import gram, integrate_many
 from ..rules import RuleSpec, as_spec, rule_keywords
 from .multi_report import MultiStepReport
 from .step_checks import NONFINITE_MODES, check_loss
@@ -103,9 +109,10 @@ class MultiObjectiveLoRA:
             raise ValueError(f"rule: expected one of {', '.join(K_RULES)} or a RuleSpec, got {type(rule).__name__}")
         self.spec = as_spec("mean" if rule is None else rule, **rule_params)
         args.choice("on_nonfinite", on_nonfinite, NONFINITE_MODES)
-        if isinstance(model, nn.parallel.DistributedDataParallel) or is_fsdp2(model):
-            raise ValueError("model: K objectives under DDP or FSDP2 are not supported yet; one process only")
-        self.layout = build_layout(model, num_groups=num_groups, modulate=modulate, layers_path=layers_path, arch=arch)
+        self._sync = make_many_sync(model)
+        layout = build_layout(self._sync.module, num_groups=num_groups, modulate=modulate, layers_path=layers_path,
+                              arch=arch)
+        self.layout = self._sync.layout_for(layout)  # FSDP2: this rank's shards
         impl = resolve_backend(backend, self.layout.device)
         if not all(callable(getattr(impl, op, None)) for op in ("gram", "combine_many")):
             if backend != "auto":
@@ -114,10 +121,10 @@ class MultiObjectiveLoRA:
             # "auto" where the device's compiled/Triton backend has no K-objective kernels yet: the
             # float64 reference (the oracle every backend is tested against: the same result, slower).
             backend = "reference"
-        self.module, self.arch, self.backend, self.on_nonfinite = model, self.layout.arch, backend, on_nonfinite
+        self.module, self.arch, self.backend, self.on_nonfinite = model, layout.arch, backend, on_nonfinite
         self.grads = tuple(FlatGrads(self.layout) for _ in self.objectives)
-        self._lora = [i for i, n in enumerate(self.layout.names) if is_lora_param(n)]
-        self._watch = TrainableWatch(model, self.layout.params, self.layout.names)
+        self._sync.bind(self.layout, self.grads, self.objectives, backend)
+        self._watch = TrainableWatch(self._sync.module, self.layout.params, self.layout.names)
         self.last_report: MultiStepReport | None = None
         self._reset()
 
@@ -183,22 +190,16 @@ class MultiObjectiveLoRA:
         values = self._named(losses, named)
         args.flag("step", step)
         self._watch.check()
-        params, first, out = self.layout.params, self._micro == 0, self.grads[-1]
-        if not first:
-            out.check_attached(params)
         batch = torch.stack([v.detach().reshape(()).to(torch.float64) for v in values])
         scaled = [scaler.scale(v) for v in values] if scaler is not None else values
-        grads = []
-        for k, (name, loss) in enumerate(zip(self.objectives, scaled)):
-            g = torch.autograd.grad(loss, params, retain_graph=k < len(scaled) - 1, allow_unused=True)
-            if not any(g[i] is not None for i in self._lora):
-                raise ValueError(f"{name}: the loss does not depend on any trainable LoRA parameter of this model")
-            grads.append(g)
-        # All K gradients exist: from here on nothing can fail half-way.
-        for buf, g in zip(self.grads, grads):
-            buf.accumulate(g, first)
-        out.attach_as_grad(params)
-        self._losses = self._losses + batch
+        losses = self._losses + batch
+        try:
+            # Nothing changes unless it succeeds; a SyncFailure means the window is lost.
+            self._sync.backward(scaled, first=self._micro == 0)
+        except SyncFailure:
+            self._reset()
+            raise
+        self._losses = losses
         self._bad |= ~torch.isfinite(batch)
         self._scaled |= scaler is not None
         self._micro += 1
@@ -210,27 +211,18 @@ class MultiObjectiveLoRA:
             raise RuntimeError("integrate_accumulated: no gradients accumulated since the last step; "
                                "call backward()/accumulate() first")
         self._watch.check()
-        poison = self._settle()
-        lay = self.layout
-        flats = [[g.flats[b] for g in self.grads] for b in range(len(lay.buckets))]
-        offsets = [b.unit_offsets for b in lay.buckets]
-        stats = None
-        if len(flats) > 1:  # a group may span dtypes: every bucket's launch gets the same totals, added in bucket order
-            for f, off in zip(flats, offsets):
-                s = gram(f, off, backend=self.backend)
-                stats = s if stats is None else stats + s
-        res = [integrate_many(f, off, self.spec, out=f[-1], active=lay.active, groups=lay.group_offsets, poison=poison,
-                              stats=stats, backend=self.backend) for f, off in zip(flats, offsets)]
-        self.grads[-1].attach_as_grad(lay.params)  # even if a zero_grad() detached them
-        r = res[0]
-        report = MultiStepReport(lay, self.objectives, r.stats, r.group_stats, r.weights, r.cases, self._losses,
+        # The sync makes the losses global (DDP, FSDP2), settles them, then integrates into .grad.
+        r, losses = self._sync.finish(self._losses, self.spec, self._settle)
+        report = MultiStepReport(self.layout, self.objectives, r.stats, r.group_stats, r.weights, r.cases, losses,
                                  self._micro, self.rule)
         self.last_report = report
         self._reset()
         return report
 
-    def _settle(self) -> torch.Tensor | None:
-        """Poison (0-d bool, "skip") or raise ("raise") on a non-finite accumulated loss."""
+    def _settle(self, losses: torch.Tensor) -> torch.Tensor | None:
+        """Poison (0-d bool, "skip") or raise ("raise") on a non-finite accumulated (global) loss."""
+        self._losses = losses
+        self._bad = self._bad | ~torch.isfinite(losses)
         mode = self.on_nonfinite
         if mode == "auto":
             mode = "skip" if self._scaled else "raise"
@@ -248,6 +240,9 @@ class MultiObjectiveLoRA:
     # ---- checkpoints -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """The rule, the objectives and, mid-accumulation, every objective's buffers and running losses."""
+        if self._micro and not self._sync.saves_mid_window:
+            raise RuntimeError("state_dict: under DDP the accumulated gradients are this rank's un-averaged part; save "
+                               "between steps (after integrate_accumulated()), as the Trainer does")
         window = self._micro > 0
         return {
             "version": 1,
@@ -270,7 +265,7 @@ class MultiObjectiveLoRA:
             for buf, saved in zip(self.grads, grads):
                 for f, s in zip(buf.flats, saved):
                     f.copy_(s)
-            self.grads[-1].attach_as_grad(self.layout.params)
+            self._sync.reattach()
             self._micro, self._scaled = micro, state["scaled"]
             self._losses, self._bad = losses.to(self._losses), bad.to(self._bad)
 

@@ -285,3 +285,43 @@ def test_groups_that_span_two_dtypes_get_one_gram(llama):
             torch.testing.assert_close(p.grad, expected[n].to(p.dtype), msg=n)
     for gi, g in enumerate(pl.layout.group_names):
         torch.testing.assert_close(report.group_stats[gi], grams[g], rtol=1e-6, atol=0)
+
+
+def test_a_user_weighting_is_the_rule_and_a_checkpoint_asks_for_it_again(llama):
+    """rule= a callable on the batched Gram: the step applies its weights; its checkpoint carries a marker,
+    not the code, and a ParetoLoRA with a named rule refuses to resume from it."""
+    batch = models.token_batch(seed=2)
+
+    def inverse_norms(gram):
+        return 1.0 / torch.diagonal(gram, dim1=-2, dim2=-1).sqrt()
+
+    pl = make(llama, rule=inverse_norms)
+    assert pl.rule == "user" and pl.spec is inverse_norms
+    losses = three_losses(llama, batch)
+    expected, _ = direct(llama, losses, pl, inverse_norms)
+    pl.backward(**three_losses(llama, batch))
+    for n, p in llama.named_parameters():
+        if p.requires_grad:  # weights near 4 stored in float32: the sum's rounding is relative to its largest term
+            torch.testing.assert_close(p.grad.double(), expected[n], rtol=1e-6, atol=1e-6 * float(expected[n].abs().max()),
+                                       msg=n)
+    state = pl.state_dict()
+    assert state["rule"] == {"user": True}
+    make(llama, rule=inverse_norms).load_state_dict(state)
+    with pytest.raises(ValueError, match=r"^state: rule: the checkpoint was saved with a user-defined weighting"):
+        make(llama, rule="mean").load_state_dict(state)
+    with pytest.raises(ValueError, match=r"^tau: expected no rule parameters with a user-defined weighting"):
+        make(llama, rule=inverse_norms, tau=0.3)
+    llama.zero_grad(set_to_none=True)
+
+
+def test_buffers_that_cannot_fit_are_refused_before_allocation(llama, monkeypatch):
+    """K flat buffers larger than the device's free memory: ValueError naming objectives and the sizes."""
+    import pareto_lora.flat.buffers as buffers
+
+    monkeypatch.setattr(buffers, "free_memory", lambda device: 1024)
+    with pytest.raises(ValueError, match=r"^objectives: 3 flat gradient buffers of the trainable parameters need "
+                                         r"[0-9.]+ GiB on cpu, and 0\.00 GiB is free"):
+        make(llama)
+    monkeypatch.setattr(buffers, "free_memory", lambda device: None)  # not knowable: nothing is checked
+    make(llama)
+    assert buffers.buffer_bytes(make(llama).layout) == 4 * sum(p.numel() for p in llama.parameters() if p.requires_grad)

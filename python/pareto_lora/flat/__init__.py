@@ -6,7 +6,7 @@ in, by layer or by an architecture's :class:`~pareto_lora.archs.ArchSpec`), :mod
 combine over a layout: one fused launch per bucket for a kernel rule). Shared by :mod:`pareto_lora.distributed` and :mod:`pareto_lora.training`.
 """
 
-from .buffers import FlatGrads
+from .buffers import FlatGrads, check_buffers_fit
 from .layout import GradLayout, build_layout, group_of_names, local_layout
 from .params import find_layer_stack, is_lora_param
 from .step import FlatStep, PythonRule, StepRule, flat_step, group_rule, sum_into_groups, unit_stats
@@ -18,6 +18,7 @@ __all__ = [
     "PythonRule",
     "StepRule",
     "build_layout",
+    "check_buffers_fit",
     "find_layer_stack",
     "flat_step",
     "group_of_names",

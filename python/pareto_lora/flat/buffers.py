@@ -13,13 +13,43 @@ import torch
 
 from .layout import GradLayout
 
-__all__ = ["FlatGrads"]
+__all__ = ["FlatGrads", "buffer_bytes", "free_memory", "check_buffers_fit"]
 
 
 def _local_shape(p: torch.Tensor) -> torch.Size:
     # A sharded (DTensor) parameter's gradient buffer holds only this rank's shard.
     to_local = getattr(p, "to_local", None)
     return to_local().shape if callable(to_local) else p.shape
+
+
+def buffer_bytes(layout: GradLayout) -> int:
+    """Bytes of one :class:`FlatGrads` of `layout` (every bucket, in its dtype)."""
+    return sum(b.numel * torch.empty((), dtype=b.dtype).element_size() for b in layout.buckets)
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free for new tensors on `device`, where that is knowable: a CUDA device's free memory,
+    the host's MemAvailable on Linux; None elsewhere (then nothing is checked)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
+
+
+def check_buffers_fit(layout: GradLayout, count: int, argument: str) -> None:
+    """ValueError("<argument>: ...") before allocating `count` FlatGrads that `layout`'s device cannot hold."""
+    need, free = count * buffer_bytes(layout), free_memory(layout.device)
+    if free is not None and need > free:
+        raise ValueError(f"{argument}: {count} flat gradient buffers of the trainable parameters need "
+                         f"{need / 2**30:.2f} GiB on {layout.device}, and {free / 2**30:.2f} GiB is free; train "
+                         "fewer objectives or fewer parameters, or shard them (FSDP2)")
 
 
 class FlatGrads:

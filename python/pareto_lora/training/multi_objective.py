@@ -47,9 +47,9 @@ from .. import args
 from ..backends import resolve_backend
 from ..distributed import SyncFailure
 from ..distributed.select import make_many_sync
-from ..flat import FlatGrads, build_layout
+from ..flat import FlatGrads, build_layout, check_buffers_fit
 from ..multi import MAX_OBJECTIVES
-from ..multi.weightings import K_RULES, check_rule
+from ..multi.weightings import K_RULES, check_rule, is_user_weighting
 from ..rules import RuleSpec, as_spec, rule_keywords
 from .multi_report import MultiStepReport
 from .step_checks import NONFINITE_MODES, check_loss
@@ -105,9 +105,16 @@ class MultiObjectiveLoRA:
                  traversal: str = "auto"):
         self.objectives = check_objectives(objectives)
         _refuse_two_objective_options(balancer, stats_ema, preserve_norm, traversal)
-        if rule is not None and not isinstance(rule, (str, RuleSpec)):
-            raise ValueError(f"rule: expected one of {', '.join(K_RULES)} or a RuleSpec, got {type(rule).__name__}")
-        self.spec = as_spec("mean" if rule is None else rule, **rule_params)
+        if is_user_weighting(rule) and not isinstance(rule, (str, RuleSpec)):
+            given = [k for k, v in rule_params.items() if v is not None]
+            if given:
+                raise ValueError(f"{given[0]}: expected no rule parameters with a user-defined weighting")
+            self.spec = rule
+        elif rule is not None and not isinstance(rule, (str, RuleSpec)):
+            raise ValueError(f"rule: expected one of {', '.join(K_RULES)}, a RuleSpec or a user-defined weighting "
+                             f"(a callable on the batched Gram), got {type(rule).__name__}")
+        else:
+            self.spec = as_spec("mean" if rule is None else rule, **rule_params)
         args.choice("on_nonfinite", on_nonfinite, NONFINITE_MODES)
         self._sync = make_many_sync(model)
         layout = build_layout(self._sync.module, num_groups=num_groups, modulate=modulate, layers_path=layers_path,
@@ -122,6 +129,7 @@ class MultiObjectiveLoRA:
             # float64 reference (the oracle every backend is tested against: the same result, slower).
             backend = "reference"
         self.module, self.arch, self.backend, self.on_nonfinite = model, layout.arch, backend, on_nonfinite
+        check_buffers_fit(self.layout, len(self.objectives), "objectives")  # a clear error, not an allocator's
         self.grads = tuple(FlatGrads(self.layout) for _ in self.objectives)
         self._sync.bind(self.layout, self.grads, self.objectives, backend)
         self._watch = TrainableWatch(self._sync.module, self.layout.params, self.layout.names)
@@ -129,20 +137,21 @@ class MultiObjectiveLoRA:
         self._reset()
 
     @property
-    def spec(self) -> RuleSpec:
-        """The K-objective rule (assign a RuleSpec to change it between steps)."""
+    def spec(self):
+        """The K-objective rule: a RuleSpec or a user-defined weighting (assign one to change it between steps)."""
         return self._spec
 
     @spec.setter
-    def spec(self, spec: RuleSpec) -> None:
-        if not isinstance(spec, RuleSpec):
-            raise ValueError(f"spec: expected a pareto_lora.RuleSpec, got {type(spec).__name__}")
+    def spec(self, spec) -> None:
+        if not isinstance(spec, RuleSpec) and not is_user_weighting(spec):
+            raise ValueError(f"spec: expected a pareto_lora.RuleSpec or a user-defined weighting, got {type(spec).__name__}")
         check_rule(spec, len(self.objectives))
         self._spec = spec
 
     @property
     def rule(self) -> str:
-        return self.spec.name
+        """The rule's name; ``"user"`` for a user-defined weighting."""
+        return self.spec.name if isinstance(self.spec, RuleSpec) else "user"
 
     @property
     def micro_batches(self) -> int:
@@ -247,7 +256,8 @@ class MultiObjectiveLoRA:
         return {
             "version": 1,
             "objectives": list(self.objectives),
-            "rule": dataclasses.asdict(self.spec),
+            # A user weighting is code, not state: the checkpoint says so and a resume must pass it again.
+            "rule": dataclasses.asdict(self.spec) if isinstance(self.spec, RuleSpec) else {"user": True},
             "micro_batches": self._micro,
             "losses": self._losses.detach().cpu().clone(),
             "nonfinite": self._bad.detach().cpu().clone(),
@@ -283,11 +293,16 @@ class MultiObjectiveLoRA:
             fail(f"objectives: expected {list(self.objectives)}, got {state['objectives']!r}")
         if not isinstance(state["rule"], dict):
             fail(f"rule: expected a dict of RuleSpec fields, got {type(state['rule']).__name__}")
-        try:
-            spec = RuleSpec(**state["rule"])
-            check_rule(spec, len(self.objectives))
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"state: rule: {str(e).removeprefix('rule: ')}") from None
+        if state["rule"] == {"user": True}:
+            if isinstance(self.spec, RuleSpec):
+                fail("rule: the checkpoint was saved with a user-defined weighting; pass it as rule= to resume")
+            spec = self.spec  # a user weighting is code: the one this ParetoLoRA was given stays
+        else:
+            try:
+                spec = RuleSpec(**state["rule"])
+                check_rule(spec, len(self.objectives))
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"state: rule: {str(e).removeprefix('rule: ')}") from None
         micro = state["micro_batches"]
         if isinstance(micro, bool) or not isinstance(micro, int) or micro < 0:
             fail(f"micro_batches: expected an int >= 0, got {micro!r}")

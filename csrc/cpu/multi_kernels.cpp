@@ -4,11 +4,13 @@
 // Work is cut into the chunks of the two-objective kernels (kChunkElements, never across a
 // segment boundary). gram: each chunk writes its sums to its own slot, and each segment adds its
 // chunks' slots in chunk order, whichever thread computed them: bitwise the same statistics for
-// any thread count. Within a chunk, lane j (W = kStatsLaneBytes / element size) sums the exact
+// any thread count. Within a chunk, lane j (W = lanes<T>(): 8, 4 for float64) sums the exact
 // products of elements j, j+W, j+2W, ... in order, then the lanes are added in lane order, then
 // the remaining elements one by one: segment_stats' order (segment_kernels.h), so with K = 2 the
 // float32 and float64 statistics are segment_stats' bit for bit. bf16/fp16 products are summed in
 // double directly, not in segment_stats' float32 blocks: a little more accurate, other bits.
+// Cost: K(K+1)/2 double FMAs per element (36 at K = 8), so the Gram is compute-bound from K = 3
+// or so on one core (bench/RESULTS.md, "K objectives").
 // Error: any summation tree of n terms adds at most n - 1 times along a path, so every statistic
 // is within (n - 1) 2^-53 sum |products| of the exact value (float32 and narrower: the products
 // are exact in double), n 2^-53 for float64 inputs (each product rounded once) - first order.
@@ -59,38 +61,109 @@ PL_ALWAYS_INLINE double widen(T v) {
   return static_cast<double>(static_cast<opmath<T>>(v));
 }
 
+// Four doubles (GCC vector extension): one ymm register in the AVX2 build, two SSE2 registers in
+// the portable one; `acc += x * y` on exact products is the same addition with or without FMA.
+typedef double V4 __attribute__((vector_size(32)));
+
+// (by reference: a V4 passed or returned by value changes the ABI between the two builds)
+PL_ALWAYS_INLINE void load4(V4& v, const double* p) { std::memcpy(&v, p, sizeof v); }
+PL_ALWAYS_INLINE void store4(double* p, const V4& v) { std::memcpy(p, &v, sizeof v); }
+
+// Elements of a chunk widened to double per block (K x kBlock doubles: 16 KiB at K = 8, in L1),
+// then multiplied pair by pair from there: every element is converted once, and each product
+// costs one load next to its FMA, where holding all K(K+1)/2 x W lane sums in registers spilled
+// them on every element (36 x 8 doubles at K = 8 against 16 ymm registers: 11x the memory floor).
+constexpr int64_t kBlock = 128;
+
+// acc[p][j] of the NB pairs (a, b0 + t), t < NB, over `m` widened elements (m a multiple of W):
+// lane j adds the products of elements j, j + W, ... in element order. 8 vector accumulators.
+template <int NB, int64_t W>
+PL_ALWAYS_INLINE void pair_block(const double* xa, const double* const* xb, int64_t m, double* const* acc) {
+  constexpr int V = static_cast<int>(W / 4);
+  V4 r[NB][V];
+  for (int t = 0; t < NB; ++t) {
+    for (int v = 0; v < V; ++v) load4(r[t][v], acc[t] + 4 * v);
+  }
+  for (int64_t e = 0; e < m; e += W) {
+    for (int v = 0; v < V; ++v) {
+      V4 x, y;
+      load4(x, xa + e + 4 * v);
+      for (int t = 0; t < NB; ++t) {
+        load4(y, xb[t] + e + 4 * v);
+        r[t][v] += x * y;
+      }
+    }
+  }
+  for (int t = 0; t < NB; ++t) {
+    for (int v = 0; v < V; ++v) store4(acc[t] + 4 * v, r[t][v]);
+  }
+}
+
+// pair_block<nb> for a run-time nb <= NB: a compile-time count keeps the accumulators in registers.
+template <int NB, int64_t W>
+PL_ALWAYS_INLINE void pair_blocks(int nb, const double* xa, const double* const* xb, int64_t m, double* const* acc) {
+  if constexpr (NB == 1) {
+    pair_block<1, W>(xa, xb, m, acc);
+  } else if (nb == NB) {
+    pair_block<NB, W>(xa, xb, m, acc);
+  } else {
+    pair_blocks<NB - 1, W>(nb, xa, xb, m, acc);
+  }
+}
+
+// Lanes of the statistics: segment_stats' for float32 (8) and float64 (4); bf16 and fp16 take 8
+// as well (segment_stats sums those in float32 blocks, an order the Gram does not follow anyway):
+// two vectors of four doubles per pair, where 16 lanes would leave room for two pairs per pass.
+template <typename T>
+constexpr int64_t lanes() {
+  return std::is_same_v<T, double> ? 4 : 8;
+}
+static_assert(lanes<float>() == kStatsLaneBytes / 4 && lanes<double>() == kStatsLaneBytes / 8,
+              "float32 and float64 sum in segment_stats' lanes (K = 2: its bits)");
+
 // Sums of chunk [0, n) of the K buffers g[k] into out[0 .. P), in the order described above.
 template <int K, typename T>
 PL_ALWAYS_INLINE void gram_chunk(const T* const* g, int64_t n, double* out) {
   constexpr int P = num_pairs(K);
-  constexpr int64_t W = kStatsLaneBytes / static_cast<int64_t>(sizeof(T));
+  constexpr int64_t W = lanes<T>();
+  constexpr int NB = static_cast<int>(32 / W);  // pairs per pass over a block: 8 vector accumulators
+  static_assert(W % 4 == 0 && kBlock % W == 0, "whole vectors per lane set, whole lane sets per block");
   alignas(64) double acc[P][W] = {};
-  int64_t i = 0;
-  for (; i + W <= n; i += W) {
-    alignas(64) double x[K][W];
+  alignas(64) double xd[K][kBlock];
+  const int64_t full = n - n % W;
+  for (int64_t i = 0; i < full; i += kBlock) {
+    const int64_t m = std::min(kBlock, full - i);
     for (int k = 0; k < K; ++k) {
-      for (int64_t j = 0; j < W; ++j) x[k][j] = widen(g[k][i + j]);
+      for (int64_t e = 0; e < m; ++e) xd[k][e] = widen(g[k][i + e]);
     }
-    int p = 0;
+    int p = 0;  // pairs (a, b), b = a .. K-1, NB at a time: columns p .. p + NB - 1
     for (int a = 0; a < K; ++a) {
-      for (int b = a; b < K; ++b, ++p) {
-        for (int64_t j = 0; j < W; ++j) acc[p][j] += x[a][j] * x[b][j];
+      for (int b = a; b < K; b += NB) {
+        const double* xb[NB];
+        double* ac[NB];
+        const int nb = std::min(NB, K - b);
+        for (int t = 0; t < NB; ++t) {
+          xb[t] = xd[std::min(b + t, K - 1)];
+          ac[t] = acc[std::min(p + t, P - 1)];
+        }
+        pair_blocks<NB, W>(nb, xd[a], xb, m, ac);
+        p += nb;
       }
     }
   }
   double tot[P] = {};
-  for (int p = 0; p < P; ++p) {
-    for (int64_t j = 0; j < W; ++j) tot[p] += acc[p][j];
+  for (int q = 0; q < P; ++q) {
+    for (int64_t j = 0; j < W; ++j) tot[q] += acc[q][j];
   }
-  for (; i < n; ++i) {
+  for (int64_t i = full; i < n; ++i) {
     double x[K];
     for (int k = 0; k < K; ++k) x[k] = widen(g[k][i]);
-    int p = 0;
+    int q = 0;
     for (int a = 0; a < K; ++a) {
-      for (int b = a; b < K; ++b, ++p) tot[p] += x[a] * x[b];
+      for (int b = a; b < K; ++b, ++q) tot[q] += x[a] * x[b];
     }
   }
-  for (int p = 0; p < P; ++p) out[p] = tot[p];
+  for (int q = 0; q < P; ++q) out[q] = tot[q];
 }
 
 // out[i] = sum_k c[k] g[k][i] for i in [0, n). out may be one of g exactly: element i of every

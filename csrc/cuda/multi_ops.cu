@@ -4,15 +4,18 @@
 // buffers into tiles of at most kTile elements that never cross a segment boundary (built from the
 // CPU offsets, sent with one non-blocking copy from pinned memory: no host sync).
 // gram: one block per tile reads the K buffers once and keeps the K(K+1)/2 sums of exact products
-// (double; float64 inputs: each product rounded once) per thread, reduces each over the block with
-// a fixed shared-memory tree (no warp-width assumption: the same code on 64-lane wavefronts) into
-// the tile's own slot; a second kernel adds each segment's slots in tile order. No float atomics:
+// (double; float64 inputs: each product rounded once) per thread, reduces them over the block with
+// a fixed tree (warp shuffles over C10_WARP_SIZE lanes, then the warps in order: the same code on
+// 64-lane wavefronts) into the tile's own slots; a second kernel adds each segment's slots in tile
+// order. No float atomics:
 // the statistics depend only on the inputs and kTile, never on scheduling.
 // combine_many: one block per tile, acc = c[K-1] g[K-1], then acc = c[k] g[k] + acc (k = K-2 .. 0)
 // in at::opmath_type (float for bf16/fp16/float32), rounded once: with K = 2 the expression of the
 // two-objective combine (integrate_kernel.cuh, alpha a + beta b). Columns: multi/gram.py's pairs(K).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/cuda/DeviceUtils.cuh>
+#include <c10/macros/Macros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -40,17 +43,37 @@ struct Ptrs {
   const T* g[kMaxObjectives];
 };
 
-// v summed over the block, valid in every thread: a fixed tree over shared memory.
-__device__ __forceinline__ double block_sum(double v, double* scratch) {
-  scratch[threadIdx.x] = v;
-  __syncthreads();
-  for (int s = kMultiThreads / 2; s > 0; s >>= 1) {
-    if (static_cast<int>(threadIdx.x) < s) scratch[threadIdx.x] += scratch[threadIdx.x + s];
-    __syncthreads();
+// Scratch is sized for the narrowest warp of the target, as in integrate_kernel.cuh
+// (C10_WARP_SIZE_LOWER_BOUND: 32 on NVIDIA, 64 on CDNA; absent before torch 2.12, then 32).
+#ifndef C10_WARP_SIZE_LOWER_BOUND
+#define C10_WARP_SIZE_LOWER_BOUND 32
+#endif
+constexpr int kMultiMaxWarps = kMultiThreads / C10_WARP_SIZE_LOWER_BOUND;
+
+// out[q * stride] = the block's sum of acc[q], q < P: a fixed shuffle tree within each warp, then
+// thread q adds the warps' values in warp order. Two barriers for all P sums.
+template <int P>
+__device__ __forceinline__ void block_sums(double (&acc)[P], double* out, int64_t stride) {
+  static_assert(kMultiThreads % C10_WARP_SIZE == 0 && kMultiThreads / C10_WARP_SIZE <= kMultiMaxWarps,
+                "kMultiThreads must be whole warps that fit the scratch");
+  static_assert(P <= kMultiThreads, "one thread per column in the last step");
+  __shared__ double scratch[P][kMultiMaxWarps];
+  const int warp_size = C10_WARP_SIZE;
+  const int lane = threadIdx.x % warp_size, warp = threadIdx.x / warp_size;
+#pragma unroll
+  for (int q = 0; q < P; ++q) {
+    for (int o = warp_size / 2; o > 0; o >>= 1) acc[q] += WARP_SHFL_DOWN(acc[q], o);
   }
-  const double total = scratch[0];
-  __syncthreads();  // scratch is reused by the next call
-  return total;
+  if (lane == 0) {
+#pragma unroll
+    for (int q = 0; q < P; ++q) scratch[q][warp] = acc[q];
+  }
+  __syncthreads();
+  if (static_cast<int>(threadIdx.x) < P) {
+    double total = 0.0;
+    for (int w = 0; w < kMultiThreads / warp_size; ++w) total += scratch[threadIdx.x][w];
+    out[threadIdx.x * stride] = total;
+  }
 }
 
 // partial[q * num_tiles + t] = sum over tile t of g_i g_j, (i, j) = pairs(K)[q].
@@ -59,7 +82,6 @@ __global__ void __launch_bounds__(kMultiThreads)
     tile_gram_kernel(const Ptrs<T> p, const int64_t* tiles, int64_t num_tiles, double* partial) {
   using acc_t = at::opmath_type<T>;
   constexpr int P = num_pairs(K);
-  __shared__ double scratch[kMultiThreads];
   const int64_t t = blockIdx.x;
   const int64_t start = tiles[num_tiles + t], end = tiles[2 * num_tiles + t];
   double acc[P];
@@ -76,11 +98,7 @@ __global__ void __launch_bounds__(kMultiThreads)
       for (int b = a; b < K; ++b) acc[q++] += x[a] * x[b];
     }
   }
-#pragma unroll
-  for (int q = 0; q < P; ++q) {
-    const double s = block_sum(acc[q], scratch);
-    if (threadIdx.x == 0) partial[q * num_tiles + t] = s;
-  }
+  block_sums<P>(acc, partial + t, num_tiles);
 }
 
 // stats[s, q] = +0.0 + the slots of segment s's tiles, in tile order: one thread per (s, q).

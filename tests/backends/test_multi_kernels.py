@@ -4,6 +4,7 @@ bits shared with the two-objective ops at K = 2, argument checks (the same Value
 Python, nothing written), torch.library.opcheck, and integrate_many on each backend."""
 
 import inspect
+import math
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ import pareto_lora
 from pareto_lora.backends import resolve_backend
 from pareto_lora.backends.protocol import Backend
 from pareto_lora.multi import reference as R
-from pareto_lora.multi.gram import MAX_OBJECTIVES, num_pairs
+from pareto_lora.multi.gram import MAX_OBJECTIVES, num_pairs, pairs
 
 OPS = torch.ops.pareto_lora
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -54,6 +55,23 @@ def test_gram_within_the_summation_bound(backend, k, dtype):
     err = (got - want).abs()
     assert bool((err <= _gram_bound(grads, OFFSETS, dtype == torch.float64)).all()), err.max()
     assert bool((got[[0, 2, 5]] == 0).all())  # empty segments: exact zeros
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gram_within_n_ulps_of_the_exact_sums(backend, dtype):
+    # Against math.fsum of the products (exact: one rounding at the end): every statistic within
+    # n 2^-53 sum |products| (float64 inputs: n + 1, the products themselves are rounded).
+    impl, device = _impl(backend)
+    offsets = [0, 3, 3, 4100, 9000]  # a segment shorter than a lane set, one over two Triton tiles
+    grads = _grads(3, n=offsets[-1], dtype=dtype, device=device, seed=11)
+    got = impl.gram(grads, offsets).cpu()
+    host = [[float(x) for x in g.cpu().to(torch.float64)] for g in grads]
+    for s, (lo, hi) in enumerate(zip(offsets[:-1], offsets[1:])):
+        for p, (i, j) in enumerate(pairs(3)):
+            terms = [x * y for x, y in zip(host[i][lo:hi], host[j][lo:hi])]
+            n = (hi - lo) + (dtype == torch.float64)
+            bound = n * 2.0**-53 * math.fsum(abs(t) for t in terms)
+            assert abs(got[s, p].item() - math.fsum(terms)) <= bound, (s, p)
 
 
 def _combine_bound(grads, coeffs, want, dtype):

@@ -41,11 +41,11 @@
 #include <vector>
 
 #include "../multi_args.h"
+#include "multi_x16.h"
 #include "segment_kernels.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define PL_MULTI_AVX2 1
-#include <immintrin.h>
 #endif
 
 namespace pareto_lora {
@@ -62,54 +62,11 @@ PL_ALWAYS_INLINE double widen(T v) {
   return static_cast<double>(static_cast<opmath<T>>(v));
 }
 
-#ifdef PL_MULTI_AVX2
-// fp16 through F16C in the AVX2 build: c10::Half's portable conversions cost ~20 instructions per
-// element, and the fp16 combine ran 20x slower than the two-objective one (16M elements, K = 2).
-// The conversions are exact (fp16 -> float) or round to nearest even (float -> fp16), as c10's.
-#define PL_AVX2_TARGET __attribute__((target("avx2,fma,f16c")))
-
-PL_AVX2_TARGET inline void widen_f16c(const c10::Half* src, double* dst, int64_t m) {
-  int64_t e = 0;
-  for (; e + 8 <= m; e += 8) {
-    const __m256 f = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + e)));
-    _mm256_storeu_pd(dst + e, _mm256_cvtps_pd(_mm256_castps256_ps128(f)));
-    _mm256_storeu_pd(dst + e + 4, _mm256_cvtps_pd(_mm256_extractf128_ps(f, 1)));
-  }
-  for (; e < m; ++e) dst[e] = widen(src[e]);
-}
-
-PL_AVX2_TARGET inline __m256 load_f16c(const c10::Half* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-
-// combine_chunk's arithmetic (acc = c[K-1] g[K-1], then fma down to k = 0) on 8 fp16 at a time.
-template <int K>
-PL_AVX2_TARGET void combine_chunk_f16c(const c10::Half* const* g, c10::Half* out, int64_t n, const double* c) {
-  float w[K];
-  __m256 vw[K];
-  for (int k = 0; k < K; ++k) {
-    w[k] = static_cast<float>(c[k]);
-    vw[k] = _mm256_set1_ps(w[k]);
-  }
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {  // every input at i is read before out at i is written
-    __m256 acc = _mm256_mul_ps(vw[K - 1], load_f16c(g[K - 1] + i));
-    for (int k = K - 2; k >= 0; --k) acc = _mm256_fmadd_ps(vw[k], load_f16c(g[k] + i), acc);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), _mm256_cvtps_ph(acc, _MM_FROUND_TO_NEAREST_INT));
-  }
-  for (; i < n; ++i) {
-    float acc = w[K - 1] * static_cast<float>(g[K - 1][i]);
-    for (int k = K - 2; k >= 0; --k) acc = std::fma(w[k], static_cast<float>(g[k][i]), acc);
-    out[i] = static_cast<c10::Half>(acc);
-  }
-}
-#endif
-
 // One block of a buffer widened to double (kF16c: fp16 through F16C, the AVX2 build only).
 template <typename T, bool kF16c>
 PL_ALWAYS_INLINE void widen_block(const T* src, double* dst, int64_t m) {
 #ifdef PL_MULTI_AVX2
-  if constexpr (kF16c && std::is_same_v<T, c10::Half>) return widen_f16c(src, dst, m);
+  if constexpr (kF16c && std::is_same_v<T, c10::Half>) return multi_x16::widen_f16c(src, dst, m);
 #endif
   for (int64_t e = 0; e < m; ++e) dst[e] = widen(src[e]);
 }
@@ -279,10 +236,10 @@ PL_AVX2_TARGET void gram_avx2(const void* const* g, int64_t begin, int64_t n, do
 
 template <int K, typename T>
 PL_AVX2_TARGET void combine_avx2(const void* const* g, void* out, int64_t begin, int64_t n, const double* c) {
-  if constexpr (std::is_same_v<T, c10::Half>) {
-    const c10::Half* p[K];
-    for (int k = 0; k < K; ++k) p[k] = static_cast<const c10::Half*>(g[k]) + begin;
-    combine_chunk_f16c<K>(p, static_cast<c10::Half*>(out) + begin, n, c);
+  if constexpr (sizeof(T) == 2) {
+    const T* p[K];
+    for (int k = 0; k < K; ++k) p[k] = static_cast<const T*>(g[k]) + begin;
+    multi_x16::combine_chunk<K, T>(p, static_cast<T*>(out) + begin, n, c);
   } else {
     combine_at<K, T, true>(g, out, begin, n, c);
   }

@@ -28,6 +28,7 @@
 // PARETO_LORA_CPU_CAPABILITY). The AVX2 build sums the statistics in the same order (an FMA on an
 // exact product is the same addition), so the Gram is bitwise the same in both; the float64
 // Gram always takes the portable build, where no product could be fused into its addition.
+// The AVX2 build's fp16/bf16 conversions in the combine (and fp16's in the Gram): multi_x16.h.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <torch/types.h>

@@ -5,6 +5,8 @@
 // groups / poison / stats make it one training step (python/pareto_lora/backends/protocol.py).
 // `params` are the rule's parameters in the order of rule.h kParamNames (rules.KERNEL_PARAMS):
 // a new rule parameter changes that table, not these schemas.
+// gram / combine_many are the K-objective pair (2 <= K <= 8 buffers; gram's columns in the order of
+// python/pareto_lora/multi/gram.py; kernels in cpu/multi_kernels.cpp and cuda/multi_ops.cu).
 #include <torch/library.h>
 
 TORCH_LIBRARY(pareto_lora, m) {
@@ -15,4 +17,6 @@ TORCH_LIBRARY(pareto_lora, m) {
   m.def(
       "integrate(Tensor a, Tensor b, Tensor offsets, Tensor(a!) out, str rule, float[] params, Tensor? active=None, "
       "Tensor? groups=None, Tensor? poison=None, Tensor? stats=None) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("gram(Tensor[] grads, Tensor offsets) -> Tensor");
+  m.def("combine_many(Tensor[] grads, Tensor offsets, Tensor coeffs, Tensor(a!) out) -> ()");
 }

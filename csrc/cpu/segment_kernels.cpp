@@ -35,7 +35,7 @@ namespace {
 // Elements per chunk: large enough that the per-chunk bookkeeping is noise, small enough that
 // 1000s of segments of a few K elements still spread over the threads. Changing it changes the
 // summation order, hence the bits of the statistics.
-constexpr int64_t kChunk = 16384;
+constexpr int64_t kChunk = kChunkElements;  // segment_kernels.h
 
 // A segment whose a and b together take at most this many bytes is done in one pass over
 // memory (stats, rule, combine while it is still in this core's L2; see integrate_cpu). Measured

@@ -50,6 +50,11 @@ void integrate_cpu(const at::Tensor& a, const at::Tensor& b, const int64_t* offs
 // without the OpenMP flags that ATen's header-only parallel_for needs to be parallel at all.
 int64_t intra_op_threads_used();
 
+// Elements per chunk of the statistics and the combine (segment_kernels.cpp, where the choice is
+// explained). The K-objective gram (multi_kernels.cpp) cuts the same chunks and sums in the same
+// lane order, so its K = 2 sums are segment_stats' bit for bit (float32 and float64).
+constexpr int64_t kChunkElements = 16384;
+
 // The summation order of the statistics, shared by every CPU build (base, AVX2, AVX-512) so that
 // they give bitwise the same statistics: within a chunk, lane j (0 <= j < W, W = kStatsLaneBytes /
 // element size: 8 for float32, 16 for bf16/fp16, 4 for float64) sums the exact products of

@@ -12,11 +12,13 @@ import torch
 
 from .. import _C  # noqa: F401  (loads the shared library: registers torch.ops.pareto_lora.*)
 from .. import checks
+from ..multi import checks as multi_checks
+from ..multi.gram import num_pairs
 from ..result import IntegrationResult
 from ..rules import RuleSpec
 from .protocol import DEFAULT_RULE
 
-__all__ = ["is_available", "segment_stats", "rule_coefficients", "combine", "integrate"]
+__all__ = ["is_available", "segment_stats", "rule_coefficients", "combine", "integrate", "gram", "combine_many"]
 
 
 # ---- fake (meta) kernels: shapes and dtypes only, for torch.compile / FakeTensor -------------
@@ -50,6 +52,16 @@ def _integrate_fake(a, b, offsets, out, rule, params, active=None, groups=None, 
         a.new_empty((g, 2), dtype=torch.float32),
         a.new_empty((g,), dtype=torch.int32),
     )
+
+
+@torch.library.register_fake("pareto_lora::gram")
+def _gram_fake(grads, offsets):
+    return grads[0].new_empty((_num_segments(offsets), num_pairs(len(grads))), dtype=torch.float64)
+
+
+@torch.library.register_fake("pareto_lora::combine_many")
+def _combine_many_fake(grads, offsets, coeffs, out):
+    return None
 
 
 # ---- the kernel probe ---------------------------------------------------------------------------
@@ -105,6 +117,25 @@ def integrate(
         a, b, offsets, out, *_rule_args(spec, active), groups, poison, stats
     )
     return IntegrationResult(out, seg_stats, coeffs, cases, group_stats)
+
+
+def gram(grads, offsets) -> torch.Tensor:
+    """[S, K(K+1)/2] float64 per-segment g_i . g_j (columns: pareto_lora.multi.pairs(K))."""
+    offsets = checks.as_offsets(offsets)
+    # The Python checks first (the same messages as the op's C++ checks): a list with a non-tensor
+    # or a meta tensor would otherwise meet the dispatcher's generic errors.
+    grads = multi_checks.check_grads(grads)
+    checks.check_offsets(offsets, grads[0].numel(), grads[0].device)
+    return torch.ops.pareto_lora.gram(list(grads), offsets)
+
+
+def combine_many(grads, offsets, coeffs: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """out_s = sum_k coeffs[s, k] grads[k]_s; `out` may be one of grads (a new tensor when None)."""
+    offsets = checks.as_offsets(offsets)
+    grads, _ = multi_checks.check_combine_many(grads, offsets, coeffs, out)
+    out = torch.empty_like(grads[0]) if out is None else out
+    torch.ops.pareto_lora.combine_many(list(grads), offsets, coeffs, out)
+    return out
 
 
 def _check_optional(groups, poison, stats) -> None:

@@ -12,6 +12,11 @@ group (``active`` is then [G]) and each segment is combined with its group's coe
 ``poison`` (0-d bool on a's device, read there) makes the combine's coefficients NaN and every
 case NONFINITE, while ``coeffs`` stay the rule's own. ``stats`` ([S, 3] float64) replaces the
 statistics pass.
+
+K objectives (``ops_many.integrate_many``): ``gram`` returns [S, K(K+1)/2] float64 rows in the
+column order of :func:`pareto_lora.multi.pairs` (exact products summed in float64),
+``combine_many`` writes out_s = sum_k coeffs[s, k] grads[k]_s computed as ``combine`` computes
+for each dtype; ``out`` may be one of ``grads`` exactly.
 """
 
 from __future__ import annotations
@@ -66,3 +71,11 @@ class Backend(Protocol):
         stats: torch.Tensor | None = None,
     ) -> IntegrationResult:
         """Fused statistics -> rule (per group) -> combine."""
+
+    def gram(self, grads, offsets: torch.Tensor) -> torch.Tensor:
+        """[S, K(K+1)/2] float64 per-segment g_i . g_j of K = len(grads) buffers (2 <= K <= 8)."""
+
+    def combine_many(
+        self, grads, offsets: torch.Tensor, coeffs: torch.Tensor, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """out_s = sum_k coeffs[s, k] grads[k]_s (coeffs [S, K]); returns out (a new tensor when None)."""

@@ -10,7 +10,7 @@ from pareto_lora.backends import BACKENDS, available_backends, resolve_backend
 from pareto_lora.backends.protocol import Backend
 from pareto_lora.result import IntegrationResult
 
-FUNCTIONS = ("segment_stats", "rule_coefficients", "combine", "integrate", "is_available")
+FUNCTIONS = ("segment_stats", "rule_coefficients", "combine", "integrate", "gram", "combine_many", "is_available")
 
 
 def test_available_backends_are_resolvable_modules_with_the_op_surface():

@@ -89,8 +89,8 @@ class MultiObjectiveLoRA:
     """Gradient integration of K objectives (2 <= K <= 8) for a PEFT LoRA model, one process.
 
     Args: those of :class:`~pareto_lora.ParetoLoRA` (``model``, ``num_groups``, ``modulate``,
-    ``layers_path``, ``arch``, ``on_nonfinite``, ``backend``: "auto" takes the float64 reference
-    where the device's backend has no K-objective kernels; ``self.backend`` says which), and
+    ``layers_path``, ``arch``, ``on_nonfinite``, ``backend``: every backend has the K-objective
+    kernels ``gram`` and ``combine_many``), and
         rule: a K-objective rule (:data:`pareto_lora.multi.weightings.K_RULES`; default "mean")
             with its parameters as keywords (``weights=(...)``, one per objective, for
             "constant"), or a :class:`~pareto_lora.RuleSpec`.
@@ -120,14 +120,7 @@ class MultiObjectiveLoRA:
         layout = build_layout(self._sync.module, num_groups=num_groups, modulate=modulate, layers_path=layers_path,
                               arch=arch)
         self.layout = self._sync.layout_for(layout)  # FSDP2: this rank's shards
-        impl = resolve_backend(backend, self.layout.device)
-        if not all(callable(getattr(impl, op, None)) for op in ("gram", "combine_many")):
-            if backend != "auto":
-                raise ValueError(f"backend: {backend!r} ({impl.__name__}) has no K-objective ops (gram, combine_many) "
-                                 "yet; pass backend='reference' or 'auto'")
-            # "auto" where the device's compiled/Triton backend has no K-objective kernels yet: the
-            # float64 reference (the oracle every backend is tested against: the same result, slower).
-            backend = "reference"
+        resolve_backend(backend, self.layout.device)  # an unknown or unusable backend: refused here, by name
         self.module, self.arch, self.backend, self.on_nonfinite = model, layout.arch, backend, on_nonfinite
         check_buffers_fit(self.layout, len(self.objectives), "objectives")  # a clear error, not an allocator's
         self.grads = tuple(FlatGrads(self.layout) for _ in self.objectives)

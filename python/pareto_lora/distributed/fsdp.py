@@ -49,6 +49,16 @@ def _shard_group(params: Sequence[torch.Tensor]):
     return p.device_mesh.get_group(dims[0])
 
 
+def reshard_flags(fsdp_modules) -> list[bool]:
+    """Each FSDP2 module's reshard_after_backward (the two-objective and the K-objective syncs set
+    and restore it). No public getter; the default (True) is assumed where the private field is missing."""
+    flags = []
+    for m in fsdp_modules:
+        pg = getattr(m._get_fsdp_state(), "_fsdp_param_group", None)
+        flags.append(getattr(pg, "reshard_after_backward", True))
+    return flags
+
+
 class FSDPSync:
     """The sync contract for an FSDP2 model (see the module docstring)."""
 
@@ -70,12 +80,7 @@ class FSDPSync:
         self.world = dist.get_world_size(self.group)
 
     def _reshard_flags(self) -> list[bool]:
-        # No public getter; the default (True) is assumed where the private field is missing.
-        flags = []
-        for m in self.fsdp_modules:
-            pg = getattr(m._get_fsdp_state(), "_fsdp_param_group", None)
-            flags.append(getattr(pg, "reshard_after_backward", True))
-        return flags
+        return reshard_flags(self.fsdp_modules)
 
     def backward(self, text_loss: torch.Tensor, image_loss: torch.Tensor, first: bool, losses: torch.Tensor) -> None:
         # FSDP2 computes forward/backward with unsharded copies of the parameters, so

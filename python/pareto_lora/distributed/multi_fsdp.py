@@ -22,7 +22,7 @@ from ..flat import FlatGrads, GradLayout, local_layout
 from ..ops_many import gram
 from ..result import MultiResult
 from ..rules import RuleSpec
-from .fsdp import _local, _shard_group
+from .fsdp import _local, _shard_group, reshard_flags
 from .multi import ManySettle, integrate_buffers
 
 __all__ = ["FSDPManySync"]
@@ -51,12 +51,7 @@ class FSDPManySync:
         pass  # .grad is written in finish(); between steps it is not a view of the buffers
 
     def _reshard_flags(self) -> list[bool]:
-        # No public getter; the default (True) is assumed where the private field is missing (as in .fsdp).
-        flags = []
-        for m in self.fsdp_modules:
-            pg = getattr(m._get_fsdp_state(), "_fsdp_param_group", None)
-            flags.append(getattr(pg, "reshard_after_backward", True))
-        return flags
+        return reshard_flags(self.fsdp_modules)
 
     def _local_grads(self, k: int) -> list[torch.Tensor | None]:
         grads = [None if p.grad is None else _local(p.grad) for p in self.layout.params]

@@ -280,3 +280,29 @@ def test_triton_opcheck_both_ops():
     coeffs = torch.rand(3, 3, device=device)
     torch.library.opcheck(ops.combine_many, (grads, tiles, coeffs, torch.empty_like(grads[0])), test_utils=utils)
     assert T.gram.__module__ == "pareto_lora.backends.triton.multi"
+
+
+@pytest.mark.parametrize("rule", ["mean", "upgrad", "imtl_g"])
+def test_k_objective_step_under_torch_compile(rule):
+    """The Gram op, a weighting on the batched Gram (torch ops) and the combine op in one compiled graph
+    (fullgraph: the fake kernels give the shapes; no graph break between the two launches)."""
+    from pareto_lora import RuleSpec
+    from pareto_lora.multi import gram_matrix
+    from pareto_lora.multi.weightings import WEIGHTINGS
+    from pareto_lora.multi.weightings.base import prepare
+
+    grads, offsets = _grads(3, n=300), torch.tensor([0, 100, 100, 300])
+    spec = RuleSpec(rule)
+
+    def step(g0, g1, g2, offsets):
+        stats = torch.ops.pareto_lora.gram([g0, g1, g2], offsets)
+        valid, _ = prepare(gram_matrix(stats, 3))
+        w, _ = WEIGHTINGS[rule](valid, spec)
+        out = torch.empty_like(g0)
+        torch.ops.pareto_lora.combine_many([g0, g1, g2], offsets, w.to(torch.float32), out)
+        return out, stats, w
+
+    eager = step(*grads, offsets)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(*grads, offsets)
+    for x, y in zip(eager, compiled):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-9)

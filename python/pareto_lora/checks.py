@@ -98,19 +98,25 @@ def _check_overlap(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None) -
             _fail("out", f"expected a, b or memory disjoint from both; it partially overlaps {name}")
 
 
-def check_out(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None = None) -> None:
+def check_out_like(out: torch.Tensor, ref: torch.Tensor, ref_name: str) -> None:
+    """Everything ``out`` must share with the buffer `ref` (named `ref_name` in the messages): numel,
+    dtype, device; contiguous and not requiring grad. Overlap is the caller's (it knows the inputs)."""
     _tensor("out", out)
-    if out.numel() != a.numel():
-        _fail("out", f"expected numel {a.numel()} (same as a), got {out.numel()}")
-    if out.dtype != a.dtype:
-        _fail("out", f"expected dtype {dtype_name(a.dtype)} (same as a), got {dtype_name(out.dtype)}")
-    _on("out", out, a.device, host_ok=False, what=" (same as a)")
+    if out.numel() != ref.numel():
+        _fail("out", f"expected numel {ref.numel()} (same as {ref_name}), got {out.numel()}")
+    if out.dtype != ref.dtype:
+        _fail("out", f"expected dtype {dtype_name(ref.dtype)} (same as {ref_name}), got {dtype_name(out.dtype)}")
+    _on("out", out, ref.device, host_ok=False, what=f" (same as {ref_name})")
     if not out.is_contiguous():
         _fail("out", "expected a contiguous tensor")
     if out.requires_grad:
         # The op writes into out without recording a graph: autograd would silently miss the write.
         _fail("out", "expected a tensor that does not require grad (the op writes into it outside autograd); "
                      "pass out.detach() or a gradient buffer")
+
+
+def check_out(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None = None) -> None:
+    check_out_like(out, a, "a")
     _check_overlap(out, a, b)
 
 
@@ -233,8 +239,10 @@ def check_poison(poison, device: torch.device) -> None:
     _on("poison", poison, device, host_ok=False, what=" (same as a)")
 
 
-def check_given_stats(stats, num_segments: int, device: torch.device) -> None:
-    """Per-segment statistics given to the fused op: float64 [S, 3] on `device` (any stride), or None."""
+def check_given_stats(stats, num_segments: int, device: torch.device, columns: int = 3,
+                      row: str = "one row per segment", ref: str = "a") -> None:
+    """Per-segment statistics given to a fused op: float64 [S, columns] on `device` (any stride), or None
+    (the K-objective op: columns K(K+1)/2, its buffers named grads[k])."""
     if stats is None:
         return
     if not isinstance(stats, torch.Tensor):
@@ -242,9 +250,24 @@ def check_given_stats(stats, num_segments: int, device: torch.device) -> None:
     _tensor("stats", stats)
     if stats.dtype != torch.float64:
         _fail("stats", f"expected dtype float64, got {dtype_name(stats.dtype)}")
-    if tuple(stats.shape) != (num_segments, 3):
-        _fail("stats", f"expected shape [{num_segments}, 3] (one row per segment), got {tuple(stats.shape)}")
-    _on("stats", stats, device, host_ok=False, what=" (same as a)")
+    if tuple(stats.shape) != (num_segments, columns):
+        _fail("stats", f"expected shape [{num_segments}, {columns}] ({row}), got {tuple(stats.shape)}")
+    _on("stats", stats, device, host_ok=False, what=f" (same as {ref})")
+
+
+def check_step_args(num_segments: int, device: torch.device, active, groups, poison, stats, columns: int = 3,
+                    row: str = "one row per segment", ref: str = "a") -> torch.Tensor | None:
+    """The checks a training step's call adds to a fused op (groups, active per group or segment,
+    poison, given statistics), shared by the two-objective and the K-objective op. Returns the
+    groups on the CPU or None."""
+    host_groups = None if groups is None else check_groups(groups, num_segments, device)
+    if host_groups is None:
+        check_active(active, num_segments, device)
+    else:
+        check_active(active, host_groups.numel() - 1, device, per="group")
+    check_poison(poison, device)
+    check_given_stats(stats, num_segments, device, columns, row, ref)
+    return host_groups
 
 
 def check_integrate(a, b, offsets, out, active, groups=None, poison=None, stats=None):
@@ -254,12 +277,4 @@ def check_integrate(a, b, offsets, out, active, groups=None, poison=None, stats=
     s = check_offsets(offsets, a.numel(), a.device)
     if out is not None:
         check_out(out, a, b)
-    host_groups = None if groups is None else check_groups(groups, s, a.device)
-    if host_groups is None:
-        check_active(active, s, a.device)
-    else:
-        check_active(active, host_groups.numel() - 1, a.device, per="group")
-    check_poison(poison, a.device)
-    check_given_stats(stats, s, a.device)
-    return s, host_groups
-
+    return s, check_step_args(s, a.device, active, groups, poison, stats)

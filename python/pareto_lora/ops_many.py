@@ -17,8 +17,7 @@ from . import checks as _checks
 from .backends import resolve_backend
 from .multi import gram_matrix
 from .multi.checks import check_integrate_many
-from .multi.weightings import apply as apply_weighting
-from .multi.weightings import check_rule, is_user_weighting
+from .multi.weightings import check_rule, is_user_weighting, weigh
 from .reference import group_sums, segment_groups
 from .result import MultiResult
 from .rules import Case, RuleSpec, as_spec
@@ -80,7 +79,7 @@ def integrate_many(
     stats = impl.gram(grads, offsets) if stats is None else stats.to(torch.float64, copy=True)
     group_stats = stats + 0.0 if host_groups is None else group_sums(stats, host_groups)
     dtype = torch.float64 if grads[0].dtype == torch.float64 else torch.float32
-    weights, cases = apply_weighting(spec, gram_matrix(group_stats, k), active, dtype)
+    weights, cases = weigh(spec, gram_matrix(group_stats, k), active, dtype)
     seg_weights = weights if host_groups is None else \
         weights[segment_groups(host_groups, num_segments).to(weights.device)]
     if poison is not None:

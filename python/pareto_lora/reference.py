@@ -20,6 +20,7 @@ import torch
 
 from . import checks as _checks
 from .multi.reference import combine_many, gram  # the K-objective half of the oracle (a backend's two K ops)
+from .multi.reference import segment_ids  # one definition, in the lower layer; re-exported here
 from .result import IntegrationResult
 from .rules import CAGRAD_NORM_EPS, CAUCHY_SCHWARZ_SLACK, STATIONARY_REL, DEFAULT_RULE, Case, RuleSpec, term_fits
 
@@ -42,12 +43,6 @@ __all__ = [
 def is_available(device_type: str) -> bool:
     """The reference runs wherever torch does."""
     return True
-
-
-def segment_ids(offsets: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Segment index of every element of the flat buffer (int64, length offsets[-1])."""
-    lengths = (offsets[1:] - offsets[:-1]).to(device)
-    return torch.repeat_interleave(torch.arange(lengths.numel(), device=device), lengths)
 
 
 # The arithmetic without argument checks, on precomputed segment ids: the checks read the

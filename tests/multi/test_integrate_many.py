@@ -86,6 +86,8 @@ def test_in_place_and_given_stats():
      r"^out: expected numel 60"),
     (lambda g, o: pareto_lora.integrate_many(g, o, stats=torch.zeros(2, 3, dtype=torch.float64),
                                              backend="reference"), r"^stats: expected shape \[2, 6\]"),
+    (lambda g, o: pareto_lora.integrate_many(g, o, stats=[[0.0] * 6] * 2, backend="reference"),
+     r"^stats: expected a float64 Tensor or None, got list"),
     (lambda g, o: pareto_lora.combine_many(g, o, torch.ones(2, 2), backend="reference"),
      r"^coeffs: expected shape \[2, 3\]"),
 ])

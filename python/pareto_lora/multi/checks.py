@@ -54,20 +54,8 @@ def check_weights(coeffs, num_segments: int, k: int, device: torch.device, name:
 
 
 def _check_out(out, grads) -> None:
-    # checks.check_out names a and b; here any grads[k] may be out (in place), nothing in between.
-    _checks._tensor("out", out)
-    first = grads[0]
-    if out.numel() != first.numel():
-        _checks._fail("out", f"expected numel {first.numel()} (same as grads[0]), got {out.numel()}")
-    if out.dtype != first.dtype:
-        _checks._fail("out", f"expected dtype {_checks.dtype_name(first.dtype)} (same as grads[0]), "
-                             f"got {_checks.dtype_name(out.dtype)}")
-    _checks._on("out", out, first.device, host_ok=False, what=" (same as grads[0])")
-    if not out.is_contiguous():
-        _checks._fail("out", "expected a contiguous tensor")
-    if out.requires_grad:
-        _checks._fail("out", "expected a tensor that does not require grad (the op writes into it outside "
-                             "autograd); pass out.detach() or a gradient buffer")
+    # checks.check_out's overlap names a and b; here any grads[k] may be out (in place), nothing in between.
+    _checks.check_out_like(out, grads[0], "grads[0]")
     if out.numel() == 0:
         return
     lo, hi = _checks._byte_range(out)
@@ -94,19 +82,6 @@ def check_integrate_many(grads, offsets, out, active, groups=None, poison=None, 
     s = _checks.check_offsets(offsets, grads[0].numel(), device)
     if out is not None:
         _check_out(out, grads)
-    host_groups = None if groups is None else _checks.check_groups(groups, s, device)
-    if host_groups is None:
-        _checks.check_active(active, s, device)
-    else:
-        _checks.check_active(active, host_groups.numel() - 1, device, per="group")
-    _checks.check_poison(poison, device)
-    if stats is not None:
-        p = num_pairs(len(grads))
-        _checks._tensor("stats", stats)
-        if stats.dtype != torch.float64:
-            _checks._fail("stats", f"expected dtype float64, got {_checks.dtype_name(stats.dtype)}")
-        if tuple(stats.shape) != (s, p):
-            _checks._fail("stats", f"expected shape [{s}, {p}] (one row of K(K+1)/2 per segment), "
-                                   f"got {tuple(stats.shape)}")
-        _checks._on("stats", stats, device, host_ok=False, what=" (same as grads[0])")
+    host_groups = _checks.check_step_args(s, device, active, groups, poison, stats, num_pairs(len(grads)),
+                                          "one row of K(K+1)/2 per segment", "grads[0]")
     return grads, s, host_groups

@@ -24,7 +24,7 @@ from .projection import dualproj_weighting, upgrad_weighting
 from .simple import constant_weighting, mean_weighting, sum_weighting
 from .user import check_user, is_user_weighting, user_weighting
 
-__all__ = ["K_RULES", "WEIGHTINGS", "apply"]
+__all__ = ["K_RULES", "WEIGHTINGS", "apply", "weigh"]
 
 #: rule name -> weighting function (gram [G, K, K] float64 valid, spec) -> (weights [G, K], cases [G]).
 WEIGHTINGS = {
@@ -68,6 +68,13 @@ def apply(
     """(weights [G, K] in `dtype`, cases [G] int32) of `rule` (a RuleSpec or a user weighting) on the
     batched Gram [G, K, K]."""
     check_rule(rule, gram.shape[-1])
+    return weigh(rule, gram, active, dtype)
+
+
+def weigh(rule, gram: torch.Tensor, active: torch.Tensor | None = None,
+          dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`apply` for a rule that :func:`check_rule` has already accepted (integrate_many checks it
+    before any pass runs)."""
     valid, invalid = prepare(gram)
     if isinstance(rule, RuleSpec):
         weights, cases = WEIGHTINGS[rule.name](valid, rule)

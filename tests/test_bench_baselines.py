@@ -6,6 +6,7 @@ cases so that a GPU-only script at least imports and its host-side pieces work.
 """
 
 import importlib
+import json
 import os
 import sys
 
@@ -103,3 +104,42 @@ def test_training_step_configs_run(arch, monkeypatch):
         mask = pareto_lora.archs.image_token_mask(model, batch, spec)
         assert mask.sum(1).tolist() == [32, 32]
         assert set(spec.image_token_ids) == set(range(mod.CHAMELEON_TEXT, mod.CHAMELEON_EOI + 1))
+
+
+TINY_GPU_STEP = ["--device", "cpu", "--layers", "2", "--hidden", "32", "--heads", "2", "--seq", "16", "--text-vocab",
+                 "64", "--codes", "16", "--batch", "auto", "--max-batch", "2", "--rounds", "1", "--dtype", "float32"]
+
+
+def test_gpu_step_bench_runs_on_cpu(monkeypatch, tmp_path, capsys):
+    # bench_gpu_step (issue 28's GPU training step) on a tiny Chameleon on the CPU: every contender
+    # runs in both checkpointing modes, the batch search stops at --max-batch, the table and the raw
+    # file are written (no times asserted).
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
+    mod = importlib.import_module("bench_gpu_step")
+    assert mod.main(TINY_GPU_STEP + ["--out", str(tmp_path)]) == 0
+    table = (tmp_path / "gpu_step.md").read_text()
+    assert table.count("\n| off |") == 1 and table.count("\n| on |") == 1 and "batch 2 x 16" in table
+    raw = json.loads((tmp_path / "gpu_step.json").read_text())
+    assert set(raw["times"]) == {c + s for c in mod.CONTENDERS for s in ("", "_ckpt")}
+    assert raw["batch"] == 2 and raw["lora_params"] > 0 and raw["kernels"] is None
+    # the image targets are the image codes and both markers of the vocabulary map
+    args = mod.argparse.Namespace(text_vocab=64, codes=16, seq=16)
+    batch = mod.make_batch(args, 2, torch.device("cpu"))
+    model = mod.build_model(mod.argparse.Namespace(codes=16, text_vocab=64, hidden=32, intermediate=64, layers=2,
+                                                   heads=2, seq=16, rank=2), torch.device("cpu"), torch.float32)
+    mask = pareto_lora.archs.image_token_mask(model, batch, pareto_lora.archs.detect_arch(model))
+    assert mask.sum(1).tolist() == [16 // 2 + 2] * 2
+
+
+@pytest.mark.parametrize("bad, name", [(["--batch", "0"], "--batch"), (["--seq", "4"], "--seq"),
+                                       (["--layers", "0"], "--layers"), (["--device", "cuda"], "--device")])
+def test_gpu_step_bench_refuses_bad_arguments(bad, name, monkeypatch, capsys):
+    if name == "--device" and torch.cuda.is_available():
+        pytest.skip("cuda is available here: the refusal is for machines without it")
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
+    mod = importlib.import_module("bench_gpu_step")
+    with pytest.raises(SystemExit) as e:
+        mod.main(TINY_GPU_STEP + bad)
+    assert e.value.code == 2 and name in capsys.readouterr().err

@@ -81,6 +81,13 @@ def record(out: dict, key: str, module, report) -> None:
     out[f"{key}/cases"] = report.cases
 
 
+def inf_on_rank1(losses: dict, rank: int) -> dict:
+    """The first objective's loss infinite on rank 1 (its gradient too); the last objective's stays finite."""
+    if rank == 1:
+        losses["prompt"] = losses["prompt"] * float("inf")
+    return losses
+
+
 def error_of(fn) -> str:
     try:
         fn()
@@ -143,6 +150,13 @@ def ddp_scenarios(rank: int, out: dict) -> None:
         report = out.pop("nonfinite/report")
         out["nonfinite/cases"], out["nonfinite/loss_finite"] = report.cases, report.losses
         out["nonfinite/grads_nan"] = all(bool(g.isnan().all()) for g in grads_of(ddp.module).values())
+        # "raise" with an objective other than the last one non-finite on rank 1: .grad, the averaged
+        # (finite) last objective, is left NaN on every rank, as on the two-objective DDP path.
+        pl.on_nonfinite = "raise"
+        out["refused/raise"] = error_of(lambda: pl.backward(inf_on_rank1(three_losses(ddp, batch_for(rank, 0)), rank)))
+        out["refused/micro"] = pl.micro_batches
+        out["refused/grads_nan"] = all(bool(g.isnan().all()) for g in grads_of(ddp.module).values())
+        record(out, "ddp/after_refusal", ddp.module, pl.backward(three_losses(ddp, batch_for(rank, 0))))
         pl.on_nonfinite = "auto"
     out["err/bucket_view"] = error_of(lambda: pareto(DDP(models.lora_llama(num_layers=2), gradient_as_bucket_view=True),
                                                      "mean"))
@@ -191,6 +205,12 @@ def fsdp_scenarios(rank: int, world: int, out: dict) -> None:
     out["fsdp/err/unreached"] = error_of(lambda: pl.accumulate(losses))
     out["fsdp/err/grad_kept"] = all(p.grad is g for p, g in zip((p for p in model.parameters() if p.requires_grad), before))
     record(out, "fsdp/accum", model, pl.integrate_accumulated())
+    # "raise" on a loss non-finite on rank 1 only: refused on every rank, the window dropped, and the
+    # next step is the normal one (.grad in between: FSDP's last reduce-scatter, as for two objectives).
+    pl.on_nonfinite = "raise"
+    out["fsdp/refused/raise"] = error_of(lambda: pl.backward(inf_on_rank1(three_losses(model, batch_for(rank, 0)), rank)))
+    out["fsdp/refused/micro"] = pl.micro_batches
+    record(out, "fsdp/after_refusal", model, pl.backward(three_losses(model, batch_for(rank, 0))))
 
 
 def janus_example(i: int) -> dict:

@@ -139,6 +139,26 @@ def test_ddp_a_nonfinite_loss_on_one_rank_is_settled_alike_on_every_rank(ranks):
         assert out["nonfinite/loss_finite"]["image"] == float("inf")
 
 
+def test_ddp_a_refused_step_leaves_grad_nan_on_every_rank_as_for_two_objectives(ranks):
+    # on_nonfinite="raise": .grad held the averaged last objective (finite here); like the two-objective
+    # DDP path, a refused step leaves it NaN, so an optimizer step after the caught error cannot apply it.
+    for out in ranks:
+        assert out["refused/raise"].startswith("FloatingPointError: prompt loss is not finite"), out["refused/raise"]
+        assert out["refused/micro"] == 0 and out["refused/grads_nan"]
+    assert_ranks_bitwise_equal(ranks, "ddp/after_refusal")
+    after, step0 = ranks[0]["ddp/after_refusal"], ranks[0]["ddp/constant/step0"]
+    assert all(torch.equal(after[n], step0[n]) for n in step0)  # the next step: the same inputs, the same bits
+
+
+def test_fsdp2_a_refused_step_is_refused_on_every_rank_and_the_next_is_normal(ranks):
+    for out in ranks:
+        assert out["fsdp/refused/raise"].startswith("FloatingPointError: prompt loss is not finite")
+        assert out["fsdp/refused/micro"] == 0
+    assert_ranks_bitwise_equal(ranks, "fsdp/after_refusal")
+    after, step = ranks[0]["fsdp/after_refusal"], ranks[0]["fsdp/step"]
+    assert all(torch.equal(after[n], step[n]) for n in step)
+
+
 @pytest.mark.parametrize("order", sorted(W.JANUS_ORDERS))
 def test_janus_three_objective_step_through_ddp(ranks, order):
     # issue 29: a 3-objective Janus LoRA step runs end to end through 2-process gloo DDP (two steps).

@@ -278,7 +278,16 @@ class DDPManySync(LocalManySync):
         global_losses = running.to(torch.float64, copy=True)
         dist.all_reduce(global_losses, group=self.group)
         global_losses /= self.world
-        poison = settle(global_losses)
+        try:
+            poison = settle(global_losses)
+        except BaseException:
+            # A refused step (on_nonfinite="raise"): .grad holds the averaged last objective. As on
+            # the two-objective DDP path it is left NaN, so that an optimizer step after a caught
+            # exception cannot apply it (every rank settles the same global losses: all alike).
+            for buf in self.grads:
+                buf.fill_(math.nan)
+            self._num_buckets = None
+            raise
         res = integrate_buffers(self.grads, self.layout, spec, poison, self.backend)
         self.grads[-1].attach_as_grad(self.layout.params)
         self._num_buckets = None  # the next step needs its own synchronised backward

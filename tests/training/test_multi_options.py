@@ -14,9 +14,14 @@ from pareto_lora.flat import group_of_names
 from pareto_lora.training.rule_options import preserve_norm_coeffs, preserve_norm_weights
 
 import models
-from test_multi_objective import direct, llama, make, three_losses  # noqa: F401 - llama: the fixture
+from test_multi_objective import direct, make, three_losses
 
 BETA = 0.6
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return models.lora_llama(num_layers=4)
 
 
 def per_group_grads(model, losses, pl):

@@ -33,9 +33,8 @@ import torch.distributed as dist
 from torch import nn
 
 from ..flat import FlatGrads, GradLayout, is_lora_param
-from ..flat.step import poison_cases
+from ..flat.step import python_rule_per_unit
 from ..ops_many import combine_many, gram, integrate_many
-from ..reference import group_sums
 from ..result import MultiResult
 from ..rules import RuleSpec
 from .sync import SyncFailure, _reaches, window_lost
@@ -111,12 +110,7 @@ def integrate_buffers(grads: Sequence[FlatGrads], layout: GradLayout, rule: Many
                               poison=poison, stats=stats, backend=backend) for f, off in zip(flats, offsets)]
         return res[0]
     stats = stats.to(torch.float64)
-    group_stats = group_sums(stats, layout.group_offsets)
-    weights, cases = fn(group_stats)
-    unit_weights = weights[layout.unit_group]
-    if poison is not None:
-        unit_weights = unit_weights * torch.where(poison, math.nan, 1.0).to(unit_weights.dtype)
-        cases = poison_cases(cases, poison)
+    group_stats, weights, cases, unit_weights = python_rule_per_unit(fn, stats, layout, poison)
     for f, off in zip(flats, offsets):
         combine_many(f, off, unit_weights, out=f[-1], backend=backend)
     return MultiResult(flats[0][-1], stats, group_stats, weights, cases)

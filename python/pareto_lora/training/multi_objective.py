@@ -48,7 +48,6 @@ from torch import nn
 
 from .. import args
 from ..backends import resolve_backend
-from ..distributed import SyncFailure
 from ..distributed.select import make_many_sync
 from ..flat import FlatGrads, build_layout, check_buffers_fit
 from ..multi import MAX_OBJECTIVES, gram_matrix
@@ -58,6 +57,7 @@ from .multi_report import MultiStepReport
 from .rule_options import RuleOptions
 from .step_checks import NONFINITE_MODES, check_loss
 from .watch import TrainableWatch
+from .window import AccumulationWindow
 
 __all__ = ["MultiObjectiveLoRA", "check_objectives"]
 
@@ -89,7 +89,7 @@ def _refuse_two_objective_options(balancer, traversal) -> None:
         raise ValueError("traversal: not supported with K objectives yet (two-objective ParetoLoRA only)")
 
 
-class MultiObjectiveLoRA:
+class MultiObjectiveLoRA(AccumulationWindow):
     """Gradient integration of K objectives (2 <= K <= 8) for a PEFT LoRA model, one process.
 
     Args: those of :class:`~pareto_lora.ParetoLoRA` (``model``, ``num_groups``, ``modulate``,
@@ -167,20 +167,12 @@ class MultiObjectiveLoRA:
     def _weigh(self, group_stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return weigh(self.spec, gram_matrix(group_stats, len(self.objectives)), self.layout.active, self._dtype)
 
-    @property
-    def micro_batches(self) -> int:
-        """Micro-batches accumulated since the last ``integrate_accumulated()``."""
-        return self._micro
-
     def describe(self) -> str:
         return self.layout.describe()
 
-    def _reset(self) -> None:
-        k, dev = len(self.objectives), self.layout.device
-        self._micro = 0
-        self._losses = torch.zeros(k, dtype=torch.float64, device=dev)
-        self._bad = torch.zeros(k, dtype=torch.bool, device=dev)
-        self._scaled = False
+    @property
+    def _num_losses(self) -> int:  # the accumulation window's running losses: one per objective
+        return len(self.objectives)
 
     # ---- the step --------------------------------------------------------------------------------
     def _named(self, losses, named: dict) -> list[torch.Tensor]:
@@ -215,17 +207,7 @@ class MultiObjectiveLoRA:
         self._watch.check()
         batch = torch.stack([v.detach().reshape(()).to(torch.float64) for v in values])
         scaled = [scaler.scale(v) for v in values] if scaler is not None else values
-        losses = self._losses + batch
-        try:
-            # Nothing changes unless it succeeds; a SyncFailure means the window is lost.
-            self._sync.backward(scaled, first=self._micro == 0)
-        except SyncFailure:
-            self._reset()
-            raise
-        self._losses = losses
-        self._bad |= ~torch.isfinite(batch)
-        self._scaled |= scaler is not None
-        self._micro += 1
+        self._add_micro_batch(batch, scaler is not None, lambda _: self._sync.backward(scaled, first=self._micro == 0))
         return self.integrate_accumulated() if step else None
 
     def integrate_accumulated(self) -> MultiStepReport:
@@ -244,12 +226,7 @@ class MultiObjectiveLoRA:
 
     def _settle(self, losses: torch.Tensor) -> torch.Tensor | None:
         """Poison (0-d bool, "skip") or raise ("raise") on a non-finite accumulated (global) loss."""
-        self._losses = losses
-        self._bad = self._bad | ~torch.isfinite(losses)
-        mode = self.on_nonfinite
-        if mode == "auto":
-            mode = "skip" if self._scaled else "raise"
-        if mode == "skip":
+        if self._nonfinite_mode(losses) == "skip":
             return self._bad.any()
         bad = self._bad.tolist()
         if any(bad):

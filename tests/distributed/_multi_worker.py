@@ -32,6 +32,9 @@ NUM_GROUPS = 2
 BUCKET_MB = 0.0025  # ~2.6 KB buckets: every group spans several (rebuilt after step 1)
 NAMES = ("prompt", "answer", "image")
 RULES = {"mean": {}, "constant": {"weights": (0.5, 1.5, 1.0)}}
+#: stats_ema and preserve_norm (the rule runs once per step under DDP and FSDP2 alike), with a rule that reads the Gram
+OPTIONS = {"stats_ema": 0.6, "preserve_norm": True}
+OPTIONS_RULE = "upgrad"
 
 
 def batch_for(rank: int, base: int) -> dict:
@@ -71,7 +74,7 @@ def grads_of(module) -> dict[str, torch.Tensor]:
 
 def pareto(model, rule: str, **kw):
     return pareto_lora.ParetoLoRA(model, rule=rule, num_groups=NUM_GROUPS, modulate="all", objectives=NAMES,
-                                  backend="reference", **RULES[rule], **kw)
+                                  backend="reference", **RULES.get(rule, {}), **kw)
 
 
 def record(out: dict, key: str, module, report) -> None:
@@ -79,6 +82,13 @@ def record(out: dict, key: str, module, report) -> None:
     out[f"{key}/group_stats"] = report.group_stats.clone()
     out[f"{key}/losses"] = report.losses
     out[f"{key}/cases"] = report.cases
+
+
+def inf_on_rank1(losses: dict, rank: int) -> dict:
+    """The first objective's loss infinite on rank 1 (its gradient too); the last objective's stays finite."""
+    if rank == 1:
+        losses["prompt"] = losses["prompt"] * float("inf")
+    return losses
 
 
 def error_of(fn) -> str:
@@ -143,9 +153,38 @@ def ddp_scenarios(rank: int, out: dict) -> None:
         report = out.pop("nonfinite/report")
         out["nonfinite/cases"], out["nonfinite/loss_finite"] = report.cases, report.losses
         out["nonfinite/grads_nan"] = all(bool(g.isnan().all()) for g in grads_of(ddp.module).values())
+        # "raise" with an objective other than the last one non-finite on rank 1: .grad, the averaged
+        # (finite) last objective, is left NaN on every rank, as on the two-objective DDP path.
+        pl.on_nonfinite = "raise"
+        out["refused/raise"] = error_of(lambda: pl.backward(inf_on_rank1(three_losses(ddp, batch_for(rank, 0)), rank)))
+        out["refused/micro"] = pl.micro_batches
+        out["refused/grads_nan"] = all(bool(g.isnan().all()) for g in grads_of(ddp.module).values())
+        record(out, "ddp/after_refusal", ddp.module, pl.backward(three_losses(ddp, batch_for(rank, 0))))
         pl.on_nonfinite = "auto"
     out["err/bucket_view"] = error_of(lambda: pareto(DDP(models.lora_llama(num_layers=2), gradient_as_bucket_view=True),
                                                      "mean"))
+
+
+def options_scenarios(rank: int, world: int, out: dict) -> None:
+    """Two steps with OPTIONS under DDP and under FSDP2: the running average carries across the steps."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    ddp = DDP(models.lora_llama(num_layers=NUM_LAYERS), bucket_cap_mb=BUCKET_MB)
+    pl = pareto(ddp, OPTIONS_RULE, **OPTIONS)
+    for step in range(2):
+        record(out, f"options/ddp/step{step}", ddp.module, pl.backward(three_losses(ddp, batch_for(rank, 10 * step))))
+        ddp.zero_grad(set_to_none=True)
+    out["options/ddp/ema"] = pl.options._ema.clone()
+    model = models.lora_llama(num_layers=NUM_LAYERS)
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in model.base_model.model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    pl = pareto(model, OPTIONS_RULE, **OPTIONS)
+    for step in range(2):
+        record(out, f"options/fsdp/step{step}", model, pl.backward(three_losses(model, batch_for(rank, 10 * step))))
+    out["options/fsdp/ema"] = pl.options._ema.clone()
 
 
 TEXT_LAST = ("generation", "understanding", "text")
@@ -191,6 +230,12 @@ def fsdp_scenarios(rank: int, world: int, out: dict) -> None:
     out["fsdp/err/unreached"] = error_of(lambda: pl.accumulate(losses))
     out["fsdp/err/grad_kept"] = all(p.grad is g for p, g in zip((p for p in model.parameters() if p.requires_grad), before))
     record(out, "fsdp/accum", model, pl.integrate_accumulated())
+    # "raise" on a loss non-finite on rank 1 only: refused on every rank, the window dropped, and the
+    # next step is the normal one (.grad in between: FSDP's last reduce-scatter, as for two objectives).
+    pl.on_nonfinite = "raise"
+    out["fsdp/refused/raise"] = error_of(lambda: pl.backward(inf_on_rank1(three_losses(model, batch_for(rank, 0)), rank)))
+    out["fsdp/refused/micro"] = pl.micro_batches
+    record(out, "fsdp/after_refusal", model, pl.backward(three_losses(model, batch_for(rank, 0))))
 
 
 def janus_example(i: int) -> dict:
@@ -254,6 +299,7 @@ def main() -> None:
         ddp_scenarios(rank, out)
         janus_scenario(rank, out)
         fsdp_scenarios(rank, world, out)
+        options_scenarios(rank, world, out)
         trainer_scenario(out_dir, out)  # the Trainer (accelerate) takes the process group already set up
     finally:
         dist.destroy_process_group()

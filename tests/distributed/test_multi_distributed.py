@@ -51,10 +51,10 @@ def averaged(losses_per_rank: list[dict], scale: float = 1.0) -> dict:
     return {k: scale * sum(d[k] for d in losses_per_rank) / len(losses_per_rank) for k in losses_per_rank[0]}
 
 
-def llama_reference(rule: str, windows: list[list[int]], scale: float = 1.0):
+def llama_reference(rule: str, windows: list[list[int]], scale: float = 1.0, **kw):
     """(grads, report) of the single-process step on the global batch of every window (micro-batch bases)."""
     model = models.lora_llama(num_layers=W.NUM_LAYERS)
-    pl = W.pareto(model, rule)
+    pl = W.pareto(model, rule, **kw)
     for bases in windows:
         for base in bases:
             pl.accumulate(averaged([W.three_losses(model, W.batch_for(r, base)) for r in range(WORLD)], scale))
@@ -137,6 +137,36 @@ def test_ddp_a_nonfinite_loss_on_one_rank_is_settled_alike_on_every_rank(ranks):
         assert out["nonfinite/skip/micro"] == 0 and out["nonfinite/grads_nan"]
         assert set(out["nonfinite/cases"]) == {int(pareto_lora.Case.NONFINITE)}
         assert out["nonfinite/loss_finite"]["image"] == float("inf")
+
+
+def test_ddp_a_refused_step_leaves_grad_nan_on_every_rank_as_for_two_objectives(ranks):
+    # on_nonfinite="raise": .grad held the averaged last objective (finite here); like the two-objective
+    # DDP path, a refused step leaves it NaN, so an optimizer step after the caught error cannot apply it.
+    for out in ranks:
+        assert out["refused/raise"].startswith("FloatingPointError: prompt loss is not finite"), out["refused/raise"]
+        assert out["refused/micro"] == 0 and out["refused/grads_nan"]
+    assert_ranks_bitwise_equal(ranks, "ddp/after_refusal")
+    after, step0 = ranks[0]["ddp/after_refusal"], ranks[0]["ddp/constant/step0"]
+    assert all(torch.equal(after[n], step0[n]) for n in step0)  # the next step: the same inputs, the same bits
+
+
+def test_fsdp2_a_refused_step_is_refused_on_every_rank_and_the_next_is_normal(ranks):
+    for out in ranks:
+        assert out["fsdp/refused/raise"].startswith("FloatingPointError: prompt loss is not finite")
+        assert out["fsdp/refused/micro"] == 0
+    assert_ranks_bitwise_equal(ranks, "fsdp/after_refusal")
+    after, step = ranks[0]["fsdp/after_refusal"], ranks[0]["fsdp/step"]
+    assert all(torch.equal(after[n], step[n]) for n in step)
+
+
+@pytest.mark.parametrize("sync", ["ddp", "fsdp"])
+def test_stats_ema_and_preserve_norm_equal_the_single_process_global_batch(ranks, sync):
+    # The rule runs once per step on the global Gram (DDP: of the averaged buffers; FSDP2: the summed shards'),
+    # so the running average and the rescaling are those of one process on the global batch; ranks bitwise equal.
+    for step in range(2):
+        grads, report = llama_reference(W.OPTIONS_RULE, [[0], [10]][: step + 1], **W.OPTIONS)
+        assert_matches(ranks, f"options/{sync}/step{step}", grads, report)
+    assert torch.equal(ranks[0][f"options/{sync}/ema"], ranks[1][f"options/{sync}/ema"])
 
 
 @pytest.mark.parametrize("order", sorted(W.JANUS_ORDERS))

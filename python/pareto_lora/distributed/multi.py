@@ -33,16 +33,30 @@ import torch.distributed as dist
 from torch import nn
 
 from ..flat import FlatGrads, GradLayout, is_lora_param
-from ..ops_many import gram, integrate_many
+from ..flat.step import python_rule_per_unit
+from ..ops_many import combine_many, gram, integrate_many
 from ..result import MultiResult
 from ..rules import RuleSpec
 from .sync import SyncFailure, _reaches, window_lost
 
-__all__ = ["ManySync", "LocalManySync", "DDPManySync", "ManySettle", "integrate_buffers"]
+__all__ = ["ManySync", "LocalManySync", "DDPManySync", "ManySettle", "ManyRule", "integrate_buffers"]
 
 #: ``settle(global_losses) -> poison``: the owner's verdict on the step's (global) accumulated
 #: losses, called once per step before the integration: a 0-d bool tensor (poison), None, or raises.
 ManySettle = Callable[[torch.Tensor], "torch.Tensor | None"]
+
+
+class ManyRule(Protocol):
+    """The owner's rule as the step reads it, at every step (the K-objective :class:`pareto_lora.flat.StepRule`)."""
+
+    #: the K-objective rule (a RuleSpec or a user weighting): runs inside ``integrate_many`` when python_rule is None
+    spec: RuleSpec | Callable[[torch.Tensor], torch.Tensor]
+
+    @property
+    def python_rule(self) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None:
+        """group Gram rows [G, K(K+1)/2] float64 -> (weights [G, K], cases [G]) where the owner needs the
+        statistics first (stats_ema, preserve_norm); None: ``spec`` runs inside ``integrate_many``."""
+        ...
 
 
 class ManySync(Protocol):
@@ -71,27 +85,35 @@ class ManySync(Protocol):
         """``.grad`` as the buffers after a checkpoint was loaded into them."""
         ...
 
-    def finish(self, running: torch.Tensor, spec: RuleSpec, settle: ManySettle) -> tuple[MultiResult, torch.Tensor]:
+    def finish(self, running: torch.Tensor, rule: ManyRule, settle: ManySettle) -> tuple[MultiResult, torch.Tensor]:
         """The window's (global) losses settled, then integrated into ``.grad``: (result, the losses)."""
         ...
 
 
-def integrate_buffers(grads: Sequence[FlatGrads], layout: GradLayout, spec: RuleSpec, poison, backend: str,
+def integrate_buffers(grads: Sequence[FlatGrads], layout: GradLayout, rule: ManyRule, poison, backend: str,
                       stats: torch.Tensor | None = None) -> MultiResult:
     """``integrate_many`` over every bucket (dtype) of `layout`, the result into the last buffer.
 
     A group may span dtypes: then every bucket's launch gets the same per-unit Gram totals (given
     ``stats``, or the buckets' Grams added in bucket order). Returns the first bucket's result
-    (statistics, weights and cases are those of every bucket)."""
+    (statistics, weights and cases are those of every bucket). A ``rule.python_rule``: the Gram
+    launches, the group sums (the op's order), the Python rule once, one ``combine_many`` per bucket."""
     flats = [[g.flats[b] for g in grads] for b in range(len(layout.buckets))]
     offsets = [b.unit_offsets for b in layout.buckets]
-    if stats is None and len(flats) > 1:
+    fn = rule.python_rule
+    if stats is None and (len(flats) > 1 or fn is not None):
         for f, off in zip(flats, offsets):
             s = gram(f, off, backend=backend)
             stats = s if stats is None else stats + s
-    res = [integrate_many(f, off, spec, out=f[-1], active=layout.active, groups=layout.group_offsets, poison=poison,
-                          stats=stats, backend=backend) for f, off in zip(flats, offsets)]
-    return res[0]
+    if fn is None:
+        res = [integrate_many(f, off, rule.spec, out=f[-1], active=layout.active, groups=layout.group_offsets,
+                              poison=poison, stats=stats, backend=backend) for f, off in zip(flats, offsets)]
+        return res[0]
+    stats = stats.to(torch.float64)
+    group_stats, weights, cases, unit_weights = python_rule_per_unit(fn, stats, layout, poison)
+    for f, off in zip(flats, offsets):
+        combine_many(f, off, unit_weights, out=f[-1], backend=backend)
+    return MultiResult(flats[0][-1], stats, group_stats, weights, cases)
 
 
 class LocalManySync:
@@ -132,10 +154,10 @@ class LocalManySync:
             buf.accumulate(g, first)
         out.attach_as_grad(params)
 
-    def finish(self, running: torch.Tensor, spec: RuleSpec, settle: ManySettle) -> tuple[MultiResult, torch.Tensor]:
+    def finish(self, running: torch.Tensor, rule: ManyRule, settle: ManySettle) -> tuple[MultiResult, torch.Tensor]:
         """Integrate the accumulated buffers into ``.grad``; returns (result, the step's losses)."""
         poison = settle(running)
-        res = integrate_buffers(self.grads, self.layout, spec, poison, self.backend)
+        res = integrate_buffers(self.grads, self.layout, rule, poison, self.backend)
         self.grads[-1].attach_as_grad(self.layout.params)  # even if a zero_grad() detached them
         return res, running
 
@@ -269,7 +291,7 @@ class DDPManySync(LocalManySync):
             err = SyncFailure(f"backward: ParetoLoRA's DDP communication hook failed: {type(e).__name__}: {e}")
             raise err from e
 
-    def finish(self, running: torch.Tensor, spec: RuleSpec, settle: ManySettle) -> tuple[MultiResult, torch.Tensor]:
+    def finish(self, running: torch.Tensor, rule: ManyRule, settle: ManySettle) -> tuple[MultiResult, torch.Tensor]:
         if not self.synced:
             raise RuntimeError("integrate_accumulated: the last backward ran without DDP gradient synchronisation of every "
                                "bucket (inside ddp.no_sync()?); run the last micro-batch of an accumulated step outside "
@@ -278,8 +300,17 @@ class DDPManySync(LocalManySync):
         global_losses = running.to(torch.float64, copy=True)
         dist.all_reduce(global_losses, group=self.group)
         global_losses /= self.world
-        poison = settle(global_losses)
-        res = integrate_buffers(self.grads, self.layout, spec, poison, self.backend)
+        try:
+            poison = settle(global_losses)
+        except BaseException:
+            # A refused step (on_nonfinite="raise"): .grad holds the averaged last objective. As on
+            # the two-objective DDP path it is left NaN, so that an optimizer step after a caught
+            # exception cannot apply it (every rank settles the same global losses: all alike).
+            for buf in self.grads:
+                buf.fill_(math.nan)
+            self._num_buckets = None
+            raise
+        res = integrate_buffers(self.grads, self.layout, rule, poison, self.backend)
         self.grads[-1].attach_as_grad(self.layout.params)
         self._num_buckets = None  # the next step needs its own synchronised backward
         return res, global_losses

@@ -21,9 +21,8 @@ from torch import nn
 from ..flat import FlatGrads, GradLayout, local_layout
 from ..ops_many import gram
 from ..result import MultiResult
-from ..rules import RuleSpec
 from .fsdp import _local, _shard_group, reshard_flags
-from .multi import ManySettle, integrate_buffers
+from .multi import ManyRule, ManySettle, integrate_buffers
 
 __all__ = ["FSDPManySync"]
 
@@ -106,11 +105,11 @@ class FSDPManySync:
         dist.all_reduce(packed, group=self.group)
         return packed[: local.numel()].view_as(local).clone(), packed[local.numel():] / self.world
 
-    def finish(self, running: torch.Tensor, spec: RuleSpec, settle: ManySettle) -> tuple[MultiResult, torch.Tensor]:
+    def finish(self, running: torch.Tensor, rule: ManyRule, settle: ManySettle) -> tuple[MultiResult, torch.Tensor]:
         # Global statistics and losses first, so that every rank takes the same branch in settle.
         stats, global_losses = self._global_gram(running)
         poison = settle(global_losses)
-        res = integrate_buffers(self.grads, self.layout, spec, poison, self.backend, stats=stats)
+        res = integrate_buffers(self.grads, self.layout, rule, poison, self.backend, stats=stats)
         with torch.no_grad():
             for p, v in zip(self.layout.params, self.grads[-1].views):
                 if p.grad is None:

@@ -34,7 +34,7 @@ from ..rules import Case, RuleSpec
 from .layout import GradLayout
 
 __all__ = ["FlatStep", "RuleFn", "StepRule", "PythonRule", "sum_into_groups", "unit_stats", "group_rule", "flat_step",
-           "poison_cases"]
+           "poison_cases", "python_rule_per_unit"]
 
 #: group statistics [G, 3] -> (coeffs [G, 2], cases [G]): a rule computed in Python.
 RuleFn = Callable[[torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
@@ -105,6 +105,19 @@ def poison_cases(cases: torch.Tensor, poison: torch.Tensor) -> torch.Tensor:
     return torch.where(poison, torch.full_like(cases, int(Case.NONFINITE)), cases)
 
 
+def python_rule_per_unit(fn: Callable, stats: torch.Tensor, layout: GradLayout, poison=None):
+    """A Python rule on the group sums of the unit statistics ``stats``: (group_stats, coeffs, cases,
+    the coefficients per unit for the combine launches), NaN and NONFINITE where ``poison`` is true.
+    Shared by the two-objective step and the K-objective one (any number of columns)."""
+    group_stats = group_sums(stats, layout.group_offsets)
+    coeffs, cases = fn(group_stats)
+    unit_coeffs = coeffs[layout.unit_group]
+    if poison is not None:
+        unit_coeffs = unit_coeffs * torch.where(poison, math.nan, 1.0).to(unit_coeffs.dtype)
+        cases = poison_cases(cases, poison)
+    return group_stats, coeffs, cases, unit_coeffs
+
+
 def group_rule(pairs, outs, layout: GradLayout, rule: StepRule, impl, poison=None, stats=None) -> FlatStep:
     """The rule per group and the combine over `pairs` (text, image, unit offsets), written to `outs`.
 
@@ -117,12 +130,7 @@ def group_rule(pairs, outs, layout: GradLayout, rule: StepRule, impl, poison=Non
                               poison=poison, stats=stats) for (a, b, off), o in zip(pairs, outs)]
         # With several buckets every launch had the same totals: the same coefficients.
         return FlatStep(res[0].stats, res[0].group_stats, res[0].coeffs, res[0].cases)
-    group_stats = group_sums(stats, layout.group_offsets)
-    coeffs, cases = fn(group_stats)
-    unit_coeffs = coeffs[layout.unit_group]
-    if poison is not None:
-        unit_coeffs = unit_coeffs * torch.where(poison, math.nan, 1.0).to(unit_coeffs.dtype)
-        cases = poison_cases(cases, poison)
+    group_stats, coeffs, cases, unit_coeffs = python_rule_per_unit(fn, stats, layout, poison)
     for (a, b, off), o in zip(pairs, outs):
         impl.combine(a, b, off, unit_coeffs, o)
     return FlatStep(stats, group_stats, coeffs, cases)

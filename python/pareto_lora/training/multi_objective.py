@@ -31,8 +31,11 @@ two-objective step. Several processes: pass the ``DistributedDataParallel`` mode
 communication hook averages all K gradients; keep DDP's default ``gradient_as_bucket_view=False``;
 ``no_sync()`` accumulation works, the last micro-batch outside it) or an FSDP2 ``fully_shard``
 model: every rank gets the integration of the global batch, ranks bitwise equal
-(:mod:`pareto_lora.distributed.multi`). Not here yet: balancers, ``stats_ema``, ``preserve_norm`` and
-the batched traversal.
+(:mod:`pareto_lora.distributed.multi`). ``stats_ema`` (the weighting sees an average over steps of
+each group's K x K Gram) and ``preserve_norm`` (each group's weights rescaled so that the output
+keeps ||sum_k g_k||) as for two objectives (:class:`~pareto_lora.training.rule_options.RuleOptions`),
+under DDP too: the rule runs once per step here. Not here: balancers (two-objective by construction)
+and the batched traversal.
 """
 
 from __future__ import annotations
@@ -45,15 +48,16 @@ from torch import nn
 
 from .. import args
 from ..backends import resolve_backend
-from ..distributed import SyncFailure
 from ..distributed.select import make_many_sync
 from ..flat import FlatGrads, build_layout, check_buffers_fit
-from ..multi import MAX_OBJECTIVES
-from ..multi.weightings import K_RULES, check_rule, is_user_weighting
+from ..multi import MAX_OBJECTIVES, gram_matrix
+from ..multi.weightings import K_RULES, check_rule, is_user_weighting, weigh
 from ..rules import RuleSpec, as_spec, rule_keywords
 from .multi_report import MultiStepReport
+from .rule_options import RuleOptions
 from .step_checks import NONFINITE_MODES, check_loss
 from .watch import TrainableWatch
+from .window import AccumulationWindow
 
 __all__ = ["MultiObjectiveLoRA", "check_objectives"]
 
@@ -77,20 +81,21 @@ def check_objectives(objectives) -> tuple[str, ...]:
     return names
 
 
-def _refuse_two_objective_options(balancer, stats_ema, preserve_norm, traversal) -> None:
-    given = {"balancer": balancer is not None, "stats_ema": stats_ema is not None, "preserve_norm": preserve_norm is not False,
-             "traversal": traversal not in ("auto", "two_pass")}
-    for name, set_ in given.items():
-        if set_:
-            raise ValueError(f"{name}: not supported with K objectives yet (two-objective ParetoLoRA only)")
+def _refuse_two_objective_options(balancer, traversal) -> None:
+    if balancer is not None:
+        raise ValueError("balancer: not supported with K objectives (a balancer weights the text and image losses: "
+                         "two-objective ParetoLoRA only)")
+    if traversal not in ("auto", "two_pass"):
+        raise ValueError("traversal: not supported with K objectives yet (two-objective ParetoLoRA only)")
 
 
-class MultiObjectiveLoRA:
+class MultiObjectiveLoRA(AccumulationWindow):
     """Gradient integration of K objectives (2 <= K <= 8) for a PEFT LoRA model, one process.
 
     Args: those of :class:`~pareto_lora.ParetoLoRA` (``model``, ``num_groups``, ``modulate``,
     ``layers_path``, ``arch``, ``on_nonfinite``, ``backend``: every backend has the K-objective
-    kernels ``gram`` and ``combine_many``), and
+    kernels ``gram`` and ``combine_many``; ``stats_ema``, ``preserve_norm``: on the K x K Gram,
+    see docs/objectives.md), and
         rule: a K-objective rule (:data:`pareto_lora.multi.weightings.K_RULES`; default "mean")
             with its parameters as keywords (``weights=(...)``, one per objective, for
             "constant"), or a :class:`~pareto_lora.RuleSpec`.
@@ -104,7 +109,8 @@ class MultiObjectiveLoRA:
                  backend: str = "auto", balancer=None, stats_ema=None, preserve_norm: bool = False,
                  traversal: str = "auto"):
         self.objectives = check_objectives(objectives)
-        _refuse_two_objective_options(balancer, stats_ema, preserve_norm, traversal)
+        _refuse_two_objective_options(balancer, traversal)
+        self.options = RuleOptions(stats_ema, preserve_norm)
         if is_user_weighting(rule) and not isinstance(rule, (str, RuleSpec)):
             given = [k for k, v in rule_params.items() if v is not None]
             if given:
@@ -123,6 +129,9 @@ class MultiObjectiveLoRA:
         resolve_backend(backend, self.layout.device)  # an unknown or unusable backend: refused here, by name
         self.module, self.arch, self.backend, self.on_nonfinite = model, layout.arch, backend, on_nonfinite
         check_buffers_fit(self.layout, len(self.objectives), "objectives")  # a clear error, not an allocator's
+        self.options.bind(self.layout.num_groups, len(self.objectives))
+        # The weights' dtype, that of integrate_many on the first bucket (float64 on float64 buffers only).
+        self._dtype = torch.float64 if self.layout.buckets[0].dtype == torch.float64 else torch.float32
         self.grads = tuple(FlatGrads(self.layout) for _ in self.objectives)
         self._sync.bind(self.layout, self.grads, self.objectives, backend)
         self._watch = TrainableWatch(self._sync.module, self.layout.params, self.layout.names)
@@ -147,19 +156,23 @@ class MultiObjectiveLoRA:
         return self.spec.name if isinstance(self.spec, RuleSpec) else "user"
 
     @property
-    def micro_batches(self) -> int:
-        """Micro-batches accumulated since the last ``integrate_accumulated()``."""
-        return self._micro
+    def python_rule(self):
+        """The rule as a function of the group Gram rows where the options (stats_ema, preserve_norm)
+        need them before the weights; None: ``spec`` runs inside ``integrate_many``."""
+        return self._rule if self.options.enabled else None
+
+    def _rule(self, group_stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.options.apply(group_stats, self._weigh)
+
+    def _weigh(self, group_stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return weigh(self.spec, gram_matrix(group_stats, len(self.objectives)), self.layout.active, self._dtype)
 
     def describe(self) -> str:
         return self.layout.describe()
 
-    def _reset(self) -> None:
-        k, dev = len(self.objectives), self.layout.device
-        self._micro = 0
-        self._losses = torch.zeros(k, dtype=torch.float64, device=dev)
-        self._bad = torch.zeros(k, dtype=torch.bool, device=dev)
-        self._scaled = False
+    @property
+    def _num_losses(self) -> int:  # the accumulation window's running losses: one per objective
+        return len(self.objectives)
 
     # ---- the step --------------------------------------------------------------------------------
     def _named(self, losses, named: dict) -> list[torch.Tensor]:
@@ -194,17 +207,7 @@ class MultiObjectiveLoRA:
         self._watch.check()
         batch = torch.stack([v.detach().reshape(()).to(torch.float64) for v in values])
         scaled = [scaler.scale(v) for v in values] if scaler is not None else values
-        losses = self._losses + batch
-        try:
-            # Nothing changes unless it succeeds; a SyncFailure means the window is lost.
-            self._sync.backward(scaled, first=self._micro == 0)
-        except SyncFailure:
-            self._reset()
-            raise
-        self._losses = losses
-        self._bad |= ~torch.isfinite(batch)
-        self._scaled |= scaler is not None
-        self._micro += 1
+        self._add_micro_batch(batch, scaler is not None, lambda _: self._sync.backward(scaled, first=self._micro == 0))
         return self.integrate_accumulated() if step else None
 
     def integrate_accumulated(self) -> MultiStepReport:
@@ -214,7 +217,7 @@ class MultiObjectiveLoRA:
                                "call backward()/accumulate() first")
         self._watch.check()
         # The sync makes the losses global (DDP, FSDP2), settles them, then integrates into .grad.
-        r, losses = self._sync.finish(self._losses, self.spec, self._settle)
+        r, losses = self._sync.finish(self._losses, self, self._settle)
         report = MultiStepReport(self.layout, self.objectives, r.stats, r.group_stats, r.weights, r.cases, losses,
                                  self._micro, self.rule)
         self.last_report = report
@@ -223,12 +226,7 @@ class MultiObjectiveLoRA:
 
     def _settle(self, losses: torch.Tensor) -> torch.Tensor | None:
         """Poison (0-d bool, "skip") or raise ("raise") on a non-finite accumulated (global) loss."""
-        self._losses = losses
-        self._bad = self._bad | ~torch.isfinite(losses)
-        mode = self.on_nonfinite
-        if mode == "auto":
-            mode = "skip" if self._scaled else "raise"
-        if mode == "skip":
+        if self._nonfinite_mode(losses) == "skip":
             return self._bad.any()
         bad = self._bad.tolist()
         if any(bad):
@@ -256,6 +254,7 @@ class MultiObjectiveLoRA:
             "nonfinite": self._bad.detach().cpu().clone(),
             "scaled": self._scaled,
             "grads": [[f.detach().cpu().clone() for f in g.flats] for g in self.grads] if window else [],
+            "options": self.options.state_dict(),  # the Gram's running average, if any
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -264,6 +263,7 @@ class MultiObjectiveLoRA:
         spec, micro, losses, bad, grads = self._check_state(state)
         self.spec = spec
         self._reset()
+        self.options.load_state_dict(state.get("options"))  # checked by _check_state: cannot fail
         if micro:
             for buf, saved in zip(self.grads, grads):
                 for f, s in zip(buf.flats, saved):
@@ -314,4 +314,8 @@ class MultiObjectiveLoRA:
                 or any(not isinstance(x, torch.Tensor) or x.shape != y.shape or x.dtype != y.dtype for x, y in zip(s, m))
                 for s, m in zip(grads, mine)))):
             fail("grads: the checkpoint's gradient buffers do not match this model's layout")
+        try:  # absent in a checkpoint from before the options: nothing to restore
+            self.options.check_state(state.get("options"))
+        except ValueError as e:
+            raise ValueError(f"state: options: {str(e).removeprefix('state: ')}") from None
         return spec, micro, state["losses"], state["nonfinite"], grads

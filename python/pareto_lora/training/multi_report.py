@@ -13,6 +13,7 @@ import torch
 from ..flat import GradLayout
 from ..multi import gram_matrix
 from ..rules import Case
+from .report_base import ReportBase
 
 __all__ = ["MultiStepReport", "gram_metrics"]
 
@@ -31,7 +32,7 @@ def gram_metrics(stats: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
     return torch.where(bad[..., None], torch.nan, norms), torch.where(bad[..., None, None], torch.nan, cos)
 
 
-class MultiStepReport:
+class MultiStepReport(ReportBase):
     """One K-objective step: per group norms, cosines, weights and case; per layer norms and cosines.
 
     Holds device tensors; the first host value read makes the one host sync of the step.
@@ -40,11 +41,9 @@ class MultiStepReport:
     def __init__(self, layout: GradLayout, objectives: tuple[str, ...], unit_stats: torch.Tensor,
                  group_stats: torch.Tensor, weights: torch.Tensor, cases: torch.Tensor, losses: torch.Tensor,
                  micro_batches: int, rule: str):
+        super().__init__(layout, micro_batches, rule)
         self.objectives = objectives
-        self.group_names, self.unit_names, self.active = layout.group_names, layout.unit_names, layout.active
         self._device = (unit_stats, group_stats, weights, cases, losses)
-        self.micro_batches, self.rule = micro_batches, rule
-        self._host: dict | None = None
 
     def _fetch(self) -> dict:
         if self._host is None:
@@ -74,15 +73,6 @@ class MultiStepReport:
     def losses(self) -> dict[str, float]:
         """objective -> sum over the accumulated micro-batches of its (unscaled) loss."""
         return dict(zip(self.objectives, self._fetch()["losses"]))
-
-    @property
-    def cases(self) -> list[int]:
-        return self._fetch()["cases"]
-
-    @property
-    def nonfinite(self) -> bool:
-        """Some group's gradient (or a loss) was not finite: the step must be skipped."""
-        return int(Case.NONFINITE) in self.cases
 
     @property
     def group_stats(self) -> torch.Tensor:

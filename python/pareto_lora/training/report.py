@@ -8,6 +8,7 @@ import torch
 from ..flat import FlatStep, GradLayout
 from ..result import stats_metrics
 from ..rules import Case
+from .report_base import ReportBase
 
 __all__ = ["StepReport"]
 
@@ -23,7 +24,7 @@ def _extra_values(step: FlatStep) -> dict[str, torch.Tensor]:
     return {k: torch.as_tensor(v, dtype=torch.float64).reshape(1) for k, v in extra.items()}
 
 
-class StepReport:
+class StepReport(ReportBase):
     """What one integration did, per group and per layer.
 
     Holds device tensors; the first access to a host value (``groups``, ``layers``,
@@ -32,14 +33,9 @@ class StepReport:
     """
 
     def __init__(self, layout: GradLayout, step: FlatStep, losses: torch.Tensor, micro_batches: int, rule: str):
-        self.group_names = layout.group_names
-        self.unit_names = layout.unit_names
-        self.active = layout.active
+        super().__init__(layout, micro_batches, rule)
         self.step = step
         self._losses = losses
-        self.micro_batches = micro_batches
-        self.rule = rule
-        self._host: dict | None = None
 
     def _fetch(self) -> dict:
         if self._host is None:
@@ -85,15 +81,6 @@ class StepReport:
     @property
     def loss_image(self) -> float:
         return self._fetch()["losses"][1]
-
-    @property
-    def cases(self) -> list[int]:
-        return self._fetch()["cases"]
-
-    @property
-    def nonfinite(self) -> bool:
-        """Some group's gradient (or a loss) was not finite: the step must be skipped."""
-        return int(Case.NONFINITE) in self.cases
 
     @property
     def groups(self) -> dict[str, dict[str, float]]:

@@ -7,16 +7,19 @@ and the check that warns when a norm-increasing rule meets such an optimizer.
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 import warnings
 from collections.abc import Callable
 
 import torch
 
 from .. import args
+from ..multi import gram_matrix, num_pairs
 from ..rules import STATIONARY_REL, RuleSpec
 
-__all__ = ["RuleOptions", "preserve_norm_coeffs", "check_optimizer", "NORM_INCREASING"]
+__all__ = ["RuleOptions", "preserve_norm_coeffs", "preserve_norm_weights", "check_optimizer", "NORM_INCREASING"]
 
 #: rules whose output can be longer than g_text + g_image (mmpareto only with gamma > 1)
 NORM_INCREASING = ("pareto_lora", "rescale_only", "mmpareto")
@@ -25,35 +28,51 @@ NORM_INCREASING = ("pareto_lora", "rescale_only", "mmpareto")
 _SCALE_INVARIANT = ("Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "Adagrad", "Adadelta", "Adafactor")
 
 
-def preserve_norm_coeffs(coeffs: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
-    """(alpha, beta) per row scaled so that ||alpha a + beta b|| = ||a + b||, from the statistics
-    ([G, 3]: ||a||^2, ||b||^2, a.b) alone; a zero combination (STATIONARY) or a zero sum stays as it is.
+def _sum(terms):
+    """Left-to-right sum (no leading 0.0: at K = 2 the bits of the two-objective expressions)."""
+    return functools.reduce(operator.add, terms)
 
-    The statistics carry a relative error up to eps = ``STATS_REL_ERR``, so ``now`` =
-    ||alpha a + beta b||^2 computed from them is off by up to eps (|alpha| ||a|| + |beta| ||b||)^2
-    and ``want`` = ||a + b||^2 by up to eps (||a|| + ||b||)^2. Near a Pareto-stationary pair
-    (MGDA's min-norm point) that error is all there is, and sqrt(want / now) would blow rounding
-    noise up (coefficients ~1e8). So, with the cut of ``mmpareto`` (``STATIONARY_REL``): a
-    combination whose ``now`` the statistics do not resolve is not scaled; where ``want`` is not
-    resolved it is never scaled up. Where both are resolved each is known to 1/16, hence
 
-        ||out|| <= max(1.065 ||a + b||, ||alpha a + beta b||)
+def preserve_norm_weights(weights: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """K weights per row scaled so that ||sum_k w_k g_k|| = ||sum_k g_k||, from each row's K x K Gram
+    ([G, K, K]) alone; a zero combination (Pareto-stationary) or a zero sum stays as it is.
 
-    (plus the float32 rounding of the stored coefficients): never longer than both the plain
-    sum and the rule's own output.
+    The norm kept is that of the plain sum (rule ``sum``, vanilla LoRA on the summed losses), the
+    two-objective ||a + b|| at K = 2, where this computes :func:`preserve_norm_coeffs` bit for bit.
+    The Gram carries a relative error up to eps = ``STATS_REL_ERR``, so ``now`` = ||sum w_k g_k||^2
+    computed from it is off by up to eps (sum |w_k| ||g_k||)^2 and ``want`` = ||sum g_k||^2 by up
+    to eps (sum ||g_k||)^2. Near a Pareto-stationary point (MGDA's min-norm point) that error is all
+    there is, and sqrt(want / now) would blow rounding noise up (weights ~1e8). So, with the cut of
+    ``mmpareto`` (``STATIONARY_REL``): a combination whose ``now`` the Gram does not resolve is not
+    scaled; where ``want`` is not resolved it is never scaled up. Where both are resolved each is
+    known to 1/16, hence
+
+        ||out|| <= max(1.065 ||sum_k g_k||, ||sum_k w_k g_k||)
+
+    (plus the float32 rounding of the stored weights): never longer than both the plain sum and
+    the rule's own output. Rows with a non-finite Gram or weight keep their weights.
     """
-    s, c = stats.to(torch.float64), coeffs.to(torch.float64)
-    aa, bb, ab = s[:, 0], s[:, 1], s[:, 2]
-    al, be = c[:, 0], c[:, 1]
-    now = al * al * aa + be * be * bb + 2.0 * al * be * ab
-    want = (aa + bb + 2.0 * ab).clamp_min(0.0)
-    na, nb = aa.clamp_min(0.0).sqrt(), bb.clamp_min(0.0).sqrt()
-    now_known = now > STATIONARY_REL * (al.abs() * na + be.abs() * nb) ** 2
-    want_known = want > STATIONARY_REL * (na + nb) ** 2
+    g, w = gram.to(torch.float64), weights.to(torch.float64)
+    k = w.shape[-1]
+    diag = [g[:, i, i] for i in range(k)]
+    off = [(i, j) for i in range(k) for j in range(i + 1, k)]
+    now = _sum(w[:, i] * w[:, i] * diag[i] for i in range(k)) + _sum(2.0 * w[:, i] * w[:, j] * g[:, i, j] for i, j in off)
+    want = (_sum(diag) + 2.0 * _sum(g[:, i, j] for i, j in off)).clamp_min(0.0)
+    norms = [d.clamp_min(0.0).sqrt() for d in diag]
+    now_known = now > STATIONARY_REL * _sum(w[:, i].abs() * norms[i] for i in range(k)) ** 2
+    want_known = want > STATIONARY_REL * _sum(norms) ** 2
     factor = torch.where(now_known, (want / torch.where(now_known, now, 1.0)).sqrt(), 1.0)
     factor = torch.where(want_known, factor, factor.clamp_max(1.0))
     factor = torch.where(torch.isfinite(factor), factor, 1.0)  # NONFINITE rows keep their plain sum
-    return (c * factor[:, None]).to(coeffs.dtype)
+    return (w * factor[:, None]).to(weights.dtype)
+
+
+def preserve_norm_coeffs(coeffs: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
+    """(alpha, beta) per row scaled so that ||alpha a + beta b|| = ||a + b||, from the statistics
+    ([G, 3]: ||a||^2, ||b||^2, a.b) alone: :func:`preserve_norm_weights` at K = 2 (its bound)."""
+    s = stats.to(torch.float64)
+    gram = torch.stack([s[:, 0], s[:, 2], s[:, 2], s[:, 1]], dim=1).reshape(-1, 2, 2)
+    return preserve_norm_weights(coeffs, gram)
 
 
 class RuleOptions:
@@ -62,17 +81,26 @@ class RuleOptions:
 
     The running average starts per group at the group's first finite statistics: a non-finite
     step (a GradScaler overflow) reaches the rule as it is (NONFINITE) and never enters the average.
+    Two objectives: rows (||a||^2, ||b||^2, a.b). K objectives (:meth:`bind` with ``objectives=K``):
+    rows of each group's K x K Gram (order of :func:`pareto_lora.multi.pairs`), the average of the
+    Gram fed to the weighting, and the weights rescaled to ||sum_k g_k|| (:func:`preserve_norm_weights`).
     """
 
     def __init__(self, stats_ema: float | None = None, preserve_norm: bool = False):
         self.stats_ema = args.unit_interval("stats_ema", stats_ema, high_open=True, none=True)
         self.preserve_norm = args.flag("preserve_norm", preserve_norm)
         self.num_groups: int | None = None
-        self._ema: torch.Tensor | None = None  # [G, 3]; a NaN row: no finite step seen yet
+        self.objectives: int | None = None
+        self._ema: torch.Tensor | None = None  # [G, width]; a NaN row: no finite step seen yet
 
-    def bind(self, num_groups: int) -> None:
-        """The number of groups the statistics have (checked in :meth:`check_state`)."""
-        self.num_groups = num_groups
+    def bind(self, num_groups: int, objectives: int | None = None) -> None:
+        """The number of groups the statistics have and, for K objectives, K (checked in :meth:`check_state`)."""
+        self.num_groups, self.objectives = num_groups, objectives
+
+    @property
+    def width(self) -> int:
+        """Statistics per group: 3 (two objectives) or K(K+1)/2."""
+        return 3 if self.objectives is None else num_pairs(self.objectives)
 
     @property
     def enabled(self) -> bool:
@@ -87,11 +115,18 @@ class RuleOptions:
             prev = torch.where(torch.isnan(ema), group_stats, ema)  # a group's first finite step starts it
             blended = beta * prev + (1.0 - beta) * group_stats
             stats = torch.where(finite, blended, group_stats)
-            self._ema = torch.where(finite, blended, ema).detach()
+            ema = torch.where(finite, blended, ema).detach()
         coeffs, cases = rule_fn(stats)
         if self.preserve_norm:
-            coeffs = preserve_norm_coeffs(coeffs, group_stats)
+            coeffs = self._preserve(coeffs, group_stats)
+        if self.stats_ema:
+            self._ema = ema  # only once the rule succeeded: a failed step leaves the average as it was
         return coeffs, cases
+
+    def _preserve(self, coeffs: torch.Tensor, group_stats: torch.Tensor) -> torch.Tensor:
+        if self.objectives is None:
+            return preserve_norm_coeffs(coeffs, group_stats)
+        return preserve_norm_weights(coeffs, gram_matrix(group_stats.to(torch.float64), self.objectives))
 
     def state_dict(self) -> dict:
         return {"stats_ema": self.stats_ema, "preserve_norm": self.preserve_norm,
@@ -106,7 +141,7 @@ class RuleOptions:
         ema = state["ema"]
         if ema is None:
             return
-        want = (self.num_groups, 3)
+        want = (self.num_groups, self.width)
         if not isinstance(ema, torch.Tensor) or not ema.is_floating_point() or (
                 self.num_groups is not None and tuple(ema.shape) != want):
             got = f"shape {list(ema.shape)}" if isinstance(ema, torch.Tensor) else type(ema).__name__

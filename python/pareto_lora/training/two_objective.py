@@ -61,7 +61,7 @@ from torch import nn
 
 from .. import args
 from ..backends import resolve_backend
-from ..distributed import SyncFailure, make_sync
+from ..distributed import make_sync
 from ..distributed.sync import set_traversal
 from ..flat import FlatGrads, build_layout
 from ..rules import LOOSE, RuleSpec, rule_keywords
@@ -73,6 +73,7 @@ from .report import StepReport
 from .rule_options import RuleOptions, check_optimizer
 from .step_checks import NONFINITE_MODES, check_loss as _check_loss
 from .watch import TrainableWatch
+from .window import AccumulationWindow
 
 __all__ = ["ParetoLoRA"]
 
@@ -88,7 +89,7 @@ def _owner_check(owner, state: dict, key: str) -> None:
         raise ValueError(msg if msg.startswith("state: ") else f"state: {key}: {msg}") from None
 
 
-class ParetoLoRA:
+class ParetoLoRA(AccumulationWindow):
     """Modality-balanced gradient integration for a PEFT LoRA model (two objectives: text, image).
 
     Args:
@@ -133,6 +134,8 @@ class ParetoLoRA:
             ``ParetoLoRA(...)`` returns a :class:`pareto_lora.training.multi_objective.MultiObjectiveLoRA`
             (``pl.backward(**losses)``); None or ``("text", "image")``: this two-objective step.
     """
+
+    _num_losses = 2  # text, image: the accumulation window's running losses
 
     def __new__(cls, *args, objectives=None, **kwargs):
         # Objectives other than (text, image): the K-objective step; ParetoLoRA stays the two-objective one.
@@ -225,18 +228,6 @@ class ParetoLoRA:
         """Warn when this rule can lengthen the gradient and `optimizer` (SGD) steps in proportion."""
         return check_optimizer(optimizer, self.spec, self.options.preserve_norm) if self.balancer is None else None
 
-    def _reset(self) -> None:
-        dev = self.layout.device
-        self._micro = 0
-        self._losses = torch.zeros(2, dtype=torch.float64, device=dev)
-        self._bad = torch.zeros(2, dtype=torch.bool, device=dev)
-        self._scaled = False
-
-    @property
-    def micro_batches(self) -> int:
-        """Micro-batches accumulated since the last ``integrate_accumulated()``."""
-        return self._micro
-
     def accumulate(self, text: torch.Tensor, image: torch.Tensor, scaler=None) -> None:
         """Add one micro-batch's text and image gradients to their buffers (no integration)."""
         self.backward(text=text, image=image, step=False, scaler=scaler)
@@ -253,18 +244,8 @@ class ParetoLoRA:
         self._check_trainable()
         t_loss, i_loss = (scaler.scale(text), scaler.scale(image)) if scaler is not None else (text, image)
         batch = torch.stack([text.detach(), image.detach()]).reshape(2).to(torch.float64)
-        # The running totals including this micro-batch; under DDP the hook carries them across
-        # ranks (in place), so they must exist before the backward. Kept only if it succeeds.
-        losses = self._losses + batch
-        try:
-            self._sync.backward(t_loss, i_loss, first=self._micro == 0, losses=losses)
-        except SyncFailure:
-            self._reset()
-            raise
-        self._losses = losses
-        self._bad |= ~torch.isfinite(batch)
-        self._scaled |= scaler is not None
-        self._micro += 1
+        self._add_micro_batch(batch, scaler is not None,
+                              lambda losses: self._sync.backward(t_loss, i_loss, first=self._micro == 0, losses=losses))
         return self.integrate_accumulated() if step else None
 
     def _check_trainable(self) -> None:
@@ -361,12 +342,7 @@ class ParetoLoRA:
         refused step then leaves it NaN, so that an optimizer step after a caught exception
         cannot apply it.
         """
-        self._losses = losses
-        self._bad = self._bad | ~torch.isfinite(losses)
-        mode = self.on_nonfinite
-        if mode == "auto":
-            mode = "skip" if self._scaled else "raise"
-        if mode != "raise":
+        if self._nonfinite_mode(losses) != "raise":
             return self._bad.any()
         bad = self._bad.tolist()
         if any(bad):

@@ -254,6 +254,16 @@ def test_the_power_check_reads_the_image_loss_of_w2_against_vanilla(w2_image, de
     assert check["line"].startswith(f"Power: w=2 minus w=1 (vanilla), paired image loss {sum(w2_image) / 3 - 1:+.3f} [")
     assert ("this run can tell w=2 from w=1" in check["line"]) is detects
     assert ("cannot tell w=2 from w=1 apart" in check["line"]) is not detects
+    # generation accuracy (w2 draws 0.5, 0.3, 0.55 against vanilla's 0.4): +0.05, an interval across 0
+    runs = [r for seed, g in enumerate((0.5, 0.3, 0.55)) for r in (_run("sum", seed, 1.0, 1.0, 0.4),
+                                                                   _run("w2", seed, 1.1, w2_image[seed], g))]
+    gen = verdict.power(report.compare(report.summarize(runs)), key="vs_sum_gen_acc_sampled",
+                        measure="generation accuracy (sampled)",
+                        consequence="its verdicts of 'no detectable difference' in generation accuracy say little")
+    assert gen["interval"]["mean"] == pytest.approx(0.05) and gen["detects"] is False
+    assert gen["line"].startswith("Power: w=2 minus w=1 (vanilla), paired generation accuracy (sampled) +0.050 [")
+    assert gen["line"].endswith("(the interval covers 0), so its verdicts of 'no detectable difference' in generation "
+                                "accuracy say little.")
 
 
 def test_ratio_quantiles():
@@ -301,8 +311,10 @@ def test_quick_end_to_end_run_writes_strict_json_and_figures(tmp_path, capsys):
     s = doc["settings"]["digits"]
     # the setting's first result line is its power check (issue 25), stored beside the verdict
     lines = printed.splitlines()
-    assert lines[lines.index("== digits: lr 0.01") + 1] == s["power"]["line"]
+    at = lines.index("== digits: lr 0.01")
+    assert lines[at + 1] == s["power"]["line"] and lines[at + 2] == s["power_generation"]["line"]
     assert s["power"]["line"].startswith("Power: w=2 minus w=1 (vanilla), paired image loss ")
+    assert s["power_generation"]["line"].startswith("Power: w=2 minus w=1 (vanilla), paired generation accuracy (sampled) ")
     assert s["power"]["detects"] in (True, False) and s["power"]["interval"]["n"] == 2
     assert set(s["summary"]) == {"text_only", "image_only", "sum", "w2", "pareto_lora"}
     assert all(math.isfinite(r["final"]["text"]) for r in s["runs"]) and len(s["runs"]) == 10

@@ -242,6 +242,30 @@ def test_distances_to_the_curve_on_hand_made_points():
     assert "pareto_lora" in report.format_table(summary, report.compare(summary))
 
 
+@pytest.mark.parametrize("w2_image, detects", [((0.90, 0.91, 0.89), True), ((0.70, 1.20, 0.95), False)])
+def test_the_power_check_reads_the_image_loss_of_w2_against_vanilla(w2_image, detects):
+    """Issue 25: the digits world's power check is the shapes world's (verdict.power) on raw image loss."""
+    from pareto_lora.app.demo import verdict
+
+    runs = [r for seed in range(3) for r in (_run("sum", seed, 1.0, 1.0, 0.4), _run("w2", seed, 1.1, w2_image[seed], 0.5))]
+    comparison = report.compare(report.summarize(runs))
+    check = verdict.power(comparison, key="vs_sum_image", measure="image loss")
+    assert check["detects"] is detects and check["interval"] is comparison["w2"]["vs_sum_image"]
+    assert check["line"].startswith(f"Power: w=2 minus w=1 (vanilla), paired image loss {sum(w2_image) / 3 - 1:+.3f} [")
+    assert ("this run can tell w=2 from w=1" in check["line"]) is detects
+    assert ("cannot tell w=2 from w=1 apart" in check["line"]) is not detects
+    # generation accuracy (w2 draws 0.5, 0.3, 0.55 against vanilla's 0.4): +0.05, an interval across 0
+    runs = [r for seed, g in enumerate((0.5, 0.3, 0.55)) for r in (_run("sum", seed, 1.0, 1.0, 0.4),
+                                                                   _run("w2", seed, 1.1, w2_image[seed], g))]
+    gen = verdict.power(report.compare(report.summarize(runs)), key="vs_sum_gen_acc_sampled",
+                        measure="generation accuracy (sampled)",
+                        consequence="its verdicts of 'no detectable difference' in generation accuracy say little")
+    assert gen["interval"]["mean"] == pytest.approx(0.05) and gen["detects"] is False
+    assert gen["line"].startswith("Power: w=2 minus w=1 (vanilla), paired generation accuracy (sampled) +0.050 [")
+    assert gen["line"].endswith("(the interval covers 0), so its verdicts of 'no detectable difference' in generation "
+                                "accuracy say little.")
+
+
 def test_ratio_quantiles():
     q = study.ratio_quantiles([1.0, 2.0, 3.0, 4.0, 100.0])
     assert q["q50"] == 3.0 and q["q25"] == 2.0 and q["share_beyond_10x"] == pytest.approx(0.2)
@@ -285,6 +309,13 @@ def test_quick_end_to_end_run_writes_strict_json_and_figures(tmp_path, capsys):
     assert "== digits: lr 0.01" in printed and "Time:" in printed and "load average" in printed
     doc = _strict(out / "results.json")
     s = doc["settings"]["digits"]
+    # the setting's first result line is its power check (issue 25), stored beside the verdict
+    lines = printed.splitlines()
+    at = lines.index("== digits: lr 0.01")
+    assert lines[at + 1] == s["power"]["line"] and lines[at + 2] == s["power_generation"]["line"]
+    assert s["power"]["line"].startswith("Power: w=2 minus w=1 (vanilla), paired image loss ")
+    assert s["power_generation"]["line"].startswith("Power: w=2 minus w=1 (vanilla), paired generation accuracy (sampled) ")
+    assert s["power"]["detects"] in (True, False) and s["power"]["interval"]["n"] == 2
     assert set(s["summary"]) == {"text_only", "image_only", "sum", "w2", "pareto_lora"}
     assert all(math.isfinite(r["final"]["text"]) for r in s["runs"]) and len(s["runs"]) == 10
     assert doc["codebook"]["used"] == 32 and doc["machine_start"]["cpu"]

@@ -32,21 +32,26 @@ def brackets_apart(summary: dict):
     return word(d_img) == "better" and word(d_txt) == "better", d_img, d_txt
 
 
-def power(comparison: dict) -> dict:
-    """Whether this run can tell w=2 from w=1 (vanilla), from its own paired image-excess interval.
+def power(comparison: dict, key: str = "vs_sum_image_excess", measure: str = "image excess",
+          consequence: str = "its verdicts of 'no detectable difference' say little; run --full (5 seeds) for the study",
+          ) -> dict:
+    """Whether this run can tell w=2 from w=1 (vanilla), from its own paired interval.
 
     Returns {"line", "detects", "interval"}: the line is printed first among the results, since a
     run that cannot see this difference says little with its "no detectable difference" verdicts.
-    detects and interval are None when 'sum' or 'w2' was not run."""
-    d = comparison.get(POWER_RULE, {}).get("vs_sum_image_excess") if BASELINE in comparison else None
+    detects and interval are None when 'sum' or 'w2' was not run. Both worlds use it: `key` names
+    the comparison's interval of w2 against vanilla (the shapes world's image excess; the digits
+    world's raw image loss, ``key="vs_sum_image", measure="image loss"``: the same difference, as
+    a floor is a constant; its generation accuracy too). `consequence` ends the line of a run
+    that cannot tell them apart: what that means for the run's verdicts."""
+    d = comparison.get(POWER_RULE, {}).get(key) if BASELINE in comparison else None
     if d is None:
         return {"line": f"Power: not checked; the power check needs both '{BASELINE}' (w=1) and '{POWER_RULE}' among the "
                         "methods.", "detects": None, "interval": None}
     detects = d["n"] > 1 and (d["low"] > 0 or d["high"] < 0)
-    head = f"Power: w=2 minus w=1 (vanilla), paired image excess {_fmt(d)} over {d['n']} seed{'s' * (d['n'] > 1)}: "
+    head = f"Power: w=2 minus w=1 (vanilla), paired {measure} {_fmt(d)} over {d['n']} seed{'s' * (d['n'] > 1)}: "
     tail = ("this run can tell w=2 from w=1 (the interval excludes 0)." if detects else
-            "this run cannot tell w=2 from w=1 apart (the interval covers 0), so its verdicts of 'no detectable "
-            "difference' say little; run --full (5 seeds) for the study.")
+            f"this run cannot tell w=2 from w=1 apart (the interval covers 0), so {consequence}.")
     return {"line": head + tail, "detects": detects, "interval": d}
 
 

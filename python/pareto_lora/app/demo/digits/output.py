@@ -4,7 +4,9 @@ Writes into the output folder: ``results.json`` (strict JSON: configs, machine, 
 tuning, every summary and interval, the verdicts, the ratio quantiles, the runs without their
 per-step records, which stay in ``<setting>/runs/*.json``), ``samples.png`` (greedy digits per
 method, seed 0; real and VQ-reconstructed digits on top), ``tradeoff.png`` per setting and
-``ratios.png``; prints the tables, the verdicts, the time and the machine.
+``ratios.png``; prints per setting its power checks first (verdict.power: can its seeds tell w=2 from
+w=1 in image loss, and in generation accuracy?), then its table and verdict; then the time and the
+machine.
 """
 
 from __future__ import annotations
@@ -120,8 +122,11 @@ def run_digits_demo(settings: list[tuple[str, object]], out_dir: str, echo=print
     for name, _ in settings:
         r = doc["settings"][name]
         echo("")
-        echo(f"== {name}: lr {r['config']['lr']:g}; held-out losses (nats/token), understanding and generation accuracy "
-             f"(% greedy / sampled), paired 95% intervals")
+        echo(f"== {name}: lr {r['config']['lr']:g}")
+        echo(r["power"]["line"])  # first: whether the rest can see a difference of the size that matters
+        echo(r["power_generation"]["line"])
+        echo("Held-out losses (nats/token), understanding and generation accuracy (% greedy / sampled), "
+             "paired 95% intervals:")
         echo(r["table"])
         for line in r["verdict"]:
             echo(line)

@@ -21,6 +21,7 @@ import statistics
 from ....training.diagnostics import case_fractions
 from ..frontier import distance_to_curve
 from ..methods import frontier_weight
+from ..report import BASELINE, BRACKETS
 from ..stats import paired_interval, word
 
 __all__ = ["METRICS", "HIGHER_IS_BETTER", "DISTANCES", "summarize", "compare", "format_table", "verdict",
@@ -31,8 +32,6 @@ HIGHER_IS_BETTER = {"und_acc", "gen_acc_greedy", "gen_acc_sampled"}
 #: name -> (x metric, y metric): the distance is y minus the curve's y at the method's x
 DISTANCES = {"image_at_text": ("text", "image"), "gen_at_text": ("text", "gen_acc_sampled"),
              "text_at_gen": ("gen_acc_sampled", "text")}
-BASELINE = "sum"
-BRACKETS = ("text_only", "image_only")
 
 
 def ratio_values(records: list[dict], level: str = "layers") -> list[float]:

@@ -18,6 +18,7 @@ import statistics
 from ..methods import ALL_METHODS, FAMILY
 from ..model import ModelConfig
 from ..parallel import run_cells
+from ..verdict import power
 from .experiment import LONG, DigitsConfig, cell_line, prepare, run_cell
 from .report import compare, format_table, ratio_values, summarize, verdict
 
@@ -102,6 +103,12 @@ def run_setting(name: str, cfg: DigitsConfig, out_dir: str, echo=print) -> dict:
     sampled = {r.rule: r.sampled_images for r in runs if r.seed == cfg.seeds[0]}
     return {"name": name, "config": dataclasses.asdict(cfg), "base": setup.base_info, "tuning": tuning,
             "timings": setup.timings, "summary": summary, "comparison": comparison,
+            # the first result lines (issue 25): can this setting's seeds tell w=2 from w=1 in image loss,
+            # and in generation accuracy (a noisier metric, where 5 seeds may not suffice either)?
+            "power": power(comparison, key="vs_sum_image", measure="image loss"),
+            "power_generation": power(comparison, key="vs_sum_gen_acc_sampled", measure="generation accuracy (sampled)",
+                                      consequence="its verdicts of 'no detectable difference' in generation "
+                                                  "accuracy say little; they need more paired seeds"),
             "verdict": verdict(summary, comparison, setup.base_info), "table": format_table(summary, comparison),
             "vanilla_ratios": vanilla, "ratio_quantiles": ratio_quantiles(vanilla),
             "samples_greedy": samples, "samples_sampled": sampled,

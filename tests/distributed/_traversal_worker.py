@@ -1,14 +1,19 @@
-"""One rank of tests/distributed/test_traversal_ddp.py: DDP with non-reentrant activation checkpointing.
+"""One rank of tests/distributed/test_traversal_ddp.py: DDP and FSDP2 with non-reentrant activation checkpointing.
 
     python tests/distributed/_traversal_worker.py RANK WORLD PORT OUT_DIR
 
-Under DDP the image gradient must go through an ordinary backward (the communication hook sees
-nothing else), so ParetoLoRA takes two passes there whatever the checkpointing; this rank saves
-its integrated gradients and what a batched traversal request raised.
+DDP: the same steps under ``traversal="two_pass"`` and ``"auto"`` (one batched backward, the image
+gradient handed to DDP's hook by a replay from the parameters), on small buckets that groups
+span and on one bucket, initial and rebuilt; with ``find_unused_parameters=True``; accumulated over
+two micro-batches (the first inside ``no_sync()``, or both synchronised); through a GradScaler.
+``local/bitwise`` says whether one process's batched buffers equal its two-pass ones on this
+rank's batch (then DDP's results must be bitwise equal too). FSDP2: two passes under
+checkpointing. Each rank saves its integrated gradients and the errors of what is refused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import sys
@@ -22,6 +27,10 @@ sys.path[:0] = [HERE, os.path.dirname(HERE)]  # _dist_worker.py, models.py
 
 import _dist_worker as W  # noqa: E402
 import pareto_lora  # noqa: E402
+from pareto_lora.distributed.traversal import checkpointing_modules  # noqa: E402
+from pareto_lora.training import ParetoLoRA  # noqa: E402
+
+TRAVERSALS = ("two_pass", "auto")
 
 
 def checkpointed_model():
@@ -30,25 +39,98 @@ def checkpointed_model():
     return model.train()
 
 
+def ddp_of(layout: str, **kw):
+    model = checkpointed_model()
+    cap = pareto_lora.distributed.one_bucket_cap_mb(model) if layout == "one" else W.BUCKET_MB
+    return DDP(model, bucket_cap_mb=cap, **kw)
+
+
+def local_bitwise(rank: int) -> bool:
+    """One process, this rank's batch: batched buffers == two-pass buffers (both objectives)."""
+    model, bufs = checkpointed_model(), []
+    for traversal in ("two_pass", "batched"):
+        pl = W.pareto(model, traversal=traversal)
+        pl.accumulate(*W.losses_of(model, W.batch_for(rank, 0)))
+        bufs.append([f.clone() for f in pl.text.flats + pl.image.flats])
+        pl.integrate_accumulated()
+        model.zero_grad(set_to_none=True)
+    return all(torch.equal(a, b) for a, b in zip(*bufs))
+
+
+def ddp_scenarios(rank: int, out: dict) -> None:
+    for traversal in TRAVERSALS:
+        for layout in ("small", "one"):
+            ddp = ddp_of(layout)
+            pl = W.pareto(ddp, traversal=traversal)
+            for step in range(2):  # initial and rebuilt buckets
+                report = pl.backward(*W.losses_of(ddp, W.batch_for(rank, 100 * step)))
+                key = f"{layout}/{traversal}/step{step}"
+                out[key], out[f"{key}/taken"] = W.grads_of(ddp.module), pl._sync.last_traversal
+                out[f"{key}/cases"] = report.cases
+                plans = {plan.key: plan for plan in pl._sync._plans.values()}
+                out[f"{key}/whole"] = [plans[k].whole for k, _, _ in pl._sync.trace]  # this backward's buckets
+                ddp.module.zero_grad(set_to_none=True)
+        ddp = ddp_of("small", find_unused_parameters=True)  # the HF Trainer's default for PEFT models
+        pl = W.pareto(ddp, traversal=traversal)
+        for step in range(2):
+            pl.backward(*W.losses_of(ddp, W.batch_for(rank, 100 * step)))
+            out[f"unused/{traversal}/step{step}"] = W.grads_of(ddp.module)
+            out[f"unused/{traversal}/step{step}/taken"] = pl._sync.last_traversal
+            ddp.module.zero_grad(set_to_none=True)
+        for synced in (False, True):
+            ddp = ddp_of("small")
+            pl = W.pareto(ddp, traversal=traversal)
+            for base in (300, 400):
+                with contextlib.nullcontext() if synced or base == 400 else ddp.no_sync():
+                    lt, li = W.losses_of(ddp, W.batch_for(rank, base))
+                    pl.accumulate(lt / 2, li / 2)
+            pl.integrate_accumulated()
+            key = f"accum{'_synced' if synced else ''}/{traversal}"
+            out[key], out[f"{key}/taken"] = W.grads_of(ddp.module), pl._sync.last_traversal
+        ddp = ddp_of("small")
+        pl = W.pareto(ddp, traversal=traversal)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        pl.backward(*W.losses_of(ddp, W.batch_for(rank, 0)), scaler=scaler)
+        out[f"scaler/{traversal}"] = W.grads_of(ddp.module)
+    out["err/sum_first"] = W.error_of(lambda: W.pareto(ddp_of("small"), traversal="sum_first"))
+    out["err/static_graph"] = W.error_of(lambda: W.pareto(ddp_of("small", static_graph=True)))
+
+
+def fsdp_model(mesh):
+    from torch.distributed.fsdp import fully_shard
+
+    model = checkpointed_model()
+    for layer in model.base_model.model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def fsdp_scenarios(rank: int, world: int, out: dict) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,))
+    model = fsdp_model(mesh)
+    pl = W.pareto(model)  # auto: two passes under FSDP2
+    for step in range(2):
+        report = pl.backward(*W.losses_of(model, W.batch_for(rank, 100 * step)))
+        out[f"fsdp/step{step}"], out[f"fsdp/step{step}/coeffs"] = W.grads_of(model), report.step.coeffs.clone()
+        out[f"fsdp/step{step}/checkpointed"] = all(m.gradient_checkpointing for m in checkpointing_modules(model))
+        model.zero_grad(set_to_none=True)
+    for traversal in ("batched", "sum_first"):
+        out[f"err/fsdp/{traversal}"] = W.error_of(lambda: ParetoLoRA(fsdp_model(mesh), traversal=traversal))
+
+
 def main(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                           timeout=datetime.timedelta(seconds=120))
-    out = {}
-    ddp = DDP(checkpointed_model(), bucket_cap_mb=W.BUCKET_MB)
+                            timeout=datetime.timedelta(seconds=120))
+    out = {"local/bitwise": local_bitwise(rank)}
     try:
-        pareto_lora.ParetoLoRA(ddp, num_groups=W.NUM_GROUPS, modulate="all", traversal="batched")
-    except ValueError as e:
-        out["batched_error"] = str(e)
-    pl = W.pareto(ddp)  # traversal="auto": two passes under DDP
-    for step in range(2):  # initial and rebuilt buckets
-        report = pl.backward(*W.losses_of(ddp, W.batch_for(rank, 100 * step)))
-        out[f"step{step}"] = W.grads_of(ddp.module)
-        out[f"step{step}/cases"] = report.cases
-        ddp.module.zero_grad(set_to_none=True)
+        ddp_scenarios(rank, out)
+        fsdp_scenarios(rank, world, out)
+    finally:
+        dist.destroy_process_group()
     torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

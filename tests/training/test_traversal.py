@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 import pareto_lora
 from pareto_lora.distributed.sync import set_traversal
-from pareto_lora.distributed.traversal import custom_function_in
+from pareto_lora.distributed.traversal import custom_function_in, replay
 from pareto_lora.rules import Case
 from pareto_lora.training import ParetoLoRA
 
@@ -132,6 +132,28 @@ def test_auto_takes_two_passes_in_eval_mode_for_other_dtypes_and_custom_function
     assert pl._sync.choose_traversal(lt, li) == "two_pass"
 
 
+def test_replay_adds_the_gradients_bitwise_through_the_accumulation_hooks():
+    """What DDP's one traversal relies on: a backward from the parameters adds exactly the given
+    gradients into .grad, as the loss's backward does, and runs the hooks on their accumulators
+    (DDP's reducer hooks sit there); None delivers nothing and runs no hook."""
+    model = checkpointed(models.lora_llama(num_layers=2))
+    params = [p for p in model.parameters() if p.requires_grad]
+    start = [torch.randn_like(p) for p in params]
+    _, image = llama_losses(model)
+    grads = torch.autograd.grad(image, params, retain_graph=True)
+    for p, s in zip(params, start):
+        p.grad = s.clone()
+    image.backward()
+    want = [p.grad.clone() for p in params]
+    seen = []
+    for p, s in zip(params, start):
+        p.grad = s.clone()
+        p.register_post_accumulate_grad_hook(lambda q: seen.append(id(q)))
+    replay(params, grads[:-1] + (None,))
+    assert same([p.grad for p in params[:-1]], want[:-1]) and torch.equal(params[-1].grad, start[-1])
+    assert sorted(seen) == sorted(id(p) for p in params[:-1])
+
+
 @pytest.mark.parametrize("traversal", ["batched", "sum_first", "auto"])
 def test_a_failed_backward_changes_nothing(traversal):
     model = checkpointed(models.lora_llama(num_layers=3))
@@ -239,8 +261,8 @@ def test_traversal_errors():
         ParetoLoRA(model, balancer="mimo", traversal="sum_first")
     with pytest.raises(ValueError, match="^traversal: 'sum_first' expected float32 or float64"):
         ParetoLoRA(models.lora_llama(num_layers=3).to(torch.bfloat16), traversal="sum_first")
-    for traversal in ("batched", "sum_first"):  # any sync but the single-process one (DDP, FSDP2)
-        with pytest.raises(ValueError, match="^traversal: expected 'auto' or 'two_pass' under DDP or FSDP2"):
+    for traversal in ("batched", "sum_first"):  # a sync that names no refused traversal takes two passes
+        with pytest.raises(ValueError, match="^traversal: expected 'auto', 'two_pass' under object, got"):
             set_traversal(object(), traversal, balanced=False)
 
 

@@ -23,6 +23,11 @@ from .sync import Settle, window_lost
 __all__ = ["FSDPSync", "is_fsdp2"]
 
 
+#: Why FSDP2 takes two passes (set_traversal's message; pareto_lora.distributed.traversal says more).
+FSDP_ONE_TRAVERSAL = ("FSDP2 computes with unsharded copies of the parameters that torch.autograd.grad cannot target "
+                      "through the public API, and reduce-scatters only what an ordinary backward accumulates")
+
+
 def is_fsdp2(model: nn.Module) -> bool:
     try:
         from torch.distributed.fsdp import FSDPModule
@@ -64,6 +69,8 @@ class FSDPSync:
 
     saves_mid_window = True  # each rank's shard buffers hold its whole window
     calls_rule_once = True
+    kind = "FSDP2"
+    refused_traversals = {t: FSDP_ONE_TRAVERSAL for t in ("batched", "sum_first")}
 
     def __init__(self, model: nn.Module):
         from torch.distributed.fsdp import FSDPModule

@@ -1,8 +1,9 @@
 """How one process takes the two objectives' gradients: the backward traversals of a step.
 
-``ParetoLoRA(traversal=...)`` picks one; only a single process (:class:`~.sync.LocalSync`)
-chooses, DDP and FSDP2 always take two passes (DDP's communication hook sees only an ordinary
-backward, FSDP2 computes with unsharded copies that ``autograd.grad`` cannot target).
+``ParetoLoRA(traversal=...)`` picks one. One process (:class:`~.sync.LocalSync`) takes any;
+DDP takes ``two_pass`` and ``batched`` (its communication hook sees only an ordinary backward, so
+the batched image gradient is handed to it by :func:`replay`; ``sum_first`` is not built there,
+:data:`~.ddp.SUM_FIRST_REFUSED`); FSDP2 takes two passes (:data:`~.fsdp.FSDP_ONE_TRAVERSAL`).
 
 * ``"two_pass"``: ``autograd.grad(text)`` with the graph kept, then ``autograd.grad(image)``:
   F + 2B, and under activation checkpointing each pass recomputes the checkpointed forward
@@ -39,7 +40,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-__all__ = ["TRAVERSALS", "checkpointing_modules", "custom_function_in", "two_pass", "batched", "sum_first"]
+__all__ = ["TRAVERSALS", "checkpointing_modules", "custom_function_in", "two_pass", "batched", "sum_first", "replay"]
 
 TRAVERSALS = ("auto", "two_pass", "batched", "sum_first")
 
@@ -59,10 +60,17 @@ def custom_function_in(*losses: torch.Tensor) -> bool:
         if node is None or node in seen:
             continue
         seen.add(node)
-        if isinstance(node, torch.autograd.function.BackwardCFunction):
+        if isinstance(node, torch.autograd.function.BackwardCFunction) and not _passes_through(node):
             return True
         stack.extend(n for n, _ in node.next_functions)
     return False
+
+
+def _passes_through(node) -> bool:
+    """DDP's ``_DDPSink`` (on the outputs with ``find_unused_parameters=True``): its backward
+    returns the cotangents as they came, which a batch of two passes through unchanged."""
+    cls = getattr(node, "_forward_cls", None)
+    return cls is not None and cls.__name__ == "_DDPSink" and cls.__module__ == "torch.nn.parallel.distributed"
 
 
 def two_pass(text_loss: torch.Tensor, image_loss: torch.Tensor, params: Sequence[torch.Tensor]) -> tuple[Grads, Grads]:
@@ -174,3 +182,17 @@ def sum_first(text_loss: torch.Tensor, image_loss: torch.Tensor, params: Sequenc
         text[i] = a
         image[i] = a.neg() if total[i] is None else total[i].sub_(a)  # total[i] is this call's own tensor
     return tuple(text), tuple(image)
+
+
+def replay(params: Sequence[torch.Tensor], grads: Grads) -> None:
+    """Deliver already computed gradients to ``params`` through an ordinary backward that starts
+    at the parameters themselves (``torch.autograd.backward(params, grads)``).
+
+    No node of the model's graph runs: the backward's roots are the parameters' own
+    ``AccumulateGrad`` nodes, so each ``.grad`` receives ``+= g`` exactly as a backward of the
+    loss would add it (bitwise), and the hooks on those nodes run as in that backward: DDP's
+    reducer marks each parameter ready, fills and reduces its buckets, finishes the step.
+    ``None`` (the loss does not reach a parameter) delivers nothing, as that backward would not.
+    """
+    got = [(p, g) for p, g in zip(params, grads) if g is not None]
+    torch.autograd.backward([p for p, _ in got], grad_tensors=[g for _, g in got])

@@ -7,8 +7,9 @@ gradient handed to DDP's hook by a replay from the parameters), on small buckets
 span and on one bucket, initial and rebuilt; with ``find_unused_parameters=True``; accumulated over
 two micro-batches (the first inside ``no_sync()``, or both synchronised); through a GradScaler.
 ``local/bitwise`` says whether one process's batched buffers equal its two-pass ones on this
-rank's batch (then DDP's results must be bitwise equal too). FSDP2: two passes under
-checkpointing. Each rank saves its integrated gradients and the errors of what is refused.
+rank's batch (then DDP's results must be bitwise equal too). FSDP2: the same steps and
+accumulation, ``"auto"`` taking one batched traversal reduce-scattered outside FSDP2. Each rank
+saves its integrated gradients and the errors of what is refused.
 """
 
 from __future__ import annotations
@@ -96,28 +97,41 @@ def ddp_scenarios(rank: int, out: dict) -> None:
     out["err/static_graph"] = W.error_of(lambda: W.pareto(ddp_of("small", static_graph=True)))
 
 
-def fsdp_model(mesh):
+def fsdp_model(mesh, **kw):
     from torch.distributed.fsdp import fully_shard
 
     model = checkpointed_model()
     for layer in model.base_model.model.model.layers:
-        fully_shard(layer, mesh=mesh)
-    return fully_shard(model, mesh=mesh)
+        fully_shard(layer, mesh=mesh, **kw)
+    return fully_shard(model, mesh=mesh, **kw)
 
 
 def fsdp_scenarios(rank: int, world: int, out: dict) -> None:
     from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy
 
     mesh = init_device_mesh("cpu", (world,))
-    model = fsdp_model(mesh)
-    pl = W.pareto(model)  # auto: two passes under FSDP2
-    for step in range(2):
-        report = pl.backward(*W.losses_of(model, W.batch_for(rank, 100 * step)))
-        out[f"fsdp/step{step}"], out[f"fsdp/step{step}/coeffs"] = W.grads_of(model), report.step.coeffs.clone()
-        out[f"fsdp/step{step}/checkpointed"] = all(m.gradient_checkpointing for m in checkpointing_modules(model))
-        model.zero_grad(set_to_none=True)
-    for traversal in ("batched", "sum_first"):
-        out[f"err/fsdp/{traversal}"] = W.error_of(lambda: ParetoLoRA(fsdp_model(mesh), traversal=traversal))
+    for traversal in TRAVERSALS:
+        model = fsdp_model(mesh)
+        pl = W.pareto(model, traversal=traversal)
+        for step in range(2):
+            report = pl.backward(*W.losses_of(model, W.batch_for(rank, 100 * step)))
+            key = f"fsdp/{traversal}/step{step}"
+            out[key], out[f"{key}/coeffs"] = W.grads_of(model), report.step.coeffs.clone()
+            out[f"{key}/taken"] = pl._sync.last_traversal
+            out[f"{key}/checkpointed"] = all(m.gradient_checkpointing for m in checkpointing_modules(model))
+            model.zero_grad(set_to_none=True)
+        for base in (300, 400):
+            lt, li = W.losses_of(model, W.batch_for(rank, base))
+            pl.accumulate(lt / 2, li / 2)
+        pl.integrate_accumulated()
+        out[f"fsdp/{traversal}/accum"] = W.grads_of(model)
+    out["err/fsdp/sum_first"] = W.error_of(lambda: ParetoLoRA(fsdp_model(mesh), traversal="sum_first"))
+    # A MixedPrecisionPolicy: FSDP2 reduces in its own dtype, which a reduction outside it cannot know.
+    model = fsdp_model(mesh, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
+    pl = W.pareto(model, traversal="batched")
+    out["err/fsdp/mixed_precision"] = W.error_of(lambda: pl.backward(*W.losses_of(model, W.batch_for(rank, 0))))
+    out["fsdp/mixed_precision/untouched"] = all(p.grad is None for p in model.parameters())
 
 
 def main(rank: int, world: int, port: int, out_dir: str) -> None:

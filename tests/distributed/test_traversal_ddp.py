@@ -7,8 +7,9 @@ with the integrated gradient of the global batch, bitwise alike, and bitwise equ
 two-pass DDP step wherever one process's batched backward is bitwise equal to its two passes
 (else within the global-batch tolerance): on small buckets that groups span and on one bucket,
 initial and rebuilt, with ``find_unused_parameters=True``, over two accumulated micro-batches
-(inside ``no_sync()`` or not) and through a GradScaler. FSDP2 takes two passes and matches the
-global batch too.
+(inside ``no_sync()`` or not) and through a GradScaler. FSDP2 likewise: ``"auto"`` takes the
+batched traversal (reduce-scattered outside FSDP2), equal to its two passes and to the global batch;
+refused under a MixedPrecisionPolicy.
 """
 
 import os
@@ -109,17 +110,27 @@ def test_ddp_refusals(ranks):
 
 
 @pytest.mark.parametrize("step", [0, 1])
-def test_fsdp2_with_checkpointing_matches_the_global_batch(ranks, model, groups, step):
-    key = f"fsdp/step{step}"
-    assert all(r[f"{key}/checkpointed"] for r in ranks)
-    assert_bitwise_same(ranks, key)
-    assert torch.equal(ranks[0][f"{key}/coeffs"], ranks[1][f"{key}/coeffs"])
+def test_fsdp2_one_traversal_under_checkpointing(ranks, model, groups, step):
+    two, auto = f"fsdp/two_pass/step{step}", f"fsdp/auto/step{step}"
     for r in ranks:
-        assert_matches(r[key], reference(model, groups, [100 * step]))
+        assert r[f"{two}/checkpointed"] and r[f"{auto}/checkpointed"]
+        assert r[f"{two}/taken"] == "two_pass" and r[f"{auto}/taken"] == "batched"
+    assert_as_two_passes(ranks, two, auto)
+    for key in (two, auto):
+        assert torch.equal(ranks[0][f"{key}/coeffs"], ranks[1][f"{key}/coeffs"])
+        assert_matches(ranks[0][key], reference(model, groups, [100 * step]))
 
 
-def test_fsdp2_refuses_one_traversal(ranks):
+def test_fsdp2_one_traversal_accumulates(ranks, model, groups):
+    assert_as_two_passes(ranks, "fsdp/two_pass/accum", "fsdp/auto/accum")
+    assert_matches(ranks[0]["fsdp/auto/accum"], reference(model, groups, [300, 400]))
+
+
+def test_fsdp2_refusals(ranks):
     for r in ranks:
-        for traversal in ("batched", "sum_first"):
-            assert re.match(rf"ValueError: traversal: expected 'auto', 'two_pass' under FSDP2, got '{traversal}' "
-                            r"\(FSDP2 computes with unsharded copies", r[f"err/fsdp/{traversal}"])
+        assert re.match(r"ValueError: traversal: expected 'auto', 'two_pass', 'batched' under FSDP2, got 'sum_first'",
+                        r["err/fsdp/sum_first"]), r["err/fsdp/sum_first"]
+        # refused before anything runs: no backward, no collective (the other rank is not left waiting)
+        assert re.match(r"ValueError: traversal: 'batched' under FSDP2 expected FSDP2's default reduction, got a "
+                        r"MixedPrecisionPolicy", r["err/fsdp/mixed_precision"]), r["err/fsdp/mixed_precision"]
+        assert r["fsdp/mixed_precision/untouched"]

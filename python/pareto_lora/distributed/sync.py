@@ -19,7 +19,7 @@ from torch import nn
 
 from .. import args
 from ..flat import FlatGrads, FlatStep, GradLayout, StepRule, flat_step, is_lora_param
-from .traversal import TRAVERSALS, batched, checkpointing_modules, custom_function_in, sum_first
+from .traversal import TRAVERSALS, batched, batched_pays, checkpointing_modules, sum_first
 
 __all__ = ["GradSync", "LocalSync", "SyncFailure", "Settle", "set_traversal"]
 
@@ -150,10 +150,7 @@ class LocalSync:
         """The traversal this backward takes (``"auto"`` resolved; :mod:`.traversal`)."""
         if self.traversal != "auto":
             return self.traversal
-        checkpointed = any(m.gradient_checkpointing and m.training for m in self._checkpointing)
-        if checkpointed and text_loss.dtype == image_loss.dtype and not custom_function_in(text_loss, image_loss):
-            return "batched"
-        return "two_pass"
+        return "batched" if batched_pays(self._checkpointing, text_loss, image_loss) else "two_pass"
 
     def backward(self, text_loss: torch.Tensor, image_loss: torch.Tensor, first: bool, losses: torch.Tensor) -> None:
         # Both gradients are taken before anything changes, so a backward that fails (a freed

@@ -40,7 +40,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-__all__ = ["TRAVERSALS", "checkpointing_modules", "custom_function_in", "two_pass", "batched", "sum_first", "replay"]
+__all__ = ["TRAVERSALS", "batched_pays", "checkpointing_modules", "custom_function_in", "two_pass", "batched",
+           "sum_first", "replay"]
 
 TRAVERSALS = ("auto", "two_pass", "batched", "sum_first")
 
@@ -66,11 +67,23 @@ def custom_function_in(*losses: torch.Tensor) -> bool:
     return False
 
 
+#: Python autograd Functions whose backward returns the cotangents as they came (a batch of two
+#: passes through unchanged): DDP's ``_DDPSink`` (on its outputs with ``find_unused_parameters``),
+#: FSDP2's ``RegisterPostBackwardFunction`` (its backward runs FSDP2's post-backward first).
+PASS_THROUGH = {("torch.nn.parallel.distributed", "_DDPSink"),
+                ("torch.distributed.fsdp._fully_shard._fsdp_param_group", "RegisterPostBackwardFunction")}
+
+
 def _passes_through(node) -> bool:
-    """DDP's ``_DDPSink`` (on the outputs with ``find_unused_parameters=True``): its backward
-    returns the cotangents as they came, which a batch of two passes through unchanged."""
     cls = getattr(node, "_forward_cls", None)
-    return cls is not None and cls.__name__ == "_DDPSink" and cls.__module__ == "torch.nn.parallel.distributed"
+    return cls is not None and (cls.__module__, cls.__name__) in PASS_THROUGH
+
+
+def batched_pays(checkpointing: Sequence[nn.Module], text_loss: torch.Tensor, image_loss: torch.Tensor) -> bool:
+    """``"auto"``'s choice of ``"batched"``: non-reentrant checkpointing on (one of `checkpointing`,
+    :func:`checkpointing_modules`, in training mode), same dtypes, no Python Function vmap may not batch."""
+    on = any(m.gradient_checkpointing and m.training for m in checkpointing)
+    return on and text_loss.dtype == image_loss.dtype and not custom_function_in(text_loss, image_loss)
 
 
 def two_pass(text_loss: torch.Tensor, image_loss: torch.Tensor, params: Sequence[torch.Tensor]) -> tuple[Grads, Grads]:

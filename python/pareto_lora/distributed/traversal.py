@@ -1,9 +1,12 @@
 """How one process takes the two objectives' gradients: the backward traversals of a step.
 
 ``ParetoLoRA(traversal=...)`` picks one. One process (:class:`~.sync.LocalSync`) takes any;
-DDP takes ``two_pass`` and ``batched`` (its communication hook sees only an ordinary backward, so
-the batched image gradient is handed to it by :func:`replay`; ``sum_first`` is not built there,
-:data:`~.ddp.SUM_FIRST_REFUSED`); FSDP2 takes two passes (:data:`~.fsdp.FSDP_ONE_TRAVERSAL`).
+DDP and FSDP2 take ``two_pass`` and ``batched`` (``sum_first`` is not built there,
+:data:`~.ddp.SUM_FIRST_REFUSED`). DDP's communication hook sees only an ordinary backward, so the
+batched image gradient is handed to it by :func:`replay`. FSDP2's registered parameters are
+sharded DTensors the forward never uses; the batched traversal targets the unsharded ones the
+forward used and reduce-scatters outside FSDP2, under its default reduction only
+(:mod:`.fsdp_traversal`, which says why and what was measured).
 
 * ``"two_pass"``: ``autograd.grad(text)`` with the graph kept, then ``autograd.grad(image)``:
   F + 2B, and under activation checkpointing each pass recomputes the checkpointed forward

@@ -34,8 +34,8 @@ from pareto_lora.training import ParetoLoRA  # noqa: E402
 TRAVERSALS = ("two_pass", "auto")
 
 
-def checkpointed_model():
-    model = W.models.lora_llama(num_layers=W.NUM_LAYERS)
+def checkpointed_model(r: int = 4):
+    model = W.models.lora_llama(num_layers=W.NUM_LAYERS, r=r)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model.train()
 
@@ -97,10 +97,10 @@ def ddp_scenarios(rank: int, out: dict) -> None:
     out["err/static_graph"] = W.error_of(lambda: W.pareto(ddp_of("small", static_graph=True)))
 
 
-def fsdp_model(mesh, **kw):
+def fsdp_model(mesh, r: int = 4, **kw):
     from torch.distributed.fsdp import fully_shard
 
-    model = checkpointed_model()
+    model = checkpointed_model(r)
     for layer in model.base_model.model.model.layers:
         fully_shard(layer, mesh=mesh, **kw)
     return fully_shard(model, mesh=mesh, **kw)
@@ -126,6 +126,15 @@ def fsdp_scenarios(rank: int, world: int, out: dict) -> None:
             pl.accumulate(lt / 2, li / 2)
         pl.integrate_accumulated()
         out[f"fsdp/{traversal}/accum"] = W.grads_of(model)
+    # LoRA rank 3 and 1: lora_A's 3 rows shard as 2 + 1, its single row as 1 + 0 (an empty shard).
+    for r in (3, 1):
+        for traversal in TRAVERSALS:
+            model = fsdp_model(mesh, r)
+            pl = W.pareto(model, traversal=traversal)
+            pl.backward(*W.losses_of(model, W.batch_for(rank, 0)))
+            out[f"fsdp/r{r}/{traversal}"], out[f"fsdp/r{r}/{traversal}/taken"] = W.grads_of(model), pl._sync.last_traversal
+            out[f"fsdp/r{r}/{traversal}/rows"] = {n: tuple(p.to_local().shape) for n, p in model.named_parameters()
+                                                  if p.requires_grad and "lora_A" in n}
     out["err/fsdp/sum_first"] = W.error_of(lambda: ParetoLoRA(fsdp_model(mesh), traversal="sum_first"))
     # A MixedPrecisionPolicy: FSDP2 reduces in its own dtype, which a reduction outside it cannot know.
     model = fsdp_model(mesh, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))

@@ -126,6 +126,17 @@ def test_fsdp2_one_traversal_accumulates(ranks, model, groups):
     assert_matches(ranks[0]["fsdp/auto/accum"], reference(model, groups, [300, 400]))
 
 
+@pytest.mark.parametrize("r", [3, 1])
+def test_fsdp2_one_traversal_with_uneven_shards(ranks, r):
+    """lora_A's rows do not divide evenly (r = 3: 2 + 1 rows; r = 1: 1 + 0, an empty shard)."""
+    assert [ranks[k][f"fsdp/r{r}/auto/rows"]["base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"]
+            for k in range(WORLD)] == ([(2, 32), (1, 32)] if r == 3 else [(1, 32), (0, 32)])
+    assert all(x[f"fsdp/r{r}/auto/taken"] == "batched" for x in ranks)
+    assert_bitwise_same(ranks, f"fsdp/r{r}/auto")
+    want = {n: g.double() for n, g in ranks[0][f"fsdp/r{r}/two_pass"].items()}
+    assert_matches(ranks[0][f"fsdp/r{r}/auto"], want)
+
+
 def test_fsdp2_refusals(ranks):
     for r in ranks:
         assert re.match(r"ValueError: traversal: expected 'auto', 'two_pass', 'batched' under FSDP2, got 'sum_first'",

@@ -118,7 +118,7 @@ class FSDPSync:
             for name, grads in (("text", text), ("image", image)):
                 if all(g is None for g in grads):
                     raise ValueError(f"{name}: the loss does not depend on any trainable parameter of this model")
-            shards = reduce_to_shards(text, image, self.layout.params)
+            shards = reduce_to_shards(text, image, self.layout.params, self.group)
             self.text.accumulate([s[0] for s in shards], first)
             self.image.accumulate([s[1] for s in shards], first)
             self.last_traversal = how

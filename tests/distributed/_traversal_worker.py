@@ -8,8 +8,9 @@ span and on one bucket, initial and rebuilt; with ``find_unused_parameters=True`
 two micro-batches (the first inside ``no_sync()``, or both synchronised); through a GradScaler.
 ``local/bitwise`` says whether one process's batched buffers equal its two-pass ones on this
 rank's batch (then DDP's results must be bitwise equal too). FSDP2: the same steps and
-accumulation, ``"auto"`` taking one batched traversal reduce-scattered outside FSDP2. Each rank
-saves its integrated gradients and the errors of what is refused.
+accumulation, ``"auto"`` taking one batched traversal reduce-scattered outside FSDP2. K = 3
+objectives under DDP, two steps and an accumulation, K passes against one batched traversal.
+Each rank saves its integrated gradients and the errors of what is refused.
 """
 
 from __future__ import annotations
@@ -97,6 +98,41 @@ def ddp_scenarios(rank: int, out: dict) -> None:
     out["err/static_graph"] = W.error_of(lambda: W.pareto(ddp_of("small", static_graph=True)))
 
 
+NAMES = ("prompt", "answer", "image")
+
+
+def three_losses(model, batch):
+    """K = 3 (prompt: text before the image, answer: text after it, image), through `model`'s forward."""
+    logits = model(**W.models.model_inputs(batch)).logits[:, :-1]
+    labels, image = batch["labels"][:, 1:], batch["image_token_mask"][:, 1:]
+    early = torch.arange(labels.shape[1]) < 6
+    masks = {"prompt": ~image & early, "answer": ~image & ~early, "image": image}
+    return {k: torch.nn.functional.cross_entropy(logits[m], labels[m]) for k, m in masks.items()}
+
+
+def k_scenarios(rank: int, out: dict) -> None:
+    """K = 3 under DDP: "auto" takes one batched traversal (the last objective replayed into DDP's hook)."""
+    model, bufs = checkpointed_model(), []
+    for traversal in TRAVERSALS:  # one process, this rank's batch: batched == K passes, bitwise?
+        pl = ParetoLoRA(model, num_groups=W.NUM_GROUPS, objectives=NAMES, traversal=traversal)
+        pl.accumulate(**three_losses(model, W.batch_for(rank, 0)))
+        bufs.append([f.clone() for g in pl.grads for f in g.flats])
+        pl.integrate_accumulated()
+    out["k/local/bitwise"] = all(torch.equal(a, b) for a, b in zip(*bufs))
+    for traversal in TRAVERSALS:
+        ddp = ddp_of("small")
+        pl = ParetoLoRA(ddp, num_groups=W.NUM_GROUPS, objectives=NAMES, traversal=traversal)
+        for step in range(2):
+            pl.backward(**three_losses(ddp, W.batch_for(rank, 100 * step)))
+            out[f"k/{traversal}/step{step}"] = W.grads_of(ddp.module)
+            out[f"k/{traversal}/step{step}/taken"] = pl._sync.last_traversal
+        for base in (300, 400):
+            with contextlib.nullcontext() if base == 400 else ddp.no_sync():
+                pl.accumulate(**{k: v / 2 for k, v in three_losses(ddp, W.batch_for(rank, base)).items()})
+        pl.integrate_accumulated()
+        out[f"k/{traversal}/accum"] = W.grads_of(ddp.module)
+
+
 def fsdp_model(mesh, r: int = 4, **kw):
     from torch.distributed.fsdp import fully_shard
 
@@ -135,6 +171,7 @@ def fsdp_scenarios(rank: int, world: int, out: dict) -> None:
             out[f"fsdp/r{r}/{traversal}"], out[f"fsdp/r{r}/{traversal}/taken"] = W.grads_of(model), pl._sync.last_traversal
             out[f"fsdp/r{r}/{traversal}/rows"] = {n: tuple(p.to_local().shape) for n, p in model.named_parameters()
                                                   if p.requires_grad and "lora_A" in n}
+    out["err/fsdp/k_batched"] = W.error_of(lambda: ParetoLoRA(fsdp_model(mesh), objectives=NAMES, traversal="batched"))
     out["err/fsdp/sum_first"] = W.error_of(lambda: ParetoLoRA(fsdp_model(mesh), traversal="sum_first"))
     # A MixedPrecisionPolicy: FSDP2 reduces in its own dtype, which a reduction outside it cannot know.
     model = fsdp_model(mesh, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
@@ -150,6 +187,7 @@ def main(rank: int, world: int, port: int, out_dir: str) -> None:
     out = {"local/bitwise": local_bitwise(rank)}
     try:
         ddp_scenarios(rank, out)
+        k_scenarios(rank, out)
         fsdp_scenarios(rank, world, out)
     finally:
         dist.destroy_process_group()

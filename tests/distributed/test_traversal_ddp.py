@@ -9,7 +9,7 @@ two-pass DDP step wherever one process's batched backward is bitwise equal to it
 initial and rebuilt, with ``find_unused_parameters=True``, over two accumulated micro-batches
 (inside ``no_sync()`` or not) and through a GradScaler. FSDP2 likewise: ``"auto"`` takes the
 batched traversal (reduce-scattered outside FSDP2), equal to its two passes and to the global batch;
-refused under a MixedPrecisionPolicy.
+refused under a MixedPrecisionPolicy. K = 3 objectives under DDP take the batched traversal too.
 """
 
 import os
@@ -109,6 +109,21 @@ def test_ddp_refusals(ranks):
                         r["err/static_graph"]), r["err/static_graph"]
 
 
+@pytest.mark.parametrize("key", ["step0", "step1", "accum"])
+def test_ddp_k_objectives_one_traversal(ranks, key):
+    """K = 3 under DDP with checkpointing: one batched traversal, the last objective replayed into
+    DDP's hook; ranks bitwise alike, and bitwise K passes where one process's batched backward is."""
+    two, auto = f"k/two_pass/{key}", f"k/auto/{key}"
+    if key != "accum":
+        assert all(r[f"{auto}/taken"] == "batched" and r[f"{two}/taken"] == "two_pass" for r in ranks)
+    assert_bitwise_same(ranks, two)
+    assert_bitwise_same(ranks, auto)
+    if all(r["k/local/bitwise"] for r in ranks):
+        assert all(torch.equal(ranks[0][auto][n], g) for n, g in ranks[0][two].items())
+    else:
+        assert_matches(ranks[0][auto], {n: g.double() for n, g in ranks[0][two].items()})
+
+
 @pytest.mark.parametrize("step", [0, 1])
 def test_fsdp2_one_traversal_under_checkpointing(ranks, model, groups, step):
     two, auto = f"fsdp/two_pass/step{step}", f"fsdp/auto/step{step}"
@@ -145,3 +160,5 @@ def test_fsdp2_refusals(ranks):
         assert re.match(r"ValueError: traversal: 'batched' under FSDP2 expected FSDP2's default reduction, got a "
                         r"MixedPrecisionPolicy", r["err/fsdp/mixed_precision"]), r["err/fsdp/mixed_precision"]
         assert r["fsdp/mixed_precision/untouched"]
+        assert re.match(r"ValueError: traversal: expected 'auto' or 'two_pass' with K objectives under FSDP2, got "
+                        r"'batched'", r["err/fsdp/k_batched"]), r["err/fsdp/k_batched"]

@@ -179,7 +179,8 @@ def test_constructor_arguments_are_checked_by_name(llama):
         (dict(objectives=NAMES, rule="constant", weights=(1.0, 2.0)), "weights: expected 3 weights"),
         (dict(objectives=NAMES, balancer="mimo"), "balancer: not supported with K objectives"),
         (dict(objectives=NAMES, stats_ema=0.9), "stats_ema: not supported"),
-        (dict(objectives=NAMES, traversal="batched"), "traversal: not supported"),
+        (dict(objectives=NAMES, traversal="sum_first"), "traversal: not supported"),
+        (dict(objectives=NAMES, traversal="vmap"), "traversal: expected one of auto, two_pass, batched, got"),
         (dict(objectives=NAMES, on_nonfinite="never"), "on_nonfinite"),
         (dict(objectives=NAMES, backend="gpu"), "backend: unknown backend"),
     ]

@@ -132,6 +132,43 @@ def test_auto_takes_two_passes_in_eval_mode_for_other_dtypes_and_custom_function
     assert pl._sync.choose_traversal(lt, li) == "two_pass"
 
 
+NAMES = ("prompt", "answer", "image")
+
+
+def three_losses(model, seed: int = 0):
+    """K = 3: prompt (text before the image), answer (text after it), image: token means."""
+    batch = models.token_batch(batch=2, seq=24, seed=seed)
+    logits = model(**models.model_inputs(batch)).logits[:, :-1]
+    labels, image = batch["labels"][:, 1:], batch["image_token_mask"][:, 1:]
+    early = torch.arange(labels.shape[1]) < 6
+    return {"prompt": F.cross_entropy(logits[~image & early], labels[~image & early]),
+            "answer": F.cross_entropy(logits[~image & ~early], labels[~image & ~early]),
+            "image": F.cross_entropy(logits[image], labels[image])}
+
+
+def run_many(model, traversal, micro=2):
+    """(traversal taken, the K buffers, integrated .grad) after `micro` accumulated micro-batches, K = 3."""
+    pl = ParetoLoRA(model, num_groups=2, objectives=NAMES, traversal=traversal)
+    for k in range(micro):
+        pl.accumulate(**three_losses(model, k))
+    bufs = [[f.clone() for f in g.flats] for g in pl.grads]
+    pl.integrate_accumulated()
+    return pl._sync.last_traversal, bufs, [p.grad.clone() for p in pl.layout.params]
+
+
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_k_objectives_batched_against_k_passes_and_the_float64_oracle(ckpt):
+    model = checkpointed(models.lora_llama(num_layers=4), ckpt)
+    want, got, auto = run_many(model, "two_pass"), run_many(model, "batched"), run_many(model, "auto")
+    oracle = run_many(copy.deepcopy(model).double(), "two_pass")
+    assert want[0] == "two_pass" and got[0] == "batched" and auto[0] == ("batched" if ckpt else "two_pass")
+    for res in (got, auto):
+        for k in range(len(NAMES)):  # the stated bound of batched, per objective and parameter
+            for x, y, z in zip(res[1][k], want[1][k], oracle[1][k]):
+                err, err_k_passes = (x.double() - z).norm().item(), (y.double() - z).norm().item()
+                assert err <= 2 * err_k_passes + 2.0**-24 * z.norm().item()
+
+
 def test_replay_adds_the_gradients_bitwise_through_the_accumulation_hooks():
     """What DDP's one traversal relies on: a backward from the parameters adds exactly the given
     gradients into .grad, as the loss's backward does, and runs the hooks on their accumulators

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 __all__ = ["TRAVERSALS", "batched_pays", "checkpointing_modules", "custom_function_in", "two_pass", "batched",
-           "sum_first", "replay"]
+           "batched_many", "sum_first", "replay"]
 
 TRAVERSALS = ("auto", "two_pass", "batched", "sum_first")
 
@@ -82,11 +82,11 @@ def _passes_through(node) -> bool:
     return cls is not None and (cls.__module__, cls.__name__) in PASS_THROUGH
 
 
-def batched_pays(checkpointing: Sequence[nn.Module], text_loss: torch.Tensor, image_loss: torch.Tensor) -> bool:
+def batched_pays(checkpointing: Sequence[nn.Module], *losses: torch.Tensor) -> bool:
     """``"auto"``'s choice of ``"batched"``: non-reentrant checkpointing on (one of `checkpointing`,
-    :func:`checkpointing_modules`, in training mode), same dtypes, no Python Function vmap may not batch."""
+    :func:`checkpointing_modules`, in training mode), one dtype, no Python Function vmap may not batch."""
     on = any(m.gradient_checkpointing and m.training for m in checkpointing)
-    return on and text_loss.dtype == image_loss.dtype and not custom_function_in(text_loss, image_loss)
+    return on and len({loss.dtype for loss in losses}) == 1 and not custom_function_in(*losses)
 
 
 def two_pass(text_loss: torch.Tensor, image_loss: torch.Tensor, params: Sequence[torch.Tensor]) -> tuple[Grads, Grads]:
@@ -172,6 +172,19 @@ def batched(text_loss: torch.Tensor, image_loss: torch.Tensor, params: Sequence[
             if g is not None:
                 text[k], image[k] = g[0], g[1]
     return tuple(text), tuple(image)
+
+
+def batched_many(losses: Sequence[torch.Tensor], params: Sequence[torch.Tensor]) -> list[Grads]:
+    """K objectives' gradients in one traversal (K objectives, :mod:`pareto_lora.distributed.multi`):
+    two as :func:`batched`; more from the top, the stacked losses with the K x K identity as
+    batched cotangents (each loss's own part, e.g. a head on its rows, then sees K cotangents, K - 1
+    of them zero: not cut, unlike two). Same bound against the float64 oracle as :func:`batched`."""
+    if len(losses) == 2:
+        return list(batched(losses[0], losses[1], params))
+    stacked = torch.stack([loss.reshape(()) for loss in losses])
+    eye = torch.eye(len(losses), dtype=stacked.dtype, device=stacked.device)
+    grads = torch.autograd.grad(stacked, params, grad_outputs=eye, is_grads_batched=True, allow_unused=True)
+    return [tuple(None if g is None else g[k] for g in grads) for k in range(len(losses))]
 
 
 def sum_first(text_loss: torch.Tensor, image_loss: torch.Tensor, params: Sequence[torch.Tensor],

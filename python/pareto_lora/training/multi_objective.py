@@ -31,8 +31,10 @@ two-objective step. Several processes: pass the ``DistributedDataParallel`` mode
 communication hook averages all K gradients; keep DDP's default ``gradient_as_bucket_view=False``;
 ``no_sync()`` accumulation works, the last micro-batch outside it) or an FSDP2 ``fully_shard``
 model: every rank gets the integration of the global batch, ranks bitwise equal
-(:mod:`pareto_lora.distributed.multi`). Not here yet: balancers, ``stats_ema``, ``preserve_norm`` and
-the batched traversal.
+(:mod:`pareto_lora.distributed.multi`). ``traversal``: as for two objectives, "auto" takes one
+batched backward of the K losses under non-reentrant activation checkpointing (one process and
+DDP; FSDP2 takes K passes). Not here yet: balancers, ``stats_ema``, ``preserve_norm`` and
+``traversal="sum_first"``.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from torch import nn
 from .. import args
 from ..backends import resolve_backend
 from ..distributed import SyncFailure
+from ..distributed.multi import set_many_traversal
 from ..distributed.select import make_many_sync
 from ..flat import FlatGrads, build_layout, check_buffers_fit
 from ..multi import MAX_OBJECTIVES
@@ -79,7 +82,7 @@ def check_objectives(objectives) -> tuple[str, ...]:
 
 def _refuse_two_objective_options(balancer, stats_ema, preserve_norm, traversal) -> None:
     given = {"balancer": balancer is not None, "stats_ema": stats_ema is not None, "preserve_norm": preserve_norm is not False,
-             "traversal": traversal not in ("auto", "two_pass")}
+             "traversal": traversal == "sum_first"}  # the others: set_many_traversal
     for name, set_ in given.items():
         if set_:
             raise ValueError(f"{name}: not supported with K objectives yet (two-objective ParetoLoRA only)")
@@ -117,6 +120,7 @@ class MultiObjectiveLoRA:
             self.spec = as_spec("mean" if rule is None else rule, **rule_params)
         args.choice("on_nonfinite", on_nonfinite, NONFINITE_MODES)
         self._sync = make_many_sync(model)
+        set_many_traversal(self._sync, traversal)
         layout = build_layout(self._sync.module, num_groups=num_groups, modulate=modulate, layers_path=layers_path,
                               arch=arch)
         self.layout = self._sync.layout_for(layout)  # FSDP2: this rank's shards

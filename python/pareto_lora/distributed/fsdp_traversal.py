@@ -17,9 +17,9 @@ module while its forward runs. So:
   reduce-scatter on 2 gloo ranks, tests/distributed/test_traversal_ddp.py). A
   ``DTensor.from_local(..., [Partial("avg")]).redistribute(...)`` per parameter gave the same
   shards (bitwise, text gradient) but cost 180-240 ms (min-median of 10 calls) for the 112 LoRA
-  parameters of bench's small Llama (one collective each, DTensor's dispatch), against 14-33 ms
+  parameters of bench's small Llama (one collective each, DTensor's dispatch), against 18-22 ms
   for this one collective with its packing (2 gloo ranks on the shared 2-vCPU EPYC, load 4.7-4.9,
-  2026-12-07).
+  2026-12-07; bench/RESULTS.md).
 
 That matches FSDP2's reduction only under its default policy (no MixedPrecisionPolicy, no CPU
 offload, gradient sync on, no hooks or divide factors). FSDP2 has no public getter for these,

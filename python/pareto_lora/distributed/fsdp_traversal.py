@@ -16,10 +16,9 @@ module while its forward runs. So:
   ranks onto this rank's dim-0 shard with one ``reduce_scatter_tensor`` (bitwise FSDP2's own
   reduce-scatter on 2 gloo ranks, tests/distributed/test_traversal_ddp.py). A
   ``DTensor.from_local(..., [Partial("avg")]).redistribute(...)`` per parameter gave the same
-  shards (bitwise, text gradient) but cost 180-240 ms (min-median of 10 calls) for the 112 LoRA
-  parameters of bench's small Llama (one collective each, DTensor's dispatch), against 18-22 ms
-  for this one collective with its packing (2 gloo ranks on the shared 2-vCPU EPYC, load 4.7-4.9,
-  2026-12-07; bench/RESULTS.md).
+  shards but cost 123 / 163 ms (min / median of 10 calls) for the 112 LoRA parameters of bench's
+  small Llama (one collective each, DTensor's dispatch), against 7.7 / 8.8 ms for this one
+  collective with its packing (bench/bench_fsdp_traversal.py, 2 gloo ranks, bench/RESULTS.md).
 
 That matches FSDP2's reduction only under its default policy (no MixedPrecisionPolicy, no CPU
 offload, gradient sync on, no hooks or divide factors). FSDP2 has no public getter for these,

@@ -180,7 +180,8 @@ def test_constructor_arguments_are_checked_by_name(llama):
         (dict(objectives=NAMES, balancer="mimo"), "balancer: not supported with K objectives"),
         (dict(objectives=NAMES, stats_ema=1.0), "stats_ema: expected"),
         (dict(objectives=NAMES, preserve_norm="yes"), "preserve_norm: expected"),
-        (dict(objectives=NAMES, traversal="batched"), "traversal: not supported"),
+        (dict(objectives=NAMES, traversal="sum_first"), "traversal: 'sum_first' is not supported"),
+        (dict(objectives=NAMES, traversal="vmap"), "traversal: expected one of auto, two_pass, batched, got"),
         (dict(objectives=NAMES, on_nonfinite="never"), "on_nonfinite"),
         (dict(objectives=NAMES, backend="gpu"), "backend: unknown backend"),
     ]

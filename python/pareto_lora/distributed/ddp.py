@@ -5,7 +5,13 @@ DDP reduces gradients only in the first backward after a forward; a second backw
 same graph (text loss, then image loss) is silently left un-reduced. So the text gradient is
 taken with ``torch.autograd.grad`` (no DDP reduction) into the text buffer
 (:class:`~pareto_lora.distributed.sync.LocalSync`, which this class extends), and the ordinary
-image backward drives DDP's buckets.
+image backward drives DDP's buckets. With ``traversal="batched"`` (what ``"auto"`` takes under
+activation checkpointing) both gradients come from one batched ``autograd.grad``, and the image
+one reaches DDP through a *replay*, a backward whose roots are the parameters themselves
+(:func:`~pareto_lora.distributed.traversal.replay`): only their ``AccumulateGrad`` nodes run, so
+DDP's hooks, buckets, ``no_sync`` accumulation and ``find_unused_parameters`` work as after the
+image backward, with the same ``.grad`` bitwise; the reductions then follow the traversal
+instead of overlapping it.
 
 The whole integration runs inside the hook, overlapping with the rest of the backward. For
 each bucket the hook packs the matching slice of the text buffer and the bucket's image
@@ -52,8 +58,9 @@ from ..backends import resolve_backend
 from ..flat import FlatGrads, FlatStep, GradLayout, StepRule
 from ..flat.step import poison_cases
 from ..reference import group_sums
-from .ddp_state import Arrival, BackwardState, BucketPlan, plan_bucket, record_event, wait_event
+from .ddp_state import Arrival, BackwardState, BucketPlan, plan_bucket, record_event, refuse_unsupported, wait_event
 from .sync import LocalSync, Settle, SyncFailure, window_lost
+from .traversal import batched, replay
 
 __all__ = ["DDPSync", "one_bucket_cap_mb"]
 
@@ -67,6 +74,11 @@ def one_bucket_cap_mb(model: nn.Module) -> float:
         raise ValueError("model: expected the module to wrap (not yet a DistributedDataParallel)")
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     return max(nbytes, 1) / 2**20 * 1.01 + 0.01  # a margin over the exact size: DDP compares bytes >= cap
+
+
+#: Why DDP does not take ``traversal="sum_first"`` (set_traversal's message).
+SUM_FIRST_REFUSED = ("not built under DDP: its unmodulated groups' statistics are never taken, which the hook's "
+                     "report would have to mark (one process reports them as NaN), and nothing tests it there")
 
 
 def _ddp_comm_hook(state, bucket):
@@ -85,18 +97,11 @@ class DDPSync(LocalSync):
 
     saves_mid_window = False  # the reduced averages of a window live in the hook's state
     calls_rule_once = False  # the rule runs each time a set of groups completes
+    kind = "DDP"
+    refused_traversals = {"sum_first": SUM_FIRST_REFUSED}
 
     def __init__(self, ddp: nn.Module):
-        if getattr(ddp, "gradient_as_bucket_view", False):
-            raise ValueError(
-                "model: DistributedDataParallel(gradient_as_bucket_view=True) is not supported: ParetoLoRA keeps "
-                ".grad in its own flat buffer; construct DDP with the default gradient_as_bucket_view=False"
-            )
-        if getattr(ddp, "_comm_hooks", None):
-            raise ValueError(
-                "model: this DistributedDataParallel model already has a communication hook; ParetoLoRA "
-                "registers its own (it must see both objectives' buckets), so it cannot be combined with another"
-            )
+        refuse_unsupported(ddp)
         super().__init__(ddp.module)
         self.ddp = ddp
         self.group = ddp.process_group
@@ -304,10 +309,16 @@ class DDPSync(LocalSync):
 
     # -- ParetoLoRA's side ------------------------------------------------------------------
     def backward(self, text_loss: torch.Tensor, image_loss: torch.Tensor, first: bool, losses: torch.Tensor) -> None:
-        # The image objective must go through an ordinary backward (DDP's hook runs only there),
-        # and the hook packs the text buffer with each bucket: the text is accumulated first.
-        text = self.text_grads(text_loss, image_loss, first)
+        # The image objective must reach DDP's hooks through an ordinary backward, and the hook
+        # packs the text buffer with each bucket: the text is accumulated first. Both gradients
+        # are taken before anything changes (a failed traversal leaves every buffer as it was).
+        how = self.choose_traversal(text_loss, image_loss)
         params = self.layout.params
+        if how == "batched":
+            self._check(text_loss, image_loss, first, text_too=True)
+            text, image = batched(text_loss, image_loss, params)
+        else:
+            text, image = self.text_grads(text_loss, image_loss, first), None
         try:
             if first:
                 self.image.zero_()
@@ -319,7 +330,10 @@ class DDPSync(LocalSync):
             # The running loss totals ride in the last bucket: the hook makes them global in place.
             self._cur = None
             self._losses = losses
-            image_loss.backward()
+            if image is None:
+                image_loss.backward()
+            else:
+                replay(params, image)
         except BaseException as e:  # noqa: BLE001 - the buffers are half-written: the window is lost
             raise window_lost(e) from e
         error = self.failure()
@@ -327,6 +341,7 @@ class DDPSync(LocalSync):
             # DDP has finished the step with NaN buckets; the accumulation is lost.
             self.image.fill_(math.nan)
             raise error
+        self.last_traversal = how
 
     def failure(self) -> SyncFailure | None:
         """The error of a hook that failed in the last backward (once), else None."""

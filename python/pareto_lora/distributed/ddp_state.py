@@ -3,7 +3,8 @@
 A :class:`BucketPlan` says where one DDP bucket's parameters live in ParetoLoRA's buffers; an
 :class:`Arrival` is one reduced bucket waiting for its groups' coefficients; a
 :class:`BackwardState` tracks one backward's coverage, finished groups and pending buckets.
-The hook itself is :class:`pareto_lora.distributed.ddp.DDPSync`.
+The hook itself is :class:`pareto_lora.distributed.ddp.DDPSync`; :func:`refuse_unsupported`
+lists the DDP settings it cannot work with.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 
 from ..flat import GradLayout
 
-__all__ = ["BucketPlan", "Arrival", "BackwardState", "plan_bucket", "wait_event", "record_event"]
+__all__ = ["BucketPlan", "Arrival", "BackwardState", "plan_bucket", "refuse_unsupported", "wait_event", "record_event"]
 
 
 @dataclasses.dataclass(eq=False)
@@ -126,6 +127,28 @@ def plan_bucket(params: Sequence[torch.Tensor], layout: GradLayout, index: dict[
         group_mask=group_mask,
         whole=whole,
     )
+
+
+def refuse_unsupported(ddp) -> None:
+    """ValueError for a DistributedDataParallel the hook cannot serve (checked before anything is registered)."""
+    if getattr(ddp, "gradient_as_bucket_view", False):
+        raise ValueError(
+            "model: DistributedDataParallel(gradient_as_bucket_view=True) is not supported: ParetoLoRA keeps "
+            ".grad in its own flat buffer; construct DDP with the default gradient_as_bucket_view=False"
+        )
+    if getattr(ddp, "static_graph", False):
+        # Measured: the step then ends with "the last backward ran without DDP gradient synchronisation".
+        raise ValueError(
+            "model: DistributedDataParallel(static_graph=True) is not supported: in its first step DDP reduces "
+            "every bucket in a callback queued by the first backward through its output (ParetoLoRA's text or "
+            "batched gradient, taken with autograd.grad), before the image gradient reaches .grad; construct DDP "
+            "with the default static_graph=False"
+        )
+    if getattr(ddp, "_comm_hooks", None):
+        raise ValueError(
+            "model: this DistributedDataParallel model already has a communication hook; ParetoLoRA "
+            "registers its own (it must see both objectives' buckets), so it cannot be combined with another"
+        )
 
 
 def wait_event(event) -> None:

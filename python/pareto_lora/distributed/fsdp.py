@@ -1,5 +1,6 @@
-"""FSDP2 (``fully_shard``): two reduce-scattered backwards into local shard buffers, then one
-all-reduce of the small statistics table, and the rule and combine run locally on the shards.
+"""FSDP2 (``fully_shard``): two reduce-scattered backwards into local shard buffers (or one
+batched traversal reduce-scattered outside FSDP2, :mod:`.fsdp_traversal`), then one all-reduce
+of the small statistics table, and the rule and combine run locally on the shards.
 
 The statistics are sums, so the per-rank statistics of the shards add up to the global ones;
 zero padding adds nothing. The all-reduce is the launch boundary: one statistics launch per
@@ -18,9 +19,16 @@ import torch.distributed as dist
 from torch import nn
 
 from ..flat import FlatGrads, FlatStep, GradLayout, StepRule, flat_step, local_layout, unit_stats
+from .fsdp_traversal import UnshardedCapture, nondefault_reduction, reduce_to_shards
 from .sync import Settle, window_lost
+from .traversal import batched, batched_pays, checkpointing_modules
 
 __all__ = ["FSDPSync", "is_fsdp2"]
+
+
+#: Why FSDP2 does not take ``traversal="sum_first"`` (set_traversal's message).
+FSDP_SUM_FIRST = ("not built under FSDP2: its unmodulated groups' statistics are never taken, which the report would "
+                  "have to mark (one process reports them as NaN), and nothing tests it there")
 
 
 def is_fsdp2(model: nn.Module) -> bool:
@@ -64,12 +72,16 @@ class FSDPSync:
 
     saves_mid_window = True  # each rank's shard buffers hold its whole window
     calls_rule_once = True
+    kind = "FSDP2"
+    refused_traversals = {"sum_first": FSDP_SUM_FIRST}
 
     def __init__(self, model: nn.Module):
         from torch.distributed.fsdp import FSDPModule
 
         self.module = model
         self.fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        self.traversal = "auto"  # set_traversal
+        self.last_traversal: str | None = None
 
     def layout_for(self, layout: GradLayout) -> GradLayout:
         return local_layout(layout)
@@ -78,13 +90,41 @@ class FSDPSync:
         self.layout, self.text, self.image, self.rule, self.backend = layout, text, image, rule, backend
         self.group = _shard_group(layout.params)
         self.world = dist.get_world_size(self.group)
+        self._checkpointing = checkpointing_modules(self.module)
+        self._capture = UnshardedCapture(self.module, layout.params)
+
+    def choose_traversal(self, text_loss: torch.Tensor, image_loss: torch.Tensor):
+        """("batched", the unsharded leaves) or ("two_pass", None); ``"auto"`` resolved as for one
+        process, and only where the batched gradients reduce as FSDP2 would (:mod:`.fsdp_traversal`)."""
+        if self.traversal == "two_pass" or (self.traversal == "auto" and not batched_pays(
+                self._checkpointing, text_loss, image_loss)):
+            return "two_pass", None
+        why = nondefault_reduction(self.fsdp_modules)
+        leaves = self._capture.leaves(self.layout.params) if why is None else f"FSDP2's default reduction, got {why}"
+        if isinstance(leaves, str):
+            if self.traversal == "batched":
+                raise ValueError(f"traversal: 'batched' under FSDP2 expected {leaves}")
+            return "two_pass", None
+        return "batched", leaves
 
     def _reshard_flags(self) -> list[bool]:
         return reshard_flags(self.fsdp_modules)
 
     def backward(self, text_loss: torch.Tensor, image_loss: torch.Tensor, first: bool, losses: torch.Tensor) -> None:
-        # FSDP2 computes forward/backward with unsharded copies of the parameters, so
-        # autograd.grad cannot target them; both objectives take an ordinary backward.
+        how, leaves = self.choose_traversal(text_loss, image_loss)
+        if how == "batched":
+            # Both gradients and their reduction before any buffer changes: a failure changes nothing.
+            text, image = batched(text_loss, image_loss, leaves)
+            for name, grads in (("text", text), ("image", image)):
+                if all(g is None for g in grads):
+                    raise ValueError(f"{name}: the loss does not depend on any trainable parameter of this model")
+            shards = reduce_to_shards(text, image, self.layout.params, self.group)
+            self.text.accumulate([s[0] for s in shards], first)
+            self.image.accumulate([s[1] for s in shards], first)
+            self.last_traversal = how
+            return
+        # Two passes: the registered parameters are sharded DTensors the graph does not use, so
+        # each objective takes an ordinary backward (FSDP2 reduce-scatters what it accumulates).
         params = self.layout.params
         for p in params:
             p.grad = None
@@ -104,6 +144,7 @@ class FSDPSync:
             self._collect(self.image, first, "image")
         except BaseException as e:  # noqa: BLE001 - the text buffer already holds this micro-batch
             raise window_lost(e) from e
+        self.last_traversal = how
 
     def _collect(self, buffers: FlatGrads, first: bool, which: str) -> None:
         grads = [None if p.grad is None else _local(p.grad) for p in self.layout.params]

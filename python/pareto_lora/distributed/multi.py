@@ -37,9 +37,26 @@ from ..flat.step import python_rule_per_unit
 from ..ops_many import combine_many, gram, integrate_many
 from ..result import MultiResult
 from ..rules import RuleSpec
+from .. import args
 from .sync import SyncFailure, _reaches, window_lost
+from .traversal import batched_many, batched_pays, checkpointing_modules, replay
 
-__all__ = ["ManySync", "LocalManySync", "DDPManySync", "ManySettle", "ManyRule", "integrate_buffers"]
+__all__ = ["ManySync", "LocalManySync", "DDPManySync", "ManySettle", "ManyRule", "integrate_buffers",
+           "set_many_traversal"]
+
+#: the traversals of the K-objective step (:mod:`.traversal`); FSDP2 takes two passes (K passes) only
+MANY_TRAVERSALS = ("auto", "two_pass", "batched")
+
+
+def set_many_traversal(sync, traversal: str) -> None:
+    """``ParetoLoRA(objectives=..., traversal=)``, validated before the sync is bound: "auto",
+    "two_pass" (K passes) or "batched" (one process and DDP: :func:`~.traversal.batched_many`)."""
+    args.choice("traversal", traversal, MANY_TRAVERSALS)
+    if traversal == "batched" and not isinstance(sync, LocalManySync):
+        raise ValueError("traversal: expected 'auto' or 'two_pass' with K objectives under FSDP2, got 'batched' "
+                         "(not built there: the two-objective FSDP2 step's reduction outside FSDP2 takes two objectives)")
+    sync.traversal = traversal
+
 
 #: ``settle(global_losses) -> poison``: the owner's verdict on the step's (global) accumulated
 #: losses, called once per step before the integration: a 0-d bool tensor (poison), None, or raises.
@@ -124,6 +141,8 @@ class LocalManySync:
 
     def __init__(self, model: nn.Module):
         self.module = model
+        self.traversal = "auto"  # set_many_traversal
+        self.last_traversal: str | None = None  # the one the last successful backward took
 
     def layout_for(self, layout: GradLayout) -> GradLayout:
         return layout
@@ -132,6 +151,20 @@ class LocalManySync:
         self.layout, self.grads, self.objectives, self.backend = layout, tuple(grads), tuple(objectives), backend
         self._lora = [i for i, n in enumerate(layout.names) if is_lora_param(n)]
         self._lora_ids = {id(layout.params[i]) for i in self._lora}
+        self._checkpointing = checkpointing_modules(self.module)
+
+    def choose_traversal(self, losses: Sequence[torch.Tensor]) -> str:
+        """"auto" resolved as for two objectives: "batched" under non-reentrant checkpointing."""
+        if self.traversal != "auto":
+            return self.traversal
+        return "batched" if batched_pays(self._checkpointing, *losses) else "two_pass"
+
+    def _batched(self, losses: Sequence[torch.Tensor]) -> list:
+        """The K gradients in one traversal, after the checks (each loss reaches a LoRA parameter)."""
+        for k, loss in enumerate(losses):
+            if not _reaches(loss, self._lora_ids):
+                raise ValueError(f"{self.objectives[k]}: the loss does not depend on any trainable LoRA parameter of this model")
+        return batched_many(losses, self.layout.params)
 
     def reattach(self) -> None:
         """``.grad`` views the last buffer again (after a checkpoint's buffers were loaded)."""
@@ -148,11 +181,16 @@ class LocalManySync:
         params, out = self.layout.params, self.grads[-1]
         if not first:
             out.check_attached(params)
-        grads = [self._grad(k, loss, k < len(losses) - 1) for k, loss in enumerate(losses)]
+        how = self.choose_traversal(losses)
+        if how == "batched":
+            grads = self._batched(losses)
+        else:
+            grads = [self._grad(k, loss, k < len(losses) - 1) for k, loss in enumerate(losses)]
         # All K gradients exist: from here on nothing can fail half-way.
         for buf, g in zip(self.grads, grads):
             buf.accumulate(g, first)
         out.attach_as_grad(params)
+        self.last_traversal = how
 
     def finish(self, running: torch.Tensor, rule: ManyRule, settle: ManySettle) -> tuple[MultiResult, torch.Tensor]:
         """Integrate the accumulated buffers into ``.grad``; returns (result, the step's losses)."""
@@ -263,16 +301,24 @@ class DDPManySync(LocalManySync):
         params, out, k = self.layout.params, self.grads[-1], len(losses)
         if not first:
             out.check_attached(params)
-        if not _reaches(losses[-1], self._lora_ids):
+        how, last = self.choose_traversal(losses), None
+        if how == "batched":  # all K in one traversal; the last one reaches DDP's hook by a replay
+            *grads, last = self._batched(losses)
+        elif not _reaches(losses[-1], self._lora_ids):
             raise ValueError(f"{self.objectives[-1]}: the loss does not depend on any trainable LoRA parameter of this model")
-        grads = [self._grad(j, losses[j], True) for j in range(k - 1)]
+        else:
+            grads = [self._grad(j, losses[j], True) for j in range(k - 1)]
         # DDP waits for every parameter the forward used; the last objective need not reach them all
         # (Janus: "text" never reaches the image projector). A zero term on each parameter another
         # objective reached fires its DDP hook in this backward; autograd runs each parameter's
         # accumulation once per backward, so a parameter reached both ways is not marked twice,
         # and the gradient of p * 0 is exactly zero, so .grad is unchanged.
         reached = [p for i, p in enumerate(params) if any(g[i] is not None for g in grads)]
-        driver = losses[-1] + sum((p * 0).sum() for p in reached) if reached else losses[-1]
+        if last is None:
+            driver = losses[-1] + sum((p * 0).sum() for p in reached) if reached else losses[-1]
+        else:  # the replay's zero for a parameter only the others reached, as the zero term gives
+            ids = {id(p) for p in reached}
+            last = [torch.zeros_like(p) if g is None and id(p) in ids else g for p, g in zip(params, last)]
         try:
             if first:
                 out.zero_()
@@ -281,7 +327,10 @@ class DDPManySync(LocalManySync):
                 buf.accumulate(g, first)
             del grads
             self._arrived, self._num_buckets, self._error = 0, None, None
-            driver.backward()
+            if last is None:
+                driver.backward()
+            else:
+                replay(params, last)
         except BaseException as e:  # noqa: BLE001 - the buffers are half-written: the window is lost
             raise window_lost(e) from e
         if self._error is not None:
@@ -290,6 +339,7 @@ class DDPManySync(LocalManySync):
                 buf.fill_(math.nan)
             err = SyncFailure(f"backward: ParetoLoRA's DDP communication hook failed: {type(e).__name__}: {e}")
             raise err from e
+        self.last_traversal = how
 
     def finish(self, running: torch.Tensor, rule: ManyRule, settle: ManySettle) -> tuple[MultiResult, torch.Tensor]:
         if not self.synced:

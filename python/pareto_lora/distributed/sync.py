@@ -19,7 +19,7 @@ from torch import nn
 
 from .. import args
 from ..flat import FlatGrads, FlatStep, GradLayout, StepRule, flat_step, is_lora_param
-from .traversal import TRAVERSALS, batched, checkpointing_modules, custom_function_in, sum_first
+from .traversal import TRAVERSALS, batched, batched_pays, checkpointing_modules, sum_first
 
 __all__ = ["GradSync", "LocalSync", "SyncFailure", "Settle", "set_traversal"]
 
@@ -96,11 +96,13 @@ class LocalSync:
     """One process. Both gradients are taken with ``torch.autograd.grad`` (in one batched
     traversal or two passes, :mod:`.traversal`) and added into their persistent buffers only once
     both exist; ``.grad`` views the image buffer, into which the integration writes.
-    (:class:`pareto_lora.distributed.ddp.DDPSync` takes the image gradient with an ordinary
-    ``.backward()`` instead: DDP's hook sees only such a backward.)"""
+    (:class:`pareto_lora.distributed.ddp.DDPSync` hands the image gradient to an ordinary
+    ``.backward()`` instead, of the loss or a replay from the parameters: DDP's hook sees only such a backward.)"""
 
     saves_mid_window = True
     calls_rule_once = True
+    kind = "one process"
+    refused_traversals: dict[str, str] = {}  # traversal -> why this sync cannot take it (set_traversal)
 
     def __init__(self, model: nn.Module):
         self.module = model
@@ -148,10 +150,7 @@ class LocalSync:
         """The traversal this backward takes (``"auto"`` resolved; :mod:`.traversal`)."""
         if self.traversal != "auto":
             return self.traversal
-        checkpointed = any(m.gradient_checkpointing and m.training for m in self._checkpointing)
-        if checkpointed and text_loss.dtype == image_loss.dtype and not custom_function_in(text_loss, image_loss):
-            return "batched"
-        return "two_pass"
+        return "batched" if batched_pays(self._checkpointing, text_loss, image_loss) else "two_pass"
 
     def backward(self, text_loss: torch.Tensor, image_loss: torch.Tensor, first: bool, losses: torch.Tensor) -> None:
         # Both gradients are taken before anything changes, so a backward that fails (a freed
@@ -189,13 +188,18 @@ class LocalSync:
 
 
 def set_traversal(sync, traversal: str, balanced: bool) -> None:
-    """``ParetoLoRA(traversal=)``: validated before the sync is bound (see :mod:`.traversal`)."""
+    """``ParetoLoRA(traversal=)``: validated before the sync is bound (see :mod:`.traversal`).
+
+    A sync names the traversals it cannot take, with the reason, in ``refused_traversals``
+    (DDP: ``sum_first``; FSDP2: all but two passes); a sync without that attribute takes two passes."""
     args.choice("traversal", traversal, TRAVERSALS)
-    if type(sync) is not LocalSync:  # DDP, FSDP2: two passes (the module docstring of .traversal says why)
-        if traversal not in ("auto", "two_pass"):
-            raise ValueError(f"traversal: expected 'auto' or 'two_pass' under DDP or FSDP2 (their reductions see only "
-                             f"ordinary backwards, one per objective), got {traversal!r}")
-        return
+    refused = getattr(sync, "refused_traversals", None)
+    if refused is None:
+        refused = {t: "this sync takes two passes" for t in TRAVERSALS if t not in ("auto", "two_pass")}
+    if traversal in refused:
+        allowed = ", ".join(repr(t) for t in TRAVERSALS if t not in refused)
+        raise ValueError(f"traversal: expected {allowed} under {getattr(sync, 'kind', type(sync).__name__)}, got "
+                         f"{traversal!r} ({refused[traversal]})")
     if traversal == "sum_first" and balanced:
         raise ValueError("traversal: 'sum_first' does not apply to a balancer (its loss weights scale every group's "
                          "text and image gradients, which sum_first keeps apart only in the modulated groups)")

@@ -1,8 +1,12 @@
 """How one process takes the two objectives' gradients: the backward traversals of a step.
 
-``ParetoLoRA(traversal=...)`` picks one; only a single process (:class:`~.sync.LocalSync`)
-chooses, DDP and FSDP2 always take two passes (DDP's communication hook sees only an ordinary
-backward, FSDP2 computes with unsharded copies that ``autograd.grad`` cannot target).
+``ParetoLoRA(traversal=...)`` picks one. One process (:class:`~.sync.LocalSync`) takes any;
+DDP and FSDP2 take ``two_pass`` and ``batched`` (``sum_first`` is not built there,
+:data:`~.ddp.SUM_FIRST_REFUSED`). DDP's communication hook sees only an ordinary backward, so the
+batched image gradient is handed to it by :func:`replay`. FSDP2's registered parameters are
+sharded DTensors the forward never uses; the batched traversal targets the unsharded ones the
+forward used and reduce-scatters outside FSDP2, under its default reduction only
+(:mod:`.fsdp_traversal`, which says why and what was measured).
 
 * ``"two_pass"``: ``autograd.grad(text)`` with the graph kept, then ``autograd.grad(image)``:
   F + 2B, and under activation checkpointing each pass recomputes the checkpointed forward
@@ -39,7 +43,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-__all__ = ["TRAVERSALS", "checkpointing_modules", "custom_function_in", "two_pass", "batched", "sum_first"]
+__all__ = ["TRAVERSALS", "batched_pays", "checkpointing_modules", "custom_function_in", "two_pass", "batched",
+           "batched_many", "sum_first", "replay"]
 
 TRAVERSALS = ("auto", "two_pass", "batched", "sum_first")
 
@@ -59,10 +64,29 @@ def custom_function_in(*losses: torch.Tensor) -> bool:
         if node is None or node in seen:
             continue
         seen.add(node)
-        if isinstance(node, torch.autograd.function.BackwardCFunction):
+        if isinstance(node, torch.autograd.function.BackwardCFunction) and not _passes_through(node):
             return True
         stack.extend(n for n, _ in node.next_functions)
     return False
+
+
+#: Python autograd Functions whose backward returns the cotangents as they came (a batch of two
+#: passes through unchanged): DDP's ``_DDPSink`` (on its outputs with ``find_unused_parameters``),
+#: FSDP2's ``RegisterPostBackwardFunction`` (its backward runs FSDP2's post-backward first).
+PASS_THROUGH = {("torch.nn.parallel.distributed", "_DDPSink"),
+                ("torch.distributed.fsdp._fully_shard._fsdp_param_group", "RegisterPostBackwardFunction")}
+
+
+def _passes_through(node) -> bool:
+    cls = getattr(node, "_forward_cls", None)
+    return cls is not None and (cls.__module__, cls.__name__) in PASS_THROUGH
+
+
+def batched_pays(checkpointing: Sequence[nn.Module], *losses: torch.Tensor) -> bool:
+    """``"auto"``'s choice of ``"batched"``: non-reentrant checkpointing on (one of `checkpointing`,
+    :func:`checkpointing_modules`, in training mode), one dtype, no Python Function vmap may not batch."""
+    on = any(m.gradient_checkpointing and m.training for m in checkpointing)
+    return on and len({loss.dtype for loss in losses}) == 1 and not custom_function_in(*losses)
 
 
 def two_pass(text_loss: torch.Tensor, image_loss: torch.Tensor, params: Sequence[torch.Tensor]) -> tuple[Grads, Grads]:
@@ -150,6 +174,19 @@ def batched(text_loss: torch.Tensor, image_loss: torch.Tensor, params: Sequence[
     return tuple(text), tuple(image)
 
 
+def batched_many(losses: Sequence[torch.Tensor], params: Sequence[torch.Tensor]) -> list[Grads]:
+    """K objectives' gradients in one traversal (K objectives, :mod:`pareto_lora.distributed.multi`):
+    two as :func:`batched`; more from the top, the stacked losses with the K x K identity as
+    batched cotangents (each loss's own part, e.g. a head on its rows, then sees K cotangents, K - 1
+    of them zero: not cut, unlike two). Same bound against the float64 oracle as :func:`batched`."""
+    if len(losses) == 2:
+        return list(batched(losses[0], losses[1], params))
+    stacked = torch.stack([loss.reshape(()) for loss in losses])
+    eye = torch.eye(len(losses), dtype=stacked.dtype, device=stacked.device)
+    grads = torch.autograd.grad(stacked, params, grad_outputs=eye, is_grads_batched=True, allow_unused=True)
+    return [tuple(None if g is None else g[k] for g in grads) for k in range(len(losses))]
+
+
 def sum_first(text_loss: torch.Tensor, image_loss: torch.Tensor, params: Sequence[torch.Tensor],
               modulated: Sequence[int]) -> tuple[Grads, Grads]:
     """(text, image): text only on the ``modulated`` parameter indices (None elsewhere), image
@@ -174,3 +211,17 @@ def sum_first(text_loss: torch.Tensor, image_loss: torch.Tensor, params: Sequenc
         text[i] = a
         image[i] = a.neg() if total[i] is None else total[i].sub_(a)  # total[i] is this call's own tensor
     return tuple(text), tuple(image)
+
+
+def replay(params: Sequence[torch.Tensor], grads: Grads) -> None:
+    """Deliver already computed gradients to ``params`` through an ordinary backward that starts
+    at the parameters themselves (``torch.autograd.backward(params, grads)``).
+
+    No node of the model's graph runs: the backward's roots are the parameters' own
+    ``AccumulateGrad`` nodes, so each ``.grad`` receives ``+= g`` exactly as a backward of the
+    loss would add it (bitwise), and the hooks on those nodes run as in that backward: DDP's
+    reducer marks each parameter ready, fills and reduces its buckets, finishes the step.
+    ``None`` (the loss does not reach a parameter) delivers nothing, as that backward would not.
+    """
+    got = [(p, g) for p, g in zip(params, grads) if g is not None]
+    torch.autograd.backward([p for p, _ in got], grad_tensors=[g for _, g in got])

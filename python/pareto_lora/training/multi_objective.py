@@ -34,8 +34,10 @@ model: every rank gets the integration of the global batch, ranks bitwise equal
 (:mod:`pareto_lora.distributed.multi`). ``stats_ema`` (the weighting sees an average over steps of
 each group's K x K Gram) and ``preserve_norm`` (each group's weights rescaled so that the output
 keeps ||sum_k g_k||) as for two objectives (:class:`~pareto_lora.training.rule_options.RuleOptions`),
-under DDP too: the rule runs once per step here. Not here: balancers (two-objective by construction)
-and the batched traversal.
+under DDP too: the rule runs once per step here. ``traversal``: as for two objectives, "auto" takes
+one batched backward of the K losses under non-reentrant activation checkpointing (one process and
+DDP; FSDP2 takes K passes). Not here: balancers (two-objective by construction) and
+``traversal="sum_first"``.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from torch import nn
 
 from .. import args
 from ..backends import resolve_backend
+from ..distributed.multi import set_many_traversal
 from ..distributed.select import make_many_sync
 from ..flat import FlatGrads, build_layout, check_buffers_fit
 from ..multi import MAX_OBJECTIVES, gram_matrix
@@ -85,8 +88,8 @@ def _refuse_two_objective_options(balancer, traversal) -> None:
     if balancer is not None:
         raise ValueError("balancer: not supported with K objectives (a balancer weights the text and image losses: "
                          "two-objective ParetoLoRA only)")
-    if traversal not in ("auto", "two_pass"):
-        raise ValueError("traversal: not supported with K objectives yet (two-objective ParetoLoRA only)")
+    if traversal == "sum_first":  # the others: set_many_traversal
+        raise ValueError("traversal: 'sum_first' is not supported with K objectives (two-objective ParetoLoRA only)")
 
 
 class MultiObjectiveLoRA(AccumulationWindow):
@@ -123,6 +126,7 @@ class MultiObjectiveLoRA(AccumulationWindow):
             self.spec = as_spec("mean" if rule is None else rule, **rule_params)
         args.choice("on_nonfinite", on_nonfinite, NONFINITE_MODES)
         self._sync = make_many_sync(model)
+        set_many_traversal(self._sync, traversal)
         layout = build_layout(self._sync.module, num_groups=num_groups, modulate=modulate, layers_path=layers_path,
                               arch=arch)
         self.layout = self._sync.layout_for(layout)  # FSDP2: this rank's shards

@@ -129,7 +129,7 @@ class ParetoLoRA(AccumulationWindow):
         traversal: how the two gradients are taken (:mod:`pareto_lora.distributed.traversal`):
             "auto" (default: one batched backward under activation checkpointing, else two
             passes), "two_pass", "batched", or "sum_first" (opt-in: text only as deep as the
-            modulated groups). One process only; DDP and FSDP2 take two passes.
+            modulated groups; one process only). DDP and FSDP2 take "two_pass" and "batched".
         objectives: names of K objectives, e.g. ``("text", "understanding", "generation")``: then
             ``ParetoLoRA(...)`` returns a :class:`pareto_lora.training.multi_objective.MultiObjectiveLoRA`
             (``pl.backward(**losses)``); None or ``("text", "image")``: this two-objective step.

@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import pareto_lora
 from pareto_lora import Case, MultiObjectiveLoRA, ParetoLoRA, RuleSpec
 from pareto_lora.flat import group_of_names
 from pareto_lora.multi import gram_matrix, upper_triangle

@@ -159,9 +159,22 @@ def summary(config: str, wrap: str, per_rank: list[dict]) -> str:
     return f"| {config} | {wrap.upper()} | " + " | ".join(cells) + f" | {'yes' if bitwise else 'no'} ({taken}) |"
 
 
+def run_ranks(script: str, rank_args, world: int = 2) -> bool:
+    """Run `script` once per rank (``--rank r --port p`` plus ``rank_args(r)``), 1 intra-op thread
+    each, on a free loopback port; waits for every rank. Returns whether any rank failed."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, script, *rank_args(r), "--rank", str(r), "--port", str(port)], env=env)
+             for r in range(world)]
+    return any([proc.wait() != 0 for proc in procs])  # a list: wait for every rank
+
+
 def main(argv=None) -> int:
     import argparse
-    import socket
 
     import bench_training_step as BT
 
@@ -186,21 +199,15 @@ def main(argv=None) -> int:
     if args.rank is not None:
         rank_main(args.rank, world, args.port, configs, wraps, args.rounds, args.out)
         return 0
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     print(f"command: {' '.join([os.path.basename(sys.executable)] + sys.argv)}")
     print(f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; CPU: {cpu_model()} "
           f"({os.cpu_count()} logical CPUs); {world} gloo processes, 1 intra-op thread each")
     print(f"uptime before: {uptime()}; op's CPU build: {cpu_kernels()}", flush=True)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
     with tempfile.TemporaryDirectory() as tmp:
         outs = [os.path.join(tmp, f"rank{r}.json") for r in range(world)]
-        procs = [subprocess.Popen([sys.executable, __file__, "--configs", args.configs, "--wraps", args.wraps,
-                                   "--rounds", str(args.rounds),
-                                   "--rank", str(r), "--port", str(port), "--out", outs[r]], env=env)
-                 for r in range(world)]
-        if any([proc.wait() != 0 for proc in procs]):  # wait for every rank
+        failed = run_ranks(__file__, lambda r: ["--configs", args.configs, "--wraps", args.wraps, "--rounds",
+                                                str(args.rounds), "--out", outs[r]], world)
+        if failed:
             print("a rank failed", file=sys.stderr)
             return 1
         per_rank = [json.load(open(o)) for o in outs]

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import datetime
 import os
-import subprocess
 import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.join(HERE, "..", "tests")]
+
+from bench_ddp_step import run_ranks  # noqa: E402
 
 
 def per_parameter(text, image, params):
@@ -103,7 +104,6 @@ def rank_main(rank: int, port: int, config: str, calls: int) -> None:
 
 def main(argv=None) -> int:
     import argparse
-    import socket
 
     from pareto_lora.app.benchmarking import cpu_model, uptime
 
@@ -116,18 +116,12 @@ def main(argv=None) -> int:
     if args.rank is not None:
         rank_main(args.rank, args.port, args.config, args.calls)
         return 0
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     print(f"command: {' '.join([os.path.basename(sys.executable)] + sys.argv)}")
     print(f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; CPU: {cpu_model()}; "
           f"2 gloo processes, 1 intra-op thread each; uptime before: {uptime()}", flush=True)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, __file__, "--config", args.config, "--calls", str(args.calls),
-                               "--rank", str(r), "--port", str(port)], env=env) for r in range(2)]
-    failed = [proc.wait() != 0 for proc in procs]
+    failed = run_ranks(__file__, lambda r: ["--config", args.config, "--calls", str(args.calls)])
     print(f"uptime after: {uptime()}")
-    return 1 if any(failed) else 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

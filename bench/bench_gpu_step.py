@@ -50,17 +50,11 @@ import pareto_lora
 from pareto_lora.app.benchmarking import environment, interleaved
 from pareto_lora.flat import flat_step
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_training_step import chameleon_vocabulary_map, checkpoint_switch, mode_rows  # noqa: E402
+
 CONTENDERS = ("forward", "vanilla", "pareto", "two_pass", "batched", "mimo")
-
-
-def vocabulary_map(text: int, codes: int) -> dict[str, int]:
-    """Chameleon's names: text ids (3 = ``<image>``), image codes IMGIMG<digits as A..J>Z, the markers."""
-    vm = {f"<t{i}>": i for i in range(text) if i != 3}
-    vm["<image>"] = 3
-    for k in range(codes):
-        vm["IMGIMG" + "".join(chr(ord("A") + int(d)) for d in str(k)) + "Z"] = text + k
-    vm["<racm3:break>"], vm["<eoss>"] = text + codes, text + codes + 1
-    return vm
 
 
 def build_model(args, device: torch.device, dtype: torch.dtype):
@@ -76,7 +70,7 @@ def build_model(args, device: torch.device, dtype: torch.dtype):
     cfg = transformers.ChameleonConfig(
         vocab_size=args.text_vocab + args.codes + 2, hidden_size=args.hidden, intermediate_size=args.intermediate,
         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
-        max_position_embeddings=max(args.seq, 128), vocabulary_map=vocabulary_map(args.text_vocab, args.codes),
+        max_position_embeddings=max(args.seq, 128), vocabulary_map=chameleon_vocabulary_map(args.text_vocab, args.codes),
         vq_config=vq)
     with torch.device(device):
         model = transformers.ChameleonForConditionalGeneration(cfg)
@@ -103,16 +97,11 @@ def make_batch(args, batch: int, device: torch.device) -> dict:
     return {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
 
 
-def step_functions(model, batch: dict, integration_out: list | None = None):
+def step_functions(model, batch: dict):
     """{contender: step} for one checkpointing mode each (suffix "_ckpt"), plus the integration alone."""
     spec = pareto_lora.archs.detect_arch(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    flags = [m for m in model.modules() if isinstance(getattr(m, "gradient_checkpointing", None), bool)]
-
-    def mode(on: bool) -> None:
-        for m in flags:  # what gradient_checkpointing_enable/disable set, without their warnings
-            m.gradient_checkpointing = on
+    mode = checkpoint_switch(model)
 
     def losses():
         return pareto_lora.archs.modality_losses_for(model, batch, spec)
@@ -129,28 +118,15 @@ def step_functions(model, batch: dict, integration_out: list | None = None):
         for p in params:
             p.grad = None
 
+    def cleared(backward):
+        def run(text, image):
+            backward(text, image)
+            clear()  # every contender starts from .grad None
+        return run
+
     def rows(on: bool) -> dict:
-        sfx = "_ckpt" if on else ""
-
-        def forward():
-            mode(on)
-            with torch.enable_grad():
-                losses()
-
-        def vanilla():
-            mode(on)
-            lt, li = losses()
-            (lt + li).backward()
-            clear()
-
-        def stepper(pl):
-            def run():
-                mode(on)
-                pl.backward(*losses())
-                clear()
-            return run
-
-        return {"forward" + sfx: forward, "vanilla" + sfx: vanilla, **{k + sfx: stepper(pl) for k, pl in pls.items()}}
+        return mode_rows(mode, on, losses, cleared(lambda lt, li: (lt + li).backward()),
+                         {k: cleared(pl.backward) for k, pl in pls.items()})
 
     # The integration alone on copies of one step's two buffers (a ParetoLoRA of its own, whose
     # accumulated step is then finished, so the contenders' objects start clean).

@@ -63,13 +63,14 @@ CHAMELEON_TEXT, CHAMELEON_CODES = 4096, 1024  # ids [0, 4096) text (3 = <image>)
 CHAMELEON_BOI, CHAMELEON_EOI = CHAMELEON_TEXT + CHAMELEON_CODES, CHAMELEON_TEXT + CHAMELEON_CODES + 1
 
 
-def chameleon_vocabulary_map() -> dict[str, int]:
-    """Token name -> id, the image codes named as ChameleonImageVocabularyMapping expects (IMGIMG + digits as A..J)."""
-    vm = {f"<t{i}>": i for i in range(CHAMELEON_TEXT) if i != 3}
+def chameleon_vocabulary_map(text: int = CHAMELEON_TEXT, codes: int = CHAMELEON_CODES) -> dict[str, int]:
+    """Token name -> id: text ids (3 = ``<image>``), the image codes named as
+    ChameleonImageVocabularyMapping expects (IMGIMG + digits as A..J + Z), then <racm3:break>, <eoss>."""
+    vm = {f"<t{i}>": i for i in range(text) if i != 3}
     vm["<image>"] = 3
-    for k in range(CHAMELEON_CODES):
-        vm["IMGIMG" + "".join(chr(ord("A") + int(d)) for d in str(k)) + "Z"] = CHAMELEON_TEXT + k
-    vm["<racm3:break>"], vm["<eoss>"] = CHAMELEON_BOI, CHAMELEON_EOI
+    for k in range(codes):
+        vm["IMGIMG" + "".join(chr(ord("A") + int(d)) for d in str(k)) + "Z"] = text + k
+    vm["<racm3:break>"], vm["<eoss>"] = text + codes, text + codes + 1
     return vm
 
 
@@ -172,46 +173,58 @@ def build(config: str):
 MODULATES = ("lower", "middle", "upper", "all")
 
 
+def checkpoint_switch(model):
+    """mode(on): transformers' non-reentrant activation checkpointing on or off on `model` (enabled
+    once, then toggled by the flags ``gradient_checkpointing_enable`` sets, without its warnings)."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    flags = [m for m in model.modules() if isinstance(getattr(m, "gradient_checkpointing", None), bool)]
+
+    def mode(on: bool) -> None:
+        for m in flags:
+            m.gradient_checkpointing = on
+
+    return mode
+
+
+def mode_rows(mode, on: bool, losses, vanilla_backward, steppers: dict) -> dict:
+    """{row name (+ "_ckpt" when `on`): step} for one checkpointing mode: ``forward`` (the losses),
+    ``vanilla`` (``vanilla_backward(text, image)``) and each of `steppers` (name -> fn(text, image))."""
+    sfx = "_ckpt" if on else ""
+
+    def forward():
+        mode(on)
+        with torch.enable_grad():
+            losses()
+
+    def vanilla():
+        mode(on)
+        vanilla_backward(*losses())
+
+    def step(fn):
+        def run():
+            mode(on)
+            fn(*losses())
+        return run
+
+    return {"forward" + sfx: forward, "vanilla" + sfx: vanilla, **{k + sfx: step(fn) for k, fn in steppers.items()}}
+
+
 def build_traversals(config: str):
     """({row name: step function}, bitwise) of one configuration: vanilla, forward and the ParetoLoRA
     step per traversal, each without (suffix none) and with (suffix "_ckpt") activation checkpointing."""
     arch, *shape = CONFIGS[config]
     model, losses, arch_kwargs = (_llama if arch == "llama" else _chameleon)(*shape)
     params = [p for p in model.parameters() if p.requires_grad]
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    flags = [m for m in model.modules() if isinstance(getattr(m, "gradient_checkpointing", None), bool)]
-
-    def mode(on: bool):
-        for m in flags:  # what gradient_checkpointing_enable/disable set, without their warnings
-            m.gradient_checkpointing = on
+    mode = checkpoint_switch(model)
 
     def pl(traversal, modulate="lower"):
         return pareto_lora.ParetoLoRA(model, rule="pareto_lora", num_groups=4, modulate=modulate, traversal=traversal,
                                       **arch_kwargs)
 
     def rows(on: bool) -> dict:
-        sfx = "_ckpt" if on else ""
-
-        def forward():
-            mode(on)
-            with torch.enable_grad():
-                losses()
-
-        def vanilla():
-            mode(on)
-            lt, li = losses()
-            torch.autograd.grad(lt + li, params)
-
-        def step(p):
-            def run():
-                mode(on)
-                p.backward(*losses())
-            return run
-
-        out = {"forward" + sfx: forward, "vanilla" + sfx: vanilla,
-               "two_pass" + sfx: step(pl("two_pass")), "batched" + sfx: step(pl("batched"))}
-        out.update({f"sum_first_{m}{sfx}": step(pl("sum_first", m)) for m in MODULATES})
-        return out
+        steppers = {"two_pass": pl("two_pass").backward, "batched": pl("batched").backward}
+        steppers.update({f"sum_first_{m}": pl("sum_first", m).backward for m in MODULATES})
+        return mode_rows(mode, on, losses, lambda lt, li: torch.autograd.grad(lt + li, params), steppers)
 
     two, bat = pl("two_pass"), pl("batched")
     mode(False)

@@ -143,3 +143,18 @@ def test_gpu_step_bench_refuses_bad_arguments(bad, name, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         mod.main(TINY_GPU_STEP + bad)
     assert e.value.code == 2 and name in capsys.readouterr().err
+
+
+def test_training_step_traversal_rows_run(monkeypatch):
+    # bench_training_step's traversal table (and the helpers bench_gpu_step shares with it): every
+    # row runs in both checkpointing modes on a tiny Chameleon (no times asserted).
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
+    mod = importlib.import_module("bench_training_step")
+    monkeypatch.setitem(mod.CONFIGS, "tiny", ("chameleon", 4, 64, 2, 64, 4))
+    fns, bitwise = mod.build_traversals("tiny")
+    rows = {"forward", "vanilla", "two_pass", "batched", *(f"sum_first_{m}" for m in mod.MODULATES)}
+    assert set(fns) == rows | {r + "_ckpt" for r in rows} and isinstance(bitwise, bool)
+    for fn in fns.values():
+        fn()

@@ -163,6 +163,7 @@ def ddp_scenarios(rank: int, out: dict) -> None:
         pl.on_nonfinite = "auto"
     out["err/bucket_view"] = error_of(lambda: pareto(DDP(models.lora_llama(num_layers=2), gradient_as_bucket_view=True),
                                                      "mean"))
+    out["err/static_graph"] = error_of(lambda: pareto(DDP(models.lora_llama(num_layers=2), static_graph=True), "mean"))
 
 
 def options_scenarios(rank: int, world: int, out: dict) -> None:

@@ -122,6 +122,7 @@ def test_ddp_failures(ranks):
     assert out["err/state_dict"].startswith("RuntimeError: state_dict: under DDP")
     assert out["err/last_in_no_sync"].startswith("RuntimeError: integrate_accumulated: the last backward ran without DDP")
     assert "gradient_as_bucket_view=True" in out["err/bucket_view"]
+    assert out["err/static_graph"].startswith("ValueError: model: DistributedDataParallel(static_graph=True) is not supported")
     assert ranks[1]["err/unchanged"]
     assert out["err/hook"].startswith("SyncFailure: backward: ParetoLoRA's DDP communication hook failed")
     assert out["err/hook_micro"] == 0 and out["err/hook_nan"]

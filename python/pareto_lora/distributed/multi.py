@@ -38,6 +38,7 @@ from ..ops_many import combine_many, gram, integrate_many
 from ..result import MultiResult
 from ..rules import RuleSpec
 from .. import args
+from .ddp_state import refuse_unsupported
 from .sync import SyncFailure, _reaches, window_lost
 from .traversal import batched_many, batched_pays, checkpointing_modules, replay
 
@@ -212,12 +213,7 @@ class DDPManySync(LocalManySync):
     saves_mid_window = False  # a checkpoint mid-window would hold this rank's un-averaged part only
 
     def __init__(self, ddp: nn.Module):
-        if getattr(ddp, "gradient_as_bucket_view", False):
-            raise ValueError("model: DistributedDataParallel(gradient_as_bucket_view=True) is not supported: ParetoLoRA "
-                             "keeps .grad in its own flat buffer; construct DDP with the default gradient_as_bucket_view=False")
-        if getattr(ddp, "_comm_hooks", None):
-            raise ValueError("model: this DistributedDataParallel model already has a communication hook; ParetoLoRA "
-                             "registers its own (it must average every objective), so it cannot be combined with another")
+        refuse_unsupported(ddp)  # the two-objective hook's refusals: bucket views, static_graph, another hook
         super().__init__(ddp.module)
         self.ddp, self.group = ddp, ddp.process_group
         self.world = dist.get_world_size(self.group)

@@ -28,7 +28,8 @@ a GradScaler (every loss scaled by the same factor; a non-finite gradient makes 
 NONFINITE, plain sum, so the inf reaches the scaler), non-finite losses (``on_nonfinite``) and
 checkpoints (:meth:`state_dict`, checked whole before anything is loaded) work as in the
 two-objective step. Several processes: pass the ``DistributedDataParallel`` model (a
-communication hook averages all K gradients; keep DDP's defaults ``gradient_as_bucket_view=False`` and ``static_graph=False``;
+communication hook averages all K gradients; keep DDP's defaults ``gradient_as_bucket_view=False``
+and ``static_graph=False``;
 ``no_sync()`` accumulation works, the last micro-batch outside it) or an FSDP2 ``fully_shard``
 model: every rank gets the integration of the global batch, ranks bitwise equal
 (:mod:`pareto_lora.distributed.multi`). ``stats_ema`` (the weighting sees an average over steps of

@@ -170,7 +170,7 @@ def kernel_launches(fn, device: torch.device) -> int | None:
     return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
-def fits(args, batch_size: int, device: torch.device, dtype: torch.dtype, model) -> bool:
+def fits(args, batch_size: int, device: torch.device, model) -> bool:
     """Whether every contender's step runs at `batch_size` (one call each, checkpointing off: the larger)."""
     try:
         fns, _, _ = step_functions(model, make_batch(args, batch_size, device))
@@ -186,11 +186,11 @@ def fits(args, batch_size: int, device: torch.device, dtype: torch.dtype, model)
             torch.cuda.empty_cache()
 
 
-def choose_batch(args, device, dtype, model) -> int:
+def choose_batch(args, device, model) -> int:
     if args.batch != "auto":
         return int(args.batch)
     best, b = None, 1
-    while b <= args.max_batch and fits(args, b, device, dtype, model):
+    while b <= args.max_batch and fits(args, b, device, model):
         best, b = b, 2 * b
     if best is None:
         raise SystemExit("batch: not even 1 row fits in memory; try --layers or --seq smaller")
@@ -248,7 +248,7 @@ def main(argv=None) -> int:
         p.error("--device: cuda is not available here (use --device cpu for a smoke run)")
 
     model = build_model(args, device, dtype)
-    batch_size = choose_batch(args, device, dtype, model)
+    batch_size = choose_batch(args, device, model)
     fns, integrate_only, nparams = step_functions(model, make_batch(args, batch_size, device))
     mem = {name: peak_memory(fn, device) for name, fn in fns.items()}
     timed = interleaved(fns, device=device, rounds=args.rounds, warmup=1, max_seconds=args.max_seconds)

@@ -60,7 +60,7 @@ from ..flat.step import poison_cases
 from ..reference import group_sums
 from .ddp_state import Arrival, BackwardState, BucketPlan, plan_bucket, record_event, refuse_unsupported, wait_event
 from .sync import LocalSync, Settle, SyncFailure, window_lost
-from .traversal import batched, replay
+from .traversal import batched, replay, sum_first_not_built
 
 __all__ = ["DDPSync", "one_bucket_cap_mb"]
 
@@ -74,11 +74,6 @@ def one_bucket_cap_mb(model: nn.Module) -> float:
         raise ValueError("model: expected the module to wrap (not yet a DistributedDataParallel)")
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     return max(nbytes, 1) / 2**20 * 1.01 + 0.01  # a margin over the exact size: DDP compares bytes >= cap
-
-
-#: Why DDP does not take ``traversal="sum_first"`` (set_traversal's message).
-SUM_FIRST_REFUSED = ("not built under DDP: its unmodulated groups' statistics are never taken, which the hook's "
-                     "report would have to mark (one process reports them as NaN), and nothing tests it there")
 
 
 def _ddp_comm_hook(state, bucket):
@@ -98,7 +93,7 @@ class DDPSync(LocalSync):
     saves_mid_window = False  # the reduced averages of a window live in the hook's state
     calls_rule_once = False  # the rule runs each time a set of groups completes
     kind = "DDP"
-    refused_traversals = {"sum_first": SUM_FIRST_REFUSED}
+    refused_traversals = {"sum_first": sum_first_not_built(kind)}
 
     def __init__(self, ddp: nn.Module):
         refuse_unsupported(ddp)

@@ -21,14 +21,9 @@ from torch import nn
 from ..flat import FlatGrads, FlatStep, GradLayout, StepRule, flat_step, local_layout, unit_stats
 from .fsdp_traversal import UnshardedCapture, nondefault_reduction, reduce_to_shards
 from .sync import Settle, window_lost
-from .traversal import batched, batched_pays, checkpointing_modules
+from .traversal import batched, batched_pays, checkpointing_modules, sum_first_not_built
 
 __all__ = ["FSDPSync", "is_fsdp2"]
-
-
-#: Why FSDP2 does not take ``traversal="sum_first"`` (set_traversal's message).
-FSDP_SUM_FIRST = ("not built under FSDP2: its unmodulated groups' statistics are never taken, which the report would "
-                  "have to mark (one process reports them as NaN), and nothing tests it there")
 
 
 def is_fsdp2(model: nn.Module) -> bool:
@@ -73,7 +68,7 @@ class FSDPSync:
     saves_mid_window = True  # each rank's shard buffers hold its whole window
     calls_rule_once = True
     kind = "FSDP2"
-    refused_traversals = {"sum_first": FSDP_SUM_FIRST}
+    refused_traversals = {"sum_first": sum_first_not_built(kind)}
 
     def __init__(self, model: nn.Module):
         from torch.distributed.fsdp import FSDPModule
@@ -100,15 +95,13 @@ class FSDPSync:
                 self._checkpointing, text_loss, image_loss)):
             return "two_pass", None
         why = nondefault_reduction(self.fsdp_modules)
-        leaves = self._capture.leaves(self.layout.params) if why is None else f"FSDP2's default reduction, got {why}"
-        if isinstance(leaves, str):
-            if self.traversal == "batched":
-                raise ValueError(f"traversal: 'batched' under FSDP2 expected {leaves}")
-            return "two_pass", None
-        return "batched", leaves
-
-    def _reshard_flags(self) -> list[bool]:
-        return reshard_flags(self.fsdp_modules)
+        # leaves: the unsharded tensors, or what was expected of them (a message)
+        leaves = f"FSDP2's default reduction, got {why}" if why else self._capture.leaves(self.layout.params)
+        if not isinstance(leaves, str):
+            return "batched", leaves
+        if self.traversal == "batched":
+            raise ValueError(f"traversal: 'batched' under FSDP2 expected {leaves}")
+        return "two_pass", None
 
     def backward(self, text_loss: torch.Tensor, image_loss: torch.Tensor, first: bool, losses: torch.Tensor) -> None:
         how, leaves = self.choose_traversal(text_loss, image_loss)
@@ -128,7 +121,7 @@ class FSDPSync:
         params = self.layout.params
         for p in params:
             p.grad = None
-        flags = self._reshard_flags()
+        flags = reshard_flags(self.fsdp_modules)
         for m in self.fsdp_modules:
             m.set_reshard_after_backward(False, recurse=False)
         try:

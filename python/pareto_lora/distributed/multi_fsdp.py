@@ -49,9 +49,6 @@ class FSDPManySync:
     def reattach(self) -> None:
         pass  # .grad is written in finish(); between steps it is not a view of the buffers
 
-    def _reshard_flags(self) -> list[bool]:
-        return reshard_flags(self.fsdp_modules)
-
     def _local_grads(self, k: int) -> list[torch.Tensor | None]:
         grads = [None if p.grad is None else _local(p.grad) for p in self.layout.params]
         if all(g is None for g in grads):
@@ -67,7 +64,7 @@ class FSDPManySync:
         # and added into the buffers only once all K exist; a failure restores .grad.
         params, k = self.layout.params, len(losses)
         saved = [p.grad for p in params]
-        flags = self._reshard_flags()
+        flags = reshard_flags(self.fsdp_modules)
         taken = []
         try:
             for m in self.fsdp_modules:

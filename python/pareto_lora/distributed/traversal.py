@@ -2,7 +2,7 @@
 
 ``ParetoLoRA(traversal=...)`` picks one. One process (:class:`~.sync.LocalSync`) takes any;
 DDP and FSDP2 take ``two_pass`` and ``batched`` (``sum_first`` is not built there,
-:data:`~.ddp.SUM_FIRST_REFUSED`). DDP's communication hook sees only an ordinary backward, so the
+:func:`sum_first_not_built`). DDP's communication hook sees only an ordinary backward, so the
 batched image gradient is handed to it by :func:`replay`. FSDP2's registered parameters are
 sharded DTensors the forward never uses; the batched traversal targets the unsharded ones the
 forward used and reduce-scatters outside FSDP2, under its default reduction only
@@ -43,10 +43,16 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-__all__ = ["TRAVERSALS", "batched_pays", "checkpointing_modules", "custom_function_in", "two_pass", "batched",
+__all__ = ["TRAVERSALS", "sum_first_not_built", "batched_pays", "checkpointing_modules", "custom_function_in", "two_pass", "batched",
            "batched_many", "sum_first", "replay"]
 
 TRAVERSALS = ("auto", "two_pass", "batched", "sum_first")
+
+
+def sum_first_not_built(kind: str) -> str:
+    """Why `kind` (DDP, FSDP2) does not take ``traversal="sum_first"`` (set_traversal's message)."""
+    return (f"not built under {kind}: its unmodulated groups' statistics are never taken, which the report would "
+            "have to mark (one process reports them as NaN), and nothing tests it there")
 
 Grads = tuple  # one entry per parameter: a gradient Tensor or None (the loss does not reach it)
 

@@ -111,6 +111,8 @@ if __name__ == "__main__":
         description="Modality-balanced gradient integration (Pareto LoRA, MGDA, MMPareto) for LoRA fine-tuning of multimodal models",
         package_dir={"": "python"},
         packages=find_packages("python"),
+        # the default demo's pre-trained base (app/demo/base.py: why it ships)
+        package_data={"pareto_lora.app.demo": ["bases/*.pt"]},
         ext_modules=[extension()],
         cmdclass={"build_ext": BuildExtension},
         python_requires=">=3.10",

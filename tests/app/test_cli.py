@@ -65,6 +65,9 @@ def test_backend_availability_agrees_with_available_backends():
         (["demo", "--optimizer", "sgd", "--lrs", "0.1,0.1"], "--lrs: value listed twice"),
         (["demo", "--optimizer", "adam"], "--optimizer: invalid choice"),
         (["demo", "--arch", "gpt2"], "--arch: invalid choice"),
+        (["demo", "--plain-backward", "three"], "--plain-backward: invalid choice"),
+        (["demo", "--world", "digits", "--pretrain"], "--world digits: --pretrain belong to the shapes world"),
+        (["demo", "--world", "digits", "--plain-backward", "one"], "--world digits: --plain-backward belong to the shapes"),
         (["bench", "--dtypes", "float8"], "unknown dtype(s) 'float8'"),
         (["bench", "--rule", "nope"], "--rule: invalid choice"),
         (["bench", "--backends", "nope"], "--backends: nope not available"),
@@ -97,6 +100,10 @@ def test_base_per_seed_flag_reaches_the_config(monkeypatch, tmp_path):
     assert cli.main(["demo", "--quick", "--base-per-seed", "--out", str(tmp_path)]) == 0
     assert cli.main(["demo", "--quick", "--out", str(tmp_path)]) == 0
     assert [c.base_per_seed for c in seen] == [True, False]
+    assert [(c.pretrain, c.plain_backward) for c in seen] == [(False, "two")] * 2  # --quick: two passes
+    assert cli.main(["demo", "--pretrain", "--plain-backward", "two", "--out", str(tmp_path)]) == 0
+    assert cli.main(["demo", "--out", str(tmp_path)]) == 0
+    assert [(c.pretrain, c.plain_backward) for c in seen[2:]] == [(True, "two"), (False, "one")]
     assert "--base-per-seed" in run_cli("demo", "--help").stdout
 
 

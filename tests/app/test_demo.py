@@ -81,7 +81,9 @@ def test_bad_world_noise_is_rejected():
 @pytest.mark.parametrize(
     "field, value, match",
     [("rules", ("sum", "bogus"), "rules: unknown rule"), ("seeds", (), "seeds"), ("seeds", (1, 1), "seeds: expected distinct"),
-     ("steps", 0, "steps"), ("lr", 0.0, "lr"), ("num_groups", 11, "num_groups")],
+     ("steps", 0, "steps"), ("lr", 0.0, "lr"), ("num_groups", 11, "num_groups"),
+     ("pretrain", "False", "pretrain: expected True or False"), ("pretrain", 1, "pretrain: expected True or False"),
+     ("plain_backward", "three", "plain_backward: expected one of two, one")],
 )
 def test_config_check_names_the_field(field, value, match):
     import dataclasses
@@ -164,6 +166,20 @@ def test_verdict_describes_each_base_of_a_per_seed_study():
     lines = verdict.verdict({**_RESULT, "base": {"per_seed": {0: b, 1: {**b, "steps": 350}}, "cached": True}}, summary, comparison)
     assert [line.split(" (")[0] for line in lines if line.startswith("Base model")] == ["Base model of seed 0", "Base model of seed 1"]
     assert any("seed 1 (350 pre-training steps)" in line for line in lines)
+
+
+def test_balance_line_names_the_runs_it_comes_from_when_vanilla_took_one_backward():
+    runs = [_fake_run(r, s, 0.1 * s, 1.0, ratio=math.nan if r == "sum" else 2.5) for s in range(3) for r in ("sum", "pareto_lora")]
+    summary = report.summarize(runs)
+    lines = verdict.verdict(_RESULT, summary, report.compare(summary))
+    balance = [ln for ln in lines if ln.startswith("Gradient balance")]
+    assert balance == ["Gradient balance on pareto_lora's runs (raw per-modality gradients before integration; vanilla's "
+                       "runs take one backward and measure none): median ||g_text||/||g_image|| over groups = 2.5 in the "
+                       "first 10 steps, 2.5 over the run."]
+    runs = [_fake_run(r, s, 0.1 * s, 1.0, ratio=4.0) for s in range(3) for r in ("sum", "pareto_lora")]
+    summary = report.summarize(runs)
+    assert "Gradient balance under vanilla LoRA: median ||g_text||/||g_image|| over groups = 4 in the first 10 steps, " \
+           "4 over the run." in verdict.verdict(_RESULT, summary, report.compare(summary))
 
 
 def test_summary_and_table():

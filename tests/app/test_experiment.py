@@ -2,10 +2,12 @@
 
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
 
+import pareto_lora
 from pareto_lora.app.demo import FULL, DemoConfig, ModelConfig
 from pareto_lora.app.demo.base import BaseSpec
 from pareto_lora.app.demo import data
@@ -104,3 +106,49 @@ def test_shared_and_per_seed_base_runs_never_mix(tmp_path):
     assert per_seed["config"].base_per_seed and list(per_seed["base"]["per_seed"]) == [1]
     again = run_experiment(dataclasses.replace(cfg, base_per_seed=True), progress=False, runs_dir=str(tmp_path))
     assert again["timings"]["runs_loaded"] == 1 and again["runs"][0].final == per_seed["runs"][0].final
+
+
+def test_plain_runs_in_one_backward_step_on_the_two_pass_gradient_and_measure_no_statistics():
+    """plain_backward="one": a curve point's gradient is one backward of the weighted loss, equal to
+    the two-pass sum up to rounding (float32: a few ulps of the largest entry), with NaN statistics."""
+    from pareto_lora.app.demo.methods import build_method, is_plain
+    from pareto_lora.app.demo.model import attach_lora, logits_of
+
+    cfg = DemoConfig(rules=("w2",), seeds=(0,), **TINY)
+    setup = prepare(cfg, progress=False)
+    batch = data.sample_batch(setup.ft_world, 4, torch.Generator().manual_seed(0))
+    grads, reports = {}, {}
+    for how in ("one", "two"):
+        c = dataclasses.replace(cfg, plain_backward=how)
+        model = attach_lora(setup.base, c.model, 0)
+        method = build_method(model, "w2", c)
+        lt, li = pareto_lora.modality_losses(logits_of(model, batch.model_inputs()), batch.labels,
+                                             image_token_mask=batch.image_token_mask)
+        reports[how] = method.pl.backward(text=lt, image=2.0 * li).to_record()
+        grads[how] = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    for g1, g2 in zip(grads["one"], grads["two"]):
+        assert torch.allclose(g1, g2, rtol=1e-5, atol=1e-6 * float(g2.abs().max()))
+    assert all(math.isnan(g["ratio"]) for g in reports["one"]["groups"].values())
+    assert all(math.isfinite(g["ratio"]) for g in reports["two"]["groups"].values())
+    assert is_plain("sum") and is_plain("w2") and is_plain("text_only") and not is_plain("pareto_lora")
+    assert not is_plain("commit") and not is_plain("mimo")
+
+
+def test_plain_backward_one_and_pretrain_have_their_own_run_keys():
+    full = DemoConfig(**FULL)
+    assert config_key(dataclasses.replace(full, plain_backward="one")) != config_key(full)
+    assert config_key(dataclasses.replace(full, pretrain=True)) != config_key(full)
+    assert config_key(dataclasses.replace(full, plain_backward="two", pretrain=False)) == "61362f890cfb"
+
+
+def test_the_step0_evaluation_is_shared_by_the_methods_of_a_seed_bitwise():
+    cfg = DemoConfig(rules=("sum", "pareto_lora"), seeds=(0, 1), **TINY)
+    setup = prepare(cfg, progress=False)
+    fresh = {(rule, seed): run_cell(setup, cfg, rule, seed, progress=False) for rule in ("sum", "pareto_lora")
+             for seed in (0, 1)}
+    assert sorted(k[:2] for k in setup.step0) == [(0, 20_000), (1, 20_001)]  # one evaluation per seed
+    alone = prepare(cfg, progress=False)  # pareto_lora seed 1 with its own step-0 evaluation
+    own = run_cell(alone, cfg, "pareto_lora", 1, progress=False)
+    reused = fresh["pareto_lora", 1]
+    assert (own.eval_text, own.eval_image, own.eval_acc) == (reused.eval_text, reused.eval_image, reused.eval_acc)
+    assert own.eval_text[0] == fresh["sum", 1].eval_text[0] != fresh["sum", 0].eval_text[0]

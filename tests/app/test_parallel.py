@@ -28,10 +28,10 @@ def test_two_workers_give_the_serial_runs_bitwise(tmp_path):
 
 
 def test_default_workers_need_a_cached_base_on_the_cpu():
-    assert parallel.default_workers(None, "cpu", 10) == 1  # a worker would pre-train the base again
-    assert parallel.default_workers("default", "cuda", 10) == 1
-    assert parallel.default_workers("default", "cpu", 1) == 1
-    assert parallel.default_workers("default", "cpu", 10) == min(parallel.usable_cpus(), 10)
+    assert parallel.default_workers(False, "cpu", 10) == 1  # a worker would pre-train the base again
+    assert parallel.default_workers(True, "cuda", 10) == 1
+    assert parallel.default_workers(True, "cpu", 1) == 1
+    assert parallel.default_workers(True, "cpu", 10) == min(parallel.usable_cpus(), 10)
 
 
 @pytest.mark.parametrize("workers", [0, -1, True, "2", 1.5, float("nan")])

@@ -64,11 +64,14 @@ def _cmd_demo(args, parser) -> int:
         "steps": args.steps, "seeds": args.seeds, "rules": args.rules, "tau": args.tau, "lr": args.lr,
         "modulate": args.modulate, "num_groups": args.num_groups, "pretrain_steps": args.pretrain_steps,
         "threads": args.threads, "workers": args.workers, "cache_dir": args.cache_dir,
+        "plain_backward": args.plain_backward,
     }.items() if v is not None}
     if args.no_cache:
         overrides["cache_dir"] = None
     if args.base_per_seed:
         overrides["base_per_seed"] = True
+    if args.pretrain:
+        overrides["pretrain"] = True
     cfg = dataclasses.replace(cfg, device=device, **overrides)
     if cfg.eval_every > cfg.steps:
         cfg = dataclasses.replace(cfg, eval_every=cfg.steps)
@@ -99,7 +102,8 @@ def _cmd_demo_digits(args, parser, device: str) -> int:
     from .demo.digits import DEFAULT, FULL, QUICK, STRONG, DigitsConfig, run_digits_demo
 
     shapes_only = {"--optimizer sgd": args.optimizer == "sgd", "--lrs": args.lrs is not None, "--arch": args.arch is not None,
-                   "--base-per-seed": args.base_per_seed, "--pretrain-steps": args.pretrain_steps is not None}
+                   "--base-per-seed": args.base_per_seed, "--pretrain-steps": args.pretrain_steps is not None,
+                   "--pretrain": args.pretrain, "--plain-backward": args.plain_backward is not None}
     bad = [k for k, given in shapes_only.items() if given]
     if bad:
         parser.error(f"--world digits: {', '.join(bad)} belong to the shapes world (expected without them)")
@@ -243,7 +247,15 @@ def build_parser() -> argparse.ArgumentParser:
                       help="at most this many base pre-training steps (default 600; stops when the base solves its images)")
     demo.add_argument("--cache-dir", help="where pre-trained bases are cached (default $PARETO_LORA_CACHE or "
                                           "~/.cache/pareto_lora/bases)")
-    demo.add_argument("--no-cache", action="store_true", help="always pre-train the base, store nothing")
+    demo.add_argument("--no-cache", action="store_true",
+                      help="read and write no cached base (the shipped base is still used: add --pretrain to pre-train)")
+    demo.add_argument("--pretrain", action="store_true",
+                      help="pre-train the base in this process (cached as usual) instead of using the one shipped with "
+                           "the package (shapes world)")
+    demo.add_argument("--plain-backward", choices=("one", "two"),
+                      help="how vanilla, the curve and the brackets take their gradients: one backward of the weighted "
+                           "loss (the default demo), or the two per-modality gradients with per-layer statistics "
+                           "(--full); shapes world")
     demo.add_argument("--base-per-seed", action="store_true",
                       help="fine-tuning seed s starts from a base pre-trained with seed s (each cached), so the seed "
                            "spread includes pre-training; default: one base (seed 0) for every seed")

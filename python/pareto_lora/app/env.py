@@ -12,7 +12,7 @@ import torch
 
 from ..backends import available_backends, cpp
 
-__all__ = ["package_versions", "backend_availability", "missing_modules", "install_hint"]
+__all__ = ["package_versions", "backend_availability", "missing_modules", "install_hint", "machine"]
 
 _PACKAGES = ("torch", "triton", "peft", "transformers", "numpy", "matplotlib", "tqdm")
 
@@ -26,6 +26,30 @@ def package_versions() -> dict[str, str | None]:
         except importlib.metadata.PackageNotFoundError:
             out[name.replace("-", "_")] = None
     return out
+
+
+def machine() -> str:
+    """This machine in one line: the CPU's model name (family/model where Linux reports them: a
+    cloud VM may name only the vendor), the CPUs this process may use and torch's CPU vector build."""
+    import os
+    import platform
+
+    info = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    name = info.get("model name") or platform.processor() or platform.machine() or "unknown CPU"
+    if "cpu family" in info and "model" in info:
+        name += f" (family {info['cpu family']}, model {info['model']})"
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        cpus = os.cpu_count() or 1
+    return f"{name}, {cpus} usable CPU{'s' if cpus != 1 else ''}, torch CPU capability {torch.backends.cpu.get_cpu_capability()}"
 
 
 def missing_modules(names: tuple[str, ...]) -> list[str]:

@@ -26,7 +26,7 @@ from .base import BaseSpec, default_cache_dir, pretrained_base
 from .data import Vocab, World, fixed_batches, make_world, sample_batch
 from .evaluation import evaluate
 from .floors import entropy_floors
-from .methods import ALL_METHODS, OPTIMIZERS, build_method, loss_weights
+from .methods import ALL_METHODS, OPTIMIZERS, PLAIN_BACKWARDS, build_method, is_plain, loss_weights
 from .model import ARCHS, ModelConfig, attach_lora, logits_of
 from .output import load_json, save_json
 from .parallel import run_cells
@@ -49,6 +49,7 @@ class DemoConfig:
     # seed-to-seed spread contains pre-training too; each base is cached under its own key
     base_per_seed: bool = False
     cache_dir: str | None = "default"  # "default" = base.default_cache_dir(); None = no cache
+    pretrain: bool = False  # True: pre-train the base in this process even where the package ships it (base.py)
     eval_every: int = 20
     eval_batches: int = 2
     eval_batch_size: int = 64
@@ -56,6 +57,7 @@ class DemoConfig:
     num_groups: int = 3
     modulate: str = "lower"
     optimizer: str = "adamw"  # "adamw" (the main study) or "sgd" (plain SGD: no momentum, no weight decay)
+    plain_backward: str = "two"  # the plain runs' (vanilla, curve, brackets) backwards: methods.PLAIN_BACKWARDS
     pretrain_world_seed: int = 1
     finetune_world_seed: int = 2
     image_noise: float = 0.15
@@ -93,6 +95,8 @@ class DemoConfig:
                 raise ValueError(f"{name}: expected a number > 0, got {getattr(self, name)}")
         if not 0 < self.pretrain_target_acc <= 1:
             raise ValueError(f"pretrain_target_acc: expected a fraction in (0, 1], got {self.pretrain_target_acc}")
+        args.flag("pretrain", self.pretrain)
+        args.choice("plain_backward", self.plain_backward, PLAIN_BACKWARDS)
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer: expected one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.model.arch not in ARCHS:
@@ -139,8 +143,22 @@ class RunResult:
         return self.eval_image[-1]
 
 
-def finetune(base, cfg: DemoConfig, rule: str, seed: int, world: World, eval_set, floors, progress=None) -> RunResult:
-    """LoRA fine-tuning of a copy of `base` on `world` with gradient integration `rule`."""
+_EVALS = (("eval_text", "text"), ("eval_image", "image"), ("eval_text_excess", "text_excess"),
+          ("eval_image_excess", "image_excess"), ("eval_acc", "cell_acc"))
+
+
+def first_eval(run: RunResult) -> dict:
+    """The step-0 evaluation of `run` (the base with LoRA's B = 0: the same for every method of a seed)."""
+    return {key: getattr(run, name)[0] for name, key in _EVALS}
+
+
+def finetune(base, cfg: DemoConfig, rule: str, seed: int, world: World, eval_set, floors, progress=None,
+             step0: dict | None = None) -> RunResult:
+    """LoRA fine-tuning of a copy of `base` on `world` with gradient integration `rule`.
+
+    `step0`: the step-0 evaluation of an earlier run of this seed, base and held-out set (first_eval),
+    reused: before any step, LoRA adds exact zeros (B = 0), so every method evaluates the same model.
+    """
     start = time.perf_counter()
     device = torch.device(cfg.device)
     model = attach_lora(base, cfg.model, seed).to(device)
@@ -151,14 +169,13 @@ def finetune(base, cfg: DemoConfig, rule: str, seed: int, world: World, eval_set
     run = RunResult(rule, seed, [], [], [], [], 0.0, group_layers=[list(g) for g in pl.layout.group_layers],
                     optimizer=cfg.optimizer, lr=cfg.lr, optimizer_warning=method.warning)
 
-    def record_eval(step: int) -> None:
-        ev = evaluate(model, eval_set, device, world, floors)
+    def record_eval(step: int, ev: dict | None = None) -> None:
+        ev = ev or evaluate(model, eval_set, device, world, floors)
         run.eval_steps.append(step)
-        for name, key in (("eval_text", "text"), ("eval_image", "image"), ("eval_text_excess", "text_excess"),
-                          ("eval_image_excess", "image_excess"), ("eval_acc", "cell_acc")):
+        for name, key in _EVALS:
             getattr(run, name).append(ev[key])
 
-    record_eval(0)
+    record_eval(0, step0)
     model.train()
     for step in range(1, cfg.steps + 1):
         batch = sample_batch(world, cfg.batch_size, gen).to(device)
@@ -189,7 +206,7 @@ def config_key(cfg: DemoConfig) -> str:
     """Hash of everything a run's numbers depend on except the rule and seed (names run files).
 
     Options added after the first study are left out at their defaults (AdamW, the Llama, one
-    shared base), so the run files of earlier studies keep their names and still resume. With
+    shared base, two backwards for the plain runs, the shipped or cached base), so the run files of earlier studies keep their names and still resume. With
     ``base_per_seed`` the key differs from the shared-base key (and no longer depends on
     ``base_seed``), so the two settings never load each other's runs.
     """
@@ -202,6 +219,9 @@ def config_key(cfg: DemoConfig) -> str:
         d.pop("base_per_seed")
     if d["optimizer"] == "adamw":
         d.pop("optimizer")
+    for k, default in (("plain_backward", "two"), ("pretrain", False)):
+        if d[k] == default:
+            d.pop(k)
     if d["model"]["arch"] == "llama":
         d["model"].pop("arch")
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
@@ -247,6 +267,7 @@ class Setup:
     base_info: dict
     timings: dict  # pretrain_s, finetune_s (runs made by this process), runs_loaded
     bases: dict = dataclasses.field(default_factory=dict)  # seed -> base (base_per_seed only)
+    step0: dict = dataclasses.field(default_factory=dict)  # (seed, held-out set) -> step-0 evaluation
     pre_world: World | None = None
     progress: bool = False
 
@@ -298,14 +319,15 @@ def _load_base(cfg: DemoConfig, seed: int, pre_world: World, ft_world: World, fl
     cache = default_cache_dir() if cfg.cache_dir == "default" else cfg.cache_dir
     with _bar(cfg.pretrain_steps, f"{cfg.model.arch} base (seed {seed}) pre-train until it solves its images",
               progress) as bar:
-        base, base_info = pretrained_base(spec, pre_world, device, cache, bar)
+        base, base_info = pretrained_base(spec, pre_world, device, cache, bar, pretrain=cfg.pretrain)
     base_info["finetune_world_before"] = evaluate(base, fixed_batches(ft_world, cfg.eval_batches, cfg.eval_batch_size, 29_999),
                                                   device, ft_world, floors)
     if progress:
         from tqdm.auto import tqdm
 
         own = base_info["own_world"]
-        tqdm.write(f"base (seed {seed}): {base_info['steps']} pre-training steps{' (cached)' if base_info['cached'] else ''}; "
+        how = " (shipped with the package)" if base_info.get("shipped") else " (cached)" if base_info["cached"] else ""
+        tqdm.write(f"base (seed {seed}): {base_info['steps']} pre-training steps{how}; "
                    f"on its own world image excess {own['image_excess']:.3f} nats, cell accuracy {own['cell_acc']:.1%}")
     return base, base_info
 
@@ -323,10 +345,12 @@ def run_cell(setup: Setup, cfg: DemoConfig, rule: str, seed: int, runs_dir: str 
         path = os.path.join(runs_dir, f"{config_key(cfg)}-{rule}-seed{seed}.json")
     run = _load_run(path, cfg) if path and os.path.isfile(path) else None
     if run is None:
-        eval_set = fixed_batches(setup.ft_world, cfg.eval_batches, cfg.eval_batch_size,
-                                 seed=20_000 + seed if eval_seed is None else eval_seed)
+        key = (seed, 20_000 + seed if eval_seed is None else eval_seed, cfg.eval_batches, cfg.eval_batch_size)
+        eval_set = fixed_batches(setup.ft_world, cfg.eval_batches, cfg.eval_batch_size, seed=key[1])
         with _bar(cfg.steps, f"seed {seed} {rule:>12}", progress) as bar:
-            run = finetune(setup.base_for(seed), cfg, rule, seed, setup.ft_world, eval_set, setup.floors, bar)
+            run = finetune(setup.base_for(seed), cfg, rule, seed, setup.ft_world, eval_set, setup.floors, bar,
+                           step0=setup.step0.get(key))
+        setup.step0.setdefault(key, first_eval(run))
         if path:
             _save_run(run, path)
         setup.timings["finetune_s"] += run.seconds
@@ -363,5 +387,11 @@ def run_experiment(cfg: DemoConfig, progress: bool = True, runs_dir: str | None 
         echo = tqdm.write
     runs = run_cells(setup, prepare, run_cell, cfg, cells, runs_dir, cell_kwargs=dict(progress=progress),
                      quiet_kwargs=dict(progress=False), prepare_kwargs=dict(progress=False), echo=echo,
-                     line=lambda run: cell_line(run, cfg))
+                     line=lambda run: cell_line(run, cfg), cost=lambda rule: _run_cost(rule, cfg))
     return setup.result(runs)
+
+
+def _run_cost(rule: str, cfg: DemoConfig) -> float:
+    """A run's time relative to a two-pass run: a plain run in one backward is F + B against F + 2B,
+    about 0.6 of it on the demo's model (docs/study.md)."""
+    return 0.6 if is_plain(rule) and cfg.plain_backward == "one" else 1.0

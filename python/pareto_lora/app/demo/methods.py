@@ -7,7 +7,11 @@
   whole layer stack (alpha 1.5, weight lr 0.025);
 * controls and the reweighting frontier (``CONTROLS``): vanilla gradients of ``a*L_text + b*L_image``
   -- ``text_only`` (1, 0) and ``image_only`` (0, 1) bracket what fine-tuning can move, ``w2`` ..
-  ``w64`` (1, w) trace the trade-off a practitioner gets by tuning one loss weight (``sum`` is w = 1);
+  ``w64`` (1, w) trace the trade-off a practitioner gets by tuning one loss weight (``sum`` is w = 1).
+  ``plain_backward="two"`` (the studies) takes their two per-modality gradients through ParetoLoRA's
+  ``sum`` rule, so their per-layer gradient statistics are recorded; ``"one"`` (the default demo) takes
+  one backward of the weighted loss, as a user of plain reweighting runs it (:class:`OneBackward`:
+  F + B instead of F + 2B, the same gradient up to rounding, no per-layer statistics);
 * ``VARIANTS``: ``pareto_lora_all``, the paper's rule on every layer group (``modulate="all"``),
   ``pareto_lora_m0.1``, its conflict branch only on cos < -0.1 (``RuleSpec.margin``: text and image
   gradients are nearly orthogonal, so cos < 0 alone fires on noise), ``pareto_lora_ema0.9`` (the
@@ -26,10 +30,10 @@ import warnings
 import torch
 
 import pareto_lora
-from pareto_lora.training.balancers import BALANCERS, METHODS, CoMMIT, GradNorm, MIMO
+from pareto_lora.training.balancers import BALANCERS, METHODS, Balancer, CoMMIT, GradNorm, MIMO
 
-__all__ = ["METHODS", "CONTROLS", "VARIANTS", "ALL_METHODS", "FAMILY", "OPTIMIZERS", "Method", "build_method", "make_optimizer",
-           "describe_methods", "loss_weights", "frontier_weight"]
+__all__ = ["METHODS", "CONTROLS", "VARIANTS", "ALL_METHODS", "FAMILY", "OPTIMIZERS", "PLAIN_BACKWARDS", "Method",
+           "OneBackward", "build_method", "make_optimizer", "describe_methods", "loss_weights", "frontier_weight", "is_plain"]
 
 #: the demo's optimizers: AdamW (the main study; scale-invariant per coordinate) and plain SGD
 #: (no momentum, no weight decay: its step is the learning rate times the integrated gradient)
@@ -54,6 +58,28 @@ ALL_METHODS: tuple[str, ...] = (*METHODS, *VARIANTS, *CONTROLS)
 #: in both worlds' ``--full`` studies. ``constant`` is left out: it is the reweighting curve itself.
 FAMILY: tuple[str, ...] = ("mean", "upgrad", "pcgrad", "dualproj", "imtl_g", "cagrad", "nash_mtl", "aligned_mtl",
                            "config")
+
+
+#: how the runs without gradient integration (``is_plain``) take their gradients (module docstring)
+PLAIN_BACKWARDS = ("two", "one")
+
+
+class OneBackward(Balancer):
+    """One backward of ``L_text + L_image`` (the demo has weighted the losses already): a plain
+    run's step at a plain step's cost, through ParetoLoRA's one-backward path, so that a non-finite
+    loss is refused and the report keeps its layout (its statistics read NaN: none are taken)."""
+
+    name = "one_backward"
+    one_backward = True
+
+    def loss_weights(self, losses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        one = torch.ones((), dtype=torch.float64, device=self.device)
+        return one, one
+
+
+def is_plain(name: str) -> bool:
+    """Whether method `name` steps on the plain (weighted) sum: vanilla, the curve and the brackets."""
+    return name == "sum" or name in CONTROLS
 
 
 def loss_weights(name: str) -> tuple[float, float]:
@@ -95,7 +121,9 @@ def make_optimizer(params, cfg) -> torch.optim.Optimizer:
 def build_method(model, name: str, cfg) -> Method:
     """The ParetoLoRA and optimizer (and CoMMIT) of method `name` for `model` under the demo config."""
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if name in BALANCERS:
+    if is_plain(name) and getattr(cfg, "plain_backward", "two") == "one":  # the digits world: always two
+        pl = pareto_lora.ParetoLoRA(model, balancer=OneBackward(), num_groups=cfg.num_groups, modulate="all")
+    elif name in BALANCERS:
         balancer = MIMO(lam=10.0, mu=0.1) if name == "mimo" else GradNorm(alpha=1.5, lr=0.025)
         modulate = cfg.modulate if name == "mimo" else "all"  # MIMO's one-backward mode weights every parameter
         pl = pareto_lora.ParetoLoRA(model, rule=balancer, num_groups=cfg.num_groups, modulate=modulate)

@@ -54,10 +54,11 @@ def environment(cfg) -> dict:
     """Python, platform, device, threads and package versions of this process."""
     import torch
 
-    from ..env import package_versions
+    from ..env import machine, package_versions
 
-    return {"python": platform.python_version(), "platform": platform.platform(), "device": cfg.device,
-            "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), **package_versions()}
+    return {"python": platform.python_version(), "platform": platform.platform(), "machine": machine(),
+            "device": cfg.device, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            **package_versions()}
 
 
 def result_lines(check: dict, summary: dict, comparison: dict, lines: list[str]) -> list[str]:
@@ -95,9 +96,11 @@ def write_study(result: dict, out_dir: str, t0: float, echo=print, extra: dict |
         echo(line)
     echo("")
     echo(f"Wrote {len(files)} files to {out_dir}: " + ", ".join(os.path.basename(p) for p in files.values()))
-    t = result["timings"]
+    t, base = result["timings"], result["base"]
     echo(f"Time: {t['total_s']:.1f}s (pre-training {t['pretrain_s']:.1f}s"
-         f"{', base from cache' if result['base'].get('cached') else ''}, fine-tuning {t['finetune_s']:.1f}s"
+         f"{', base shipped with the package' if base.get('shipped') else ', base from cache' if base.get('cached') else ''}"
+         f", fine-tuning {t['finetune_s']:.1f}s"
          f"{f' of run time in {w} processes' if (w := t.get('workers', 1)) > 1 else ''}"
          f"{f'; {n} runs loaded from {out_dir}' if (n := t['runs_loaded']) else ''})")
+    echo(f"Machine: {doc['environment']['machine']}")
     return doc

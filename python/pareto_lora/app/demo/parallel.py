@@ -1,10 +1,12 @@
-"""The study's (method, seed) runs on every core: one worker process per core, each with its own setup.
+"""The study's (method, seed) runs on every core: one process per core, each with its own setup.
 
 A run is single-threaded by default (``threads=1``: the model is tiny, and a second intra-op
 thread stalls when another process holds the core), so on a 2-core machine a serial study leaves
-one core idle. Here each worker process prepares the setup once (worlds, floors and the base,
-which the parent has pre-trained and cached on disk first, so a worker only loads it) and then
-takes runs from a shared queue. Every run seeds itself and starts from the same base, so a run's
+one core idle. Here this process and one spawned worker per further core take the runs: each
+worker prepares the setup once (worlds, floors and the base, which the parent has pre-trained and
+cached on disk first, or which the package ships, so a worker only loads it) and then takes runs
+from a shared queue, dearest first; this process, whose setup is made, takes the runs no worker has
+started, meanwhile (it would otherwise wait while the workers import torch). Every run seeds itself and starts from the same base, so a run's
 numbers do not depend on which process made it or in what order (``tests/app/test_parallel.py``
 compares a parallel study with a serial one).
 
@@ -34,10 +36,11 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def default_workers(cache_dir, device: str, cells: int) -> int:
-    """Worker processes for `cells` runs: one per usable CPU on CPU studies whose base is cached on
-    disk (a worker loads it rather than pre-training it again), else 1 (serial, in this process)."""
-    if cache_dir is None or device != "cpu":
+def default_workers(base_on_disk: bool, device: str, cells: int) -> int:
+    """Worker processes for `cells` runs: one per usable CPU on CPU studies whose base is on disk
+    (cached, or shipped with the package: a worker loads it rather than pre-training it again), else 1
+    (serial, in this process)."""
+    if not base_on_disk or device != "cpu":
         return 1
     return max(1, min(usable_cpus(), cells))
 
@@ -57,7 +60,7 @@ def _task(run_cell, cfg, rule: str, seed: int, runs_dir, cell_kwargs: dict):
 
 
 def run_cells(setup, prepare, run_cell, cfg, cells, runs_dir, *, cell_kwargs: dict, quiet_kwargs: dict,
-              prepare_kwargs: dict | None = None, echo=None, line=None) -> list:
+              prepare_kwargs: dict | None = None, echo=None, line=None, cost=None) -> list:
     """The runs of `cells` ((rule, seed) pairs) in their order, in ``cfg.workers`` processes (None:
     :func:`default_workers`; the number used goes to ``setup.timings["workers"]``). `setup.timings`
     counts the runs as a serial study would (``finetune_s`` adds the runs' own seconds,
@@ -65,28 +68,42 @@ def run_cells(setup, prepare, run_cell, cfg, cells, runs_dir, *, cell_kwargs: di
 
     Serially the world's ``run_cell`` runs in this process with `cell_kwargs` (its own progress
     output); in workers with `quiet_kwargs`, and this process says how many workers there are and
-    ``echo(line(run))`` as each run finishes (`echo` None: silent)."""
+    ``echo(line(run))`` as each run finishes (`echo` None: silent). `cost` (rule -> relative run
+    time, optional): workers take the dearest runs first, so that no worker is left with a long run
+    when the others have finished (the order changes no number)."""
     cells = list(cells)
-    workers = cfg.workers or default_workers(cfg.cache_dir, cfg.device, len(cells))
+    on_disk = cfg.cache_dir is not None or bool(setup.base_info.get("shipped"))
+    workers = cfg.workers or default_workers(on_disk, cfg.device, len(cells))
     setup.timings["workers"] = workers
     if workers <= 1 or len(cells) <= 1:
         return [run_cell(setup, cfg, rule, seed, runs_dir, **cell_kwargs) for rule, seed in cells]
     if echo is not None:
-        echo(f"fine-tuning {len(cells)} runs in {workers} worker processes")
+        echo(f"fine-tuning {len(cells)} runs in {workers} processes (this one and {workers - 1} workers)")
     # spawn, not fork: the parent has torch's thread pools and possibly open progress bars.
     ctx = multiprocessing.get_context("spawn")
     runs: list = [None] * len(cells)
-    with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init,
+
+    def done(i: int, run, loaded: bool, here: bool) -> None:
+        runs[i] = run
+        if not here:  # this process's own runs counted themselves in setup.timings (run_cell)
+            setup.timings["runs_loaded" if loaded else "finetune_s"] += 1 if loaded else run.seconds
+        if echo is not None:
+            echo(line(run))
+
+    # This process has its setup already, so it runs cells too, beside workers - 1 spawned ones (which
+    # first import torch and make theirs): it takes the cells no worker has started yet, in order.
+    with concurrent.futures.ProcessPoolExecutor(max_workers=workers - 1, mp_context=ctx, initializer=_init,
                                                 initargs=(prepare, cfg, dict(prepare_kwargs or {}))) as pool:
-        futures = {pool.submit(_task, run_cell, cfg, rule, seed, runs_dir, quiet_kwargs): i
-                   for i, (rule, seed) in enumerate(cells)}
-        for future in concurrent.futures.as_completed(futures):
-            run, loaded = future.result()
-            runs[futures[future]] = run
-            if loaded:
-                setup.timings["runs_loaded"] += 1
-            else:
-                setup.timings["finetune_s"] += run.seconds
-            if echo is not None:
-                echo(line(run))
+        order = sorted(range(len(cells)), key=lambda i: -cost(cells[i][0])) if cost else range(len(cells))
+        pending = {pool.submit(_task, run_cell, cfg, *cells[i], runs_dir, quiet_kwargs): i for i in order}
+        for future, i in list(pending.items()):
+            if future.cancel():  # not started by a worker: run it here
+                del pending[future]
+                before = setup.timings["runs_loaded"]
+                run = run_cell(setup, cfg, *cells[i], runs_dir, **quiet_kwargs)
+                done(i, run, setup.timings["runs_loaded"] > before, here=True)
+            for f in [f for f in pending if f.done()]:
+                done(pending.pop(f), *f.result(), here=False)
+        for f in concurrent.futures.as_completed(list(pending)):
+            done(pending[f], *f.result(), here=False)
     return runs

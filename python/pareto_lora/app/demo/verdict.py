@@ -8,6 +8,8 @@ of point estimates.
 
 from __future__ import annotations
 
+import math
+
 from .methods import frontier_weight
 from .report import BASELINE, BRACKETS
 from .stats import paired_interval, word
@@ -86,10 +88,9 @@ def verdict(result: dict, summary: dict, comparison: dict) -> list[str]:
         else:
             lines.append(f"Brackets: image-only and text-only fine-tuning are NOT clearly apart ({nums}), so this run "
                          "cannot detect a change in the text/image trade-off; the comparisons below are inconclusive.")
-    if BASELINE in summary:
-        r0, r_all = summary[BASELINE]["ratio_median_first10"], summary[BASELINE]["ratio_median_all"]
-        lines.append(f"Gradient balance under vanilla LoRA: median ||g_text||/||g_image|| over groups = {r0:.2g} in the "
-                     f"first 10 steps, {r_all:.2g} over the run.")
+    balance = _balance_line(summary)
+    if balance:
+        lines.append(balance)
     n_w = sum(frontier_weight(r) is not None for r in summary)
     if n_w < 2:
         lines.append("No reweighting curve (needs 'sum' and at least one w<k> run): rules are compared with vanilla only.")
@@ -112,3 +113,22 @@ def verdict(result: dict, summary: dict, comparison: dict) -> list[str]:
         if parts:
             lines.append(f"{rule}: " + "; ".join(parts) + ".")
     return lines
+
+
+def _balance_line(summary: dict) -> str | None:
+    """The median per-group ||g_text||/||g_image|| under vanilla LoRA; where vanilla took one backward
+    (``plain_backward="one"``: no per-modality gradients), the raw gradients of the first run that
+    measured them, named, before its integration (at step 1 they are vanilla's)."""
+    def measured(rule):
+        return rule in summary and math.isfinite(summary[rule]["ratio_median_first10"])
+
+    rule = BASELINE if measured(BASELINE) else next((r for r in summary if measured(r)), None)
+    if rule is None:
+        return None
+    r0, r_all = summary[rule]["ratio_median_first10"], summary[rule]["ratio_median_all"]
+    where = ("under vanilla LoRA" if rule == BASELINE else
+             f"on {rule}'s runs (raw per-modality gradients before integration; vanilla's runs take one backward "
+             "and measure none)")
+    return (f"Gradient balance {where}: median ||g_text||/||g_image|| over groups = {r0:.2g} in the first 10 steps, "
+            f"{r_all:.2g} over the run.")
+

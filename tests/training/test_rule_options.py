@@ -218,3 +218,36 @@ def test_stats_ema_after_a_nonfinite_first_step_in_training(llama):
     for seed in (2, 3):
         report = pl.backward(*losses_of(llama, models.token_batch(seed=seed)))
         assert int(pareto_lora.Case.NONFINITE) not in report.cases
+
+
+@pytest.mark.parametrize("mode", ["skip", "raise"])
+def test_stats_ema_a_step_with_a_nonfinite_loss_leaves_the_average(llama, mode):
+    # An infinite image loss with finite gradients: the statistics are finite, only the loss makes the
+    # step bad. Refused ("raise") or skipped ("skip": NaN gradients, NONFINITE), it must not enter the
+    # average: the next step's rule sees what it would have seen had the bad step never happened.
+    pl = ParetoLoRA(llama, rule="pareto_lora", num_groups=3, modulate="all", stats_ema=0.5, on_nonfinite=mode)
+    twin = ParetoLoRA(llama, rule="pareto_lora", num_groups=3, modulate="all", stats_ema=0.5)
+    for p in (pl, twin):
+        p.backward(*losses_of(llama, models.token_batch(seed=1)))
+    ema = pl.options._ema.clone()
+    lt, li = losses_of(llama, models.token_batch(seed=2))
+    if mode == "skip":
+        assert pl.backward(text=lt, image=li + float("inf")).nonfinite
+    else:
+        with pytest.raises(FloatingPointError, match="image loss is not finite"):
+            pl.backward(text=lt, image=li + float("inf"))
+    assert torch.equal(pl.options._ema, ema)
+    got, want = (p.backward(*losses_of(llama, models.token_batch(seed=3))) for p in (pl, twin))
+    assert torch.equal(got.step.coeffs, want.step.coeffs) and got.cases == want.cases
+    assert torch.equal(pl.options._ema, twin.options._ema)
+
+
+def test_stats_ema_a_skipped_first_step_leaves_no_average(llama):
+    pl = ParetoLoRA(llama, rule="pareto_lora", num_groups=3, modulate="all", stats_ema=0.5, on_nonfinite="skip")
+    lt, li = losses_of(llama, models.token_batch(seed=2))
+    assert pl.backward(text=lt, image=li + float("inf")).nonfinite
+    ema = pl.options.state_dict()["ema"]
+    assert ema is None or bool(ema.isnan().all())  # every group "not seen yet" (no host sync to tell None)
+    twin = ParetoLoRA(llama, rule="pareto_lora", num_groups=3, modulate="all", stats_ema=0.5)
+    got, want = (p.backward(*losses_of(llama, models.token_batch(seed=3))) for p in (pl, twin))
+    assert torch.equal(got.step.coeffs, want.step.coeffs) and torch.equal(pl.options._ema, twin.options._ema)

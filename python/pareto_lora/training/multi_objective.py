@@ -167,7 +167,7 @@ class MultiObjectiveLoRA(AccumulationWindow):
         return self._rule if self.options.enabled else None
 
     def _rule(self, group_stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.options.apply(group_stats, self._weigh)
+        return self.options.apply(group_stats, self._weigh, skipped=self._skipped())
 
     def _weigh(self, group_stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return weigh(self.spec, gram_matrix(group_stats, len(self.objectives)), self.layout.active, self._dtype)

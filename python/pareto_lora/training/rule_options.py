@@ -80,7 +80,8 @@ class RuleOptions:
     statistics, finite rows only) and ``preserve_norm`` (bool). Called once per step.
 
     The running average starts per group at the group's first finite statistics: a non-finite
-    step (a GradScaler overflow) reaches the rule as it is (NONFINITE) and never enters the average.
+    step (a GradScaler overflow) reaches the rule as it is (NONFINITE) and never enters the average,
+    nor does a step the owner skips for a non-finite loss (``skipped``) or refuses (the rule never runs).
     Two objectives: rows (||a||^2, ||b||^2, a.b). K objectives (:meth:`bind` with ``objectives=K``):
     rows of each group's K x K Gram (order of :func:`pareto_lora.multi.pairs`), the average of the
     Gram fed to the weighting, and the weights rescaled to ||sum_k g_k|| (:func:`preserve_norm_weights`).
@@ -106,7 +107,12 @@ class RuleOptions:
     def enabled(self) -> bool:
         return bool(self.stats_ema) or self.preserve_norm
 
-    def apply(self, group_stats: torch.Tensor, rule_fn: Callable) -> tuple[torch.Tensor, torch.Tensor]:
+    def apply(self, group_stats: torch.Tensor, rule_fn: Callable,
+              skipped: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``rule_fn`` on the (averaged) statistics; ``skipped``: a 0-d device bool, true where the owner
+        skips the whole step (a non-finite loss, ``on_nonfinite="skip"``): its statistics may be finite,
+        yet the step must leave the average as it was. Read on the device, no host sync; a skipped
+        step before any average exists leaves an all-NaN one ("not seen yet", as None)."""
         stats = group_stats
         if self.stats_ema:
             beta = self.stats_ema
@@ -115,7 +121,8 @@ class RuleOptions:
             prev = torch.where(torch.isnan(ema), group_stats, ema)  # a group's first finite step starts it
             blended = beta * prev + (1.0 - beta) * group_stats
             stats = torch.where(finite, blended, group_stats)
-            ema = torch.where(finite, blended, ema).detach()
+            enters = finite if skipped is None else finite & ~skipped
+            ema = torch.where(enters, blended, ema).detach()
         coeffs, cases = rule_fn(stats)
         if self.preserve_norm:
             coeffs = self._preserve(coeffs, group_stats)

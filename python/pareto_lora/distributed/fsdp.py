@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..flat import FlatGrads, FlatStep, GradLayout, StepRule, flat_step, local_layout, unit_stats
-from .fsdp_traversal import UnshardedCapture, nondefault_reduction, reduce_to_shards
+from .fsdp_traversal import Leaves, UnshardedCapture, nondefault_reduction, reduce_to_shards
 from .sync import Settle, window_lost
 from .traversal import batched, batched_pays, checkpointing_modules, sum_first_not_built
 
@@ -117,12 +117,12 @@ class FSDPSync:
                 self._checkpointing, text_loss, image_loss)):
             return "two_pass", None
         why = nondefault_reduction(self.fsdp_modules)
-        # leaves: the unsharded tensors, or what was expected of them (a message)
-        leaves = f"FSDP2's default reduction, got {why}" if why else self._capture.leaves(self.layout.params)
-        if not isinstance(leaves, str):
-            return "batched", leaves
+        found = self._capture.leaves(self.layout.params) if why is None else Leaves.missing(
+            f"FSDP2's default reduction, got {why}")
+        if found.tensors is not None:
+            return "batched", found.tensors
         if self.traversal == "batched":
-            raise ValueError(f"traversal: 'batched' under FSDP2 expected {leaves}")
+            raise ValueError(f"traversal: 'batched' under FSDP2 expected {found.expected}")
         return "two_pass", None
 
     def backward(self, text_loss: torch.Tensor, image_loss: torch.Tensor, first: bool, losses: torch.Tensor) -> None:

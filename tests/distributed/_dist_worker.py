@@ -242,6 +242,15 @@ def fsdp_scenarios(rank: int, world: int, out: dict) -> None:
                 pl.accumulate(lt / 2, li / 2)
             pl.integrate_accumulated()
             out["fsdp/accum"] = grads_of(model)
+            # on_nonfinite="raise" with the image loss infinite on rank 0 only (its gradient finite): refused on
+            # every rank, and .grad (FSDP2's last reduce-scatter) left NaN as under DDP; the next step is normal.
+            pl.on_nonfinite = "raise"
+            lt, li = losses_of(model, batch_for(rank, 0))
+            out["fsdp/refused"] = error_of(lambda: pl.backward(lt, li + float("inf") if rank == 0 else li))
+            out["fsdp/refused/micro"] = pl.micro_batches
+            out["fsdp/refused/grads"] = grads_of(model)
+            pl.backward(*losses_of(model, batch_for(rank, 0)))
+            out["fsdp/after_refusal"] = grads_of(model)
 
 
 def sharded_scenario(rank: int, world: int, out: dict) -> None:

@@ -232,10 +232,11 @@ def fsdp_scenarios(rank: int, world: int, out: dict) -> None:
     out["fsdp/err/grad_kept"] = all(p.grad is g for p, g in zip((p for p in model.parameters() if p.requires_grad), before))
     record(out, "fsdp/accum", model, pl.integrate_accumulated())
     # "raise" on a loss non-finite on rank 1 only: refused on every rank, the window dropped, and the
-    # next step is the normal one (.grad in between: FSDP's last reduce-scatter, as for two objectives).
+    # next step is the normal one; .grad in between is NaN (it held FSDP's last reduce-scatter), as under DDP.
     pl.on_nonfinite = "raise"
     out["fsdp/refused/raise"] = error_of(lambda: pl.backward(inf_on_rank1(three_losses(model, batch_for(rank, 0)), rank)))
     out["fsdp/refused/micro"] = pl.micro_batches
+    out["fsdp/refused/grads_nan"] = all(bool(g.isnan().all()) for g in grads_of(model).values())
     record(out, "fsdp/after_refusal", model, pl.backward(three_losses(model, batch_for(rank, 0))))
 
 

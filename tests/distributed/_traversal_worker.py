@@ -178,6 +178,12 @@ def fsdp_scenarios(rank: int, world: int, out: dict) -> None:
     pl = W.pareto(model, traversal="batched")
     out["err/fsdp/mixed_precision"] = W.error_of(lambda: pl.backward(*W.losses_of(model, W.batch_for(rank, 0))))
     out["fsdp/mixed_precision/untouched"] = all(p.grad is None for p in model.parameters())
+    # A forward before ParetoLoRA existed: its capture has seen no unsharded parameter.
+    model = fsdp_model(mesh)
+    losses = W.losses_of(model, W.batch_for(rank, 0))
+    pl = W.pareto(model, traversal="batched")
+    out["err/fsdp/no_forward"] = W.error_of(lambda: pl.backward(*losses))
+    out["fsdp/no_forward/untouched"] = all(p.grad is None for p in model.parameters())
 
 
 def main(rank: int, world: int, port: int, out_dir: str) -> None:

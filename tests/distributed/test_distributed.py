@@ -292,6 +292,16 @@ def test_fsdp2_accumulation(ranks, model, groups):
     assert_matches(ranks[0]["fsdp/accum"], ref)
 
 
+def test_fsdp2_refused_step_leaves_grad_nan_on_every_rank(ranks):
+    # As under DDP: .grad held a gradient the step did not integrate (FSDP2's last reduce-scatter); an
+    # optimizer step after the caught FloatingPointError must not apply it. The next step is the normal one.
+    for r in ranks:
+        assert r["fsdp/refused"].startswith("FloatingPointError: image loss is not finite"), r["fsdp/refused"]
+        assert r["fsdp/refused/micro"] == 0
+        assert r["fsdp/refused/grads"] and all(bool(g.isnan().all()) for g in r["fsdp/refused/grads"].values())
+        assert all(torch.equal(r["fsdp/after_refusal"][n], g) for n, g in ranks[0]["fsdp/pareto_lora"].items())
+
+
 def test_sharded_integrate_matches_unsharded(ranks):
     a, b, offsets, active = ranks[0]["sharded/inputs"]
     want, stats, coeffs, _ = pareto_lora.integrate(a, b, offsets, rule="pareto_lora", tau=0.5, active=active, backend="reference")

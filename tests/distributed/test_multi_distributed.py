@@ -155,6 +155,7 @@ def test_fsdp2_a_refused_step_is_refused_on_every_rank_and_the_next_is_normal(ra
     for out in ranks:
         assert out["fsdp/refused/raise"].startswith("FloatingPointError: prompt loss is not finite")
         assert out["fsdp/refused/micro"] == 0
+        assert out["fsdp/refused/grads_nan"]  # not FSDP2's last reduce-scatter: NaN, as under DDP
     assert_ranks_bitwise_equal(ranks, "fsdp/after_refusal")
     after, step = ranks[0]["fsdp/after_refusal"], ranks[0]["fsdp/step"]
     assert all(torch.equal(after[n], step[n]) for n in step)

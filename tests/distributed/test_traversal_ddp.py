@@ -162,3 +162,29 @@ def test_fsdp2_refusals(ranks):
         assert r["fsdp/mixed_precision/untouched"]
         assert re.match(r"ValueError: traversal: expected 'auto' or 'two_pass' with K objectives under FSDP2, got "
                         r"'batched'", r["err/fsdp/k_batched"]), r["err/fsdp/k_batched"]
+
+
+def test_unsharded_capture_leaves_is_a_typed_result():
+    # One process, no FSDP2: plain parameters are not dim-0 shards, so the capture says what it expected.
+    from pareto_lora.distributed.fsdp_traversal import Leaves, UnshardedCapture
+
+    model = torch.nn.Linear(3, 2)
+    params = list(model.parameters())
+    capture = UnshardedCapture(model, params)
+    found = capture.leaves(params)
+    assert isinstance(found, Leaves) and found.tensors is None
+    assert found.expected.startswith("parameters sharded on dim 0 over a 1-D mesh, got Parameter")
+    for h in capture.handles:
+        h.remove()
+    assert Leaves(params).tensors == params and Leaves(params).expected == ""
+    for bad in ((None, ""), (params, "a forward")):
+        with pytest.raises(ValueError, match="Leaves: expected either the tensors or what was expected"):
+            Leaves(*bad)
+
+
+def test_fsdp2_batched_without_a_forward_since_creation_is_refused_by_name(ranks):
+    # The capture saw no forward (the losses come from one before ParetoLoRA existed): refused, nothing run.
+    for r in ranks:
+        assert re.match(r"ValueError: traversal: 'batched' under FSDP2 expected a forward of this model since "
+                        r"ParetoLoRA was created", r["err/fsdp/no_forward"]), r["err/fsdp/no_forward"]
+        assert r["fsdp/no_forward/untouched"]

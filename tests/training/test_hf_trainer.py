@@ -1,6 +1,7 @@
 """ParetoLoRATrainer: a few real Trainer steps on CPU, logged diagnostics, accumulation, errors."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -212,4 +213,28 @@ def test_batches_without_labels_are_a_value_error_naming_labels(tmp_path):
     trainer = pareto_lora.ParetoLoRATrainer(model=model, args=make_args(tmp_path, max_steps=1), train_dataset=NoLabels(4),
                                             num_groups=2)
     with pytest.raises(ValueError, match=r"^labels: expected a 'labels' entry in every batch"):
+        trainer.train()
+
+
+@pytest.mark.parametrize("objectives", [None, ("text", "image_part")])
+def test_the_trainer_checks_the_optimizer_with_two_and_with_k_objectives(tmp_path, objectives):
+    # SGD with a rule that can lengthen the gradient (pcgrad: at any K) warns once, on either path.
+    model = models.lora_llama(num_layers=2)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+
+    def losses_fn(m, inputs):
+        text, image = pareto_lora.modality_losses(m(input_ids=inputs["input_ids"]).logits, inputs["labels"],
+                                                  image_token_mask=inputs["image_token_mask"])
+        return {"text": text, "image_part": image}
+
+    kw = {} if objectives is None else {"objectives": objectives, "losses_fn": losses_fn}
+    trainer = pareto_lora.ParetoLoRATrainer(model=model, args=make_args(tmp_path, max_steps=1), train_dataset=TokenDataset(),
+                                            optimizers=(opt, None), rule="pcgrad", num_groups=2, **kw)
+    with pytest.warns(UserWarning, match="rule 'pcgrad' can lengthen the gradient and SGD"):
+        trainer.train()
+    # The Trainer's default AdamW (inside accelerate's AcceleratedOptimizer): judged as AdamW, no warning.
+    trainer = pareto_lora.ParetoLoRATrainer(model=model, args=make_args(tmp_path, max_steps=1), train_dataset=TokenDataset(),
+                                            rule="pcgrad", num_groups=2, **kw)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*can lengthen the gradient")
         trainer.train()

@@ -189,3 +189,25 @@ def test_balancers_stay_refused_with_the_reason(llama):
     with pytest.raises(ValueError, match="balancer: not supported with K objectives .*two-objective"):
         make(llama, balancer="mimo")
     assert make(llama, preserve_norm=True).python_rule is not None and make(llama).python_rule is None
+
+
+@pytest.mark.parametrize("mode", ["skip", "raise"])
+def test_a_step_with_a_nonfinite_loss_leaves_the_average(llama, mode):
+    # One loss infinite, every gradient finite: the Gram is finite, only the loss makes the step bad;
+    # refused or skipped, it never enters the average (the next step as if it never happened).
+    pl = make(llama, rule="upgrad", stats_ema=BETA, on_nonfinite=mode)
+    twin = make(llama, rule="upgrad", stats_ema=BETA)
+    for p in (pl, twin):
+        p.backward(**three_losses(llama, models.token_batch(seed=41)))
+    ema = pl.options._ema.clone()
+    losses = three_losses(llama, models.token_batch(seed=42))
+    losses["answer"] = losses["answer"] + float("inf")
+    if mode == "skip":
+        assert pl.backward(**losses).nonfinite
+    else:
+        with pytest.raises(FloatingPointError, match="answer loss is not finite"):
+            pl.backward(**losses)
+    assert torch.equal(pl.options._ema, ema)
+    got, want = (p.backward(**three_losses(llama, models.token_batch(seed=43))) for p in (pl, twin))
+    assert got.groups == want.groups  # norms, cosines, weights and cases, exactly
+    assert torch.equal(pl.options._ema, twin.options._ema)

@@ -218,3 +218,112 @@ def test_stats_ema_after_a_nonfinite_first_step_in_training(llama):
     for seed in (2, 3):
         report = pl.backward(*losses_of(llama, models.token_batch(seed=seed)))
         assert int(pareto_lora.Case.NONFINITE) not in report.cases
+
+
+@pytest.mark.parametrize("mode", ["skip", "raise"])
+def test_stats_ema_a_step_with_a_nonfinite_loss_leaves_the_average(llama, mode):
+    # An infinite image loss with finite gradients: the statistics are finite, only the loss makes the
+    # step bad. Refused ("raise") or skipped ("skip": NaN gradients, NONFINITE), it must not enter the
+    # average: the next step's rule sees what it would have seen had the bad step never happened.
+    pl = ParetoLoRA(llama, rule="pareto_lora", num_groups=3, modulate="all", stats_ema=0.5, on_nonfinite=mode)
+    twin = ParetoLoRA(llama, rule="pareto_lora", num_groups=3, modulate="all", stats_ema=0.5)
+    for p in (pl, twin):
+        p.backward(*losses_of(llama, models.token_batch(seed=1)))
+    ema = pl.options._ema.clone()
+    lt, li = losses_of(llama, models.token_batch(seed=2))
+    if mode == "skip":
+        assert pl.backward(text=lt, image=li + float("inf")).nonfinite
+    else:
+        with pytest.raises(FloatingPointError, match="image loss is not finite"):
+            pl.backward(text=lt, image=li + float("inf"))
+    assert torch.equal(pl.options._ema, ema)
+    got, want = (p.backward(*losses_of(llama, models.token_batch(seed=3))) for p in (pl, twin))
+    assert torch.equal(got.step.coeffs, want.step.coeffs) and got.cases == want.cases
+    assert torch.equal(pl.options._ema, twin.options._ema)
+
+
+def test_stats_ema_a_skipped_first_step_leaves_no_average(llama):
+    pl = ParetoLoRA(llama, rule="pareto_lora", num_groups=3, modulate="all", stats_ema=0.5, on_nonfinite="skip")
+    lt, li = losses_of(llama, models.token_batch(seed=2))
+    assert pl.backward(text=lt, image=li + float("inf")).nonfinite
+    ema = pl.options.state_dict()["ema"]
+    assert ema is None or bool(ema.isnan().all())  # every group "not seen yet" (no host sync to tell None)
+    twin = ParetoLoRA(llama, rule="pareto_lora", num_groups=3, modulate="all", stats_ema=0.5)
+    got, want = (p.backward(*losses_of(llama, models.token_batch(seed=3))) for p in (pl, twin))
+    assert torch.equal(got.step.coeffs, want.step.coeffs) and torch.equal(pl.options._ema, twin.options._ema)
+
+
+# ---- the K-objective step's check_optimizer: one classification of the rules, K-aware ----------------
+def _gradient_sets(k: int, n: int = 150, dim: int = 6) -> torch.Tensor:
+    """[6n + 2000, k, dim] float64: random, cancelling (the last minus the others, up to 1e-6), a near-opposite
+    pair, norms over 6 decades, tiny (1e-4) and nearly equal gradients: where a rule's norm can exceed the sum's."""
+    gen = torch.Generator().manual_seed(k)
+    g = torch.randn(6, n, k, dim, generator=gen, dtype=torch.float64)
+    noise = torch.randn(n, dim, generator=gen, dtype=torch.float64)
+    g[1, :, -1] = -g[1, :, :-1].sum(1) + 1e-6 * noise
+    g[2, :, 1] = -g[2, :, 0] + 1e-2 * noise
+    g[3] = g[3] * torch.logspace(-3, 3, k, dtype=torch.float64)[:, None]
+    g[4] = g[4] * 1e-4
+    g[5] = g[5, :, :1] + 0.05 * g[5]
+    # More cancelling sets: imtl_g's longer outputs at K = 3 are rare (1 of these 2000; 12 at K = 4).
+    gen = torch.Generator().manual_seed(0)
+    more = torch.randn(2000, k, dim, generator=gen, dtype=torch.float64)
+    more[:, -1] = -more[:, :-1].sum(1) + 1e-6 * torch.randn(2000, dim, generator=gen, dtype=torch.float64)
+    return torch.cat([g.reshape(6 * n, k, dim), more])
+
+
+LENGTH_SPECS = [RuleSpec(r) for r in ("sum", "mean", "mgda", "upgrad", "dualproj", "pcgrad", "imtl_g", "aligned_mtl",
+                                      "nash_mtl", "config", "cagrad")] + [
+    RuleSpec("cagrad", c=1.5), RuleSpec("cagrad", c=2.5), RuleSpec("nash_mtl", max_norm=0.0)]
+
+
+@pytest.mark.parametrize("k", [2, 3, 4, 5])
+def test_can_lengthen_is_what_the_rules_do(k):
+    # Both ways: a rule said never to lengthen is never longer than the plain sum on these gradients, and
+    # one said to can is longer on some of them (the classification check_optimizer warns by).
+    from pareto_lora.multi import weightings
+    from pareto_lora.training.rule_options import can_lengthen
+
+    g = _gradient_sets(k)
+    gram = g @ g.transpose(1, 2)
+    plain = g.sum(1).norm(dim=1)
+    specs = LENGTH_SPECS + [RuleSpec("constant", weights=w) for w in ((1.0,) * k, (0.5,) * k, (1.5,) * k,
+                                                                      (2.0,) + (1.0,) * (k - 1))]
+    for spec in specs:
+        w, _ = weightings.apply(spec, gram, torch.ones(gram.shape[0], dtype=torch.bool), torch.float64)
+        ratio = ((w.double()[:, :, None] * g).sum(1).norm(dim=1) / plain).max().item()
+        if can_lengthen(spec, k):
+            assert ratio > 1.001, (spec, k, ratio)
+        else:
+            assert ratio <= 1 + 1e-9, (spec, k, ratio)
+
+
+def test_the_k_objective_step_checks_the_optimizer_as_the_two_objective_one(llama):
+    # MultiObjectiveLoRA.check_optimizer: the same function, K-aware; at K = 2 the two-objective answer.
+    from pareto_lora.multi.weightings import K_RULES
+
+    params = [p for p in llama.parameters() if p.requires_grad]
+    sgd, adam = torch.optim.SGD(params, lr=0.1), torch.optim.AdamW(params)
+    three = ("prompt", "answer", "image")
+    with pytest.warns(UserWarning, match="rule 'upgrad' can lengthen the gradient and SGD"):
+        assert ParetoLoRA(llama, rule="upgrad", num_groups=2, objectives=three).check_optimizer(sgd)
+    with pytest.warns(UserWarning, match="a user-defined weighting can lengthen"):
+        ParetoLoRA(llama, rule=lambda gram: torch.ones(gram.shape[:-1]), num_groups=2, objectives=three).check_optimizer(sgd)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ParetoLoRA(llama, rule="upgrad", num_groups=2, objectives=three).check_optimizer(adam) is None
+        assert ParetoLoRA(llama, rule="upgrad", num_groups=2, objectives=three,
+                          preserve_norm=True).check_optimizer(sgd) is None
+        assert ParetoLoRA(llama, rule="mgda", num_groups=2, objectives=three).check_optimizer(sgd) is None
+        for rule in K_RULES:
+            two = ParetoLoRA(llama, rule=rule, num_groups=2, modulate="all")
+            many = ParetoLoRA(llama, rule=rule, num_groups=2, modulate="all", objectives=("answer", "image"))
+            try:
+                want = two.check_optimizer(sgd)
+            except UserWarning as w:
+                want = str(w)
+            try:
+                got = many.check_optimizer(sgd)
+            except UserWarning as w:
+                got = str(w)
+            assert got == want, rule

@@ -12,6 +12,7 @@ unsharded parameters instead of all-gathering them again.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -19,11 +20,11 @@ import torch.distributed as dist
 from torch import nn
 
 from ..flat import FlatGrads, FlatStep, GradLayout, StepRule, flat_step, local_layout, unit_stats
-from .fsdp_traversal import UnshardedCapture, nondefault_reduction, reduce_to_shards
+from .fsdp_traversal import Leaves, UnshardedCapture, nondefault_reduction, reduce_to_shards
 from .sync import Settle, window_lost
 from .traversal import batched, batched_pays, checkpointing_modules, sum_first_not_built
 
-__all__ = ["FSDPSync", "is_fsdp2"]
+__all__ = ["FSDPSync", "is_fsdp2", "settle_or_poison"]
 
 
 def is_fsdp2(model: nn.Module) -> bool:
@@ -50,6 +51,27 @@ def _shard_group(params: Sequence[torch.Tensor]):
     if len(dims) != 1:
         raise ValueError(f"model: expected parameters sharded over one mesh dimension, got placements {p.placements}")
     return p.device_mesh.get_group(dims[0])
+
+
+def settle_or_poison(settle, losses: torch.Tensor, params: Sequence[torch.Tensor], *args):
+    """``settle(losses, *args)``; where it raises (a step refused by ``on_nonfinite="raise"``), every
+    ``.grad`` of `params` is first left NaN on this rank's shards, then the error propagates.
+
+    ``.grad`` then holds a gradient the step never integrated (two passes: FSDP2's last reduce-scatter;
+    the batched traversal: whatever it held before the window), which an optimizer step after the
+    caught exception would apply. As under DDP it is made NaN (one fill of the local shards) rather
+    than restored: the two-pass backward has already replaced what it held before the window, and
+    keeping that alive through every window would cost a gradient's shard. Every rank settles the
+    same global losses, so every rank refuses, alike."""
+    try:
+        return settle(losses, *args)
+    except BaseException:
+        with torch.no_grad():
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                _local(p.grad).fill_(math.nan)
+        raise
 
 
 def reshard_flags(fsdp_modules) -> list[bool]:
@@ -95,12 +117,12 @@ class FSDPSync:
                 self._checkpointing, text_loss, image_loss)):
             return "two_pass", None
         why = nondefault_reduction(self.fsdp_modules)
-        # leaves: the unsharded tensors, or what was expected of them (a message)
-        leaves = f"FSDP2's default reduction, got {why}" if why else self._capture.leaves(self.layout.params)
-        if not isinstance(leaves, str):
-            return "batched", leaves
+        found = self._capture.leaves(self.layout.params) if why is None else Leaves.missing(
+            f"FSDP2's default reduction, got {why}")
+        if found.tensors is not None:
+            return "batched", found.tensors
         if self.traversal == "batched":
-            raise ValueError(f"traversal: 'batched' under FSDP2 expected {leaves}")
+            raise ValueError(f"traversal: 'batched' under FSDP2 expected {found.expected}")
         return "two_pass", None
 
     def backward(self, text_loss: torch.Tensor, image_loss: torch.Tensor, first: bool, losses: torch.Tensor) -> None:
@@ -166,7 +188,7 @@ class FSDPSync:
     def finish(self, losses: torch.Tensor, settle: Settle) -> FlatStep:
         # Global statistics and losses first, so that every rank takes the same branch in settle.
         stats, global_losses = self._global_stats(losses)
-        poison = settle(global_losses, False)
+        poison = settle_or_poison(settle, global_losses, self.layout.params, False)
         step = flat_step(
             self.text.flats, self.image.flats, self.layout, self.rule,
             poison=poison, backend=self.backend, stats_per_unit=stats,

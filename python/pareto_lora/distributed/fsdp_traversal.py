@@ -28,6 +28,7 @@ counts as non-default, and the step then takes two passes (or ``traversal="batch
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 
@@ -35,7 +36,25 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["UnshardedCapture", "nondefault_reduction", "reduce_to_shards"]
+__all__ = ["Leaves", "UnshardedCapture", "nondefault_reduction", "reduce_to_shards"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Leaves:
+    """What a batched traversal under FSDP2 can target: ``tensors`` (the unsharded parameters the last
+    forward used, one per trainable parameter), or None and ``expected``, what it needs and did not find
+    (completing "'batched' under FSDP2 expected ...")."""
+
+    tensors: list[torch.Tensor] | None
+    expected: str = ""
+
+    def __post_init__(self):
+        if (self.tensors is None) == (not self.expected):
+            raise ValueError("Leaves: expected either the tensors or what was expected of them, not both or neither")
+
+    @classmethod
+    def missing(cls, expected: str) -> Leaves:
+        return cls(None, expected)
 
 
 class UnshardedCapture:
@@ -58,19 +77,21 @@ class UnshardedCapture:
                 self.seen[i] = getattr(module, name)
         return record
 
-    def leaves(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor] | str:
+    def leaves(self, params: Sequence[torch.Tensor]) -> Leaves:
         """The captured tensors, or why they cannot stand for `params` (what a traversal needs)."""
         from torch.distributed.tensor import DTensor, Shard
 
         for p, t in zip(params, self.seen):
             if not isinstance(p, DTensor) or p.device_mesh.ndim != 1 or p.placements != (Shard(0),):
-                return f"parameters sharded on dim 0 over a 1-D mesh, got {getattr(p, 'placements', type(p).__name__)}"
+                return Leaves.missing("parameters sharded on dim 0 over a 1-D mesh, got "
+                                      f"{getattr(p, 'placements', type(p).__name__)}")
             if t is None or isinstance(t, DTensor):
-                return "a forward of this model since ParetoLoRA was created (no unsharded parameter was seen)"
+                return Leaves.missing("a forward of this model since ParetoLoRA was created (no unsharded parameter "
+                                      "was seen)")
             if t.shape != p.shape or t.dtype != p.dtype:
-                return (f"unsharded parameters of the sharded ones' shape and dtype, got {tuple(t.shape)} "
-                        f"{t.dtype} for {tuple(p.shape)} {p.dtype} (a MixedPrecisionPolicy?)")
-        return list(self.seen)
+                return Leaves.missing(f"unsharded parameters of the sharded ones' shape and dtype, got "
+                                      f"{tuple(t.shape)} {t.dtype} for {tuple(p.shape)} {p.dtype} (a MixedPrecisionPolicy?)")
+        return Leaves(list(self.seen))
 
 
 def nondefault_reduction(fsdp_modules: Sequence[nn.Module]) -> str | None:

@@ -21,7 +21,7 @@ from torch import nn
 from ..flat import FlatGrads, GradLayout, local_layout
 from ..ops_many import gram
 from ..result import MultiResult
-from .fsdp import _local, _shard_group, reshard_flags
+from .fsdp import _local, _shard_group, reshard_flags, settle_or_poison
 from .multi import ManyRule, ManySettle, integrate_buffers
 
 __all__ = ["FSDPManySync"]
@@ -105,7 +105,7 @@ class FSDPManySync:
     def finish(self, running: torch.Tensor, rule: ManyRule, settle: ManySettle) -> tuple[MultiResult, torch.Tensor]:
         # Global statistics and losses first, so that every rank takes the same branch in settle.
         stats, global_losses = self._global_gram(running)
-        poison = settle(global_losses)
+        poison = settle_or_poison(settle, global_losses, self.layout.params)  # refused: .grad NaN, as under DDP
         res = integrate_buffers(self.grads, self.layout, rule, poison, self.backend, stats=stats)
         with torch.no_grad():
             for p, v in zip(self.layout.params, self.grads[-1].views):

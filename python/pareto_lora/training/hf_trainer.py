@@ -257,11 +257,11 @@ class ParetoLoRATrainer(Trainer):
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
         self._bind(model)
-        if self.objectives is not None:
-            return self._training_step_many(model, inputs)
         if not getattr(self, "_optimizer_checked", False):  # warns once: SGD with a norm-increasing rule
             self.pareto.check_optimizer(self.optimizer)
             self._optimizer_checked = True
+        if self.objectives is not None:
+            return self._training_step_many(model, inputs)
         inputs = self._prepare_inputs(inputs)
         with self.compute_loss_context_manager():
             loss_text, loss_image, outputs = self._losses(model, inputs, num_items=self._modality_counts)

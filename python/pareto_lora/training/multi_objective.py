@@ -58,7 +58,7 @@ from ..multi import MAX_OBJECTIVES, gram_matrix
 from ..multi.weightings import K_RULES, check_rule, is_user_weighting, weigh
 from ..rules import RuleSpec, as_spec, rule_keywords
 from .multi_report import MultiStepReport
-from .rule_options import RuleOptions
+from .rule_options import RuleOptions, check_optimizer
 from .step_checks import NONFINITE_MODES, check_loss
 from .watch import TrainableWatch
 from .window import AccumulationWindow
@@ -167,10 +167,15 @@ class MultiObjectiveLoRA(AccumulationWindow):
         return self._rule if self.options.enabled else None
 
     def _rule(self, group_stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.options.apply(group_stats, self._weigh)
+        return self.options.apply(group_stats, self._weigh, skipped=self._skipped())
 
     def _weigh(self, group_stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return weigh(self.spec, gram_matrix(group_stats, len(self.objectives)), self.layout.active, self._dtype)
+
+    def check_optimizer(self, optimizer: torch.optim.Optimizer) -> str | None:
+        """Warn when this rule can lengthen the gradient (beyond the plain sum of the K) and `optimizer`
+        (SGD) steps in proportion: :func:`~pareto_lora.training.rule_options.check_optimizer`, as for two."""
+        return check_optimizer(optimizer, self.spec, self.options.preserve_norm, len(self.objectives))
 
     def describe(self) -> str:
         return self.layout.describe()

@@ -218,8 +218,8 @@ class ParetoLoRA(AccumulationWindow):
         return self._rule if self.options.enabled else None
 
     def _rule(self, group_stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(coeffs, cases) of every group under the current settings (called by the sync)."""
-        return self.options.apply(group_stats, self._kernel_rule)
+        """(coeffs, cases) of every group under the current settings (called by the sync, after settle)."""
+        return self.options.apply(group_stats, self._kernel_rule, skipped=self._skipped())
 
     def _kernel_rule(self, group_stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self._impl.rule_coefficients(group_stats, self.spec, active=self.layout.active)

@@ -54,6 +54,13 @@ class AccumulationWindow:
         self._scaled |= scaled
         self._micro += 1
 
+    def _skipped(self) -> torch.Tensor:
+        """Whether the step being integrated is skipped (0-d device bool, no host sync): some accumulated
+        loss is not finite. Read by the rule, which the syncs run after ``settle`` recorded the global
+        losses ("raise" mode raised there on a non-finite one). The two-objective DDP hook runs the rule
+        during the backward instead, which is why ``stats_ema``, the reader, is refused there."""
+        return self._bad.any()
+
     def _nonfinite_mode(self, losses: torch.Tensor) -> str:
         """Record the step's (global) accumulated losses; what a non-finite one does: "raise" or "skip"
         (``on_nonfinite``, where "auto" is "skip" when a scaler was passed, else "raise")."""

@@ -146,7 +146,8 @@ def test_rule_above_the_curve_is_worse_and_vs_sum_is_paired():
 def test_rule_beyond_the_curve_in_every_seed_gets_no_verdict():
     s, c, lines = _study([(0.9, 0.30), (0.9, 0.31), (0.9, 0.29)])  # text excess far right of w4's 0.30
     assert c["pareto_lora"]["frontier"]["place"] == "outside"
-    assert any(line.startswith("pareto_lora:") and "OUTSIDE" in line for line in lines)
+    assert any(line.startswith("pareto_lora:") and "OUTSIDE" in line and "the curve's weights here: w = 1, 4;" in line
+               for line in lines)
 
 
 def test_brackets_not_apart_make_the_study_inconclusive():

@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--full", action="store_true",
                       help="the whole study: 5 paired seeds, the full reweighting curve, every rule and balancer "
                            "(resumable: rerun with the same --out to continue)")
-    demo.add_argument("--steps", type=_positive_int, help="fine-tuning steps per run (default 80; quick 12)")
+    demo.add_argument("--steps", type=_positive_int, help="fine-tuning steps per run (default 60; --full 80; --quick 12)")
     demo.add_argument("--seeds", type=_seeds, help="seed count (3 -> 0,1,2) or comma list (4,7); default 5 (--world digits: 3), --quick 2")
     demo.add_argument("--rules", type=_rules,
                       help="comma-separated methods: rules, balancers, text_only, image_only, w<k> loss weights "

@@ -18,8 +18,10 @@ progress output off: only the parent prints).
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import multiprocessing
+import threading
 import os
 import warnings
 
@@ -91,19 +93,40 @@ def run_cells(setup, prepare, run_cell, cfg, cells, runs_dir, *, cell_kwargs: di
             echo(line(run))
 
     # This process has its setup already, so it runs cells too, beside workers - 1 spawned ones (which
-    # first import torch and make theirs): it takes the cells no worker has started yet, in order.
+    # first import torch and make theirs). A worker is handed its next cell only when it finishes one
+    # (the pool would otherwise queue a cell ahead for it, which this process could not take back), so
+    # neither side is left with two cells while the other has none.
+    order = sorted(range(len(cells)), key=lambda i: -cost(cells[i][0])) if cost else list(range(len(cells)))
+    todo, lock, inflight = collections.deque(order), threading.RLock(), {}
     with concurrent.futures.ProcessPoolExecutor(max_workers=workers - 1, mp_context=ctx, initializer=_init,
                                                 initargs=(prepare, cfg, dict(prepare_kwargs or {}))) as pool:
-        order = sorted(range(len(cells)), key=lambda i: -cost(cells[i][0])) if cost else range(len(cells))
-        pending = {pool.submit(_task, run_cell, cfg, *cells[i], runs_dir, quiet_kwargs): i for i in order}
-        for future, i in list(pending.items()):
-            if future.cancel():  # not started by a worker: run it here
-                del pending[future]
-                before = setup.timings["runs_loaded"]
-                run = run_cell(setup, cfg, *cells[i], runs_dir, **quiet_kwargs)
-                done(i, run, setup.timings["runs_loaded"] > before, here=True)
-            for f in [f for f in pending if f.done()]:
-                done(pending.pop(f), *f.result(), here=False)
-        for f in concurrent.futures.as_completed(list(pending)):
-            done(pending[f], *f.result(), here=False)
+
+        def hand_out(_finished=None) -> None:
+            with lock:
+                while todo and sum(not f.done() for f in inflight) < workers - 1:
+                    i = todo.popleft()
+                    future = pool.submit(_task, run_cell, cfg, *cells[i], runs_dir, quiet_kwargs)
+                    inflight[future] = i
+                    future.add_done_callback(hand_out)
+
+        hand_out()
+        while True:
+            with lock:
+                i = todo.popleft() if todo else None
+            if i is None:
+                break
+            before = setup.timings["runs_loaded"]
+            run = run_cell(setup, cfg, *cells[i], runs_dir, **quiet_kwargs)
+            done(i, run, setup.timings["runs_loaded"] > before, here=True)
+            with lock:
+                finished = [f for f in inflight if f.done() and runs[inflight[f]] is None]
+            for f in finished:
+                done(inflight[f], *f.result(), here=False)
+        while True:  # the workers' last cells (each callback may have handed out one more)
+            with lock:
+                left = [f for f in inflight if runs[inflight[f]] is None]
+            if not left:
+                break
+            f = next(concurrent.futures.as_completed(left))
+            done(inflight[f], *f.result(), here=False)
     return runs

@@ -102,8 +102,10 @@ def verdict(result: dict, summary: dict, comparison: dict) -> list[str]:
             parts.append(f"vs vanilla: image excess {_fmt(c['vs_sum_image_excess'])} ({c['vs_sum_image_excess']['word']}), "
                          f"text excess {_fmt(c['vs_sum_text_excess'])} ({c['vs_sum_text_excess']['word']})")
         if "frontier" in c and c["frontier"]["place"] == "outside":
+            ws = ", ".join(f"{w:g}" for w in sorted(frontier_weight(r) for r in summary if frontier_weight(r) is not None))
             parts.append("vs reweighting curve: OUTSIDE the curve's text-excess range in every seed, so there is no "
-                         "comparison at equal text excess")
+                         f"comparison at equal text excess (the curve's weights here: w = {ws}; more weights widen its "
+                         "range, e.g. --full's)")
         elif "frontier" in c:
             f = c["frontier"]
             extra = "" if f["inside_fraction"] == 1 else f"; outside the curve's range in {1 - f['inside_fraction']:.0%} of seeds"

@@ -251,6 +251,17 @@ def fsdp_scenarios(rank: int, world: int, out: dict) -> None:
             out["fsdp/refused/grads"] = grads_of(model)
             pl.backward(*losses_of(model, batch_for(rank, 0)))
             out["fsdp/after_refusal"] = grads_of(model)
+    # the model helpers' losses (archs.modality_losses_for) under FSDP2: through the root's forward, whose
+    # parameters (embeddings, LM head) are sharded outside it
+    model = models.lora_llama(num_layers=NUM_LAYERS)
+    for layer in model.base_model.model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    pl = pareto(model)
+    batch = batch_for(rank, 0)
+    report = pl.backward(*pareto_lora.archs.modality_losses_for(model, batch))
+    out["fsdp/archs"] = grads_of(model)
+    out["fsdp/archs/losses"] = (report.loss_text, report.loss_image)
 
 
 def sharded_scenario(rank: int, world: int, out: dict) -> None:

@@ -286,6 +286,16 @@ def test_fsdp2_matches_global_batch(ranks, model, groups, rule):
     assert ranks[1][f"{key}/losses"] == pytest.approx((lt.item(), li.item()), rel=1e-5)
 
 
+def test_fsdp2_model_helper_losses(ranks, model, groups):
+    # archs.modality_losses_for runs the FSDP2 root's forward (it failed on the sharded embedding before)
+    batch = concat([W.batch_for(r, 0) for r in range(WORLD)])
+    ref = integrated(objective_grads(model, [batch], [1.0]), groups, "pareto_lora")
+    for r in ranks:
+        assert_matches(r["fsdp/archs"], ref)
+    lt, li = W.losses_of(model, batch)
+    assert ranks[1]["fsdp/archs/losses"] == pytest.approx((lt.item(), li.item()), rel=1e-5)
+
+
 def test_fsdp2_accumulation(ranks, model, groups):
     batches = [W.batch_for(r, base) for base in (300, 400) for r in range(WORLD)]
     ref = integrated(objective_grads(model, batches, [1.0 / len(batches)] * len(batches)), groups, "pareto_lora")

@@ -23,6 +23,11 @@ from those hidden states. So the losses are the output of the DDP forward: with
 from them and finds every parameter they use, Janus' generation head included, which a head
 applied after the forward would not be. ``logits_to_keep=1`` makes the model's own LM head score
 one position only instead of the whole sequence (its logits are discarded).
+**Under FSDP2** (``fully_shard`` on the model) the same: outside the root's forward its parameters
+(the embeddings, the heads) are sharded DTensors, so a backbone called directly fails. The losses
+hook runs before FSDP2's own post-forward hook (``prepend=True``): the heads are still unsharded
+when the losses read them, and FSDP2 then sees the losses as the forward's output and hooks its
+backward (unshard, reduce-scatter) onto them.
 """
 
 from __future__ import annotations
@@ -60,19 +65,30 @@ def _last_hidden(out) -> torch.Tensor:
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
+def _fsdp2_root(model: nn.Module) -> bool:
+    """Whether `model` is sharded by FSDP2's ``fully_shard`` (its forward unshards the root's parameters)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2
+        return False
+    return isinstance(model, FSDPModule)
+
+
 def backbone_hidden_states(model: nn.Module, batch, spec: ArchSpec, ignore_index: int = -100) -> torch.Tensor:
-    """Final hidden states [batch, seq, hidden] of the language model for `batch` (not under DDP)."""
-    if model is not inner_module(model):
-        raise ValueError("model: backbone_hidden_states bypasses DistributedDataParallel.forward; use forward_losses")
+    """Final hidden states [batch, seq, hidden] of the language model for `batch` (not under DDP or FSDP2)."""
+    if model is not inner_module(model) or _fsdp2_root(model):
+        raise ValueError("model: backbone_hidden_states bypasses DistributedDataParallel.forward (or an FSDP2 "
+                         "root's forward); use forward_losses")
     base = unwrap(model)
     # use_cache=False: training forward, no KV cache to allocate.
     return _last_hidden(base.base_model(**_model_inputs(base, batch, spec, ignore_index), use_cache=False))
 
 
 def forward_losses(model: nn.Module, batch, spec: ArchSpec, losses_of: Callable, ignore_index: int = -100):
-    """``losses_of(final hidden states)`` for `batch`, through the DDP forward when `model` is a DDP wrapper."""
+    """``losses_of(final hidden states)`` for `batch`, through the DDP or FSDP2 forward when `model` is
+    a DDP wrapper or an FSDP2 root."""
     inner = inner_module(model)
-    if model is inner:
+    if model is inner and not _fsdp2_root(model):
         return losses_of(backbone_hidden_states(model, batch, spec, ignore_index))
     base = unwrap(inner)
     inputs = _model_inputs(base, batch, spec, ignore_index)
@@ -83,10 +99,12 @@ def forward_losses(model: nn.Module, batch, spec: ArchSpec, losses_of: Callable,
 
     def losses_instead(_module, _args, _output):
         if len(hidden) != 1:
-            raise RuntimeError(f"model: expected one backbone forward inside the DDP forward, saw {len(hidden)}")
+            raise RuntimeError(f"model: expected one backbone forward inside the DDP/FSDP2 forward, saw {len(hidden)}")
         return losses_of(hidden[0])
 
-    handles = [base.base_model.register_forward_hook(keep_hidden), inner.register_forward_hook(losses_instead)]
+    # prepend: before FSDP2's post-forward hook, which reshards the root's parameters (the heads)
+    handles = [base.base_model.register_forward_hook(keep_hidden),
+               inner.register_forward_hook(losses_instead, prepend=True)]
     try:
         return model(**inputs, use_cache=False, logits_to_keep=1)
     finally:

@@ -27,7 +27,6 @@ import dataclasses
 import datetime
 import math
 import os
-import platform
 import subprocess
 import statistics
 import time
@@ -37,6 +36,7 @@ import torch
 
 from .. import ops
 from .baselines import BASELINES
+from .env import cpu_model
 
 __all__ = ["BenchCase", "make_inputs", "interleaved", "one_pass_bytes", "two_pass_bytes", "contenders",
            "bench_case", "run_suite", "format_rows", "COLUMNS", "ORACLE", "environment", "cpu_model"]
@@ -227,15 +227,6 @@ def format_rows(rows: list[dict], markdown: bool = False) -> str:
     widths = [max(len(h), *(len(c[i]) for c in body)) if body else len(h) for i, h in enumerate(head)]
     fmt = lambda cells: " ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
     return "\n".join([fmt(head), "-" * (sum(widths) + len(widths) - 1)] + [fmt(c) for c in body])
-
-
-def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo), else what :mod:`platform` knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def uptime() -> str:

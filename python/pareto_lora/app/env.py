@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import os
+import platform
 
 import torch
 
 from ..backends import available_backends, cpp
 
-__all__ = ["package_versions", "backend_availability", "missing_modules", "install_hint", "machine"]
+__all__ = ["package_versions", "backend_availability", "missing_modules", "install_hint", "machine", "cpu_model",
+           "usable_cpus"]
 
 _PACKAGES = ("torch", "triton", "peft", "transformers", "numpy", "matplotlib", "tqdm")
 
@@ -28,27 +31,39 @@ def package_versions() -> dict[str, str | None]:
     return out
 
 
-def machine() -> str:
-    """This machine in one line: the CPU's model name (family/model where Linux reports them: a
-    cloud VM may name only the vendor), the CPUs this process may use and torch's CPU vector build."""
-    import os
-    import platform
-
-    info = {}
+def _cpuinfo() -> dict[str, str]:
+    """The first value of each key in Linux's /proc/cpuinfo ({} where there is none)."""
+    info: dict[str, str] = {}
     try:
-        with open("/proc/cpuinfo") as f:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
                 key, _, value = line.partition(":")
                 info.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    name = info.get("model name") or platform.processor() or platform.machine() or "unknown CPU"
+    return info
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what :mod:`platform` knows."""
+    return _cpuinfo().get("model name") or platform.processor() or platform.machine()
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def machine() -> str:
+    """This machine in one line: the CPU's model name (family/model where Linux reports them: a
+    cloud VM may name only the vendor), the CPUs this process may use and torch's CPU vector build."""
+    info, name = _cpuinfo(), cpu_model() or "unknown CPU"
     if "cpu family" in info and "model" in info:
         name += f" (family {info['cpu family']}, model {info['model']})"
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        cpus = os.cpu_count() or 1
+    cpus = usable_cpus()
     return f"{name}, {cpus} usable CPU{'s' if cpus != 1 else ''}, torch CPU capability {torch.backends.cpu.get_cpu_capability()}"
 
 

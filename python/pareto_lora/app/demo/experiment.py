@@ -26,7 +26,7 @@ from .base import BaseSpec, default_cache_dir, pretrained_base
 from .data import Vocab, World, fixed_batches, make_world, sample_batch
 from .evaluation import evaluate
 from .floors import entropy_floors
-from .methods import ALL_METHODS, OPTIMIZERS, PLAIN_BACKWARDS, build_method, is_plain, loss_weights
+from .methods import ALL_METHODS, OPTIMIZERS, PLAIN_BACKWARDS, build_method, loss_weights, takes_one_backward
 from .model import ARCHS, ModelConfig, attach_lora, logits_of
 from .output import load_json, save_json
 from .parallel import run_cells
@@ -206,7 +206,8 @@ def config_key(cfg: DemoConfig) -> str:
     """Hash of everything a run's numbers depend on except the rule and seed (names run files).
 
     Options added after the first study are left out at their defaults (AdamW, the Llama, one
-    shared base, two backwards for the plain runs, the shipped or cached base), so the run files of earlier studies keep their names and still resume. With
+    shared base, two backwards for the plain runs, the shipped or cached base), so the run files of
+    earlier studies keep their names and still resume. With
     ``base_per_seed`` the key differs from the shared-base key (and no longer depends on
     ``base_seed``), so the two settings never load each other's runs.
     """
@@ -393,5 +394,5 @@ def run_experiment(cfg: DemoConfig, progress: bool = True, runs_dir: str | None 
 
 def _run_cost(rule: str, cfg: DemoConfig) -> float:
     """A run's time relative to a two-pass run: a plain run in one backward is F + B against F + 2B,
-    about 0.6 of it on the demo's model (docs/study.md)."""
-    return 0.6 if is_plain(rule) and cfg.plain_backward == "one" else 1.0
+    0.69-0.73 of it on the demo's model (bench/bench_demo_runs.py, docs/study.md)."""
+    return 0.7 if takes_one_backward(rule, cfg) else 1.0

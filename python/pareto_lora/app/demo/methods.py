@@ -33,7 +33,8 @@ import pareto_lora
 from pareto_lora.training.balancers import BALANCERS, METHODS, Balancer, CoMMIT, GradNorm, MIMO
 
 __all__ = ["METHODS", "CONTROLS", "VARIANTS", "ALL_METHODS", "FAMILY", "OPTIMIZERS", "PLAIN_BACKWARDS", "Method",
-           "OneBackward", "build_method", "make_optimizer", "describe_methods", "loss_weights", "frontier_weight", "is_plain"]
+           "OneBackward", "build_method", "make_optimizer", "describe_methods", "loss_weights", "frontier_weight", "is_plain",
+           "takes_one_backward"]
 
 #: the demo's optimizers: AdamW (the main study; scale-invariant per coordinate) and plain SGD
 #: (no momentum, no weight decay: its step is the learning rate times the integrated gradient)
@@ -82,6 +83,12 @@ def is_plain(name: str) -> bool:
     return name == "sum" or name in CONTROLS
 
 
+def takes_one_backward(name: str, cfg) -> bool:
+    """Whether method `name` runs in one backward under `cfg` (a plain run with ``plain_backward="one"``;
+    the digits world's config has no such field: its plain runs always take two)."""
+    return is_plain(name) and getattr(cfg, "plain_backward", "two") == "one"
+
+
 def loss_weights(name: str) -> tuple[float, float]:
     """(text, image) loss weights of method `name`: (1, 1) for every rule (the rule does the weighting)."""
     return CONTROLS.get(name, (1.0, 1.0))
@@ -121,7 +128,7 @@ def make_optimizer(params, cfg) -> torch.optim.Optimizer:
 def build_method(model, name: str, cfg) -> Method:
     """The ParetoLoRA and optimizer (and CoMMIT) of method `name` for `model` under the demo config."""
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if is_plain(name) and getattr(cfg, "plain_backward", "two") == "one":  # the digits world: always two
+    if takes_one_backward(name, cfg):
         pl = pareto_lora.ParetoLoRA(model, balancer=OneBackward(), num_groups=cfg.num_groups, modulate="all")
     elif name in BALANCERS:
         balancer = MIMO(lam=10.0, mu=0.1) if name == "mimo" else GradNorm(alpha=1.5, lr=0.025)

@@ -6,8 +6,8 @@ one core idle. Here this process and one spawned worker per further core take th
 worker prepares the setup once (worlds, floors and the base, which the parent has pre-trained and
 cached on disk first, or which the package ships, so a worker only loads it) and then takes runs
 from a shared queue, dearest first; this process, whose setup is made, takes the runs no worker has
-started, meanwhile (it would otherwise wait while the workers import torch). Every run seeds itself and starts from the same base, so a run's
-numbers do not depend on which process made it or in what order (``tests/app/test_parallel.py``
+started, meanwhile (it would otherwise wait while the workers import torch). Every run seeds itself
+and starts from the same base, so a run's numbers do not depend on which process made it or in what order (``tests/app/test_parallel.py``
 compares a parallel study with a serial one).
 
 Both worlds use it: ``prepare`` and ``run_cell`` are the world's own functions (module-level, so
@@ -22,20 +22,13 @@ import collections
 import concurrent.futures
 import multiprocessing
 import threading
-import os
 import warnings
+
+from ..env import usable_cpus
 
 __all__ = ["usable_cpus", "default_workers", "run_cells"]
 
 _SETUP = None  # the worker process's setup (made once by _init)
-
-
-def usable_cpus() -> int:
-    """CPUs this process may run on (its affinity mask where the OS has one)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
 
 
 def default_workers(base_on_disk: bool, device: str, cells: int) -> int:

@@ -102,7 +102,8 @@ def verdict(result: dict, summary: dict, comparison: dict) -> list[str]:
             parts.append(f"vs vanilla: image excess {_fmt(c['vs_sum_image_excess'])} ({c['vs_sum_image_excess']['word']}), "
                          f"text excess {_fmt(c['vs_sum_text_excess'])} ({c['vs_sum_text_excess']['word']})")
         if "frontier" in c and c["frontier"]["place"] == "outside":
-            ws = ", ".join(f"{w:g}" for w in sorted(frontier_weight(r) for r in summary if frontier_weight(r) is not None))
+            weights = sorted(w for w in map(frontier_weight, summary) if w is not None)
+            ws = ", ".join(f"{w:g}" for w in weights)
             parts.append("vs reweighting curve: OUTSIDE the curve's text-excess range in every seed, so there is no "
                          f"comparison at equal text excess (the curve's weights here: w = {ws}; more weights widen its "
                          "range, e.g. --full's)")
@@ -133,4 +134,3 @@ def _balance_line(summary: dict) -> str | None:
              "and measure none)")
     return (f"Gradient balance {where}: median ||g_text||/||g_image|| over groups = {r0:.2g} in the first 10 steps, "
             f"{r_all:.2g} over the run.")
-

@@ -22,14 +22,9 @@ def machine() -> dict:
     """CPU model, the package's CPU build, cores, load average and the versions in use."""
     import torch
 
-    from ...env import package_versions
+    from ...env import cpu_model, package_versions
 
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
-    except OSError:
-        pass
+    model = cpu_model()
     try:
         from pareto_lora import _C
 

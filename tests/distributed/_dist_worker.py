@@ -262,6 +262,19 @@ def fsdp_scenarios(rank: int, world: int, out: dict) -> None:
     report = pl.backward(*pareto_lora.archs.modality_losses_for(model, batch))
     out["fsdp/archs"] = grads_of(model)
     out["fsdp/archs/losses"] = (report.loss_text, report.loss_image)
+    # models sharded only in part, refused up front: layers sharded but not the root; a root whose
+    # fully_shard ignored a trainable parameter (left a plain tensor)
+    model = models.lora_llama(num_layers=NUM_LAYERS)
+    for layer in model.base_model.model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    out["fsdp/no_root"] = error_of(lambda: pareto(model))
+    model = models.lora_llama(num_layers=NUM_LAYERS)
+    layers = model.base_model.model.model.layers
+    for layer in layers[1:]:
+        fully_shard(layer, mesh=mesh)
+    ignored = {next(p for p in layers[0].parameters() if p.requires_grad)}
+    fully_shard(model, mesh=mesh, ignored_params=ignored)
+    out["fsdp/ignored_param"] = error_of(lambda: pareto(model))
 
 
 def sharded_scenario(rank: int, world: int, out: dict) -> None:

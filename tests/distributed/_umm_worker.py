@@ -95,6 +95,25 @@ def ddp_scenario(key: str, name: str, rank: int, out: dict, steps: int = 2, **dd
         ddp.zero_grad(set_to_none=True)
 
 
+def fsdp_scenario(key: str, name: str, rank: int, out: dict) -> None:
+    """The three lines on an FSDP2-sharded model (each decoder layer, then the root), the losses from
+    archs.modality_losses_for: it runs the root's forward, whose embeddings and heads are sharded outside it."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (int(os.environ["WORLD_SIZE"]),))
+    model = am.lora(am.MODELS[name]())
+    for layer in model.get_submodule(archs.detect_arch(model).layers_path):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    pl = pareto_lora.ParetoLoRA(model, arch="auto", num_groups=NUM_GROUPS, modulate="all")
+    text, image = archs.modality_losses_for(model, am.BATCHES[name](seed=2000 + rank))
+    report = pl.backward(text=text, image=image)
+    out[key] = {n: p.grad.full_tensor().detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    out[f"{key}/cases"] = report.cases
+    out[f"{key}/losses"] = (report.loss_text, report.loss_image)
+
+
 def main() -> None:
     rank = int(os.environ["RANK"])
     torch.manual_seed(0)
@@ -106,6 +125,8 @@ def main() -> None:
     # find_unused_parameters=True (the Trainer's default for PEFT models): the losses are the DDP
     # forward's output, so the generation head applied to the hidden states is found as used.
     ddp_scenario("ddp/janus_unused", "janus", rank, out, find_unused_parameters=True)
+    for name in ("chameleon", "janus"):
+        fsdp_scenario(f"fsdp/{name}", name, rank, out)
     torch.save(out, os.path.join(sys.argv[1], f"rank{rank}.pt"))
     torch.distributed.destroy_process_group()
 

@@ -296,6 +296,13 @@ def test_fsdp2_model_helper_losses(ranks, model, groups):
     assert ranks[1]["fsdp/archs/losses"] == pytest.approx((lt.item(), li.item()), rel=1e-5)
 
 
+def test_fsdp2_partly_sharded_model_is_refused(ranks):
+    for r in ranks:
+        assert r["fsdp/no_root"].startswith("ValueError: model: expected fully_shard(model) on the root too"), r["fsdp/no_root"]
+        assert r["fsdp/ignored_param"].startswith(
+            "ValueError: model: expected every trainable parameter to be a DTensor"), r["fsdp/ignored_param"]
+
+
 def test_fsdp2_accumulation(ranks, model, groups):
     batches = [W.batch_for(r, base) for base in (300, 400) for r in range(WORLD)]
     ref = integrated(objective_grads(model, batches, [1.0 / len(batches)] * len(batches)), groups, "pareto_lora")

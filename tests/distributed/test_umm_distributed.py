@@ -7,7 +7,8 @@ WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT), runs:
   on Chameleon with ``arch="auto"`` and on the Llama labels + image_token_mask path: the Trainer
   wraps the model in DDP inside ``train()`` and ParetoLoRA must bind to that wrapper;
 * the three lines on a DDP-wrapped Chameleon (two steps: DDP's initial and rebuilt buckets), and
-  on Janus with ``find_unused_parameters=True``.
+  on Janus with ``find_unused_parameters=True``;
+* the three lines on FSDP2-sharded Chameleon and Janus, the losses from ``archs.modality_losses_for``.
 
 Each is compared with the single-process result on the global batch (all ranks' examples at
 once): plain autograd + ``pareto_lora.reference.integrate`` per group, and the ranks bitwise with
@@ -140,3 +141,17 @@ def test_ddp_three_lines_equal_one_process_on_the_global_batch(ranks, key, name,
     assert any(c in (Case.RESCALED, Case.PARETO) for c in ranks[0][f"{k}/cases"])
     if step == 1:  # rebuilt buckets: the groups were integrated across several of them
         assert ranks[0][f"{k}/buckets"] > 2
+
+
+# ---- the three lines on an FSDP2-sharded model ---------------------------------------------------
+@pytest.mark.parametrize("name", ["chameleon", "janus"])
+def test_fsdp2_three_lines_equal_one_process_on_the_global_batch(ranks, name):
+    key = f"fsdp/{name}"
+    assert_bitwise_same(ranks, key)
+    batch = concat([am.BATCHES[name](seed=2000 + r) for r in range(WORLD)])
+    ref, losses = arch_reference(name, batch)
+    assert_matches(ranks[0][key], ref)
+    # each rank reports the losses of its own batch; their mean is the global batch's loss (equal sizes)
+    mean = [sum(r[f"{key}/losses"][i] for r in ranks) / WORLD for i in range(2)]
+    assert mean == pytest.approx(losses, rel=1e-5)
+    assert any(c in (Case.RESCALED, Case.PARETO) for c in ranks[0][f"{key}/cases"])

@@ -27,7 +27,9 @@ one position only instead of the whole sequence (its logits are discarded).
 (the embeddings, the heads) are sharded DTensors, so a backbone called directly fails. The losses
 hook runs before FSDP2's own post-forward hook (``prepend=True``): the heads are still unsharded
 when the losses read them, and FSDP2 then sees the losses as the forward's output and hooks its
-backward (unshard, reduce-scatter) onto them.
+backward (unshard, reduce-scatter) onto them. Janus' input embeddings (the text table, and the
+generation embeddings and aligner for image codes) are computed by a pre-hook on the backbone,
+inside the root's forward for the same reason.
 """
 
 from __future__ import annotations
@@ -54,11 +56,13 @@ def module_at(model: nn.Module, name: str) -> nn.Module:
         raise ValueError(f"model: no submodule {name!r}; was the ArchSpec built from this model object?") from None
 
 
-def _model_inputs(base: nn.Module, batch, spec: ArchSpec, ignore_index: int) -> dict:
+def _model_inputs(base: nn.Module, batch, spec: ArchSpec, ignore_index: int):
+    """The model's keyword inputs from `batch`, and for Janus a function that returns its
+    ``inputs_embeds`` (else None), to be called where the embeddings are usable: under FSDP2 only
+    inside the root's forward, which unshards them."""
     inputs = {k: batch[k] for k in MODEL_INPUT_KEYS if k in batch and batch[k] is not None}
-    if spec.image_objective == "gen_head":
-        inputs = _janus_inputs(base, batch, inputs, ignore_index)
-    return inputs
+    embeds = _janus_inputs(base, batch, inputs, ignore_index) if spec.image_objective == "gen_head" else None
+    return inputs, embeds
 
 
 def _last_hidden(out) -> torch.Tensor:
@@ -80,8 +84,11 @@ def backbone_hidden_states(model: nn.Module, batch, spec: ArchSpec, ignore_index
         raise ValueError("model: backbone_hidden_states bypasses DistributedDataParallel.forward (or an FSDP2 "
                          "root's forward); use forward_losses")
     base = unwrap(model)
+    inputs, embeds = _model_inputs(base, batch, spec, ignore_index)
+    if embeds is not None:
+        inputs = {k: v for k, v in inputs.items() if k != "input_ids"} | {"inputs_embeds": embeds()}
     # use_cache=False: training forward, no KV cache to allocate.
-    return _last_hidden(base.base_model(**_model_inputs(base, batch, spec, ignore_index), use_cache=False))
+    return _last_hidden(base.base_model(**inputs, use_cache=False))
 
 
 def forward_losses(model: nn.Module, batch, spec: ArchSpec, losses_of: Callable, ignore_index: int = -100):
@@ -91,8 +98,13 @@ def forward_losses(model: nn.Module, batch, spec: ArchSpec, losses_of: Callable,
     if model is inner and not _fsdp2_root(model):
         return losses_of(backbone_hidden_states(model, batch, spec, ignore_index))
     base = unwrap(inner)
-    inputs = _model_inputs(base, batch, spec, ignore_index)
+    inputs, embeds = _model_inputs(base, batch, spec, ignore_index)
     hidden: list[torch.Tensor] = []
+
+    def embed_inside(_module, args, kwargs):  # Janus: the embeddings inside the wrapper's forward
+        if args or kwargs.get("input_ids") is None:
+            raise RuntimeError("model: expected the Janus backbone to be called with input_ids as a keyword")
+        return args, kwargs | {"input_ids": None, "inputs_embeds": embeds()}
 
     def keep_hidden(_module, _args, output):
         hidden.append(_last_hidden(output))
@@ -105,6 +117,8 @@ def forward_losses(model: nn.Module, batch, spec: ArchSpec, losses_of: Callable,
     # prepend: before FSDP2's post-forward hook, which reshards the root's parameters (the heads)
     handles = [base.base_model.register_forward_hook(keep_hidden),
                inner.register_forward_hook(losses_instead, prepend=True)]
+    if embeds is not None:
+        handles.append(base.base_model.register_forward_pre_hook(embed_inside, with_kwargs=True))
     try:
         return model(**inputs, use_cache=False, logits_to_keep=1)
     finally:
@@ -112,26 +126,32 @@ def forward_losses(model: nn.Module, batch, spec: ArchSpec, losses_of: Callable,
             h.remove()
 
 
-def _janus_inputs(base: nn.Module, batch, inputs: dict, ignore_index: int) -> dict:
+def _janus_inputs(base: nn.Module, batch, inputs: dict, ignore_index: int) -> Callable[[], torch.Tensor]:
     """Janus: image codes enter through generation_embeddings -> generation_aligner, not the text table.
 
     ``batch["image_codes"]`` [batch, seq] holds the VQ code at every generated-image position and
-    ``ignore_index`` elsewhere; ``input_ids`` there can be anything (it is not embedded).
+    ``ignore_index`` elsewhere; ``input_ids`` there can be anything (it is not embedded). Checks the
+    batch now (before any forward) and returns the function that computes ``inputs_embeds``.
     """
     if "input_ids" not in inputs:
         raise ValueError("batch: Janus needs input_ids (text positions) and image_codes (generated-image positions)")
-    input_ids = inputs.pop("input_ids")
-    codes = batch.get("image_codes")
+    input_ids, codes = inputs["input_ids"], batch.get("image_codes")
+    if codes is not None:
+        if codes.shape != input_ids.shape:
+            raise ValueError(f"image_codes: expected shape {tuple(input_ids.shape)} (as input_ids), got {tuple(codes.shape)}")
+        is_code = codes != ignore_index
+        num_codes = base.model.generation_embeddings.num_embeddings
+        if is_code.any() and (codes[is_code].min() < 0 or codes[is_code].max() >= num_codes):
+            raise ValueError(f"image_codes: VQ codes must be in [0, {num_codes}) (or {ignore_index} for non-image positions)")
+    return lambda: _janus_embeds(base, input_ids, codes, ignore_index)
+
+
+def _janus_embeds(base: nn.Module, input_ids: torch.Tensor, codes, ignore_index: int) -> torch.Tensor:
+    """The input embeddings of checked Janus inputs (:func:`_janus_inputs`)."""
     embed = base.get_input_embeddings()
     if codes is None:
-        inputs["inputs_embeds"] = embed(input_ids)
-        return inputs
-    if codes.shape != input_ids.shape:
-        raise ValueError(f"image_codes: expected shape {tuple(input_ids.shape)} (as input_ids), got {tuple(codes.shape)}")
+        return embed(input_ids)
     is_code = codes != ignore_index
-    num_codes = base.model.generation_embeddings.num_embeddings
-    if is_code.any() and (codes[is_code].min() < 0 or codes[is_code].max() >= num_codes):
-        raise ValueError(f"image_codes: VQ codes must be in [0, {num_codes}) (or {ignore_index} for non-image positions)")
     # The text id under an image code is never used; 0 keeps the lookup in range.
     text = embed(input_ids.masked_fill(is_code, 0))
     gen = base.model.generation_aligner(base.model.generation_embeddings(codes[is_code]))
@@ -140,5 +160,4 @@ def _janus_inputs(base: nn.Module, batch, inputs: dict, ignore_index: int) -> di
             f"model: Janus generation_aligner outputs {gen.shape[-1]} features but the LLM takes {text.shape[-1]}; "
             "vq_config.projection_dim must equal text_config.hidden_size"
         )
-    inputs["inputs_embeds"] = text.masked_scatter(is_code.unsqueeze(-1), gen.to(text.dtype))
-    return inputs
+    return text.masked_scatter(is_code.unsqueeze(-1), gen.to(text.dtype))

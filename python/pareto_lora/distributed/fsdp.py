@@ -43,10 +43,11 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 def _shard_group(params: Sequence[torch.Tensor]):
     from torch.distributed.tensor import DTensor, Shard
 
-    meshes = {id(p.device_mesh): p for p in params if isinstance(p, DTensor)}
-    if len(meshes) != 1:
+    # Meshes compare by value: FSDP2 gives parameters of one module equal meshes that are not always
+    # the same object (a Janus vision layer under the root's fully_shard), so identity would refuse them.
+    p = params[0] if params else None
+    if p is None or not all(isinstance(q, DTensor) and q.device_mesh == p.device_mesh for q in params):
         raise ValueError("model: expected every trainable parameter to be a DTensor on one device mesh (fully_shard)")
-    p = next(iter(meshes.values()))
     dims = [d for d, pl in enumerate(p.placements) if isinstance(pl, Shard)]
     if len(dims) != 1:
         raise ValueError(f"model: expected parameters sharded over one mesh dimension, got placements {p.placements}")

@@ -154,7 +154,8 @@ def reduce_to_shards(text: Sequence[torch.Tensor | None], image: Sequence[torch.
         own.append((width, mine))
     send = torch.cat([x for part in pieces for x in part])
     out = send.new_empty(send.numel() // world)
-    dist.reduce_scatter_tensor(out, send, group=group)
+    # torch 2.13 renamed it (reduce_scatter_tensor is a deprecated alias there); torch 2.11 has only the old name.
+    (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(out, send, group=group)
     out.div_(world)
     shards, at = [], 0
     for width, mine in own:

@@ -14,6 +14,18 @@ from .sync import GradSync, LocalSync
 __all__ = ["make_sync", "make_many_sync"]
 
 
+def _refuse_unsharded_root(model: nn.Module) -> None:
+    """A model whose layers are sharded by ``fully_shard`` but not the model itself is not an FSDP2
+    model (its root's forward and backward hooks never run): refused, rather than run as one process."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2
+        return
+    if any(isinstance(m, FSDPModule) for m in model.modules()):
+        raise ValueError("model: expected fully_shard(model) on the root too: some of its submodules are sharded by "
+                         "FSDP2 (fully_shard) but the model itself is not")
+
+
 def make_sync(model: nn.Module) -> GradSync:
     """The :class:`GradSync` for `model`: :class:`DDPSync` for a ``DistributedDataParallel``,
     :class:`FSDPSync` for an FSDP2 ``fully_shard`` model, else :class:`LocalSync`."""
@@ -21,6 +33,7 @@ def make_sync(model: nn.Module) -> GradSync:
         return DDPSync(model)
     if is_fsdp2(model):
         return FSDPSync(model)
+    _refuse_unsharded_root(model)
     return LocalSync(model)
 
 
@@ -31,4 +44,5 @@ def make_many_sync(model: nn.Module):
         return DDPManySync(model)
     if is_fsdp2(model):
         return FSDPManySync(model)
+    _refuse_unsharded_root(model)
     return LocalManySync(model)

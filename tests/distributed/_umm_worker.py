@@ -102,7 +102,8 @@ def fsdp_scenario(key: str, name: str, rank: int, out: dict) -> None:
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh("cpu", (int(os.environ["WORLD_SIZE"]),))
-    model = am.lora(am.MODELS[name]())
+    base = am.MODELS[name]()
+    model = am.lora(base, exclude_modules=archs.detect_arch(base).lora_exclude_modules)  # no LoRA in a frozen VQ model
     for layer in model.get_submodule(archs.detect_arch(model).layers_path):
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
@@ -125,7 +126,7 @@ def main() -> None:
     # find_unused_parameters=True (the Trainer's default for PEFT models): the losses are the DDP
     # forward's output, so the generation head applied to the hidden states is found as used.
     ddp_scenario("ddp/janus_unused", "janus", rank, out, find_unused_parameters=True)
-    for name in ("chameleon", "janus"):
+    for name in am.ARCHS:
         fsdp_scenario(f"fsdp/{name}", name, rank, out)
     torch.save(out, os.path.join(sys.argv[1], f"rank{rank}.pt"))
     torch.distributed.destroy_process_group()

@@ -208,6 +208,23 @@ def janus_scenario(rank: int, out: dict) -> None:
             ddp.zero_grad(set_to_none=True)
 
 
+def janus_fsdp_scenario(rank: int, world: int, out: dict) -> None:
+    """The 3-objective Janus step (text first) under FSDP2: each decoder layer and the root sharded, the
+    losses from archs.objective_losses_for, which runs the root's forward (the embeddings inside it)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = am.lora(am.MODELS["janus"]())
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in model.get_submodule(archs.detect_arch(model).layers_path):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    pl = pareto_lora.ParetoLoRA(model, rule="constant", weights=(0.5, 2.0, 1.5), arch="auto", num_groups=2,
+                                modulate=("lower", "generation"), objectives=archs.OBJECTIVES, backend="reference")
+    record(out, "janus/fsdp/step0", model, pl.backward(archs.objective_losses_for(model, janus_batch(rank, 0), pl.arch)))
+
+
 def fsdp_scenarios(rank: int, world: int, out: dict) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -300,6 +317,7 @@ def main() -> None:
     try:
         ddp_scenarios(rank, out)
         janus_scenario(rank, out)
+        janus_fsdp_scenario(rank, world, out)
         fsdp_scenarios(rank, world, out)
         options_scenarios(rank, world, out)
         trainer_scenario(out_dir, out)  # the Trainer (accelerate) takes the process group already set up

@@ -189,6 +189,17 @@ def test_janus_three_objective_step_through_ddp(ranks, order):
         assert report.groups["projector"]["norm"]["text"] == 0 < report.groups["projector"]["norm"]["understanding"]
 
 
+def test_janus_three_objective_step_through_fsdp2(ranks):
+    # the same step as "text_first" under DDP, on an FSDP2-sharded Janus (its input embeddings sharded
+    # outside the root's forward: objective_losses_for computes them inside it)
+    torch.manual_seed(0)
+    model = am.lora(am.MODELS["janus"]())
+    pl = pareto_lora.ParetoLoRA(model, rule="constant", weights=(0.5, 2.0, 1.5), arch="auto", num_groups=2,
+                                modulate=("lower", "generation"), objectives=archs.OBJECTIVES, backend="reference")
+    report = pl.backward(averaged([archs.objective_losses_for(model, W.janus_batch(r, 0), pl.arch) for r in range(WORLD)]))
+    assert_matches(ranks, "janus/fsdp/step0", W.grads_of(model), report)
+
+
 def test_fsdp2_three_objectives_equal_the_single_process_global_batch(ranks):
     grads, report = llama_reference("constant", [[0]])
     assert_matches(ranks, "fsdp/step", grads, report)

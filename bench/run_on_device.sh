@@ -99,7 +99,7 @@ if want pytest_shared; then
   step pytest_shared "${PARETO_LORA_PYTEST_SHARED_LIMIT:-120}" "$PY" -m pytest -v --tb=short -rfE -k cuda \
     tests/test_ops.py tests/test_errors.py tests/test_reliability.py tests/test_properties.py \
     tests/test_hypothesis.py tests/test_margin.py tests/test_bench_baselines.py tests/test_family_a.py \
-    tests/test_family_b.py -p no:cacheprovider || status=1
+    tests/test_family_b.py tests/test_family_b_guarantees.py -p no:cacheprovider || status=1
   # K objectives: the weightings on the device (same weights as on the CPU, no host sync)
   step pytest_multi 90 "$PY" -m pytest -v --tb=short -rfE tests/multi/test_weightings_device.py -p no:cacheprovider || status=1
 fi

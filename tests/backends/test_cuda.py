@@ -7,7 +7,6 @@ The host logic of the kernel's work layout is tested everywhere, in test_cuda_sc
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ import torch
 import pareto_lora
 from pareto_lora import Case
 from pareto_lora import reference as ref
+from _cuda_inputs import make_pair, offsets_from_sizes, random_sizes
 
 RULES = ("sum", "pareto_lora", "pareto_only", "rescale_only", "mgda", "mmpareto", "mean", "constant", "upgrad",
          "pcgrad", "dualproj", "imtl_g", "cagrad", "nash_mtl", "aligned_mtl", "config")
@@ -27,39 +27,7 @@ PLANS = {"fused": ("fused", "1"), "two_pass": ("two_pass", "1"), "fused-no-one-p
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-# ---- helpers --------------------------------------------------------------------------------------
-def offsets_from_sizes(sizes) -> torch.Tensor:
-    off = torch.zeros(len(sizes) + 1, dtype=torch.int64)
-    off[1:] = torch.cumsum(torch.as_tensor(sizes, dtype=torch.int64), 0)
-    return off
-
-
-def random_sizes(g: int, max_len: int, seed: int) -> list[int]:
-    """Log-uniform sizes with some 0s and 1s mixed in."""
-    gen = torch.Generator().manual_seed(seed)
-    logs = torch.rand(g, generator=gen, dtype=torch.float64) * math.log(max_len + 1)
-    sizes = (logs.exp() - 1).long().tolist()
-    for i in range(0, g, 17):
-        sizes[i] = 0
-    for i in range(5, g, 19):
-        sizes[i] = 1
-    return sizes
-
-
-def make_pair(offsets: torch.Tensor, dtype, seed=0, device="cuda"):
-    """a, b with per-segment scale and correlation, so every rule case shows up."""
-    g = offsets.numel() - 1
-    n = int(offsets[-1])
-    gen = torch.Generator(device=device).manual_seed(seed)
-    seg = ref.segment_ids(offsets, torch.device(device))
-    scale_a = torch.exp(torch.randn(g, generator=gen, device=device) * 1.5)
-    scale_b = torch.exp(torch.randn(g, generator=gen, device=device) * 1.5)
-    corr = torch.rand(g, generator=gen, device=device) * 4 - 2
-    a = torch.randn(n, generator=gen, device=device) * scale_a[seg]
-    b = corr[seg] * a + torch.randn(n, generator=gen, device=device) * scale_b[seg]
-    return a.to(dtype), b.to(dtype)
-
-
+# ---- helpers ----------------------------------------------------------------------------------------
 def eps(dtype) -> float:
     return torch.finfo(dtype).eps
 
@@ -388,41 +356,3 @@ def test_errors_before_any_write():
         torch.ops.pareto_lora.rule_coefficients(torch.ones(g, 2, device="cuda"), "sum", list(pareto_lora.RuleSpec().kernel_params()))
     torch.cuda.synchronize()
     assert bool((out == 7.0).all())
-
-
-# ---- the grouped training step (groups / poison / given stats) -------------------------------------
-@gpu
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_grouped_step_matches_the_cpu_op_bitwise_in_its_statistics(dtype):
-    # Per-segment statistics may differ from the CPU op's in the last bits (tiles vs chunks), but
-    # the group sums of the GPU's own rows follow reference.group_sums exactly.
-    sizes = random_sizes(200, 50_000, seed=31)
-    offsets = offsets_from_sizes(sizes)
-    groups = torch.tensor([0, 1, 50, 50, 199, 200])
-    a, b = make_pair(offsets, dtype, seed=31)
-    res = integrate(a, b, offsets, rule="pareto_lora", groups=groups)
-    assert torch.equal(res.group_stats.cpu(), ref.group_sums(res.stats.cpu(), groups))
-    want = pareto_lora.integrate(a.double().cpu(), b.double().cpu(), offsets[groups], rule="pareto_lora", backend="reference")
-    torch.testing.assert_close(res.group_stats.cpu(), want.stats, rtol=2.0**-20, atol=0)
-    assert torch.equal(res.cases.cpu(), want.cases)
-
-
-@gpu
-def test_grouped_step_with_poison_replays_in_a_cuda_graph():
-    # poison is read on the device: one captured graph, replayed with it false then true.
-    offsets = offsets_from_sizes([4096, 100, 0, 70_000, 5])
-    groups = torch.tensor([0, 2, 5])
-    a, b = make_pair(offsets, torch.float32, seed=32)
-    poison = torch.zeros((), dtype=torch.bool, device="cuda")
-    out = torch.empty_like(a)
-    integrate(a, b, offsets, out=out, groups=groups, poison=poison)  # warm-up: workspace, caches
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        res = integrate(a, b, offsets, out=out, groups=groups, poison=poison)
-    graph.replay()
-    clean = ref.integrate(a.cpu(), b.cpu(), offsets, groups=groups)
-    torch.testing.assert_close(out.cpu(), clean.out, rtol=1e-5, atol=1e-5)
-    poison.fill_(True)
-    graph.replay()
-    assert bool(out.isnan().all()) and bool((res.cases == int(Case.NONFINITE)).all())

@@ -205,6 +205,28 @@ def test_module_size(name):
     assert lines <= MAX_LINES, f"{name}: {lines} lines (> {MAX_LINES}); split it by job"
 
 
+def _outside_the_package() -> dict[str, str]:
+    """Python files of the tests, benchmarks, tools, examples and docs hooks (the limit holds there too)."""
+    found = {}
+    for top in ("tests", "bench", "tools", "examples", "docs"):
+        for dirpath, _, files in os.walk(os.path.join(ROOT, top)):
+            for f in files:
+                if f.endswith(".py"):
+                    path = os.path.join(dirpath, f)
+                    found[os.path.relpath(path, ROOT)] = path
+    return found
+
+
+OUTSIDE = _outside_the_package()
+
+
+@pytest.mark.parametrize("name", sorted(OUTSIDE))
+def test_file_size_outside_the_package(name):
+    with open(OUTSIDE[name]) as f:
+        lines = sum(1 for _ in f)
+    assert lines <= MAX_LINES, f"{name}: {lines} lines (> {MAX_LINES}); split it by job"
+
+
 @pytest.mark.parametrize("name", sorted(MODULES))
 def test_module_says_what_it_is_for(name):
     doc = ast.get_docstring(ast.parse(open(MODULES[name]).read()))

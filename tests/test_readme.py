@@ -11,7 +11,6 @@ import subprocess
 import sys
 import types
 
-import pytest
 import torch
 
 import models

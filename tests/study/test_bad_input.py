@@ -70,6 +70,7 @@ def _rec(rule, weight, seed, text=1.0, image=2.0):
     ({"rule": None}, "records: expected a list of run dicts"),
     ([_rec(None, 1, 0), 5], r"records\[1\]: expected a dict with the keys"),
     ([_rec(None, 1, 0), {"rule": "x", "seed": 0}], r"records\[1\]: expected a dict with the keys"),
+    ([{"rule": None, "seed": 0, "metrics": {}}], r"records\[0\]: expected a dict with the keys rule, seed, metrics .and weight"),
     ([_rec(None, 2, 0), _rec("upgrad", None, 0)], "records: weights: expected the weight 1"),
     ([_rec(None, 1, 0), _rec(None, -2, 0)], r"records\[1\].weight: expected a finite number > 0"),
     ([_rec(None, 1, 0), _rec(None, 1, 0), _rec("upgrad", None, 0)], "records: expected one run per method and seed"),

@@ -133,3 +133,9 @@ def test_missing_runs_are_reported_and_the_record_order_does_not_matter():
     partial = Result.from_records(recs)
     assert [(m.name, s) for m, s in partial.missing] == [("upgrad", 2)]
     assert "Not run yet (the study is incomplete" in partial.report() and "upgrad seed 2" in partial.report()
+
+
+def test_a_rules_record_may_leave_out_its_weight():
+    rule = [{"rule": "upgrad", "seed": s, "metrics": {"text": 1.1, "image": 1.7}} for s in (0, 1, 2)]
+    with_weight = [{**r, "weight": None} for r in rule]
+    assert Result.from_records(_curve() + rule).as_dict() == Result.from_records(_curve() + with_weight).as_dict()

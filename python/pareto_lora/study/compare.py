@@ -9,13 +9,17 @@ seed s from the comparisons that need it, and the report says so).
 from __future__ import annotations
 
 from .frontier import distance_to_curve
-from .protocol import Protocol
+from .protocol import Method, Protocol
 from .records import Record
 from .stats import Interval, paired_interval, word
 
 __all__ = ["finished", "vs_vanilla", "vs_curve", "power_weight", "power"]
 
-VANILLA = 1.0
+VANILLA = Method(None, 1.0).name  # "w=1"
+
+
+def _point(w: float) -> str:
+    return Method(None, w).name
 
 
 def finished(records) -> dict[str, dict[int, dict]]:
@@ -38,7 +42,7 @@ def vs_vanilla(protocol: Protocol, done: dict, name: str) -> dict[str, dict]:
     """metric -> {interval, word, seeds}: ``name``'s metric minus vanilla's (w = 1), paired by seed."""
     out = {}
     for m in protocol.metrics:
-        got = _paired(done.get(name, {}), done.get("w=1", {}), m)
+        got = _paired(done.get(name, {}), done.get(VANILLA, {}), m)
         if got:
             iv, seeds = got
             out[m] = {"interval": iv, "word": word(iv, protocol.lower_is_better_for(m)), "seeds": seeds}
@@ -58,8 +62,8 @@ def vs_curve(protocol: Protocol, done: dict, name: str, at: str = "text") -> dic
     rule = done.get(name, {})
     per_seed, inside = {}, {}
     for s in sorted(rule):
-        pts = [(done[f"w={w:g}"][s][at], done[f"w={w:g}"][s][other]) for w in protocol.weights
-               if s in done.get(f"w={w:g}", {})]
+        pts = [(done[_point(w)][s][at], done[_point(w)][s][other]) for w in protocol.weights
+               if s in done.get(_point(w), {})]
         if len({p[0] for p in pts}) >= 2:
             per_seed[s], inside[s] = distance_to_curve(pts, (rule[s][at], rule[s][other]))
     if not per_seed:
@@ -72,7 +76,7 @@ def vs_curve(protocol: Protocol, done: dict, name: str, at: str = "text") -> dic
 
 def power_weight(protocol: Protocol) -> float | None:
     """The weight the power check compares with w = 1: 2 if run, else the smallest weight above 1."""
-    above = [w for w in protocol.weights if w > VANILLA]
+    above = [w for w in protocol.weights if w > 1.0]
     return 2.0 if 2.0 in above else min(above, default=None)
 
 
@@ -86,7 +90,7 @@ def power(protocol: Protocol, done: dict) -> dict:
     if w is None:
         return {"weight": None, "interval": None, "detects": None,
                 "line": "Power: not checked; it needs a weight > 1 beside w=1 (e.g. weights=(1, 2, 4, 8))."}
-    got = _paired(done.get(f"w={w:g}", {}), done.get("w=1", {}), "image")
+    got = _paired(done.get(_point(w), {}), done.get(VANILLA, {}), "image")
     if got is None:
         return {"weight": w, "interval": None, "detects": None,
                 "line": f"Power: not checked; no seed has both w={w:g} and w=1 finished."}

@@ -14,7 +14,7 @@ from .. import args
 from .protocol import Protocol
 from .records import Record, parse
 
-__all__ = ["FORMAT", "read", "resume", "append"]
+__all__ = ["FORMAT", "read", "resume", "append", "path_of"]
 
 #: the first line's marker and version
 FORMAT = "pareto_lora.study/1"
@@ -30,7 +30,7 @@ def _lines(path: str) -> tuple[list[str], int]:
 
 def read(path) -> tuple[Protocol, list[Record]]:
     """The log's protocol and its records in file order (ValueError naming the path and line)."""
-    path = _path(path)
+    path = path_of(path)
     lines, _ = _lines(path)
     if not lines:
         raise ValueError(f"log: expected a study log starting with its protocol line, got an empty file {path!r}")
@@ -57,7 +57,7 @@ def read(path) -> tuple[Protocol, list[Record]]:
 def resume(path, protocol: Protocol) -> list[Record]:
     """The finished runs of the study at ``path`` (creating the log with ``protocol`` if absent or
     empty); ValueError naming the differences if the log was written by another protocol."""
-    path = _path(path)
+    path = path_of(path)
     if not os.path.exists(path) or os.path.getsize(path) == 0:
         with open(path, "w", encoding="utf-8") as f:
             f.write(json.dumps({"format": FORMAT, "protocol": protocol.as_dict()}) + "\n")
@@ -77,13 +77,14 @@ def resume(path, protocol: Protocol) -> list[Record]:
 
 
 def append(path, record: Record) -> None:
-    with open(_path(path), "a", encoding="utf-8") as f:
+    with open(path_of(path), "a", encoding="utf-8") as f:
         f.write(json.dumps(record.as_dict()) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
 
-def _path(path) -> str:
+def path_of(path) -> str:
+    """``path`` as a str, or ValueError naming ``log``."""
     if not isinstance(path, (str, os.PathLike)):
         raise ValueError(f"log: expected a file path, got {args.shown(path)}")
     return os.fspath(path)

@@ -16,7 +16,7 @@ import numbers
 from .. import args
 from .protocol import Method, Protocol
 
-__all__ = ["Record", "outcome", "parse"]
+__all__ = ["Record", "outcome", "check_keys", "parse"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,12 +68,19 @@ def outcome(protocol: Protocol, method: Method, seed: int, returned) -> Record:
     return Record(method, seed, _metrics(f"run({method.name!r}, seed={seed})", returned, protocol, strings=False))
 
 
+def check_keys(where: str, d) -> None:
+    """ValueError unless ``d`` is a dict with rule, seed, metrics, and weight when rule is None."""
+    if not isinstance(d, dict) or not {"rule", "seed", "metrics"} <= set(d) or (d["rule"] is None and "weight" not in d):
+        raise ValueError(f"{where}: expected a dict with the keys rule, seed, metrics (and weight when rule is None), "
+                         f"got {args.shown(d)}")
+
+
 def parse(where: str, d, protocol: Protocol) -> Record:
-    """A record from its dict form ({"rule", "weight", "seed", "metrics"}; "method" and "status", if
-    present, are the log's own and recomputed). ``where`` names it in errors (e.g. ``records[3]``)."""
-    if not isinstance(d, dict) or not {"rule", "weight", "seed", "metrics"} <= set(d):
-        raise ValueError(f"{where}: expected a dict with the keys rule, weight, seed, metrics, got {args.shown(d)}")
-    rule, weight, seed = d["rule"], d["weight"], d["seed"]
+    """A record from its dict form ({"rule", "weight", "seed", "metrics"}; "weight" may be left out of
+    a rule's run; "method" and "status", if present, are the log's own and recomputed). ``where``
+    names it in errors (e.g. ``records[3]``)."""
+    check_keys(where, d)
+    rule, weight, seed = d["rule"], d.get("weight"), d["seed"]
     if rule is None:
         w = args.positive(f"{where}.weight", weight)
         if w not in protocol.weights:

@@ -13,7 +13,7 @@ from .. import args
 from . import log
 from .compare import finished, power, vs_curve, vs_vanilla
 from .protocol import Protocol
-from .records import Record, parse
+from .records import Record, check_keys, parse
 from .report import report_lines
 
 __all__ = ["Result"]
@@ -52,8 +52,8 @@ class Result:
 
     @classmethod
     def from_records(cls, records, *, higher_is_better=(), lower_is_better=()) -> Result:
-        """The result of runs collected elsewhere: dicts ``{"rule": name or None, "weight": w (None for
-        a rule), "seed": int, "metrics": {"text": ..., "image": ..., extras}}`` (the log's lines).
+        """The result of runs collected elsewhere: dicts ``{"rule": name or None, "weight": w (None or
+        left out for a rule), "seed": int, "metrics": {"text": ..., "image": ..., extras}}`` (the log's lines).
 
         The protocol is read off the records (the rules in order of appearance, the weights, the
         seeds); ``higher_is_better`` / ``lower_is_better`` declare the extra metrics, as for
@@ -64,8 +64,7 @@ class Result:
         records = list(records)
         rules, weights, seeds = [], [], []
         for i, d in enumerate(records):
-            if not isinstance(d, dict) or not {"rule", "weight", "seed", "metrics"} <= set(d):
-                raise ValueError(f"records[{i}]: expected a dict with the keys rule, weight, seed, metrics, got {args.shown(d)}")
+            check_keys(f"records[{i}]", d)
             if d["rule"] is None:
                 weights.append(args.positive(f"records[{i}].weight", d["weight"]))
             elif d["rule"] not in rules:

@@ -37,7 +37,7 @@ class Study:
                  lower_is_better=()):
         self.protocol = Protocol.build(rules, weights, seeds, higher_is_better, lower_is_better, known_rules=METHODS)
         if log is not None:
-            _log._path(log)  # refuse a non-path now, before any run
+            _log.path_of(log)  # refuse a non-path now, before any run
         self.log = log
 
     def run(self, run, *, verbose: bool = False) -> Result:

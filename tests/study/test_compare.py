@@ -76,7 +76,7 @@ def test_curve_distance_outside_every_seed_has_no_verdict():
 def test_power_line_detects_and_does_not():
     res = Result.from_records(_curve() + [_rec("upgrad", None, s, 1.0, 2.0) for s in (0, 1, 2)])
     assert res.power["detects"] is True and res.power["weight"] == 2.0
-    assert res.report().splitlines()[1].startswith("Power: w=2 minus w=1 (vanilla), paired image -0.400 [")
+    assert res.report().splitlines()[0].startswith("Power: w=2 minus w=1 (vanilla), paired image -0.400 [")
     noisy = [_rec(None, 1, s, 1.0, 2.0) for s in (0, 1, 2)] + [_rec(None, 2, s, 1.0, 2.0 + d) for s, d in
                                                               zip((0, 1, 2), (-0.3, 0.2, 0.05))]
     res = Result.from_records(noisy + [_rec("upgrad", None, s, 1.0, 2.0) for s in (0, 1, 2)])

@@ -19,8 +19,8 @@ def test_the_example_study_runs_and_reports(tmp_path):
     result = _example().main(seeds=2, steps=3, weights=(1, 2), log=str(log))
     assert not result.missing and not [r for r in result.records if r.failure]
     lines = result.report().splitlines()
-    assert lines[0].startswith("Study: pareto_lora against the reweighting curve") and "6 of 6 runs finished" in lines[0]
-    assert lines[1].startswith("Power: w=2 minus w=1 (vanilla), paired image")
+    assert lines[0].startswith("Power: w=2 minus w=1 (vanilla), paired image")
+    assert lines[1].startswith("Study: pareto_lora against the reweighting curve") and "6 of 6 runs finished" in lines[1]
     assert "pareto_lora:" in lines and any(s.startswith("  vs reweighting curve at equal text") for s in lines)
     assert len(log.read_text().splitlines()) == 1 + 6
     # the same seeds give the same runs: rerunning into a new log reproduces every number (pairing needs it)

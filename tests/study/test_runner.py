@@ -44,7 +44,7 @@ def test_runs_seed_by_seed_and_logs_each_run(tmp_path):
     lines = log.read_text().splitlines()
     assert json.loads(lines[0])["protocol"]["weights"] == [1.0, 2.0, 4.0] and len(lines) == 1 + 12
     assert Result.from_log(log).as_dict() == res.as_dict()
-    assert res.report().splitlines()[1].startswith("Power: w=2 minus w=1")
+    assert res.report().splitlines()[0].startswith("Power: w=2 minus w=1")
     assert _study(None).run(fake_run).as_dict() == res.as_dict()  # no log: the same result
 
 

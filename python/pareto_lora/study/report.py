@@ -68,7 +68,7 @@ def _vs_curve(c: dict | None, at: str, n_weights: int) -> str:
 
 
 def report_lines(protocol, records, missing, done, power: dict, comparisons: dict) -> list[str]:
-    lines = [_header(protocol, records, missing), power["line"]]
+    lines = [power["line"], _header(protocol, records, missing)]  # the power line first: it says what the rest can mean
     if len(protocol.seeds) < 2:
         lines.append("One seed: there are no intervals, so every comparison below reads 'no detectable difference'.")
     failed = [r for r in records if r.failure is not None]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from .frontier import distance_to_curve
 from .protocol import Method, Protocol
-from .records import Record
 from .stats import Interval, paired_interval, word
 
 __all__ = ["finished", "vs_vanilla", "vs_curve", "power_weight", "power"]

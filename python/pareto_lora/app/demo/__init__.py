@@ -7,7 +7,8 @@ then LoRA-fine-tuned on another world once per method and seed: the brackets tex
 image-only, the reweighting curve ``L_text + w*L_image``, the kernel rules and MIMO, GradNorm,
 CoMMIT (methods.py). Held-out losses are reported as excess over the world's exact entropy floors
 (floors.py) with image cell accuracy; each method is placed against the reweighting curve at
-equal text excess with paired 95% intervals (report.py, verdict.py, stats.py, frontier.py).
+equal text excess with paired 95% intervals (report.py, verdict.py; the statistics: pareto_lora.study's
+stats.py and frontier.py, which users run on their own data).
 ``--optimizer sgd`` runs the study under plain SGD with the learning rate tuned per method
 (sgd.py); ``--arch chameleon`` swaps the Llama for a small random Chameleon (model.py);
 ``--base-per-seed`` starts fine-tuning seed s from a base pre-trained with seed s (experiment.py).

@@ -1,7 +1,7 @@
 """What every study writes and prints once its runs exist: table, verdict, figures, results.json.
 
 Shared by the AdamW study (``pareto-lora demo``) and the SGD study (sgd.py), so both report with
-the same paired intervals (stats.py), verdict words (verdict.py) and figures.
+the same paired intervals (pareto_lora.study.stats), verdict words (verdict.py) and figures.
 """
 
 from __future__ import annotations

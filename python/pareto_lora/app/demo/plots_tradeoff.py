@@ -7,7 +7,7 @@ import numpy as np
 
 from .methods import frontier_weight
 from .report import BRACKETS
-from .stats import paired_interval
+from ...study.stats import paired_interval
 
 __all__ = ["plot_tradeoff", "plot_paired", "write_all"]
 

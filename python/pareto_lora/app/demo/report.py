@@ -2,7 +2,7 @@
 
 Everything is in *excess* loss (held-out loss minus the exact floor of floors.py, 0 = learned)
 and image cell accuracy; raw losses are kept in the JSON. Comparisons are paired by seed (same
-data and LoRA init) and carry 95% t-intervals (stats.py).
+data and LoRA init) and carry 95% t-intervals (pareto_lora.study.stats).
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import math
 import statistics
 
 from ...training.diagnostics import case_fractions
-from .frontier import distance_to_curve
+from ...study.frontier import distance_to_curve
 from .methods import frontier_weight
-from .stats import paired_interval, word
+from ...study.stats import paired_interval, word
 
 __all__ = ["summarize", "compare", "format_table", "results_document", "write_json", "BASELINE", "BRACKETS", "METRICS"]
 

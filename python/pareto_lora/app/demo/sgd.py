@@ -85,7 +85,7 @@ def format_tuning(tuning: dict[str, dict]) -> str:
 
 def contrast_lines(summary: dict, pairs=CONTRASTS) -> list[str]:
     """'a vs b' per pair run on common seeds: paired text / image excess differences, 95% intervals, words."""
-    from .stats import paired_interval, word
+    from ...study.stats import paired_interval, word
 
     lines = []
     for a, b in pairs:

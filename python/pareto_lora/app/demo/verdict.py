@@ -12,7 +12,7 @@ import math
 
 from .methods import frontier_weight
 from .report import BASELINE, BRACKETS
-from .stats import paired_interval, word
+from ...study.stats import paired_interval, word
 
 __all__ = ["verdict", "brackets_apart", "power", "POWER_RULE"]
 

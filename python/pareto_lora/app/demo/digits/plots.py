@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..methods import frontier_weight
-from ..stats import paired_interval
+from ....study.stats import paired_interval
 from .experiment import LONG
 from .report import BRACKETS
 

@@ -1,8 +1,8 @@
 """Numbers out of the digits world's runs: summary, paired comparisons, the table and the verdict.
 
 No exact floors exist for real digits, so metrics are raw held-out losses and accuracies. Every
-comparison is paired by seed with a 95% t-interval (stats.py) and the verdict words come from the
-interval only. Three distances to the reweighting curve (frontier.py, per seed, then an interval):
+comparison is paired by seed with a 95% t-interval (pareto_lora.study.stats) and the verdict words come from the
+interval only. Three distances to the reweighting curve (pareto_lora.study.frontier, per seed, then an interval):
 
 * ``image_at_text``: image loss minus the curve's at the method's text loss (< 0 = below = better);
 * ``gen_at_text``: generation accuracy (temperature-sampled) minus the curve's at equal text loss
@@ -19,10 +19,10 @@ import math
 import statistics
 
 from ....training.diagnostics import case_fractions
-from ..frontier import distance_to_curve
+from ....study.frontier import distance_to_curve
 from ..methods import frontier_weight
 from ..report import BASELINE, BRACKETS
-from ..stats import paired_interval, word
+from ....study.stats import paired_interval, word
 
 __all__ = ["METRICS", "HIGHER_IS_BETTER", "DISTANCES", "summarize", "compare", "format_table", "verdict",
            "ratio_values", "BASELINE", "BRACKETS"]

@@ -1,4 +1,4 @@
-"""Paired statistics for the demo's verdicts: mean paired difference with a 95% t-interval.
+"""Paired statistics for the verdicts (the demo, pareto_lora.study): mean paired difference, 95% t-interval.
 
 The verdict words come only from the interval: "better" / "worse" when it excludes 0, otherwise
 "no detectable difference" -- never from point estimates, which flip at noise level with a

@@ -1,10 +1,10 @@
-"""The demo's paired statistics: t quantiles, intervals and the verdict words."""
+"""The paired statistics (the demo and pareto_lora.study): t quantiles, intervals and the verdict words."""
 
 import math
 
 import pytest
 
-from pareto_lora.app.demo import stats
+from pareto_lora.study import stats
 
 
 def test_t_quantiles_match_tables_and_approach_the_normal():

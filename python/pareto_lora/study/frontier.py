@@ -1,6 +1,7 @@
-"""The reweighting frontier: where a rule lands against ``L_text + w*L_image`` at equal text excess.
+"""The reweighting frontier: where a rule lands against ``L_text + w*L_image`` at equal text metric.
 
-For one seed, the fixed-weight runs (w = 1, 2, 3, ...) are points (text excess, image excess);
+For one seed, the fixed-weight runs (w = 1, 2, 3, ...) are points (text excess, image excess) (the
+demo; :mod:`pareto_lora.study`: the user's text and image metrics, and also the swapped axes);
 joined in order of text excess they form the curve a practitioner gets for free by tuning one
 scalar. A rule's paired distance is its image excess minus the curve's image excess at the
 rule's text excess (linear interpolation; beyond the curve's ends the end segment is extended

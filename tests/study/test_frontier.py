@@ -2,7 +2,7 @@
 
 import pytest
 
-from pareto_lora.app.demo.frontier import curve_at, distance_to_curve
+from pareto_lora.study.frontier import curve_at, distance_to_curve
 
 CURVE = [(0.3, 1.0), (0.1, 2.0), (0.2, 1.5)]  # unsorted on purpose: (text excess, image excess)
 

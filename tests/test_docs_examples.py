@@ -92,6 +92,22 @@ def _three_losses(ns: dict) -> dict:
     return ns
 
 
+def _study_log(ns: dict) -> dict:
+    """A finished study's log in the working directory, and records collected elsewhere."""
+    from pareto_lora.study import Study
+
+    def run(method, seed):
+        w = method.weight or 3.0
+        return {"text": 1.0 + 0.01 * w + 0.003 * seed, "image": 2.0 - 0.05 * w + 0.002 * seed * seed}
+
+    Study(rules=["pareto_lora"], weights=(1, 2, 4), seeds=range(3), log="study.jsonl").run(run)
+    ns["records"] = [{"rule": rule, "weight": w, "seed": seed,
+                      "metrics": {"text": 1.3 + 0.01 * seed + 0.02 * k, "image": 2.1 - 0.03 * k + 0.001 * seed,
+                                  "gen_accuracy": 0.5 + 0.01 * k + 0.002 * seed}}
+                     for seed in range(3) for k, (rule, w) in enumerate([(None, 1), (None, 2), ("pareto_lora", None)])]
+    return ns
+
+
 SETUPS = {  # (page, block) -> the reader's names
     ("getting_started.md", 0): lambda ns: ns.update(
         g_text=(p := _flat_pair({}))["grads"][0], g_image=p["grads"][1], offsets=p["offsets"]) or ns,
@@ -106,6 +122,10 @@ SETUPS = {  # (page, block) -> the reader's names
     ("objectives.md", 1): lambda ns: _flat_pair(ns, 3),
     ("objectives.md", 2): _deeper_chameleon,
     ("rules.md", 0): _three_losses,
+    # the reader's run(): its body is theirs ("..."); the metrics it returns stand in here
+    ("your_data.md", 0): lambda ns: ns.update(text_val_loss=1.25, image_val_loss=2.5) or ns,
+    ("your_data.md", 1): lambda ns: ns.update(Study=__import__("pareto_lora.study", fromlist=["Study"]).Study) or ns,
+    ("your_data.md", 2): _study_log,
 }
 IMPORTS = "import pareto_lora\nimport torch\nfrom peft import LoraConfig, get_peft_model\n"  # what earlier blocks of a page import
 
@@ -118,7 +138,8 @@ def test_every_block_has_a_setup():
 
 
 @pytest.mark.parametrize("page, index", sorted(SETUPS))
-def test_block_runs(page, index, monkeypatch):
+def test_block_runs(page, index, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # a block may write files (a study's log)
     ns: dict = {}
     ns["optimizer"] = opt = LazyOptimizer(ns)
     SETUPS[page, index](ns)

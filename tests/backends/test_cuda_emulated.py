@@ -1,0 +1,280 @@
+"""The CUDA kernels (csrc/cuda) run on the CPU by the emulation of tools/cuda_emu/, on every machine.
+
+The real kernel headers are compiled by g++ through a CUDA shim; each block is an OS thread, its
+256 threads fibers, so the persistent ticket loop, the cross-block counters, the fused plan's
+ready flags, the one-pass tiles and the group epilogue in the last block out really run. The
+checks are those test_cuda.py / test_multi_kernels.py make on a GPU (as far as they concern the
+kernels): statistics against the float64 reference, the rule on the kernel's own statistics, the
+combine to a few units of rounding, the same bits for every plan and grid size, counters back at
+zero after every launch. What the emulation cannot show (weak memory ordering, lock-step warps):
+docs/cuda.md.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+import pareto_lora
+from pareto_lora import Case, RuleSpec
+from pareto_lora import reference as ref
+from pareto_lora.multi import reference as R
+from test_cuda import assert_combined, assert_stats_close, check_against_reference, make_pair, offsets_from_sizes, random_sizes
+from test_multi_kernels import OFFSETS, _combine_bound, _gram_bound, _grads
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+# (plan, one-pass tiles), as test_cuda.PLANS
+PLANS = (("fused", True), ("two_pass", True), ("fused", False), ("two_pass", False))
+FIELDS = ("out", "stats", "coeffs", "cases")
+
+
+def _load_emu():
+    spec = importlib.util.spec_from_file_location("cuda_emu_emu", os.path.join(ROOT, "tools", "cuda_emu", "emu.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+EMU = _load_emu()
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    if EMU.compiler() is None:
+        pytest.skip("no C++ compiler (g++) on PATH to build the CUDA emulation")
+    return EMU.Emulator(EMU.build(str(tmp_path_factory.mktemp("cuda_emu"))))
+
+
+def _result(t):
+    return pareto_lora.IntegrationResult(*t[:4], group_stats=t[4])
+
+
+def _assert_counters_zero(emu):
+    assert not bool(emu.workspace.any()), "workspace counters not reset by the launch"
+
+
+def _layouts(dtype, tile):
+    """Segment layouts: one segment of several tiles (and a partial one), many tiny segments with
+    empty ones, LoRA-like mixed sizes (one-tile segments, exact tile multiples, empties)."""
+    return {
+        "one_large": [3 * tile + 77],
+        "tiny": random_sizes(90, 40, seed=1),
+        "lora": [0, 4096, 16, tile, 1, 2 * tile, 0, 3000, tile + 1, 7, 0],
+    }
+
+
+# ---- the emulation itself ----------------------------------------------------------------------------
+def test_the_emulation_computes_shuffles_and_barriers_and_reports_broken_kernels(emu):
+    assert emu.selftest(0) == (0, "")  # warp shuffle tree, out-of-warp lanes, shared memory + barrier
+    assert emu.selftest(4) == (0, "")  # a cross-block flag handoff between two concurrent blocks
+    rc, msg = emu.selftest(1)
+    assert rc == 1 and "__syncthreads reached by part of the block" in msg
+    rc, msg = emu.selftest(2)
+    assert rc == 1 and "__syncthreads mismatch" in msg
+    rc, msg = emu.selftest(3)
+    assert rc == 1 and "WARP_SHFL_DOWN mismatch" in msg
+    rc, msg = emu.selftest(5, timeout_s=0.5)  # a flag never raised: the deadline, not a hang
+    assert rc == 1 and "deadline" in msg
+
+
+# ---- integrate: every plan, grid size and layout -----------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["one_large", "tiny", "lora"])
+def test_every_plan_and_grid_size_gives_the_same_bits(emu, dtype, layout):
+    offsets = offsets_from_sizes(_layouts(dtype, emu.tile_elems(dtype))[layout])
+    a, b = make_pair(offsets, dtype, seed=3, device="cpu")
+    first = None
+    for plan, one_pass in PLANS:
+        for blocks in (1, 2, 4) if (plan, one_pass) != PLANS[0] else (4, 3):
+            res = _result(emu.integrate(a, b, offsets, RuleSpec("pareto_lora"), plan=plan, one_pass=one_pass,
+                                        max_blocks=blocks))
+            _assert_counters_zero(emu)
+            if first is None:
+                first = res
+                check_against_reference(res, a, b, offsets, "pareto_lora")
+                continue
+            for f in FIELDS:
+                assert torch.equal(getattr(res, f), getattr(first, f)), (plan, one_pass, blocks, f)
+    # segment_stats runs the same reduce tiles (test_cuda.test_every_plan_agrees_bitwise)
+    assert torch.equal(emu.segment_stats(a, b, offsets, max_blocks=2), first.stats)
+    _assert_counters_zero(emu)
+
+
+@pytest.mark.parametrize("rule", ["sum", "pareto_lora", "mgda", "mmpareto", "upgrad", "cagrad"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_rules_with_active_match_the_reference(emu, rule, dtype):
+    offsets = offsets_from_sizes(random_sizes(60, 20_000, seed=2))
+    a, b = make_pair(offsets, dtype, seed=2, device="cpu")
+    g = offsets.numel() - 1
+    active = torch.rand(g, generator=torch.Generator().manual_seed(2)) > 0.3
+    spec = RuleSpec(rule, tau=0.7, gamma=1.3)
+    results = []
+    for plan, on_host in (("fused", True), ("two_pass", False)):
+        res = _result(emu.integrate(a, b, offsets, spec, active=active, active_on_host=on_host, plan=plan, max_blocks=3))
+        _assert_counters_zero(emu)
+        check_against_reference(res, a, b, offsets, rule, tau=0.7, gamma=1.3, active=active)
+        assert bool((res.cases[~active] == int(Case.INACTIVE)).all())
+        results.append(res)
+    for f in FIELDS:
+        assert torch.equal(getattr(results[0], f), getattr(results[1], f)), f
+    # the CPU op decides the same cases (its statistics differ from the tiles' in the last bits only)
+    cpu = pareto_lora.integrate(a, b, offsets, rule=rule, tau=0.7, gamma=1.3, active=active, backend="cpp")
+    assert (cpu.cases == results[0].cases).float().mean() > 0.95
+
+
+def test_every_rule_case_shows_up_and_matches(emu):
+    offsets = offsets_from_sizes(random_sizes(400, 3000, seed=1))
+    a, b = make_pair(offsets, torch.float32, seed=1, device="cpu")
+    res = _result(emu.integrate(a, b, offsets, RuleSpec("pareto_lora"), max_blocks=4))
+    check_against_reference(res, a, b, offsets, "pareto_lora")
+    counts = torch.bincount(res.cases.long(), minlength=7)
+    for case in (Case.SUMMED, Case.RESCALED, Case.PARETO, Case.DEGENERATE):
+        assert counts[int(case)] > 0, f"test data never hit case {case!r}"
+
+
+@pytest.mark.parametrize("plan", ["fused", "two_pass"])
+def test_misaligned_views_take_the_scalar_head_and_tail(emu, plan):
+    offsets = offsets_from_sizes([0, 5000, 3, 9000, 17, 0, 20000])
+    n = int(offsets[-1])
+    a0, b0 = make_pair(offsets_from_sizes([n + 3]), torch.float32, seed=8, device="cpu")
+    for sa, sb, so in [(1, 1, 1), (0, 1, 0), (1, 0, 2), (3, 3, 0), (2, 2, 2)]:
+        a, b = a0[sa : sa + n], b0[sb : sb + n]
+        out = torch.full((n + 3,), 7.0)[so : so + n]
+        res = _result(emu.integrate(a, b, offsets, RuleSpec("pareto_only"), out=out, plan=plan, max_blocks=2))
+        _assert_counters_zero(emu)
+        check_against_reference(res, a, b, offsets, "pareto_only")
+
+
+@pytest.mark.parametrize("target", ["a", "b"])
+@pytest.mark.parametrize("plan", ["fused", "two_pass"])
+def test_out_aliasing_a_or_b(emu, target, plan):
+    offsets = offsets_from_sizes(random_sizes(40, 30_000, seed=7))
+    a, b = make_pair(offsets, torch.float32, seed=7, device="cpu")
+    expected = _result(emu.integrate(a, b, offsets, RuleSpec("pareto_lora"), plan=plan, max_blocks=3))
+    a2, b2 = a.clone(), b.clone()
+    out = a2 if target == "a" else b2
+    res = _result(emu.integrate(a2, b2, offsets, RuleSpec("pareto_lora"), out=out, plan=plan, max_blocks=3))
+    assert torch.equal(out, expected.out) and torch.equal(res.stats, expected.stats)
+
+
+def test_empty_segments_and_empty_buffers(emu):
+    e = torch.empty(0)
+    out, st, co, ca, _ = emu.integrate(e, e.clone(), torch.tensor([0]), RuleSpec())
+    assert st.shape == (0, 3) and co.shape == (0, 2) and ca.shape == (0,)
+    out, st, co, ca, _ = emu.integrate(e, e.clone(), torch.tensor([0, 0, 0, 0]), RuleSpec("mgda"))
+    assert torch.equal(st, torch.zeros(3, 3)) and bool((ca == int(Case.DEGENERATE)).all())
+    _assert_counters_zero(emu)
+    offsets = torch.tensor([0, 0, 5, 5, 6, 6])
+    a, b = make_pair(offsets, torch.float32, seed=10, device="cpu")
+    for plan, one_pass in PLANS:
+        res = _result(emu.integrate(a, b, offsets, RuleSpec(), plan=plan, one_pass=one_pass))
+        check_against_reference(res, a, b, offsets, "pareto_lora")
+        _assert_counters_zero(emu)
+
+
+def test_repeated_launches_reuse_the_self_resetting_counters(emu):
+    """One workspace, zeroed once and grown by doubling (ops_cuda.cu workspace()), many launches."""
+    for i, g in enumerate([3, 200, 1, 500, 40, 200]):
+        offsets = offsets_from_sizes(random_sizes(g, 3000, seed=20 + i))
+        a, b = make_pair(offsets, torch.float32, seed=20 + i, device="cpu")
+        res = _result(emu.integrate(a, b, offsets, RuleSpec("pareto_lora"), plan=("fused", "two_pass")[i % 2],
+                                    one_pass=i % 3 != 0, max_blocks=1 + i % 4))
+        _assert_counters_zero(emu)
+        check_against_reference(res, a, b, offsets, "pareto_lora")
+
+
+def test_run_to_run_bitwise(emu):
+    offsets = offsets_from_sizes(random_sizes(100, 30_000, seed=5))
+    a, b = make_pair(offsets, torch.bfloat16, seed=5, device="cpu")
+    first = _result(emu.integrate(a, b, offsets, RuleSpec("mmpareto"), max_blocks=4))
+    for _ in range(2):
+        again = _result(emu.integrate(a, b, offsets, RuleSpec("mmpareto"), max_blocks=4))
+        for f in FIELDS:
+            assert torch.equal(getattr(first, f), getattr(again, f)), f
+
+
+# ---- the separate ops ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_separate_ops_match_the_reference(emu, dtype):
+    offsets = offsets_from_sizes(random_sizes(50, 30_000, seed=11))
+    a, b = make_pair(offsets, dtype, seed=11, device="cpu")
+    stats = emu.segment_stats(a, b, offsets, max_blocks=3)
+    assert_stats_close(stats, ref.segment_stats(a, b, offsets), dtype)
+    active = torch.arange(50) % 7 != 0
+    for st in (stats, stats.float()):
+        for act in (None, active):
+            coeffs, cases = emu.rule_coefficients(st, RuleSpec("mmpareto", tau=0.4, gamma=0.9, symmetric=True), act)
+            want_c, want_k = pareto_lora.rule_coefficients(st, "mmpareto", 0.4, act, 0.9, True, backend="reference")
+            torch.testing.assert_close(cases, want_k.to(torch.int32), rtol=0, atol=0)
+            torch.testing.assert_close(coeffs, want_c.float(), rtol=1e-6, atol=1e-7)
+    for c in (coeffs, coeffs.double()):
+        out = emu.combine(a, b, offsets, c, torch.empty_like(a), max_blocks=2)
+        _assert_counters_zero(emu)
+        assert_combined(out, a, b, offsets, c)
+
+
+# ---- the grouped training step ------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_grouped_step(emu, dtype):
+    sizes = random_sizes(60, 20_000, seed=31)
+    offsets = offsets_from_sizes(sizes)
+    groups = torch.tensor([0, 1, 20, 20, 59, 60])
+    a, b = make_pair(offsets, dtype, seed=31, device="cpu")
+    for blocks in (1, 4):
+        out, st, co, ca, gs = emu.integrate(a, b, offsets, RuleSpec("pareto_lora"), groups=groups, max_blocks=blocks)
+        _assert_counters_zero(emu)
+        assert_stats_close(st, ref.segment_stats(a, b, offsets), dtype)
+        assert torch.equal(gs, ref.group_sums(st, groups))  # the last block out adds rows left to right
+        want_c, want_k = pareto_lora.rule_coefficients(gs, "pareto_lora", backend="reference")
+        assert torch.equal(ca, want_k.to(torch.int32)) and torch.equal(co, want_c.float())
+        seg_c = co[ref.segment_groups(groups, offsets.numel() - 1)]
+        assert torch.equal(out, emu.combine(a, b, offsets, seg_c, torch.empty_like(a)))
+        assert_combined(out, a, b, offsets, seg_c)
+
+
+def test_poison_and_given_stats(emu):
+    offsets = offsets_from_sizes([4096, 100, 0, 70_000, 5])
+    groups = torch.tensor([0, 2, 5])
+    a, b = make_pair(offsets, torch.float32, seed=32, device="cpu")
+    clean = emu.integrate(a, b, offsets, RuleSpec(), groups=groups, poison=torch.tensor(False))
+    torch.testing.assert_close(clean[0], ref.integrate(a, b, offsets, groups=groups).out, rtol=1e-5, atol=1e-5)
+    on = emu.integrate(a, b, offsets, RuleSpec(), groups=groups, poison=torch.tensor(True))
+    _assert_counters_zero(emu)
+    assert bool(on[0].isnan().all()) and bool((on[3] == int(Case.NONFINITE)).all())
+    assert torch.equal(on[2], clean[2]) and torch.equal(on[1], clean[1])
+    # given statistics: group_rule_kernel alone, then the combine; also without groups
+    for grp in (groups, None):
+        given = ref.segment_stats(a, b, offsets) * 1.5
+        out, st, co, ca, gs = emu.integrate(a, b, offsets, RuleSpec("mgda"), groups=grp, stats=given)
+        want = ref.integrate(a, b, offsets, spec=RuleSpec("mgda"), groups=grp, stats=given)
+        assert torch.equal(st, given) and torch.equal(gs, want.group_stats) and torch.equal(ca, want.cases)
+        torch.testing.assert_close(co, want.coeffs, rtol=1e-6, atol=1e-7)
+
+
+# ---- the K-objective kernels (multi_ops.cu) -----------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gram_and_combine_many_for_every_k(emu, dtype):
+    offsets = torch.tensor(OFFSETS)
+    for k in range(2, 9):
+        grads = _grads(k, dtype=dtype, seed=k)
+        got = emu.gram(grads, offsets)
+        want = R.gram(grads, OFFSETS)
+        assert bool(((got - want).abs() <= _gram_bound(grads, OFFSETS, dtype == torch.float64)).all()), k
+        assert bool((got[[0, 2, 5]] == 0).all())
+        for coeff_dtype in (torch.float32, torch.float64):
+            coeffs = torch.randn(len(OFFSETS) - 1, k, generator=torch.Generator().manual_seed(1)).to(coeff_dtype)
+            out = emu.combine_many(grads, offsets, coeffs, torch.empty_like(grads[0]))
+            want_c = R.combine_many_by_ids(grads, R.segment_ids(offsets, grads[0].device), coeffs)
+            assert bool(((out.double() - want_c).abs() <= _combine_bound(grads, coeffs, want_c, dtype)).all()), k
+            inplace = [g.clone() for g in grads]  # into the last buffer: the same bits
+            assert torch.equal(emu.combine_many(inplace, offsets, coeffs, inplace[-1]), out)
+    a, b = _grads(2, dtype=dtype, seed=3)
+    coeffs = torch.randn(len(OFFSETS) - 1, 2, generator=torch.Generator().manual_seed(2))
+    # K = 2 is the two-objective combine, bit for bit (multi_ops.cu's header)
+    assert torch.equal(emu.combine_many([a, b], offsets, coeffs, torch.empty_like(a)),
+                       emu.combine(a, b, offsets, coeffs, torch.empty_like(a)))
+    assert bool((emu.gram([torch.empty(0)] * 3, torch.tensor([0, 0, 0])) == 0).all())

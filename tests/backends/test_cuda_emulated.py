@@ -6,7 +6,7 @@ ready flags, the one-pass tiles and the group epilogue in the last block out rea
 checks are those test_cuda.py / test_multi_kernels.py make on a GPU (as far as they concern the
 kernels): statistics against the float64 reference, the rule on the kernel's own statistics, the
 combine to a few units of rounding, the same bits for every plan and grid size, counters back at
-zero after every launch. What the emulation cannot show (weak memory ordering, lock-step warps):
+zero after every launch; with 32-lane warps and with 64-lane wavefronts. What the emulation cannot show (weak memory ordering, lock-step warps):
 docs/cuda.md.
 """
 
@@ -42,11 +42,15 @@ def _load_emu():
 EMU = _load_emu()
 
 
-@pytest.fixture(scope="module")
-def emu(tmp_path_factory):
+# Warps of 32 lanes (NVIDIA) and 64 (the CDNA wavefronts tools/compile_hip.py compiles for): the
+# shuffle trees and the shared scratch of the block reductions differ.
+@pytest.fixture(scope="module", params=[32, 64], ids=["warp32", "warp64"])
+def emu(request, tmp_path_factory):
     if EMU.compiler() is None:
         pytest.skip("no C++ compiler (g++) on PATH to build the CUDA emulation")
-    return EMU.Emulator(EMU.build(str(tmp_path_factory.mktemp("cuda_emu"))))
+    emu = EMU.Emulator(EMU.build(str(tmp_path_factory.mktemp("cuda_emu")), warp_size=request.param))
+    assert emu.warp_size == request.param
+    return emu
 
 
 def _result(t):

@@ -40,8 +40,9 @@ def _inputs() -> list[str]:
     return sorted(files)
 
 
-def build(build_dir: str) -> str:
-    """Compiles the emulation into build_dir (once per content of its sources); returns the .so."""
+def build(build_dir: str, warp_size: int = 32) -> str:
+    """Compiles the emulation into build_dir (once per content of its sources and warp width: 32 as
+    NVIDIA's, 64 as the CDNA wavefronts tools/compile_hip.py compiles for); returns the .so."""
     cxx = compiler()
     if cxx is None:
         raise FileNotFoundError("no C++ compiler (g++) on PATH")
@@ -49,6 +50,7 @@ def build(build_dir: str) -> str:
 
     torch_dir = os.path.dirname(torch.__file__)
     flags = ["-std=c++17", "-O2", "-fPIC", "-shared", "-pthread", "-Wall", "-Wno-unknown-pragmas",
+             f"-DCUDA_EMU_WARP_SIZE={int(warp_size)}",
              f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
              # the shim first: its ATen/cuda/DeviceUtils.cuh shadows torch's
              f"-I{os.path.join(HERE, 'shim')}", *[f"-I{p}" for p in cpp_extension.include_paths()]]
@@ -114,6 +116,7 @@ class Emulator:
         self.lib.emu_selftest.argtypes = [i32, dbl, buf, i64]
         assert self.lib.emu_num_params() == 9 and self.lib.emu_sizeof_job() == ctypes.sizeof(_Job)
         self.timeout_s = timeout_s
+        self.warp_size = int(self.lib.emu_warp_size())
         self.workspace = torch.zeros(0, dtype=torch.int32)
 
     def tile_elems(self, dtype: torch.dtype) -> int:

@@ -155,6 +155,7 @@ int emu_rule_id(const char* name) {
 }
 
 int emu_num_params() { return kNumParams; }
+int emu_warp_size() { return C10_WARP_SIZE; }
 int64_t emu_tile_elems(int32_t dtype) {
   int64_t t = 0;
   with_dtype(dtype, [&](auto x) {

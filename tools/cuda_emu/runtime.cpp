@@ -120,7 +120,7 @@ struct Warp {
   int line = 0;
   unsigned int delta = 0;
   int width = 0;
-  alignas(16) unsigned char buf[2][32][16];
+  alignas(16) unsigned char buf[2][CUDA_EMU_WARP_SIZE][16];
 };
 
 struct Launch;
@@ -270,7 +270,7 @@ void worker(Launch& l) {
   }
   Block b;
   b.launch = &l;
-  b.warp_size = 32;
+  b.warp_size = CUDA_EMU_WARP_SIZE;
   tls_block = &b;
   while (!l.abort.load()) {
     const unsigned int block = l.next_block.fetch_add(1);
@@ -357,7 +357,8 @@ void atomic_point() {
 }
 
 std::string launch(const LaunchConfig& cfg, const std::function<void()>& body) {
-  if (cfg.grid == 0 || cfg.block_threads == 0 || cfg.block_threads % 32 != 0 || cfg.block_threads > 1024) {
+  if (cfg.grid == 0 || cfg.block_threads == 0 || cfg.block_threads % CUDA_EMU_WARP_SIZE != 0 ||
+      cfg.block_threads > 1024) {
     return "launch: expected grid >= 1 and 32..1024 threads per block in whole warps";
   }
   Launch l;

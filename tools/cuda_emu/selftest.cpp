@@ -18,17 +18,18 @@ struct Result {
 // Per warp: the shuffle tree sums the lane ids; a lane whose source is outside the warp keeps its
 // own value; shared memory and __syncthreads carry the warp sums to thread 0.
 void shuffle_and_barrier(unsigned int* bad) {
+  constexpr unsigned int w = C10_WARP_SIZE;
   __shared__ unsigned int sums[8];
-  const unsigned int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const unsigned int lane = threadIdx.x % w, warp = threadIdx.x / w;
   const unsigned int shifted = WARP_SHFL_DOWN(lane, 20u);
-  if (shifted != (lane + 20 < 32 ? lane + 20 : lane)) atomicAdd(bad, 1u);
+  if (shifted != (lane + 20 < w ? lane + 20 : lane)) atomicAdd(bad, 1u);
   unsigned int x = lane + 100 * warp;
-  for (int o = 16; o > 0; o >>= 1) x += WARP_SHFL_DOWN(x, static_cast<unsigned int>(o));
+  for (unsigned int o = w / 2; o > 0; o >>= 1) x += WARP_SHFL_DOWN(x, o);
   if (lane == 0) sums[warp] = x;
   __syncthreads();
   if (threadIdx.x == 0) {
-    for (unsigned int w = 0; w < blockDim.x / 32; ++w) {
-      if (sums[w] != 496 + 3200 * w) atomicAdd(bad, 1u);
+    for (unsigned int v = 0; v < blockDim.x / w; ++v) {
+      if (sums[v] != w * (w - 1) / 2 + 100 * w * v) atomicAdd(bad, 1u);
     }
   }
 }

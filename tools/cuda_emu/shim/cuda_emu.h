@@ -31,6 +31,16 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+// The warp width the kernels are compiled and run with: 32 (NVIDIA) or 64 (CDNA wavefronts, as
+// tools/compile_hip.py compiles them for gfx90a). torch's non-ROCm headers fix 32; replaced here.
+#ifndef CUDA_EMU_WARP_SIZE
+#define CUDA_EMU_WARP_SIZE 32
+#endif
+#undef C10_WARP_SIZE
+#define C10_WARP_SIZE CUDA_EMU_WARP_SIZE
+#undef C10_WARP_SIZE_LOWER_BOUND
+#define C10_WARP_SIZE_LOWER_BOUND CUDA_EMU_WARP_SIZE
+
 struct uint3 {
   unsigned int x, y, z;
 };

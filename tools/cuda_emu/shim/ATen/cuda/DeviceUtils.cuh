@@ -5,10 +5,6 @@
 
 #include "../../cuda_emu.h"
 
-#ifndef C10_WARP_SIZE
-#define C10_WARP_SIZE 32
-#endif
-
 // Default arguments as torch's; the call site (GCC's __builtin_FILE/LINE at the caller) tells
 // shuffles of different lines apart. Partial masks are not emulated: refused.
 template <typename T>

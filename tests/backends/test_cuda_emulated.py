@@ -6,7 +6,7 @@ ready flags, the one-pass tiles and the group epilogue in the last block out rea
 checks are those test_cuda.py / test_multi_kernels.py make on a GPU (as far as they concern the
 kernels): statistics against the float64 reference, the rule on the kernel's own statistics, the
 combine to a few units of rounding, the same bits for every plan and grid size, counters back at
-zero after every launch; with 32-lane warps and with 64-lane wavefronts. What the emulation cannot show (weak memory ordering, lock-step warps):
+zero after every launch; the checks that concern the block reductions also with 64-lane warps. What the emulation cannot show (weak memory ordering, lock-step warps):
 docs/cuda.md.
 """
 
@@ -42,15 +42,31 @@ def _load_emu():
 EMU = _load_emu()
 
 
-# Warps of 32 lanes (NVIDIA) and 64 (the CDNA wavefronts tools/compile_hip.py compiles for): the
-# shuffle trees and the shared scratch of the block reductions differ.
-@pytest.fixture(scope="module", params=[32, 64], ids=["warp32", "warp64"])
-def emu(request, tmp_path_factory):
+def _emulator(tmp_path_factory, warp_size):
     if EMU.compiler() is None:
         pytest.skip("no C++ compiler (g++) on PATH to build the CUDA emulation")
-    emu = EMU.Emulator(EMU.build(str(tmp_path_factory.mktemp("cuda_emu")), warp_size=request.param))
-    assert emu.warp_size == request.param
+    emu = EMU.Emulator(EMU.build(str(tmp_path_factory.mktemp("cuda_emu")), warp_size=warp_size))
+    assert emu.warp_size == warp_size
     return emu
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    """The emulation with 32-lane warps (NVIDIA)."""
+    return _emulator(tmp_path_factory, 32)
+
+
+@pytest.fixture(scope="module")
+def emu64(tmp_path_factory):
+    """With 64-lane warps: the CDNA wavefronts tools/compile_hip.py compiles for (other shuffle
+    trees, 4 warps per block in the reductions' scratch)."""
+    return _emulator(tmp_path_factory, 64)
+
+
+@pytest.fixture(params=["warp32", "warp64"])
+def any_emu(request):
+    """Both warp widths: the checks that concern the block reductions."""
+    return request.getfixturevalue("emu" if request.param == "warp32" else "emu64")
 
 
 def _result(t):
@@ -72,31 +88,31 @@ def _layouts(dtype, tile):
 
 
 # ---- the emulation itself ----------------------------------------------------------------------------
-def test_the_emulation_computes_shuffles_and_barriers_and_reports_broken_kernels(emu):
-    assert emu.selftest(0) == (0, "")  # warp shuffle tree, out-of-warp lanes, shared memory + barrier
-    assert emu.selftest(4) == (0, "")  # a cross-block flag handoff between two concurrent blocks
-    rc, msg = emu.selftest(1)
+def test_the_emulation_computes_shuffles_and_barriers_and_reports_broken_kernels(any_emu):
+    assert any_emu.selftest(0) == (0, "")  # warp shuffle tree, out-of-warp lanes, shared memory + barrier
+    assert any_emu.selftest(4) == (0, "")  # a cross-block flag handoff between two concurrent blocks
+    rc, msg = any_emu.selftest(1)
     assert rc == 1 and "__syncthreads reached by part of the block" in msg
-    rc, msg = emu.selftest(2)
+    rc, msg = any_emu.selftest(2)
     assert rc == 1 and "__syncthreads mismatch" in msg
-    rc, msg = emu.selftest(3)
+    rc, msg = any_emu.selftest(3)
     assert rc == 1 and "WARP_SHFL_DOWN mismatch" in msg
-    rc, msg = emu.selftest(5, timeout_s=0.5)  # a flag never raised: the deadline, not a hang
+    rc, msg = any_emu.selftest(5, timeout_s=0.5)  # a flag never raised: the deadline, not a hang
     assert rc == 1 and "deadline" in msg
 
 
 # ---- integrate: every plan, grid size and layout -----------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", ["one_large", "tiny", "lora"])
-def test_every_plan_and_grid_size_gives_the_same_bits(emu, dtype, layout):
-    offsets = offsets_from_sizes(_layouts(dtype, emu.tile_elems(dtype))[layout])
+def test_every_plan_and_grid_size_gives_the_same_bits(any_emu, dtype, layout):
+    offsets = offsets_from_sizes(_layouts(dtype, any_emu.tile_elems(dtype))[layout])
     a, b = make_pair(offsets, dtype, seed=3, device="cpu")
     first = None
     for plan, one_pass in PLANS:
         for blocks in (1, 2, 4) if (plan, one_pass) != PLANS[0] else (4, 3):
-            res = _result(emu.integrate(a, b, offsets, RuleSpec("pareto_lora"), plan=plan, one_pass=one_pass,
+            res = _result(any_emu.integrate(a, b, offsets, RuleSpec("pareto_lora"), plan=plan, one_pass=one_pass,
                                         max_blocks=blocks))
-            _assert_counters_zero(emu)
+            _assert_counters_zero(any_emu)
             if first is None:
                 first = res
                 check_against_reference(res, a, b, offsets, "pareto_lora")
@@ -104,8 +120,33 @@ def test_every_plan_and_grid_size_gives_the_same_bits(emu, dtype, layout):
             for f in FIELDS:
                 assert torch.equal(getattr(res, f), getattr(first, f)), (plan, one_pass, blocks, f)
     # segment_stats runs the same reduce tiles (test_cuda.test_every_plan_agrees_bitwise)
-    assert torch.equal(emu.segment_stats(a, b, offsets, max_blocks=2), first.stats)
-    _assert_counters_zero(emu)
+    assert torch.equal(any_emu.segment_stats(a, b, offsets, max_blocks=2), first.stats)
+    _assert_counters_zero(any_emu)
+
+
+@pytest.mark.parametrize("plan", ["fused", "two_pass"])
+def test_shuffled_schedules_and_blocks_that_are_not_co_resident(any_emu, plan):
+    """Fibers in seeded random orders with extra OS yields, and 4 blocks on fewer OS threads (a
+    block starts only when another has exited: schedule.h's forward-progress argument): the same
+    bits, no deadlock, counters at zero."""
+    offsets = offsets_from_sizes(_layouts(torch.float32, any_emu.tile_elems(torch.float32))["lora"] + [5000] * 6)
+    a, b = make_pair(offsets, torch.float32, seed=4, device="cpu")
+    groups = torch.tensor([0, 3, 3, offsets.numel() - 1])
+    spec = RuleSpec("mmpareto")
+    base = _result(any_emu.integrate(a, b, offsets, spec, plan=plan, max_blocks=4))
+    base_g = any_emu.integrate(a, b, offsets, spec, groups=groups, max_blocks=4)
+    try:
+        for seed, workers in ((1, 4), (2, 4), (3, 2), (0, 1), (0, 2)):
+            any_emu.seed = seed
+            res = _result(any_emu.integrate(a, b, offsets, spec, plan=plan, max_blocks=4, workers=workers))
+            _assert_counters_zero(any_emu)
+            for f in FIELDS:
+                assert torch.equal(getattr(res, f), getattr(base, f)), (seed, workers, f)
+            grouped = any_emu.integrate(a, b, offsets, spec, groups=groups, max_blocks=4, workers=workers)
+            _assert_counters_zero(any_emu)
+            assert all(torch.equal(x, y) for x, y in zip(grouped, base_g)), (seed, workers)
+    finally:
+        any_emu.seed = 0
 
 
 @pytest.mark.parametrize("rule", ["sum", "pareto_lora", "mgda", "mmpareto", "upgrad", "cagrad"])
@@ -223,20 +264,20 @@ def test_separate_ops_match_the_reference(emu, dtype):
 
 # ---- the grouped training step ------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_grouped_step(emu, dtype):
+def test_grouped_step(any_emu, dtype):
     sizes = random_sizes(60, 20_000, seed=31)
     offsets = offsets_from_sizes(sizes)
     groups = torch.tensor([0, 1, 20, 20, 59, 60])
     a, b = make_pair(offsets, dtype, seed=31, device="cpu")
     for blocks in (1, 4):
-        out, st, co, ca, gs = emu.integrate(a, b, offsets, RuleSpec("pareto_lora"), groups=groups, max_blocks=blocks)
-        _assert_counters_zero(emu)
+        out, st, co, ca, gs = any_emu.integrate(a, b, offsets, RuleSpec("pareto_lora"), groups=groups, max_blocks=blocks)
+        _assert_counters_zero(any_emu)
         assert_stats_close(st, ref.segment_stats(a, b, offsets), dtype)
         assert torch.equal(gs, ref.group_sums(st, groups))  # the last block out adds rows left to right
         want_c, want_k = pareto_lora.rule_coefficients(gs, "pareto_lora", backend="reference")
         assert torch.equal(ca, want_k.to(torch.int32)) and torch.equal(co, want_c.float())
         seg_c = co[ref.segment_groups(groups, offsets.numel() - 1)]
-        assert torch.equal(out, emu.combine(a, b, offsets, seg_c, torch.empty_like(a)))
+        assert torch.equal(out, any_emu.combine(a, b, offsets, seg_c, torch.empty_like(a)))
         assert_combined(out, a, b, offsets, seg_c)
 
 
@@ -261,24 +302,24 @@ def test_poison_and_given_stats(emu):
 
 # ---- the K-objective kernels (multi_ops.cu) -----------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_gram_and_combine_many_for_every_k(emu, dtype):
+def test_gram_and_combine_many_for_every_k(any_emu, dtype):
     offsets = torch.tensor(OFFSETS)
     for k in range(2, 9):
         grads = _grads(k, dtype=dtype, seed=k)
-        got = emu.gram(grads, offsets)
+        got = any_emu.gram(grads, offsets)
         want = R.gram(grads, OFFSETS)
         assert bool(((got - want).abs() <= _gram_bound(grads, OFFSETS, dtype == torch.float64)).all()), k
         assert bool((got[[0, 2, 5]] == 0).all())
         for coeff_dtype in (torch.float32, torch.float64):
             coeffs = torch.randn(len(OFFSETS) - 1, k, generator=torch.Generator().manual_seed(1)).to(coeff_dtype)
-            out = emu.combine_many(grads, offsets, coeffs, torch.empty_like(grads[0]))
+            out = any_emu.combine_many(grads, offsets, coeffs, torch.empty_like(grads[0]))
             want_c = R.combine_many_by_ids(grads, R.segment_ids(offsets, grads[0].device), coeffs)
             assert bool(((out.double() - want_c).abs() <= _combine_bound(grads, coeffs, want_c, dtype)).all()), k
             inplace = [g.clone() for g in grads]  # into the last buffer: the same bits
-            assert torch.equal(emu.combine_many(inplace, offsets, coeffs, inplace[-1]), out)
+            assert torch.equal(any_emu.combine_many(inplace, offsets, coeffs, inplace[-1]), out)
     a, b = _grads(2, dtype=dtype, seed=3)
     coeffs = torch.randn(len(OFFSETS) - 1, 2, generator=torch.Generator().manual_seed(2))
     # K = 2 is the two-objective combine, bit for bit (multi_ops.cu's header)
-    assert torch.equal(emu.combine_many([a, b], offsets, coeffs, torch.empty_like(a)),
-                       emu.combine(a, b, offsets, coeffs, torch.empty_like(a)))
-    assert bool((emu.gram([torch.empty(0)] * 3, torch.tensor([0, 0, 0])) == 0).all())
+    assert torch.equal(any_emu.combine_many([a, b], offsets, coeffs, torch.empty_like(a)),
+                       any_emu.combine(a, b, offsets, coeffs, torch.empty_like(a)))
+    assert bool((any_emu.gram([torch.empty(0)] * 3, torch.tensor([0, 0, 0])) == 0).all())

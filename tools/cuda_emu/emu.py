@@ -33,7 +33,7 @@ def compiler() -> str | None:
 
 def _inputs() -> list[str]:
     """Every file the library is built from (its cache key)."""
-    files = [os.path.join(HERE, s) for s in SOURCES + ["runtime.h", "emu.py"]]
+    files = [os.path.join(HERE, s) for s in SOURCES + ["runtime.h", "context.h", "emu.py"]]
     for top in (os.path.join(HERE, "shim"), os.path.join(ROOT, "csrc")):
         for d, _, names in os.walk(top):
             files += [os.path.join(d, n) for n in names if n.endswith((".h", ".cuh"))]
@@ -88,7 +88,8 @@ class _Job(ctypes.Structure):
                 ("groups", _P), ("num_groups", ctypes.c_int64), ("poison", _P), ("group_active", _P),
                 ("group_stats", _P), ("group_coeffs", _P), ("group_cases", _P), ("seg_coeffs", _P),
                 ("workspace", _P), ("workspace_words", ctypes.c_int64), ("max_blocks", ctypes.c_int32),
-                ("workers", ctypes.c_int32), ("timeout_s", ctypes.c_double), ("launched", ctypes.c_int32)]
+                ("workers", ctypes.c_int32), ("timeout_s", ctypes.c_double), ("seed", ctypes.c_uint64),
+                ("launched", ctypes.c_int32)]
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -116,6 +117,7 @@ class Emulator:
         self.lib.emu_selftest.argtypes = [i32, dbl, buf, i64]
         assert self.lib.emu_num_params() == 9 and self.lib.emu_sizeof_job() == ctypes.sizeof(_Job)
         self.timeout_s = timeout_s
+        self.seed = 0  # runtime.h LaunchConfig::seed: 0 round robin, else a shuffled schedule
         self.warp_size = int(self.lib.emu_warp_size())
         self.workspace = torch.zeros(0, dtype=torch.int32)
 
@@ -150,6 +152,7 @@ class Emulator:
         self._grow_workspace(j.num_segments)
         j.workspace, j.workspace_words = _ptr(self.workspace), self.workspace.numel()
         j.max_blocks, j.workers, j.timeout_s = max_blocks, workers if workers else max_blocks, self.timeout_s
+        j.seed = self.seed
         return j
 
     def _launch(self, j: _Job) -> bool:

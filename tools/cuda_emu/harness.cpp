@@ -52,6 +52,7 @@ struct EmuJob {
   int64_t workspace_words;
   int32_t max_blocks, workers;
   double timeout_s;
+  uint64_t seed;  // cuda_emu::LaunchConfig::seed
   int32_t launched;  // out: ops_cuda.cu launch()'s result (false: no tiles)
 };
 
@@ -86,6 +87,7 @@ cuda_emu::LaunchConfig config(const EmuJob& j, int64_t grid, int threads) {
   c.block_threads = static_cast<unsigned int>(threads);
   c.workers = static_cast<unsigned int>(j.workers);
   c.timeout_s = j.timeout_s;
+  c.seed = j.seed;
   return c;
 }
 

@@ -19,10 +19,8 @@
 #include <sstream>
 #include <thread>
 
-#if !defined(__x86_64__)
-#include <ucontext.h>
-#endif
 
+#include "context.h"
 #include "runtime.h"  // last: its shim defines CUDA keywords as macros
 
 namespace cuda_emu {
@@ -30,76 +28,6 @@ namespace cuda_emu {
 thread_local const ThreadCtx* tls_ctx = nullptr;
 
 namespace {
-
-// ---- context switch ------------------------------------------------------------------------------
-#if defined(__x86_64__)
-// Saves the callee-saved registers on the current stack, stores its pointer in *from, continues on
-// `to`. SysV ABI: rbx, rbp, r12-r15 are callee-saved (x87/MXCSR control words are never changed).
-extern "C" void cuda_emu_switch(void** from, void* to);
-extern "C" void cuda_emu_trampoline();
-asm(R"(
-.text
-.globl cuda_emu_switch
-.type cuda_emu_switch,@function
-cuda_emu_switch:
-  pushq %rbp
-  pushq %rbx
-  pushq %r12
-  pushq %r13
-  pushq %r14
-  pushq %r15
-  movq %rsp, (%rdi)
-  movq %rsi, %rsp
-  popq %r15
-  popq %r14
-  popq %r13
-  popq %r12
-  popq %rbx
-  popq %rbp
-  ret
-.size cuda_emu_switch, .-cuda_emu_switch
-.globl cuda_emu_trampoline
-.type cuda_emu_trampoline,@function
-cuda_emu_trampoline:
-  movq %r12, %rdi
-  callq *%r13
-  ud2
-.size cuda_emu_trampoline, .-cuda_emu_trampoline
-)");
-
-struct Context {
-  void* sp = nullptr;
-};
-void make_context(Context& c, char* stack_base, std::size_t size, void (*fn)(void*)) {
-  char* top = stack_base + size;
-  auto* sp = reinterpret_cast<void**>(reinterpret_cast<uintptr_t>(top) & ~uintptr_t{15}) - 7;
-  sp[0] = nullptr;                                        // r15
-  sp[1] = nullptr;                                        // r14
-  sp[2] = reinterpret_cast<void*>(fn);                    // r13
-  sp[3] = nullptr;                                        // r12: fn's argument
-  sp[4] = nullptr;                                        // rbx
-  sp[5] = nullptr;                                        // rbp
-  sp[6] = reinterpret_cast<void*>(&cuda_emu_trampoline);  // ret: rsp 16-aligned at the call
-  c.sp = sp;
-}
-void switch_context(Context& from, Context& to) { cuda_emu_switch(&from.sp, to.sp); }
-#else
-// Elsewhere: ucontext (slower: it saves the signal mask with a system call per switch).
-struct Context {
-  ucontext_t uc;
-};
-void (*g_entry)(void*) = nullptr;
-void ucontext_entry() { g_entry(nullptr); }
-void make_context(Context& c, char* stack_base, std::size_t size, void (*fn)(void*)) {
-  g_entry = fn;
-  getcontext(&c.uc);
-  c.uc.uc_stack.ss_sp = stack_base;
-  c.uc.uc_stack.ss_size = size;
-  c.uc.uc_link = nullptr;
-  makecontext(&c.uc, &ucontext_entry, 0);
-}
-void switch_context(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
-#endif
 
 constexpr std::size_t kStackBytes = 128 * 1024;
 
@@ -136,6 +64,16 @@ struct Block {
   Fiber* cur = nullptr;
   Context sched;
   bool aborted = false;
+  uint64_t rng = 0;  // 0: plain round robin; else xorshift state of the shuffled schedule
+
+  // Next pseudo-random number (xorshift64), or 0 in plain round robin.
+  uint64_t next() {
+    if (rng == 0) return 0;
+    rng ^= rng << 13;
+    rng ^= rng >> 7;
+    rng ^= rng << 17;
+    return rng;
+  }
 };
 
 thread_local Block* tls_block = nullptr;
@@ -220,6 +158,7 @@ void run_block(Block& b, unsigned int block, std::vector<char*>& stacks) {
   b.live = n;
   b.sync_arrived = 0;
   b.aborted = false;
+  b.rng = l.cfg.seed == 0 ? 0 : (l.cfg.seed * 0x9E3779B97F4A7C15ull) ^ (block + 1);
   for (int t = 0; t < n; ++t) {
     Fiber& f = b.fibers[static_cast<std::size_t>(t)];
     f.idx = ThreadCtx{{static_cast<unsigned int>(t), 0, 0}, {block, 0, 0}, {l.cfg.block_threads, 1, 1}, {l.cfg.grid, 1, 1}};
@@ -227,9 +166,17 @@ void run_block(Block& b, unsigned int block, std::vector<char*>& stacks) {
     f.lane = t % b.warp_size;
     make_context(f.ctx, stacks[static_cast<std::size_t>(t)], kStackBytes, &fiber_main);
   }
+  int spins = 0;
   while (b.live > 0) {
     bool ran = false, all_spun = true;
-    for (Fiber& f : b.fibers) {
+    // Visit order of this sweep: round robin, or (seeded) from a random start with a random odd
+    // stride, which visits every fiber once when the block size is a power of two.
+    const uint64_t r = b.next();
+    const int start = static_cast<int>(r % static_cast<uint64_t>(n));
+    const bool pow2 = (n & (n - 1)) == 0;
+    const int stride = pow2 ? static_cast<int>((r >> 32) % static_cast<uint64_t>(n)) | 1 : 1;
+    for (int i = 0; i < n; ++i) {
+      Fiber& f = b.fibers[static_cast<std::size_t>((start + i * stride) % n)];
       if (f.state != Fiber::kReady) continue;
       ran = true;
       f.spun = false;
@@ -250,7 +197,11 @@ void run_block(Block& b, unsigned int block, std::vector<char*>& stacks) {
              " still running: a cross-block wait that never ends?)");
       return;
     }
-    if (all_spun) std::this_thread::yield();  // only spin-waits ran: let the other blocks move
+    // Only spin-waits ran: let the other blocks move, and back off (up to 1 ms) while it lasts, so
+    // that waiting blocks do not take the cores from the working ones (CI has two).
+    spins = all_spun ? spins + 1 : 0;
+    if (spins > 0 && spins <= 8) std::this_thread::yield();
+    if (spins > 8) std::this_thread::sleep_for(std::chrono::microseconds(std::min(1000, 10 << std::min(spins - 8, 7))));
   }
 }
 
@@ -353,6 +304,8 @@ void atomic_point() {
   Block* b = tls_block;
   if (b == nullptr || b->cur == nullptr) return;  // host code (no launch running)
   b->cur->spun = true;
+  // Seeded: now and then give the OS thread away too, so that blocks interleave differently.
+  if (b->next() % 8 == 1) std::this_thread::yield();
   yield_to_scheduler();
 }
 

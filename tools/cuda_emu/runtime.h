@@ -10,6 +10,7 @@ struct LaunchConfig {
   unsigned int block_threads = 256;
   unsigned int workers = 4;  // OS threads, each running blocks one after another
   double timeout_s = 20.0;   // the launch fails past this (see runtime.cpp)
+  uint64_t seed = 0;         // 0: fibers round robin; else a seeded shuffled order and extra yields
 };
 
 // "" on success, else what went wrong (deadlock, barrier mismatch, deadline).

@@ -42,6 +42,16 @@ def _load_emu():
 EMU = _load_emu()
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """The emulation runs up to 4 OS threads per launch; torch's own thread pool on top of them
+    oversubscribes CI's 2 cores (the reference's ops then wait on descheduled threads)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _emulator(tmp_path_factory, warp_size):
     if EMU.compiler() is None:
         pytest.skip("no C++ compiler (g++) on PATH to build the CUDA emulation")
@@ -77,6 +87,22 @@ def _assert_counters_zero(emu):
     assert not bool(emu.workspace.any()), "workspace counters not reset by the launch"
 
 
+GUARD = 48  # elements around every buffer: NaN around inputs, a canary around outputs
+
+
+def _guarded(t, fill=float("nan")):
+    """t inside a larger buffer filled with `fill`: a kernel reading out of bounds gets NaN (which
+    the value checks catch), one writing out of bounds changes the fill (_assert_guard)."""
+    buf = torch.full((t.numel() + 2 * GUARD,), fill, dtype=t.dtype)
+    buf[GUARD : GUARD + t.numel()] = t
+    return buf[GUARD : GUARD + t.numel()]
+
+
+def _assert_guard(view, fill=7.0):
+    whole = view.as_strided((view.numel() + 2 * GUARD,), (1,), view.storage_offset() - GUARD)
+    assert bool((whole[:GUARD] == fill).all()) and bool((whole[-GUARD:] == fill).all()), "write out of bounds"
+
+
 def _layouts(dtype, tile):
     """Segment layouts: one segment of several tiles (and a partial one), many tiny segments with
     empty ones, LoRA-like mixed sizes (one-tile segments, exact tile multiples, empties)."""
@@ -106,13 +132,15 @@ def test_the_emulation_computes_shuffles_and_barriers_and_reports_broken_kernels
 @pytest.mark.parametrize("layout", ["one_large", "tiny", "lora"])
 def test_every_plan_and_grid_size_gives_the_same_bits(any_emu, dtype, layout):
     offsets = offsets_from_sizes(_layouts(dtype, any_emu.tile_elems(dtype))[layout])
-    a, b = make_pair(offsets, dtype, seed=3, device="cpu")
+    a, b = (_guarded(x) for x in make_pair(offsets, dtype, seed=3, device="cpu"))
     first = None
     for plan, one_pass in PLANS:
         for blocks in (1, 2, 4) if (plan, one_pass) != PLANS[0] else (4, 3):
-            res = _result(any_emu.integrate(a, b, offsets, RuleSpec("pareto_lora"), plan=plan, one_pass=one_pass,
-                                        max_blocks=blocks))
+            out = _guarded(torch.empty_like(a), 7.0)
+            res = _result(any_emu.integrate(a, b, offsets, RuleSpec("pareto_lora"), out=out, plan=plan,
+                                            one_pass=one_pass, max_blocks=blocks))
             _assert_counters_zero(any_emu)
+            _assert_guard(out)
             if first is None:
                 first = res
                 check_against_reference(res, a, b, offsets, "pareto_lora")
@@ -185,12 +213,15 @@ def test_every_rule_case_shows_up_and_matches(emu):
 def test_misaligned_views_take_the_scalar_head_and_tail(emu, plan):
     offsets = offsets_from_sizes([0, 5000, 3, 9000, 17, 0, 20000])
     n = int(offsets[-1])
-    a0, b0 = make_pair(offsets_from_sizes([n + 3]), torch.float32, seed=8, device="cpu")
+    a0, b0 = (_guarded(x) for x in make_pair(offsets_from_sizes([n + 3]), torch.float32, seed=8, device="cpu"))
     for sa, sb, so in [(1, 1, 1), (0, 1, 0), (1, 0, 2), (3, 3, 0), (2, 2, 2)]:
         a, b = a0[sa : sa + n], b0[sb : sb + n]
-        out = torch.full((n + 3,), 7.0)[so : so + n]
+        base = _guarded(torch.full((n + 3,), 7.0), 7.0)
+        out = base[so : so + n]
         res = _result(emu.integrate(a, b, offsets, RuleSpec("pareto_only"), out=out, plan=plan, max_blocks=2))
         _assert_counters_zero(emu)
+        whole = base.as_strided((n + 3 + 2 * GUARD,), (1,), base.storage_offset() - GUARD)
+        assert bool((whole[: GUARD + so] == 7.0).all()) and bool((whole[GUARD + so + n :] == 7.0).all())
         check_against_reference(res, a, b, offsets, "pareto_only")
 
 
@@ -305,14 +336,15 @@ def test_poison_and_given_stats(emu):
 def test_gram_and_combine_many_for_every_k(any_emu, dtype):
     offsets = torch.tensor(OFFSETS)
     for k in range(2, 9):
-        grads = _grads(k, dtype=dtype, seed=k)
+        grads = [_guarded(g) for g in _grads(k, dtype=dtype, seed=k)]
         got = any_emu.gram(grads, offsets)
         want = R.gram(grads, OFFSETS)
         assert bool(((got - want).abs() <= _gram_bound(grads, OFFSETS, dtype == torch.float64)).all()), k
         assert bool((got[[0, 2, 5]] == 0).all())
-        for coeff_dtype in (torch.float32, torch.float64):
+        for coeff_dtype in (torch.float32, torch.float64) if k in (2, 3, 5, 8) else ():
             coeffs = torch.randn(len(OFFSETS) - 1, k, generator=torch.Generator().manual_seed(1)).to(coeff_dtype)
-            out = any_emu.combine_many(grads, offsets, coeffs, torch.empty_like(grads[0]))
+            out = any_emu.combine_many(grads, offsets, coeffs, _guarded(torch.empty_like(grads[0]), 7.0))
+            _assert_guard(out)
             want_c = R.combine_many_by_ids(grads, R.segment_ids(offsets, grads[0].device), coeffs)
             assert bool(((out.double() - want_c).abs() <= _combine_bound(grads, coeffs, want_c, dtype)).all()), k
             inplace = [g.clone() for g in grads]  # into the last buffer: the same bits

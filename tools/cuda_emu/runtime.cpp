@@ -238,6 +238,12 @@ void worker(Launch& l) {
 void syncthreads(const char* file, int line) {
   Block& b = *tls_block;
   Fiber& f = *b.cur;
+  // Strict, whichever order the fibers run in: a barrier in a block some of whose threads have
+  // exited is a barrier in divergent code (undefined in CUDA), as is an exit while others wait.
+  if (b.live != static_cast<int>(b.fibers.size())) {
+    fail_here(where(f) + ": __syncthreads at " + site(file, line) + " after threads of its block exited " +
+              "(__syncthreads reached by part of the block)");
+  }
   if (b.sync_arrived == 0) {
     b.sync_file = file;
     b.sync_line = line;

@@ -34,8 +34,11 @@ void shuffle_and_barrier(unsigned int* bad) {
   }
 }
 
-void partial_barrier() {
-  if (threadIdx.x < 128) __syncthreads();
+// Divergent barriers; `late`: the threads that skip the barrier exit after the others wait
+// (else before: the report must not depend on the order).
+void partial_barrier(bool late) {
+  const bool waits = late ? threadIdx.x < 128 : threadIdx.x >= 128;
+  if (waits) __syncthreads();
 }
 
 void mismatched_barriers() {
@@ -76,11 +79,12 @@ Result run(int which, double timeout_s) {
   Result r;
   switch (which) {
     case 0: r.emu = cuda_emu::launch(c, [&] { shuffle_and_barrier(&bad); }); break;
-    case 1: r.emu = cuda_emu::launch(c, [] { partial_barrier(); }); break;
+    case 1: r.emu = cuda_emu::launch(c, [] { partial_barrier(true); }); break;
     case 2: r.emu = cuda_emu::launch(c, [] { mismatched_barriers(); }); break;
     case 3: r.emu = cuda_emu::launch(c, [] { mismatched_shuffles(); }); break;
     case 4: r.emu = cuda_emu::launch(c, [&] { flag_handoff(&flag, &value, &bad, true); }); break;
     case 5: r.emu = cuda_emu::launch(c, [&] { flag_handoff(&flag, &value, &bad, false); }); break;
+    case 6: r.emu = cuda_emu::launch(c, [] { partial_barrier(false); }); break;
     default: r.emu = "selftest: no such case";
   }
   if (bad != 0) r.wrong = std::to_string(bad) + " wrong values";

@@ -6,7 +6,8 @@ ready flags, the one-pass tiles and the group epilogue in the last block out rea
 checks are those test_cuda.py / test_multi_kernels.py make on a GPU (as far as they concern the
 kernels): statistics against the float64 reference, the rule on the kernel's own statistics, the
 combine to a few units of rounding, the same bits for every plan and grid size, counters back at
-zero after every launch; the checks that concern the block reductions also with 64-lane warps. What the emulation cannot show (weak memory ordering, lock-step warps):
+zero after every launch; the checks that concern the block reductions also with 64-lane warps.
+What the emulation cannot show (weak memory ordering, lock-step warps, FMA contraction):
 docs/cuda.md.
 """
 

@@ -9,17 +9,11 @@
 #include <string>
 #include <vector>
 
+#include "multi_limits.h"
 #include "op_args.h"
 #include "validate.h"
 
 namespace pareto_lora {
-
-// rules.MAX_OBJECTIVES (python/pareto_lora/rules.py): the kernels keep one accumulator per pair
-// g_i . g_j in registers, so K is bounded at compile time; tests/backends/test_multi_kernels.py
-// checks that the two values agree.
-inline constexpr int kMaxObjectives = 8;
-
-inline constexpr int num_pairs(int k) { return k * (k + 1) / 2; }
 
 // A shape as Python prints tuple(t.shape): "(3, 2)", "(3,)", "()" (the messages quote it so).
 inline std::string py_shape(c10::IntArrayRef sizes) {

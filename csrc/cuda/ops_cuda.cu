@@ -27,6 +27,7 @@
 #include "../op_args.h"
 #include "../rule.h"
 #include "integrate_kernel.cuh"
+#include "launch_plan.h"
 #include "schedule.h"
 
 namespace pareto_lora {
@@ -87,28 +88,20 @@ int resident_blocks(int device) {
 // ---- workspace: counters that each launch leaves at zero ----------------------------------------
 // One per (device, stream): launches on one stream are ordered, so they can share counters;
 // launches on different streams may overlap, so they must not. Zeroed once when (re)allocated.
-constexpr int64_t kCounterHeader = 4;  // ticket (2 words), exited, padding
-
+// The layout: launch_plan.h.
 at::Tensor workspace(const at::Device& device, const c10::cuda::CUDAStream& stream, int64_t num_segments) {
   static std::mutex mu;
   static std::map<std::pair<int, int64_t>, at::Tensor> cache;
   const int64_t needed = std::max<int64_t>(num_segments, 1);
   std::lock_guard<std::mutex> lock(mu);
   at::Tensor& ws = cache[{device.index(), static_cast<int64_t>(stream.id())}];
-  const int64_t capacity = ws.defined() ? (ws.numel() - kCounterHeader) / 3 : 0;
+  const int64_t capacity = ws.defined() ? cuda_launch::counter_capacity(ws.numel()) : 0;
   if (capacity < needed) {
     const int64_t grown = std::max(needed, 2 * capacity);
     // at::zeros runs on the current stream (= `stream`), ahead of the launch that uses it.
-    ws = at::zeros({kCounterHeader + 3 * grown}, at::TensorOptions().dtype(at::kInt).device(device));
+    ws = at::zeros({cuda_launch::counter_words(grown)}, at::TensorOptions().dtype(at::kInt).device(device));
   }
   return ws;
-}
-
-cuda_kernel::Counters counters_of(const at::Tensor& ws) {
-  const int64_t capacity = (ws.numel() - kCounterHeader) / 3;
-  auto* words = reinterpret_cast<unsigned int*>(ws.data_ptr<int32_t>());
-  return cuda_kernel::Counters{reinterpret_cast<unsigned long long*>(words), words + 2, words + kCounterHeader,
-                               words + kCounterHeader + capacity, words + kCounterHeader + 2 * capacity};
 }
 
 // Host vector -> device, through pinned memory and a non-blocking copy: no host sync. The
@@ -121,95 +114,37 @@ at::Tensor upload(const std::vector<int64_t>& words, const at::Device& device) {
 }
 
 // ---- the launch ----------------------------------------------------------------------------------
-struct Job {
-  bool reduce = false;     // compute statistics (phase 1)
-  bool with_rule = false;  // ... and the rule
-  bool apply = false;      // write out (phase 2)
-  bool two_pass = false;
-  bool one_pass = true;  // segments of one tile as one-pass tiles (reduce + apply + rule only)
-  double* stats = nullptr;
-  float* coeffs_out = nullptr;
-  int32_t* cases = nullptr;
-  const float* coeff_f = nullptr;
-  const double* coeff_d = nullptr;
-  const bool* active_device = nullptr;  // active on the GPU ...
-  const bool* active_host = nullptr;    // ... or on the CPU: copied along with the schedule
-  RuleParams rule{Rule::Sum, 0.5, 1.0, false};
-  cuda_kernel::GroupJob group;  // group rules in the last block out (a statistics-only job)
-};
-
-bool same_alignment(std::initializer_list<const void*> ptrs, size_t elem_size) {
-  const uint64_t first = reinterpret_cast<uint64_t>(*ptrs.begin());
-  if (first % elem_size != 0) return false;
-  for (const void* p : ptrs) {
-    if (reinterpret_cast<uint64_t>(p) % 16 != first % 16) return false;
-  }
-  return true;
-}
+// The plan (schedule, Params, launches) is launch_plan.h's, shared with the CPU emulation.
+using cuda_launch::Job;
 
 // Returns false when there was nothing to launch (no tiles).
 template <typename scalar_t>
 bool launch(const at::Tensor& a, const at::Tensor& b, scalar_t* out, const at::Tensor& offsets_cpu, const Job& job) {
-  namespace cs = cuda_schedule;
   const at::Device device = a.device();
   const auto stream = c10::cuda::getCurrentCUDAStream(device.index());
   const int64_t num_segments = offsets_cpu.numel() - 1;
-  const int64_t tile = cuda_kernel::tile_elems<scalar_t>();
-  const bool fused = job.reduce && job.apply && !job.two_pass;
   const int max_blocks = resident_blocks<scalar_t>(device.index());
-
-  // Fused: a segment's apply tiles trail its reduce tiles by about one wave of blocks.
-  const int64_t lag = fused ? max_blocks : std::numeric_limits<int64_t>::max();
-  const bool one_pass = job.one_pass && job.reduce && job.apply && job.with_rule;
-  const int64_t active_words = job.active_host ? cs::ceil_div(num_segments, 8) : 0;
-  cs::HostSchedule h = cs::build_schedule(offsets_cpu.const_data_ptr<int64_t>(), num_segments, tile, job.reduce,
-                                          job.apply, lag, one_pass, active_words);
-  if (job.active_host) {
-    std::memcpy(h.buffer.data() + h.extra_begin, job.active_host, static_cast<size_t>(num_segments));
-  }
+  const cuda_schedule::HostSchedule h =
+      cuda_launch::schedule_for<scalar_t>(job, offsets_cpu.const_data_ptr<int64_t>(), num_segments, max_blocks);
   if (h.num_tickets() == 0) return false;  // G = 0, or an apply-only pass over empty segments
   // Run indices are int32 in the ticket table.
   TORCH_CHECK(h.num_runs < std::numeric_limits<int32_t>::max() &&
                   h.num_tickets() < std::numeric_limits<int32_t>::max(),
               "pareto_lora (CUDA): too many tiles in one call (", h.num_tickets(), ")");
   const at::Tensor sched = upload(h.buffer, device);
-  const int64_t* base = sched.const_data_ptr<int64_t>();
   const at::Tensor ws = workspace(device, stream, num_segments);
-  const at::Tensor partials =
-      at::empty({3 * std::max<int64_t>(h.reduce_tickets, 1)}, a.options().dtype(at::kDouble));
-
-  Params<scalar_t> p;
-  p.a = a.const_data_ptr<scalar_t>();
-  p.b = b.const_data_ptr<scalar_t>();
-  p.out = out;
-  p.sched = h.view(base, tile);
-  p.partials = partials.data_ptr<double>();
-  p.ctr = counters_of(ws);
-  p.stats = job.stats;
-  p.coeffs_out = job.coeffs_out;
-  p.cases = job.cases;
-  p.coeff_f = job.coeff_f;
-  p.coeff_d = job.coeff_d;
-  p.active = job.active_host ? reinterpret_cast<const bool*>(base + h.extra_begin) : job.active_device;
-  p.rule = job.rule;
-  p.with_rule = job.with_rule;
-  p.fused = fused;
-  p.vec_ok = out ? same_alignment({p.a, p.b, out}, sizeof(scalar_t)) : same_alignment({p.a, p.b}, sizeof(scalar_t));
-  p.group = job.group;
-
-  auto run = [&](int64_t begin, int64_t end) {
-    if (end <= begin) return;
-    p.ticket_begin = begin;
-    p.ticket_end = end;
-    const int64_t grid = std::min<int64_t>(end - begin, max_blocks);
-    cuda_kernel::integrate_kernel<scalar_t><<<static_cast<unsigned int>(grid), kThreads, 0, stream.stream()>>>(p);
+  const at::Tensor partials = at::empty({cuda_launch::partial_doubles(h)}, a.options().dtype(at::kDouble));
+  Params<scalar_t> p = cuda_launch::params_for<scalar_t>(
+      job, h, sched.const_data_ptr<int64_t>(), a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(), out,
+      partials.data_ptr<double>(), cuda_launch::counters_of(ws.data_ptr<int32_t>(), ws.numel()));
+  cuda_launch::Launch launches[2];
+  const int n = cuda_launch::launches_for(job, h, max_blocks, launches);
+  for (int i = 0; i < n; ++i) {
+    p.ticket_begin = launches[i].begin;
+    p.ticket_end = launches[i].end;
+    cuda_kernel::integrate_kernel<scalar_t>
+        <<<static_cast<unsigned int>(launches[i].grid), kThreads, 0, stream.stream()>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-  };
-  if (job.reduce && job.apply && !fused) {
-    run(0, h.reduce_tickets);  // build_schedule put every reduce and one-pass tile first
-    run(h.reduce_tickets, h.num_tickets());
-  } else {
-    run(0, h.num_tickets());
   }
   return true;
 }
@@ -289,9 +224,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> integrate_grouped(con
   at::Tensor coeffs = at::empty({g, 2}, opts.dtype(at::kFloat));
   at::Tensor cases = at::empty({g}, opts.dtype(at::kInt));
   at::Tensor seg_coeffs = at::empty({s, 2}, opts.dtype(at::kFloat));
-  std::vector<int64_t> host_groups(static_cast<size_t>(g + 1));
-  for (int64_t i = 0; i <= g; ++i) host_groups[i] = args.groups.defined() ? args.groups_ptr()[i] : i;
-  const at::Tensor groups = upload(host_groups, a.device());
+  const at::Tensor groups =
+      upload(cuda_launch::group_bounds(args.groups.defined() ? args.groups_ptr() : nullptr, g), a.device());
   at::Tensor act = args.active;
   if (act.defined() && act.is_cpu()) act = act.pin_memory().to(a.device(), /*non_blocking=*/true);
   cuda_kernel::GroupJob gj;

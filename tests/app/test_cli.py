@@ -21,13 +21,13 @@ def run_cli(*args, timeout=120):
                           timeout=timeout, env=env)
 
 
-@pytest.mark.parametrize("args", [["--help"], ["demo", "--help"], ["bench", "--help"], ["info", "--help"]])
+@pytest.mark.parametrize("args", [["--help"], ["demo", "--help"], ["study", "--help"], ["bench", "--help"], ["info", "--help"]])
 def test_help_exits_zero_and_names_the_subcommands(args):
     res = run_cli(*args)
     assert res.returncode == 0, res.stderr
     assert "usage: pareto-lora" in res.stdout
     if args == ["--help"]:
-        for sub in ("demo", "bench", "info"):
+        for sub in ("demo", "study", "bench", "info"):
             assert sub in res.stdout
 
 

@@ -1,4 +1,4 @@
-"""The ``pareto-lora`` command (also ``python -m pareto_lora``): demo, bench, info.
+"""The ``pareto-lora`` command (also ``python -m pareto_lora``): demo, study, bench, info.
 """
 
 from __future__ import annotations
@@ -202,6 +202,23 @@ def _cmd_info(args, parser) -> int:
     return 0
 
 
+def _cmd_study(args, parser) -> int:
+    """The report of a study's log (``pareto_lora.study``), finished or not: to read a study that runs,
+    or ran, elsewhere (a cluster job's log) without Python."""
+    import json
+
+    from ..study import Result
+
+    if not os.path.isfile(args.log):
+        parser.error(f"log: expected an existing study log file (JSON lines), got {args.log!r}")
+    try:
+        result = Result.from_log(args.log)
+    except (ValueError, OSError, UnicodeDecodeError) as e:
+        parser.error(str(e) if isinstance(e, ValueError) else f"log: expected a readable study log, got {e}")
+    print(json.dumps(result.as_dict(), allow_nan=False) if args.json else result.report())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ..rules import RULES
 
@@ -209,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pareto-lora",
         description="Modality-balanced gradient integration for LoRA fine-tuning of multimodal models.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="{demo,bench,info}")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,study,bench,info}")
     sub.required = True
 
     demo = sub.add_parser("demo", help="run the modality-imbalance experiment (all rules, several seeds)",
@@ -266,6 +283,13 @@ def build_parser() -> argparse.ArgumentParser:
                            "on disk, else 1); the results do not depend on it")
     demo.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     demo.set_defaults(func=_cmd_demo)
+
+    study = sub.add_parser("study", help="the report of a study's log (pareto_lora.study, docs/your_data.md)",
+                           description="Print the report of a pareto_lora.study log (finished or not): the power line, "
+                                       "each rule against vanilla LoRA and against the reweighting curve.")
+    study.add_argument("log", help="the study's JSON-lines log (Study(..., log=PATH))")
+    study.add_argument("--json", action="store_true", help="print Result.as_dict() as JSON instead of the report")
+    study.set_defaults(func=_cmd_study)
 
     bench = sub.add_parser("bench", help="microbenchmark integrate on every available backend vs plain-torch baselines and the memory floors")
     bench.add_argument("--device", default="cuda" if _cuda_available() else "cpu",

@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import models  # noqa: E402
 import pareto_lora  # noqa: E402
+from _launch import shut_down  # noqa: E402
 from pareto_lora.distributed import sharded_integrate  # noqa: E402
 from pareto_lora.flat import PythonRule  # noqa: E402
 
@@ -314,12 +315,14 @@ def main() -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
     out: dict = {}
+    ok = False
     try:
         sharded_scenario(rank, world, out)
         ddp_scenarios(rank, out)
         fsdp_scenarios(rank, world, out)
+        ok = True
     finally:
-        dist.destroy_process_group()
+        shut_down(ok)
     torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
 
 

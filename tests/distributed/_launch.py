@@ -7,6 +7,21 @@ import sys
 import torch
 
 
+def shut_down(ok: bool) -> None:
+    """End a worker's process group: when every scenario ran (`ok`), the ranks meet first; then what
+    still holds the group (a DDP reducer, gloo work in flight) is collected; then it is destroyed. A
+    rank that tears down while the other still talks to it, or a reducer freed after the group, can
+    abort the process at exit ("terminate called without an active exception": once in CI, under load)."""
+    import gc
+
+    import torch.distributed as dist
+
+    if ok:
+        dist.barrier()
+    gc.collect()
+    dist.destroy_process_group()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

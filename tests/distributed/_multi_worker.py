@@ -25,6 +25,7 @@ sys.path[:0] = [os.path.dirname(HERE), os.path.join(os.path.dirname(HERE), "arch
 import arch_models as am  # noqa: E402
 import models  # noqa: E402
 import pareto_lora  # noqa: E402
+from _launch import shut_down  # noqa: E402
 from pareto_lora import archs  # noqa: E402
 
 NUM_LAYERS = 5
@@ -314,6 +315,7 @@ def main() -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
     out: dict = {}
+    ok = False
     try:
         ddp_scenarios(rank, out)
         janus_scenario(rank, out)
@@ -321,8 +323,9 @@ def main() -> None:
         fsdp_scenarios(rank, world, out)
         options_scenarios(rank, world, out)
         trainer_scenario(out_dir, out)  # the Trainer (accelerate) takes the process group already set up
+        ok = True
     finally:
-        dist.destroy_process_group()
+        shut_down(ok)
     torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
 
 

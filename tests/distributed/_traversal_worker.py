@@ -29,6 +29,7 @@ sys.path[:0] = [HERE, os.path.dirname(HERE)]  # _dist_worker.py, models.py
 
 import _dist_worker as W  # noqa: E402
 import pareto_lora  # noqa: E402
+from _launch import shut_down  # noqa: E402
 from pareto_lora.distributed.traversal import checkpointing_modules  # noqa: E402
 from pareto_lora.training import ParetoLoRA  # noqa: E402
 
@@ -191,12 +192,14 @@ def main(rank: int, world: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
     out = {"local/bitwise": local_bitwise(rank)}
+    ok = False
     try:
         ddp_scenarios(rank, out)
         k_scenarios(rank, out)
         fsdp_scenarios(rank, world, out)
+        ok = True
     finally:
-        dist.destroy_process_group()
+        shut_down(ok)
     torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
 
 

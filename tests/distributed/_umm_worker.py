@@ -23,6 +23,7 @@ sys.path[:0] = [os.path.dirname(HERE), os.path.join(os.path.dirname(HERE), "arch
 import arch_models as am  # noqa: E402
 import models  # noqa: E402
 import pareto_lora  # noqa: E402
+from _launch import shut_down  # noqa: E402
 from pareto_lora import archs  # noqa: E402
 
 NUM_GROUPS = 2
@@ -129,7 +130,7 @@ def main() -> None:
     for name in am.ARCHS:
         fsdp_scenario(f"fsdp/{name}", name, rank, out)
     torch.save(out, os.path.join(sys.argv[1], f"rank{rank}.pt"))
-    torch.distributed.destroy_process_group()
+    shut_down(True)
 
 
 if __name__ == "__main__":

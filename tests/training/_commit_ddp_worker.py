@@ -19,6 +19,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pareto_lora.training.schedulers import CoMMIT
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "distributed"))
+from _launch import shut_down  # noqa: E402
+
 
 class Stacked(nn.Module):
     """logits = llm(tanh(feature(x))): a feature encoder under an LLM head."""
@@ -32,10 +35,8 @@ class Stacked(nn.Module):
         return self.llm(torch.tanh(self.feature(x)))
 
 
-def main(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
-    torch.set_num_threads(1)
+def steps(rank: int) -> dict:
+    """Four CoMMIT steps on this rank's batches (the DDP model is freed when this returns)."""
     model = DDP(Stacked())
     inner = model.module
     opt = torch.optim.SGD([{"params": inner.llm.parameters()}, {"params": inner.feature.parameters()}], lr=0.5)
@@ -52,8 +53,15 @@ def main(rank: int, world: int, port: int, out_dir: str) -> None:
         opt.zero_grad()
         out["lrs"].append([g["lr"] for g in opt.param_groups])
         out["params"].append([p.detach().clone() for p in inner.parameters()])
-    torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    return out
+
+
+def main(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+    torch.set_num_threads(1)
+    torch.save(steps(rank), os.path.join(out_dir, f"rank{rank}.pt"))
+    shut_down(True)
 
 
 if __name__ == "__main__":

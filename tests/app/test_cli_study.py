@@ -9,13 +9,15 @@ from pareto_lora.study import Result, Study
 from test_cli import _usage_error, run_cli
 
 
-def _log(tmp_path, seeds=3):
-    def run(method, seed):
-        w = method.weight or 2.5
-        return {"text": 1.0 + 0.02 * w + 0.004 * seed, "image": 2.0 - 0.1 * w + 0.003 * seed * seed}
+def _run(method, seed):
+    w = method.weight or 2.5
+    return {"text": 1.0 + 0.02 * w + 0.004 * seed, "image": 2.0 - 0.1 * w + 0.003 * seed * seed}
 
-    path = tmp_path / "study.jsonl"
-    Study(rules=["pareto_lora"], weights=(1, 2, 4), seeds=range(seeds), log=str(path)).run(run)
+
+def _log(tmp_path, seeds=3, name="study.jsonl"):
+    path = tmp_path / name
+    Study(rules=["pareto_lora"], weights=(1, 2, 4), seeds=seeds if not isinstance(seeds, int) else range(seeds),
+          log=str(path)).run(_run)
     return path
 
 
@@ -58,3 +60,13 @@ def test_study_usage_errors(tmp_path, content, message):
 
 def test_study_of_a_folder_is_a_usage_error(tmp_path):
     _usage_error(run_cli("study", str(tmp_path)), "log: expected an existing study log file")
+
+
+
+def test_study_of_several_logs_is_their_merged_report(tmp_path):
+    paths = [str(_log(tmp_path, [s], name=f"job{s}.jsonl")) for s in range(3)]
+    res = run_cli("study", *paths)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == Result.from_logs(paths).report().strip() == Result.from_log(
+        str(_log(tmp_path, 3))).report().strip()
+    _usage_error(run_cli("study", paths[0], paths[0]), "w=1 seed 0 is in")

@@ -203,16 +203,17 @@ def _cmd_info(args, parser) -> int:
 
 
 def _cmd_study(args, parser) -> int:
-    """The report of a study's log (``pareto_lora.study``), finished or not: to read a study that runs,
-    or ran, elsewhere (a cluster job's log) without Python."""
+    """The report of a study's log (``pareto_lora.study``), finished or not, or of the logs of one study
+    split by seed over several jobs: to read a study that runs, or ran, elsewhere without Python."""
     import json
 
     from ..study import Result
 
-    if not os.path.isfile(args.log):
-        parser.error(f"log: expected an existing study log file (JSON lines), got {args.log!r}")
+    for path in args.log:
+        if not os.path.isfile(path):
+            parser.error(f"log: expected an existing study log file (JSON lines), got {path!r}")
     try:
-        result = Result.from_log(args.log)
+        result = Result.from_log(args.log[0]) if len(args.log) == 1 else Result.from_logs(args.log)
     except (ValueError, OSError, UnicodeDecodeError) as e:
         parser.error(str(e) if isinstance(e, ValueError) else f"log: expected a readable study log, got {e}")
     print(json.dumps(result.as_dict(), allow_nan=False) if args.json else result.report())
@@ -287,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     study = sub.add_parser("study", help="the report of a study's log (pareto_lora.study, docs/your_data.md)",
                            description="Print the report of a pareto_lora.study log (finished or not): the power line, "
                                        "each rule against vanilla LoRA and against the reweighting curve.")
-    study.add_argument("log", help="the study's JSON-lines log (Study(..., log=PATH))")
+    study.add_argument("log", nargs="+", help="the study's JSON-lines log (Study(..., log=PATH)), or the logs of one "
+                                              "study split by seed over several jobs (Result.from_logs)")
     study.add_argument("--json", action="store_true", help="print Result.as_dict() as JSON instead of the report")
     study.set_defaults(func=_cmd_study)
 

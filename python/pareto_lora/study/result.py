@@ -51,6 +51,39 @@ class Result:
         return cls(protocol, records)
 
     @classmethod
+    def from_logs(cls, paths) -> Result:
+        """One result from the logs of a study split by seed over several jobs (each ran
+        ``Study(..., seeds=<its seeds>, log=<its own file>)``; one log per writer, as a log has one).
+
+        The logs must agree on everything but the seeds (the differences are named); the result's seeds
+        are the union, and a run logged twice is refused, naming both files.
+        """
+        if isinstance(paths, (str, bytes, dict)) or not hasattr(paths, "__iter__"):
+            raise ValueError(f"paths: expected a list of study log paths, got {args.shown(paths)}")
+        paths = list(paths)
+        if not paths:
+            raise ValueError("paths: expected one or more study log paths, got none")
+        read = [(p, *log.read(p)) for p in paths]
+        first_path, first, _ = read[0]
+        seen: dict = {}
+        records = []
+        for path, protocol, recs in read:
+            diff = [d for d in first.differences(protocol) if not d.startswith("seeds:")]
+            if diff:
+                raise ValueError(f"paths: expected logs of one protocol (all but the seeds), but {path!r} differs from "
+                                 f"{first_path!r}: {'; '.join(diff)}")
+            for r in recs:
+                key = (r.method, r.seed)
+                if key in seen:
+                    raise ValueError(f"paths: expected each run in one log; {r.method.name} seed {r.seed} is in "
+                                     f"{seen[key]!r} and {path!r}")
+                seen[key] = path
+                records.append(r)
+        seeds = sorted({s for _, protocol, _ in read for s in protocol.seeds})
+        merged = Protocol.build(first.rules, first.weights, seeds, first.higher_is_better, first.lower_is_better)
+        return cls(merged, records)
+
+    @classmethod
     def from_records(cls, records, *, higher_is_better=(), lower_is_better=()) -> Result:
         """The result of runs collected elsewhere: dicts ``{"rule": name or None, "weight": w (None or
         left out for a rule), "seed": int, "metrics": {"text": ..., "image": ..., extras}}`` (the log's lines).

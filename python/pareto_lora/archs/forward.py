@@ -39,7 +39,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .spec import ArchSpec, inner_module, unwrap
+from .spec import ArchSpec, inner_module, is_fsdp2, unwrap
 
 __all__ = ["backbone_hidden_states", "forward_losses", "module_at", "MODEL_INPUT_KEYS"]
 
@@ -69,18 +69,9 @@ def _last_hidden(out) -> torch.Tensor:
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
-def _fsdp2_root(model: nn.Module) -> bool:
-    """Whether `model` is sharded by FSDP2's ``fully_shard`` (its forward unshards the root's parameters)."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # a torch without FSDP2
-        return False
-    return isinstance(model, FSDPModule)
-
-
 def backbone_hidden_states(model: nn.Module, batch, spec: ArchSpec, ignore_index: int = -100) -> torch.Tensor:
     """Final hidden states [batch, seq, hidden] of the language model for `batch` (not under DDP or FSDP2)."""
-    if model is not inner_module(model) or _fsdp2_root(model):
+    if model is not inner_module(model) or is_fsdp2(model):
         raise ValueError("model: backbone_hidden_states bypasses DistributedDataParallel.forward (or an FSDP2 "
                          "root's forward); use forward_losses")
     base = unwrap(model)
@@ -95,7 +86,7 @@ def forward_losses(model: nn.Module, batch, spec: ArchSpec, losses_of: Callable,
     """``losses_of(final hidden states)`` for `batch`, through the DDP or FSDP2 forward when `model` is
     a DDP wrapper or an FSDP2 root."""
     inner = inner_module(model)
-    if model is inner and not _fsdp2_root(model):
+    if model is inner and not is_fsdp2(model):
         return losses_of(backbone_hidden_states(model, batch, spec, ignore_index))
     base = unwrap(inner)
     inputs, embeds = _model_inputs(base, batch, spec, ignore_index)

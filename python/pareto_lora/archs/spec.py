@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 
 from torch import nn
 
-__all__ = ["ArchSpec", "ArchOverrides", "inner_module", "unwrap", "qualified_name"]
+__all__ = ["ArchSpec", "ArchOverrides", "inner_module", "unwrap", "qualified_name", "is_fsdp2"]
 
 # How the image objective is scored (ArchSpec.image_objective):
 #   "vocab_tokens": image tokens are ids of the shared text vocabulary, scored by the LM head
@@ -141,6 +141,16 @@ def inner_module(model: nn.Module) -> nn.Module:
     and ``ParetoLoRA`` (which lays out the parameters of the inner module).
     """
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def is_fsdp2(module: nn.Module) -> bool:
+    """Whether `module` is sharded by FSDP2's ``fully_shard`` (an ``FSDPModule``; False on a torch
+    without FSDP2). The one test of it: the model helpers, the syncs and their layout checks use it."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        return False
+    return isinstance(module, FSDPModule)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

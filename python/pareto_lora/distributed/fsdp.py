@@ -19,20 +19,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..archs.spec import is_fsdp2
 from ..flat import FlatGrads, FlatStep, GradLayout, StepRule, flat_step, local_layout, unit_stats
 from .fsdp_traversal import Leaves, UnshardedCapture, nondefault_reduction, reduce_to_shards
 from .sync import Settle, window_lost
 from .traversal import batched, batched_pays, checkpointing_modules, sum_first_not_built
 
-__all__ = ["FSDPSync", "is_fsdp2", "settle_or_poison"]
-
-
-def is_fsdp2(model: nn.Module) -> bool:
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # torch without FSDP2
-        return False
-    return isinstance(model, FSDPModule)
+__all__ = ["FSDPSync", "is_fsdp2", "settle_or_poison"]  # is_fsdp2: archs.spec's, re-exported
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -94,10 +87,8 @@ class FSDPSync:
     refused_traversals = {"sum_first": sum_first_not_built(kind)}
 
     def __init__(self, model: nn.Module):
-        from torch.distributed.fsdp import FSDPModule
-
         self.module = model
-        self.fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        self.fsdp_modules = [m for m in model.modules() if is_fsdp2(m)]
         self.traversal = "auto"  # set_traversal
         self.last_traversal: str | None = None
 

@@ -21,7 +21,7 @@ from torch import nn
 from ..flat import FlatGrads, GradLayout, local_layout
 from ..ops_many import gram
 from ..result import MultiResult
-from .fsdp import _local, _shard_group, reshard_flags, settle_or_poison
+from .fsdp import _local, _shard_group, is_fsdp2, reshard_flags, settle_or_poison
 from .multi import ManyRule, ManySettle, integrate_buffers
 
 __all__ = ["FSDPManySync"]
@@ -33,10 +33,8 @@ class FSDPManySync:
     saves_mid_window = True  # each rank's shard buffers hold its whole window
 
     def __init__(self, model: nn.Module):
-        from torch.distributed.fsdp import FSDPModule
-
         self.module = model
-        self.fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        self.fsdp_modules = [m for m in model.modules() if is_fsdp2(m)]
 
     def layout_for(self, layout: GradLayout) -> GradLayout:
         return local_layout(layout)

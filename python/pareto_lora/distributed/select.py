@@ -17,11 +17,7 @@ __all__ = ["make_sync", "make_many_sync"]
 def _refuse_unsharded_root(model: nn.Module) -> None:
     """A model whose layers are sharded by ``fully_shard`` but not the model itself is not an FSDP2
     model (its root's forward and backward hooks never run): refused, rather than run as one process."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # a torch without FSDP2
-        return
-    if any(isinstance(m, FSDPModule) for m in model.modules()):
+    if any(is_fsdp2(m) for m in model.modules()):
         raise ValueError("model: expected fully_shard(model) on the root too: some of its submodules are sharded by "
                          "FSDP2 (fully_shard) but the model itself is not")
 

@@ -58,6 +58,12 @@ def test_study_usage_errors(tmp_path, content, message):
     _usage_error(run_cli("study", str(path)), message)
 
 
+def test_study_of_a_binary_file_is_a_usage_error(tmp_path):
+    path = tmp_path / "log.jsonl"
+    path.write_bytes(b"\xff\xfe\x00not text\n")
+    _usage_error(run_cli("study", str(path)), "log: expected a UTF-8 study log (JSON lines)")
+
+
 def test_study_of_a_folder_is_a_usage_error(tmp_path):
     _usage_error(run_cli("study", str(tmp_path)), "log: expected an existing study log file")
 

@@ -104,3 +104,6 @@ def test_from_log_refuses_what_is_not_a_study_log(tmp_path):
         Result.from_log(path)
     with pytest.raises(ValueError, match="^log: expected a file path"):
         Result.from_log(None)
+    path.write_bytes(b"\xff\xfe\x00not text\n")
+    with pytest.raises(ValueError, match="^log: expected a UTF-8 study log"):
+        Result.from_log(path)

@@ -213,9 +213,11 @@ def _cmd_study(args, parser) -> int:
         if not os.path.isfile(path):
             parser.error(f"log: expected an existing study log file (JSON lines), got {path!r}")
     try:
-        result = Result.from_log(args.log[0]) if len(args.log) == 1 else Result.from_logs(args.log)
-    except (ValueError, OSError, UnicodeDecodeError) as e:
-        parser.error(str(e) if isinstance(e, ValueError) else f"log: expected a readable study log, got {e}")
+        result = Result.from_logs(args.log)  # one log: the same result as Result.from_log
+    except ValueError as e:
+        parser.error(str(e))
+    except OSError as e:
+        parser.error(f"log: expected a readable study log, got {e}")
     print(json.dumps(result.as_dict(), allow_nan=False) if args.json else result.report())
     return 0
 

@@ -25,7 +25,10 @@ def _lines(path: str) -> tuple[list[str], int]:
     with open(path, "rb") as f:
         data = f.read()
     end = data.rfind(b"\n") + 1
-    return data[:end].decode("utf-8").splitlines(), end
+    try:
+        return data[:end].decode("utf-8").splitlines(), end
+    except UnicodeDecodeError as e:
+        raise ValueError(f"log: expected a UTF-8 study log (JSON lines), {path!r} is not ({e})") from None
 
 
 def read(path) -> tuple[Protocol, list[Record]]:

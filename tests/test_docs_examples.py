@@ -4,7 +4,6 @@ example cannot rot. README's blocks: tests/test_readme.py. A block without a set
 test that lists them, so a new block must be given one."""
 
 import os
-import re
 import sys
 import types
 
@@ -12,7 +11,7 @@ import pytest
 import torch
 
 import models
-from test_readme import LazyOptimizer
+from test_readme import LazyOptimizer, python_blocks
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -24,8 +23,7 @@ VQ = r"(?:model\.vqmodel)\..*"  # Chameleon's frozen VQ model: no LoRA there (sp
 
 
 def _blocks(page: str) -> list[str]:
-    with open(os.path.join(ROOT, "docs", page)) as f:
-        return re.findall(r"```python\n(.*?)```", f.read(), re.S)
+    return python_blocks(os.path.join(ROOT, "docs", page))
 
 
 def _flat_pair(ns: dict, k: int = 2) -> dict:

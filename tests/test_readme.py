@@ -22,9 +22,14 @@ sys.path.insert(0, os.path.join(HERE, "archs"))
 import arch_models as am  # noqa: E402
 
 
-def _blocks() -> list[str]:
-    with open(os.path.join(ROOT, "README.md")) as f:
+def python_blocks(path: str) -> list[str]:
+    """The ```python blocks of a Markdown file, in order (also tests/test_docs_examples.py's)."""
+    with open(path) as f:
         return re.findall(r"```python\n(.*?)```", f.read(), re.S)
+
+
+def _blocks() -> list[str]:
+    return python_blocks(os.path.join(ROOT, "README.md"))
 
 
 class LazyOptimizer:

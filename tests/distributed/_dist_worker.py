@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import models  # noqa: E402
 import pareto_lora  # noqa: E402
-from _launch import shut_down  # noqa: E402
+from _launch import fully_shard_model, shut_down  # noqa: E402
 from pareto_lora.distributed import sharded_integrate  # noqa: E402
 from pareto_lora.flat import PythonRule  # noqa: E402
 
@@ -228,10 +228,7 @@ def fsdp_scenarios(rank: int, world: int, out: dict) -> None:
     out["fsdp/available"] = True
     mesh = init_device_mesh("cpu", (world,))
     for rule in RULES:
-        model = models.lora_llama(num_layers=NUM_LAYERS)
-        for layer in model.base_model.model.model.layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+        model = fully_shard_model(models.lora_llama(num_layers=NUM_LAYERS))
         pl = pareto(model, rule)
         report = pl.backward(*losses_of(model, batch_for(rank, 0)))
         out[f"fsdp/{rule}"] = grads_of(model)
@@ -254,10 +251,7 @@ def fsdp_scenarios(rank: int, world: int, out: dict) -> None:
             out["fsdp/after_refusal"] = grads_of(model)
     # the model helpers' losses (archs.modality_losses_for) under FSDP2: through the root's forward, whose
     # parameters (embeddings, LM head) are sharded outside it
-    model = models.lora_llama(num_layers=NUM_LAYERS)
-    for layer in model.base_model.model.model.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    model = fully_shard_model(models.lora_llama(num_layers=NUM_LAYERS))
     pl = pareto(model)
     batch = batch_for(rank, 0)
     report = pl.backward(*pareto_lora.archs.modality_losses_for(model, batch))

@@ -22,6 +22,22 @@ def shut_down(ok: bool) -> None:
     dist.destroy_process_group()
 
 
+def fully_shard_model(model, layers=None):
+    """FSDP2 as the gloo tests apply it: ``fully_shard`` on each decoder layer (`layers`, default the
+    stack ``archs.detect_arch`` finds), then on the root, over every rank of the default group."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from pareto_lora import archs
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for layer in model.get_submodule(archs.detect_arch(model).layers_path) if layers is None else layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -25,7 +25,7 @@ sys.path[:0] = [os.path.dirname(HERE), os.path.join(os.path.dirname(HERE), "arch
 import arch_models as am  # noqa: E402
 import models  # noqa: E402
 import pareto_lora  # noqa: E402
-from _launch import shut_down  # noqa: E402
+from _launch import fully_shard_model, shut_down  # noqa: E402
 from pareto_lora import archs  # noqa: E402
 
 NUM_LAYERS = 5
@@ -167,22 +167,15 @@ def ddp_scenarios(rank: int, out: dict) -> None:
     out["err/static_graph"] = error_of(lambda: pareto(DDP(models.lora_llama(num_layers=2), static_graph=True), "mean"))
 
 
-def options_scenarios(rank: int, world: int, out: dict) -> None:
+def options_scenarios(rank: int, out: dict) -> None:
     """Two steps with OPTIONS under DDP and under FSDP2: the running average carries across the steps."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
     ddp = DDP(models.lora_llama(num_layers=NUM_LAYERS), bucket_cap_mb=BUCKET_MB)
     pl = pareto(ddp, OPTIONS_RULE, **OPTIONS)
     for step in range(2):
         record(out, f"options/ddp/step{step}", ddp.module, pl.backward(three_losses(ddp, batch_for(rank, 10 * step))))
         ddp.zero_grad(set_to_none=True)
     out["options/ddp/ema"] = pl.options._ema.clone()
-    model = models.lora_llama(num_layers=NUM_LAYERS)
-    mesh = init_device_mesh("cpu", (world,))
-    for layer in model.base_model.model.model.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    model = fully_shard_model(models.lora_llama(num_layers=NUM_LAYERS))
     pl = pareto(model, OPTIONS_RULE, **OPTIONS)
     for step in range(2):
         record(out, f"options/fsdp/step{step}", model, pl.backward(three_losses(model, batch_for(rank, 10 * step))))
@@ -209,32 +202,18 @@ def janus_scenario(rank: int, out: dict) -> None:
             ddp.zero_grad(set_to_none=True)
 
 
-def janus_fsdp_scenario(rank: int, world: int, out: dict) -> None:
+def janus_fsdp_scenario(rank: int, out: dict) -> None:
     """The 3-objective Janus step (text first) under FSDP2: each decoder layer and the root sharded, the
     losses from archs.objective_losses_for, which runs the root's forward (the embeddings inside it)."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
     torch.manual_seed(0)
-    model = am.lora(am.MODELS["janus"]())
-    mesh = init_device_mesh("cpu", (world,))
-    for layer in model.get_submodule(archs.detect_arch(model).layers_path):
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    model = fully_shard_model(am.lora(am.MODELS["janus"]()))
     pl = pareto_lora.ParetoLoRA(model, rule="constant", weights=(0.5, 2.0, 1.5), arch="auto", num_groups=2,
                                 modulate=("lower", "generation"), objectives=archs.OBJECTIVES, backend="reference")
     record(out, "janus/fsdp/step0", model, pl.backward(archs.objective_losses_for(model, janus_batch(rank, 0), pl.arch)))
 
 
-def fsdp_scenarios(rank: int, world: int, out: dict) -> None:
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    mesh = init_device_mesh("cpu", (world,))
-    model = models.lora_llama(num_layers=NUM_LAYERS)
-    for layer in model.base_model.model.model.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+def fsdp_scenarios(rank: int, out: dict) -> None:
+    model = fully_shard_model(models.lora_llama(num_layers=NUM_LAYERS))
     pl = pareto(model, "constant")
     record(out, "fsdp/step", model, pl.backward(three_losses(model, batch_for(rank, 0))))
     pl.accumulate({k: v / 2 for k, v in three_losses(model, batch_for(rank, 300)).items()})
@@ -311,7 +290,7 @@ def trainer_scenario(out_dir: str, out: dict) -> None:
 
 
 def main() -> None:
-    rank, world, out_dir = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), sys.argv[1]
+    rank, out_dir = int(os.environ["RANK"]), sys.argv[1]
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
     out: dict = {}
@@ -319,9 +298,9 @@ def main() -> None:
     try:
         ddp_scenarios(rank, out)
         janus_scenario(rank, out)
-        janus_fsdp_scenario(rank, world, out)
-        fsdp_scenarios(rank, world, out)
-        options_scenarios(rank, world, out)
+        janus_fsdp_scenario(rank, out)
+        fsdp_scenarios(rank, out)
+        options_scenarios(rank, out)
         trainer_scenario(out_dir, out)  # the Trainer (accelerate) takes the process group already set up
         ok = True
     finally:

@@ -23,7 +23,7 @@ sys.path[:0] = [os.path.dirname(HERE), os.path.join(os.path.dirname(HERE), "arch
 import arch_models as am  # noqa: E402
 import models  # noqa: E402
 import pareto_lora  # noqa: E402
-from _launch import shut_down  # noqa: E402
+from _launch import fully_shard_model, shut_down  # noqa: E402
 from pareto_lora import archs  # noqa: E402
 
 NUM_GROUPS = 2
@@ -99,15 +99,9 @@ def ddp_scenario(key: str, name: str, rank: int, out: dict, steps: int = 2, **dd
 def fsdp_scenario(key: str, name: str, rank: int, out: dict) -> None:
     """The three lines on an FSDP2-sharded model (each decoder layer, then the root), the losses from
     archs.modality_losses_for: it runs the root's forward, whose embeddings and heads are sharded outside it."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    mesh = init_device_mesh("cpu", (int(os.environ["WORLD_SIZE"]),))
     base = am.MODELS[name]()
-    model = am.lora(base, exclude_modules=archs.detect_arch(base).lora_exclude_modules)  # no LoRA in a frozen VQ model
-    for layer in model.get_submodule(archs.detect_arch(model).layers_path):
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    # no LoRA in a frozen VQ model
+    model = fully_shard_model(am.lora(base, exclude_modules=archs.detect_arch(base).lora_exclude_modules))
     pl = pareto_lora.ParetoLoRA(model, arch="auto", num_groups=NUM_GROUPS, modulate="all")
     text, image = archs.modality_losses_for(model, am.BATCHES[name](seed=2000 + rank))
     report = pl.backward(text=text, image=image)

@@ -24,13 +24,14 @@ from pareto_lora import Case, RuleSpec
 from pareto_lora import reference as ref
 from pareto_lora.multi import reference as R
 from _cuda_inputs import make_pair, offsets_from_sizes, random_sizes
+from test_cuda import PLANS as CUDA_PLANS
 from test_cuda import assert_combined, assert_stats_close, check_against_reference
 from test_multi_kernels import OFFSETS, _combine_bound, _gram_bound, _grads
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-# (plan, one-pass tiles), as test_cuda.PLANS
-PLANS = (("fused", True), ("two_pass", True), ("fused", False), ("two_pass", False))
+# (plan, one-pass tiles): test_cuda.PLANS, the environment flag as a bool
+PLANS = tuple((plan, one_pass == "1") for plan, one_pass in CUDA_PLANS.values())
 FIELDS = ("out", "stats", "coeffs", "cases")
 
 

@@ -105,6 +105,8 @@ class Emulator:
         self.lib.emu_rule_id.argtypes = [ctypes.c_char_p]
         self.lib.emu_counter_words.restype = ctypes.c_int64
         self.lib.emu_counter_words.argtypes = [ctypes.c_int64]
+        self.lib.emu_counter_capacity.restype = ctypes.c_int64
+        self.lib.emu_counter_capacity.argtypes = [ctypes.c_int64]
         self.lib.emu_tile_elems.restype = ctypes.c_int64
         self.lib.emu_sizeof_job.restype = ctypes.c_int64
         job, buf, i32, i64, dbl = ctypes.POINTER(_Job), ctypes.c_char_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_double
@@ -131,13 +133,15 @@ class Emulator:
         return rc, err.value.decode()
 
     # ---- plumbing --------------------------------------------------------------------------------
-    def _check(self, rc: int, err) -> None:
-        if rc != 0:
+    def _call(self, fn, *args) -> None:
+        """``fn(*args, err, len(err))``, an exported entry point; EmulationError with its message if it fails."""
+        err = ctypes.create_string_buffer(4096)
+        if fn(*args, err, len(err)) != 0:
             raise EmulationError(err.value.decode())
 
     def _grow_workspace(self, num_segments: int) -> None:
         # ops_cuda.cu workspace(): capacity max(needed, 2 * capacity), zeroed when (re)allocated.
-        capacity = (self.workspace.numel() - 4) // 3 if self.workspace.numel() else 0
+        capacity = int(self.lib.emu_counter_capacity(self.workspace.numel())) if self.workspace.numel() else 0
         needed = max(num_segments, 1)
         if capacity < needed:
             self.workspace = torch.zeros(int(self.lib.emu_counter_words(max(needed, 2 * capacity))), dtype=torch.int32)
@@ -156,8 +160,7 @@ class Emulator:
         return j
 
     def _launch(self, j: _Job) -> bool:
-        err = ctypes.create_string_buffer(4096)
-        self._check(self.lib.emu_launch(ctypes.byref(j), err, len(err)), err)
+        self._call(self.lib.emu_launch, ctypes.byref(j))
         return bool(j.launched)
 
     # ---- the two-objective ops (ops_cuda.cu) ----------------------------------------------------------
@@ -201,8 +204,7 @@ class Emulator:
             j.reduce, j.stats = 1, _ptr(st)
             ruled = self._launch(j)
         if not ruled and g > 0:
-            err = ctypes.create_string_buffer(4096)
-            self._check(self.lib.emu_group_rule_kernel(ctypes.byref(j), _ptr(st), err, len(err)), err)
+            self._call(self.lib.emu_group_rule_kernel, ctypes.byref(j), _ptr(st))
         self.combine(a, b, offsets, seg_coeffs, out, max_blocks=max_blocks, workers=workers)
         return out, st, coeffs, cases, group_stats
 
@@ -230,9 +232,7 @@ class Emulator:
         s = stats.contiguous()
         j = self._job(torch.empty(0), torch.empty(0), None, torch.zeros(g + 1, dtype=torch.int64), spec, 1, 1)
         j.coeffs_out, j.cases, j.active = _ptr(coeffs), _ptr(cases), _ptr(active)
-        err = ctypes.create_string_buffer(4096)
-        self._check(self.lib.emu_rule_kernel(ctypes.byref(j), _ptr(s), int(s.dtype == torch.float64), err,
-                                             len(err)), err)
+        self._call(self.lib.emu_rule_kernel, ctypes.byref(j), _ptr(s), int(s.dtype == torch.float64))
         return coeffs, cases
 
     # ---- the K-objective ops (multi_ops.cu) -----------------------------------------------------------
@@ -241,19 +241,16 @@ class Emulator:
         s = offsets.numel() - 1
         stats = torch.empty(s, k * (k + 1) // 2, dtype=torch.float64)
         ptrs = (_P * k)(*[g.data_ptr() for g in grads])
-        err = ctypes.create_string_buffer(4096)
-        self._check(self.lib.emu_gram(DTYPES[grads[0].dtype], k, ptrs, _ptr(offsets), s, _ptr(stats), workers,
-                                      self.timeout_s, err, len(err)), err)
+        self._call(self.lib.emu_gram, DTYPES[grads[0].dtype], k, ptrs, _ptr(offsets), s, _ptr(stats), workers,
+                   self.timeout_s)
         return stats
 
     def combine_many(self, grads, offsets, coeffs, out, *, workers=2):
         k = len(grads)
         c = coeffs.contiguous()
         ptrs = (_P * k)(*[g.data_ptr() for g in grads])
-        err = ctypes.create_string_buffer(4096)
-        self._check(self.lib.emu_combine_many(DTYPES[grads[0].dtype], k, ptrs, _ptr(out), _ptr(offsets),
-                                              offsets.numel() - 1, _ptr(c), int(c.dtype == torch.float64), workers,
-                                              self.timeout_s, err, len(err)), err)
+        self._call(self.lib.emu_combine_many, DTYPES[grads[0].dtype], k, ptrs, _ptr(out), _ptr(offsets),
+                   offsets.numel() - 1, _ptr(c), int(c.dtype == torch.float64), workers, self.timeout_s)
         return out
 
 

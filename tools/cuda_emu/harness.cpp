@@ -167,6 +167,7 @@ int64_t emu_tile_elems(int32_t dtype) {
   return t;
 }
 int64_t emu_counter_words(int64_t capacity) { return cuda_launch::counter_words(capacity); }
+int64_t emu_counter_capacity(int64_t num_words) { return cuda_launch::counter_capacity(num_words); }
 int64_t emu_sizeof_job() { return static_cast<int64_t>(sizeof(EmuJob)); }
 
 // One integrate_kernel job (ops_cuda.cu launch()): 0, or 1 with the message in err.

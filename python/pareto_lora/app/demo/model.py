@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 import weakref
 
 import torch
@@ -140,4 +141,8 @@ def attach_lora(base_model, cfg: ModelConfig, seed: int):
 
     torch.manual_seed(seed)  # LoRA A-matrix init
     lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules="all-linear")
-    return get_peft_model(copy.deepcopy(base_model), lora)
+    with warnings.catch_warnings():
+        # peft asks transformers 5 a deprecated question (`is_gradient_checkpointing`) each time it
+        # wraps a model: a FutureWarning of peft's, once per run, that no user of the demo can act on
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(copy.deepcopy(base_model), lora)

@@ -22,7 +22,6 @@ import collections
 import concurrent.futures
 import multiprocessing
 import threading
-import warnings
 
 from ..env import usable_cpus
 
@@ -42,9 +41,6 @@ def default_workers(base_on_disk: bool, device: str, cells: int) -> int:
 
 def _init(prepare, cfg, prepare_kwargs: dict) -> None:
     global _SETUP
-    # peft asks transformers 5 a deprecated question once per model it wraps; the parent process
-    # shows that FutureWarning already, each worker would repeat it.
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     _SETUP = prepare(cfg, **prepare_kwargs)
 
 

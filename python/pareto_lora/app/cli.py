@@ -48,6 +48,8 @@ def _cmd_demo(args, parser) -> int:
         parser.error("--quick and --full: expected at most one of them")
     if args.world == "digits":
         return _cmd_demo_digits(args, parser, device)
+    if args.objectives != 2:
+        parser.error("--objectives 3: expected --world digits (the shapes world has two objectives)")
     cfg = DemoConfig(**(QUICK if args.quick else FULL if args.full else DEFAULT))
     sgd = args.optimizer == "sgd"
     if sgd and args.lr is not None:
@@ -115,6 +117,8 @@ def _cmd_demo_digits(args, parser, device: str) -> int:
         overrides["lrs"] = ()  # a given rate replaces the tuning
     if args.no_cache:
         overrides["cache_dir"] = None
+    if args.objectives == 3:
+        return _cmd_demo_three(args, parser, device, overrides)
     presets = [("digits", QUICK if args.quick else FULL if args.full else DEFAULT)] + ([("digits-strong", STRONG)] if args.full else [])
     settings = []
     for name, preset in presets:
@@ -127,6 +131,27 @@ def _cmd_demo_digits(args, parser, device: str) -> int:
     kind = "digits-" + ("study" if args.full else "demo")
     out = os.path.abspath(args.out or os.path.join("pareto_lora_out", time.strftime(f"{kind}-%Y%m%d-%H%M%S")))
     run_digits_demo(settings, out, shapes_seeds=settings[0][1].seeds if args.full else None)
+    return 0
+
+
+def _cmd_demo_three(args, parser, device: str, overrides: dict) -> int:
+    """`demo --world digits --objectives 3`: the K = 3 rules against fixed loss weights (docs/study_three.md)."""
+    from .demo.digits import DigitsConfig
+    from .demo.digits.three import METHODS
+    from .demo.digits.three_study import QUICK3, QUICK3_METHODS, STUDY3, check_methods, run_three_demo
+
+    if args.full:
+        parser.error("--objectives 3: expected without --full (the K = 3 study has one size; --quick for a smoke test)")
+    methods = overrides.pop("rules", QUICK3_METHODS if args.quick else METHODS)
+    try:
+        methods = check_methods(methods)
+        cfg = DigitsConfig(**{**(QUICK3 if args.quick else STUDY3), **overrides, "device": device})
+        cfg.check()
+    except ValueError as e:
+        parser.error(str(e))
+    out = os.path.abspath(args.out or os.path.join("pareto_lora_out", time.strftime("digits-three-%Y%m%d-%H%M%S")))
+    _writable_folder(parser, "--out", out)
+    run_three_demo(cfg, methods, out)
     return 0
 
 
@@ -238,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--world", choices=("shapes", "digits"), default="shapes",
                       help="shapes (default: the synthetic world with exact floors) or digits (real 8x8 handwritten "
                            "digits from scikit-learn, VQ tokens, generation and understanding; docs/study_digits.md)")
+    demo.add_argument("--objectives", type=int, choices=(2, 3), default=2,
+                      help="--world digits: 2 (text, image; default) or 3 (text, understanding, generation: the K = 3 "
+                           "rules against a grid of fixed loss weights, 10 paired seeds; docs/study_three.md)")
     demo.add_argument("--quick", action="store_true", help="tiny smoke-test configuration (< 30 s on 2 CPU cores)")
     demo.add_argument("--full", action="store_true",
                       help="the whole study: 5 paired seeds, the full reweighting curve, every rule and balancer "

@@ -9,7 +9,11 @@ import os
 
 # ---- argument types: argparse turns their ValueError/ArgumentTypeError into a usage error ------
 def _rules(text: str) -> tuple[str, ...]:
-    from .demo.methods import ALL_METHODS as RULES  # kernel rules, balancers, controls, loss weights
+    from .demo.digits.three import METHODS as THREE
+    from .demo.methods import ALL_METHODS  # kernel rules, balancers, controls, loss weights
+
+    # the names of every study; each study then checks its own (--objectives 3 has its grid's names)
+    RULES = (*ALL_METHODS, *(m for m in THREE if m not in ALL_METHODS))
 
     names = tuple(r.strip() for r in text.split(",") if r.strip())
     if not names:

@@ -4,6 +4,8 @@ tokens.py (split, VQ codebook), data.py (generation / understanding sequences), 
 (held-out losses, understanding and generation accuracy), experiment.py (base, LoRA runs),
 report.py (intervals, distances to the reweighting curve, verdict), study.py (the protocol and the
 presets), output.py (processes, files, printout), plots.py. docs/study_digits.md has the protocol.
+three.py and three_study.py: the same world with three objectives (text, understanding,
+generation), the K = 3 rules against a grid of fixed loss weights (docs/study_three.md).
 """
 
 from .experiment import DigitsConfig

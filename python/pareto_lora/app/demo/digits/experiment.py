@@ -27,7 +27,8 @@ from .data import DigitsVocab, TokenSplit, eval_batches, make_world, sample_batc
 from .metrics import classifier_accuracy, evaluate_losses, generation_accuracy, train_classifier
 from .tokens import split_digits, train_codebook
 
-__all__ = ["DigitsConfig", "DigitsRun", "Setup", "prepare", "finetune", "run_cell", "LONG", "LOSS_NORMS"]
+__all__ = ["DigitsConfig", "DigitsRun", "Setup", "prepare", "finetune", "run_cell", "cached_run", "run_path", "LONG",
+           "LOSS_NORMS"]
 
 LONG = "image_only_long"  # the long image-only reference run (steps x long_factor)
 LOSS_NORMS = ("modality", "token")
@@ -272,16 +273,12 @@ def _load(path: str) -> DigitsRun | None:
         return None  # missing or from another layout: run it again
 
 
-def run_cell(setup: Setup, cfg: DigitsConfig, rule: str, seed: int, runs_dir: str | None, split: str = "test",
-             echo=None) -> DigitsRun:
-    """One run, loaded from `runs_dir` when it was made before with the same config, lr and split."""
-    path = None
-    if runs_dir:
-        os.makedirs(runs_dir, exist_ok=True)
-        path = os.path.join(runs_dir, f"{cfg.key()}-{split}-{rule}-seed{seed}-lr{cfg.lr:g}-steps{cfg.steps}.json")
+def cached_run(setup: Setup, path: str | None, make) -> DigitsRun:
+    """The run stored at `path` when there is one, else ``make()``, stored there (None: not stored);
+    ``setup.timings`` counts it (``finetune_s`` or ``runs_loaded``)."""
     run = _load(path) if path and os.path.isfile(path) else None
     if run is None:
-        run = finetune(setup, cfg, rule, seed, split)
+        run = make()
         if path:
             tmp = f"{path}.tmp{os.getpid()}"
             with open(tmp, "w", encoding="utf-8") as f:
@@ -290,6 +287,21 @@ def run_cell(setup: Setup, cfg: DigitsConfig, rule: str, seed: int, runs_dir: st
         setup.timings["finetune_s"] += run.seconds
     else:
         setup.timings["runs_loaded"] += 1
+    return run
+
+
+def run_path(runs_dir: str | None, cfg: DigitsConfig, split: str, rule: str, seed: int, prefix: str = "") -> str | None:
+    """Where the run of (`rule`, `seed`) under `cfg` is stored in `runs_dir` (None: nowhere)."""
+    if not runs_dir:
+        return None
+    os.makedirs(runs_dir, exist_ok=True)
+    return os.path.join(runs_dir, f"{prefix}{cfg.key()}-{split}-{rule}-seed{seed}-lr{cfg.lr:g}-steps{cfg.steps}.json")
+
+
+def run_cell(setup: Setup, cfg: DigitsConfig, rule: str, seed: int, runs_dir: str | None, split: str = "test",
+             echo=None) -> DigitsRun:
+    """One run, loaded from `runs_dir` when it was made before with the same config, lr and split."""
+    run = cached_run(setup, run_path(runs_dir, cfg, split, rule, seed), lambda: finetune(setup, cfg, rule, seed, split))
     if echo is not None:
         echo(cell_line(run, cfg))
     return run

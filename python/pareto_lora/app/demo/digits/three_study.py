@@ -1,0 +1,237 @@
+"""`pareto-lora demo --world digits --objectives 3`: the K = 3 rules against fixed loss weights (docs/study_three.md).
+
+The protocol (fixed before the study's run): tune the learning rate once for vanilla LoRA (``sum``
+of the three objectives) on seed 100 and the validation split (criterion: text + understanding +
+generation validation loss, the lowest wins), then run every method on every paired seed and
+score it on the held-out split.
+
+Comparisons, each paired by seed:
+
+* every method against vanilla (``sum``) on the three losses, understanding accuracy and sampled
+  generation accuracy (95 % intervals);
+* every rule against every point P = (1, w_u, w_g) of the fixed-weight grid *at P's own weights*:
+  the held-out ``S_P = L_text + w_u L_understanding + w_g L_generation`` of the rule minus P's. P
+  trained on exactly that objective, so a rule that is detectably below P there does better than
+  the plain alternative for a user who wants that trade-off. The intervals are simultaneous over
+  the grid's points (Bonferroni: level 1 - 0.05 / |grid| per rule), so that one lucky point in
+  sixteen does not make a verdict; the plain 95 % counts are reported beside them.
+
+Words come from intervals only (pareto_lora.study.stats).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import statistics
+
+from ....study.stats import paired_interval, word
+from ..model import ModelConfig
+from ..parallel import run_cells
+from .experiment import DigitsConfig, prepare
+from .three import GRID, METHODS, cell_line3, run_cell3
+
+__all__ = ["QUICK3", "QUICK3_METHODS", "STUDY3", "LOSSES", "METRICS3", "tune_lr3", "summarize3", "compare3", "power3",
+           "format3", "run_three", "check_methods"]
+
+#: ``--quick``: every code path in seconds (CI), no tuning
+QUICK3 = dict(seeds=(0, 1), steps=4, pretrain_steps=20, gen_samples=1, lrs=(), cache_dir=None,
+              model=ModelConfig(num_layers=3, lora_rank=4), num_groups=3)
+QUICK3_METHODS = ("sum", "u1g2", "u2g1", "upgrad", "mgda")
+#: the study: 10 paired seeds, the whole grid, every rule (the digits setting's other fields)
+STUDY3 = dict(seeds=tuple(range(10)))
+LOSSES = ("text", "understanding", "image")  # image = the generation objective's loss
+METRICS3 = (*LOSSES, "und_acc", "gen_acc_greedy", "gen_acc_sampled")
+HIGHER = {"und_acc", "gen_acc_greedy", "gen_acc_sampled"}
+BASELINE = "sum"
+
+
+def tune_lr3(setup, cfg: DigitsConfig, runs_dir: str | None, echo=None) -> dict:
+    """Vanilla LoRA (``sum``) once per learning rate of cfg.lrs on cfg.tune_seed, scored on the validation split."""
+    rows = []
+    for lr in cfg.lrs:
+        run = run_cell3(setup, dataclasses.replace(cfg, lr=lr), BASELINE, cfg.tune_seed, runs_dir, split="val", echo=echo)
+        score = sum(run.final[m] for m in LOSSES)
+        rows.append({"lr": lr, **{f"val_{m}": run.final[m] for m in LOSSES},
+                     "score": score if math.isfinite(score) and not run.diverged else math.inf})
+    best = min(rows, key=lambda r: r["score"])
+    return {"rows": rows, "chosen": best["lr"], "at_edge": best["lr"] in (min(cfg.lrs), max(cfg.lrs)),
+            "criterion": "final validation text + understanding + generation loss of vanilla LoRA (seed %d)" % cfg.tune_seed}
+
+
+def summarize3(runs) -> dict[str, dict]:
+    """method -> seeds, per-seed final metrics, their means (over finite values) and the diverged seeds."""
+    by: dict[str, list] = {}
+    for run in runs:
+        by.setdefault(run.rule, []).append(run)
+    out = {}
+    for name in [m for m in METHODS if m in by] + [m for m in by if m not in METHODS]:
+        rs = sorted(by[name], key=lambda r: r.seed)
+        per_seed = {m: {r.seed: r.final[m] for r in rs} for m in METRICS3}
+        out[name] = {"seeds": [r.seed for r in rs], "per_seed": per_seed,
+                     "mean": {m: _mean(per_seed[m].values()) for m in METRICS3},
+                     "diverged": [r.seed for r in rs if r.diverged], "seconds": sum(r.seconds for r in rs)}
+    return out
+
+
+def _mean(values) -> float:
+    xs = [v for v in values if math.isfinite(v)]
+    return statistics.fmean(xs) if xs else math.nan
+
+
+def _paired(a: dict, b: dict, level: float = 0.95, higher: bool = False) -> dict | None:
+    """Interval of a - b over the seeds where both are finite (None with no such seed)."""
+    diffs = [a[k] - b[k] for k in a if k in b and math.isfinite(a[k]) and math.isfinite(b[k])]
+    if not diffs:
+        return None
+    iv = paired_interval(diffs, level)
+    return {**dataclasses.asdict(iv), "word": word(iv, lower_is_better=not higher)}
+
+
+def _scalarized(s: dict, weights: tuple[float, float]) -> dict:
+    u, g = weights
+    p = s["per_seed"]
+    return {k: p["text"][k] + u * p["understanding"][k] + g * p["image"][k] for k in p["text"]}
+
+
+def compare3(summary: dict) -> dict[str, dict]:
+    """method -> {vs_sum_<metric>: interval, at_grid: {point: {"simultaneous", "single"}}} (module docstring)."""
+    grid = [p for p in GRID if p in summary]
+    level = 1.0 - 0.05 / max(len(grid), 1)
+    out: dict[str, dict] = {}
+    for name, s in summary.items():
+        row: dict = {}
+        if BASELINE in summary and name != BASELINE:
+            base = summary[BASELINE]["per_seed"]
+            for m in METRICS3:
+                d = _paired(s["per_seed"][m], base[m], higher=m in HIGHER)
+                if d is not None:
+                    row[f"vs_sum_{m}"] = d
+        if name not in GRID and grid:
+            at = {}
+            for p in grid:
+                mine, theirs = _scalarized(s, GRID[p]), _scalarized(summary[p], GRID[p])
+                single, simultaneous = _paired(mine, theirs), _paired(mine, theirs, level)
+                if single is not None:
+                    at[p] = {"single": single, "simultaneous": simultaneous}
+            row["at_grid"] = at
+            row["simultaneous_level"] = level
+        out[name] = row
+    return out
+
+
+def power3(comparison: dict) -> list[str]:
+    """Whether this run can tell a weight of 2 from 1 on each image-side objective (its own intervals)."""
+    lines = []
+    for point, metric, label in (("u1g2", "image", "generation loss"), ("u2g1", "understanding", "understanding loss")):
+        d = comparison.get(point, {}).get(f"vs_sum_{metric}")
+        if d is None:
+            lines.append(f"Power: not checked for {label}; it needs '{BASELINE}' and '{point}' among the methods.")
+            continue
+        sees = d["word"] != "no detectable difference"
+        lines.append(f"Power: {point} minus {BASELINE}, paired {label} {_fmt(d)} over {d['n']} seeds: this run "
+                     + ("can tell a weight of 2 from 1 there." if sees else
+                        "cannot tell a weight of 2 from 1 there, so its 'no detectable difference' verdicts say little."))
+    return lines
+
+
+def _fmt(d: dict | None, pct: bool = False) -> str:
+    if not d:
+        return "-"
+    f = (lambda x: f"{100 * x:+.1f}") if pct else (lambda x: f"{x:+.3f}")
+    return f"{f(d['mean'])} (n=1)" if d["n"] < 2 else f"{f(d['mean'])} [{f(d['low'])}, {f(d['high'])}]"
+
+
+def format3(summary: dict, comparison: dict) -> list[str]:
+    """The means table, the rules against vanilla, and the rules at the grid's own weights."""
+    head = (f"{'method':<12} {'text':>6} {'und':>6} {'gen':>6} {'und%':>5} {'gen%g':>5} {'gen%s':>5}  "
+            f"{'d gen vs sum':<26} {'d und vs sum':<26} {'d text vs sum':<26}")
+    lines = ["Held-out losses (nats/token), understanding and generation accuracy (%), paired 95% intervals:",
+             head, "-" * len(head)]
+    for name, s in summary.items():
+        m, c = s["mean"], comparison.get(name, {})
+        lines.append(f"{name:<12} {m['text']:>6.3f} {m['understanding']:>6.3f} {m['image']:>6.3f} {100 * m['und_acc']:>5.1f} "
+                     f"{100 * m['gen_acc_greedy']:>5.1f} {100 * m['gen_acc_sampled']:>5.1f}  "
+                     f"{_fmt(c.get('vs_sum_image')):<26} {_fmt(c.get('vs_sum_understanding')):<26} "
+                     f"{_fmt(c.get('vs_sum_text')):<26}" + (f"  diverged: seeds {s['diverged']}" if s["diverged"] else ""))
+    for name, c in comparison.items():
+        if name in GRID or name not in summary:
+            continue
+        parts = [f"{label} {_fmt(c[f'vs_sum_{m}'], pct=m in HIGHER)} ({c[f'vs_sum_{m}']['word']})"
+                 for m, label in (("text", "text loss"), ("understanding", "understanding loss"), ("image", "generation loss"),
+                                  ("und_acc", "understanding accuracy"), ("gen_acc_sampled", "generation accuracy (sampled)"))
+                 if f"vs_sum_{m}" in c]
+        if parts:
+            lines.append(f"{name} vs vanilla: " + ", ".join(parts) + ".")
+        at = c.get("at_grid", {})
+        if not at:
+            continue
+        beats = [p for p, d in at.items() if d["simultaneous"]["word"] == "better"]
+        single = {w: sum(d["single"]["word"] == w for d in at.values()) for w in ("better", "worse")}
+        best = min(at, key=lambda p: at[p]["single"]["mean"])
+        lines.append(f"{name} at each fixed weighting's own objective ({len(at)} points, simultaneous "
+                     f"{c['simultaneous_level']:.2%} intervals): "
+                     + (f"BETTER than {', '.join(beats)}" if beats else "better than none")
+                     + f"; at 95 % each: better than {single['better']}, worse than {single['worse']}; best showing: at {best} "
+                     f"{_fmt(at[best]['single'])} (simultaneous {_fmt(at[best]['simultaneous'])}).")
+    return lines
+
+
+def run_three(cfg: DigitsConfig, methods, out_dir: str, echo=print) -> dict:
+    """Tuning and every (method, seed) run; its summary, comparisons and the report lines."""
+    say = (lambda line: echo(f"[three] {line}")) if echo else None
+    runs_dir = os.path.join(out_dir, "runs")
+    setup = prepare(cfg)
+    tuning = None
+    if cfg.lrs:
+        tuning = tune_lr3(setup, cfg, runs_dir, say)
+        cfg = dataclasses.replace(cfg, lr=tuning["chosen"])
+        if say:
+            say(f"learning rate chosen for vanilla LoRA (K = 3): {cfg.lr:g}" + (" (at the grid's edge)" if tuning["at_edge"] else ""))
+    cells = [(name, seed) for seed in cfg.seeds for name in methods]
+    runs = run_cells(setup, prepare, run_cell3, cfg, cells, runs_dir, cell_kwargs=dict(echo=say),
+                     quiet_kwargs=dict(echo=None), echo=say, line=cell_line3)
+    summary = summarize3(runs)
+    comparison = compare3(summary)
+    return {"config": dataclasses.asdict(cfg), "methods": list(methods), "base": setup.base_info, "tuning": tuning,
+            "timings": setup.timings, "summary": summary, "comparison": comparison, "power": power3(comparison),
+            "report": format3(summary, comparison),
+            "runs": [{k: v for k, v in dataclasses.asdict(r).items() if k not in ("records", "greedy_images", "sampled_images")}
+                     for r in runs]}
+
+
+def check_methods(names) -> tuple[str, ...]:
+    """`names` if each is a method of this study (:data:`~.three.METHODS`), else ValueError naming them."""
+    bad = [n for n in names if n not in METHODS]
+    if bad or not names:
+        raise ValueError(f"rules: unknown method(s) {', '.join(map(repr, bad)) or '(none given)'} for --objectives 3; "
+                         f"expected names from {', '.join(METHODS)}")
+    return tuple(names)
+
+
+
+def run_three_demo(cfg: DigitsConfig, methods, out_dir: str, echo=print) -> dict:
+    """:func:`run_three` into ``out_dir`` (``results.json``, the per-run files under ``runs/``), with the
+    machine and load before and after; prints the power lines first, then the report and the time."""
+    import time
+
+    from ..report import _finite, write_json
+    from .output import machine
+
+    t0 = time.perf_counter()
+    start = machine()
+    os.makedirs(out_dir, exist_ok=True)
+    echo(f"Digits study, three objectives, into {out_dir}: {len(methods)} methods x {len(cfg.seeds)} seeds; machine "
+         f"{start['cpu']} ({start['cpu_build']} build, {start['cpu_count']} cores), load average "
+         f"{start['load_avg'][0]:.2f}, {start['date_utc']}")
+    doc = run_three(cfg, methods, out_dir, echo)
+    doc.update(machine_start=start, machine_end=machine(), total_s=time.perf_counter() - t0)
+    write_json(_finite(doc), os.path.join(out_dir, "results.json"))
+    echo("")
+    echo(f"== three objectives: lr {doc['config']['lr']:g}, seeds {list(cfg.seeds)}")
+    for line in (*doc["power"], *doc["report"]):
+        echo(line)
+    echo(f"Wrote results.json to {out_dir}. Time: {doc['total_s']:.1f}s on {start['cpu']} ({start['cpu_count']} cores); "
+         f"load average {start['load_avg'][0]:.2f} at the start, {doc['machine_end']['load_avg'][0]:.2f} at the end.")
+    return doc

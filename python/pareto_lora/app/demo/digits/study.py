@@ -23,7 +23,7 @@ from .experiment import LONG, DigitsConfig, cell_line, prepare, run_cell
 from .report import compare, format_table, ratio_values, summarize, verdict
 
 __all__ = ["QUICK", "DEFAULT", "FULL", "STRONG", "CODEBOOK_SIZES", "codebook_choice", "run_setting", "tune_lr",
-           "ratio_quantiles"]
+           "tuned", "ratio_quantiles"]
 
 _RULES = ("pareto_lora", "pareto_lora_all", "pareto_lora_m0.1", "pareto_lora_ema0.9", "pareto_lora_norm",
           "rescale_only", "pareto_only", "mgda", "mmpareto", "mimo", "gradnorm", "commit", *FAMILY)
@@ -67,17 +67,30 @@ def ratio_quantiles(values: list[float]) -> dict:
             "median_abs_log10": statistics.median(abs(math.log10(x)) for x in xs)}
 
 
-def tune_lr(setup, cfg: DigitsConfig, runs_dir: str | None, echo=None) -> dict:
-    """Vanilla LoRA once per learning rate of cfg.lrs on cfg.tune_seed, scored on the validation split."""
+def tune_lr(setup, cfg: DigitsConfig, runs_dir: str | None, echo=None, *, cell=run_cell,
+            losses: tuple[str, ...] = ("text", "image")) -> dict:
+    """Vanilla LoRA (``sum``, run by `cell`) once per learning rate of cfg.lrs on cfg.tune_seed, scored on
+    the validation split by the sum of its final `losses` (the three-objective study passes its own)."""
     rows = []
     for lr in cfg.lrs:
-        run = run_cell(setup, dataclasses.replace(cfg, lr=lr), "sum", cfg.tune_seed, runs_dir, split="val", echo=echo)
-        score = run.final["text"] + run.final["image"]
-        rows.append({"lr": lr, "val_text": run.final["text"], "val_image": run.final["image"],
+        run = cell(setup, dataclasses.replace(cfg, lr=lr), "sum", cfg.tune_seed, runs_dir, split="val", echo=echo)
+        score = sum(run.final[m] for m in losses)
+        rows.append({"lr": lr, **{f"val_{m}": run.final[m] for m in losses},
                      "score": score if math.isfinite(score) and not run.diverged else math.inf})
     best = min(rows, key=lambda r: r["score"])
     return {"rows": rows, "chosen": best["lr"], "at_edge": best["lr"] in (min(cfg.lrs), max(cfg.lrs)),
-            "criterion": "final validation text loss + image loss of vanilla LoRA (seed %d)" % cfg.tune_seed}
+            "criterion": "final validation %s of vanilla LoRA (seed %d)" % (" + ".join(f"{m} loss" for m in losses),
+                                                                           cfg.tune_seed)}
+
+
+def tuned(setup, cfg: DigitsConfig, runs_dir: str | None, say=None, **tune_kwargs) -> tuple[DigitsConfig, dict | None]:
+    """(`cfg` at the learning rate :func:`tune_lr` chooses, the tuning) when cfg.lrs is a grid, else (cfg, None)."""
+    if not cfg.lrs:
+        return cfg, None
+    tuning = tune_lr(setup, cfg, runs_dir, say, **tune_kwargs)
+    if say:
+        say(f"learning rate chosen for vanilla LoRA: {tuning['chosen']:g}" + (" (at the grid's edge)" if tuning["at_edge"] else ""))
+    return dataclasses.replace(cfg, lr=tuning["chosen"]), tuning
 
 
 def run_setting(name: str, cfg: DigitsConfig, out_dir: str, echo=print) -> dict:
@@ -87,12 +100,7 @@ def run_setting(name: str, cfg: DigitsConfig, out_dir: str, echo=print) -> dict:
     setup = prepare(cfg)
     if say:
         say(f"base: {setup.base_info['steps']} pre-training steps{' (cached)' if setup.base_info['cached'] else ''}")
-    tuning = None
-    if cfg.lrs:
-        tuning = tune_lr(setup, cfg, runs_dir, say)
-        cfg = dataclasses.replace(cfg, lr=tuning["chosen"])
-        if say:
-            say(f"learning rate chosen for vanilla LoRA: {cfg.lr:g}" + (" (at the grid's edge)" if tuning["at_edge"] else ""))
+    cfg, tuning = tuned(setup, cfg, runs_dir, say)
     cells = [(rule, seed) for seed in cfg.seeds for rule in cfg.rules]
     runs = run_cells(setup, prepare, run_cell, cfg, cells, runs_dir, cell_kwargs=dict(echo=say),
                      quiet_kwargs=dict(echo=None), echo=say, line=lambda run: cell_line(run, cfg))

@@ -30,9 +30,10 @@ from ....study.stats import paired_interval, word
 from ..model import ModelConfig
 from ..parallel import run_cells
 from .experiment import DigitsConfig, prepare
+from .study import tuned
 from .three import GRID, METHODS, cell_line3, run_cell3
 
-__all__ = ["QUICK3", "QUICK3_METHODS", "STUDY3", "LOSSES", "METRICS3", "tune_lr3", "summarize3", "compare3", "power3",
+__all__ = ["QUICK3", "QUICK3_METHODS", "STUDY3", "LOSSES", "METRICS3", "summarize3", "compare3", "power3",
            "format3", "run_three", "check_methods"]
 
 #: ``--quick``: every code path in seconds (CI), no tuning
@@ -45,19 +46,6 @@ LOSSES = ("text", "understanding", "image")  # image = the generation objective'
 METRICS3 = (*LOSSES, "und_acc", "gen_acc_greedy", "gen_acc_sampled")
 HIGHER = {"und_acc", "gen_acc_greedy", "gen_acc_sampled"}
 BASELINE = "sum"
-
-
-def tune_lr3(setup, cfg: DigitsConfig, runs_dir: str | None, echo=None) -> dict:
-    """Vanilla LoRA (``sum``) once per learning rate of cfg.lrs on cfg.tune_seed, scored on the validation split."""
-    rows = []
-    for lr in cfg.lrs:
-        run = run_cell3(setup, dataclasses.replace(cfg, lr=lr), BASELINE, cfg.tune_seed, runs_dir, split="val", echo=echo)
-        score = sum(run.final[m] for m in LOSSES)
-        rows.append({"lr": lr, **{f"val_{m}": run.final[m] for m in LOSSES},
-                     "score": score if math.isfinite(score) and not run.diverged else math.inf})
-    best = min(rows, key=lambda r: r["score"])
-    return {"rows": rows, "chosen": best["lr"], "at_edge": best["lr"] in (min(cfg.lrs), max(cfg.lrs)),
-            "criterion": "final validation text + understanding + generation loss of vanilla LoRA (seed %d)" % cfg.tune_seed}
 
 
 def summarize3(runs) -> dict[str, dict]:
@@ -183,12 +171,7 @@ def run_three(cfg: DigitsConfig, methods, out_dir: str, echo=print) -> dict:
     say = (lambda line: echo(f"[three] {line}")) if echo else None
     runs_dir = os.path.join(out_dir, "runs")
     setup = prepare(cfg)
-    tuning = None
-    if cfg.lrs:
-        tuning = tune_lr3(setup, cfg, runs_dir, say)
-        cfg = dataclasses.replace(cfg, lr=tuning["chosen"])
-        if say:
-            say(f"learning rate chosen for vanilla LoRA (K = 3): {cfg.lr:g}" + (" (at the grid's edge)" if tuning["at_edge"] else ""))
+    cfg, tuning = tuned(setup, cfg, runs_dir, say, cell=run_cell3, losses=LOSSES)
     cells = [(name, seed) for seed in cfg.seeds for name in methods]
     runs = run_cells(setup, prepare, run_cell3, cfg, cells, runs_dir, cell_kwargs=dict(echo=say),
                      quiet_kwargs=dict(echo=None), echo=say, line=cell_line3)

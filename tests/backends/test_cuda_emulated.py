@@ -203,6 +203,24 @@ def test_rules_with_active_match_the_reference(emu, rule, dtype):
     assert (cpu.cases == results[0].cases).float().mean() > 0.95
 
 
+@pytest.mark.parametrize("rule", pareto_lora.RULES)
+def test_every_rule_runs_in_the_kernels_as_the_reference_decides(emu, rule):
+    # every rule of RULES on the CUDA backend: rule_kernel alone on reference statistics, then the
+    # fused launch, whose coefficients are the reference rule on its own statistics
+    offsets = offsets_from_sizes(random_sizes(300, 64, seed=5))  # short segments: every angle
+    a, b = make_pair(offsets, torch.float32, seed=5, device="cpu")
+    spec = RuleSpec(rule, weights=(0.5, 2.0)) if rule == "constant" else RuleSpec(rule, tau=0.7, gamma=1.3)
+    for st in (ref.segment_stats(a, b, offsets), _result(emu.integrate(a, b, offsets, spec, max_blocks=2)).stats):
+        got_c, got_k = emu.rule_coefficients(st, spec)
+        want_c, want_k = ref.rule_coefficients(st, spec)
+        assert torch.equal(got_k, want_k.to(torch.int32))
+        torch.testing.assert_close(got_c, want_c.float(), rtol=1e-6, atol=1e-7)
+    res = _result(emu.integrate(a, b, offsets, spec, max_blocks=2))
+    _assert_counters_zero(emu)
+    assert torch.equal(res.cases, got_k) and torch.equal(res.coeffs, got_c)
+    assert_combined(res.out, a, b, offsets, res.coeffs)
+
+
 def test_every_rule_case_shows_up_and_matches(emu):
     offsets = offsets_from_sizes(random_sizes(400, 3000, seed=1))
     a, b = make_pair(offsets, torch.float32, seed=1, device="cpu")

@@ -93,6 +93,29 @@ def test_the_rule_is_compared_at_each_points_own_weights_with_simultaneous_inter
                for ln in lines)
 
 
+def test_every_rule_against_one_fixed_weighting_at_all_sixteen_weightings():
+    seeds = 4
+    base = {"sum": [(1.0, 1.0, 1.0)] * seeds, "u1g2": [(1.0, 1.0, 0.8)] * seeds, "u2g1": [(1.2, 0.9, 1.1)] * seeds}
+    rule = [(1.0 + e, 1.0 - e, 0.8 + 0.5 * e) for e in (0.01, -0.01, 0.02, 0.0)]  # u1g2 up to noise
+    summary = _summary({**base, "upgrad": rule})
+    # u1g2 has the lowest mean S_P at most of the 16 weightings: the best point on these seeds
+    assert three_study.best_point(summary) == "u1g2"
+    c = three_study.compare3(summary)["upgrad"]["versus"]
+    assert c["point"] == "u1g2" and not c["named"] and set(c["at"]) == set(three.GRID)
+    assert c["level"] == pytest.approx(1 - 0.05 / 16)
+    u, g = three.GRID["u4g0.5"]
+    diffs = [(r[0] + u * r[1] + g * r[2]) - (1.0 + u * 1.0 + g * 0.8) for r in rule]
+    assert c["at"]["u4g0.5"]["mean"] == pytest.approx(sum(diffs) / seeds)
+    named = three_study.compare3(summary, "u2g1")["upgrad"]["versus"]
+    assert named["point"] == "u2g1" and named["named"]
+    assert named["image"]["mean"] == pytest.approx(sum(0.8 + 0.5 * e - 1.1 for e in (0.01, -0.01, 0.02, 0.0)) / seeds)
+    line = three_study._versus_line("upgrad", named)
+    assert line.startswith("upgrad against u2g1 (named in advance): ") and "at all 16 weightings" in line
+    for bad in ("upgrad", "u4g4", "nope"):  # not a grid point, or one that was not run
+        with pytest.raises(ValueError, match="versus: expected a grid point among the methods run"):
+            three_study.compare3(summary, bad)
+
+
 def test_quick_end_to_end_run(tmp_path, capsys):
     out = tmp_path / "three"
     args = ["demo", "--world", "digits", "--objectives", "3", "--quick", "--steps", "2", "--out", str(out)]
@@ -109,6 +132,8 @@ def test_quick_end_to_end_run(tmp_path, capsys):
     assert set(doc["summary"]) == set(three_study.QUICK3_METHODS) and len(doc["runs"]) == 10
     assert all(math.isfinite(r["final"]["understanding"]) for r in doc["runs"])
     assert set(doc["comparison"]["upgrad"]["at_grid"]) == {"sum", "u1g2", "u2g1"}
+    assert doc["comparison"]["upgrad"]["versus"]["point"] in ("sum", "u1g2", "u2g1")  # the best, chosen on these seeds
+    assert any(ln.startswith("upgrad against ") and "exploratory" in ln for ln in printed)
     for f in os.listdir(out / "runs"):
         run = json.loads((out / "runs" / f).read_text())
         assert f.startswith("k3-") and run["steps"] == 2 and len(run["records"]) == 2
@@ -123,6 +148,8 @@ def test_quick_end_to_end_run(tmp_path, capsys):
     (["--world", "digits", "--rules", "sum,u2g4"], "unknown rule(s) 'u2g4'"),
     (["--objectives", "3"], "--objectives 3: expected --world digits"),
     (["--world", "digits", "--objectives", "4"], "invalid choice: 4"),
+    (["--world", "digits", "--objectives", "3", "--versus", "u4g4"], "--versus: expected a grid point among the methods"),
+    (["--world", "digits", "--versus", "u1g2"], "--versus: expected --objectives 3"),
 ])
 def test_three_objective_flags_are_checked_up_front(args, message):
     quick = [] if "--full" in args else ["--quick"]

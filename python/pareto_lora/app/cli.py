@@ -50,6 +50,8 @@ def _cmd_demo(args, parser) -> int:
         return _cmd_demo_digits(args, parser, device)
     if args.objectives != 2:
         parser.error("--objectives 3: expected --world digits (the shapes world has two objectives)")
+    if args.versus is not None:
+        parser.error("--versus: expected --world digits --objectives 3")
     cfg = DemoConfig(**(QUICK if args.quick else FULL if args.full else DEFAULT))
     sgd = args.optimizer == "sgd"
     if sgd and args.lr is not None:
@@ -119,6 +121,8 @@ def _cmd_demo_digits(args, parser, device: str) -> int:
         overrides["cache_dir"] = None
     if args.objectives == 3:
         return _cmd_demo_three(args, parser, device, overrides)
+    if args.versus is not None:
+        parser.error("--versus: expected --objectives 3")
     presets = [("digits", QUICK if args.quick else FULL if args.full else DEFAULT)] + ([("digits-strong", STRONG)] if args.full else [])
     settings = []
     for name, preset in presets:
@@ -137,7 +141,7 @@ def _cmd_demo_digits(args, parser, device: str) -> int:
 def _cmd_demo_three(args, parser, device: str, overrides: dict) -> int:
     """`demo --world digits --objectives 3`: the K = 3 rules against fixed loss weights (docs/study_three.md)."""
     from .demo.digits import DigitsConfig
-    from .demo.digits.three import METHODS
+    from .demo.digits.three import GRID, METHODS
     from .demo.digits.three_study import QUICK3, QUICK3_METHODS, STUDY3, check_methods, run_three_demo
 
     if args.full:
@@ -149,9 +153,12 @@ def _cmd_demo_three(args, parser, device: str, overrides: dict) -> int:
         cfg.check()
     except ValueError as e:
         parser.error(str(e))
+    if args.versus is not None and (args.versus not in GRID or args.versus not in methods):
+        parser.error(f"--versus: expected a grid point among the methods ({', '.join(m for m in methods if m in GRID)}), "
+                     f"got {args.versus!r}")
     out = os.path.abspath(args.out or os.path.join("pareto_lora_out", time.strftime("digits-three-%Y%m%d-%H%M%S")))
     _writable_folder(parser, "--out", out)
-    run_three_demo(cfg, methods, out)
+    run_three_demo(cfg, methods, out, versus=args.versus)
     return 0
 
 
@@ -266,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--objectives", type=int, choices=(2, 3), default=2,
                       help="--world digits: 2 (text, image; default) or 3 (text, understanding, generation: the K = 3 "
                            "rules against a grid of fixed loss weights, 10 paired seeds; docs/study_three.md)")
+    demo.add_argument("--versus", help="--objectives 3: the fixed weighting (a grid point among the methods, e.g. u1g2) "
+                                       "every rule is compared with at every weighting, named in advance (default: the "
+                                       "grid's best point on the run's own seeds, reported as exploratory)")
     demo.add_argument("--quick", action="store_true", help="tiny smoke-test configuration (< 30 s on 2 CPU cores)")
     demo.add_argument("--full", action="store_true",
                       help="the whole study: 5 paired seeds, the full reweighting curve, every rule and balancer "

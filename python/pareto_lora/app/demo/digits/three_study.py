@@ -83,10 +83,31 @@ def _scalarized(s: dict, weights: tuple[float, float]) -> dict:
     return {k: p["text"][k] + u * p["understanding"][k] + g * p["image"][k] for k in p["text"]}
 
 
-def compare3(summary: dict) -> dict[str, dict]:
-    """method -> {vs_sum_<metric>: interval, at_grid: {point: {"simultaneous", "single"}}} (module docstring)."""
+def best_point(summary: dict) -> str | None:
+    """The grid point run here with the lowest mean S_P at the most of the grid's weightings (ties:
+    the grid's order): the strongest plain alternative *as these seeds show it*."""
+    grid = [p for p in GRID if p in summary]
+    if not grid:
+        return None
+    wins = dict.fromkeys(grid, 0)
+    for w in GRID.values():
+        wins[min(grid, key=lambda p: _mean(_scalarized(summary[p], w).values()))] += 1
+    return max(grid, key=lambda p: wins[p])
+
+
+def compare3(summary: dict, versus: str | None = None) -> dict[str, dict]:
+    """method -> {vs_sum_<metric>: interval, at_grid: {point: {"simultaneous", "single"}},
+    versus: {"point", "named", "at": {weighting: simultaneous interval}, <metric>: interval}}.
+
+    ``versus``: one grid point named in advance, against which every rule is compared at *every*
+    weighting of the grid (16, simultaneous) and on the five metrics; None: :func:`best_point`,
+    chosen on these seeds (``named`` False: exploratory, it favours the grid)."""
     grid = [p for p in GRID if p in summary]
     level = 1.0 - 0.05 / max(len(grid), 1)
+    named = versus is not None
+    if named and (versus not in GRID or versus not in summary):
+        raise ValueError(f"versus: expected a grid point among the methods run, got {versus!r}")
+    versus = versus if named else best_point(summary)
     out: dict[str, dict] = {}
     for name, s in summary.items():
         row: dict = {}
@@ -105,6 +126,12 @@ def compare3(summary: dict) -> dict[str, dict]:
                     at[p] = {"single": single, "simultaneous": simultaneous}
             row["at_grid"] = at
             row["simultaneous_level"] = level
+        if name not in GRID and versus is not None:
+            v = summary[versus]
+            all_level = 1.0 - 0.05 / len(GRID)
+            row["versus"] = {"point": versus, "named": named, "level": all_level,
+                             "at": {p: _paired(_scalarized(s, w), _scalarized(v, w), all_level) for p, w in GRID.items()},
+                             **{m: _paired(s["per_seed"][m], v["per_seed"][m], higher=m in HIGHER) for m in METRICS3}}
         out[name] = row
     return out
 
@@ -163,10 +190,24 @@ def format3(summary: dict, comparison: dict) -> list[str]:
                      + (f"BETTER than {', '.join(beats)}" if beats else "better than none")
                      + f"; at 95 % each: better than {single['better']}, worse than {single['worse']}; best showing: at {best} "
                      f"{_fmt(at[best]['single'])} (simultaneous {_fmt(at[best]['simultaneous'])}).")
+        if "versus" in c:
+            lines.append(_versus_line(name, c["versus"]))
     return lines
 
 
-def run_three(cfg: DigitsConfig, methods, out_dir: str, echo=print) -> dict:
+def _versus_line(name: str, v: dict) -> str:
+    words = {w: [p for p, d in v["at"].items() if d is not None and d["word"] == w] for w in ("better", "worse")}
+    how = "named in advance" if v["named"] else "the grid's best point on these seeds: exploratory, it favours the grid"
+    parts = [f"{label} {_fmt(v[m], pct=m in HIGHER)} ({v[m]['word']})"
+             for m, label in (("text", "text loss"), ("understanding", "understanding loss"), ("image", "generation loss"),
+                              ("und_acc", "understanding accuracy"), ("gen_acc_sampled", "generation accuracy (sampled)"))
+             if v.get(m) is not None]
+    return (f"{name} against {v['point']} ({how}): " + ", ".join(parts) + f"; at all {len(v['at'])} weightings "
+            f"(simultaneous {v['level']:.2%}): better at {', '.join(words['better']) or 'none'}, worse at "
+            f"{', '.join(words['worse']) or 'none'}.")
+
+
+def run_three(cfg: DigitsConfig, methods, out_dir: str, echo=print, versus: str | None = None) -> dict:
     """Tuning and every (method, seed) run; its summary, comparisons and the report lines."""
     say = (lambda line: echo(f"[three] {line}")) if echo else None
     runs_dir = os.path.join(out_dir, "runs")
@@ -176,7 +217,7 @@ def run_three(cfg: DigitsConfig, methods, out_dir: str, echo=print) -> dict:
     runs = run_cells(setup, prepare, run_cell3, cfg, cells, runs_dir, cell_kwargs=dict(echo=say),
                      quiet_kwargs=dict(echo=None), echo=say, line=cell_line3)
     summary = summarize3(runs)
-    comparison = compare3(summary)
+    comparison = compare3(summary, versus)
     return {"config": dataclasses.asdict(cfg), "methods": list(methods), "base": setup.base_info, "tuning": tuning,
             "timings": setup.timings, "summary": summary, "comparison": comparison, "power": power3(comparison),
             "report": format3(summary, comparison),
@@ -194,7 +235,7 @@ def check_methods(names) -> tuple[str, ...]:
 
 
 
-def run_three_demo(cfg: DigitsConfig, methods, out_dir: str, echo=print) -> dict:
+def run_three_demo(cfg: DigitsConfig, methods, out_dir: str, echo=print, versus: str | None = None) -> dict:
     """:func:`run_three` into ``out_dir`` (``results.json``, the per-run files under ``runs/``), with the
     machine and load before and after; prints the power lines first, then the report and the time."""
     import time
@@ -208,7 +249,7 @@ def run_three_demo(cfg: DigitsConfig, methods, out_dir: str, echo=print) -> dict
     echo(f"Digits study, three objectives, into {out_dir}: {len(methods)} methods x {len(cfg.seeds)} seeds; machine "
          f"{start['cpu']} ({start['cpu_build']} build, {start['cpu_count']} cores), load average "
          f"{start['load_avg'][0]:.2f}, {start['date_utc']}")
-    doc = run_three(cfg, methods, out_dir, echo)
+    doc = run_three(cfg, methods, out_dir, echo, versus)
     doc.update(machine_start=start, machine_end=machine(), total_s=time.perf_counter() - t0)
     write_json(_finite(doc), os.path.join(out_dir, "results.json"))
     echo("")

@@ -100,6 +100,8 @@ def test_every_rule_against_one_fixed_weighting_at_all_sixteen_weightings():
     summary = _summary({**base, "upgrad": rule})
     # u1g2 has the lowest mean S_P at most of the 16 weightings: the best point on these seeds
     assert three_study.best_point(summary) == "u1g2"
+    # u2g1 is not the best way to its own objective: sum and u1g2 are below it at its weights
+    assert three_study.compare3(summary)["u2g1"]["beaten_at_own_weights_by"] == ["sum", "u1g2"]
     c = three_study.compare3(summary)["upgrad"]["versus"]
     assert c["point"] == "u1g2" and not c["named"] and set(c["at"]) == set(three.GRID)
     assert c["level"] == pytest.approx(1 - 0.05 / 16)

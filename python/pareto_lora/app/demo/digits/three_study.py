@@ -97,7 +97,8 @@ def best_point(summary: dict) -> str | None:
 
 def compare3(summary: dict, versus: str | None = None) -> dict[str, dict]:
     """method -> {vs_sum_<metric>: interval, at_grid: {point: {"simultaneous", "single"}},
-    versus: {"point", "named", "at": {weighting: simultaneous interval}, <metric>: interval}}.
+    versus: {"point", "named", "at": {weighting: simultaneous interval}, <metric>: interval}}; a grid
+    point's row: beaten_at_own_weights_by (the grid points simultaneously below it at its weights).
 
     ``versus``: one grid point named in advance, against which every rule is compared at *every*
     weighting of the grid (16, simultaneous) and on the five metrics; None: :func:`best_point`,
@@ -111,6 +112,11 @@ def compare3(summary: dict, versus: str | None = None) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for name, s in summary.items():
         row: dict = {}
+        if name in GRID:  # the other grid points below this one at its own weights: it is not the best way to them
+            w = GRID[name]
+            row["beaten_at_own_weights_by"] = [
+                q for q in grid if q != name and (_paired(_scalarized(summary[q], w), _scalarized(s, w), level) or {})
+                .get("word") == "better"]
         if BASELINE in summary and name != BASELINE:
             base = summary[BASELINE]["per_seed"]
             for m in METRICS3:
@@ -182,7 +188,8 @@ def format3(summary: dict, comparison: dict) -> list[str]:
         at = c.get("at_grid", {})
         if not at:
             continue
-        beats = [p for p, d in at.items() if d["simultaneous"]["word"] == "better"]
+        beats = [p + (f" (which {', '.join(by)} beat too)" if (by := comparison[p].get("beaten_at_own_weights_by")) else "")
+                 for p, d in at.items() if d["simultaneous"]["word"] == "better"]
         single = {w: sum(d["single"]["word"] == w for d in at.values()) for w in ("better", "worse")}
         best = min(at, key=lambda p: at[p]["single"]["mean"])
         lines.append(f"{name} at each fixed weighting's own objective ({len(at)} points, simultaneous "

@@ -139,3 +139,22 @@ def test_a_rules_record_may_leave_out_its_weight():
     rule = [{"rule": "upgrad", "seed": s, "metrics": {"text": 1.1, "image": 1.7}} for s in (0, 1, 2)]
     with_weight = [{**r, "weight": None} for r in rule]
     assert Result.from_records(_curve() + rule).as_dict() == Result.from_records(_curve() + with_weight).as_dict()
+
+
+def test_the_report_ends_with_how_many_intervals_it_holds_and_what_chance_gives():
+    # the rule of test_curve_distance_inside_by_hand: below and left of the curve (two good-side
+    # intervals) and vanilla's text/image (two more intervals, no detectable difference)
+    e = (0.0, 0.02, -0.01)
+    rule = [_rec("pareto_lora", None, s, 1.1 + d, 1.7 + d + e[s]) for s, d in zip((0, 1, 2), (0.0, 0.01, -0.01))]
+    res = Result.from_records(_curve() + rule)
+    m = res.as_dict()["multiplicity"]
+    v = res.comparisons["pareto_lora"]["vs_vanilla"]
+    good_vs_vanilla = sum(row["word"] == "better" for row in v.values())
+    assert m == {"intervals": 4, "good_side": 2 + good_vs_vanilla, "by_chance": pytest.approx(0.1)}
+    last = res.report().splitlines()[-1]
+    assert last.startswith(f"Multiplicity: the comparisons above hold 4 paired 95% intervals, {m['good_side']} of them")
+    assert "about 0.1 would land there by chance" in last and "fresh seeds" in last
+    # one seed: no intervals, no multiplicity line
+    one = Result.from_records([r for r in _curve() + rule if r["seed"] == 0])
+    assert one.as_dict()["multiplicity"]["intervals"] == 0
+    assert not one.report().splitlines()[-1].startswith("Multiplicity")

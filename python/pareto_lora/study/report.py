@@ -1,5 +1,6 @@
 """A study's findings in words: the power line first, then failed and missing runs, the means (a
-description, not a ranking), and each rule against vanilla and against the reweighting curve.
+description, not a ranking), each rule against vanilla and against the reweighting curve, and last
+how many intervals that was (so that an isolated good-side one is read as what chance gives).
 
 The words are stats.word's: "better" / "worse" / "no detectable difference", from paired 95%
 intervals only; the curve's places are "below" (better than loss reweighting) / "above" / "on"
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import statistics
 
-__all__ = ["report_lines"]
+__all__ = ["report_lines", "multiplicity"]
 
 # A place is in the comparison's own plane; in the (text, image) plane, equal image is a horizontal distance.
 _PLACE = {"text": {"below": "BELOW the curve (better than loss reweighting)",
@@ -67,6 +68,31 @@ def _vs_curve(c: dict | None, at: str, n_weights: int) -> str:
     return f"  vs reweighting curve at equal {at}: {other} {iv.format(4)} -> {_PLACE[at][c['place']]}{extra}."
 
 
+def multiplicity(comparisons: dict) -> dict:
+    """How many paired intervals the rules' comparisons hold, and how many of them land on the good side
+    ("better" against vanilla, "below" / "left of" the curve): {"intervals", "good_side", "by_chance"}.
+    ``by_chance``: how many good-side intervals 95 % intervals give with no effect anywhere (2.5 % each)."""
+    n = good = 0
+    for c in comparisons.values():
+        for row in c["vs_vanilla"].values():
+            if row["interval"].n > 1:
+                n, good = n + 1, good + (row["word"] == "better")
+        for key in ("curve_at_equal_text", "curve_at_equal_image"):
+            d = c.get(key)
+            if d is not None and d["place"] != "outside" and d["interval"].n > 1:
+                n, good = n + 1, good + (d["place"] == "below")
+    return {"intervals": n, "good_side": good, "by_chance": 0.025 * n}
+
+
+def _multiplicity_line(m: dict) -> str | None:
+    if m["intervals"] < 2:
+        return None
+    return (f"Multiplicity: the comparisons above hold {m['intervals']} paired 95% intervals, {m['good_side']} of them on "
+            f"the good side (better than vanilla, or below / left of the curve); with no effect anywhere about "
+            f"{m['by_chance']:.1f} would land there by chance. An isolated one is a lead, not a finding: confirm it on fresh "
+            "seeds with that one comparison named in advance (a new Study with new seeds and its own log).")
+
+
 def report_lines(protocol, records, missing, done, power: dict, comparisons: dict) -> list[str]:
     lines = [power["line"], _header(protocol, records, missing)]  # the power line first: it says what the rest can mean
     if len(protocol.seeds) < 2:
@@ -86,4 +112,5 @@ def report_lines(protocol, records, missing, done, power: dict, comparisons: dic
         lines.append(_vs_curve(c["curve_at_equal_text"], "text", len(protocol.weights)))
         if len(protocol.weights) >= 2:
             lines.append(_vs_curve(c["curve_at_equal_image"], "image", len(protocol.weights)))
-    return lines
+    line = _multiplicity_line(multiplicity(comparisons))
+    return lines + ([line] if line else [])

@@ -14,7 +14,7 @@ from . import log
 from .compare import finished, power, vs_curve, vs_vanilla
 from .protocol import Protocol
 from .records import Record, check_keys, parse
-from .report import report_lines
+from .report import multiplicity, report_lines
 
 __all__ = ["Result"]
 
@@ -137,6 +137,7 @@ class Result:
                                    "curve_at_equal_text": curve(c["curve_at_equal_text"]),
                                    "curve_at_equal_image": curve(c["curve_at_equal_image"])}
                             for rule, c in self.comparisons.items()},
+            "multiplicity": multiplicity(self.comparisons),
         }
 
 

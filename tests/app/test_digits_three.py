@@ -152,6 +152,7 @@ def test_quick_end_to_end_run(tmp_path, capsys):
     (["--world", "digits", "--objectives", "4"], "invalid choice: 4"),
     (["--world", "digits", "--objectives", "3", "--versus", "u4g4"], "--versus: expected a grid point among the methods"),
     (["--world", "digits", "--versus", "u1g2"], "--versus: expected --objectives 3"),
+    (["--world", "digits", "--objectives", "3", "--tau", "0.7"], "--tau: expected without --objectives 3"),
 ])
 def test_three_objective_flags_are_checked_up_front(args, message):
     quick = [] if "--full" in args else ["--quick"]

@@ -146,6 +146,8 @@ def _cmd_demo_three(args, parser, device: str, overrides: dict) -> int:
 
     if args.full:
         parser.error("--objectives 3: expected without --full (the K = 3 study has one size; --quick for a smoke test)")
+    if args.tau is not None:
+        parser.error("--tau: expected without --objectives 3 (the K = 3 rules take no tau)")
     methods = overrides.pop("rules", QUICK3_METHODS if args.quick else METHODS)
     try:
         methods = check_methods(methods)

@@ -139,6 +139,7 @@ def test_quick_end_to_end_run(tmp_path, capsys):
     for f in os.listdir(out / "runs"):
         run = json.loads((out / "runs" / f).read_text())
         assert f.startswith("k3-") and run["steps"] == 2 and len(run["records"]) == 2
+    assert (out / "three.png").stat().st_size > 1000
     assert cli.main(args) == 0  # a second call loads every run
     doc = json.loads((out / "results.json").read_text(encoding="utf-8"))
     assert doc["timings"]["runs_loaded"] == 10

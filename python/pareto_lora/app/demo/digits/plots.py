@@ -1,4 +1,5 @@
-"""The digits study's figures: generated digits per method, the trade-off planes, the gradient ratios.
+"""The digits study's figures: generated digits per method, the trade-off planes, the gradient ratios,
+and the three-objective study's loss planes.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from ....study.stats import paired_interval
 from .experiment import LONG
 from .report import BRACKETS
 
-__all__ = ["mosaic", "plot_samples", "plot_tradeoff", "plot_ratios"]
+__all__ = ["mosaic", "plot_samples", "plot_tradeoff", "plot_ratios", "plot_three"]
 
 
 def _pyplot():
@@ -105,5 +106,32 @@ def plot_ratios(dists: dict[str, list[float]], path: str) -> str:
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_three(summary: dict, grid: dict, path: str, title: str) -> str:
+    """The three-objective study's means: generation loss against text loss and against understanding
+    loss, the fixed-weight grid's points labelled (``u<w_u>g<w_g>``, ``sum`` = vanilla) and each rule."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    tab = plt.get_cmap("tab10").colors
+    rules = [n for n in summary if n not in grid]
+    color = {n: tab[i + (i >= 7)] for i, n in enumerate(rules[:9])}  # tab10 without its grey (the grid's colour)
+    for ax, (x, xlabel) in zip(axes, (("text", "text loss"), ("understanding", "understanding loss"))):
+        for name, s in summary.items():
+            m = s["mean"]
+            if name in grid:
+                ax.plot(m[x], m["image"], "o", color="0.55", ms=5)
+                ax.annotate(name, (m[x], m["image"]), fontsize=6, color="0.35", xytext=(3, 2), textcoords="offset points")
+            else:
+                ax.plot(m[x], m["image"], "s", ms=6, label=name, color=color.get(name, "k"))
+        ax.set_xlabel(f"{xlabel} (held-out, nats/token)")
+        ax.set_ylabel("generation loss (held-out, nats/token)")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="best")
+    fig.suptitle(title + " (grey: fixed loss weights; squares: K = 3 rules; lower is better on every axis)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

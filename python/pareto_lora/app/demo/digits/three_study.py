@@ -246,12 +246,13 @@ def check_methods(names) -> tuple[str, ...]:
 
 
 def run_three_demo(cfg: DigitsConfig, methods, out_dir: str, echo=print, versus: str | None = None) -> dict:
-    """:func:`run_three` into ``out_dir`` (``results.json``, the per-run files under ``runs/``), with the
+    """:func:`run_three` into ``out_dir`` (``results.json``, ``three.png``, the per-run files under ``runs/``), with the
     machine and load before and after; prints the power lines first, then the report and the time."""
     import time
 
     from ..report import _finite, write_json
     from .output import machine
+    from .plots import plot_three
 
     t0 = time.perf_counter()
     start = machine()
@@ -262,10 +263,12 @@ def run_three_demo(cfg: DigitsConfig, methods, out_dir: str, echo=print, versus:
     doc = run_three(cfg, methods, out_dir, echo, versus)
     doc.update(machine_start=start, machine_end=machine(), total_s=time.perf_counter() - t0)
     write_json(_finite(doc), os.path.join(out_dir, "results.json"))
+    plot_three(doc["summary"], GRID, os.path.join(out_dir, "three.png"),
+               f"three objectives, means over seeds {list(cfg.seeds)}")
     echo("")
     echo(f"== three objectives: lr {doc['config']['lr']:g}, seeds {list(cfg.seeds)}")
     for line in (*doc["power"], *doc["report"]):
         echo(line)
-    echo(f"Wrote results.json to {out_dir}. Time: {doc['total_s']:.1f}s on {start['cpu']} ({start['cpu_count']} cores); "
+    echo(f"Wrote results.json and three.png to {out_dir}. Time: {doc['total_s']:.1f}s on {start['cpu']} ({start['cpu_count']} cores); "
          f"load average {start['load_avg'][0]:.2f} at the start, {doc['machine_end']['load_avg'][0]:.2f} at the end.")
     return doc

@@ -148,6 +148,8 @@ def test_rule_beyond_the_curve_in_every_seed_gets_no_verdict():
     assert c["pareto_lora"]["frontier"]["place"] == "outside"
     assert any(line.startswith("pareto_lora:") and "OUTSIDE" in line and "the curve's weights here: w = 1, 4;" in line
                for line in lines)
+    # an OUTSIDE distance is no interval: the last line counts the two against vanilla only
+    assert lines[-1].startswith("Multiplicity: the comparisons above hold 2 paired 95% intervals")
 
 
 def test_brackets_not_apart_make_the_study_inconclusive():

@@ -239,6 +239,10 @@ def test_distances_to_the_curve_on_hand_made_points():
     lines = report.verdict(summary, report.compare(summary), {"classifier": {"real_test_acc": 0.99, "vq_test_acc": 0.98},
                                                                "finetune_world_test": {**runs[0].final}})
     assert any(ln.startswith("pareto_lora vs vanilla") and "BETTER" in ln for ln in lines)
+    # the last line counts the printed intervals: 4 against vanilla and 3 distances, the good-side ones named
+    good = sum(comp[k]["word"] == "better" for k in ("vs_sum_image", "vs_sum_text", "vs_sum_gen_acc_sampled", "vs_sum_und_acc",
+                                                     "image_at_text", "gen_at_text", "text_at_gen"))
+    assert lines[-1].startswith(f"Multiplicity: the comparisons above hold 7 paired 95% intervals, {good} of them on the good side")
     assert "pareto_lora" in report.format_table(summary, report.compare(summary))
 
 

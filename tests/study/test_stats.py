@@ -66,3 +66,10 @@ def test_t_quantile_refuses_a_level_outside_zero_one(level):
         stats.t_quantile(level, 4)
     with pytest.raises(ValueError, match="df"):
         stats.t_quantile(0.9, 0)
+
+
+def test_chance_line_counts_what_no_effect_would_give():
+    assert stats.chance_line(1, 1) is None and stats.chance_line(0, 0) is None
+    line = stats.chance_line(40, 3, "a new run")
+    assert line.startswith("Multiplicity: the comparisons above hold 40 paired 95% intervals, 3 of them on the good side")
+    assert "about 1.0 would land there by chance" in line and line.endswith("(a new run).")

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import statistics
 
+from .stats import chance_line
+
 __all__ = ["report_lines", "multiplicity"]
 
 # A place is in the comparison's own plane; in the (text, image) plane, equal image is a horizontal distance.
@@ -85,12 +87,7 @@ def multiplicity(comparisons: dict) -> dict:
 
 
 def _multiplicity_line(m: dict) -> str | None:
-    if m["intervals"] < 2:
-        return None
-    return (f"Multiplicity: the comparisons above hold {m['intervals']} paired 95% intervals, {m['good_side']} of them on "
-            f"the good side (better than vanilla, or below / left of the curve); with no effect anywhere about "
-            f"{m['by_chance']:.1f} would land there by chance. An isolated one is a lead, not a finding: confirm it on fresh "
-            "seeds with that one comparison named in advance (a new Study with new seeds and its own log).")
+    return chance_line(m["intervals"], m["good_side"], "a new Study with new seeds and its own log")
 
 
 def report_lines(protocol, records, missing, done, power: dict, comparisons: dict) -> list[str]:

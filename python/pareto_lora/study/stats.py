@@ -13,7 +13,7 @@ import dataclasses
 import math
 import statistics
 
-__all__ = ["Interval", "t_quantile_975", "t_quantile", "t_within", "paired_interval", "word"]
+__all__ = ["Interval", "t_quantile_975", "t_quantile", "t_within", "paired_interval", "word", "chance_line"]
 
 # t_{0.975, df} for df = 1..30 (standard tables); df > 30 uses the normal-limit expansion below.
 _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
@@ -103,3 +103,15 @@ def word(interval: Interval, lower_is_better: bool = True) -> str:
     if not interval.excludes_zero():
         return "no detectable difference"
     return "better" if (interval.high < 0) == lower_is_better else "worse"
+
+
+def chance_line(intervals: int, good_side: int, confirm: str = "a new study with new seeds") -> str | None:
+    """The closing line of a report that holds `intervals` paired 95 % intervals, `good_side` of them on
+    the good side: with no effect anywhere, 2.5 % of them land there by chance, so an isolated one is
+    a lead to confirm (with `confirm`), not a finding. None for fewer than two intervals."""
+    if intervals < 2:
+        return None
+    return (f"Multiplicity: the comparisons above hold {intervals} paired 95% intervals, {good_side} of them on the "
+            f"good side; with no effect anywhere about {0.025 * intervals:.1f} would land there by chance. An isolated "
+            f"one is a lead, not a finding: confirm it on fresh seeds with that one comparison named in advance "
+            f"({confirm}).")

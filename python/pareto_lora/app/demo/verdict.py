@@ -12,7 +12,7 @@ import math
 
 from .methods import frontier_weight
 from .report import BASELINE, BRACKETS
-from ...study.stats import paired_interval, word
+from ...study.stats import chance_line, paired_interval, word
 
 __all__ = ["verdict", "brackets_apart", "power", "POWER_RULE"]
 
@@ -115,7 +115,12 @@ def verdict(result: dict, summary: dict, comparison: dict) -> list[str]:
                          f" loss reweighting{extra})")
         if parts:
             lines.append(f"{rule}: " + "; ".join(parts) + ".")
-    return lines
+    counted = [d for rule, c in comparison.items() if frontier_weight(rule) is None and rule not in BRACKETS
+               for d in (c.get("vs_sum_image_excess"), c.get("vs_sum_text_excess"), c.get("frontier"))
+               if d is not None and d["n"] > 1 and d.get("place") != "outside"]
+    line = chance_line(len(counted), sum((d["place"] if "place" in d else d["word"]) in ("better", "below") for d in counted),
+                       "pareto-lora demo --seeds with seeds no run used")
+    return lines + ([line] if line else [])
 
 
 def _balance_line(summary: dict) -> str | None:

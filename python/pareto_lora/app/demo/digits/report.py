@@ -22,7 +22,7 @@ from ....training.diagnostics import case_fractions
 from ....study.frontier import distance_to_curve
 from ..methods import frontier_weight
 from ..report import BASELINE, BRACKETS
-from ....study.stats import paired_interval, word
+from ....study.stats import chance_line, paired_interval, word
 
 __all__ = ["METRICS", "HIGHER_IS_BETTER", "DISTANCES", "summarize", "compare", "format_table", "verdict",
            "ratio_values", "BASELINE", "BRACKETS"]
@@ -157,4 +157,9 @@ def verdict(summary: dict, comparison: dict, base_info: dict) -> list[str]:
                 if d["inside_fraction"] < 1:
                     text += f" ({1 - d['inside_fraction']:.0%} of seeds outside the curve's range)"
         lines.append(text + ".")
-    return lines
+    counted = [d for rule, c in comparison.items() if frontier_weight(rule) is None and rule not in BRACKETS and rule in summary
+               for d in [c.get(f"vs_sum_{m}") for m in ("image", "text", "gen_acc_sampled", "und_acc")] + [c.get(k) for k in DISTANCES]
+               if d is not None and d["n"] > 1 and d.get("place") != "outside"]
+    line = chance_line(len(counted), sum(d["word"] == "better" for d in counted),
+                       "pareto-lora demo --world digits --seeds with seeds no run used")
+    return lines + ([line] if line else [])

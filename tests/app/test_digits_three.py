@@ -14,6 +14,7 @@ import pareto_lora
 from pareto_lora.app import cli
 from pareto_lora.app.demo.digits import data, three, three_study, tokens
 from pareto_lora.study.stats import t_quantile
+from test_digits import _strict
 
 
 @pytest.fixture(scope="module")
@@ -127,10 +128,7 @@ def test_quick_end_to_end_run(tmp_path, capsys):
     assert printed[at + 1].startswith("Power: u1g2 minus sum, paired generation loss ")
     assert printed[at + 2].startswith("Power: u2g1 minus sum, paired understanding loss ")
 
-    def refuse(name):
-        raise ValueError(name)
-
-    doc = json.loads((out / "results.json").read_text(encoding="utf-8"), parse_constant=refuse)
+    doc = _strict(out / "results.json")
     assert set(doc["summary"]) == set(three_study.QUICK3_METHODS) and len(doc["runs"]) == 10
     assert all(math.isfinite(r["final"]["understanding"]) for r in doc["runs"])
     assert set(doc["comparison"]["upgrad"]["at_grid"]) == {"sum", "u1g2", "u2g1"}

@@ -61,8 +61,8 @@ def summarize(runs) -> dict[str, dict]:
     return out
 
 
-def _iv_dict(values, higher_is_better: bool) -> dict:
-    iv = paired_interval(values)
+def _iv_dict(values, higher_is_better: bool, level: float = 0.95) -> dict:
+    iv = paired_interval(values, level)
     return {**dataclasses.asdict(iv), "word": word(iv, lower_is_better=not higher_is_better)}
 
 

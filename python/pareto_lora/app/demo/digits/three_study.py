@@ -29,10 +29,10 @@ import math
 import os
 import statistics
 
-from ....study.stats import paired_interval, word
 from ..model import ModelConfig
 from ..parallel import run_cells
 from .experiment import DigitsConfig, prepare
+from .report import _iv_dict
 from .study import tuned
 from .three import GRID, METHODS, cell_line3, run_cell3
 
@@ -49,6 +49,9 @@ LOSSES = ("text", "understanding", "image")  # image = the generation objective'
 METRICS3 = (*LOSSES, "und_acc", "gen_acc_greedy", "gen_acc_sampled")
 HIGHER = {"und_acc", "gen_acc_greedy", "gen_acc_sampled"}
 BASELINE = "sum"
+#: the metrics a rule's report lines name, in their order
+_LABELS = (("text", "text loss"), ("understanding", "understanding loss"), ("image", "generation loss"),
+           ("und_acc", "understanding accuracy"), ("gen_acc_sampled", "generation accuracy (sampled)"))
 
 
 def summarize3(runs) -> dict[str, dict]:
@@ -74,10 +77,7 @@ def _mean(values) -> float:
 def _paired(a: dict, b: dict, level: float = 0.95, higher: bool = False) -> dict | None:
     """Interval of a - b over the seeds where both are finite (None with no such seed)."""
     diffs = [a[k] - b[k] for k in a if k in b and math.isfinite(a[k]) and math.isfinite(b[k])]
-    if not diffs:
-        return None
-    iv = paired_interval(diffs, level)
-    return {**dataclasses.asdict(iv), "word": word(iv, lower_is_better=not higher)}
+    return _iv_dict(diffs, higher, level) if diffs else None
 
 
 def _scalarized(s: dict, weights: tuple[float, float]) -> dict:
@@ -112,6 +112,7 @@ def compare3(summary: dict, versus: str | None = None) -> dict[str, dict]:
     if named and (versus not in GRID or versus not in summary):
         raise ValueError(f"versus: expected a grid point among the methods run, got {versus!r}")
     versus = versus if named else best_point(summary)
+    all_level = 1.0 - 0.05 / len(GRID)  # versus: simultaneous over every weighting of the grid
     out: dict[str, dict] = {}
     for name, s in summary.items():
         row: dict = {}
@@ -137,7 +138,6 @@ def compare3(summary: dict, versus: str | None = None) -> dict[str, dict]:
             row["simultaneous_level"] = level
         if name not in GRID and versus is not None:
             v = summary[versus]
-            all_level = 1.0 - 0.05 / len(GRID)
             row["versus"] = {"point": versus, "named": named, "level": all_level,
                              "at": {p: _paired(_scalarized(s, w), _scalarized(v, w), all_level) for p, w in GRID.items()},
                              **{m: _paired(s["per_seed"][m], v["per_seed"][m], higher=m in HIGHER) for m in METRICS3}}
@@ -183,9 +183,7 @@ def format3(summary: dict, comparison: dict) -> list[str]:
         if name in GRID or name not in summary:
             continue
         parts = [f"{label} {_fmt(c[f'vs_sum_{m}'], pct=m in HIGHER)} ({c[f'vs_sum_{m}']['word']})"
-                 for m, label in (("text", "text loss"), ("understanding", "understanding loss"), ("image", "generation loss"),
-                                  ("und_acc", "understanding accuracy"), ("gen_acc_sampled", "generation accuracy (sampled)"))
-                 if f"vs_sum_{m}" in c]
+                 for m, label in _LABELS if f"vs_sum_{m}" in c]
         if parts:
             lines.append(f"{name} vs vanilla: " + ", ".join(parts) + ".")
         at = c.get("at_grid", {})
@@ -208,10 +206,7 @@ def format3(summary: dict, comparison: dict) -> list[str]:
 def _versus_line(name: str, v: dict) -> str:
     words = {w: [p for p, d in v["at"].items() if d is not None and d["word"] == w] for w in ("better", "worse")}
     how = "named in advance" if v["named"] else "the grid's best point on these seeds: exploratory, it favours the grid"
-    parts = [f"{label} {_fmt(v[m], pct=m in HIGHER)} ({v[m]['word']})"
-             for m, label in (("text", "text loss"), ("understanding", "understanding loss"), ("image", "generation loss"),
-                              ("und_acc", "understanding accuracy"), ("gen_acc_sampled", "generation accuracy (sampled)"))
-             if v.get(m) is not None]
+    parts = [f"{label} {_fmt(v[m], pct=m in HIGHER)} ({v[m]['word']})" for m, label in _LABELS if v.get(m) is not None]
     return (f"{name} against {v['point']} ({how}): " + ", ".join(parts) + f"; at all {len(v['at'])} weightings "
             f"(simultaneous {v['level']:.2%}): better at {', '.join(words['better']) or 'none'}, worse at "
             f"{', '.join(words['worse']) or 'none'}.")
